@@ -1,0 +1,11 @@
+"""fused_resnet: fused conv + BatchNorm + residual + ReLU blocks and the ResNet family.
+
+Layers, top to bottom: `models` -> `nn` -> `ops` -> kernels (`reference`, `_C`, Triton).
+"""
+
+from fused_resnet import backend, models, nn, ops, reference
+from fused_resnet.flops import FlopsReport, count_flops
+
+__version__ = "0.1.0"
+
+__all__ = ["FlopsReport", "backend", "count_flops", "models", "nn", "ops", "reference"]

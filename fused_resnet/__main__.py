@@ -1,0 +1,151 @@
+"""Command line: python -m fused_resnet {flops,validate,bench} [--help]."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional
+
+from fused_resnet.backend import BACKENDS
+from fused_resnet.models import ARCH_HELP, IMAGENET_ARCHS, build_model, is_cifar
+from fused_resnet.table import format_table
+
+
+def _model_kwargs(args: argparse.Namespace) -> dict:
+    return {} if is_cifar(args.arch) else {"variant": args.variant}
+
+
+def cmd_flops(args: argparse.Namespace) -> int:
+    from fused_resnet.flops import PAPER_GMACS, TORCHVISION_GMACS, count_flops
+
+    size = args.image_size or (32 if is_cifar(args.arch) else 224)
+    shape = (args.batch_size, 3, size, size)
+    if args.all:
+        rows = []
+        for arch in IMAGENET_ARCHS:
+            v1 = count_flops(build_model(arch, variant="v1"), shape)
+            v15 = count_flops(build_model(arch, variant="v1.5"), shape, training=False)
+            rows.append((arch, f"{v1.params / 1e6:.2f}", f"{v1.macs / 1e9:.2f}",
+                         PAPER_GMACS.get(arch, "-"), f"{v15.macs / 1e9:.2f}",
+                         TORCHVISION_GMACS[arch], f"{v1.activation_bytes / 2**20:.1f}"))
+        print(f"ImageNet family at {shape} (GMACs = 10^9 multiply-adds; activations: bytes "
+              "kept for backward by one fp32 training step, v1)\n")
+        print(format_table(("arch", "params (M)", "GMACs v1", "paper v1", "GMACs v1.5",
+                            "torchvision v1.5", "train activations (MiB)"), rows))
+        return 0
+    report = count_flops(build_model(args.arch, **_model_kwargs(args)), shape)
+    title = args.arch if is_cifar(args.arch) else f"{args.arch} ({args.variant})"
+    print(f"{title} at input {shape}\n")
+    if args.layers:
+        print(format_table(
+            ("layer", "kind", "output", "MMACs", "params", "elementwise", "act. KiB"),
+            [(r.name, r.kind, "x".join(map(str, r.output_shape)), f"{r.macs / 1e6:.2f}",
+              r.params, r.elementwise, f"{r.activation_bytes / 1024:.1f}")
+             for r in report.rows]))
+        print()
+    stages = report.by_stage()
+    print(format_table(
+        ("stage", "GMACs", "params (M)", "elementwise (M)", "train activations (MiB)"),
+        [(s, f"{v['macs'] / 1e9:.3f}", f"{v['params'] / 1e6:.3f}",
+          f"{v['elementwise'] / 1e6:.2f}", f"{v['activation_bytes'] / 2**20:.2f}")
+         for s, v in stages.items()]
+        + [("total", f"{report.macs / 1e9:.3f}", f"{report.params / 1e6:.3f}",
+            f"{report.elementwise / 1e6:.2f}", f"{report.activation_bytes / 2**20:.2f}")]))
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from fused_resnet.validate import validate
+
+    report = validate(args.arch, args.backend, args.dtype, args.steps,
+                      batch_size=args.batch_size, image_size=args.image_size,
+                      device=args.device, variant=args.variant)
+    print(f"validate {report.arch} on backend {report.backend!r} ({report.dtype}, "
+          f"{report.device}, input {report.input_shape}) against {report.reference}\n")
+    print(format_table(("check", "max abs err", "max rel err", "bound", "result"),
+                       [(name, f"{c.max_abs:.3e}", f"{c.max_rel:.3e}", c.bound,
+                         "pass" if c.ok else "FAIL") for name, c in report.rows]))
+    print(f"\n{'PASSED' if report.ok else 'FAILED'}: {sum(c.ok for _, c in report.rows)} of "
+          f"{len(report.rows)} checks within tolerance")
+    if report.ok and args.bench and report.device.startswith("cuda"):
+        print()
+        return cmd_bench(args)
+    return 0 if report.ok else 1
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from fused_resnet.bench import bench, write_csv
+
+    backends = tuple(getattr(args, "backends", None) or (args.backend,))
+    rows = bench(args.arch, backends, batch_size=args.batch_size, image_size=args.image_size,
+                 dtype=args.dtype, compile_model=getattr(args, "compile", False),
+                 iters=getattr(args, "iters", 5), device=args.device)
+    print(format_table(
+        ("column", "mode", "batch", "ms (median)", "ms p20-p80", "img/s", "TFLOP/s", "peak MiB"),
+        [(r.column, r.mode, r.batch, f"{r.ms_median:.2f}", f"{r.ms_p20:.2f}-{r.ms_p80:.2f}",
+          f"{r.images_per_s:.1f}", f"{r.tflops:.3f}",
+          "-" if r.peak_mem_mb is None else f"{r.peak_mem_mb:.0f}") for r in rows]))
+    if getattr(args, "csv", None):
+        write_csv(rows, args.csv)
+        print(f"\nwrote {args.csv}")
+    return 0
+
+
+def _common(p: argparse.ArgumentParser, arch: str = "resnet50") -> None:
+    p.add_argument("--arch", default=arch, help=f"model name: {ARCH_HELP} (default {arch})")
+    p.add_argument("--variant", default="v1.5", choices=("v1", "v1.5"),
+                   help="bottleneck stride on the 3x3 (v1.5, torchvision) or first 1x1 (v1, paper)")
+    p.add_argument("--batch-size", type=int, default=None, help="batch size")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="input height = width (default 224; 32 for CIFAR nets; 64 on CPU)")
+
+
+def _runtime(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", default="auto", choices=BACKENDS, help="backend of the model")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"),
+                   help="fp32, or autocast to bf16/fp16")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m fused_resnet", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("flops", help="MACs, parameters and activation memory per stage")
+    _common(p)
+    p.add_argument("--all", action="store_true",
+                   help="the whole ImageNet family beside the paper's and torchvision's figures")
+    p.add_argument("--layers", action="store_true", help="also print every layer's row")
+    p.set_defaults(func=cmd_flops, batch_size=1)
+
+    p = sub.add_parser("validate", help="compare a model on a backend with the reference")
+    _common(p)
+    _runtime(p)
+    p.add_argument("--steps", type=int, default=2, help="SGD steps compared (default 2)")
+    p.add_argument("--no-bench", dest="bench", action="store_false",
+                   help="skip the short benchmark that follows a passing run on a GPU")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("bench", help="training-step and inference timings, side by side")
+    _common(p)
+    _runtime(p)
+    p.add_argument("--backends", nargs="+", choices=BACKENDS, default=None,
+                   help="backends to time as columns (default: --backend)")
+    p.add_argument("--compile", action="store_true", help="add a torch.compile column")
+    p.add_argument("--iters", type=int, default=5, help="timed iterations (default 5)")
+    p.add_argument("--csv", default=None, help="also write the rows to this CSV file")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, NotImplementedError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""Which implementation runs an op: "auto" | "triton" | "cuda" | "cpu" | "reference".
+
+- "reference": the pure-PyTorch ops of `fused_resnet.reference` (every device, every dtype).
+- "cpu" / "cuda": the C++ / CUDA kernels of the compiled extension `fused_resnet._C`.
+- "triton": the Triton kernels of `fused_resnet.triton`.
+- "auto": the fastest implementation available for the tensor's device, else "reference".
+
+`FUSED_RESNET_BACKEND`, when set, replaces "auto" (an explicitly named backend wins over it).
+Each op declares which backends implement it; asking for one that does not, or that cannot
+run here, raises an error that names what is missing.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from types import ModuleType
+from typing import Optional
+
+import torch
+
+BACKENDS = ("auto", "triton", "cuda", "cpu", "reference")
+ENV_VAR = "FUSED_RESNET_BACKEND"
+
+# Backends that implement each op, in the order "auto" prefers them.
+OP_BACKENDS: dict[str, tuple[str, ...]] = {
+    "conv_bn_act": ("reference",),
+    "bn_add_relu": ("cuda", "cpu", "reference"),
+}
+
+
+@functools.cache
+def load_extension() -> Optional[ModuleType]:
+    """The compiled `fused_resnet._C`, or None (with one warning) when it was not built."""
+    try:
+        from fused_resnet import _C
+    except ImportError as exc:
+        warnings.warn(
+            f"fused_resnet._C is not built ({exc}); the 'cpu' and 'cuda' backends are "
+            "unavailable and 'auto' falls back to the reference ops. Build it with "
+            "`pip install --no-build-isolation -e .`.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return None
+    return _C
+
+
+def check_backend_name(backend: str, argument: str = "backend") -> str:
+    """Returns `backend` if it is one of BACKENDS, else raises ValueError naming `argument`."""
+    if backend not in BACKENDS:
+        raise ValueError(f"{argument} must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
+    """Why `backend` cannot run on `device` here, or None when it can."""
+    if backend == "reference":
+        return None
+    if backend == "triton":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return "Triton is not installed (pip install triton)"
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            return "Triton runs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1)"
+        return None
+    ext = load_extension()
+    if ext is None:
+        return "fused_resnet._C is not built (pip install --no-build-isolation -e .)"
+    if backend == "cpu" and device.type != "cpu":
+        return f"the 'cpu' backend runs CPU tensors, got a {device.type} tensor"
+    if backend == "cuda":
+        if device.type != "cuda":
+            return f"the 'cuda' backend runs CUDA tensors, got a {device.type} tensor"
+        if not ext.has_cuda_kernels():
+            return "fused_resnet._C was built without its CUDA part (needs nvcc at build time)"
+    return None
+
+
+def resolve(backend: str, op: str, device: torch.device) -> str:
+    """The concrete backend that runs `op` on `device` for the requested `backend` name."""
+    check_backend_name(backend)
+    if backend == "auto":
+        backend = check_backend_name(os.environ.get(ENV_VAR, "auto"), argument=ENV_VAR)
+    implemented = OP_BACKENDS[op]
+    if backend == "auto":
+        for candidate in implemented:
+            if unavailable_reason(candidate, device) is None:
+                return candidate
+        return "reference"
+    if backend not in implemented:
+        raise NotImplementedError(
+            f"backend {backend!r} does not implement {op} yet; it is implemented by {implemented}"
+        )
+    reason = unavailable_reason(backend, device)
+    if reason is not None:
+        raise RuntimeError(f"backend {backend!r} cannot run {op}: {reason}")
+    return backend

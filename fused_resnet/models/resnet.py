@@ -1,0 +1,139 @@
+"""The ImageNet ResNet family (He et al., 2015, Table 1) with torchvision's state-dict layout.
+
+stem: 7x7/2 conv (64) + BN + ReLU, 3x3/2 max-pool; four stages of residual blocks with
+64/128/256/512 planes (the first block of stages 2-4 has stride 2); global average pool; fc.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fused_resnet.backend import check_backend_name
+from fused_resnet.nn import BasicBlock, Bottleneck
+from fused_resnet.nn.conv_bn import conv_bn_act
+from fused_resnet.nn.shortcut import check_shortcut
+
+Block = Union[type[BasicBlock], type[Bottleneck]]
+
+# Blocks per stage for each depth of the paper's Table 1.
+STAGES: dict[int, tuple[Block, tuple[int, int, int, int]]] = {
+    18: (BasicBlock, (2, 2, 2, 2)),
+    34: (BasicBlock, (3, 4, 6, 3)),
+    50: (Bottleneck, (3, 4, 6, 3)),
+    101: (Bottleneck, (3, 4, 23, 3)),
+    152: (Bottleneck, (3, 8, 36, 3)),
+}
+
+
+def init_weights(model: nn.Module, zero_init_residual: bool) -> None:
+    """torchvision's initialization: Kaiming-normal (fan_out, ReLU) convs, BN gamma=1 beta=0;
+    with `zero_init_residual` the last BN of each residual block starts at gamma=0 so every
+    block begins as the identity."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    if zero_init_residual:
+        for m in model.modules():
+            if isinstance(m, Bottleneck):
+                nn.init.zeros_(m.bn3.weight)
+            elif isinstance(m, BasicBlock):
+                nn.init.zeros_(m.bn2.weight)
+
+
+class ResNet(nn.Module):
+    """ImageNet ResNet. `shortcut` picks the paper's option (A/B/C, None for the plain net);
+    `groups` / `width_per_group` give ResNeXt and Wide ResNet; `variant` places the stride
+    of a bottleneck on its 3x3 ("v1.5", torchvision) or its first 1x1 ("v1", the paper)."""
+
+    def __init__(
+        self,
+        block: Block,
+        layers: tuple[int, ...],
+        num_classes: int = 1000,
+        *,
+        shortcut: Optional[str] = "B",
+        variant: str = "v1.5",
+        groups: int = 1,
+        width_per_group: int = 64,
+        zero_init_residual: bool = False,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        if len(layers) != 4 or any(n < 1 for n in layers):
+            raise ValueError(f"layers must be four positive block counts, got {layers}")
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.backend = check_backend_name(backend)
+        check_shortcut(shortcut)
+        self.inplanes = 64
+        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        stage_args = {"shortcut": shortcut, "backend": backend}
+        if block is Bottleneck:
+            stage_args.update(groups=groups, base_width=width_per_group, variant=variant)
+        elif groups != 1 or width_per_group != 64:
+            raise ValueError("BasicBlock supports only groups=1 and width_per_group=64")
+        self.layer1 = self._make_stage(block, 64, layers[0], 1, stage_args)
+        self.layer2 = self._make_stage(block, 128, layers[1], 2, stage_args)
+        self.layer3 = self._make_stage(block, 256, layers[2], 2, stage_args)
+        self.layer4 = self._make_stage(block, 512, layers[3], 2, stage_args)
+        self.fc = nn.Linear(512 * block.expansion, num_classes)
+        init_weights(self, zero_init_residual)
+
+    def _make_stage(self, block: Block, planes: int, blocks: int, stride: int, args: dict):
+        stage = [block(self.inplanes, planes, stride, **args)]
+        self.inplanes = planes * block.expansion
+        stage += [block(self.inplanes, planes, 1, **args) for _ in range(1, blocks)]
+        return nn.Sequential(*stage)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (N, 3, H, W), NCHW or channels_last -> logits (N, num_classes)."""
+        x = conv_bn_act(x, self.conv1, self.bn1, backend=self.backend)
+        x = F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        x = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        return self.fc(x)
+
+
+def resnet(depth: int, **kwargs) -> ResNet:
+    """ResNet of the paper's Table 1 for depth 18, 34, 50, 101 or 152."""
+    if depth not in STAGES:
+        raise ValueError(f"depth must be one of {sorted(STAGES)}, got {depth}")
+    block, layers = STAGES[depth]
+    return ResNet(block, layers, **kwargs)
+
+
+def resnet18(**kwargs) -> ResNet:
+    return resnet(18, **kwargs)
+
+
+def resnet34(**kwargs) -> ResNet:
+    return resnet(34, **kwargs)
+
+
+def resnet50(**kwargs) -> ResNet:
+    return resnet(50, **kwargs)
+
+
+def resnet101(**kwargs) -> ResNet:
+    return resnet(101, **kwargs)
+
+
+def resnet152(**kwargs) -> ResNet:
+    return resnet(152, **kwargs)
+
+
+def wide_resnet50_2(**kwargs) -> ResNet:
+    """ResNet-50 with bottlenecks twice as wide (width_per_group=128)."""
+    return resnet(50, width_per_group=128, **kwargs)
+
+
+def resnext50_32x4d(**kwargs) -> ResNet:
+    """ResNeXt-50 with 32 groups of width 4 in each 3x3."""
+    return resnet(50, groups=32, width_per_group=4, **kwargs)

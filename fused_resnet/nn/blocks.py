@@ -1,0 +1,99 @@
+"""Residual blocks (the paper's basic and bottleneck blocks) with torchvision's attribute names.
+
+The conv / BN modules only hold parameters and buffers (so `state_dict()` keys are
+torchvision's: `conv1.weight`, `bn1.running_mean`, `downsample.0.weight`, ...); the forward
+runs each conv + BN (+ shortcut) + ReLU through `fused_resnet.ops` on the chosen backend.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import Tensor, nn
+
+from fused_resnet.backend import check_backend_name
+from fused_resnet.nn.conv_bn import conv_bn_act
+from fused_resnet.nn.shortcut import ZeroPadShortcut, check_shortcut, make_shortcut
+
+VARIANTS = ("v1", "v1.5")
+
+
+class _ResidualBlock(nn.Module):
+    """Shared shortcut handling: `downsample` is None (identity or plain), a projection
+    `Sequential(conv, bn)`, or a `ZeroPadShortcut` (option A)."""
+
+    expansion = 1
+
+    def _shortcut(self, x: Tensor) -> Optional[Tensor]:
+        if self.shortcut is None:
+            return None
+        if self.downsample is None:
+            return x
+        if isinstance(self.downsample, ZeroPadShortcut):
+            return self.downsample(x)
+        conv, bn = self.downsample
+        return conv_bn_act(x, conv, bn, relu=False, backend=self.backend)
+
+
+class BasicBlock(_ResidualBlock):
+    """out = relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x)); conv1 is 3x3 stride s."""
+
+    expansion = 1
+
+    def __init__(
+        self, inplanes: int, planes: int, stride: int = 1, *, shortcut: Optional[str] = "B",
+        backend: str = "auto",
+    ):
+        super().__init__()
+        self.shortcut = check_shortcut(shortcut)
+        self.backend = check_backend_name(backend)
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = make_shortcut(shortcut, inplanes, planes, stride)
+        self.stride = stride
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = self._shortcut(x)
+        out = conv_bn_act(x, self.conv1, self.bn1, backend=self.backend)
+        return conv_bn_act(out, self.conv2, self.bn2, residual=identity, backend=self.backend)
+
+
+class Bottleneck(_ResidualBlock):
+    """out = relu(bn3(conv3(relu(bn2(conv2(relu(bn1(conv1(x)))))))) + shortcut(x)).
+
+    conv1 1x1 reduce to `width = planes * base_width / 64 * groups`, conv2 3x3 (grouped for
+    ResNeXt), conv3 1x1 expand to `planes * 4`. The stride sits on conv2 in "v1.5"
+    (torchvision) and on conv1 in "v1" (the paper).
+    """
+
+    expansion = 4
+
+    def __init__(
+        self, inplanes: int, planes: int, stride: int = 1, *, shortcut: Optional[str] = "B",
+        groups: int = 1, base_width: int = 64, variant: str = "v1.5", backend: str = "auto",
+    ):
+        super().__init__()
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        self.shortcut = check_shortcut(shortcut)
+        self.backend = check_backend_name(backend)
+        width = int(planes * (base_width / 64.0)) * groups
+        stride1, stride2 = (stride, 1) if variant == "v1" else (1, stride)
+        self.conv1 = nn.Conv2d(inplanes, width, 1, stride=stride1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(
+            width, width, 3, stride=stride2, padding=1, groups=groups, bias=False
+        )
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, planes * self.expansion, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.downsample = make_shortcut(shortcut, inplanes, planes * self.expansion, stride)
+        self.stride = stride
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = self._shortcut(x)
+        out = conv_bn_act(x, self.conv1, self.bn1, backend=self.backend)
+        out = conv_bn_act(out, self.conv2, self.bn2, backend=self.backend)
+        return conv_bn_act(out, self.conv3, self.bn3, residual=identity, backend=self.backend)

@@ -1,0 +1,51 @@
+"""`act(y * scale[c] + shift[c] + residual)`: the inference block end, on `_C` or the reference.
+
+The schema `fused_resnet::bn_add_relu` is declared once, in csrc/fused_resnet.cpp; this file
+adds its fake (meta) kernel, so the op traces under torch.compile, and the Python entry point.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fused_resnet import backend as _backend
+from fused_resnet import reference
+
+
+def output_memory_format(y: Tensor) -> torch.memory_format:
+    """The memory format the output takes: channels_last iff y is stored NHWC (and not NCHW)."""
+    if y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+if _backend.load_extension() is not None:
+
+    @torch.library.register_fake("fused_resnet::bn_add_relu")
+    def _bn_add_relu_fake(y, scale, shift, residual, relu):
+        return torch.empty_like(y, memory_format=output_memory_format(y))
+
+
+def bn_add_relu(
+    y: Tensor,
+    scale: Tensor,
+    shift: Tensor,
+    residual: Optional[Tensor] = None,
+    relu: bool = True,
+    *,
+    backend: str = "auto",
+) -> Tensor:
+    """out = act(y * scale[c] + shift[c] + residual), forward only (inference).
+
+    y: (N, C, H, W); scale, shift: (C,) fp32 (e.g. from `reference.fold_bn`); residual: y's
+    shape, dtype and device, or None. The output keeps y's dtype and memory format.
+    """
+    if y.dim() != 4:
+        raise ValueError(f"y must be 4-D (N, C, H, W), got shape {tuple(y.shape)}")
+    name = _backend.resolve(backend, "bn_add_relu", y.device)
+    if name == "reference":
+        return reference.bn_add_relu(y, scale, shift, residual, relu)
+    return torch.ops.fused_resnet.bn_add_relu(y, scale, shift, residual, relu)

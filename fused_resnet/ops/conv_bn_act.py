@@ -1,0 +1,133 @@
+"""Functional `conv → BatchNorm → (+ residual) → ReLU`: argument checks and backend dispatch."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fused_resnet import backend as _backend
+from fused_resnet import reference
+
+
+def _check_vector(name: str, t: Optional[Tensor], channels: int, x: Tensor) -> None:
+    if t is None:
+        return
+    if t.dim() != 1 or t.shape[0] != channels:
+        raise ValueError(f"{name} must have shape ({channels},), got {tuple(t.shape)}")
+    if t.device != x.device:
+        raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+
+
+def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
+    """Spatial output size of a dilation-1 convolution: floor((size + 2p - k) / s) + 1."""
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+def check_conv_bn_act_args(
+    x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
+    running_mean: Optional[Tensor], running_var: Optional[Tensor], *,
+    stride: int, padding: int, groups: int, training: bool, residual: Optional[Tensor],
+) -> None:
+    """Raises ValueError naming the first argument that does not fit the others."""
+    if x.dim() != 4:
+        raise ValueError(f"x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
+    if weight.dim() != 4:
+        raise ValueError(
+            f"weight must be 4-D (C_out, C_in/groups, kh, kw), got {tuple(weight.shape)}"
+        )
+    if not x.is_floating_point():
+        raise ValueError(f"x must be a floating-point tensor, got {x.dtype}")
+    if weight.dtype != x.dtype:
+        raise ValueError(f"weight dtype {weight.dtype} differs from x's dtype {x.dtype}")
+    if weight.device != x.device:
+        raise ValueError(f"weight is on {weight.device} but x is on {x.device}")
+    if stride < 1 or padding < 0 or groups < 1:
+        raise ValueError(
+            f"stride must be >= 1, padding >= 0 and groups >= 1, got {stride}, {padding}, {groups}"
+        )
+    c_out, c_in_per_group, kh, kw = weight.shape
+    if x.shape[1] != c_in_per_group * groups:
+        raise ValueError(
+            f"x has {x.shape[1]} channels but weight expects {c_in_per_group * groups} "
+            f"(weight.shape[1]={c_in_per_group} x groups={groups})"
+        )
+    if c_out % groups != 0:
+        raise ValueError(f"weight.shape[0] ({c_out}) must be divisible by groups ({groups})")
+    h_out = conv_output_size(x.shape[2], kh, stride, padding)
+    w_out = conv_output_size(x.shape[3], kw, stride, padding)
+    if h_out < 1 or w_out < 1:
+        raise ValueError(
+            f"x's spatial size {tuple(x.shape[2:])} is smaller than the kernel {(kh, kw)} "
+            f"with padding {padding}"
+        )
+    for name, t in (("bn_weight", bn_weight), ("bn_bias", bn_bias),
+                    ("running_mean", running_mean), ("running_var", running_var)):
+        _check_vector(name, t, c_out, x)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must both be tensors or both be None")
+    if not training and running_mean is None:
+        raise ValueError("training=False needs running_mean and running_var")
+    if residual is not None:
+        expected = (x.shape[0], c_out, h_out, w_out)
+        if tuple(residual.shape) != expected:
+            raise ValueError(f"residual must have shape {expected}, got {tuple(residual.shape)}")
+        if residual.dtype != x.dtype or residual.device != x.device:
+            raise ValueError(
+                f"residual must match x's dtype and device ({x.dtype}, {x.device}), "
+                f"got ({residual.dtype}, {residual.device})"
+            )
+
+
+def _autocast_inputs(
+    x: Tensor, weight: Tensor, residual: Optional[Tensor]
+) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """Under autocast, the conv operands (and the residual added to its result) in the
+    autocast dtype; otherwise the tensors unchanged."""
+    device_type = x.device.type
+    if not torch.is_autocast_enabled(device_type) or not x.is_floating_point():
+        return x, weight, residual
+    dtype = torch.get_autocast_dtype(device_type)
+    if residual is not None:
+        residual = residual.to(dtype)
+    return x.to(dtype), weight.to(dtype), residual
+
+
+def conv_bn_act(
+    x: Tensor,
+    weight: Tensor,
+    bn_weight: Optional[Tensor],
+    bn_bias: Optional[Tensor],
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    *,
+    stride: int = 1,
+    padding: int = 0,
+    groups: int = 1,
+    training: bool = True,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    residual: Optional[Tensor] = None,
+    relu: bool = True,
+    backend: str = "auto",
+) -> Tensor:
+    """out = act(BN(conv(x, weight)) + residual); see `fused_resnet.reference.conv_bn_act`.
+
+    x: (N, C_in, H, W) in NCHW or channels_last; the output keeps x's memory format.
+    In training the running stats (if given) are updated in place with factor `momentum`;
+    a call that raises leaves them unchanged. Under `torch.autocast` the conv runs in the
+    autocast dtype (x, weight and residual are cast to it) while BN parameters and
+    statistics stay fp32, as in eager PyTorch.
+    """
+    x, weight, residual = _autocast_inputs(x, weight, residual)
+    check_conv_bn_act_args(
+        x, weight, bn_weight, bn_bias, running_mean, running_var,
+        stride=stride, padding=padding, groups=groups, training=training, residual=residual,
+    )
+    _backend.resolve(backend, "conv_bn_act", x.device)  # only "reference" implements it so far
+    return reference.conv_bn_act(
+        x, weight, bn_weight, bn_bias, running_mean, running_var,
+        stride=stride, padding=padding, groups=groups, training=training,
+        momentum=momentum, eps=eps, residual=residual, relu=relu,
+    )

@@ -1,0 +1,98 @@
+"""Pure-PyTorch reference ops: the ground truth every kernel is compared to, and the fallback.
+
+Every function here is plain `torch` / `torch.nn.functional` so that autograd, every device,
+every dtype and every memory format work. Tensors are (N, C, H, W) in logical shape; their
+memory format (NCHW or channels_last) is whatever the caller passes and is preserved.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def conv_bn_act(
+    x: Tensor,
+    weight: Tensor,
+    bn_weight: Optional[Tensor],
+    bn_bias: Optional[Tensor],
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    *,
+    stride: int = 1,
+    padding: int = 0,
+    groups: int = 1,
+    training: bool = True,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    residual: Optional[Tensor] = None,
+    relu: bool = True,
+) -> Tensor:
+    """out = act(BN(conv(x, weight)) + residual).
+
+    x: (N, C_in, H, W); weight: (C_out, C_in / groups, kh, kw); bn_*: (C_out,);
+    residual: (N, C_out, H_out, W_out) or None; act is ReLU when `relu` else the identity.
+
+    BN with `training=True` normalizes with the batch mean and biased variance over
+    (N, H_out, W_out) and, when running stats are given, updates them in place as
+    running = (1 - momentum) * running + momentum * batch (the variance term unbiased,
+    multiplied by n / (n - 1)). With `training=False` it uses the running stats.
+    `momentum` is the averaging factor of this one update (a caller implementing
+    `momentum=None` passes 1 / num_batches_tracked).
+    """
+    y = F.conv2d(x, weight, None, stride, padding, 1, groups)
+    out = F.batch_norm(y, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)
+    if residual is not None:
+        out = out + residual
+    return F.relu(out) if relu else out
+
+
+def bn_add_relu(
+    y: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor] = None, relu: bool = True
+) -> Tensor:
+    """out = act(y * scale[c] + shift[c] + residual), the block end of an inference BN.
+
+    y: (N, C, H, W); scale, shift: (C,) fp32; residual: y's shape or None. Computed in fp32
+    (fp64 for fp64 inputs) and returned in y's dtype and memory format.
+    """
+    acc = torch.promote_types(y.dtype, torch.float32)
+    out = y.to(acc) * scale.to(acc).view(1, -1, 1, 1) + shift.to(acc).view(1, -1, 1, 1)
+    if residual is not None:
+        out = out + residual.to(acc)
+    if relu:
+        out = F.relu(out)
+    return out.to(y.dtype)
+
+
+def fold_bn(
+    running_mean: Tensor, running_var: Tensor, bn_weight: Optional[Tensor],
+    bn_bias: Optional[Tensor], eps: float,
+) -> tuple[Tensor, Tensor]:
+    """Eval BN as an affine map: BN(y) = y * scale + shift with
+    scale = gamma / sqrt(running_var + eps) and shift = beta - running_mean * scale (fp32)."""
+    scale = torch.rsqrt(running_var.float() + eps)
+    if bn_weight is not None:
+        scale = scale * bn_weight.float()
+    shift = -running_mean.float() * scale
+    if bn_bias is not None:
+        shift = shift + bn_bias.float()
+    return scale, shift
+
+
+def zero_pad_shortcut(x: Tensor, out_channels: int, stride: int) -> Tensor:
+    """The paper's option-A shortcut: identity subsampled by `stride` (x[:, :, ::s, ::s]), with
+    zero channels appended so channels [C_in, out_channels) are 0. No parameters."""
+    in_channels = x.shape[1]
+    if out_channels < in_channels:
+        raise ValueError(
+            f"zero_pad_shortcut: out_channels ({out_channels}) must be >= the input's "
+            f"channels ({in_channels})"
+        )
+    if stride != 1:
+        x = x[:, :, ::stride, ::stride]
+    if out_channels == in_channels:
+        return x
+    return F.pad(x, (0, 0, 0, 0, 0, out_channels - in_channels))

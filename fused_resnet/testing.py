@@ -1,0 +1,81 @@
+"""The precision rule every comparison to the reference uses (DESIGN.md, "Precision").
+
+- fp32 / fp64: |actual - expected| <= atol + rtol * |expected| elementwise, with
+  rtol = atol = 1e-4 for outputs and 1e-3 for gradients (sums over large K), or tighter.
+- fp16 / bf16: the candidate's max error against an fp64 truth must be at most
+  2 x the max error of PyTorch's own eager result in the same dtype against that truth,
+  plus a small floor (so a bit-exact baseline does not demand a bit-exact candidate).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+TOLERANCES = {"output": 1e-4, "grad": 1e-3}  # rtol = atol for fp32 / fp64
+LOW_PRECISION_FACTOR = 2.0
+LOW_PRECISION_FLOOR = {torch.float16: 1e-3, torch.bfloat16: 8e-3}
+DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16,
+          "fp16": torch.float16}
+
+
+@dataclass
+class Comparison:
+    """Max abs error, error relative to max |expected|, the bound applied and the verdict."""
+
+    max_abs: float
+    max_rel: float
+    bound: str
+    ok: bool
+
+
+def _max_abs(a: Tensor, b: Tensor) -> float:
+    if a.numel() == 0:
+        return 0.0
+    return (a.double() - b.double()).abs().max().item()
+
+
+def compare(
+    actual: Tensor,
+    expected: Tensor,
+    *,
+    kind: str = "output",
+    baseline: Optional[Tensor] = None,
+    compute_dtype: Optional[torch.dtype] = None,
+) -> Comparison:
+    """Applies the precision rule to `actual` against `expected`.
+
+    kind: "output" or "grad" (picks the fp32 tolerance).
+    baseline: PyTorch's eager result computed in fp16/bf16; `expected` is then the fp64
+    truth and the 2x rule applies. Without it the fp32 rule is applied in every dtype.
+    compute_dtype: the low precision the results were computed in, which sets the floor
+    (default: actual's dtype; pass it for fp32 results of autocast runs, e.g. the loss).
+    """
+    if actual.shape != expected.shape:
+        raise ValueError(f"shape mismatch: actual {tuple(actual.shape)} vs expected "
+                         f"{tuple(expected.shape)}")
+    err = _max_abs(actual, expected)
+    scale = expected.double().abs().max().item() if expected.numel() else 0.0
+    rel = err / scale if scale > 0 else err
+    if baseline is not None:
+        floor = LOW_PRECISION_FLOOR.get(compute_dtype or actual.dtype, TOLERANCES[kind])
+        allowed = LOW_PRECISION_FACTOR * _max_abs(baseline, expected) + floor * max(scale, 1.0)
+        return Comparison(err, rel, f"<= {allowed:.2e} (2x eager + floor)", err <= allowed)
+    tol = TOLERANCES[kind]
+    ok = bool(torch.allclose(actual.double(), expected.double(), rtol=tol, atol=tol))
+    return Comparison(err, rel, f"rtol=atol={tol:g}", ok)
+
+
+def assert_close(actual: Tensor, expected: Tensor, *, kind: str = "output",
+                 baseline: Optional[Tensor] = None, compute_dtype: Optional[torch.dtype] = None,
+                 name: str = "tensor") -> None:
+    """Raises AssertionError with the numbers when `compare` fails."""
+    result = compare(actual, expected, kind=kind, baseline=baseline, compute_dtype=compute_dtype)
+    if not result.ok:
+        raise AssertionError(
+            f"{name}: max abs error {result.max_abs:.3e} (relative {result.max_rel:.3e}) "
+            f"violates {result.bound}"
+        )

@@ -1,0 +1,143 @@
+"""`python -m fused_resnet validate`: a model on a chosen backend against the reference.
+
+Builds the model named `arch` on `backend` and a reference with the same weights
+(torchvision's model where one exists, else this package's `backend="reference"` model),
+then runs `steps` SGD steps on one fixed random batch and compares, with the rule of
+`fused_resnet.testing`: training logits, loss and every parameter's gradient at each step,
+the BN running stats after the steps, and the eval logits. In fp16/bf16 (autocast) an fp64
+copy of the reference is the truth and the reference in the same dtype is the eager baseline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fused_resnet.models import build_model, is_cifar, reference_twin
+from fused_resnet.testing import DTYPES, Comparison, compare
+
+
+@dataclass
+class ValidationReport:
+    arch: str
+    backend: str
+    reference: str
+    dtype: str
+    device: str
+    input_shape: tuple[int, ...]
+    rows: list[tuple[str, Comparison]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for _, c in self.rows)
+
+
+def _step(model: nn.Module, x, target, autocast_dtype, device_type):
+    """One forward + backward: returns (logits in fp64, loss, {param name: grad})."""
+    model.zero_grad(set_to_none=True)
+    ctx = (torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype is not None
+           else contextlib.nullcontext())
+    with ctx:
+        logits = model(x)
+    loss = F.cross_entropy(logits.float() if logits.dtype != torch.float64 else logits, target)
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return logits.detach(), loss.detach(), grads
+
+
+def _worst(items: list[tuple[str, Comparison]]) -> tuple[str, Comparison]:
+    """The failing comparison with the largest relative error, else the largest overall."""
+    return max(items, key=lambda item: (not item[1].ok, item[1].max_rel))
+
+
+def validate(
+    arch: str = "resnet50",
+    backend: str = "auto",
+    dtype: str = "fp32",
+    steps: int = 2,
+    *,
+    batch_size: Optional[int] = None,
+    image_size: Optional[int] = None,
+    device: Optional[str] = None,
+    variant: str = "v1.5",
+    lr: float = 0.01,
+    seed: int = 0,
+) -> ValidationReport:
+    if dtype not in DTYPES or dtype == "fp64":
+        raise ValueError(f"dtype must be one of fp32, bf16, fp16; got {dtype!r}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    on_gpu = dev.type == "cuda"
+    cifar = is_cifar(arch)
+    size = image_size or (32 if cifar else 224 if on_gpu else 64)
+    batch = batch_size or (32 if on_gpu else 4)
+    torch.manual_seed(seed)
+    kwargs = {"backend": backend} if cifar else {"backend": backend, "variant": variant}
+    candidate = build_model(arch, **kwargs)
+    reference, ref_name = reference_twin(arch, candidate, variant)
+    half = DTYPES[dtype] if dtype != "fp32" else None
+    models = {"candidate": candidate.to(dev), "reference": reference.to(dev)}
+    if half is not None:
+        models["truth"] = copy.deepcopy(reference).double()
+    x = torch.randn(batch, 3, size, size, device=dev)
+    target = torch.randint(0, candidate.fc.out_features, (batch,), device=dev)
+    report = ValidationReport(arch, backend, ref_name, dtype, str(dev), tuple(x.shape))
+    optimizers = {
+        k: torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9) for k, m in models.items()
+    }
+
+    def check(name, results, kind="output"):
+        expected = results["truth" if half is not None else "reference"]
+        baseline = results["reference"] if half is not None else None
+        report.rows.append((name, compare(results["candidate"], expected, kind=kind,
+                                          baseline=baseline, compute_dtype=half)))
+
+    for step in range(1, steps + 1):
+        out = {}
+        for key, model in models.items():
+            model.train()
+            inp = x.double() if key == "truth" else x
+            out[key] = _step(model, inp, target, None if key == "truth" else half, dev.type)
+        check(f"step {step}: training logits", {k: v[0] for k, v in out.items()})
+        check(f"step {step}: loss", {k: v[1] for k, v in out.items()})
+        grads = []
+        for name in out["candidate"][2]:
+            expected = out["truth" if half is not None else "reference"][2][name]
+            baseline = out["reference"][2][name] if half is not None else None
+            grads.append((name, compare(out["candidate"][2][name], expected, kind="grad",
+                                        baseline=baseline, compute_dtype=half)))
+        worst_name, worst = _worst(grads)
+        report.rows.append((f"step {step}: gradients ({len(grads)}; worst {worst_name})", worst))
+        for opt in optimizers.values():
+            opt.step()
+    stats = []
+    buffers = {k: dict(m.named_buffers()) for k, m in models.items()}
+    for name, value in buffers["candidate"].items():
+        if name.endswith(("running_mean", "running_var")):
+            expected = buffers["truth" if half is not None else "reference"][name]
+            baseline = buffers["reference"][name] if half is not None else None
+            stats.append((name, compare(value, expected, baseline=baseline, compute_dtype=half)))
+        elif name.endswith("num_batches_tracked"):
+            same = bool(torch.equal(value, buffers["reference"][name]))
+            stats.append((name, Comparison(0.0 if same else 1.0, 0.0, "equal", same)))
+    if stats:
+        worst_name, worst = _worst(stats)
+        report.rows.append((f"running stats ({len(stats)}; worst {worst_name})", worst))
+    with torch.no_grad():
+        out = {}
+        for key, model in models.items():
+            model.eval()
+            inp = x.double() if key == "truth" else x
+            ctx = (torch.autocast(dev.type, dtype=half) if half is not None and key != "truth"
+                   else contextlib.nullcontext())
+            with ctx:
+                out[key] = model(inp)
+    check("eval logits", out)
+    return report

@@ -1,0 +1,70 @@
+"""Build of fused_resnet._C from csrc/ through torch's extension tools (ninja when present).
+
+The CPU part is always built. The CUDA part is added when nvcc and a CUDA build of torch
+are found; FUSED_RESNET_FORCE_CUDA=1 forces it, FUSED_RESNET_SKIP_CUDA=1 skips it, and
+TORCH_CUDA_ARCH_LIST picks the targets (default "8.0;9.0": A100 and H100).
+Install with `pip install --no-build-isolation -e .` so the build sees the installed torch.
+"""
+
+import glob
+import os
+import shutil
+
+from setuptools import setup
+
+
+def _find_cuda_home():
+    """The CUDA toolkit root: $CUDA_HOME, $CUDA_PATH, /usr/local/cuda, or nvcc's grandparent.
+
+    nvcc may be a wrapper script on PATH (e.g. /usr/local/bin/nvcc), whose grandparent has no
+    CUDA headers, so the conventional /usr/local/cuda is preferred to guessing from PATH.
+    """
+    for candidate in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if candidate and os.path.exists(os.path.join(candidate, "bin", "nvcc")):
+            return candidate
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        home = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+        if os.path.exists(os.path.join(home, "include", "cuda_runtime.h")):
+            return home
+    return None
+
+
+def _flag(name):
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+CUDA_HOME = None if _flag("FUSED_RESNET_SKIP_CUDA") else _find_cuda_home()
+if CUDA_HOME:
+    # Must be set before torch.utils.cpp_extension is imported: it reads CUDA_HOME once.
+    os.environ["CUDA_HOME"] = CUDA_HOME
+os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+WITH_CUDA = not _flag("FUSED_RESNET_SKIP_CUDA") and (
+    _flag("FUSED_RESNET_FORCE_CUDA") or (CUDA_HOME is not None and torch.version.cuda is not None)
+)
+
+
+def _extension():
+    sources = ["csrc/fused_resnet.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
+    cxx_flags = ["-O3"]
+    if not WITH_CUDA:
+        return CppExtension("fused_resnet._C", sources, extra_compile_args={"cxx": cxx_flags})
+    sources += sorted(glob.glob("csrc/cuda/*.cu"))
+    return CUDAExtension(
+        "fused_resnet._C",
+        sources,
+        define_macros=[("FUSED_RESNET_WITH_CUDA", None)],
+        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
+    )
+
+
+setup(
+    ext_modules=[_extension()],
+    cmdclass={
+        "build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)
+    },
+)
