@@ -68,8 +68,8 @@ def _silence_residual_branch(model):
     """Zero the last BN of every block, so a block outputs relu(shortcut) (or 0 if plain)."""
     with torch.no_grad():
         for m in model.modules():
-            last = m.bn3 if isinstance(m, Bottleneck) else m.bn2 if isinstance(m, BasicBlock) else None
-            if last is not None:
+            if isinstance(m, (BasicBlock, Bottleneck)):
+                last = m.bn3 if isinstance(m, Bottleneck) else m.bn2
                 last.weight.zero_()
                 last.bias.zero_()
 

@@ -1,0 +1,65 @@
+"""Backend names, "auto" resolution, the environment variable and unavailable backends."""
+
+import pytest
+import torch
+
+from fused_resnet import backend, ops
+from fused_resnet.backend import resolve
+
+CPU = torch.device("cpu")
+
+
+def test_auto_picks_an_implemented_available_backend():
+    assert resolve("auto", "conv_bn_act", CPU) == "reference"
+    expected = "cpu" if backend.load_extension() is not None else "reference"
+    assert resolve("auto", "bn_add_relu", CPU) == expected
+
+
+def test_env_var_replaces_auto_but_not_an_explicit_name(monkeypatch):
+    monkeypatch.setenv(backend.ENV_VAR, "reference")
+    assert resolve("auto", "bn_add_relu", CPU) == "reference"
+    if backend.load_extension() is not None:
+        assert resolve("cpu", "bn_add_relu", CPU) == "cpu"
+    monkeypatch.setenv(backend.ENV_VAR, "fastest")
+    with pytest.raises(ValueError, match=backend.ENV_VAR):
+        resolve("auto", "bn_add_relu", CPU)
+
+
+def test_unknown_and_unimplemented_and_unavailable_backends_say_why():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        resolve("gpu", "conv_bn_act", CPU)
+    with pytest.raises(NotImplementedError, match="does not implement conv_bn_act"):
+        resolve("triton", "conv_bn_act", CPU)
+    with pytest.raises(RuntimeError, match="runs CUDA tensors"):
+        resolve("cuda", "bn_add_relu", CPU)
+
+
+def test_op_reports_the_backend_error():
+    y = torch.randn(2, 4, 3, 3)
+    with pytest.raises(RuntimeError, match="'cuda' backend runs CUDA tensors"):
+        ops.bn_add_relu(y, torch.ones(4), torch.zeros(4), backend="cuda")
+
+
+def test_package_imports_and_falls_back_without_the_extension():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, warnings, torch\n"
+        "sys.modules['fused_resnet._C'] = None  # makes `from fused_resnet import _C` fail\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import fused_resnet\n"
+        "    from fused_resnet.backend import resolve\n"
+        "    print(resolve('auto', 'bn_add_relu', torch.device('cpu')))\n"
+        "assert any('_C is not built' in str(w.message) for w in caught), caught\n"
+        "y = fused_resnet.ops.bn_add_relu(torch.randn(2, 4, 3, 3), torch.ones(4), torch.zeros(4))\n"
+        "try:\n"
+        "    resolve('cpu', 'bn_add_relu', torch.device('cpu'))\n"
+        "except RuntimeError as exc:\n"
+        "    print(exc)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    lines = out.stdout.splitlines()
+    assert lines[0] == "reference"
+    assert "pip install --no-build-isolation -e ." in lines[1]

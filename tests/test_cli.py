@@ -1,0 +1,98 @@
+"""The command line, run as users run it (subprocesses)."""
+
+import subprocess
+import sys
+
+import pytest
+
+
+def run(*args, check=True):
+    result = subprocess.run([sys.executable, "-m", "fused_resnet", *args],
+                            capture_output=True, text=True, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"exit {result.returncode}\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+@pytest.mark.parametrize("command", ["flops", "validate", "bench"])
+def test_help(command):
+    out = run(command, "--help").stdout
+    assert "--arch" in out and "usage" in out
+
+
+def test_flops_resnet50_prints_stages_and_total():
+    out = run("flops", "--arch", "resnet50").stdout
+    assert "resnet50 (v1.5)" in out
+    total = next(line for line in out.splitlines() if line.startswith("| total"))
+    assert "4.089" in total and "25.557" in total
+    for stage in ("stem", "layer1", "layer4", "head"):
+        assert f"| {stage}" in out
+
+
+def test_flops_v1_and_layers():
+    out = run("flops", "--arch", "resnet50", "--variant", "v1", "--layers").stdout
+    assert "| layer1.0.conv1 " in out and "| fc " in out
+    assert "3.858" in next(line for line in out.splitlines() if line.startswith("| total"))
+
+
+def test_flops_all_prints_the_family_beside_the_paper():
+    out = run("flops", "--all").stdout
+    rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
+    assert set(rows) >= {"resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
+                         "wide_resnet50_2", "resnext50_32x4d"}
+    cells = [c.strip() for c in rows["resnet152"].split("|")[1:-1]]
+    assert cells[2:6] == ["11.28", "11.3", "11.51", "11.51"]
+
+
+def test_flops_cifar():
+    out = run("flops", "--arch", "cifar_resnet110").stdout
+    assert "(1, 3, 32, 32)" in out and "1.7" in out
+
+
+def test_validate_passes_and_prints_the_table():
+    out = run("validate", "--arch", "cifar_resnet20", "--steps", "1", "--batch-size", "2").stdout
+    assert "running stats" in out and "eval logits" in out
+    assert "PASSED" in out and "FAIL |" not in out
+
+
+def test_validate_against_torchvision():
+    out = run("validate", "--arch", "resnet18", "--steps", "1", "--batch-size", "2",
+              "--image-size", "32").stdout
+    assert "torchvision.models.resnet18" in out and "PASSED" in out
+
+
+def test_bench_prints_every_column():
+    out = run("bench", "--arch", "cifar_resnet20", "--batch-size", "2", "--iters", "2").stdout
+    for column in ("fused_resnet[auto]", "eager NCHW", "eager channels_last"):
+        assert column in out
+    assert out.count("| train ") == 3 and out.count("| infer ") == 3
+
+
+def test_bench_writes_csv(tmp_path):
+    path = tmp_path / "bench.csv"
+    run("bench", "--arch", "cifar_resnet20", "--batch-size", "2", "--iters", "2",
+        "--csv", str(path))
+    header = path.read_text().splitlines()[0]
+    assert header.startswith("column,mode,batch,ms_median")
+
+
+@pytest.mark.parametrize("args, message", [
+    (("flops", "--arch", "vgg16"), "arch must be one of"),
+    (("validate", "--arch", "cifar_resnet20", "--backend", "triton"), "does not implement"),
+    (("validate", "--arch", "cifar_resnet20", "--steps", "0"), "steps must be >= 1"),
+])
+def test_bad_arguments_exit_2_with_a_message(args, message):
+    result = run(*args, check=False)
+    assert result.returncode == 2
+    assert message in result.stderr
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    commands = [line for line in readme.splitlines() if line.startswith("python3 -m venv")]
+    assert len(commands) == 2, "README must start with the two set-up commands"
+    ci = (root / ".ci" / "run").read_text().splitlines()
+    assert commands[1] in ci

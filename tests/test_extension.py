@@ -1,0 +1,83 @@
+"""fused_resnet._C: its bn_add_relu op against the reference, opcheck, and what was built."""
+
+import os
+
+import pytest
+import torch
+
+from fused_resnet import ops, reference
+from fused_resnet.backend import load_extension
+
+ext = load_extension()
+pytestmark = pytest.mark.skipif(ext is None, reason="fused_resnet._C is not built")
+
+CUDA_REQUESTED = os.environ.get("FUSED_RESNET_SKIP_CUDA", "0") != "1" and (
+    os.environ.get("FUSED_RESNET_FORCE_CUDA") == "1" or os.path.exists("/usr/local/cuda/bin/nvcc")
+)
+
+
+def _inputs(dtype, channels_last, residual, device="cpu"):
+    y = torch.randn(2, 8, 5, 3, device=device).to(dtype)
+    if channels_last:
+        y = y.contiguous(memory_format=torch.channels_last)
+    scale = torch.rand(8, device=device) + 0.5
+    shift = torch.randn(8, device=device)
+    r = torch.randn(2, 8, 5, 3, device=device).to(dtype) if residual else None
+    return y, scale, shift, r
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("channels_last, residual, relu",
+                         [(False, False, True), (True, True, True), (False, True, False),
+                          (True, False, False)])
+def test_cpu_kernel_matches_reference(dtype, channels_last, residual, relu):
+    y, scale, shift, r = _inputs(dtype, channels_last, residual)
+    out = ops.bn_add_relu(y, scale, shift, r, relu, backend="cpu")
+    expected = reference.bn_add_relu(y, scale, shift, r, relu)
+    assert out.dtype == dtype
+    assert out.is_contiguous(
+        memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0 if dtype == torch.float64 else 1e-6)
+
+
+def test_cpu_kernel_takes_non_contiguous_input():
+    y = torch.randn(2, 8, 6, 6)[:, :, ::2, 1:]
+    scale, shift = torch.rand(8), torch.randn(8)
+    torch.testing.assert_close(ops.bn_add_relu(y, scale, shift, backend="cpu"),
+                               reference.bn_add_relu(y, scale, shift))
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_opcheck(residual):
+    y, scale, shift, r = _inputs(torch.float32, True, residual)
+    torch.library.opcheck(torch.ops.fused_resnet.bn_add_relu.default, (y, scale, shift, r, True))
+
+
+@pytest.mark.parametrize("args, message", [
+    (lambda y, s, b, r: (y[0], s, b, r), "4-D"),
+    (lambda y, s, b, r: (y, s[:4], b, r), "scale must have shape"),
+    (lambda y, s, b, r: (y, s, b.double(), r), "float32"),
+    (lambda y, s, b, r: (y, s, b, r[:, :4]), "residual must have y's shape"),
+    (lambda y, s, b, r: (y, s, b, r.double()), "residual dtype"),
+])
+def test_cpu_kernel_rejects_bad_arguments(args, message):
+    y, scale, shift, r = _inputs(torch.float32, False, True)
+    with pytest.raises((RuntimeError, ValueError), match=message):
+        ops.bn_add_relu(*args(y, scale, shift, r), backend="cpu")
+
+
+def test_extension_registers_cuda_kernels_when_cuda_was_requested():
+    has_cuda = torch._C._dispatch_has_kernel_for_dispatch_key(
+        "fused_resnet::bn_add_relu", "CUDA")
+    assert has_cuda == ext.has_cuda_kernels()
+    if CUDA_REQUESTED and torch.version.cuda is not None:
+        assert ext.has_cuda_kernels(), "nvcc was available but _C has no CUDA kernels"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cuda_kernel_matches_reference(dtype, channels_last):
+    y, scale, shift, r = _inputs(dtype, channels_last, True, device="cuda")
+    out = ops.bn_add_relu(y, scale, shift, r, backend="cuda")
+    torch.testing.assert_close(out, reference.bn_add_relu(y, scale, shift, r))

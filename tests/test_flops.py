@@ -1,0 +1,73 @@
+"""count_flops against the paper's Table 1, torchvision's figures, and its own bookkeeping."""
+
+import pytest
+import torch
+import torchvision
+
+from fused_resnet import count_flops, models
+from fused_resnet.flops import PAPER_GMACS, TORCHVISION_GMACS
+
+
+@pytest.mark.parametrize("arch", sorted(PAPER_GMACS))
+def test_v1_macs_match_the_paper(arch):
+    report = count_flops(models.IMAGENET_ARCHS[arch](variant="v1"), training=False)
+    assert report.macs / 1e9 == pytest.approx(PAPER_GMACS[arch], rel=0.03)
+
+
+@pytest.mark.parametrize("arch", sorted(TORCHVISION_GMACS))
+def test_v15_macs_match_torchvision(arch):
+    report = count_flops(models.IMAGENET_ARCHS[arch](), training=False)
+    assert report.macs / 1e9 == pytest.approx(TORCHVISION_GMACS[arch], rel=0.01)
+
+
+def test_rows_follow_the_conv_formula_and_totals_add_up():
+    model = models.resnet18()
+    report = count_flops(model, (2, 3, 64, 64))
+    conv1 = next(r for r in report.rows if r.name == "conv1")
+    # N * C_out * H_out * W_out * C_in * kh * kw
+    assert conv1.macs == 2 * 64 * 32 * 32 * 3 * 7 * 7
+    assert conv1.kind == "conv" and conv1.output_shape == (2, 64, 32, 32)
+    assert conv1.params == 64 * 3 * 7 * 7
+    fc = next(r for r in report.rows if r.kind == "linear")
+    assert fc.name == "fc" and fc.macs == 2 * 512 * 1000 and fc.params == 513_000
+    assert report.params == sum(p.numel() for p in model.parameters())
+    assert sum(r.params for r in report.rows) == report.params
+    assert sum(s["macs"] for s in report.by_stage().values()) == report.macs
+    assert list(report.by_stage()) == ["stem", "layer1", "layer2", "layer3", "layer4", "head"]
+    kinds = {r.kind for r in report.rows}
+    assert kinds == {"input", "conv", "batch_norm", "relu", "add", "pool", "linear"}
+    assert report.elementwise > 0
+
+
+def test_counts_agree_with_torchvision_model_and_scale_with_batch():
+    ours = count_flops(models.resnet50(), (1, 3, 64, 64))
+    theirs = count_flops(torchvision.models.resnet50(weights=None), (1, 3, 64, 64))
+    assert ours.macs == theirs.macs and ours.params == theirs.params
+    # Same ops, same saved tensors (torchvision's in-place ReLU keeps the same storages).
+    assert ours.activation_bytes == theirs.activation_bytes
+    double = count_flops(models.resnet50(), (2, 3, 64, 64))
+    assert double.macs == 2 * ours.macs
+
+
+def test_activation_bytes_only_in_training_and_input_counted():
+    model = models.cifar_resnet(20)
+    train = count_flops(model, (2, 3, 32, 32))
+    infer = count_flops(model, (2, 3, 32, 32), training=False)
+    assert infer.activation_bytes == 0 and train.activation_bytes > 0
+    assert train.rows[0].name == "input"
+    assert train.rows[0].activation_bytes == 2 * 3 * 32 * 32 * 4
+    assert train.macs == infer.macs
+
+
+def test_running_stats_and_mode_are_restored():
+    model = models.cifar_resnet(20).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    count_flops(model, (2, 3, 32, 32))
+    assert not model.training
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_bad_input_size_is_named():
+    with pytest.raises(ValueError, match="input_size"):
+        count_flops(models.cifar_resnet(20), (3, 32, 32))
