@@ -3,7 +3,9 @@
 - "reference": the pure-PyTorch ops of `fused_resnet.reference` (every device, every dtype).
 - "cpu" / "cuda": the C++ / CUDA kernels of the compiled extension `fused_resnet._C`.
 - "triton": the Triton kernels of `fused_resnet.triton`.
-- "auto": the fastest implementation available for the tensor's device, else "reference".
+- "auto": the fastest implementation available for the tensor's device, else "reference";
+  Triton only for CUDA tensors (TRITON_INTERPRET=1 runs it on CPU tensors, but only when
+  asked for by name).
 
 `FUSED_RESNET_BACKEND`, when set, replaces "auto" (an explicitly named backend wins over it).
 Each op declares which backends implement it; asking for one that does not, or that cannot
@@ -25,7 +27,7 @@ ENV_VAR = "FUSED_RESNET_BACKEND"
 
 # Backends that implement each op, in the order "auto" prefers them.
 OP_BACKENDS: dict[str, tuple[str, ...]] = {
-    "conv_bn_act": ("reference",),
+    "conv_bn_act": ("triton", "reference"),
     "bn_add_relu": ("cuda", "cpu", "reference"),
 }
 
@@ -87,6 +89,8 @@ def resolve(backend: str, op: str, device: torch.device) -> str:
     implemented = OP_BACKENDS[op]
     if backend == "auto":
         for candidate in implemented:
+            if candidate == "triton" and device.type != "cuda":
+                continue
             if unavailable_reason(candidate, device) is None:
                 return candidate
         return "reference"

@@ -72,13 +72,15 @@ def fold_bn(
     bn_bias: Optional[Tensor], eps: float,
 ) -> tuple[Tensor, Tensor]:
     """Eval BN as an affine map: BN(y) = y * scale + shift with
-    scale = gamma / sqrt(running_var + eps) and shift = beta - running_mean * scale (fp32)."""
-    scale = torch.rsqrt(running_var.float() + eps)
+    scale = gamma / sqrt(running_var + eps) and shift = beta - running_mean * scale, in fp32
+    (fp64 for fp64 statistics). Differentiable in gamma and beta."""
+    acc = torch.promote_types(running_var.dtype, torch.float32)
+    scale = torch.rsqrt(running_var.to(acc) + eps)
     if bn_weight is not None:
-        scale = scale * bn_weight.float()
-    shift = -running_mean.float() * scale
+        scale = scale * bn_weight.to(acc)
+    shift = -running_mean.to(acc) * scale
     if bn_bias is not None:
-        shift = shift + bn_bias.float()
+        shift = shift + bn_bias.to(acc)
     return scale, shift
 
 

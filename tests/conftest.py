@@ -1,5 +1,13 @@
-import pytest
+import os
+
 import torch
+
+# Triton kernels run on CPU tensors through the interpreter when there is no GPU. This must be
+# set before fused_resnet (and so triton.jit) is imported, which conftest.py precedes.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,6 +1,15 @@
-"""Functional fused ops (the layer between modules and kernels)."""
+"""Functional fused ops (the layer between modules and kernels).
+
+Importing this package registers the Triton custom ops (`torch.ops.fused_resnet.*`) when
+Triton is installed; TRITON_INTERPRET=1 must be set before that import to run them on CPU.
+"""
 
 from fused_resnet.ops.bn_add_relu import bn_add_relu
 from fused_resnet.ops.conv_bn_act import conv_bn_act
+
+try:
+    from fused_resnet.ops import triton_ops  # noqa: F401  (registers the custom ops)
+except ImportError:  # Triton not installed: the "triton" backend reports itself unavailable
+    triton_ops = None
 
 __all__ = ["bn_add_relu", "conv_bn_act"]

@@ -13,14 +13,7 @@ from torch import Tensor
 
 from fused_resnet import backend as _backend
 from fused_resnet import reference
-
-
-def output_memory_format(y: Tensor) -> torch.memory_format:
-    """The memory format the output takes: channels_last iff y is stored NHWC (and not NCHW)."""
-    if y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
-
+from fused_resnet.ops.layout import output_memory_format
 
 if _backend.load_extension() is not None:
 

@@ -69,6 +69,11 @@ def check_conv_bn_act_args(
         raise ValueError("running_mean and running_var must both be tensors or both be None")
     if not training and running_mean is None:
         raise ValueError("training=False needs running_mean and running_var")
+    if training and x.shape[0] * h_out * w_out <= 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input of shape "
+            f"{tuple(x.shape)} (conv output {(x.shape[0], c_out, h_out, w_out)})"
+        )
     if residual is not None:
         expected = (x.shape[0], c_out, h_out, w_out)
         if tuple(residual.shape) != expected:
@@ -125,9 +130,54 @@ def conv_bn_act(
         x, weight, bn_weight, bn_bias, running_mean, running_var,
         stride=stride, padding=padding, groups=groups, training=training, residual=residual,
     )
-    _backend.resolve(backend, "conv_bn_act", x.device)  # only "reference" implements it so far
+    name = _backend.resolve(backend, "conv_bn_act", x.device)
+    if name == "triton":
+        reason = triton_unsupported_reason(x, groups)
+        if reason is None:
+            return _triton_conv_bn_act(
+                x, weight, bn_weight, bn_bias, running_mean, running_var, stride=stride,
+                padding=padding, training=training, momentum=momentum, eps=eps,
+                residual=residual, relu=relu)
+        if backend != "auto":
+            raise NotImplementedError(f"backend 'triton' cannot run this conv_bn_act: {reason}")
     return reference.conv_bn_act(
         x, weight, bn_weight, bn_bias, running_mean, running_var,
         stride=stride, padding=padding, groups=groups, training=training,
         momentum=momentum, eps=eps, residual=residual, relu=relu,
     )
+
+
+def triton_unsupported_reason(x: Tensor, groups: int) -> Optional[str]:
+    """Why the Triton kernels cannot run this call, or None."""
+    if groups != 1:
+        return f"grouped convolution (groups={groups}) is not implemented in Triton"
+    if x.dtype == torch.float64 and x.device.type == "cuda":
+        return "float64 runs only in the interpreter; use float32, float16 or bfloat16"
+    return None
+
+
+def _triton_conv_bn_act(
+    x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
+    running_mean: Optional[Tensor], running_var: Optional[Tensor], *, stride: int, padding: int,
+    training: bool, momentum: float, eps: float, residual: Optional[Tensor], relu: bool,
+) -> Tensor:
+    """Training: one fused op returning batch mean / biased var, then the running stats are
+    updated here, running = (1 - momentum) * running + momentum * batch (var unbiased by
+    n / (n - 1)). Inference: BN folded into the conv, w' = w * scale, bias = shift."""
+    c_out = weight.shape[0]
+    stat_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    gamma = bn_weight if bn_weight is not None else x.new_ones(c_out, dtype=stat_dtype)
+    beta = bn_bias if bn_bias is not None else x.new_zeros(c_out, dtype=stat_dtype)
+    if training:
+        out, y, mean, var = torch.ops.fused_resnet.conv_bn_train(
+            x, weight, gamma, beta, residual, stride, padding, eps, relu)
+        if running_mean is not None:
+            n = y.numel() // c_out
+            with torch.no_grad():
+                running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+                running_var.mul_(1 - momentum).add_(
+                    (var * (n / (n - 1))).to(running_var.dtype), alpha=momentum)
+        return out
+    scale, shift = reference.fold_bn(running_mean, running_var, bn_weight, bn_bias, eps)
+    folded = (weight.to(scale.dtype) * scale.view(-1, 1, 1, 1)).to(x.dtype)
+    return torch.ops.fused_resnet.conv_bias_act(x, folded, shift, residual, stride, padding, relu)

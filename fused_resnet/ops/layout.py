@@ -1,0 +1,20 @@
+"""Memory-format rule shared by every op: the output follows the input's layout."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def output_memory_format(x: Tensor) -> torch.memory_format:
+    """channels_last iff x is stored NHWC and not (also) NCHW-contiguous."""
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def conv_output_shape(x: Tensor, weight: Tensor, stride: int, padding: int) -> tuple[int, ...]:
+    """(N, C_out, Ho, Wo) of a dilation-1 conv: Ho = floor((H + 2p - kh) / s) + 1."""
+    n, _, h, w = x.shape
+    c_out, _, kh, kw = weight.shape
+    return (n, c_out, (h + 2 * padding - kh) // stride + 1, (w + 2 * padding - kw) // stride + 1)

@@ -1,0 +1,59 @@
+"""Launch configurations for the Triton kernels: autotuned on GPU, pinned when asked.
+
+`pin_config(...)` (or the environment variable FUSED_RESNET_TRITON_PIN=1, and always under
+TRITON_INTERPRET=1) makes every launch use one fixed config: fast and deterministic tests,
+bitwise-reproducible runs. Otherwise kernels are autotuned per shape key.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+PINNED = TileConfig(32, 32, 16, num_warps=4, num_stages=2)  # BLOCK_M: a multiple of 32
+_pinned: Optional[TileConfig] = None
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def pin_config(config: Optional[TileConfig] = PINNED) -> None:
+    """Use `config` for every conv launch from now on (None: back to autotuning)."""
+    global _pinned
+    _pinned = config
+
+
+def pinned_config() -> Optional[TileConfig]:
+    """The config every launch must use, or None to autotune."""
+    if _pinned is not None:
+        return _pinned
+    if interpreting() or os.environ.get("FUSED_RESNET_TRITON_PIN") == "1":
+        return PINNED
+    return None
+
+
+def input_precision(dtype: torch.dtype) -> str:
+    """tl.dot precision for fp32 operands: TF32 when cuDNN may use it (PyTorch's default for
+    convolutions), else exact IEEE fp32. Ignored by Triton for other dtypes."""
+    if dtype == torch.float32 and torch.backends.cudnn.allow_tf32 and not interpreting():
+        return "tf32"
+    return "ieee"
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulator / statistics dtype: fp64 for fp64 inputs (interpreter only), else fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32

@@ -1,0 +1,194 @@
+"""NHWC implicit-GEMM convolution, forward, with prologue and epilogue fusion.
+
+GEMM view: M = N*Ho*Wo output pixels (rows), N = C_out (columns), K = kh*kw*C_in ordered
+(r, s, c) so the innermost K run is a contiguous channel vector of the NHWC input.
+Each program owns a BLOCK_M x BLOCK_N tile of the output:
+
+    acc[m, n] = sum_{r, s, c} pro(x[img(m), oh(m)*stride - pad + r, ow(m)*stride - pad + s, c])
+                              * w[n, c, r, s]
+
+- prologue (optional): pro(v) = relu?(v * in_scale[c] + in_shift[c]) on load, then zero
+  where the tap falls in the padding (the previous BN + ReLU, never materialized);
+- epilogue, inference: out = relu?(acc + bias[n] + residual[m, n]);
+- epilogue, training: out = acc (the raw conv output y) and, for every group of STAT_ROWS
+  consecutive rows and every channel, a shift k (the group's first y), the mean of y - k
+  and M2 = sum (y - mean)^2 of the stored y, which `bn.bn_finalize` merges with Chan's
+  formula. Shifting keeps large means (1e4 with std 1) from cancelling the variance. The
+  groups do not depend on the tile config, so neither do the statistics.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from fused_resnet.triton.config import acc_dtype, input_precision, interpreting, pinned_config
+
+FWD_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+    for bm, bn, bk, w, s in [
+        (128, 128, 32, 4, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4),
+        (64, 64, 32, 4, 4), (32, 64, 32, 4, 4),
+    ]
+]
+STAT_ROWS = 32  # rows per statistics group; divides every BLOCK_M of the configs
+
+
+@triton.autotune(configs=FWD_CONFIGS, key=["M", "C_in", "C_out", "KH", "KW", "stride"])
+@triton.jit
+def _conv_fwd_kernel(
+    x_ptr, w_ptr, out_ptr,
+    in_scale_ptr, in_shift_ptr, bias_ptr, res_ptr,
+    part_shift_ptr, part_mean_ptr, part_m2_ptr, num_groups,
+    H, W, C_in, Ho, Wo, C_out, M, stride, padding,
+    KH: tl.constexpr, KW: tl.constexpr,
+    PROLOGUE: tl.constexpr, PROLOGUE_RELU: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr, STATS: tl.constexpr,
+    UPCAST: tl.constexpr, ACC_FP64: tl.constexpr, PRECISION: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    acc_ty = tl.float64 if ACC_FP64 else tl.float32
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < M
+    n_ok = offs_n < C_out
+    m64 = offs_m.to(tl.int64)  # N*H*W*C may exceed 2^31
+    ow = m64 % Wo
+    oh = (m64 // Wo) % Ho
+    img = m64 // (Wo * Ho)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_ty)
+    for r in range(KH):
+        ih = oh * stride - padding + r
+        for s in range(KW):
+            iw = ow * stride - padding + s
+            row_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            x_row = ((img * H + ih) * W + iw) * C_in
+            for c0 in range(0, C_in, BLOCK_K):
+                c = c0 + offs_k
+                c_ok = c < C_in
+                a_ok = row_ok[:, None] & c_ok[None, :]
+                a = tl.load(x_ptr + x_row[:, None] + c[None, :], mask=a_ok, other=0.0)
+                if PROLOGUE:
+                    sc = tl.load(in_scale_ptr + c, mask=c_ok, other=0.0)
+                    sh = tl.load(in_shift_ptr + c, mask=c_ok, other=0.0)
+                    v = a.to(acc_ty) * sc[None, :] + sh[None, :]
+                    if PROLOGUE_RELU:
+                        v = tl.maximum(v, 0.0)
+                    a = tl.where(a_ok, v, 0.0).to(x_ptr.dtype.element_ty)
+                k = (r * KW + s) * C_in + c
+                b = tl.load(w_ptr + k[:, None] * C_out + offs_n[None, :],
+                            mask=c_ok[:, None] & n_ok[None, :], other=0.0)
+                if UPCAST:
+                    acc += tl.dot(a.to(acc_ty), b.to(acc_ty), input_precision=PRECISION)
+                else:
+                    acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(acc_ty)[None, :]
+    out_ok = m_ok[:, None] & n_ok[None, :]
+    out_offs = m64[:, None] * C_out + offs_n[None, :]
+    if HAS_RES:
+        acc += tl.load(res_ptr + out_offs, mask=out_ok, other=0.0).to(acc_ty)
+    if RELU:
+        acc = tl.maximum(acc, 0.0)
+    y = acc.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + out_offs, y, mask=out_ok)
+    if STATS:
+        # Statistics of the stored (rounded) y, so backward's recomputation sees the same data.
+        # Per group of GROUP rows, shifted by the group's first value k (a y value, exact):
+        # mean = k + lo with lo = mean(y - k), and M2 = sum (y - k - lo)^2 over the valid rows.
+        G: tl.constexpr = BLOCK_M // GROUP
+        ok3 = tl.reshape(out_ok, (G, GROUP, BLOCK_N))
+        y3 = tl.reshape(y.to(acc_ty), (G, GROUP, BLOCK_N))
+        first = (tl.arange(0, GROUP) == 0)[None, :, None]
+        k = tl.sum(tl.where(first & ok3, y3, 0.0), axis=1)
+        dk = tl.where(ok3, y3 - k[:, None, :], 0.0)
+        count = tl.sum(tl.reshape(m_ok.to(acc_ty), (G, GROUP)), axis=1)
+        lo = tl.sum(dk, axis=1) / tl.maximum(count, 1.0)[:, None]
+        d = tl.where(ok3, dk - lo[:, None, :], 0.0)
+        group = pid_m * G + tl.arange(0, G)
+        part = group[:, None] * C_out + offs_n[None, :]
+        part_ok = (group < num_groups)[:, None] & n_ok[None, :]
+        tl.store(part_shift_ptr + part, k, mask=part_ok)
+        tl.store(part_mean_ptr + part, lo, mask=part_ok)
+        tl.store(part_m2_ptr + part, tl.sum(d * d, axis=1), mask=part_ok)
+
+
+def launch(kernel, grid, *args, **kwargs) -> None:
+    """Runs an autotuned kernel, or its plain JIT function with the pinned config."""
+    config = pinned_config()
+    if config is None:
+        kernel[grid](*args, **kwargs)
+        return
+    kernel.fn[grid](*args, **kwargs, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+                    BLOCK_K=config.block_k, num_warps=config.num_warps,
+                    num_stages=config.num_stages)
+
+
+def to_nhwc(t: Tensor) -> Tensor:
+    """t (N, C, H, W) stored channels_last (a copy only if it is not already)."""
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+def gemm_weight(weight: Tensor) -> Tensor:
+    """(C_out, C_in, kh, kw) -> the (kh*kw*C_in, C_out) K-by-N GEMM operand."""
+    c_out = weight.shape[0]
+    return weight.permute(2, 3, 1, 0).reshape(-1, c_out).contiguous()
+
+
+def conv_fwd(
+    x: Tensor,
+    weight: Tensor,
+    *,
+    stride: int,
+    padding: int,
+    in_scale: Optional[Tensor] = None,
+    in_shift: Optional[Tensor] = None,
+    in_relu: bool = False,
+    bias: Optional[Tensor] = None,
+    residual: Optional[Tensor] = None,
+    relu: bool = False,
+    stats: bool = False,
+) -> tuple[Tensor, Optional[tuple[Tensor, Tensor, Tensor]]]:
+    """out (N, C_out, Ho, Wo) channels_last in x's dtype, and with `stats` the partials
+    (shift, mean - shift, m2), each (cdiv(N*Ho*Wo, STAT_ROWS), C_out), for `bn.bn_finalize`.
+
+    x: (N, C_in, H, W); weight: (C_out, C_in, kh, kw) in x's dtype; in_scale / in_shift:
+    (C_in,) prologue; bias: (C_out,); residual: out's shape, in x's dtype.
+    """
+    n, c_in, h, w = x.shape
+    c_out, _, kh, kw = weight.shape
+    ho = (h + 2 * padding - kh) // stride + 1
+    wo = (w + 2 * padding - kw) // stride + 1
+    m = n * ho * wo
+    x = to_nhwc(x)
+    out = torch.empty((n, c_out, ho, wo), device=x.device, dtype=x.dtype,
+                      memory_format=torch.channels_last)
+    acc = acc_dtype(x.dtype)
+    groups = triton.cdiv(m, STAT_ROWS)
+    parts = None
+    if stats:
+        parts = tuple(torch.empty((groups, c_out), device=x.device, dtype=acc) for _ in range(3))
+    dummy = out  # stands in for absent optional pointers (never read)
+    res = to_nhwc(residual) if residual is not None else dummy
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c_out, meta["BLOCK_N"]))  # noqa: E731
+    launch(
+        _conv_fwd_kernel, grid,
+        x, gemm_weight(weight), out,
+        in_scale if in_scale is not None else dummy, in_shift if in_shift is not None else dummy,
+        bias if bias is not None else dummy, res,
+        *(parts if parts is not None else (dummy, dummy, dummy)), groups,
+        h, w, c_in, ho, wo, c_out, m, stride, padding,
+        KH=kh, KW=kw, PROLOGUE=in_scale is not None, PROLOGUE_RELU=in_relu,
+        HAS_BIAS=bias is not None, HAS_RES=residual is not None, RELU=relu, STATS=stats,
+        UPCAST=interpreting() and x.dtype == torch.bfloat16, ACC_FP64=acc == torch.float64,
+        PRECISION=input_precision(x.dtype), GROUP=STAT_ROWS,
+    )
+    return out, parts

@@ -1,0 +1,181 @@
+"""NHWC implicit-GEMM convolution backward: data gradient and weight gradient.
+
+dgrad (a transposed implicit GEMM; rows = N*H*W input pixels, columns = C_in,
+K = kh*kw*C_out):
+    dx[img, h, w, c] = sum_{r, s, k} dy[img, (h + pad - r) / stride, (w + pad - s) / stride, k]
+                                     * w[k, c, r, s]
+  over the taps where h + pad - r (and w + pad - s) is a non-negative multiple of the stride
+  that lands inside the output.
+
+wgrad (rows = C_out, columns = (r, s, c), reduction over the N*Ho*Wo output pixels, split
+into `split` slices whose partial sums are added in a fixed order):
+    dw[k, c, r, s] = sum_m dy[m, k] * pro(x[img(m), oh(m)*stride - pad + r,
+                                            ow(m)*stride - pad + s, c])
+  where pro is the forward's prologue (relu?(x * in_scale + in_shift), zero in the padding),
+  recomputed on load instead of read from a saved activation.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from fused_resnet.triton.config import acc_dtype, input_precision, interpreting
+from fused_resnet.triton.conv import FWD_CONFIGS, launch, to_nhwc
+
+
+@triton.autotune(configs=FWD_CONFIGS, key=["M", "C_in", "C_out", "KH", "KW", "stride"])
+@triton.jit
+def _conv_dgrad_kernel(
+    dy_ptr, w_ptr, dx_ptr,
+    H, W, C_in, Ho, Wo, C_out, M, stride, padding,
+    KH: tl.constexpr, KW: tl.constexpr,
+    UPCAST: tl.constexpr, ACC_FP64: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    acc_ty = tl.float64 if ACC_FP64 else tl.float32
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < M
+    n_ok = offs_n < C_in
+    m64 = offs_m.to(tl.int64)
+    iw = m64 % W
+    ih = (m64 // W) % H
+    img = m64 // (W * H)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_ty)
+    for r in range(KH):
+        th = ih + padding - r
+        th_ok = (th >= 0) & (th % stride == 0) & (th < Ho * stride)
+        oh = tl.where(th_ok, th, 0) // stride
+        for s in range(KW):
+            tw = iw + padding - s
+            tw_ok = (tw >= 0) & (tw % stride == 0) & (tw < Wo * stride)
+            ow = tl.where(tw_ok, tw, 0) // stride
+            row_ok = m_ok & th_ok & tw_ok
+            dy_row = ((img * Ho + oh) * Wo + ow) * C_out
+            for k0 in range(0, C_out, BLOCK_K):
+                k = k0 + offs_k
+                k_ok = k < C_out
+                a = tl.load(dy_ptr + dy_row[:, None] + k[None, :],
+                            mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                krow = (r * KW + s) * C_out + k
+                b = tl.load(w_ptr + krow[:, None] * C_in + offs_n[None, :],
+                            mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+                if UPCAST:
+                    acc += tl.dot(a.to(acc_ty), b.to(acc_ty), input_precision=PRECISION)
+                else:
+                    acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    out = m64[:, None] * C_in + offs_n[None, :]
+    tl.store(dx_ptr + out, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def conv_dgrad(dy: Tensor, weight: Tensor, x_shape: torch.Size, *, stride: int,
+               padding: int) -> Tensor:
+    """dx (N, C_in, H, W) channels_last in dy's dtype, for dy (N, C_out, Ho, Wo)."""
+    n, c_in, h, w = x_shape
+    c_out, _, kh, kw = weight.shape
+    ho, wo = dy.shape[2], dy.shape[3]
+    dx = torch.empty((n, c_in, h, w), device=dy.device, dtype=dy.dtype,
+                     memory_format=torch.channels_last)
+    m = n * h * w
+    w_t = weight.permute(2, 3, 0, 1).reshape(-1, c_in).contiguous()  # (kh*kw*C_out, C_in)
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c_in, meta["BLOCK_N"]))  # noqa: E731
+    acc = acc_dtype(dy.dtype)
+    launch(
+        _conv_dgrad_kernel, grid, to_nhwc(dy), w_t, dx,
+        h, w, c_in, ho, wo, c_out, m, stride, padding, KH=kh, KW=kw,
+        UPCAST=interpreting() and dy.dtype == torch.bfloat16, ACC_FP64=acc == torch.float64,
+        PRECISION=input_precision(dy.dtype),
+    )
+    return dx
+
+
+@triton.autotune(configs=FWD_CONFIGS, key=["M", "C_in", "C_out", "KH", "KW", "stride"])
+@triton.jit
+def _conv_wgrad_kernel(
+    x_ptr, dy_ptr, dw_ptr, in_scale_ptr, in_shift_ptr,
+    H, W, C_in, Ho, Wo, C_out, M, stride, padding, rows_per_split,
+    KH: tl.constexpr, KW: tl.constexpr, PROLOGUE: tl.constexpr, PROLOGUE_RELU: tl.constexpr,
+    UPCAST: tl.constexpr, ACC_FP64: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # Tile: BLOCK_M output channels x BLOCK_N input channels of one tap (r, s); the
+    # reduction runs over BLOCK_K output pixels at a time within this program's split.
+    acc_ty = tl.float64 if ACC_FP64 else tl.float32
+    pid_tap = tl.program_id(1)
+    c_blocks = tl.cdiv(C_in, BLOCK_N)
+    tap = pid_tap // c_blocks
+    r = tap // KW
+    s = tap % KW
+    offs_co = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = (pid_tap % c_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+    co_ok = offs_co < C_out
+    c_ok = offs_c < C_in
+    if PROLOGUE:
+        sc = tl.load(in_scale_ptr + offs_c, mask=c_ok, other=0.0)
+        sh = tl.load(in_shift_ptr + offs_c, mask=c_ok, other=0.0)
+    split = tl.program_id(2)
+    start = split * rows_per_split
+    stop = tl.minimum(start + rows_per_split, M)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_ty)
+    for m0 in range(start, stop, BLOCK_K):
+        offs_m = m0 + tl.arange(0, BLOCK_K)
+        m_ok = offs_m < stop
+        m64 = offs_m.to(tl.int64)
+        ow = m64 % Wo
+        oh = (m64 // Wo) % Ho
+        img = m64 // (Wo * Ho)
+        ih = oh * stride - padding + r
+        iw = ow * stride - padding + s
+        row_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        dy_t = tl.load(dy_ptr + m64[None, :] * C_out + offs_co[:, None],
+                       mask=co_ok[:, None] & m_ok[None, :], other=0.0)
+        x_ok = row_ok[:, None] & c_ok[None, :]
+        xa = tl.load(x_ptr + (((img * H + ih) * W + iw) * C_in)[:, None] + offs_c[None, :],
+                     mask=x_ok, other=0.0)
+        if PROLOGUE:
+            v = xa.to(acc_ty) * sc[None, :] + sh[None, :]
+            if PROLOGUE_RELU:
+                v = tl.maximum(v, 0.0)
+            xa = tl.where(x_ok, v, 0.0).to(x_ptr.dtype.element_ty)
+        if UPCAST:
+            acc += tl.dot(dy_t.to(acc_ty), xa.to(acc_ty), input_precision=PRECISION)
+        else:
+            acc = tl.dot(dy_t, xa, acc, input_precision=PRECISION)
+    # dw partial layout: (split, C_out, KH, KW, C_in)
+    base = split.to(tl.int64) * C_out * KH * KW * C_in
+    out = base + ((offs_co[:, None] * KH + r) * KW + s) * C_in + offs_c[None, :]
+    tl.store(dw_ptr + out, acc, mask=co_ok[:, None] & c_ok[None, :])
+
+
+def conv_wgrad(
+    x: Tensor, dy: Tensor, weight_shape: torch.Size, *, stride: int, padding: int,
+    in_scale: Optional[Tensor] = None, in_shift: Optional[Tensor] = None, in_relu: bool = False,
+    split: Optional[int] = None,
+) -> Tensor:
+    """dw (C_out, C_in, kh, kw) in the accumulator dtype (fp32, fp64 for fp64 inputs)."""
+    n, c_in, h, w = x.shape
+    c_out, _, kh, kw = weight_shape
+    ho, wo = dy.shape[2], dy.shape[3]
+    m = n * ho * wo
+    acc = acc_dtype(x.dtype)
+    if split is None:  # enough programs to fill a GPU; one slice when interpreting
+        split = 1 if interpreting() else max(1, min(64, m // 4096))
+    rows_per_split = triton.cdiv(m, split)
+    parts = torch.empty((split, c_out, kh, kw, c_in), device=x.device, dtype=acc)
+    grid = lambda meta: (  # noqa: E731
+        triton.cdiv(c_out, meta["BLOCK_M"]), kh * kw * triton.cdiv(c_in, meta["BLOCK_N"]), split)
+    launch(
+        _conv_wgrad_kernel, grid, to_nhwc(x), to_nhwc(dy), parts,
+        in_scale if in_scale is not None else parts, in_shift if in_shift is not None else parts,
+        h, w, c_in, ho, wo, c_out, m, stride, padding, rows_per_split,
+        KH=kh, KW=kw, PROLOGUE=in_scale is not None, PROLOGUE_RELU=in_relu,
+        UPCAST=interpreting() and x.dtype == torch.bfloat16, ACC_FP64=acc == torch.float64,
+        PRECISION=input_precision(x.dtype),
+    )
+    return parts.sum(0).permute(0, 3, 1, 2)

@@ -1,0 +1,268 @@
+"""Triton conv + BN + add + ReLU ops against the reference (TRITON_INTERPRET=1 on CPU)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fused_resnet import ops, reference
+from fused_resnet.testing import assert_close
+
+pytest.importorskip("triton")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# Pairwise spread of the grid: kernel 1/3/7 x stride 1/2 x padding 0/1/3 x C_in 3/16/24 x
+# C_out 16/32 x residual x ReLU x train/eval; every pair of values of two parameters occurs.
+GRID = [
+    # kernel, stride, padding, c_in, c_out, residual, relu, training
+    (1, 1, 0, 3, 16, False, True, True),
+    (1, 2, 0, 16, 32, True, False, False),
+    (1, 1, 1, 24, 16, True, True, False),
+    (1, 2, 3, 3, 32, False, False, False),
+    (3, 1, 1, 3, 32, True, True, True),
+    (3, 2, 1, 16, 16, False, True, False),
+    (3, 2, 0, 24, 32, True, False, True),
+    (3, 1, 3, 16, 16, False, False, True),
+    (3, 1, 0, 24, 16, False, True, True),
+    (7, 2, 3, 3, 16, False, True, True),
+    (7, 1, 3, 24, 32, True, True, False),
+    (7, 2, 0, 16, 16, True, False, True),
+]
+
+
+def _params(c_out, dtype=torch.float32, device=DEVICE):
+    gamma = (torch.rand(c_out, device=device) + 0.5).to(dtype)
+    beta = (torch.randn(c_out, device=device) * 0.5).to(dtype)
+    mean = (torch.randn(c_out, device=device) * 0.2).to(dtype)
+    var = (torch.rand(c_out, device=device) + 0.5).to(dtype)
+    return gamma, beta, mean, var
+
+
+def _run(backend, x, w, gamma, beta, mean, var, residual, **kwargs):
+    """Output, gradients of (x, w, gamma, beta, residual) and the updated running stats."""
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w, gamma, beta)]
+    r = residual.detach().clone().requires_grad_() if residual is not None else None
+    stats = (mean.clone(), var.clone())
+    out = ops.conv_bn_act(*leaves, *stats, residual=r, backend=backend, **kwargs)
+    torch.manual_seed(1)
+    out.backward(torch.randn_like(out))
+    grads = [t.grad for t in leaves] + ([r.grad] if r is not None else [])
+    return out, grads, stats
+
+
+@pytest.mark.parametrize("kernel, stride, padding, c_in, c_out, residual, relu, training", GRID)
+def test_matches_reference(kernel, stride, padding, c_in, c_out, residual, relu, training):
+    x = torch.randn(2, c_in, 8, 8, device=DEVICE)
+    w = torch.randn(c_out, c_in, kernel, kernel, device=DEVICE) * 0.2
+    params = _params(c_out)
+    size = (8 + 2 * padding - kernel) // stride + 1
+    r = torch.randn(2, c_out, size, size, device=DEVICE) if residual else None
+    kwargs = {"stride": stride, "padding": padding, "training": training, "relu": relu}
+    out, grads, stats = _run("triton", x, w, *params, r, **kwargs)
+    ref_out, ref_grads, ref_stats = _run("reference", x, w, *params, r, **kwargs)
+    assert_close(out, ref_out, name="output")
+    for name, g, ref in zip(("x", "weight", "bn_weight", "bn_bias", "residual"), grads, ref_grads):
+        assert_close(g, ref, kind="grad", name=f"d{name}")
+    for name, s, ref in zip(("running_mean", "running_var"), stats, ref_stats):
+        assert_close(s, ref, name=name)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_output_follows_the_input_memory_format(channels_last):
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(2, 16, 6, 6, device=DEVICE).contiguous(memory_format=fmt)
+    w = torch.randn(16, 16, 3, 3, device=DEVICE).contiguous(memory_format=fmt)
+    for training in (True, False):
+        out = ops.conv_bn_act(x, w, *_params(16), padding=1, training=training,
+                              backend="triton")
+        assert out.is_contiguous(memory_format=fmt)
+        ref = reference.conv_bn_act(x, w, *_params(16), padding=1, training=training)
+        assert out.shape == ref.shape
+
+
+def test_batch_variance_of_large_mean_activations():
+    """Mean 1e4, std 1: the shifted / Chan-merged statistics keep the variance exact."""
+    x = torch.randn(2, 16, 8, 8, device=DEVICE, dtype=torch.float32) + 1e4
+    w = torch.zeros(16, 16, 1, 1, device=DEVICE)
+    w[:, :, 0, 0] = torch.eye(16, device=DEVICE)  # identity conv: y = x
+    gamma, beta, mean, var = _params(16)
+    mean.zero_()
+    var.fill_(1.0)
+    ops.conv_bn_act(x, w, gamma, beta, mean, var, momentum=1.0, backend="triton")
+    x64 = x.double()
+    expected_var = x64.var(dim=(0, 2, 3), unbiased=True)
+    torch.testing.assert_close(var.double(), expected_var, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(mean.double(), x64.mean(dim=(0, 2, 3)), rtol=1e-6, atol=1e-3)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_gradcheck_fp64(training):
+    x = torch.randn(2, 2, 4, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    gamma, beta, mean, var = (t.double() for t in _params(3, device="cpu"))
+    gamma.requires_grad_()
+    beta.requires_grad_()
+    r = torch.randn(2, 3, 2, 2, dtype=torch.float64, requires_grad=True)
+
+    def fn(x, w, gamma, beta, r):
+        return ops.conv_bn_act(x, w, gamma, beta, mean.clone(), var.clone(), stride=2,
+                               padding=1, training=training, residual=r, relu=False,
+                               backend="triton")
+
+    assert torch.autograd.gradcheck(fn, (x, w, gamma, beta, r), fast_mode=True)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_opcheck(training):
+    x = torch.randn(2, 4, 5, 5, device=DEVICE)
+    w = torch.randn(8, 4, 3, 3, device=DEVICE, requires_grad=True)
+    gamma, beta, _, _ = _params(8)
+    r = torch.randn(2, 8, 5, 5, device=DEVICE)
+    if training:
+        op = torch.ops.fused_resnet.conv_bn_train.default
+        args = (x, w, gamma.requires_grad_(), beta, r, 1, 1, 1e-5, True)
+    else:
+        op = torch.ops.fused_resnet.conv_bias_act.default
+        args = (x, w, beta.requires_grad_(), r, 1, 1, True)
+    torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor",
+                                                "test_autograd_registration"))
+
+
+def test_block_end_with_a_projection_shortcut_bn():
+    """z = relu(bn(y) + bn_ds(y2)) forward and backward, against autograd in fp64."""
+    from fused_resnet.triton.bn import bn_bwd_reduce
+    from fused_resnet.triton.eltwise import bn_act_bwd, bn_act_fwd, bn_backward_coefficients
+
+    cl = torch.channels_last
+    y = (torch.randn(2, 8, 4, 4, device=DEVICE) * 2 + 1).contiguous(memory_format=cl)
+    y2 = (torch.randn(2, 8, 4, 4, device=DEVICE) - 3).contiguous(memory_format=cl)
+    g1, b1, _, _ = _params(8)
+    g2, b2, _, _ = _params(8)
+    leaves = [t.double().requires_grad_() for t in (y, y2, g1, b1, g2, b2)]
+
+    def bn(t, g, b):
+        return F.batch_norm(t, None, None, g, b, training=True, eps=1e-5)
+
+    z_ref = torch.relu(bn(leaves[0], *leaves[2:4]) + bn(leaves[1], *leaves[4:6]))
+    dz = torch.randn_like(z_ref).contiguous(memory_format=cl)
+    z_ref.backward(dz)
+
+    def stats(t):
+        mean = t.mean(dim=(0, 2, 3))
+        var = t.var(dim=(0, 2, 3), unbiased=False)
+        return mean, torch.rsqrt(var + 1e-5)
+
+    (m1, r1), (m2, r2) = stats(y), stats(y2)
+    z = bn_act_fwd(y, g1 * r1, b1 - m1 * g1 * r1, y2=y2, scale2=g2 * r2,
+                   shift2=b2 - m2 * g2 * r2)
+    assert_close(z, z_ref.float(), name="z")
+    dzf = dz.float().contiguous(memory_format=cl)
+    sum_g, sum_gy, sum_gy2 = bn_bwd_reduce(dzf, z, y, m1, r1, y2, m2, r2)
+    n = y.numel() // 8
+    dy, dy2, _ = bn_act_bwd(dzf, z, y, bn_backward_coefficients(g1, m1, r1, sum_g, sum_gy, n),
+                            y2=y2, coeffs2=bn_backward_coefficients(g2, m2, r2, sum_g, sum_gy2, n))
+    for name, got, leaf in (("dy", dy, 0), ("dy2", dy2, 1), ("dgamma", sum_gy, 2),
+                            ("dbeta", sum_g, 3), ("dgamma2", sum_gy2, 4)):
+        assert_close(got, leaves[leaf].grad.float(), kind="grad", name=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_within_twice_eager_error(dtype):
+    """fp16 / bf16 against an fp64 truth, bounded by 2x eager PyTorch's error in that dtype
+    (bf16 dots are upcast to fp32 in the interpreter, where bf16 tl.dot is unreliable)."""
+    x = torch.randn(2, 16, 8, 8, device=DEVICE)
+    w = torch.randn(32, 16, 3, 3, device=DEVICE) * 0.1
+    params = _params(32)
+    r = torch.randn(2, 32, 8, 8, device=DEVICE)
+    kwargs = {"padding": 1, "training": True}
+    truth, truth_grads, _ = _run("reference", x.double(), w.double(),
+                                 *(p.double() for p in params), r.double(), **kwargs)
+    low = [t.to(dtype) for t in (x, w)]
+    eager, eager_grads, _ = _run("reference", *low, *params, r.to(dtype), **kwargs)
+    fused, fused_grads, _ = _run("triton", *low, *params, r.to(dtype), **kwargs)
+    assert fused.dtype == dtype
+    assert_close(fused, truth, baseline=eager, name="output")
+    for name, got, ref, base in zip(("x", "weight", "bn_weight", "bn_bias", "residual"),
+                                    fused_grads, truth_grads, eager_grads):
+        assert_close(got, ref, kind="grad", baseline=base, compute_dtype=dtype, name=f"d{name}")
+
+
+def test_unsupported_shapes_fall_back_or_say_why():
+    x = torch.randn(2, 4, 6, 6, device=DEVICE)
+    w = torch.randn(8, 2, 3, 3, device=DEVICE)
+    with pytest.raises(NotImplementedError, match="groups=2"):
+        ops.conv_bn_act(x, w, *_params(8), padding=1, groups=2, backend="triton")
+    out = ops.conv_bn_act(x, w, *_params(8), padding=1, groups=2, backend="auto")
+    assert out.shape == (2, 8, 6, 6)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"weight": torch.randn(8, 5, 3, 3)}, "channels"),
+    ({"x": torch.randn(1, 4, 1, 1), "weight": torch.randn(8, 4, 1, 1), "padding": 0},
+     "more than 1 value per channel"),
+    ({"x": torch.randn(2, 4, 6, 6, dtype=torch.float16)}, "weight dtype"),
+])
+def test_bad_input_leaves_running_stats_unchanged(overrides, message):
+    args = {"x": torch.randn(2, 4, 6, 6), "weight": torch.randn(8, 4, 3, 3), "padding": 1}
+    args.update(overrides)
+    gamma, beta, mean, var = _params(8, device="cpu")
+    before = (mean.clone(), var.clone())
+    with pytest.raises(ValueError, match=message):
+        ops.conv_bn_act(args.pop("x"), args.pop("weight"), gamma, beta, mean, var,
+                        backend="triton", **args)
+    assert torch.equal(mean, before[0]) and torch.equal(var, before[1])
+
+
+def test_cifar_resnet_on_the_triton_backend_trains_like_the_reference():
+    from fused_resnet import models
+
+    torch.manual_seed(0)
+    fused = models.cifar_resnet(20, backend="triton")
+    ref = models.cifar_resnet(20, backend="reference")
+    ref.load_state_dict(fused.state_dict())
+    x = torch.randn(2, 3, 8, 8)
+    target = torch.tensor([3, 5])
+    for model in (fused, ref):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        for _ in range(2):
+            opt.zero_grad()
+            F.cross_entropy(model(x), target).backward()
+            opt.step()
+    grads = dict(ref.named_parameters())
+    for name, p in fused.named_parameters():
+        assert_close(p.grad, grads[name].grad, kind="grad", name=name)
+    buffers = dict(ref.named_buffers())
+    for name, b in fused.named_buffers():
+        assert_close(b.double(), buffers[name].double(), name=name)
+    fused.eval()
+    ref.eval()
+    with torch.no_grad():
+        assert_close(fused(x), ref(x), name="eval logits")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("c_in, c_out, kernel, stride, size", [
+    (64, 64, 1, 1, 56), (64, 64, 3, 1, 56), (256, 128, 1, 1, 56), (128, 128, 3, 2, 56),
+    (512, 1024, 1, 2, 28), (3, 64, 7, 2, 224),
+])
+def test_resnet50_shapes_compiled_on_cuda(dtype, c_in, c_out, kernel, stride, size):
+    torch.backends.cudnn.allow_tf32 = False
+    x = torch.randn(32, c_in, size, size, device="cuda").contiguous(
+        memory_format=torch.channels_last)
+    w = torch.randn(c_out, c_in, kernel, kernel, device="cuda") * (2.0 / (c_in * kernel**2)) ** 0.5
+    params = _params(c_out)
+    kwargs = {"stride": stride, "padding": kernel // 2, "training": True}
+    if dtype == torch.float32:
+        out, grads, stats = _run("triton", x, w, *params, None, **kwargs)
+        ref, ref_grads, ref_stats = _run("reference", x, w, *params, None, **kwargs)
+        assert_close(out, ref)
+        for g, r in zip(grads, ref_grads):
+            assert_close(g, r, kind="grad")
+        return
+    truth, truth_grads, _ = _run("reference", x.double(), w.double(),
+                                 *(p.double() for p in params), None, **kwargs)
+    eager, eager_grads, _ = _run("reference", x.to(dtype), w.to(dtype), *params, None, **kwargs)
+    out, grads, _ = _run("triton", x.to(dtype), w.to(dtype), *params, None, **kwargs)
+    assert_close(out, truth, baseline=eager)
+    for g, t, e in zip(grads, truth_grads, eager_grads):
+        assert_close(g, t, kind="grad", baseline=e, compute_dtype=dtype)
