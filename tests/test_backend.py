@@ -10,7 +10,10 @@ CPU = torch.device("cpu")
 
 
 def test_auto_picks_an_implemented_available_backend():
+    # Triton only for CUDA tensors under "auto", even when the interpreter could run it.
     assert resolve("auto", "conv_bn_act", CPU) == "reference"
+    if torch.cuda.is_available():
+        assert resolve("auto", "conv_bn_act", torch.device("cuda")) == "triton"
     expected = "cpu" if backend.load_extension() is not None else "reference"
     assert resolve("auto", "bn_add_relu", CPU) == expected
 
@@ -29,7 +32,7 @@ def test_unknown_and_unimplemented_and_unavailable_backends_say_why():
     with pytest.raises(ValueError, match="backend must be one of"):
         resolve("gpu", "conv_bn_act", CPU)
     with pytest.raises(NotImplementedError, match="does not implement conv_bn_act"):
-        resolve("triton", "conv_bn_act", CPU)
+        resolve("cpu", "conv_bn_act", CPU)
     with pytest.raises(RuntimeError, match="runs CUDA tensors"):
         resolve("cuda", "bn_add_relu", CPU)
 

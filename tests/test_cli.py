@@ -78,7 +78,7 @@ def test_bench_writes_csv(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (("flops", "--arch", "vgg16"), "arch must be one of"),
-    (("validate", "--arch", "cifar_resnet20", "--backend", "triton"), "does not implement"),
+    (("validate", "--arch", "cifar_resnet20", "--backend", "cpu"), "does not implement"),
     (("validate", "--arch", "cifar_resnet20", "--steps", "0"), "steps must be >= 1"),
 ])
 def test_bad_arguments_exit_2_with_a_message(args, message):

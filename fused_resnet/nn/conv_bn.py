@@ -1,5 +1,6 @@
 """Runs an `nn.Conv2d` + `nn.BatchNorm2d` pair through the functional op, keeping the pair's
-state-dict layout (the modules only hold the parameters and buffers).
+state-dict layout (the modules only hold the parameters and buffers), and the module
+`FusedConvBNAct` built on it.
 
 BatchNorm bookkeeping is exactly `nn.BatchNorm2d`'s: in training with running stats the
 update factor is `momentum`, or 1 / num_batches_tracked when `momentum is None` (cumulative
@@ -16,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from fused_resnet import ops
+from fused_resnet.backend import check_backend_name
 
 
 def conv_bn_act(
@@ -57,3 +59,36 @@ def conv_bn_act(
         with torch.no_grad():
             bn.num_batches_tracked.add_(1)
     return out
+
+
+class FusedConvBNAct(nn.Module):
+    """`relu?(BatchNorm2d(Conv2d(x)) + residual)` as one fused op.
+
+    State-dict keys are those of an `nn.Conv2d` named `conv` (bias-free) and an
+    `nn.BatchNorm2d` named `bn`: `conv.weight`, `bn.weight`, `bn.bias`, `bn.running_mean`,
+    `bn.running_var`, `bn.num_batches_tracked`. BN keeps all of nn.BatchNorm2d's options
+    (momentum=None, affine=False, track_running_stats=False).
+    """
+
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
+        padding: Optional[int] = None, *, groups: int = 1, relu: bool = True,
+        eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
+        track_running_stats: bool = True, backend: str = "auto",
+    ):
+        super().__init__()
+        padding = kernel_size // 2 if padding is None else padding
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding,
+                              groups=groups, bias=False)
+        self.bn = nn.BatchNorm2d(out_channels, eps=eps, momentum=momentum, affine=affine,
+                                 track_running_stats=track_running_stats)
+        self.relu = relu
+        self.backend = check_backend_name(backend)
+
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        """x: (N, C_in, H, W); residual: (N, C_out, H_out, W_out) or None."""
+        return conv_bn_act(x, self.conv, self.bn, residual=residual, relu=self.relu,
+                           backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"relu={self.relu}, backend={self.backend!r}"

@@ -38,7 +38,22 @@ def bn_add_relu(
     """
     if y.dim() != 4:
         raise ValueError(f"y must be 4-D (N, C, H, W), got shape {tuple(y.shape)}")
+    for arg, t in (("scale", scale), ("shift", shift)):
+        if t.shape != (y.shape[1],) or t.dtype != torch.float32 or t.device != y.device:
+            raise ValueError(f"{arg} must be float32 of shape ({y.shape[1]},) on {y.device}, got "
+                             f"{t.dtype} {tuple(t.shape)} on {t.device}")
+    if residual is not None and (residual.shape != y.shape or residual.dtype != y.dtype
+                                 or residual.device != y.device):
+        raise ValueError(f"residual must match y ({y.dtype} {tuple(y.shape)} on {y.device}), "
+                         f"got {residual.dtype} {tuple(residual.shape)} on {residual.device}")
     name = _backend.resolve(backend, "bn_add_relu", y.device)
     if name == "reference":
         return reference.bn_add_relu(y, scale, shift, residual, relu)
+    if name == "triton":
+        from fused_resnet.triton.conv import to_nhwc
+        from fused_resnet.triton.eltwise import bn_act_fwd
+
+        r = to_nhwc(residual) if residual is not None else None
+        z = bn_act_fwd(to_nhwc(y), scale, shift, residual=r, relu=relu)
+        return z.contiguous(memory_format=output_memory_format(y))
     return torch.ops.fused_resnet.bn_add_relu(y, scale, shift, residual, relu)
