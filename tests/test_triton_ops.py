@@ -125,6 +125,18 @@ def test_opcheck(training):
         args = (x, w, beta.requires_grad_(), r, 1, 1, True)
     torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor",
                                                 "test_autograd_registration"))
+    # The backward ops, called as autograd calls them.
+    outputs = op(*args)
+    z = outputs[0] if training else outputs
+    dz = torch.randn_like(z)
+    if training:
+        _, y, mean, var = outputs
+        backward = torch.ops.fused_resnet.conv_bn_train_backward.default
+        bwd_args = (dz, x, w.detach(), gamma.detach(), y, z, mean, var, 1, 1, 1e-5, True, True)
+    else:
+        backward = torch.ops.fused_resnet.conv_bias_act_backward.default
+        bwd_args = (dz, x, w.detach(), z.detach(), beta.detach(), 1, 1, True, True)
+    torch.library.opcheck(backward, bwd_args, test_utils=("test_schema", "test_faketensor"))
 
 
 def test_block_end_with_a_projection_shortcut_bn():
