@@ -1,0 +1,21 @@
+"""The benchmark scripts run (tiny shapes on CPU): a smoke test of the code, not of speed."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_ops_smoke(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_ops.py"), "--smoke", "--out",
+         str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "| fused " in result.stdout and "| eager " in result.stdout
+    csvs = list(tmp_path.glob("*-ops-smoke.csv"))
+    assert len(csvs) == 1
+    lines = csvs[0].read_text().splitlines()
+    assert lines[0].startswith("shape,batch,dtype,mode,impl,ms")
+    assert len(lines) == 1 + 2 * 3 * 2  # 2 shapes x 3 modes x 2 impls
+    assert (tmp_path / csvs[0].name.replace(".csv", ".md")).exists()
