@@ -26,14 +26,15 @@ def _inputs(dtype, channels_last, residual, device="cpu"):
     return y, scale, shift, r
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("channels_last, residual, relu",
-                         [(False, False, True), (True, True, True), (False, True, False),
-                          (True, False, False)])
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
-def test_kernels_match_reference(dtype, channels_last, residual, relu, backend):
-    if backend == "triton" and dtype == torch.float16 and residual:
-        pytest.skip("one triton dtype/residual pair is enough in the interpreter")
+LAYOUTS = [(False, False, True), (True, True, True), (False, True, False), (True, False, False)]
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("backend, dtype, channels_last, residual, relu", [
+    (backend, dtype, *layout) for backend in ("cpu", "triton") for dtype in DTYPES
+    for layout in LAYOUTS
+])
+def test_kernels_match_reference(backend, dtype, channels_last, residual, relu):
     y, scale, shift, r = _inputs(dtype, channels_last, residual)
     out = ops.bn_add_relu(y, scale, shift, r, relu, backend=backend)
     expected = reference.bn_add_relu(y, scale, shift, r, relu)
