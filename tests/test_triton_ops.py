@@ -18,6 +18,8 @@ GRID = [
     (1, 2, 0, 16, 32, True, False, False),
     (1, 1, 1, 24, 16, True, True, False),
     (1, 2, 3, 3, 32, False, False, False),
+    (1, 2, 0, 16, 32, True, True, True),  # 1x1 training: BN backward applied on load,
+    (1, 1, 0, 24, 32, False, False, True),  # from g (residual) or dz (no ReLU)
     (3, 1, 1, 3, 32, True, True, True),
     (3, 2, 1, 16, 16, False, True, False),
     (3, 2, 0, 24, 32, True, False, True),

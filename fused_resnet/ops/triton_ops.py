@@ -21,7 +21,7 @@ from fused_resnet.ops.layout import conv_output_shape, output_memory_format
 from fused_resnet.triton.bn import bn_bwd_reduce, bn_finalize
 from fused_resnet.triton.config import acc_dtype
 from fused_resnet.triton.conv import STAT_ROWS, conv_fwd, to_nhwc
-from fused_resnet.triton.conv_bwd import conv_dgrad, conv_wgrad
+from fused_resnet.triton.conv_bwd import BnGrad, conv_dgrad, conv_wgrad
 from fused_resnet.triton.eltwise import bn_act_bwd, bn_act_fwd, bn_backward_coefficients
 
 
@@ -62,7 +62,11 @@ def conv_bn_train_backward(
     rstd = torch.rsqrt(var + eps)
     sum_g, sum_gy, _ = bn_bwd_reduce(dz, z, y, mean, rstd)
     coeffs = bn_backward_coefficients(bn_weight, mean, rstd, sum_g, sum_gy, y.numel() // y.shape[1])
-    dy, _, dr = bn_act_bwd(dz, z, y, coeffs, write_dr=has_residual)
+    # 1x1 convs read each dy element once: apply the BN backward on load, never write dy.
+    on_load = weight.shape[2] * weight.shape[3] == 1
+    dy, _, dr = bn_act_bwd(dz, z, y, coeffs, write_dr=has_residual, write_dy=not on_load)
+    if on_load:  # from g itself when it was written for the residual, else from (dz, z)
+        dy = BnGrad(dr, None, y, *coeffs) if dr is not None else BnGrad(dz, z, y, *coeffs)
     dx = conv_dgrad(dy, weight, x.shape, stride=stride, padding=padding)
     dw = conv_wgrad(x, dy, weight.shape, stride=stride, padding=padding)
     return (dx.contiguous(memory_format=output_memory_format(x)), dw.to(weight.dtype).contiguous(),

@@ -13,11 +13,16 @@ into `split` slices whose partial sums are added in a fixed order):
                                             ow(m)*stride - pad + s, c])
   where pro is the forward's prologue (relu?(x * in_scale + in_shift), zero in the padding),
   recomputed on load instead of read from a saved activation.
+
+Both can take dy as a `BnGrad` instead of a tensor: the BN backward is then applied to each
+dy tile on load, dy = a[k] * g + b[k] * y + d[k] with g = dz * [z > 0] (see
+`eltwise.bn_backward_coefficients`), so dy is never written. Worth it where each dy element
+is loaded once (1x1 convs); a 3x3 dgrad reloads it for every tap.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -28,12 +33,40 @@ from fused_resnet.triton.config import acc_dtype, input_precision, interpreting
 from fused_resnet.triton.conv import FWD_CONFIGS, launch, to_nhwc
 
 
+class BnGrad(NamedTuple):
+    """dy given implicitly: dy = a * (dz * [z > 0]) + b * y + d, per output channel;
+    z None means no ReLU. dz, z, y: (N, C_out, Ho, Wo) channels_last; a, b, d: (C_out,)."""
+
+    dz: Tensor
+    z: Optional[Tensor]
+    y: Tensor
+    a: Tensor
+    b: Tensor
+    d: Tensor
+
+
+@triton.jit
+def _grad_tile(dy_ptr, z_ptr, y_ptr, offs, ok, a, b, d,
+               BN_BWD: tl.constexpr, RELU: tl.constexpr, ACC_FP64: tl.constexpr):
+    """The dy tile at offs: loaded, or with BN_BWD computed as a * g + b * y + d where
+    g = dz * [z > 0] (a, b, d broadcast along the channel axis); zero where not ok."""
+    if BN_BWD:
+        acc_ty = tl.float64 if ACC_FP64 else tl.float32
+        g = tl.load(dy_ptr + offs, mask=ok, other=0.0).to(acc_ty)
+        if RELU:
+            g = tl.where(tl.load(z_ptr + offs, mask=ok, other=0.0) > 0, g, 0.0)
+        v = a * g + b * tl.load(y_ptr + offs, mask=ok, other=0.0).to(acc_ty) + d
+        return tl.where(ok, v, 0.0).to(dy_ptr.dtype.element_ty)
+    else:
+        return tl.load(dy_ptr + offs, mask=ok, other=0.0)
+
+
 @triton.autotune(configs=FWD_CONFIGS, key=["M", "C_in", "C_out", "KH", "KW", "stride"])
 @triton.jit
 def _conv_dgrad_kernel(
-    dy_ptr, w_ptr, dx_ptr,
+    dy_ptr, w_ptr, dx_ptr, z_ptr, y_ptr, a_ptr, b_ptr, d_ptr,
     H, W, C_in, Ho, Wo, C_out, M, stride, padding,
-    KH: tl.constexpr, KW: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, BN_BWD: tl.constexpr, RELU: tl.constexpr,
     UPCAST: tl.constexpr, ACC_FP64: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -61,8 +94,12 @@ def _conv_dgrad_kernel(
             for k0 in range(0, C_out, BLOCK_K):
                 k = k0 + offs_k
                 k_ok = k < C_out
-                a = tl.load(dy_ptr + dy_row[:, None] + k[None, :],
-                            mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                ca = tl.load(a_ptr + k, mask=k_ok, other=0.0)[None, :]
+                cb = tl.load(b_ptr + k, mask=k_ok, other=0.0)[None, :]
+                cd = tl.load(d_ptr + k, mask=k_ok, other=0.0)[None, :]
+                a = _grad_tile(dy_ptr, z_ptr, y_ptr, dy_row[:, None] + k[None, :],
+                               row_ok[:, None] & k_ok[None, :], ca, cb, cd,
+                               BN_BWD, RELU, ACC_FP64)
                 krow = (r * KW + s) * C_out + k
                 b = tl.load(w_ptr + krow[:, None] * C_in + offs_n[None, :],
                             mask=k_ok[:, None] & n_ok[None, :], other=0.0)
@@ -74,9 +111,23 @@ def _conv_dgrad_kernel(
     tl.store(dx_ptr + out, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-def conv_dgrad(dy: Tensor, weight: Tensor, x_shape: torch.Size, *, stride: int,
+def _grad_args(dy) -> tuple[tuple, dict]:
+    """Kernel arguments (dy or dz, z, y, a, b, d) and flags for a dy tensor or a BnGrad."""
+    if isinstance(dy, BnGrad):
+        dz = to_nhwc(dy.dz)
+        z = to_nhwc(dy.z) if dy.z is not None else dz
+        return (dz, z, to_nhwc(dy.y), dy.a, dy.b, dy.d), {"BN_BWD": True,
+                                                          "RELU": dy.z is not None}
+    dy = to_nhwc(dy)
+    return (dy,) * 6, {"BN_BWD": False, "RELU": False}  # z, y, a, b, d unused
+
+
+def conv_dgrad(dy, weight: Tensor, x_shape: torch.Size, *, stride: int,
                padding: int) -> Tensor:
-    """dx (N, C_in, H, W) channels_last in dy's dtype, for dy (N, C_out, Ho, Wo)."""
+    """dx (N, C_in, H, W) channels_last in dy's dtype, for dy (N, C_out, Ho, Wo) given as a
+    tensor or a BnGrad."""
+    grad, flags = _grad_args(dy)
+    dy = grad[0]
     n, c_in, h, w = x_shape
     c_out, _, kh, kw = weight.shape
     ho, wo = dy.shape[2], dy.shape[3]
@@ -87,8 +138,8 @@ def conv_dgrad(dy: Tensor, weight: Tensor, x_shape: torch.Size, *, stride: int,
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c_in, meta["BLOCK_N"]))  # noqa: E731
     acc = acc_dtype(dy.dtype)
     launch(
-        _conv_dgrad_kernel, grid, to_nhwc(dy), w_t, dx,
-        h, w, c_in, ho, wo, c_out, m, stride, padding, KH=kh, KW=kw,
+        _conv_dgrad_kernel, grid, dy, w_t, dx, *grad[1:],
+        h, w, c_in, ho, wo, c_out, m, stride, padding, KH=kh, KW=kw, **flags,
         UPCAST=interpreting() and dy.dtype == torch.bfloat16, ACC_FP64=acc == torch.float64,
         PRECISION=input_precision(dy.dtype),
     )
@@ -98,9 +149,10 @@ def conv_dgrad(dy: Tensor, weight: Tensor, x_shape: torch.Size, *, stride: int,
 @triton.autotune(configs=FWD_CONFIGS, key=["M", "C_in", "C_out", "KH", "KW", "stride"])
 @triton.jit
 def _conv_wgrad_kernel(
-    x_ptr, dy_ptr, dw_ptr, in_scale_ptr, in_shift_ptr,
+    x_ptr, dy_ptr, dw_ptr, in_scale_ptr, in_shift_ptr, z_ptr, y_ptr, a_ptr, b_ptr, d_ptr,
     H, W, C_in, Ho, Wo, C_out, M, stride, padding, rows_per_split,
     KH: tl.constexpr, KW: tl.constexpr, PROLOGUE: tl.constexpr, PROLOGUE_RELU: tl.constexpr,
+    BN_BWD: tl.constexpr, RELU: tl.constexpr,
     UPCAST: tl.constexpr, ACC_FP64: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -119,6 +171,9 @@ def _conv_wgrad_kernel(
     if PROLOGUE:
         sc = tl.load(in_scale_ptr + offs_c, mask=c_ok, other=0.0)
         sh = tl.load(in_shift_ptr + offs_c, mask=c_ok, other=0.0)
+    ca = tl.load(a_ptr + offs_co, mask=co_ok, other=0.0)[:, None]
+    cb = tl.load(b_ptr + offs_co, mask=co_ok, other=0.0)[:, None]
+    cd = tl.load(d_ptr + offs_co, mask=co_ok, other=0.0)[:, None]
     split = tl.program_id(2)
     start = split * rows_per_split
     stop = tl.minimum(start + rows_per_split, M)
@@ -133,8 +188,8 @@ def _conv_wgrad_kernel(
         ih = oh * stride - padding + r
         iw = ow * stride - padding + s
         row_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        dy_t = tl.load(dy_ptr + m64[None, :] * C_out + offs_co[:, None],
-                       mask=co_ok[:, None] & m_ok[None, :], other=0.0)
+        dy_t = _grad_tile(dy_ptr, z_ptr, y_ptr, m64[None, :] * C_out + offs_co[:, None],
+                          co_ok[:, None] & m_ok[None, :], ca, cb, cd, BN_BWD, RELU, ACC_FP64)
         x_ok = row_ok[:, None] & c_ok[None, :]
         xa = tl.load(x_ptr + (((img * H + ih) * W + iw) * C_in)[:, None] + offs_c[None, :],
                      mask=x_ok, other=0.0)
@@ -154,14 +209,16 @@ def _conv_wgrad_kernel(
 
 
 def conv_wgrad(
-    x: Tensor, dy: Tensor, weight_shape: torch.Size, *, stride: int, padding: int,
+    x: Tensor, dy, weight_shape: torch.Size, *, stride: int, padding: int,
     in_scale: Optional[Tensor] = None, in_shift: Optional[Tensor] = None, in_relu: bool = False,
     split: Optional[int] = None,
 ) -> Tensor:
-    """dw (C_out, C_in, kh, kw) in the accumulator dtype (fp32, fp64 for fp64 inputs)."""
+    """dw (C_out, C_in, kh, kw) in the accumulator dtype (fp32, fp64 for fp64 inputs), for
+    dy (N, C_out, Ho, Wo) given as a tensor or a BnGrad."""
+    grad, flags = _grad_args(dy)
     n, c_in, h, w = x.shape
     c_out, _, kh, kw = weight_shape
-    ho, wo = dy.shape[2], dy.shape[3]
+    ho, wo = grad[0].shape[2], grad[0].shape[3]
     m = n * ho * wo
     acc = acc_dtype(x.dtype)
     if split is None:  # enough programs to fill a GPU; one slice when interpreting
@@ -171,10 +228,10 @@ def conv_wgrad(
     grid = lambda meta: (  # noqa: E731
         triton.cdiv(c_out, meta["BLOCK_M"]), kh * kw * triton.cdiv(c_in, meta["BLOCK_N"]), split)
     launch(
-        _conv_wgrad_kernel, grid, to_nhwc(x), to_nhwc(dy), parts,
+        _conv_wgrad_kernel, grid, to_nhwc(x), grad[0], parts,
         in_scale if in_scale is not None else parts, in_shift if in_shift is not None else parts,
-        h, w, c_in, ho, wo, c_out, m, stride, padding, rows_per_split,
-        KH=kh, KW=kw, PROLOGUE=in_scale is not None, PROLOGUE_RELU=in_relu,
+        *grad[1:], h, w, c_in, ho, wo, c_out, m, stride, padding, rows_per_split,
+        KH=kh, KW=kw, PROLOGUE=in_scale is not None, PROLOGUE_RELU=in_relu, **flags,
         UPCAST=interpreting() and x.dtype == torch.bfloat16, ACC_FP64=acc == torch.float64,
         PRECISION=input_precision(x.dtype),
     )

@@ -71,7 +71,8 @@ def bn_act_fwd(
 def _bn_act_bwd_kernel(
     dz_ptr, z_ptr, y_ptr, a_ptr, b_ptr, d_ptr, y2_ptr, a2_ptr, b2_ptr, d2_ptr,
     dy_ptr, dy2_ptr, dr_ptr, numel, C,
-    RELU: tl.constexpr, HAS_BN2: tl.constexpr, WRITE_DR: tl.constexpr, ACC_FP64: tl.constexpr,
+    RELU: tl.constexpr, WRITE_DY: tl.constexpr, HAS_BN2: tl.constexpr, WRITE_DR: tl.constexpr,
+    ACC_FP64: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     acc_ty = tl.float64 if ACC_FP64 else tl.float32
@@ -81,10 +82,11 @@ def _bn_act_bwd_kernel(
     g = tl.load(dz_ptr + offs, mask=ok, other=0.0).to(acc_ty)
     if RELU:
         g = tl.where(tl.load(z_ptr + offs, mask=ok, other=0.0) > 0, g, 0.0)
-    y = tl.load(y_ptr + offs, mask=ok, other=0.0).to(acc_ty)
-    dy = tl.load(a_ptr + c, mask=ok) * g + tl.load(b_ptr + c, mask=ok) * y
-    dy += tl.load(d_ptr + c, mask=ok)
-    tl.store(dy_ptr + offs, dy.to(dy_ptr.dtype.element_ty), mask=ok)
+    if WRITE_DY:
+        y = tl.load(y_ptr + offs, mask=ok, other=0.0).to(acc_ty)
+        dy = tl.load(a_ptr + c, mask=ok) * g + tl.load(b_ptr + c, mask=ok) * y
+        dy += tl.load(d_ptr + c, mask=ok)
+        tl.store(dy_ptr + offs, dy.to(dy_ptr.dtype.element_ty), mask=ok)
     if HAS_BN2:
         y2 = tl.load(y2_ptr + offs, mask=ok, other=0.0).to(acc_ty)
         dy2 = tl.load(a2_ptr + c, mask=ok) * g + tl.load(b2_ptr + c, mask=ok) * y2
@@ -107,20 +109,21 @@ def bn_backward_coefficients(
 def bn_act_bwd(
     dz: Tensor, z: Optional[Tensor], y: Tensor, coeffs: tuple[Tensor, Tensor, Tensor], *,
     y2: Optional[Tensor] = None, coeffs2: Optional[tuple[Tensor, Tensor, Tensor]] = None,
-    write_dr: bool = False,
-) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
-    """(dy, dy2 or None, dr or None), channels_last in y's dtype; z is None without ReLU."""
-    dy = torch.empty_like(y, memory_format=torch.channels_last)
+    write_dr: bool = False, write_dy: bool = True,
+) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """(dy or None, dy2 or None, dr or None), channels_last in y's dtype; z is None without
+    ReLU. write_dy=False skips dy (a conv backward computes it on load instead)."""
+    dy = torch.empty_like(y, memory_format=torch.channels_last) if write_dy else None
     dy2 = torch.empty_like(y2, memory_format=torch.channels_last) if y2 is not None else None
     dr = torch.empty_like(y, memory_format=torch.channels_last) if write_dr else None
     numel = y.numel()
-    if numel == 0:
+    if numel == 0 or (dy is None and dy2 is None and dr is None):
         return dy, dy2, dr
     c2 = coeffs2 if coeffs2 is not None else coeffs
     _bn_act_bwd_kernel[(triton.cdiv(numel, BLOCK),)](
         dz, z if z is not None else dz, y, *coeffs, y2 if y2 is not None else y, *c2,
-        dy, dy2 if dy2 is not None else dy, dr if dr is not None else dy, numel, y.shape[1],
-        RELU=z is not None, HAS_BN2=y2 is not None, WRITE_DR=write_dr,
+        *(t if t is not None else dz for t in (dy, dy2, dr)), numel, y.shape[1],
+        RELU=z is not None, WRITE_DY=write_dy, HAS_BN2=y2 is not None, WRITE_DR=write_dr,
         ACC_FP64=acc_dtype(y.dtype) == torch.float64, BLOCK=BLOCK,
     )
     return dy, dy2, dr
