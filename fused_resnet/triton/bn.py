@@ -24,6 +24,7 @@ import triton.language as tl
 from torch import Tensor
 
 from fused_resnet.triton.config import acc_dtype
+from fused_resnet.triton.eltwise import ReluMask, relu_grad, relu_mask_args
 
 
 @triton.jit
@@ -80,7 +81,7 @@ def bn_finalize(
 
 @triton.jit
 def _bn_bwd_reduce_kernel(
-    dz_ptr, z_ptr, y_ptr, mean_ptr, rstd_ptr, y2_ptr, mean2_ptr, rstd2_ptr,
+    dz_ptr, z_ptr, ms_ptr, mh_ptr, y_ptr, mean_ptr, rstd_ptr, y2_ptr, mean2_ptr, rstd2_ptr,
     sum_g_ptr, sum_gy_ptr, sum_gy2_ptr,
     M, C,
     RELU: tl.constexpr, TWO: tl.constexpr, ACC_FP64: tl.constexpr,
@@ -94,12 +95,13 @@ def _bn_bwd_reduce_kernel(
     ok = (offs_r < M)[:, None] & c_ok[None, :]
     offs = offs_r.to(tl.int64)[:, None] * C + offs_c[None, :]
     g = tl.load(dz_ptr + offs, mask=ok, other=0.0).to(acc_ty)
-    if RELU:
-        z = tl.load(z_ptr + offs, mask=ok, other=0.0)
-        g = tl.where(z > 0, g, 0.0)
+    y = tl.load(y_ptr + offs, mask=ok, other=0.0).to(acc_ty)
+    ms = tl.load(ms_ptr + offs_c, mask=c_ok & (RELU == 2), other=0.0)[None, :]
+    mh = tl.load(mh_ptr + offs_c, mask=c_ok & (RELU == 2), other=0.0)[None, :]
+    g = relu_grad(g, z_ptr, offs, ok, y, ms, mh, RELU)
     mean = tl.load(mean_ptr + offs_c, mask=c_ok, other=0.0)
     rstd = tl.load(rstd_ptr + offs_c, mask=c_ok, other=0.0)
-    yhat = (tl.load(y_ptr + offs, mask=ok, other=0.0).to(acc_ty) - mean[None, :]) * rstd[None, :]
+    yhat = (y - mean[None, :]) * rstd[None, :]
     part = pid_r * C + offs_c
     tl.store(sum_g_ptr + part, tl.sum(g, axis=0), mask=c_ok)
     tl.store(sum_gy_ptr + part, tl.sum(tl.where(ok, g * yhat, 0.0), axis=0), mask=c_ok)
@@ -112,11 +114,11 @@ def _bn_bwd_reduce_kernel(
 
 
 def bn_bwd_reduce(
-    dz: Tensor, z: Optional[Tensor], y: Tensor, mean: Tensor, rstd: Tensor,
+    dz: Tensor, z: ReluMask, y: Tensor, mean: Tensor, rstd: Tensor,
     y2: Optional[Tensor] = None, mean2: Optional[Tensor] = None, rstd2: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """(sum g, sum g * yhat, sum g * yhat2 or None) per channel, with g = dz * [z > 0]
-    (g = dz when z is None). All tensors (N, C, H, W) channels_last; stats (C,)."""
+    (z a ReluMask; g = dz when it is None). Tensors (N, C, H, W) channels_last; stats (C,)."""
     c = y.shape[1]
     m = y.numel() // c
     acc = acc_dtype(y.dtype)
@@ -125,11 +127,12 @@ def bn_bwd_reduce(
     tiles = triton.cdiv(m, block_r)
     two = y2 is not None
     parts = [torch.empty((tiles, c), device=y.device, dtype=acc) for _ in range(3 if two else 2)]
+    relu, z_arg, ms, mh = relu_mask_args(z, dz)
     _bn_bwd_reduce_kernel[(tiles, triton.cdiv(c, block_c))](
-        dz, z if z is not None else dz, y, mean, rstd,
+        dz, z_arg, ms, mh, y, mean, rstd,
         y2 if two else y, mean2 if two else mean, rstd2 if two else rstd,
         parts[0], parts[1], parts[2] if two else parts[1], m, c,
-        RELU=z is not None, TWO=two, ACC_FP64=acc == torch.float64,
+        RELU=relu, TWO=two, ACC_FP64=acc == torch.float64,
         BLOCK_R=block_r, BLOCK_C=block_c,
     )
     sums = [p.sum(0) for p in parts]  # fixed-order reduction of the tile partials

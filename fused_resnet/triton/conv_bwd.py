@@ -31,14 +31,15 @@ from torch import Tensor
 
 from fused_resnet.triton.config import acc_dtype, input_precision, interpreting
 from fused_resnet.triton.conv import FWD_CONFIGS, launch, to_nhwc
+from fused_resnet.triton.eltwise import NO_RELU, ReluMask, relu_grad, relu_mask_args
 
 
 class BnGrad(NamedTuple):
-    """dy given implicitly: dy = a * (dz * [z > 0]) + b * y + d, per output channel;
-    z None means no ReLU. dz, z, y: (N, C_out, Ho, Wo) channels_last; a, b, d: (C_out,)."""
+    """dy given implicitly: dy = a * (dz * [z > 0]) + b * y + d, per output channel, with z
+    an `eltwise.ReluMask`. dz, y: (N, C_out, Ho, Wo) channels_last; a, b, d: (C_out,)."""
 
     dz: Tensor
-    z: Optional[Tensor]
+    z: ReluMask
     y: Tensor
     a: Tensor
     b: Tensor
@@ -46,16 +47,16 @@ class BnGrad(NamedTuple):
 
 
 @triton.jit
-def _grad_tile(dy_ptr, z_ptr, y_ptr, offs, ok, a, b, d,
+def _grad_tile(dy_ptr, z_ptr, y_ptr, offs, ok, a, b, d, ms, mh,
                BN_BWD: tl.constexpr, RELU: tl.constexpr, ACC_FP64: tl.constexpr):
     """The dy tile at offs: loaded, or with BN_BWD computed as a * g + b * y + d where
-    g = dz * [z > 0] (a, b, d broadcast along the channel axis); zero where not ok."""
+    g = dz * [z > 0] (a, b, d, ms, mh broadcast along the channel axis); zero where not ok."""
     if BN_BWD:
         acc_ty = tl.float64 if ACC_FP64 else tl.float32
         g = tl.load(dy_ptr + offs, mask=ok, other=0.0).to(acc_ty)
-        if RELU:
-            g = tl.where(tl.load(z_ptr + offs, mask=ok, other=0.0) > 0, g, 0.0)
-        v = a * g + b * tl.load(y_ptr + offs, mask=ok, other=0.0).to(acc_ty) + d
+        y = tl.load(y_ptr + offs, mask=ok, other=0.0).to(acc_ty)
+        g = relu_grad(g, z_ptr, offs, ok, y, ms, mh, RELU)
+        v = a * g + b * y + d
         return tl.where(ok, v, 0.0).to(dy_ptr.dtype.element_ty)
     else:
         return tl.load(dy_ptr + offs, mask=ok, other=0.0)
@@ -64,7 +65,7 @@ def _grad_tile(dy_ptr, z_ptr, y_ptr, offs, ok, a, b, d,
 @triton.autotune(configs=FWD_CONFIGS, key=["M", "C_in", "C_out", "KH", "KW", "stride"])
 @triton.jit
 def _conv_dgrad_kernel(
-    dy_ptr, w_ptr, dx_ptr, z_ptr, y_ptr, a_ptr, b_ptr, d_ptr,
+    dy_ptr, w_ptr, dx_ptr, z_ptr, ms_ptr, mh_ptr, y_ptr, a_ptr, b_ptr, d_ptr,
     H, W, C_in, Ho, Wo, C_out, M, stride, padding,
     KH: tl.constexpr, KW: tl.constexpr, BN_BWD: tl.constexpr, RELU: tl.constexpr,
     UPCAST: tl.constexpr, ACC_FP64: tl.constexpr, PRECISION: tl.constexpr,
@@ -97,8 +98,10 @@ def _conv_dgrad_kernel(
                 ca = tl.load(a_ptr + k, mask=k_ok, other=0.0)[None, :]
                 cb = tl.load(b_ptr + k, mask=k_ok, other=0.0)[None, :]
                 cd = tl.load(d_ptr + k, mask=k_ok, other=0.0)[None, :]
+                ms = tl.load(ms_ptr + k, mask=k_ok & (RELU == 2), other=0.0)[None, :]
+                mh = tl.load(mh_ptr + k, mask=k_ok & (RELU == 2), other=0.0)[None, :]
                 a = _grad_tile(dy_ptr, z_ptr, y_ptr, dy_row[:, None] + k[None, :],
-                               row_ok[:, None] & k_ok[None, :], ca, cb, cd,
+                               row_ok[:, None] & k_ok[None, :], ca, cb, cd, ms, mh,
                                BN_BWD, RELU, ACC_FP64)
                 krow = (r * KW + s) * C_out + k
                 b = tl.load(w_ptr + krow[:, None] * C_in + offs_n[None, :],
@@ -112,14 +115,15 @@ def _conv_dgrad_kernel(
 
 
 def _grad_args(dy) -> tuple[tuple, dict]:
-    """Kernel arguments (dy or dz, z, y, a, b, d) and flags for a dy tensor or a BnGrad."""
+    """Kernel arguments (dy or dz, z, ms, mh, y, a, b, d) and flags for a dy tensor or a
+    BnGrad."""
     if isinstance(dy, BnGrad):
         dz = to_nhwc(dy.dz)
-        z = to_nhwc(dy.z) if dy.z is not None else dz
-        return (dz, z, to_nhwc(dy.y), dy.a, dy.b, dy.d), {"BN_BWD": True,
-                                                          "RELU": dy.z is not None}
+        relu, z, ms, mh = relu_mask_args(dy.z, dz)
+        return (dz, z, ms, mh, to_nhwc(dy.y), dy.a, dy.b, dy.d), {"BN_BWD": True,
+                                                                  "RELU": relu}
     dy = to_nhwc(dy)
-    return (dy,) * 6, {"BN_BWD": False, "RELU": False}  # z, y, a, b, d unused
+    return (dy,) * 8, {"BN_BWD": False, "RELU": NO_RELU}  # z, ..., d unused
 
 
 def conv_dgrad(dy, weight: Tensor, x_shape: torch.Size, *, stride: int,
@@ -149,7 +153,8 @@ def conv_dgrad(dy, weight: Tensor, x_shape: torch.Size, *, stride: int,
 @triton.autotune(configs=FWD_CONFIGS, key=["M", "C_in", "C_out", "KH", "KW", "stride"])
 @triton.jit
 def _conv_wgrad_kernel(
-    x_ptr, dy_ptr, dw_ptr, in_scale_ptr, in_shift_ptr, z_ptr, y_ptr, a_ptr, b_ptr, d_ptr,
+    x_ptr, dy_ptr, dw_ptr, in_scale_ptr, in_shift_ptr, z_ptr, ms_ptr, mh_ptr, y_ptr,
+    a_ptr, b_ptr, d_ptr,
     H, W, C_in, Ho, Wo, C_out, M, stride, padding, rows_per_split,
     KH: tl.constexpr, KW: tl.constexpr, PROLOGUE: tl.constexpr, PROLOGUE_RELU: tl.constexpr,
     BN_BWD: tl.constexpr, RELU: tl.constexpr,
@@ -174,6 +179,8 @@ def _conv_wgrad_kernel(
     ca = tl.load(a_ptr + offs_co, mask=co_ok, other=0.0)[:, None]
     cb = tl.load(b_ptr + offs_co, mask=co_ok, other=0.0)[:, None]
     cd = tl.load(d_ptr + offs_co, mask=co_ok, other=0.0)[:, None]
+    ms = tl.load(ms_ptr + offs_co, mask=co_ok & (RELU == 2), other=0.0)[:, None]
+    mh = tl.load(mh_ptr + offs_co, mask=co_ok & (RELU == 2), other=0.0)[:, None]
     split = tl.program_id(2)
     start = split * rows_per_split
     stop = tl.minimum(start + rows_per_split, M)
@@ -189,7 +196,8 @@ def _conv_wgrad_kernel(
         iw = ow * stride - padding + s
         row_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         dy_t = _grad_tile(dy_ptr, z_ptr, y_ptr, m64[None, :] * C_out + offs_co[:, None],
-                          co_ok[:, None] & m_ok[None, :], ca, cb, cd, BN_BWD, RELU, ACC_FP64)
+                          co_ok[:, None] & m_ok[None, :], ca, cb, cd, ms, mh,
+                          BN_BWD, RELU, ACC_FP64)
         x_ok = row_ok[:, None] & c_ok[None, :]
         xa = tl.load(x_ptr + (((img * H + ih) * W + iw) * C_in)[:, None] + offs_c[None, :],
                      mask=x_ok, other=0.0)

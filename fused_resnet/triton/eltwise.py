@@ -12,7 +12,7 @@ Backward: with g = dz * [z > 0] (dz when there is no ReLU) and the BN backward w
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import triton
@@ -22,6 +22,31 @@ from torch import Tensor
 from fused_resnet.triton.config import acc_dtype
 
 BLOCK = 1024
+
+# How a backward kernel finds the ReLU mask [z > 0] of z = relu(y * scale + shift (+ ...)):
+# None (no ReLU), the saved output z, or (scale, shift) to recompute it from y as
+# y * scale + shift > 0 (for a BN + ReLU inside a block, whose output is never stored).
+ReluMask = Union[None, Tensor, tuple[Tensor, Tensor]]
+NO_RELU, RELU_FROM_Z, RELU_FROM_Y = 0, 1, 2
+
+
+def relu_mask_args(mask: ReluMask, dummy: Tensor) -> tuple[int, Tensor, Tensor, Tensor]:
+    """(mode, z, scale, shift) kernel arguments for a ReluMask; dummy fills unused pointers."""
+    if mask is None:
+        return NO_RELU, dummy, dummy, dummy
+    if isinstance(mask, Tensor):
+        return RELU_FROM_Z, mask.contiguous(memory_format=torch.channels_last), dummy, dummy
+    return RELU_FROM_Y, dummy, mask[0], mask[1]
+
+
+@triton.jit
+def relu_grad(g, z_ptr, offs, ok, y, ms, mh, RELU: tl.constexpr):
+    """g * [z > 0] for the ReLU mask mode RELU (ms, mh broadcast along the channel axis)."""
+    if RELU == 1:
+        g = tl.where(tl.load(z_ptr + offs, mask=ok, other=0.0) > 0, g, 0.0)
+    elif RELU == 2:
+        g = tl.where(y * ms + mh > 0, g, 0.0)
+    return g
 
 
 @triton.jit
@@ -69,7 +94,7 @@ def bn_act_fwd(
 
 @triton.jit
 def _bn_act_bwd_kernel(
-    dz_ptr, z_ptr, y_ptr, a_ptr, b_ptr, d_ptr, y2_ptr, a2_ptr, b2_ptr, d2_ptr,
+    dz_ptr, z_ptr, ms_ptr, mh_ptr, y_ptr, a_ptr, b_ptr, d_ptr, y2_ptr, a2_ptr, b2_ptr, d2_ptr,
     dy_ptr, dy2_ptr, dr_ptr, numel, C,
     RELU: tl.constexpr, WRITE_DY: tl.constexpr, HAS_BN2: tl.constexpr, WRITE_DR: tl.constexpr,
     ACC_FP64: tl.constexpr,
@@ -80,10 +105,13 @@ def _bn_act_bwd_kernel(
     ok = offs < numel
     c = offs % C
     g = tl.load(dz_ptr + offs, mask=ok, other=0.0).to(acc_ty)
-    if RELU:
-        g = tl.where(tl.load(z_ptr + offs, mask=ok, other=0.0) > 0, g, 0.0)
+    y = tl.load(y_ptr + offs, mask=ok, other=0.0).to(acc_ty)
+    if RELU == 2:
+        g = relu_grad(g, z_ptr, offs, ok, y, tl.load(ms_ptr + c, mask=ok),
+                      tl.load(mh_ptr + c, mask=ok), RELU)
+    else:
+        g = relu_grad(g, z_ptr, offs, ok, y, 0.0, 0.0, RELU)
     if WRITE_DY:
-        y = tl.load(y_ptr + offs, mask=ok, other=0.0).to(acc_ty)
         dy = tl.load(a_ptr + c, mask=ok) * g + tl.load(b_ptr + c, mask=ok) * y
         dy += tl.load(d_ptr + c, mask=ok)
         tl.store(dy_ptr + offs, dy.to(dy_ptr.dtype.element_ty), mask=ok)
@@ -107,12 +135,12 @@ def bn_backward_coefficients(
 
 
 def bn_act_bwd(
-    dz: Tensor, z: Optional[Tensor], y: Tensor, coeffs: tuple[Tensor, Tensor, Tensor], *,
+    dz: Tensor, z: ReluMask, y: Tensor, coeffs: tuple[Tensor, Tensor, Tensor], *,
     y2: Optional[Tensor] = None, coeffs2: Optional[tuple[Tensor, Tensor, Tensor]] = None,
     write_dr: bool = False, write_dy: bool = True,
 ) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
-    """(dy or None, dy2 or None, dr or None), channels_last in y's dtype; z is None without
-    ReLU. write_dy=False skips dy (a conv backward computes it on load instead)."""
+    """(dy or None, dy2 or None, dr or None), channels_last in y's dtype; z is the ReluMask.
+    write_dy=False skips dy (a conv backward computes it on load instead)."""
     dy = torch.empty_like(y, memory_format=torch.channels_last) if write_dy else None
     dy2 = torch.empty_like(y2, memory_format=torch.channels_last) if y2 is not None else None
     dr = torch.empty_like(y, memory_format=torch.channels_last) if write_dr else None
@@ -120,10 +148,11 @@ def bn_act_bwd(
     if numel == 0 or (dy is None and dy2 is None and dr is None):
         return dy, dy2, dr
     c2 = coeffs2 if coeffs2 is not None else coeffs
+    relu, z_arg, ms, mh = relu_mask_args(z, dz)
     _bn_act_bwd_kernel[(triton.cdiv(numel, BLOCK),)](
-        dz, z if z is not None else dz, y, *coeffs, y2 if y2 is not None else y, *c2,
+        dz, z_arg, ms, mh, y, *coeffs, y2 if y2 is not None else y, *c2,
         *(t if t is not None else dz for t in (dy, dy2, dr)), numel, y.shape[1],
-        RELU=z is not None, WRITE_DY=write_dy, HAS_BN2=y2 is not None, WRITE_DR=write_dr,
+        RELU=relu, WRITE_DY=write_dy, HAS_BN2=y2 is not None, WRITE_DR=write_dr,
         ACC_FP64=acc_dtype(y.dtype) == torch.float64, BLOCK=BLOCK,
     )
     return dy, dy2, dr
