@@ -28,6 +28,7 @@ ENV_VAR = "FUSED_RESNET_BACKEND"
 # Backends that implement each op, in the order "auto" prefers them.
 OP_BACKENDS: dict[str, tuple[str, ...]] = {
     "conv_bn_act": ("triton", "reference"),
+    "residual_block": ("triton", "reference"),
     "bn_add_relu": ("cuda", "triton", "cpu", "reference"),
 }
 

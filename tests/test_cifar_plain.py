@@ -5,7 +5,7 @@ import torch
 
 from fused_resnet import models
 from fused_resnet.flops import PAPER_CIFAR_PARAMS_M
-from fused_resnet.nn import BasicBlock, Bottleneck, ZeroPadShortcut
+from fused_resnet.nn import FusedBasicBlock, FusedBottleneck, ZeroPadShortcut
 from fused_resnet.reference import zero_pad_shortcut
 
 
@@ -68,8 +68,8 @@ def _silence_residual_branch(model):
     """Zero the last BN of every block, so a block outputs relu(shortcut) (or 0 if plain)."""
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, (BasicBlock, Bottleneck)):
-                last = m.bn3 if isinstance(m, Bottleneck) else m.bn2
+            if isinstance(m, (FusedBasicBlock, FusedBottleneck)):
+                last = m.bn3 if isinstance(m, FusedBottleneck) else m.bn2
                 last.weight.zero_()
                 last.bias.zero_()
 
@@ -79,7 +79,7 @@ def _silence_residual_branch(model):
                                   lambda: models.plain_net(50, dataset="imagenet")])
 def test_plain_nets_have_no_shortcut(make):
     model = make().eval()
-    blocks = [m for m in model.modules() if isinstance(m, (BasicBlock, Bottleneck))]
+    blocks = [m for m in model.modules() if isinstance(m, (FusedBasicBlock, FusedBottleneck))]
     assert blocks and all(b.downsample is None and b.shortcut is None for b in blocks)
     _silence_residual_branch(model)
     x = torch.randn(2, 3, 32, 32)

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from fused_resnet.backend import check_backend_name
 from fused_resnet.models.resnet import init_weights, resnet
-from fused_resnet.nn import BasicBlock
+from fused_resnet.nn import FusedBasicBlock
 from fused_resnet.nn.conv_bn import conv_bn_act
 from fused_resnet.nn.shortcut import check_shortcut
 
@@ -26,6 +26,12 @@ def blocks_per_stage(depth: int) -> int:
     if not isinstance(depth, int) or depth < 8 or (depth - 2) % 6 != 0:
         raise ValueError(f"depth must be 6n+2 with n >= 1 (e.g. {CIFAR_DEPTHS}), got {depth!r}")
     return (depth - 2) // 6
+
+
+def _stage(inplanes: int, planes: int, stride: int, blocks: int, args: dict) -> nn.Sequential:
+    """`blocks` basic blocks; the first maps inplanes -> planes with `stride`."""
+    return nn.Sequential(FusedBasicBlock(inplanes, planes, stride, **args),
+                         *[FusedBasicBlock(planes, planes, 1, **args) for _ in range(blocks - 1)])
 
 
 class CifarResNet(nn.Module):
@@ -50,13 +56,9 @@ class CifarResNet(nn.Module):
         self.conv1 = nn.Conv2d(3, 16, 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
         args = {"shortcut": shortcut, "backend": backend}
-        self.layer1 = nn.Sequential(*[BasicBlock(16, 16, 1, **args) for _ in range(n)])
-        self.layer2 = nn.Sequential(
-            BasicBlock(16, 32, 2, **args), *[BasicBlock(32, 32, 1, **args) for _ in range(n - 1)]
-        )
-        self.layer3 = nn.Sequential(
-            BasicBlock(32, 64, 2, **args), *[BasicBlock(64, 64, 1, **args) for _ in range(n - 1)]
-        )
+        self.layer1 = _stage(16, 16, 1, n, args)
+        self.layer2 = _stage(16, 32, 2, n, args)
+        self.layer3 = _stage(32, 64, 2, n, args)
         self.fc = nn.Linear(64, num_classes)
         init_weights(self, zero_init_residual)
 

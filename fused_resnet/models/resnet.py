@@ -12,19 +12,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fused_resnet.backend import check_backend_name
-from fused_resnet.nn import BasicBlock, Bottleneck
+from fused_resnet.nn import FusedBasicBlock, FusedBottleneck
 from fused_resnet.nn.conv_bn import conv_bn_act
 from fused_resnet.nn.shortcut import check_shortcut
 
-Block = Union[type[BasicBlock], type[Bottleneck]]
+Block = Union[type[FusedBasicBlock], type[FusedBottleneck]]
 
 # Blocks per stage for each depth of the paper's Table 1.
 STAGES: dict[int, tuple[Block, tuple[int, int, int, int]]] = {
-    18: (BasicBlock, (2, 2, 2, 2)),
-    34: (BasicBlock, (3, 4, 6, 3)),
-    50: (Bottleneck, (3, 4, 6, 3)),
-    101: (Bottleneck, (3, 4, 23, 3)),
-    152: (Bottleneck, (3, 8, 36, 3)),
+    18: (FusedBasicBlock, (2, 2, 2, 2)),
+    34: (FusedBasicBlock, (3, 4, 6, 3)),
+    50: (FusedBottleneck, (3, 4, 6, 3)),
+    101: (FusedBottleneck, (3, 4, 23, 3)),
+    152: (FusedBottleneck, (3, 8, 36, 3)),
 }
 
 
@@ -40,9 +40,9 @@ def init_weights(model: nn.Module, zero_init_residual: bool) -> None:
             nn.init.zeros_(m.bias)
     if zero_init_residual:
         for m in model.modules():
-            if isinstance(m, Bottleneck):
+            if isinstance(m, FusedBottleneck):
                 nn.init.zeros_(m.bn3.weight)
-            elif isinstance(m, BasicBlock):
+            elif isinstance(m, FusedBasicBlock):
                 nn.init.zeros_(m.bn2.weight)
 
 
@@ -75,10 +75,10 @@ class ResNet(nn.Module):
         self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
         stage_args = {"shortcut": shortcut, "backend": backend}
-        if block is Bottleneck:
+        if block is FusedBottleneck:
             stage_args.update(groups=groups, base_width=width_per_group, variant=variant)
         elif groups != 1 or width_per_group != 64:
-            raise ValueError("BasicBlock supports only groups=1 and width_per_group=64")
+            raise ValueError("FusedBasicBlock supports only groups=1 and width_per_group=64")
         self.layer1 = self._make_stage(block, 64, layers[0], 1, stage_args)
         self.layer2 = self._make_stage(block, 128, layers[1], 2, stage_args)
         self.layer3 = self._make_stage(block, 256, layers[2], 2, stage_args)

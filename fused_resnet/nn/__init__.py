@@ -1,12 +1,12 @@
 """Modules: residual blocks and shortcuts that keep torchvision's state-dict layout."""
 
-from fused_resnet.nn.blocks import BasicBlock, Bottleneck
+from fused_resnet.nn.blocks import FusedBasicBlock, FusedBottleneck
 from fused_resnet.nn.conv_bn import FusedConvBNAct, conv_bn_act
 from fused_resnet.nn.shortcut import ZeroPadShortcut, make_shortcut
 
 __all__ = [
-    "BasicBlock",
-    "Bottleneck",
+    "FusedBasicBlock",
+    "FusedBottleneck",
     "FusedConvBNAct",
     "ZeroPadShortcut",
     "conv_bn_act",

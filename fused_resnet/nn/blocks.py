@@ -1,8 +1,10 @@
 """Residual blocks (the paper's basic and bottleneck blocks) with torchvision's attribute names.
 
 The conv / BN modules only hold parameters and buffers (so `state_dict()` keys are
-torchvision's: `conv1.weight`, `bn1.running_mean`, `downsample.0.weight`, ...); the forward
-runs each conv + BN (+ shortcut) + ReLU through `fused_resnet.ops` on the chosen backend.
+torchvision's: `conv1.weight`, `bn1.running_mean`, `downsample.0.weight`, ...). In training
+the whole block is one op (`ops.residual_block_train`: a single autograd node on Triton);
+otherwise (eval, frozen or non-affine BN, grouped convs) each conv + BN (+ shortcut) + ReLU
+runs through `ops.conv_bn_act`, with BN folded into the conv on Triton.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from typing import Optional
 from torch import Tensor, nn
 
 from fused_resnet.backend import check_backend_name
-from fused_resnet.nn.conv_bn import conv_bn_act
+from fused_resnet.nn.conv_bn import conv_bn_act, fusable_block, residual_block
 from fused_resnet.nn.shortcut import ZeroPadShortcut, check_shortcut, make_shortcut
 
 VARIANTS = ("v1", "v1.5")
@@ -23,6 +25,27 @@ class _ResidualBlock(nn.Module):
     `Sequential(conv, bn)`, or a `ZeroPadShortcut` (option A)."""
 
     expansion = 1
+
+    def main_path(self) -> list[tuple[nn.Conv2d, nn.BatchNorm2d]]:
+        """The (conv, bn) pairs of the residual branch, in order."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        pairs = self.main_path()
+        projection = isinstance(self.downsample, nn.Sequential)
+        if fusable_block(pairs + ([tuple(self.downsample)] if projection else [])):
+            kind = ("none" if self.shortcut is None else "projection" if projection
+                    else "zero_pad" if self.downsample is not None else "identity")
+            if projection:
+                pairs = pairs + [tuple(self.downsample)]
+            return residual_block(x, pairs, kind, self.stride, self.backend)
+        identity = self._shortcut(x)
+        out = x
+        for i, (conv, bn) in enumerate(pairs):
+            last = i == len(pairs) - 1
+            out = conv_bn_act(out, conv, bn, residual=identity if last else None,
+                              backend=self.backend)
+        return out
 
     def _shortcut(self, x: Tensor) -> Optional[Tensor]:
         if self.shortcut is None:
@@ -35,7 +58,7 @@ class _ResidualBlock(nn.Module):
         return conv_bn_act(x, conv, bn, relu=False, backend=self.backend)
 
 
-class BasicBlock(_ResidualBlock):
+class FusedBasicBlock(_ResidualBlock):
     """out = relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x)); conv1 is 3x3 stride s."""
 
     expansion = 1
@@ -54,13 +77,11 @@ class BasicBlock(_ResidualBlock):
         self.downsample = make_shortcut(shortcut, inplanes, planes, stride)
         self.stride = stride
 
-    def forward(self, x: Tensor) -> Tensor:
-        identity = self._shortcut(x)
-        out = conv_bn_act(x, self.conv1, self.bn1, backend=self.backend)
-        return conv_bn_act(out, self.conv2, self.bn2, residual=identity, backend=self.backend)
+    def main_path(self) -> list[tuple[nn.Conv2d, nn.BatchNorm2d]]:
+        return [(self.conv1, self.bn1), (self.conv2, self.bn2)]
 
 
-class Bottleneck(_ResidualBlock):
+class FusedBottleneck(_ResidualBlock):
     """out = relu(bn3(conv3(relu(bn2(conv2(relu(bn1(conv1(x)))))))) + shortcut(x)).
 
     conv1 1x1 reduce to `width = planes * base_width / 64 * groups`, conv2 3x3 (grouped for
@@ -92,8 +113,5 @@ class Bottleneck(_ResidualBlock):
         self.downsample = make_shortcut(shortcut, inplanes, planes * self.expansion, stride)
         self.stride = stride
 
-    def forward(self, x: Tensor) -> Tensor:
-        identity = self._shortcut(x)
-        out = conv_bn_act(x, self.conv1, self.bn1, backend=self.backend)
-        out = conv_bn_act(out, self.conv2, self.bn2, backend=self.backend)
-        return conv_bn_act(out, self.conv3, self.bn3, residual=identity, backend=self.backend)
+    def main_path(self) -> list[tuple[nn.Conv2d, nn.BatchNorm2d]]:
+        return [(self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)]

@@ -40,24 +40,68 @@ def conv_bn_act(
         raise ValueError(
             f"conv must have square stride and padding, got {conv.stride}, {conv.padding}"
         )
-    # Mirrors nn.BatchNorm2d.forward: which stats normalize, which get updated, and by how much.
+    bn_args, counting = _batchnorm_args(bn)
+    out = ops.conv_bn_act(
+        x, conv.weight, bn.weight, bn.bias, bn_args["running_mean"], bn_args["running_var"],
+        stride=conv.stride[0], padding=conv.padding[0], groups=conv.groups,
+        training=bn_args["training"], momentum=bn_args["momentum"], eps=bn.eps,
+        residual=residual, relu=relu, backend=backend,
+    )
+    _count(bn, counting)
+    return out
+
+
+def _batchnorm_args(bn: nn.BatchNorm2d) -> tuple[dict, bool]:
+    """Mirrors nn.BatchNorm2d.forward: which stats normalize (training = batch stats), which
+    running stats get updated and by what factor; and whether num_batches_tracked counts."""
     counting = bn.training and bn.track_running_stats and bn.num_batches_tracked is not None
     factor = 0.0 if bn.momentum is None else bn.momentum
     if counting and bn.momentum is None:
         factor = 1.0 / (int(bn.num_batches_tracked) + 1)
-    use_batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
     pass_stats = not bn.training or bn.track_running_stats
-    out = ops.conv_bn_act(
-        x, conv.weight, bn.weight, bn.bias,
-        bn.running_mean if pass_stats else None,
-        bn.running_var if pass_stats else None,
-        stride=conv.stride[0], padding=conv.padding[0], groups=conv.groups,
-        training=use_batch_stats, momentum=factor, eps=bn.eps,
-        residual=residual, relu=relu, backend=backend,
-    )
+    return {
+        "running_mean": bn.running_mean if pass_stats else None,
+        "running_var": bn.running_var if pass_stats else None,
+        "training": bn.training or (bn.running_mean is None and bn.running_var is None),
+        "momentum": factor,
+    }, counting
+
+
+def _count(bn: nn.BatchNorm2d, counting: bool) -> None:
+    """num_batches_tracked += 1 after a successful training call (never before: a call that
+    raises must leave it as it was)."""
     if counting:
         with torch.no_grad():
             bn.num_batches_tracked.add_(1)
+
+
+def fusable_block(pairs: list[tuple[nn.Conv2d, nn.BatchNorm2d]]) -> bool:
+    """Whether conv + BN pairs can run as one block op: every BN normalizes with batch
+    statistics and is affine, every conv is ungrouped with square stride and padding."""
+    for conv, bn in pairs:
+        if not (bn.training and bn.affine) or conv.groups != 1 or conv.bias is not None:
+            return False
+        if conv.stride[0] != conv.stride[1] or conv.padding[0] != conv.padding[1]:
+            return False
+    return True
+
+
+def residual_block(
+    x: Tensor, pairs: list[tuple[nn.Conv2d, nn.BatchNorm2d]], shortcut: str,
+    shortcut_stride: int, backend: str,
+) -> Tensor:
+    """Training forward of a block of conv + BN pairs (main path, then a projection when
+    shortcut == "projection") as one op, with nn.BatchNorm2d's bookkeeping for every BN."""
+    args = [_batchnorm_args(bn) for _, bn in pairs]
+    out = ops.residual_block_train(
+        x, [c.weight for c, _ in pairs], [bn.weight for _, bn in pairs],
+        [bn.bias for _, bn in pairs], [a["running_mean"] for a, _ in args],
+        [a["running_var"] for a, _ in args], strides=[c.stride[0] for c, _ in pairs],
+        paddings=[c.padding[0] for c, _ in pairs], momenta=[a["momentum"] for a, _ in args],
+        eps=[bn.eps for _, bn in pairs], shortcut=shortcut, shortcut_stride=shortcut_stride,
+        backend=backend)
+    for (_, bn), (_, counting) in zip(pairs, args):
+        _count(bn, counting)
     return out
 
 

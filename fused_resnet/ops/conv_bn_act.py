@@ -85,7 +85,7 @@ def check_conv_bn_act_args(
             )
 
 
-def _autocast_inputs(
+def autocast_inputs(
     x: Tensor, weight: Tensor, residual: Optional[Tensor]
 ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """Under autocast, the conv operands (and the residual added to its result) in the
@@ -125,7 +125,7 @@ def conv_bn_act(
     autocast dtype (x, weight and residual are cast to it) while BN parameters and
     statistics stay fp32, as in eager PyTorch.
     """
-    x, weight, residual = _autocast_inputs(x, weight, residual)
+    x, weight, residual = autocast_inputs(x, weight, residual)
     check_conv_bn_act_args(
         x, weight, bn_weight, bn_bias, running_mean, running_var,
         stride=stride, padding=padding, groups=groups, training=training, residual=residual,
@@ -145,6 +145,18 @@ def conv_bn_act(
         stride=stride, padding=padding, groups=groups, training=training,
         momentum=momentum, eps=eps, residual=residual, relu=relu,
     )
+
+
+def update_running_stats(
+    running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, n: int,
+    momentum: float,
+) -> None:
+    """running = (1 - momentum) * running + momentum * batch, with the batch variance made
+    unbiased (x n / (n - 1)) as nn.BatchNorm2d does."""
+    with torch.no_grad():
+        running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+        running_var.mul_(1 - momentum).add_((var * (n / (n - 1))).to(running_var.dtype),
+                                            alpha=momentum)
 
 
 def triton_unsupported_reason(x: Tensor, groups: int) -> Optional[str]:
@@ -172,11 +184,8 @@ def _triton_conv_bn_act(
         out, y, mean, var = torch.ops.fused_resnet.conv_bn_train(
             x, weight, gamma, beta, residual, stride, padding, eps, relu)
         if running_mean is not None:
-            n = y.numel() // c_out
-            with torch.no_grad():
-                running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-                running_var.mul_(1 - momentum).add_(
-                    (var * (n / (n - 1))).to(running_var.dtype), alpha=momentum)
+            update_running_stats(running_mean, running_var, mean, var, y.numel() // c_out,
+                                 momentum)
         return out
     scale, shift = reference.fold_bn(running_mean, running_var, bn_weight, bn_bias, eps)
     folded = (weight.to(scale.dtype) * scale.view(-1, 1, 1, 1)).to(x.dtype)

@@ -1,0 +1,95 @@
+"""Functional residual block (training): one fused op on Triton, the reference chain elsewhere.
+
+    z = relu(bn_L(conv_L(... relu(bn_1(conv_1(x))) ...)) + shortcut(x))
+with shortcut "identity", "zero_pad" (option A), "projection" (conv_d + bn_d, the last of
+the lists) or "none" (plain block). BN uses batch statistics; running stats given as tensors
+are updated in place with each BN's factor in `momenta`. A call that raises changes nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fused_resnet import backend as _backend
+from fused_resnet import reference
+from fused_resnet.ops.conv_bn_act import (
+    autocast_inputs,
+    check_conv_bn_act_args,
+    triton_unsupported_reason,
+    update_running_stats,
+)
+from fused_resnet.ops.layout import conv_output_shape
+
+
+def _check(x, weights, bn_weights, bn_biases, running_means, running_vars, strides, paddings,
+           shortcut, shortcut_stride) -> None:
+    main = len(weights) - (shortcut == "projection")
+    inp = x
+    for i, w in enumerate(weights):
+        source = x if i == main else inp
+        stride, padding = (shortcut_stride, 0) if i == main else (strides[i], paddings[i])
+        check_conv_bn_act_args(source, w, bn_weights[i], bn_biases[i], running_means[i],
+                               running_vars[i], stride=stride, padding=padding, groups=1,
+                               training=True, residual=None)
+        if i < main:
+            inp = x.new_empty(1).expand(conv_output_shape(inp, w, stride, padding))
+
+
+def residual_block_train(
+    x: Tensor,
+    weights: list[Tensor],
+    bn_weights: list[Tensor],
+    bn_biases: list[Tensor],
+    running_means: list[Optional[Tensor]],
+    running_vars: list[Optional[Tensor]],
+    *,
+    strides: list[int],
+    paddings: list[int],
+    momenta: list[float],
+    eps: list[float],
+    shortcut: str,
+    shortcut_stride: int = 1,
+    backend: str = "auto",
+) -> Tensor:
+    """Training forward of a block whose convs are `weights` (main path, then the projection).
+
+    x: (N, C, H, W), either memory format (kept by the output).
+    """
+    x, _, _ = autocast_inputs(x, weights[0], None)
+    weights = [w.to(x.dtype) for w in weights]
+    _check(x, weights, bn_weights, bn_biases, running_means, running_vars, strides, paddings,
+           shortcut, shortcut_stride)
+    name = _backend.resolve(backend, "residual_block", x.device)
+    if name == "triton":
+        reason = triton_unsupported_reason(x, 1)
+        if reason is not None:
+            if backend != "auto":
+                raise NotImplementedError(f"backend 'triton' cannot run this block: {reason}")
+            name = "reference"
+    if name == "triton":
+        z, ys, means, variances = torch.ops.fused_resnet.block_train(
+            x, weights, bn_weights, bn_biases, strides, paddings, eps, shortcut, shortcut_stride)
+        for i, y in enumerate(ys):
+            if running_means[i] is not None:
+                update_running_stats(running_means[i], running_vars[i], means[i], variances[i],
+                                     y.numel() // y.shape[1], momenta[i])
+        return z
+    main = len(weights) - (shortcut == "projection")
+    out = x
+    for i in range(main):
+        out = reference.conv_bn_act(
+            out, weights[i], bn_weights[i], bn_biases[i], running_means[i], running_vars[i],
+            stride=strides[i], padding=paddings[i], momentum=momenta[i], eps=eps[i],
+            relu=i < main - 1)
+    if shortcut == "identity":
+        out = out + x
+    elif shortcut == "zero_pad":
+        out = out + reference.zero_pad_shortcut(x, out.shape[1], shortcut_stride)
+    elif shortcut == "projection":
+        out = out + reference.conv_bn_act(
+            x, weights[-1], bn_weights[-1], bn_biases[-1], running_means[-1], running_vars[-1],
+            stride=shortcut_stride, momentum=momenta[-1], eps=eps[-1], relu=False)
+    return torch.relu(out)
