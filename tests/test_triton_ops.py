@@ -226,33 +226,6 @@ def test_bad_input_leaves_running_stats_unchanged(overrides, message):
     assert torch.equal(mean, before[0]) and torch.equal(var, before[1])
 
 
-def test_cifar_resnet_on_the_triton_backend_trains_like_the_reference():
-    from fused_resnet import models
-
-    torch.manual_seed(0)
-    fused = models.cifar_resnet(20, backend="triton")
-    ref = models.cifar_resnet(20, backend="reference")
-    ref.load_state_dict(fused.state_dict())
-    x = torch.randn(2, 3, 8, 8)
-    target = torch.tensor([3, 5])
-    for model in (fused, ref):
-        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        for _ in range(2):
-            opt.zero_grad()
-            F.cross_entropy(model(x), target).backward()
-            opt.step()
-    grads = dict(ref.named_parameters())
-    for name, p in fused.named_parameters():
-        assert_close(p.grad, grads[name].grad, kind="grad", name=name)
-    buffers = dict(ref.named_buffers())
-    for name, b in fused.named_buffers():
-        assert_close(b.double(), buffers[name].double(), name=name)
-    fused.eval()
-    ref.eval()
-    with torch.no_grad():
-        assert_close(fused(x), ref(x), name="eval logits")
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("c_in, c_out, kernel, stride, size", [

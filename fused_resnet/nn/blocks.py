@@ -20,7 +20,7 @@ from fused_resnet.nn.shortcut import ZeroPadShortcut, check_shortcut, make_short
 VARIANTS = ("v1", "v1.5")
 
 
-class _ResidualBlock(nn.Module):
+class ResidualBlock(nn.Module):
     """Shared shortcut handling: `downsample` is None (identity or plain), a projection
     `Sequential(conv, bn)`, or a `ZeroPadShortcut` (option A)."""
 
@@ -58,7 +58,7 @@ class _ResidualBlock(nn.Module):
         return conv_bn_act(x, conv, bn, relu=False, backend=self.backend)
 
 
-class FusedBasicBlock(_ResidualBlock):
+class FusedBasicBlock(ResidualBlock):
     """out = relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x)); conv1 is 3x3 stride s."""
 
     expansion = 1
@@ -81,7 +81,7 @@ class FusedBasicBlock(_ResidualBlock):
         return [(self.conv1, self.bn1), (self.conv2, self.bn2)]
 
 
-class FusedBottleneck(_ResidualBlock):
+class FusedBottleneck(ResidualBlock):
     """out = relu(bn3(conv3(relu(bn2(conv2(relu(bn1(conv1(x)))))))) + shortcut(x)).
 
     conv1 1x1 reduce to `width = planes * base_width / 64 * groups`, conv2 3x3 (grouped for

@@ -16,7 +16,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from fused_resnet import ops
+from fused_resnet import backend as _backend
+from fused_resnet import ops, reference
 from fused_resnet.backend import check_backend_name
 
 
@@ -41,6 +42,10 @@ def conv_bn_act(
             f"conv must have square stride and padding, got {conv.stride}, {conv.padding}"
         )
     bn_args, counting = _batchnorm_args(bn)
+    folded = _cached_fold(x, conv, bn, bn_args, backend)
+    if folded is not None:
+        return ops.conv_bias_act(x, *folded, stride=conv.stride[0], padding=conv.padding[0],
+                                 residual=residual, relu=relu, backend=backend)
     out = ops.conv_bn_act(
         x, conv.weight, bn.weight, bn.bias, bn_args["running_mean"], bn_args["running_var"],
         stride=conv.stride[0], padding=conv.padding[0], groups=conv.groups,
@@ -49,6 +54,33 @@ def conv_bn_act(
     )
     _count(bn, counting)
     return out
+
+
+def _cached_fold(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, bn_args: dict,
+                 backend: str) -> Optional[tuple[Tensor, Tensor]]:
+    """(w * scale, shift) of an inference BN folded into its conv, cached on `bn` until any of
+    the tensors it came from changes (their version counters move on every in-place write:
+    optimizer steps, load_state_dict), or None where folding does not apply: training,
+    autograd needing the fold, grouped convs, or a backend that does not run folded convs."""
+    if bn_args["training"] or conv.groups != 1:
+        return None
+    tensors = (conv.weight, bn.running_mean, bn.running_var, bn.weight, bn.bias)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return None
+    if _backend.resolve(backend, "conv_bn_act", x.device) != "triton":
+        return None
+    device = x.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    key = (dtype, *((id(t), t._version) if t is not None else None for t in tensors))
+    cached = getattr(bn, "_fused_resnet_fold", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    with torch.no_grad():
+        scale, shift = reference.fold_bn(bn.running_mean, bn.running_var, bn.weight, bn.bias,
+                                         bn.eps)
+        folded = ((conv.weight.to(scale.dtype) * scale.view(-1, 1, 1, 1)).to(dtype), shift)
+    bn._fused_resnet_fold = (key, folded)
+    return folded
 
 
 def _batchnorm_args(bn: nn.BatchNorm2d) -> tuple[dict, bool]:

@@ -6,11 +6,11 @@ Triton is installed; TRITON_INTERPRET=1 must be set before that import to run th
 
 from fused_resnet.ops.block import residual_block_train
 from fused_resnet.ops.bn_add_relu import bn_add_relu
-from fused_resnet.ops.conv_bn_act import conv_bn_act
+from fused_resnet.ops.conv_bn_act import conv_bias_act, conv_bn_act
 
 try:  # registers the custom ops
     from fused_resnet.ops import triton_block, triton_ops  # noqa: F401
 except ImportError:  # Triton not installed: the "triton" backend reports itself unavailable
     triton_block = triton_ops = None
 
-__all__ = ["bn_add_relu", "conv_bn_act", "residual_block_train"]
+__all__ = ["bn_add_relu", "conv_bias_act", "conv_bn_act", "residual_block_train"]

@@ -29,8 +29,10 @@ def check_conv_bn_act_args(
     x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
     running_mean: Optional[Tensor], running_var: Optional[Tensor], *,
     stride: int, padding: int, groups: int, training: bool, residual: Optional[Tensor],
+    running_ok: bool = False,
 ) -> None:
-    """Raises ValueError naming the first argument that does not fit the others."""
+    """Raises ValueError naming the first argument that does not fit the others.
+    running_ok: inference without running stats is fine (BN already folded)."""
     if x.dim() != 4:
         raise ValueError(f"x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
     if weight.dim() != 4:
@@ -62,12 +64,13 @@ def check_conv_bn_act_args(
             f"x's spatial size {tuple(x.shape[2:])} is smaller than the kernel {(kh, kw)} "
             f"with padding {padding}"
         )
-    for name, t in (("bn_weight", bn_weight), ("bn_bias", bn_bias),
+    bias_name = "bias" if running_ok else "bn_bias"
+    for name, t in (("bn_weight", bn_weight), (bias_name, bn_bias),
                     ("running_mean", running_mean), ("running_var", running_var)):
         _check_vector(name, t, c_out, x)
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must both be tensors or both be None")
-    if not training and running_mean is None:
+    if not training and running_mean is None and not running_ok:
         raise ValueError("training=False needs running_mean and running_var")
     if training and x.shape[0] * h_out * w_out <= 1:
         raise ValueError(
@@ -190,3 +193,22 @@ def _triton_conv_bn_act(
     scale, shift = reference.fold_bn(running_mean, running_var, bn_weight, bn_bias, eps)
     folded = (weight.to(scale.dtype) * scale.view(-1, 1, 1, 1)).to(x.dtype)
     return torch.ops.fused_resnet.conv_bias_act(x, folded, shift, residual, stride, padding, relu)
+
+
+def conv_bias_act(
+    x: Tensor, weight: Tensor, bias: Tensor, *, stride: int = 1, padding: int = 0,
+    residual: Optional[Tensor] = None, relu: bool = True, backend: str = "auto",
+) -> Tensor:
+    """out = act(conv(x, weight) + bias + residual): inference with BN already folded into
+    (weight, bias), e.g. by `reference.fold_bn`. bias: (C_out,) fp32 (fp64 for fp64 x)."""
+    x, weight, residual = autocast_inputs(x, weight, residual)
+    check_conv_bn_act_args(x, weight, None, bias, None, None, stride=stride, padding=padding,
+                           groups=1, training=False, residual=residual, running_ok=True)
+    name = _backend.resolve(backend, "conv_bn_act", x.device)
+    if name == "triton" and triton_unsupported_reason(x, 1) is None:
+        return torch.ops.fused_resnet.conv_bias_act(x, weight, bias, residual, stride, padding,
+                                                    relu)
+    out = torch.nn.functional.conv2d(x, weight, bias.to(x.dtype), stride, padding)
+    if residual is not None:
+        out = out + residual
+    return torch.relu(out) if relu else out

@@ -23,7 +23,7 @@ class TileConfig:
     num_stages: int = 2
 
 
-PINNED = TileConfig(32, 32, 16, num_warps=4, num_stages=2)  # BLOCK_M: a multiple of 32
+PINNED = TileConfig(64, 64, 32, num_warps=4, num_stages=2)  # BLOCK_M: a multiple of 32
 _pinned: Optional[TileConfig] = None
 
 

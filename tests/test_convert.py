@@ -1,0 +1,90 @@
+"""fr.convert on torchvision ResNets, and the cached inference fold of the fused blocks."""
+
+import pytest
+import torch
+import torchvision
+
+import fused_resnet as fr
+from fused_resnet.nn import FusedBasicBlock, FusedBottleneck
+from fused_resnet.testing import assert_close
+
+
+@pytest.mark.parametrize("arch, block", [("resnet18", FusedBasicBlock),
+                                         ("resnet50", FusedBottleneck)])
+def test_convert_round_trip_keeps_tensors_and_state_dict(arch, block):
+    model = getattr(torchvision.models, arch)(weights=None)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    pointers = {k: v.data_ptr() for k, v in model.state_dict().items()}
+    x = torch.randn(2, 3, 64, 64)
+    model.eval()
+    with torch.no_grad():
+        expected = model(x)
+    assert fr.convert(model, backend="reference") is model
+    blocks = [m for m in model.modules() if isinstance(m, block)]
+    assert len(blocks) == sum(len(getattr(model, f"layer{i}")) for i in range(1, 5))
+    state = model.state_dict()
+    assert list(state) == list(before)
+    for key, value in state.items():
+        assert value.data_ptr() == pointers[key], key
+        assert torch.equal(value, before[key]), key
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+    fr.convert(model, backend="auto")
+    assert all(b.backend == "auto" for b in blocks)
+    fr.convert(model, backend="reference")
+    assert all(b.backend == "reference" for b in blocks)
+    assert list(model.state_dict()) == list(before)
+
+
+def test_converted_model_trains_like_torchvision():
+    # fp64: at 32x32 with batch 2 layer4's BN sees 2 values per channel, too ill-conditioned
+    # for an fp32 comparison (see test_fused_blocks).
+    def resnet10():  # torchvision's ResNet class with one basic block per stage
+        block = torchvision.models.resnet.BasicBlock
+        return torchvision.models.resnet.ResNet(block, [1, 1, 1, 1]).double()
+
+    model, reference = resnet10(), resnet10()
+    reference.load_state_dict(model.state_dict())
+    fr.convert(model, backend="triton")
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    model(x).sum().backward()
+    reference(x).sum().backward()
+    grads = dict(reference.named_parameters())
+    for name, p in model.named_parameters():
+        assert_close(p.grad, grads[name].grad, kind="grad", name=name)
+    buffers = dict(reference.named_buffers())
+    for name, b in model.named_buffers():
+        assert_close(b.double(), buffers[name].double(), name=name)
+
+
+def test_convert_rejects_what_it_cannot_swap():
+    block = torchvision.models.resnet.BasicBlock(8, 8)
+    with pytest.raises(ValueError, match="inside a model"):
+        fr.convert(block)
+    holder = torch.nn.Sequential(torchvision.models.resnet.BasicBlock(8, 8))
+    holder[0].downsample = torch.nn.Identity()
+    with pytest.raises(ValueError, match="downsample"):
+        fr.convert(holder)
+    with pytest.raises(ValueError, match="backend"):
+        fr.convert(holder, backend="fast")
+
+
+def test_inference_fold_is_cached_and_follows_weight_changes():
+    block = FusedBottleneck(16, 8, 2, backend="triton").eval()
+    reference = FusedBottleneck(16, 8, 2, backend="reference").eval()
+    reference.load_state_dict(block.state_dict())
+    x = torch.randn(2, 16, 8, 8)
+    with torch.no_grad():
+        assert_close(block(x), reference(x))
+        folded = block.bn2._fused_resnet_fold[1]
+        block(x)
+        assert block.bn2._fused_resnet_fold[1] is folded  # nothing changed: reused
+        for model in (block, reference):
+            model.bn2.running_var.mul_(2.0)
+            model.conv3.weight.mul_(0.5)
+        assert_close(block(x), reference(x))  # stale fold would differ
+        assert block.bn2._fused_resnet_fold[1] is not folded
+    # With autograd the fold is recomputed in the graph, so gradients reach gamma / weights.
+    out = block(x)
+    out.sum().backward()
+    assert block.bn1.weight.grad is not None and block.conv1.weight.grad is not None
