@@ -21,9 +21,7 @@ import argparse
 import csv
 import datetime
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -34,6 +32,7 @@ if not torch.cuda.is_available():  # the Triton kernels run in the interpreter o
 import torch.nn.functional as F  # noqa: E402
 
 import fused_resnet as fr  # noqa: E402
+from fused_resnet.bench import time_ms  # noqa: E402
 from fused_resnet.table import format_table  # noqa: E402
 from fused_resnet.testing import DTYPES  # noqa: E402
 
@@ -63,20 +62,6 @@ def eager(x, w, gamma, beta, mean, var, residual, stride, padding, training, rel
     if residual is not None:
         y = y + residual
     return torch.relu(y) if relu else y
-
-
-def _time_ms(fn, device):
-    if device.type == "cuda":
-        import triton.testing
-
-        return triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])
-    fn()
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times), min(times), max(times)
 
 
 def bench_shape(shape, batch, dtype, device, backend, use_compile):
@@ -118,7 +103,7 @@ def bench_shape(shape, batch, dtype, device, backend, use_compile):
                 def fn(impl=impl, training=mode == "train"):
                     with torch.no_grad():
                         impl(training)
-            med, p20, p80 = _time_ms(fn, device)
+            med, p20, p80 = time_ms(fn, device)
             flops = 2 * macs * (3 if mode == "train+bwd" else 1)
             traffic = fwd_bytes + (bwd_bytes if mode == "train+bwd" else 0)
             rows.append({"shape": f"{c_in}>{c_out} k{k}s{stride} {h}x{h}"
