@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
-import datetime
 import os
 import sys
 from pathlib import Path
@@ -27,7 +25,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import fused_resnet as fr  # noqa: E402
-from fused_resnet.bench import time_ms  # noqa: E402
+from fused_resnet.bench import report_header, results_stem, time_ms, write_report  # noqa: E402,E501
 from fused_resnet.nn import FusedBottleneck  # noqa: E402
 from fused_resnet.table import format_table  # noqa: E402
 from fused_resnet.testing import DTYPES  # noqa: E402
@@ -104,23 +102,16 @@ def main(argv=None):
     for shape in shapes:
         rows += bench_block(shape, batch, dtype, device, not (args.no_compile or args.smoke))
         print(f"done {shape}", file=sys.stderr)
-    gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    header = (f"# bench_blocks: ResNet-50 bottlenecks on {gpu}, torch {torch.__version__}, "
-              f"{str(dtype).split('.')[-1]}, batch {batch}, {datetime.date.today()}\n\n")
+    header = report_header("bench_blocks: ResNet-50 bottlenecks",
+                           f"{str(dtype).split('.')[-1]}, batch {batch}")
     table = format_table(
         ["block", "mode", "impl", "ms", "p20-p80", "TFLOP/s", "fused speed-up"],
         [[r["block"], r["mode"], r["impl"], f"{r['ms']:.3f}",
           f"{r['ms_p20']:.3f}-{r['ms_p80']:.3f}", f"{r['tflops']:.1f}",
           f"{r['fused_speedup']:.2f}x"] for r in rows])
     print(header + table)
-    out = Path(args.out) if args.out else RESULTS
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"{gpu.replace(' ', '_')}-{datetime.date.today()}-blocks{'-smoke' * args.smoke}"
-    with open(f"{stem}.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    Path(f"{stem}.md").write_text(header + table + "\n")
+    write_report(rows, results_stem(args.out or str(RESULTS), "blocks", args.smoke),
+                 header + table)
 
 
 if __name__ == "__main__":

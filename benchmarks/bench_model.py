@@ -13,8 +13,6 @@ writes CSV + markdown + PNG under benchmarks/results/<gpu>-<date>-model.*.
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
 import os
 import sys
 from dataclasses import asdict
@@ -25,7 +23,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from fused_resnet.bench import bench  # noqa: E402
+from fused_resnet.bench import bench, report_header, results_stem, write_report  # noqa: E402
 from fused_resnet.table import format_table  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -93,9 +91,7 @@ def main(argv=None):
         args.no_compile = True
     rows = run(args.arch, args.dtypes, args.train_batch, args.infer_batch, args.image_size,
                not args.no_compile, args.iters)
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    header = (f"# bench_model: {args.arch} on {gpu}, torch {torch.__version__}, "
-              f"{datetime.date.today()}\n\n")
+    header = report_header(f"bench_model: {args.arch}", f"{', '.join(args.dtypes)}")
     table = format_table(
         ["dtype", "mode", "batch", "column", "ms", "img/s", "TFLOP/s", "peak MiB", "fused x"],
         [[r["dtype"], r["mode"], r["batch"], r["column"], f"{r['ms_median']:.2f}",
@@ -103,14 +99,8 @@ def main(argv=None):
           "-" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.0f}",
           f"{r['fused_speedup']:.2f}"] for r in rows])
     print(header + table)
-    out = Path(args.out) if args.out else RESULTS
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"{gpu.replace(' ', '_')}-{datetime.date.today()}-model{'-smoke' * args.smoke}"
-    with open(f"{stem}.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    Path(f"{stem}.md").write_text(header + table + "\n")
+    stem = results_stem(args.out or str(RESULTS), "model", args.smoke)
+    write_report(rows, stem, header + table)
     plot(rows, f"{stem}.png")
     print(f"\nwrote {stem}.csv, .md, .png", file=sys.stderr)
 

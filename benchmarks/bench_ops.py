@@ -18,8 +18,6 @@ with backward also read dz, write dx, dw) by the time.
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
 import os
 import sys
 from pathlib import Path
@@ -32,7 +30,7 @@ if not torch.cuda.is_available():  # the Triton kernels run in the interpreter o
 import torch.nn.functional as F  # noqa: E402
 
 import fused_resnet as fr  # noqa: E402
-from fused_resnet.bench import time_ms  # noqa: E402
+from fused_resnet.bench import report_header, results_stem, time_ms, write_report  # noqa: E402,E501
 from fused_resnet.table import format_table  # noqa: E402
 from fused_resnet.testing import DTYPES  # noqa: E402
 
@@ -146,20 +144,11 @@ def main(argv=None):
         [[r["shape"], r["batch"], r["mode"], r["impl"], f"{r['ms']:.3f}",
           f"{r['ms_p20']:.3f}-{r['ms_p80']:.3f}", f"{r['tflops']:.1f}", f"{r['gbps']:.0f}",
           f"{r['fused_speedup']:.2f}x"] for r in rows])
-    gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    header = (f"# bench_ops: {gpu}, torch {torch.__version__}, "
-              f"{'triton ' + __import__('triton').__version__}, {str(dtype).split('.')[-1]}, "
-              f"{datetime.date.today()}\n\n")
+    header = report_header("bench_ops: ResNet-50 convs", str(dtype).split(".")[-1])
     print(header + table)
-    out = Path(args.out) if args.out else RESULTS
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"{gpu.replace(' ', '_')}-{datetime.date.today()}-ops{'-smoke' if args.smoke else ''}"
-    with open(out / f"{stem}.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    (out / f"{stem}.md").write_text(header + table + "\n")
-    print(f"\nwrote {out / stem}.csv and .md", file=sys.stderr)
+    stem = results_stem(args.out or str(RESULTS), "ops", args.smoke)
+    write_report(rows, stem, header + table)
+    print(f"\nwrote {stem}.csv and .md", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -74,20 +74,23 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from fused_resnet.bench import bench, write_csv
+    from dataclasses import asdict
+
+    from fused_resnet.bench import bench, write_report
 
     backends = tuple(getattr(args, "backends", None) or (args.backend,))
     rows = bench(args.arch, backends, batch_size=args.batch_size, image_size=args.image_size,
                  dtype=args.dtype, compile_model=getattr(args, "compile", False),
                  iters=getattr(args, "iters", 5), device=args.device)
-    print(format_table(
+    text = format_table(
         ("column", "mode", "batch", "ms (median)", "ms p20-p80", "img/s", "TFLOP/s", "peak MiB"),
         [(r.column, r.mode, r.batch, f"{r.ms_median:.2f}", f"{r.ms_p20:.2f}-{r.ms_p80:.2f}",
           f"{r.images_per_s:.1f}", f"{r.tflops:.3f}",
-          "-" if r.peak_mem_mb is None else f"{r.peak_mem_mb:.0f}") for r in rows]))
+          "-" if r.peak_mem_mb is None else f"{r.peak_mem_mb:.0f}") for r in rows])
+    print(text)
     if getattr(args, "csv", None):
-        write_csv(rows, args.csv)
-        print(f"\nwrote {args.csv}")
+        write_report([asdict(r) for r in rows], args.csv.removesuffix(".csv"), text)
+        print(f"\nwrote {args.csv} and its .md")
     return 0
 
 

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import copy
 import csv
+import datetime
+import os
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -134,8 +136,34 @@ def _time_mode(model: nn.Module, mode: str, x, target, half, warmup: int, iters:
     return med, p20, p80, peak
 
 
-def write_csv(rows: list[BenchRow], path: str) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
+def device_label() -> str:
+    """The GPU's name, or "cpu"."""
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def report_header(title: str, details: str) -> str:
+    """A markdown title line naming the device, torch and Triton versions and the date."""
+    try:
+        import triton
+
+        versions = f"torch {torch.__version__}, triton {triton.__version__}"
+    except ImportError:
+        versions = f"torch {torch.__version__}"
+    return f"# {title} on {device_label()}, {versions}, {details}, {datetime.date.today()}\n\n"
+
+
+def results_stem(out_dir: str, kind: str, smoke: bool) -> str:
+    """`<out_dir>/<gpu>-<date>-<kind>[-smoke]` (the folder is created)."""
+    os.makedirs(out_dir, exist_ok=True)
+    name = f"{device_label().replace(' ', '_')}-{datetime.date.today()}-{kind}"
+    return os.path.join(out_dir, name + ("-smoke" if smoke else ""))
+
+
+def write_report(rows: list[dict], stem: str, text: str) -> None:
+    """Writes `rows` to `<stem>.csv` and the printed report `text` to `<stem>.md`."""
+    with open(f"{stem}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
-        writer.writerows(asdict(r) for r in rows)
+        writer.writerows(rows)
+    with open(f"{stem}.md", "w") as f:
+        f.write(text + "\n")

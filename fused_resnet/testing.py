@@ -79,3 +79,14 @@ def assert_close(actual: Tensor, expected: Tensor, *, kind: str = "output",
             f"{name}: max abs error {result.max_abs:.3e} (relative {result.max_rel:.3e}) "
             f"violates {result.bound}"
         )
+
+
+def assert_modules_close(module: torch.nn.Module, reference: torch.nn.Module) -> None:
+    """Every parameter's gradient and every buffer of `module` against `reference` (same
+    names), with the rule above; buffers compared in fp64 (num_batches_tracked is an int)."""
+    grads = dict(reference.named_parameters())
+    for name, p in module.named_parameters():
+        assert_close(p.grad, grads[name].grad, kind="grad", name=f"{name}.grad")
+    buffers = dict(reference.named_buffers())
+    for name, b in module.named_buffers():
+        assert_close(b.double(), buffers[name].double(), name=name)

@@ -6,7 +6,7 @@ import torchvision
 
 import fused_resnet as fr
 from fused_resnet.nn import FusedBasicBlock, FusedBottleneck
-from fused_resnet.testing import assert_close
+from fused_resnet.testing import assert_close, assert_modules_close
 
 
 @pytest.mark.parametrize("arch, block", [("resnet18", FusedBasicBlock),
@@ -49,12 +49,7 @@ def test_converted_model_trains_like_torchvision():
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     model(x).sum().backward()
     reference(x).sum().backward()
-    grads = dict(reference.named_parameters())
-    for name, p in model.named_parameters():
-        assert_close(p.grad, grads[name].grad, kind="grad", name=name)
-    buffers = dict(reference.named_buffers())
-    for name, b in model.named_buffers():
-        assert_close(b.double(), buffers[name].double(), name=name)
+    assert_modules_close(model, reference)
 
 
 def test_convert_rejects_what_it_cannot_swap():

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from fused_resnet import models
 from fused_resnet.nn import FusedBasicBlock, FusedBottleneck
-from fused_resnet.testing import assert_close
+from fused_resnet.testing import assert_close, assert_modules_close
 
 pytest.importorskip("triton")
 
@@ -60,12 +60,7 @@ def test_block_matches_reference_in_training_and_eval(name):
         out.backward(dz)
         expected.backward(dz)
         assert_close(x.grad, x_ref.grad, kind="grad", name="dx")
-    params = dict(ref.named_parameters())
-    for pname, p in fused.named_parameters():
-        assert_close(p.grad, params[pname].grad, kind="grad", name=pname)
-    buffers = dict(ref.named_buffers())
-    for bname, b in fused.named_buffers():
-        assert_close(b.double(), buffers[bname].double(), name=bname)
+    assert_modules_close(fused, ref)
     fused.eval()
     ref.eval()
     x = torch.randn(2, c_in, 8, 8)
@@ -113,12 +108,7 @@ def test_small_resnet_trains_like_the_reference(arch, size, dtype):
     ref_losses = _train_two_steps(ref, x, target)
     for step, (loss, ref_loss) in enumerate(zip(losses, ref_losses)):
         assert_close(loss, ref_loss, name=f"loss at step {step}")
-    grads = dict(ref.named_parameters())
-    for name, p in fused.named_parameters():
-        assert_close(p.grad, grads[name].grad, kind="grad", name=name)
-    buffers = dict(ref.named_buffers())
-    for name, b in fused.named_buffers():
-        assert_close(b.double(), buffers[name].double(), name=name)
+    assert_modules_close(fused, ref)
     fused.eval()
     ref.eval()
     with torch.no_grad():
@@ -137,9 +127,8 @@ def test_block_matches_reference_compiled_on_cuda(name):
     out.backward(torch.ones_like(out))
     expected.backward(torch.ones_like(expected))
     assert_close(x.grad, x_ref.grad, kind="grad")
-    params = dict(ref.named_parameters())
     for pname, p in fused.named_parameters():
-        assert_close(p.grad, params[pname].grad, kind="grad", name=pname)
+        assert_close(p.grad, dict(ref.named_parameters())[pname].grad, kind="grad", name=pname)
 
 
 @pytest.mark.gpu
