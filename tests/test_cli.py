@@ -96,3 +96,14 @@ def test_ci_runs_exactly_the_readme_test_command():
     assert len(commands) == 2, "README must start with the two set-up commands"
     ci = (root / ".ci" / "run").read_text().splitlines()
     assert commands[1] in ci
+
+
+def test_readme_python_examples_run():
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
+    assert len(blocks) >= 2
+    for i, code in enumerate(blocks):
+        exec(compile(code, f"README.md python block {i}", "exec"), {})
