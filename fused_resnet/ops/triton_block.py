@@ -7,7 +7,9 @@ Training chain (DESIGN.md, "Bottleneck chain"), for main-path convs w_1..w_L (L 
     z   = relu(bn_L(y_L) + shortcut)                    one elementwise kernel, where
           shortcut = x | zero_pad(x) | bn_d(conv(x, w_d)) | nothing (plain block)
 Only x, the raw conv outputs y_i and the per-channel mean / var are saved; backward
-recomputes relu(bn(y)) on load (wgrad prologue) and the ReLU masks from y * scale + shift.
+recomputes relu(bn(y)) on load (wgrad prologue) and the ReLU masks from y * scale + shift,
+takes each inner BN's backward sums from the epilogue of the dgrad that produces its
+gradient, and applies the BN backward on load in the next dgrad / wgrad (1x1 convs).
 Outputs: z (x's memory format), the y_i (channels_last), and each BN's batch mean and biased
 var, from which the caller updates the running statistics.
 """
@@ -22,7 +24,7 @@ from fused_resnet.ops.layout import conv_output_shape, output_memory_format
 from fused_resnet.triton.bn import bn_bwd_reduce, bn_finalize
 from fused_resnet.triton.config import acc_dtype
 from fused_resnet.triton.conv import STAT_ROWS, conv_fwd, to_nhwc
-from fused_resnet.triton.conv_bwd import BnGrad, conv_dgrad, conv_wgrad
+from fused_resnet.triton.conv_bwd import BnGrad, BnReduce, conv_dgrad, conv_wgrad
 from fused_resnet.triton.eltwise import bn_act_bwd, bn_act_fwd, bn_backward_coefficients
 
 SHORTCUTS = ("identity", "zero_pad", "projection", "none")
@@ -137,12 +139,16 @@ def block_train_backward(
         inp = x if i == 0 else ys[i - 1]
         dweights[i] = conv_wgrad(inp, dy, weights[i].shape, stride=strides[i],
                                  padding=paddings[i], **prologue)
-        d_inp = conv_dgrad(dy, weights[i], inp.shape, stride=strides[i], padding=paddings[i])
         if i == 0:
-            dx = d_inp
+            dx = conv_dgrad(dy, weights[0], x.shape, stride=strides[0], padding=paddings[0])
             break
-        mask = (affine[i - 1][1], affine[i - 1][2])  # relu(bn(y)) > 0  <=>  y*scale+shift > 0
-        s_g, s_gy, _ = bn_bwd_reduce(d_inp, mask, ys[i - 1], means[i - 1], affine[i - 1][0])
+        # The gradient at relu(bn_{i-1}(y_{i-1})), with that BN's backward sums from the
+        # dgrad epilogue; relu(bn(y)) > 0  <=>  y * scale + shift > 0.
+        rstd, scale, shift = affine[i - 1]
+        d_inp, (s_g, s_gy) = conv_dgrad(
+            dy, weights[i], inp.shape, stride=strides[i], padding=paddings[i],
+            reduce=BnReduce(ys[i - 1], scale, shift, means[i - 1], rstd))
+        mask = (scale, shift)
         dgammas[i - 1], dbetas[i - 1] = s_gy, s_g
         c = bn_backward_coefficients(gammas[i - 1], means[i - 1], affine[i - 1][0], s_g, s_gy,
                                      n[i - 1])

@@ -30,7 +30,7 @@ import triton.language as tl
 from torch import Tensor
 
 from fused_resnet.triton.config import acc_dtype, input_precision, interpreting
-from fused_resnet.triton.conv import FWD_CONFIGS, launch, to_nhwc
+from fused_resnet.triton.conv import FWD_CONFIGS, STAT_ROWS, launch, to_nhwc
 from fused_resnet.triton.eltwise import NO_RELU, ReluMask, relu_grad, relu_mask_args
 
 
@@ -66,8 +66,10 @@ def _grad_tile(dy_ptr, z_ptr, y_ptr, offs, ok, a, b, d, ms, mh,
 @triton.jit
 def _conv_dgrad_kernel(
     dy_ptr, w_ptr, dx_ptr, z_ptr, ms_ptr, mh_ptr, y_ptr, a_ptr, b_ptr, d_ptr,
-    H, W, C_in, Ho, Wo, C_out, M, stride, padding,
+    ry_ptr, r_scale_ptr, r_shift_ptr, r_mean_ptr, r_rstd_ptr, part_g_ptr, part_gy_ptr,
+    num_groups, H, W, C_in, Ho, Wo, C_out, M, stride, padding,
     KH: tl.constexpr, KW: tl.constexpr, BN_BWD: tl.constexpr, RELU: tl.constexpr,
+    REDUCE: tl.constexpr, GROUP: tl.constexpr,
     UPCAST: tl.constexpr, ACC_FP64: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -111,7 +113,26 @@ def _conv_dgrad_kernel(
                 else:
                     acc = tl.dot(a, b, acc, input_precision=PRECISION)
     out = m64[:, None] * C_in + offs_n[None, :]
-    tl.store(dx_ptr + out, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    out_ok = m_ok[:, None] & n_ok[None, :]
+    dx = acc.to(dx_ptr.dtype.element_ty)
+    tl.store(dx_ptr + out, dx, mask=out_ok)
+    if REDUCE:
+        # dx is the gradient at relu(bn(y)) of the previous layer: per group of GROUP rows,
+        # sum g and sum g * yhat with g = dx * [y * scale + shift > 0], yhat = (y - mean) * rstd.
+        yv = tl.load(ry_ptr + out, mask=out_ok, other=0.0).to(acc_ty)
+        sc = tl.load(r_scale_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
+        sh = tl.load(r_shift_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
+        mean = tl.load(r_mean_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
+        rstd = tl.load(r_rstd_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
+        g = tl.where(out_ok & (yv * sc + sh > 0), dx.to(acc_ty), 0.0)
+        G: tl.constexpr = BLOCK_M // GROUP
+        sum_g = tl.sum(tl.reshape(g, (G, GROUP, BLOCK_N)), axis=1)
+        sum_gy = tl.sum(tl.reshape(g * (yv - mean) * rstd, (G, GROUP, BLOCK_N)), axis=1)
+        group = tl.program_id(0) * G + tl.arange(0, G)
+        part = group[:, None] * C_in + offs_n[None, :]
+        part_ok = (group < num_groups)[:, None] & n_ok[None, :]
+        tl.store(part_g_ptr + part, sum_g, mask=part_ok)
+        tl.store(part_gy_ptr + part, sum_gy, mask=part_ok)
 
 
 def _grad_args(dy) -> tuple[tuple, dict]:
@@ -126,10 +147,22 @@ def _grad_args(dy) -> tuple[tuple, dict]:
     return (dy,) * 8, {"BN_BWD": False, "RELU": NO_RELU}  # z, ..., d unused
 
 
-def conv_dgrad(dy, weight: Tensor, x_shape: torch.Size, *, stride: int,
-               padding: int) -> Tensor:
+class BnReduce(NamedTuple):
+    """The BN + ReLU that produced the conv's input, relu(y * scale + shift): dgrad then also
+    returns its backward sums (sum g, sum g * yhat). y: the input's shape, channels_last;
+    scale, shift, mean, rstd: (C_in,)."""
+
+    y: Tensor
+    scale: Tensor
+    shift: Tensor
+    mean: Tensor
+    rstd: Tensor
+
+
+def conv_dgrad(dy, weight: Tensor, x_shape: torch.Size, *, stride: int, padding: int,
+               reduce: Optional[BnReduce] = None):
     """dx (N, C_in, H, W) channels_last in dy's dtype, for dy (N, C_out, Ho, Wo) given as a
-    tensor or a BnGrad."""
+    tensor or a BnGrad; with `reduce`, (dx, (sum g, sum g * yhat)) for that BN."""
     grad, flags = _grad_args(dy)
     dy = grad[0]
     n, c_in, h, w = x_shape
@@ -141,13 +174,19 @@ def conv_dgrad(dy, weight: Tensor, x_shape: torch.Size, *, stride: int,
     w_t = weight.permute(2, 3, 0, 1).reshape(-1, c_in).contiguous()  # (kh*kw*C_out, C_in)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c_in, meta["BLOCK_N"]))  # noqa: E731
     acc = acc_dtype(dy.dtype)
+    groups = triton.cdiv(m, STAT_ROWS)
+    parts = [torch.empty((groups, c_in), device=dy.device, dtype=acc) for _ in range(2)]
+    r_args = (to_nhwc(reduce.y), *reduce[1:]) if reduce is not None else (dx,) * 5
     launch(
-        _conv_dgrad_kernel, grid, dy, w_t, dx, *grad[1:],
+        _conv_dgrad_kernel, grid, dy, w_t, dx, *grad[1:], *r_args, *parts, groups,
         h, w, c_in, ho, wo, c_out, m, stride, padding, KH=kh, KW=kw, **flags,
+        REDUCE=reduce is not None, GROUP=STAT_ROWS,
         UPCAST=interpreting() and dy.dtype == torch.bfloat16, ACC_FP64=acc == torch.float64,
         PRECISION=input_precision(dy.dtype),
     )
-    return dx
+    if reduce is None:
+        return dx
+    return dx, (parts[0].sum(0), parts[1].sum(0))  # fixed-order sum of the group partials
 
 
 @triton.autotune(configs=FWD_CONFIGS, key=["M", "C_in", "C_out", "KH", "KW", "stride"])
