@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Optional
 
@@ -20,6 +21,18 @@ LOW_PRECISION_FACTOR = 2.0
 LOW_PRECISION_FLOOR = {torch.float16: 1e-3, torch.bfloat16: 8e-3}
 DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16,
           "fp16": torch.float16}
+
+
+@contextlib.contextmanager
+def exact_fp32():
+    """TF32 off for cuDNN convolutions and matmuls (and so for the Triton kernels, which
+    follow cuDNN's flag) while inside; usable as a decorator. fp32 comparisons need it."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 @dataclass

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fused_resnet.models import build_model, is_cifar, reference_twin
-from fused_resnet.testing import DTYPES, Comparison, compare
+from fused_resnet.testing import DTYPES, Comparison, compare, exact_fp32
 
 
 @dataclass
@@ -56,6 +56,7 @@ def _worst(items: list[tuple[str, Comparison]]) -> tuple[str, Comparison]:
     return max(items, key=lambda item: (not item[1].ok, item[1].max_rel))
 
 
+@exact_fp32()
 def validate(
     arch: str = "resnet50",
     backend: str = "auto",

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from fused_resnet import models
 from fused_resnet.nn import FusedBasicBlock, FusedBottleneck
-from fused_resnet.testing import assert_close, assert_modules_close
+from fused_resnet.testing import assert_close, assert_modules_close, exact_fp32
 
 pytest.importorskip("triton")
 
@@ -117,8 +117,8 @@ def test_small_resnet_trains_like_the_reference(arch, size, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", list(BLOCKS))
+@exact_fp32()
 def test_block_matches_reference_compiled_on_cuda(name):
-    torch.backends.cudnn.allow_tf32 = False
     fused, ref = (m.cuda() for m in _pair(name))
     x = torch.randn(8, fused.conv1.in_channels, 28, 28, device="cuda", requires_grad=True)
     x_ref = x.detach().clone().requires_grad_()
