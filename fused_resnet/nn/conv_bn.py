@@ -71,7 +71,9 @@ def _cached_fold(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, bn_args: dict,
         return None
     device = x.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-    key = (dtype, *((id(t), t._version) if t is not None else None for t in tensors))
+    # Storage address and version of each source: moving the module (.to, .cuda) or writing
+    # to a tensor (optimizer step, load_state_dict) changes one of them.
+    key = (dtype, *((t.data_ptr(), t._version) if t is not None else None for t in tensors))
     cached = getattr(bn, "_fused_resnet_fold", None)
     if cached is not None and cached[0] == key:
         return cached[1]
