@@ -53,18 +53,17 @@ def block_train(
 ) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor]]:
     main = len(weights) - (shortcut == "projection")
     ys, means, variances, affines = [], [], [], []
-    inp, prologue = x, None
+    inp, prologue = x, {}
     for i in range(main):
         y, parts = conv_fwd(inp, weights[i], stride=strides[i], padding=paddings[i],
-                            in_scale=prologue and prologue[0], in_shift=prologue and prologue[1],
-                            in_relu=prologue is not None, stats=True)
+                            stats=True, **prologue)
         mean, var, scale, shift = bn_finalize(*parts, STAT_ROWS, y.numel() // y.shape[1],
                                               gammas[i], betas[i], eps[i])
         ys.append(y)
         means.append(mean)
         variances.append(var)
         affines.append((scale, shift))
-        inp, prologue = y, (scale, shift)
+        inp, prologue = y, {"in_scale": scale, "in_shift": shift, "in_relu": True}
     bn2 = {}
     if shortcut == "projection":
         yd, parts = conv_fwd(x, weights[-1], stride=shortcut_stride, padding=0, stats=True)
