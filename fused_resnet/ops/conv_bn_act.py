@@ -9,6 +9,7 @@ from torch import Tensor
 
 from fused_resnet import backend as _backend
 from fused_resnet import reference
+from fused_resnet.ops.layout import conv_output_shape
 
 
 def _check_vector(name: str, t: Optional[Tensor], channels: int, x: Tensor) -> None:
@@ -18,11 +19,6 @@ def _check_vector(name: str, t: Optional[Tensor], channels: int, x: Tensor) -> N
         raise ValueError(f"{name} must have shape ({channels},), got {tuple(t.shape)}")
     if t.device != x.device:
         raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
-
-
-def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
-    """Spatial output size of a dilation-1 convolution: floor((size + 2p - k) / s) + 1."""
-    return (size + 2 * padding - kernel) // stride + 1
 
 
 def check_conv_bn_act_args(
@@ -57,8 +53,7 @@ def check_conv_bn_act_args(
         )
     if c_out % groups != 0:
         raise ValueError(f"weight.shape[0] ({c_out}) must be divisible by groups ({groups})")
-    h_out = conv_output_size(x.shape[2], kh, stride, padding)
-    w_out = conv_output_size(x.shape[3], kw, stride, padding)
+    h_out, w_out = conv_output_shape(x, weight, stride, padding)[2:]
     if h_out < 1 or w_out < 1:
         raise ValueError(
             f"x's spatial size {tuple(x.shape[2:])} is smaller than the kernel {(kh, kw)} "
