@@ -2,9 +2,11 @@
 
 For each distinct block shape (input channels, planes, stride, projection, input size), in one
 process and on the same weights and inputs: the fused block (one op in training, the folded
-chain in eval), the same block on the pure-PyTorch reference in channels_last (eager cuDNN on
-GPU), and torch.compile of that reference block; "train" = forward + backward, "eval" =
-forward under no_grad, in autocast `--dtype`. TFLOP/s counts 2 FLOPs per MAC (x3 with
+chain in eval; for stride-1 identity blocks also the single-launch eval kernel, "fused
+single", so the faster eval path per shape can be read off), the same block on the
+pure-PyTorch reference in channels_last (eager cuDNN on GPU), and torch.compile of that
+reference block; "train" = forward + backward, "eval" = forward under no_grad, in autocast
+`--dtype`. TFLOP/s counts 2 FLOPs per MAC (x3 with
 backward). Writes benchmarks/results/<gpu>-<date>-blocks.{csv,md}.
 
     python benchmarks/bench_blocks.py --batch 256 --dtype bf16        # GPU
@@ -29,6 +31,7 @@ from fused_resnet.bench import report_header, results_stem, time_ms, write_repor
 from fused_resnet.nn import FusedBottleneck  # noqa: E402
 from fused_resnet.table import format_table  # noqa: E402
 from fused_resnet.testing import DTYPES  # noqa: E402
+from fused_resnet.triton.bottleneck_eval import MAX_MID  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -55,6 +58,9 @@ def bench_block(shape, batch, dtype, device, use_compile):
     eager = copy.deepcopy(fused)
     fr.models.set_backend(eager, "reference")
     columns = {"fused": fused, "eager": eager}
+    if stride == 1 and not shape[3] and planes <= MAX_MID:  # the single-launch eval kernel
+        columns["fused single"] = copy.deepcopy(fused)
+        columns["fused single"].eval_kernel = "single"
     if use_compile:
         columns["compile"] = torch.compile(copy.deepcopy(eager))
     x = torch.randn(batch, inplanes, h, h, device=device).contiguous(memory_format=cl)
@@ -63,6 +69,8 @@ def bench_block(shape, batch, dtype, device, use_compile):
     rows = []
     for mode in ("train", "eval"):
         for name, module in columns.items():
+            if name == "fused single" and mode == "train":
+                continue
             module.train(mode == "train")
 
             def fn(module=module, train=mode == "train"):

@@ -47,6 +47,8 @@ def _fused_from(module: nn.Module, cls, backend: str) -> ResidualBlock:
     block.shortcut = "B"
     block.stride = getattr(module, "stride", block.conv1.stride[0] * block.conv2.stride[0])
     block.backend = backend
+    if cls is FusedBottleneck:
+        block.eval_kernel = "chain"
     block.train(module.training)
     return block
 

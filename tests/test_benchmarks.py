@@ -42,4 +42,7 @@ def test_bench_blocks_smoke(tmp_path):
     assert result.returncode == 0, result.stderr
     csvs = list(tmp_path.glob("*-blocks-smoke.csv"))
     assert len(csvs) == 1
-    assert len(csvs[0].read_text().splitlines()) == 1 + 2 * 2 * 2  # 2 blocks x 2 modes x 2
+    lines = csvs[0].read_text().splitlines()
+    # 2 blocks x 2 modes x (fused, eager), plus "fused single" in eval for the identity block
+    assert len(lines) == 1 + 2 * 2 * 2 + 1
+    assert sum(",fused single," in line for line in lines) == 1

@@ -155,3 +155,46 @@ def test_fused_resnet50_training_step_uses_less_activation_memory():
     print(f"peak activation memory: fused {fused_peak / 2**20:.0f} MiB, "
           f"eager {eager_peak / 2**20:.0f} MiB ({fused_peak / eager_peak:.2f}x)")
     assert fused_peak < eager_peak
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_single_launch_eval_bottleneck(dtype, monkeypatch):
+    from fused_resnet import ops
+
+    calls = []
+    real = ops.bottleneck_eval
+    monkeypatch.setattr(ops, "bottleneck_eval", lambda *a, **k: calls.append(1) or real(*a, **k))
+    fused = FusedBottleneck(32, 8, 1, backend="triton", eval_kernel="single").eval()
+    ref = FusedBottleneck(32, 8, 1, backend="reference").eval()
+    with torch.no_grad():
+        for m in fused.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+    ref.load_state_dict(fused.state_dict())
+    x = torch.randn(2, 32, 6, 6)
+    with torch.no_grad():
+        if dtype == torch.float32:
+            assert_close(fused(x), ref(x))
+        else:  # fp16 against fp64 truth, within 2x eager fp16's error
+            truth = ref.double()(x.double())
+            eager = FusedBottleneck(32, 8, 1, backend="reference").eval().half()
+            eager.load_state_dict(ref.state_dict())
+            assert_close(fused.half()(x.half()), truth, baseline=eager(x.half()))
+    assert calls == [1], "the block took the single-launch path"
+
+
+def test_single_launch_eval_op_checks_and_falls_back():
+    x = torch.randn(2, 32, 5, 5)
+    ws = [torch.randn(8, 32, 1, 1), torch.randn(8, 8, 3, 3), torch.randn(32, 8, 1, 1)]
+    bs = [torch.randn(8), torch.randn(8), torch.randn(32)]
+    torch.library.opcheck(torch.ops.fused_resnet.bottleneck_eval.default, (x, ws, bs),
+                          test_utils=("test_schema", "test_faketensor"))
+    from fused_resnet import ops
+
+    assert_close(ops.bottleneck_eval(x, ws, bs, backend="triton"),
+                 ops.bottleneck_eval(x, ws, bs, backend="reference"))
+    with pytest.raises(ValueError, match="weights\\[2\\] must have shape"):
+        ops.bottleneck_eval(x, [ws[0], ws[1], torch.randn(16, 8, 1, 1)], bs)
+    with pytest.raises(ValueError, match="eval_kernel"):
+        FusedBottleneck(32, 8, eval_kernel="fast")

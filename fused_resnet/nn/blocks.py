@@ -13,11 +13,13 @@ from typing import Optional
 
 from torch import Tensor, nn
 
+from fused_resnet import ops
 from fused_resnet.backend import check_backend_name
-from fused_resnet.nn.conv_bn import conv_bn_act, fusable_block, residual_block
+from fused_resnet.nn.conv_bn import cached_fold, conv_bn_act, fusable_block, residual_block
 from fused_resnet.nn.shortcut import ZeroPadShortcut, check_shortcut, make_shortcut
 
 VARIANTS = ("v1", "v1.5")
+EVAL_KERNELS = ("chain", "single")
 
 
 class ResidualBlock(nn.Module):
@@ -39,6 +41,11 @@ class ResidualBlock(nn.Module):
             if projection:
                 pairs = pairs + [tuple(self.downsample)]
             return residual_block(x, pairs, kind, self.stride, self.backend)
+        if self._single_launch_eval():
+            folded = [cached_fold(x, conv, bn, self.backend) for conv, bn in pairs]
+            if all(f is not None for f in folded):
+                return ops.bottleneck_eval(x, [w for w, _ in folded], [b for _, b in folded],
+                                           backend=self.backend)
         identity = self._shortcut(x)
         out = x
         for i, (conv, bn) in enumerate(pairs):
@@ -46,6 +53,9 @@ class ResidualBlock(nn.Module):
             out = conv_bn_act(out, conv, bn, residual=identity if last else None,
                               backend=self.backend)
         return out
+
+    def _single_launch_eval(self) -> bool:
+        return False
 
     def _shortcut(self, x: Tensor) -> Optional[Tensor]:
         if self.shortcut is None:
@@ -87,6 +97,10 @@ class FusedBottleneck(ResidualBlock):
     conv1 1x1 reduce to `width = planes * base_width / 64 * groups`, conv2 3x3 (grouped for
     ResNeXt), conv3 1x1 expand to `planes * 4`. The stride sits on conv2 in "v1.5"
     (torchvision) and on conv1 in "v1" (the paper).
+
+    eval_kernel: in inference, "chain" runs the three folded convs as three fused ops;
+    "single" runs a stride-1 identity block in one launch (`ops.bottleneck_eval`, a1 and a2
+    never leave the chip, conv1 recomputed for the 3x3 halo). Other blocks always chain.
     """
 
     expansion = 4
@@ -94,10 +108,14 @@ class FusedBottleneck(ResidualBlock):
     def __init__(
         self, inplanes: int, planes: int, stride: int = 1, *, shortcut: Optional[str] = "B",
         groups: int = 1, base_width: int = 64, variant: str = "v1.5", backend: str = "auto",
+        eval_kernel: str = "chain",
     ):
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        if eval_kernel not in EVAL_KERNELS:
+            raise ValueError(f"eval_kernel must be one of {EVAL_KERNELS}, got {eval_kernel!r}")
+        self.eval_kernel = eval_kernel
         self.shortcut = check_shortcut(shortcut)
         self.backend = check_backend_name(backend)
         width = int(planes * (base_width / 64.0)) * groups
@@ -115,3 +133,7 @@ class FusedBottleneck(ResidualBlock):
 
     def main_path(self) -> list[tuple[nn.Conv2d, nn.BatchNorm2d]]:
         return [(self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)]
+
+    def _single_launch_eval(self) -> bool:
+        return (self.eval_kernel == "single" and self.downsample is None
+                and self.shortcut is not None and self.stride == 1 and self.conv2.groups == 1)

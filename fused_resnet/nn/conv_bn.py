@@ -42,7 +42,7 @@ def conv_bn_act(
             f"conv must have square stride and padding, got {conv.stride}, {conv.padding}"
         )
     bn_args, counting = _batchnorm_args(bn)
-    folded = _cached_fold(x, conv, bn, bn_args, backend)
+    folded = cached_fold(x, conv, bn, backend)
     if folded is not None:
         return ops.conv_bias_act(x, *folded, stride=conv.stride[0], padding=conv.padding[0],
                                  residual=residual, relu=relu, backend=backend)
@@ -56,13 +56,13 @@ def conv_bn_act(
     return out
 
 
-def _cached_fold(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, bn_args: dict,
-                 backend: str) -> Optional[tuple[Tensor, Tensor]]:
+def cached_fold(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d,
+                backend: str) -> Optional[tuple[Tensor, Tensor]]:
     """(w * scale, shift) of an inference BN folded into its conv, cached on `bn` until any of
     the tensors it came from changes (their version counters move on every in-place write:
     optimizer steps, load_state_dict), or None where folding does not apply: training,
     autograd needing the fold, grouped convs, or a backend that does not run folded convs."""
-    if bn_args["training"] or conv.groups != 1:
+    if _batchnorm_args(bn)[0]["training"] or conv.groups != 1:
         return None
     tensors = (conv.weight, bn.running_mean, bn.running_var, bn.weight, bn.bias)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):

@@ -93,3 +93,37 @@ def residual_block_train(
             x, weights[-1], bn_weights[-1], bn_biases[-1], running_means[-1], running_vars[-1],
             stride=shortcut_stride, momentum=momenta[-1], eps=eps[-1], relu=False)
     return torch.relu(out)
+
+
+def bottleneck_eval(x: Tensor, weights: list[Tensor], biases: list[Tensor], *,
+                    backend: str = "auto") -> Tensor:
+    """Inference bottleneck with identity shortcut and stride 1, BN folded into the convs:
+    z = relu(conv3(relu(conv2(relu(conv1(x) + b1)) + b2)) + b3 + x), one launch on Triton
+    (`triton.bottleneck_eval`), three convs on the reference. weights: 1x1, 3x3, 1x1 in the
+    (autocast) dtype of x; biases fp32."""
+    x, _, _ = autocast_inputs(x, weights[0], None)
+    weights = [w.to(x.dtype) for w in weights]
+    w1, w2, w3 = weights
+    check_conv_bn_act_args(x, w1, None, biases[0], None, None, stride=1, padding=0, groups=1,
+                           training=False, residual=None, running_ok=True)
+    expected = [(w1.shape[0], w1.shape[0], 3, 3), (x.shape[1], w1.shape[0], 1, 1)]
+    for name, w, b, shape in (("weights[1]", w2, biases[1], expected[0]),
+                              ("weights[2]", w3, biases[2], expected[1])):
+        if tuple(w.shape) != shape or b.shape != (shape[0],):
+            raise ValueError(f"{name} must have shape {shape} (bias ({shape[0]},)) for a "
+                             f"stride-1 identity bottleneck, got {tuple(w.shape)}, "
+                             f"{tuple(b.shape)}")
+    name = _backend.resolve(backend, "residual_block", x.device)
+    if name == "triton" and triton_unsupported_reason(x, 1) is None:
+        from fused_resnet.triton.bottleneck_eval import MAX_MID
+
+        if w1.shape[0] <= MAX_MID:
+            return torch.ops.fused_resnet.bottleneck_eval(x, weights, biases)
+        if backend != "auto":
+            raise NotImplementedError(f"backend 'triton' runs bottleneck_eval for at most "
+                                      f"{MAX_MID} mid channels, got {w1.shape[0]}")
+    out = x
+    for i, (w, b) in enumerate(zip(weights, biases)):
+        out = torch.nn.functional.conv2d(out, w, b.to(x.dtype), padding=1 if i == 1 else 0)
+        out = torch.relu(out + x if i == 2 else out)
+    return out

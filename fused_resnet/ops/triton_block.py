@@ -22,6 +22,7 @@ from torch import Tensor
 from fused_resnet import reference
 from fused_resnet.ops.layout import conv_output_shape, output_memory_format
 from fused_resnet.triton.bn import bn_bwd_reduce, bn_finalize
+from fused_resnet.triton.bottleneck_eval import bottleneck_eval
 from fused_resnet.triton.config import acc_dtype
 from fused_resnet.triton.conv import STAT_ROWS, conv_fwd, to_nhwc
 from fused_resnet.triton.conv_bwd import BnGrad, BnReduce, conv_dgrad, conv_wgrad
@@ -196,3 +197,15 @@ def _backward(ctx, dz, _dys, _dmeans, _dvars):
 
 
 block_train.register_autograd(_backward, setup_context=_setup)
+
+
+@torch.library.custom_op("fused_resnet::bottleneck_eval", mutates_args=())
+def bottleneck_eval_op(x: Tensor, weights: list[Tensor], biases: list[Tensor]) -> Tensor:
+    """Inference bottleneck (identity shortcut, stride 1, BN folded) in one launch."""
+    return bottleneck_eval(x, weights, biases).contiguous(memory_format=output_memory_format(x))
+
+
+@bottleneck_eval_op.register_fake
+def _(x, weights, biases):
+    return torch.empty(x.shape, device=x.device, dtype=x.dtype,
+                       memory_format=output_memory_format(x))
