@@ -19,7 +19,7 @@ import triton.language as tl
 from torch import Tensor
 
 from fused_resnet.triton.config import acc_dtype, input_precision, interpreting
-from fused_resnet.triton.conv import gemm_weight, to_nhwc
+from fused_resnet.triton.conv import dot_acc, gemm_weight, to_nhwc
 
 MAX_MID = 256
 
@@ -61,19 +61,13 @@ def _bottleneck_eval_kernel(
                                 mask=tap_ok[:, None] & k_ok[None, :], other=0.0)
                     b = tl.load(w1_ptr + k[:, None] * C_mid + j[None, :],
                                 mask=k_ok[:, None] & j_ok[None, :], other=0.0)
-                    if UPCAST:
-                        acc1 += tl.dot(a.to(acc_ty), b.to(acc_ty), input_precision=PRECISION)
-                    else:
-                        acc1 = tl.dot(a, b, acc1, input_precision=PRECISION)
+                    acc1 = dot_acc(a, b, acc1, UPCAST, PRECISION)
                 b1 = tl.load(b1_ptr + j, mask=j_ok, other=0.0).to(acc_ty)
                 a1 = tl.maximum(acc1 + b1[None, :], 0.0)
                 a1 = tl.where(tap_ok[:, None] & j_ok[None, :], a1, 0.0).to(dtype)  # zero pad
                 w2 = tl.load(w2_ptr + ((r * 3 + s) * C_mid + j)[:, None] * C_mid + mid[None, :],
                              mask=j_ok[:, None] & mid_ok[None, :], other=0.0)
-                if UPCAST:
-                    acc2 += tl.dot(a1.to(acc_ty), w2.to(acc_ty), input_precision=PRECISION)
-                else:
-                    acc2 = tl.dot(a1, w2, acc2, input_precision=PRECISION)
+                acc2 = dot_acc(a1, w2, acc2, UPCAST, PRECISION)
     b2 = tl.load(b2_ptr + mid, mask=mid_ok, other=0.0).to(acc_ty)
     a2 = tl.where(mid_ok[None, :], tl.maximum(acc2 + b2[None, :], 0.0), 0.0).to(dtype)
     for n0 in range(0, C, BLOCK_N):
@@ -81,10 +75,7 @@ def _bottleneck_eval_kernel(
         co_ok = co < C
         w3 = tl.load(w3_ptr + mid[:, None] * C + co[None, :],
                      mask=mid_ok[:, None] & co_ok[None, :], other=0.0)
-        if UPCAST:
-            acc3 = tl.dot(a2.to(acc_ty), w3.to(acc_ty), input_precision=PRECISION)
-        else:
-            acc3 = tl.dot(a2, w3, input_precision=PRECISION, out_dtype=acc_ty)
+        acc3 = dot_acc(a2, w3, tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_ty), UPCAST, PRECISION)
         ok = m_ok[:, None] & co_ok[None, :]
         offs = m64[:, None] * C + co[None, :]
         acc3 += tl.load(b3_ptr + co, mask=co_ok, other=0.0).to(acc_ty)[None, :]

@@ -38,6 +38,15 @@ FWD_CONFIGS = [
 STAT_ROWS = 32  # rows per statistics group; divides every BLOCK_M of the configs
 
 
+@triton.jit
+def dot_acc(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + a @ b. UPCAST multiplies in acc's dtype: the interpreter's bf16 tl.dot is wrong."""
+    if UPCAST:
+        return acc + tl.dot(a.to(acc.dtype), b.to(acc.dtype), input_precision=PRECISION)
+    else:
+        return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
 @triton.autotune(configs=FWD_CONFIGS, key=["M", "C_in", "C_out", "KH", "KW", "stride"])
 @triton.jit
 def _conv_fwd_kernel(
@@ -86,10 +95,7 @@ def _conv_fwd_kernel(
                 k = (r * KW + s) * C_in + c
                 b = tl.load(w_ptr + k[:, None] * C_out + offs_n[None, :],
                             mask=c_ok[:, None] & n_ok[None, :], other=0.0)
-                if UPCAST:
-                    acc += tl.dot(a.to(acc_ty), b.to(acc_ty), input_precision=PRECISION)
-                else:
-                    acc = tl.dot(a, b, acc, input_precision=PRECISION)
+                acc = dot_acc(a, b, acc, UPCAST, PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(acc_ty)[None, :]
     out_ok = m_ok[:, None] & n_ok[None, :]

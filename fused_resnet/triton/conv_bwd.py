@@ -30,7 +30,7 @@ import triton.language as tl
 from torch import Tensor
 
 from fused_resnet.triton.config import acc_dtype, input_precision, interpreting
-from fused_resnet.triton.conv import FWD_CONFIGS, STAT_ROWS, launch, to_nhwc
+from fused_resnet.triton.conv import FWD_CONFIGS, STAT_ROWS, dot_acc, launch, to_nhwc
 from fused_resnet.triton.eltwise import NO_RELU, ReluMask, relu_grad, relu_mask_args
 
 
@@ -108,10 +108,7 @@ def _conv_dgrad_kernel(
                 krow = (r * KW + s) * C_out + k
                 b = tl.load(w_ptr + krow[:, None] * C_in + offs_n[None, :],
                             mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-                if UPCAST:
-                    acc += tl.dot(a.to(acc_ty), b.to(acc_ty), input_precision=PRECISION)
-                else:
-                    acc = tl.dot(a, b, acc, input_precision=PRECISION)
+                acc = dot_acc(a, b, acc, UPCAST, PRECISION)
     out = m64[:, None] * C_in + offs_n[None, :]
     out_ok = m_ok[:, None] & n_ok[None, :]
     dx = acc.to(dx_ptr.dtype.element_ty)
@@ -245,10 +242,7 @@ def _conv_wgrad_kernel(
             if PROLOGUE_RELU:
                 v = tl.maximum(v, 0.0)
             xa = tl.where(x_ok, v, 0.0).to(x_ptr.dtype.element_ty)
-        if UPCAST:
-            acc += tl.dot(dy_t.to(acc_ty), xa.to(acc_ty), input_precision=PRECISION)
-        else:
-            acc = tl.dot(dy_t, xa, acc, input_precision=PRECISION)
+        acc = dot_acc(dy_t, xa, acc, UPCAST, PRECISION)
     # dw partial layout: (split, C_out, KH, KW, C_in)
     base = split.to(tl.int64) * C_out * KH * KW * C_in
     out = base + ((offs_co[:, None] * KH + r) * KW + s) * C_in + offs_c[None, :]
