@@ -31,7 +31,7 @@ from fused_resnet.bench import report_header, results_stem, time_ms, write_repor
 from fused_resnet.nn import FusedBottleneck  # noqa: E402
 from fused_resnet.table import format_table  # noqa: E402
 from fused_resnet.testing import DTYPES  # noqa: E402
-from fused_resnet.triton.bottleneck_eval import MAX_MID  # noqa: E402
+from fused_resnet.triton.config import BOTTLENECK_EVAL_MAX_MID  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -58,7 +58,7 @@ def bench_block(shape, batch, dtype, device, use_compile):
     eager = copy.deepcopy(fused)
     fr.models.set_backend(eager, "reference")
     columns = {"fused": fused, "eager": eager}
-    if stride == 1 and not shape[3] and planes <= MAX_MID:  # the single-launch eval kernel
+    if stride == 1 and not shape[3] and planes <= BOTTLENECK_EVAL_MAX_MID:  # single launch
         columns["fused single"] = copy.deepcopy(fused)
         columns["fused single"].eval_kernel = "single"
     if use_compile:

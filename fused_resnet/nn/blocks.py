@@ -35,12 +35,11 @@ class ResidualBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         pairs = self.main_path()
         projection = isinstance(self.downsample, nn.Sequential)
-        if fusable_block(pairs + ([tuple(self.downsample)] if projection else [])):
+        block_pairs = pairs + [tuple(self.downsample)] if projection else pairs
+        if fusable_block(block_pairs):
             kind = ("none" if self.shortcut is None else "projection" if projection
                     else "zero_pad" if self.downsample is not None else "identity")
-            if projection:
-                pairs = pairs + [tuple(self.downsample)]
-            return residual_block(x, pairs, kind, self.stride, self.backend)
+            return residual_block(x, block_pairs, kind, self.stride, self.backend)
         if self._single_launch_eval():
             folded = [cached_fold(x, conv, bn, self.backend) for conv, bn in pairs]
             if all(f is not None for f in folded):

@@ -13,15 +13,15 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fused_resnet import backend as _backend
 from fused_resnet import reference
 from fused_resnet.ops.conv_bn_act import (
     autocast_inputs,
     check_conv_bn_act_args,
-    triton_unsupported_reason,
     update_running_stats,
+    use_triton,
 )
 from fused_resnet.ops.layout import conv_output_shape
+from fused_resnet.triton.config import BOTTLENECK_EVAL_MAX_MID
 
 
 def _check(x, weights, bn_weights, bn_biases, running_means, running_vars, strides, paddings,
@@ -62,14 +62,7 @@ def residual_block_train(
     weights = [w.to(x.dtype) for w in weights]
     _check(x, weights, bn_weights, bn_biases, running_means, running_vars, strides, paddings,
            shortcut, shortcut_stride)
-    name = _backend.resolve(backend, "residual_block", x.device)
-    if name == "triton":
-        reason = triton_unsupported_reason(x, 1)
-        if reason is not None:
-            if backend != "auto":
-                raise NotImplementedError(f"backend 'triton' cannot run this block: {reason}")
-            name = "reference"
-    if name == "triton":
+    if use_triton(backend, "residual_block", x):
         z, ys, means, variances = torch.ops.fused_resnet.block_train(
             x, weights, bn_weights, bn_biases, strides, paddings, eps, shortcut, shortcut_stride)
         for i, y in enumerate(ys):
@@ -113,15 +106,10 @@ def bottleneck_eval(x: Tensor, weights: list[Tensor], biases: list[Tensor], *,
             raise ValueError(f"{name} must have shape {shape} (bias ({shape[0]},)) for a "
                              f"stride-1 identity bottleneck, got {tuple(w.shape)}, "
                              f"{tuple(b.shape)}")
-    name = _backend.resolve(backend, "residual_block", x.device)
-    if name == "triton" and triton_unsupported_reason(x, 1) is None:
-        from fused_resnet.triton.bottleneck_eval import MAX_MID
-
-        if w1.shape[0] <= MAX_MID:
-            return torch.ops.fused_resnet.bottleneck_eval(x, weights, biases)
-        if backend != "auto":
-            raise NotImplementedError(f"backend 'triton' runs bottleneck_eval for at most "
-                                      f"{MAX_MID} mid channels, got {w1.shape[0]}")
+    too_wide = (f"the single-launch kernel takes at most {BOTTLENECK_EVAL_MAX_MID} mid "
+                f"channels, got {w1.shape[0]}" if w1.shape[0] > BOTTLENECK_EVAL_MAX_MID else None)
+    if use_triton(backend, "residual_block", x, reason=too_wide):
+        return torch.ops.fused_resnet.bottleneck_eval(x, weights, biases)
     out = x
     for i, (w, b) in enumerate(zip(weights, biases)):
         out = torch.nn.functional.conv2d(out, w, b.to(x.dtype), padding=1 if i == 1 else 0)

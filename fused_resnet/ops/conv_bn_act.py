@@ -128,16 +128,11 @@ def conv_bn_act(
         x, weight, bn_weight, bn_bias, running_mean, running_var,
         stride=stride, padding=padding, groups=groups, training=training, residual=residual,
     )
-    name = _backend.resolve(backend, "conv_bn_act", x.device)
-    if name == "triton":
-        reason = triton_unsupported_reason(x, groups)
-        if reason is None:
-            return _triton_conv_bn_act(
-                x, weight, bn_weight, bn_bias, running_mean, running_var, stride=stride,
-                padding=padding, training=training, momentum=momentum, eps=eps,
-                residual=residual, relu=relu)
-        if backend != "auto":
-            raise NotImplementedError(f"backend 'triton' cannot run this conv_bn_act: {reason}")
+    if use_triton(backend, "conv_bn_act", x, groups=groups):
+        return _triton_conv_bn_act(
+            x, weight, bn_weight, bn_bias, running_mean, running_var, stride=stride,
+            padding=padding, training=training, momentum=momentum, eps=eps,
+            residual=residual, relu=relu)
     return reference.conv_bn_act(
         x, weight, bn_weight, bn_bias, running_mean, running_var,
         stride=stride, padding=padding, groups=groups, training=training,
@@ -157,13 +152,22 @@ def update_running_stats(
                                             alpha=momentum)
 
 
-def triton_unsupported_reason(x: Tensor, groups: int) -> Optional[str]:
-    """Why the Triton kernels cannot run this call, or None."""
+def use_triton(backend: str, op: str, x: Tensor, *, groups: int = 1,
+               reason: Optional[str] = None) -> bool:
+    """Whether `op` runs on the Triton kernels for this call: `backend` resolves to "triton"
+    and nothing rules them out (a grouped conv, fp64 on CUDA, or the caller's `reason`).
+    When something does, "auto" falls back to the reference and a named "triton" raises."""
+    if _backend.resolve(backend, op, x.device) != "triton":
+        return False
     if groups != 1:
-        return f"grouped convolution (groups={groups}) is not implemented in Triton"
-    if x.dtype == torch.float64 and x.device.type == "cuda":
-        return "float64 runs only in the interpreter; use float32, float16 or bfloat16"
-    return None
+        reason = f"grouped convolution (groups={groups}) is not implemented in Triton"
+    elif x.dtype == torch.float64 and x.device.type == "cuda":
+        reason = "float64 runs only in the interpreter; use float32, float16 or bfloat16"
+    if reason is None:
+        return True
+    if backend != "auto":
+        raise NotImplementedError(f"backend 'triton' cannot run this {op}: {reason}")
+    return False
 
 
 def _triton_conv_bn_act(
@@ -199,8 +203,7 @@ def conv_bias_act(
     x, weight, residual = autocast_inputs(x, weight, residual)
     check_conv_bn_act_args(x, weight, None, bias, None, None, stride=stride, padding=padding,
                            groups=1, training=False, residual=residual, running_ok=True)
-    name = _backend.resolve(backend, "conv_bn_act", x.device)
-    if name == "triton" and triton_unsupported_reason(x, 1) is None:
+    if use_triton(backend, "conv_bn_act", x):
         return torch.ops.fused_resnet.conv_bias_act(x, weight, bias, residual, stride, padding,
                                                     relu)
     out = torch.nn.functional.conv2d(x, weight, bias.to(x.dtype), stride, padding)

@@ -18,10 +18,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fused_resnet.triton.config import acc_dtype, input_precision, interpreting
+from fused_resnet.triton.config import (
+    BOTTLENECK_EVAL_MAX_MID,
+    acc_dtype,
+    input_precision,
+    interpreting,
+)
 from fused_resnet.triton.conv import dot_acc, gemm_weight, to_nhwc
-
-MAX_MID = 256
 
 
 @triton.jit
@@ -89,9 +92,10 @@ def bottleneck_eval(x: Tensor, weights: list[Tensor], biases: list[Tensor]) -> T
     w1, w2, w3 = weights
     n, c, h, w = x.shape
     c_mid = w1.shape[0]
-    if w3.shape[0] != c or w2.shape[2:] != (3, 3) or c_mid > MAX_MID:
+    if w3.shape[0] != c or w2.shape[2:] != (3, 3) or c_mid > BOTTLENECK_EVAL_MAX_MID:
+        shapes = [tuple(t.shape) for t in weights]
         raise ValueError(f"bottleneck_eval needs C_out == C_in, a 3x3 middle conv and at most "
-                         f"{MAX_MID} mid channels; got weights {[tuple(t.shape) for t in weights]}")
+                         f"{BOTTLENECK_EVAL_MAX_MID} mid channels; got weights {shapes}")
     x = to_nhwc(x)
     z = torch.empty_like(x, memory_format=torch.channels_last)
     m = n * h * w

@@ -25,6 +25,8 @@ class TileConfig:
 
 PINNED = TileConfig(64, 64, 32, num_warps=4, num_stages=2)  # BLOCK_M: a multiple of 32
 _pinned: Optional[TileConfig] = None
+# Widest bottleneck mid width the single-launch eval kernel keeps on chip (its BLOCK_MID tile).
+BOTTLENECK_EVAL_MAX_MID = 256
 
 
 def interpreting() -> bool:
