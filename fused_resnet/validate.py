@@ -94,11 +94,16 @@ def validate(
         k: torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9) for k, m in models.items()
     }
 
-    def check(name, results, kind="output"):
+    def judge(results: dict, kind: str = "output") -> Comparison:
+        """The candidate's entry of `results` against the reference's (fp32), or against the
+        fp64 truth with the reference as the eager baseline (fp16 / bf16)."""
         expected = results["truth" if half is not None else "reference"]
         baseline = results["reference"] if half is not None else None
-        report.rows.append((name, compare(results["candidate"], expected, kind=kind,
-                                          baseline=baseline, compute_dtype=half)))
+        return compare(results["candidate"], expected, kind=kind, baseline=baseline,
+                       compute_dtype=half)
+
+    def check(name, results, kind="output"):
+        report.rows.append((name, judge(results, kind)))
 
     for step in range(1, steps + 1):
         out = {}
@@ -108,12 +113,8 @@ def validate(
             out[key] = _step(model, inp, target, None if key == "truth" else half, dev.type)
         check(f"step {step}: training logits", {k: v[0] for k, v in out.items()})
         check(f"step {step}: loss", {k: v[1] for k, v in out.items()})
-        grads = []
-        for name in out["candidate"][2]:
-            expected = out["truth" if half is not None else "reference"][2][name]
-            baseline = out["reference"][2][name] if half is not None else None
-            grads.append((name, compare(out["candidate"][2][name], expected, kind="grad",
-                                        baseline=baseline, compute_dtype=half)))
+        grads = [(name, judge({k: v[2][name] for k, v in out.items()}, "grad"))
+                 for name in out["candidate"][2]]
         worst_name, worst = _worst(grads)
         report.rows.append((f"step {step}: gradients ({len(grads)}; worst {worst_name})", worst))
         for opt in optimizers.values():
@@ -122,9 +123,7 @@ def validate(
     buffers = {k: dict(m.named_buffers()) for k, m in models.items()}
     for name, value in buffers["candidate"].items():
         if name.endswith(("running_mean", "running_var")):
-            expected = buffers["truth" if half is not None else "reference"][name]
-            baseline = buffers["reference"][name] if half is not None else None
-            stats.append((name, compare(value, expected, baseline=baseline, compute_dtype=half)))
+            stats.append((name, judge({k: b[name] for k, b in buffers.items()})))
         elif name.endswith("num_batches_tracked"):
             same = bool(torch.equal(value, buffers["reference"][name]))
             stats.append((name, Comparison(0.0 if same else 1.0, 0.0, "equal", same)))
