@@ -1,6 +1,6 @@
-// The one place where the fused_resnet op schemas are declared. Backends register
-// implementations with TORCH_LIBRARY_IMPL in csrc/cpu and csrc/cuda; Python adds the
-// fake (meta) kernels in fused_resnet/ops.
+// The one place where the fused_resnet op schemas of the compiled kernels are declared.
+// Backends register implementations with TORCH_LIBRARY_IMPL in csrc/cpu and csrc/cuda;
+// Python adds the fake (meta) kernels in fused_resnet/ops/native_ops.py.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -9,6 +9,18 @@ TORCH_LIBRARY(fused_resnet, m) {
   // when relu is true and the identity otherwise. y: (N, C, H, W) in either memory
   // format; scale, shift: (C,) fp32; residual: shape of y. The output keeps y's format.
   m.def("bn_add_relu(Tensor y, Tensor scale, Tensor shift, Tensor? residual, bool relu) -> Tensor");
+  // Per-channel batch statistics of y over (N, H, W) in one pass: mean and biased variance,
+  // fp32 (fp64 for fp64 y).
+  m.def("bn_stats(Tensor y) -> (Tensor mean, Tensor var)");
+  // Backward of z = act(gamma * (y - mean) * rstd + beta + r), act = ReLU when z is given
+  // (its mask is z > 0), else the identity. With g = dz * [z > 0] and n values per channel:
+  //   dbeta = sum(g), dgamma = rstd * sum(g * (y - mean)),
+  //   dy = gamma * rstd * (g - dbeta / n - (y - mean) * rstd * dgamma / n),
+  //   dr = g (written when write_dr, else an empty tensor).
+  // One reduction pass and one elementwise pass over (dz, z, y).
+  m.def(
+      "bn_act_backward(Tensor dz, Tensor? z, Tensor y, Tensor mean, Tensor rstd, Tensor gamma, "
+      "bool write_dr) -> (Tensor dy, Tensor dgamma, Tensor dbeta, Tensor dr)");
 }
 
 // True when this build registered CUDA kernels (tests check it when CUDA was asked for).

@@ -14,9 +14,11 @@ run here, raises an error that names what is missing.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import warnings
+from collections.abc import Iterator
 from types import ModuleType
 from typing import Optional
 
@@ -27,10 +29,26 @@ ENV_VAR = "FUSED_RESNET_BACKEND"
 
 # Backends that implement each op, in the order "auto" prefers them.
 OP_BACKENDS: dict[str, tuple[str, ...]] = {
-    "conv_bn_act": ("triton", "reference"),
-    "residual_block": ("triton", "reference"),
+    "conv_bn_act": ("triton", "cuda", "cpu", "reference"),
+    "residual_block": ("triton", "cuda", "cpu", "reference"),
     "bn_add_relu": ("cuda", "triton", "cpu", "reference"),
 }
+
+
+_forced: Optional[str] = None
+
+
+@contextlib.contextmanager
+def forced_backend(backend: str) -> Iterator[None]:
+    """Inside the block every op resolves to `backend`, whatever name the caller passed (used by
+    `count_flops` to see the architecture's ATen ops instead of the fused custom ops)."""
+    global _forced
+    check_backend_name(backend)
+    previous, _forced = _forced, backend
+    try:
+        yield
+    finally:
+        _forced = previous
 
 
 @functools.cache
@@ -82,15 +100,18 @@ def unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
     return None
 
 
-def resolve(backend: str, op: str, device: torch.device) -> str:
-    """The concrete backend that runs `op` on `device` for the requested `backend` name."""
+def resolve(backend: str, op: str, device: torch.device, exclude: tuple[str, ...] = ()) -> str:
+    """The concrete backend that runs `op` on `device` for the requested `backend` name;
+    "auto" skips the backends in `exclude` (those that cannot run this particular call)."""
     check_backend_name(backend)
+    if _forced is not None:
+        backend = _forced
     if backend == "auto":
         backend = check_backend_name(os.environ.get(ENV_VAR, "auto"), argument=ENV_VAR)
     implemented = OP_BACKENDS[op]
     if backend == "auto":
         for candidate in implemented:
-            if candidate == "triton" and device.type != "cuda":
+            if candidate in exclude or (candidate == "triton" and device.type != "cuda"):
                 continue
             if unavailable_reason(candidate, device) is None:
                 return candidate

@@ -28,6 +28,8 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from fused_resnet.backend import forced_backend
+
 aten = torch.ops.aten
 _RELU = {aten.relu.default, aten.relu_.default}
 _ADD = {aten.add.Tensor, aten.add_.Tensor}
@@ -153,7 +155,9 @@ def count_flops(
     input_size: (N, C, H, W) of the zero input, made with the model's dtype and device.
     training: run in train mode with autograd on, so that activation bytes are those a
     training step keeps for backward (BN then uses batch stats; N*H*W at the last BN must
-    exceed 1). The model's mode and running stats are left as they were.
+    exceed 1). The model's mode and running stats are left as they were. Fused models run on
+    the reference ops here (`backend.forced_backend`): the report describes the architecture,
+    the same for every backend (fused kernels hide their convolutions inside custom ops).
     """
     if len(input_size) != 4 or any(int(s) < 1 for s in input_size):
         raise ValueError(f"input_size must be (N, C, H, W) of positive ints, got {input_size}")
@@ -187,7 +191,7 @@ def count_flops(
         model.train(training)
         with torch.set_grad_enabled(training), torch.autograd.graph.saved_tensors_hooks(
             pack, lambda t: t
-        ), recorder:
+        ), forced_backend("reference"), recorder:
             model(x)
     finally:
         model.train(was_training)

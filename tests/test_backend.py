@@ -11,11 +11,13 @@ CPU = torch.device("cpu")
 
 def test_auto_picks_an_implemented_available_backend():
     # Triton only for CUDA tensors under "auto", even when the interpreter could run it.
-    assert resolve("auto", "conv_bn_act", CPU) == "reference"
+    expected = "cpu" if backend.load_extension() is not None else "reference"
+    for op in backend.OP_BACKENDS:
+        assert resolve("auto", op, CPU) == expected
+        assert resolve("auto", op, CPU, exclude=(expected,)) == "reference"
     if torch.cuda.is_available():
         assert resolve("auto", "conv_bn_act", torch.device("cuda")) == "triton"
-    expected = "cpu" if backend.load_extension() is not None else "reference"
-    assert resolve("auto", "bn_add_relu", CPU) == expected
+        assert resolve("auto", "conv_bn_act", torch.device("cuda"), exclude=("triton",)) == "cuda"
 
 
 def test_env_var_replaces_auto_but_not_an_explicit_name(monkeypatch):
@@ -28,11 +30,12 @@ def test_env_var_replaces_auto_but_not_an_explicit_name(monkeypatch):
         resolve("auto", "bn_add_relu", CPU)
 
 
-def test_unknown_and_unimplemented_and_unavailable_backends_say_why():
+def test_unknown_and_unimplemented_and_unavailable_backends_say_why(monkeypatch):
     with pytest.raises(ValueError, match="backend must be one of"):
         resolve("gpu", "conv_bn_act", CPU)
-    with pytest.raises(NotImplementedError, match="does not implement conv_bn_act"):
-        resolve("cpu", "conv_bn_act", CPU)
+    monkeypatch.setitem(backend.OP_BACKENDS, "future_op", ("triton", "reference"))
+    with pytest.raises(NotImplementedError, match="does not implement future_op"):
+        resolve("cpu", "future_op", CPU)
     with pytest.raises(RuntimeError, match="runs CUDA tensors"):
         resolve("cuda", "bn_add_relu", CPU)
 
@@ -57,6 +60,8 @@ def test_package_imports_and_falls_back_without_the_extension():
         "    print(resolve('auto', 'bn_add_relu', torch.device('cpu')))\n"
         "assert any('_C is not built' in str(w.message) for w in caught), caught\n"
         "y = fused_resnet.ops.bn_add_relu(torch.randn(2, 4, 3, 3), torch.ones(4), torch.zeros(4))\n"
+        "m = fused_resnet.models.cifar_resnet(8).train()\n"
+        "m(torch.randn(2, 3, 8, 8)).sum().backward()\n"
         "try:\n"
         "    resolve('cpu', 'bn_add_relu', torch.device('cpu'))\n"
         "except RuntimeError as exc:\n"

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 
 def run(*args, check=True):
@@ -56,8 +57,10 @@ def test_validate_passes_and_prints_the_table():
 
 
 def test_validate_against_torchvision():
+    # 64x64 leaves layer4 8 values per channel to normalize; at 32x32 (2 values) the
+    # gradients are so ill-conditioned that fp32 rounding differences exceed 1e-3.
     out = run("validate", "--arch", "resnet18", "--steps", "1", "--batch-size", "2",
-              "--image-size", "32").stdout
+              "--image-size", "64").stdout
     assert "torchvision.models.resnet18" in out and "PASSED" in out
 
 
@@ -78,7 +81,9 @@ def test_bench_writes_csv(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (("flops", "--arch", "vgg16"), "arch must be one of"),
-    (("validate", "--arch", "cifar_resnet20", "--backend", "cpu"), "does not implement"),
+    pytest.param(("validate", "--arch", "cifar_resnet20", "--backend", "cuda"),
+                 "runs CUDA tensors", marks=pytest.mark.skipif(
+                     torch.cuda.is_available(), reason="CUDA tensors run here")),
     (("validate", "--arch", "cifar_resnet20", "--steps", "0"), "steps must be >= 1"),
 ])
 def test_bad_arguments_exit_2_with_a_message(args, message):

@@ -81,10 +81,11 @@ def test_bad_arguments_are_named_by_the_op_and_the_kernel(args, cpp_message, py_
         torch.ops.fused_resnet.bn_add_relu(*args(y, scale, shift, r), True)
 
 
-def test_extension_registers_cuda_kernels_when_cuda_was_requested():
-    has_cuda = torch._C._dispatch_has_kernel_for_dispatch_key(
-        "fused_resnet::bn_add_relu", "CUDA")
-    assert has_cuda == ext.has_cuda_kernels()
+@pytest.mark.parametrize("op", ["bn_add_relu", "bn_stats", "bn_act_backward"])
+def test_extension_registers_cuda_kernels_when_cuda_was_requested(op):
+    for key in ("CPU", "CUDA"):
+        has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key(f"fused_resnet::{op}", key)
+        assert has_kernel == (key == "CPU" or ext.has_cuda_kernels()), key
     if CUDA_REQUESTED and torch.version.cuda is not None:
         assert ext.has_cuda_kernels(), "nvcc was available but _C has no CUDA kernels"
 

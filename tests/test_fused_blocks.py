@@ -1,14 +1,14 @@
-"""Fused blocks (one autograd node in training) and fused models against the reference."""
+"""Fused blocks (one autograd node in training on Triton, a chain of fused conv + BN ops on
+`_C`) and fused models against the reference."""
 
 import pytest
 import torch
 import torch.nn.functional as F
+from _backends import FUSED_BACKENDS
 
 from fused_resnet import models
 from fused_resnet.nn import FusedBasicBlock, FusedBottleneck
 from fused_resnet.testing import assert_close, assert_modules_close, exact_fp32
-
-pytest.importorskip("triton")
 
 BLOCKS = {
     "basic identity": lambda b: FusedBasicBlock(16, 16, 1, backend=b),
@@ -22,8 +22,8 @@ BLOCKS = {
 }
 
 
-def _pair(name):
-    fused, ref = BLOCKS[name]("triton"), BLOCKS[name]("reference")
+def _pair(name, backend="triton"):
+    fused, ref = BLOCKS[name](backend), BLOCKS[name]("reference")
     with torch.no_grad():
         for m in fused.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
@@ -45,16 +45,17 @@ def _graph_nodes(out):
     return seen
 
 
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
 @pytest.mark.parametrize("name", list(BLOCKS))
-def test_block_matches_reference_in_training_and_eval(name):
-    fused, ref = _pair(name)
+def test_block_matches_reference_in_training_and_eval(name, backend):
+    fused, ref = _pair(name, backend)
     c_in = fused.conv1.in_channels
     for step in range(2):
         x = (torch.randn(2, c_in, 8, 8) + step).requires_grad_()
         x_ref = x.detach().clone().requires_grad_()
         out, expected = fused(x), ref(x_ref)
         assert_close(out, expected, name=f"step {step} output")
-        if step == 0:
+        if step == 0 and backend == "triton":
             assert len(_graph_nodes(out)) == 1, "a fused block is one autograd node"
         dz = torch.randn_like(out)
         out.backward(dz)
@@ -69,6 +70,7 @@ def test_block_matches_reference_in_training_and_eval(name):
 
 
 def test_frozen_batchnorm_falls_back_to_the_per_conv_path():
+    pytest.importorskip("triton")
     fused, ref = _pair("bottleneck projection v1.5")
     for model in (fused, ref):
         model.train()
@@ -92,14 +94,19 @@ def _train_two_steps(model, x, target):
     return losses
 
 
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
 @pytest.mark.parametrize("arch, size, dtype", [("cifar_resnet20", 8, torch.float32),
-                                               ("resnet18", 32, torch.float64)])
-def test_small_resnet_trains_like_the_reference(arch, size, dtype):
+                                               ("resnet18", 32, torch.float64),
+                                               ("resnext50_32x4d", 64, torch.float64)])
+def test_small_resnet_trains_like_the_reference(arch, size, dtype, backend):
     """ResNet-18 at 32x32 with batch 2 normalizes layer4 over 2 values per channel: so
     ill-conditioned that eager fp32 itself is 1.5% off fp64 in conv1's gradient. It is
     compared in fp64 (the interpreter runs the kernels in fp64), where any real difference
-    shows."""
-    fused = models.build_model(arch, backend="triton").to(dtype)
+    shows. ResNeXt's grouped convs run on `_C` only (Triton falls back to the reference); at
+    32x32 its gradients reach 1e9 (fp64 rounding amplified to 1e-7), so it runs at 64x64."""
+    if arch.startswith("resnext") and backend == "triton":
+        pytest.skip("grouped convs are not implemented in Triton")
+    fused = models.build_model(arch, backend=backend).to(dtype)
     ref = models.build_model(arch, backend="reference").to(dtype)
     ref.load_state_dict(fused.state_dict())
     x = torch.randn(2, 3, size, size, dtype=dtype)
@@ -116,10 +123,11 @@ def test_small_resnet_trains_like_the_reference(arch, size, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("name", list(BLOCKS))
 @exact_fp32()
-def test_block_matches_reference_compiled_on_cuda(name):
-    fused, ref = (m.cuda() for m in _pair(name))
+def test_block_matches_reference_on_cuda(name, backend):
+    fused, ref = (m.cuda() for m in _pair(name, backend))
     x = torch.randn(8, fused.conv1.in_channels, 28, 28, device="cuda", requires_grad=True)
     x_ref = x.detach().clone().requires_grad_()
     out, expected = fused(x), ref(x_ref)
@@ -159,6 +167,7 @@ def test_fused_resnet50_training_step_uses_less_activation_memory():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_single_launch_eval_bottleneck(dtype, monkeypatch):
+    pytest.importorskip("triton")
     from fused_resnet import ops
 
     calls = []
@@ -185,6 +194,7 @@ def test_single_launch_eval_bottleneck(dtype, monkeypatch):
 
 
 def test_single_launch_eval_op_checks_and_falls_back():
+    pytest.importorskip("triton")
     x = torch.randn(2, 32, 5, 5)
     ws = [torch.randn(8, 32, 1, 1), torch.randn(8, 8, 3, 3), torch.randn(32, 8, 1, 1)]
     bs = [torch.randn(8), torch.randn(8), torch.randn(32)]
@@ -192,8 +202,9 @@ def test_single_launch_eval_op_checks_and_falls_back():
                           test_utils=("test_schema", "test_faketensor"))
     from fused_resnet import ops
 
-    assert_close(ops.bottleneck_eval(x, ws, bs, backend="triton"),
-                 ops.bottleneck_eval(x, ws, bs, backend="reference"))
+    expected = ops.bottleneck_eval(x, ws, bs, backend="reference")
+    assert_close(ops.bottleneck_eval(x, ws, bs, backend="triton"), expected)
+    assert_close(ops.bottleneck_eval(x, ws, bs, backend="cpu"), expected)
     with pytest.raises(ValueError, match="weights\\[2\\] must have shape"):
         ops.bottleneck_eval(x, [ws[0], ws[1], torch.randn(16, 8, 1, 1)], bs)
     with pytest.raises(ValueError, match="eval_kernel"):

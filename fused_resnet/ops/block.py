@@ -1,4 +1,5 @@
-"""Functional residual block (training): one fused op on Triton, the reference chain elsewhere.
+"""Functional residual block (training): one fused op on Triton; elsewhere a chain of
+conv + BN (+ shortcut) + ReLU ops on the `_C` kernels ("cpu" / "cuda") or the reference.
 
     z = relu(bn_L(conv_L(... relu(bn_1(conv_1(x))) ...)) + shortcut(x))
 with shortcut "identity", "zero_pad" (option A), "projection" (conv_d + bn_d, the last of
@@ -17,8 +18,9 @@ from fused_resnet import reference
 from fused_resnet.ops.conv_bn_act import (
     autocast_inputs,
     check_conv_bn_act_args,
+    fused_conv_bn_act,
+    select_kernels,
     update_running_stats,
-    use_triton,
 )
 from fused_resnet.ops.layout import conv_output_shape
 from fused_resnet.triton.config import BOTTLENECK_EVAL_MAX_MID
@@ -62,7 +64,8 @@ def residual_block_train(
     weights = [w.to(x.dtype) for w in weights]
     _check(x, weights, bn_weights, bn_biases, running_means, running_vars, strides, paddings,
            shortcut, shortcut_stride)
-    if use_triton(backend, "residual_block", x):
+    kernels = select_kernels(backend, "residual_block", x)
+    if kernels == "triton":
         z, ys, means, variances = torch.ops.fused_resnet.block_train(
             x, weights, bn_weights, bn_biases, strides, paddings, eps, shortcut, shortcut_stride)
         for i, y in enumerate(ys):
@@ -70,29 +73,37 @@ def residual_block_train(
                 update_running_stats(running_means[i], running_vars[i], means[i], variances[i],
                                      y.numel() // y.shape[1], momenta[i])
         return z
+
+    def conv_bn(i: int, inp: Tensor, stride: int, padding: int, residual: Optional[Tensor],
+                relu: bool) -> Tensor:
+        args = (inp, weights[i], bn_weights[i], bn_biases[i], running_means[i], running_vars[i])
+        kwargs = dict(stride=stride, padding=padding, groups=1, training=True,
+                      momentum=momenta[i], eps=eps[i], residual=residual, relu=relu)
+        if kernels == "reference":
+            return reference.conv_bn_act(*args, **kwargs)
+        return fused_conv_bn_act(*args, **kwargs, kernels=kernels)
+
     main = len(weights) - (shortcut == "projection")
+    shortcut_out = None  # added to the last BN's output before its ReLU
+    if shortcut == "identity":
+        shortcut_out = x
+    elif shortcut == "zero_pad":
+        shortcut_out = reference.zero_pad_shortcut(x, weights[main - 1].shape[0], shortcut_stride)
+    elif shortcut == "projection":
+        shortcut_out = conv_bn(main, x, shortcut_stride, 0, None, relu=False)
     out = x
     for i in range(main):
-        out = reference.conv_bn_act(
-            out, weights[i], bn_weights[i], bn_biases[i], running_means[i], running_vars[i],
-            stride=strides[i], padding=paddings[i], momentum=momenta[i], eps=eps[i],
-            relu=i < main - 1)
-    if shortcut == "identity":
-        out = out + x
-    elif shortcut == "zero_pad":
-        out = out + reference.zero_pad_shortcut(x, out.shape[1], shortcut_stride)
-    elif shortcut == "projection":
-        out = out + reference.conv_bn_act(
-            x, weights[-1], bn_weights[-1], bn_biases[-1], running_means[-1], running_vars[-1],
-            stride=shortcut_stride, momentum=momenta[-1], eps=eps[-1], relu=False)
-    return torch.relu(out)
+        last = i == main - 1
+        out = conv_bn(i, out, strides[i], paddings[i], shortcut_out if last else None, relu=True)
+    return out
 
 
 def bottleneck_eval(x: Tensor, weights: list[Tensor], biases: list[Tensor], *,
                     backend: str = "auto") -> Tensor:
     """Inference bottleneck with identity shortcut and stride 1, BN folded into the convs:
     z = relu(conv3(relu(conv2(relu(conv1(x) + b1)) + b2)) + b3 + x), one launch on Triton
-    (`triton.bottleneck_eval`), three convs on the reference. weights: 1x1, 3x3, 1x1 in the
+    (`triton.bottleneck_eval`), three convs (each with its bias, residual and ReLU fused
+    into one pass) on the `_C` kernels, three convs on the reference. weights: 1x1, 3x3, 1x1 in the
     (autocast) dtype of x; biases fp32."""
     x, _, _ = autocast_inputs(x, weights[0], None)
     weights = [w.to(x.dtype) for w in weights]
@@ -108,10 +119,16 @@ def bottleneck_eval(x: Tensor, weights: list[Tensor], biases: list[Tensor], *,
                              f"{tuple(b.shape)}")
     too_wide = (f"the single-launch kernel takes at most {BOTTLENECK_EVAL_MAX_MID} mid "
                 f"channels, got {w1.shape[0]}" if w1.shape[0] > BOTTLENECK_EVAL_MAX_MID else None)
-    if use_triton(backend, "residual_block", x, reason=too_wide):
+    kernels = select_kernels(backend, "residual_block", x, reason=too_wide)
+    if kernels == "triton":
         return torch.ops.fused_resnet.bottleneck_eval(x, weights, biases)
     out = x
     for i, (w, b) in enumerate(zip(weights, biases)):
-        out = torch.nn.functional.conv2d(out, w, b.to(x.dtype), padding=1 if i == 1 else 0)
-        out = torch.relu(out + x if i == 2 else out)
+        residual, padding = (x if i == 2 else None), (1 if i == 1 else 0)
+        if kernels == "native":
+            out = torch.ops.fused_resnet.conv_bias_act(out, w, b, residual, 1, padding, 1, True,
+                                                       "native")
+        else:
+            out = torch.nn.functional.conv2d(out, w, b.to(x.dtype), padding=padding)
+            out = torch.relu(out if residual is None else out + residual)
     return out

@@ -1,7 +1,7 @@
 """`act(y * scale[c] + shift[c] + residual)`: the inference block end, on `_C` or the reference.
 
-The schema `fused_resnet::bn_add_relu` is declared once, in csrc/fused_resnet.cpp; this file
-adds its fake (meta) kernel, so the op traces under torch.compile, and the Python entry point.
+The schema `fused_resnet::bn_add_relu` is declared once, in csrc/fused_resnet.cpp, and its
+fake kernel lives in `ops.native_kernels`; this file is the Python entry point.
 """
 
 from __future__ import annotations
@@ -14,12 +14,6 @@ from torch import Tensor
 from fused_resnet import backend as _backend
 from fused_resnet import reference
 from fused_resnet.ops.layout import output_memory_format
-
-if _backend.load_extension() is not None:
-
-    @torch.library.register_fake("fused_resnet::bn_add_relu")
-    def _bn_add_relu_fake(y, scale, shift, residual, relu):
-        return torch.empty_like(y, memory_format=output_memory_format(y))
 
 
 def bn_add_relu(

@@ -128,16 +128,17 @@ def conv_bn_act(
         x, weight, bn_weight, bn_bias, running_mean, running_var,
         stride=stride, padding=padding, groups=groups, training=training, residual=residual,
     )
-    if use_triton(backend, "conv_bn_act", x, groups=groups):
-        return _triton_conv_bn_act(
-            x, weight, bn_weight, bn_bias, running_mean, running_var, stride=stride,
-            padding=padding, training=training, momentum=momentum, eps=eps,
-            residual=residual, relu=relu)
-    return reference.conv_bn_act(
-        x, weight, bn_weight, bn_bias, running_mean, running_var,
-        stride=stride, padding=padding, groups=groups, training=training,
-        momentum=momentum, eps=eps, residual=residual, relu=relu,
-    )
+    kernels = select_kernels(backend, "conv_bn_act", x, groups=groups)
+    if kernels == "reference":
+        return reference.conv_bn_act(
+            x, weight, bn_weight, bn_bias, running_mean, running_var,
+            stride=stride, padding=padding, groups=groups, training=training,
+            momentum=momentum, eps=eps, residual=residual, relu=relu,
+        )
+    return fused_conv_bn_act(
+        x, weight, bn_weight, bn_bias, running_mean, running_var, stride=stride, padding=padding,
+        groups=groups, training=training, momentum=momentum, eps=eps, residual=residual,
+        relu=relu, kernels=kernels)
 
 
 def update_running_stats(
@@ -152,28 +153,31 @@ def update_running_stats(
                                             alpha=momentum)
 
 
-def use_triton(backend: str, op: str, x: Tensor, *, groups: int = 1,
-               reason: Optional[str] = None) -> bool:
-    """Whether `op` runs on the Triton kernels for this call: `backend` resolves to "triton"
-    and nothing rules them out (a grouped conv, fp64 on CUDA, or the caller's `reason`).
-    When something does, "auto" falls back to the reference and a named "triton" raises."""
-    if _backend.resolve(backend, op, x.device) != "triton":
-        return False
-    if groups != 1:
-        reason = f"grouped convolution (groups={groups}) is not implemented in Triton"
-    elif x.dtype == torch.float64 and x.device.type == "cuda":
-        reason = "float64 runs only in the interpreter; use float32, float16 or bfloat16"
-    if reason is None:
-        return True
-    if backend != "auto":
-        raise NotImplementedError(f"backend 'triton' cannot run this {op}: {reason}")
-    return False
+def select_kernels(backend: str, op: str, x: Tensor, *, groups: int = 1,
+                   reason: Optional[str] = None) -> str:
+    """Which kernels run `op` for this call: "triton", "native" (the `_C` kernels of the
+    "cpu" / "cuda" backends) or "reference". Triton is ruled out by a grouped conv, fp64 on
+    CUDA or the caller's `reason`; then "auto" takes the next backend that can run the call
+    and a backend named "triton" raises."""
+    name = _backend.resolve(backend, op, x.device)
+    if name == "triton":
+        if groups != 1:
+            reason = f"grouped convolution (groups={groups}) is not implemented in Triton"
+        elif x.dtype == torch.float64 and x.device.type == "cuda":
+            reason = "float64 runs only in the interpreter; use float32, float16 or bfloat16"
+        if reason is None:
+            return "triton"
+        if backend != "auto":
+            raise NotImplementedError(f"backend 'triton' cannot run this {op}: {reason}")
+        name = _backend.resolve(backend, op, x.device, exclude=("triton",))
+    return "reference" if name == "reference" else "native"
 
 
-def _triton_conv_bn_act(
+def fused_conv_bn_act(
     x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
     running_mean: Optional[Tensor], running_var: Optional[Tensor], *, stride: int, padding: int,
-    training: bool, momentum: float, eps: float, residual: Optional[Tensor], relu: bool,
+    groups: int, training: bool, momentum: float, eps: float, residual: Optional[Tensor],
+    relu: bool, kernels: str,
 ) -> Tensor:
     """Training: one fused op returning batch mean / biased var, then the running stats are
     updated here, running = (1 - momentum) * running + momentum * batch (var unbiased by
@@ -184,14 +188,15 @@ def _triton_conv_bn_act(
     beta = bn_bias if bn_bias is not None else x.new_zeros(c_out, dtype=stat_dtype)
     if training:
         out, y, mean, var = torch.ops.fused_resnet.conv_bn_train(
-            x, weight, gamma, beta, residual, stride, padding, eps, relu)
+            x, weight, gamma, beta, residual, stride, padding, groups, eps, relu, kernels)
         if running_mean is not None:
             update_running_stats(running_mean, running_var, mean, var, y.numel() // c_out,
                                  momentum)
         return out
     scale, shift = reference.fold_bn(running_mean, running_var, bn_weight, bn_bias, eps)
     folded = (weight.to(scale.dtype) * scale.view(-1, 1, 1, 1)).to(x.dtype)
-    return torch.ops.fused_resnet.conv_bias_act(x, folded, shift, residual, stride, padding, relu)
+    return torch.ops.fused_resnet.conv_bias_act(x, folded, shift, residual, stride, padding,
+                                                groups, relu, kernels)
 
 
 def conv_bias_act(
@@ -203,9 +208,10 @@ def conv_bias_act(
     x, weight, residual = autocast_inputs(x, weight, residual)
     check_conv_bn_act_args(x, weight, None, bias, None, None, stride=stride, padding=padding,
                            groups=1, training=False, residual=residual, running_ok=True)
-    if use_triton(backend, "conv_bn_act", x):
+    kernels = select_kernels(backend, "conv_bn_act", x)
+    if kernels != "reference":
         return torch.ops.fused_resnet.conv_bias_act(x, weight, bias, residual, stride, padding,
-                                                    relu)
+                                                    1, relu, kernels)
     out = torch.nn.functional.conv2d(x, weight, bias.to(x.dtype), stride, padding)
     if residual is not None:
         out = out + residual

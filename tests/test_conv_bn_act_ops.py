@@ -1,14 +1,14 @@
-"""Triton conv + BN + add + ReLU ops against the reference (TRITON_INTERPRET=1 on CPU)."""
+"""Fused conv + BN + add + ReLU ops against the reference, on Triton (TRITON_INTERPRET=1 on
+CPU) and on the `_C` kernels ("cpu" here, "cuda" on a GPU machine)."""
 
 import pytest
 import torch
 import torch.nn.functional as F
+from _backends import DEVICE, FUSED_BACKENDS, NATIVE
 
 from fused_resnet import ops, reference
+from fused_resnet.backend import unavailable_reason
 from fused_resnet.testing import assert_close, exact_fp32
-
-pytest.importorskip("triton")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 # Pairwise spread of the grid: kernel 1/3/7 x stride 1/2 x padding 0/1/3 x C_in 3/16/24 x
 # C_out 16/32 x residual x ReLU x train/eval; every pair of values of two parameters occurs.
@@ -51,15 +51,17 @@ def _run(backend, x, w, gamma, beta, mean, var, residual, **kwargs):
     return out, grads, stats
 
 
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
 @pytest.mark.parametrize("kernel, stride, padding, c_in, c_out, residual, relu, training", GRID)
-def test_matches_reference(kernel, stride, padding, c_in, c_out, residual, relu, training):
+def test_matches_reference(kernel, stride, padding, c_in, c_out, residual, relu, training,
+                           backend):
     x = torch.randn(2, c_in, 8, 8, device=DEVICE)
     w = torch.randn(c_out, c_in, kernel, kernel, device=DEVICE) * 0.2
     params = _params(c_out)
     size = (8 + 2 * padding - kernel) // stride + 1
     r = torch.randn(2, c_out, size, size, device=DEVICE) if residual else None
     kwargs = {"stride": stride, "padding": padding, "training": training, "relu": relu}
-    out, grads, stats = _run("triton", x, w, *params, r, **kwargs)
+    out, grads, stats = _run(backend, x, w, *params, r, **kwargs)
     ref_out, ref_grads, ref_stats = _run("reference", x, w, *params, r, **kwargs)
     assert_close(out, ref_out, name="output")
     for name, g, ref in zip(("x", "weight", "bn_weight", "bn_bias", "residual"), grads, ref_grads):
@@ -68,20 +70,22 @@ def test_matches_reference(kernel, stride, padding, c_in, c_out, residual, relu,
         assert_close(s, ref, name=name)
 
 
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_output_follows_the_input_memory_format(channels_last):
+def test_output_follows_the_input_memory_format(channels_last, backend):
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(2, 16, 6, 6, device=DEVICE).contiguous(memory_format=fmt)
     w = torch.randn(16, 16, 3, 3, device=DEVICE).contiguous(memory_format=fmt)
     for training in (True, False):
         out = ops.conv_bn_act(x, w, *_params(16), padding=1, training=training,
-                              backend="triton")
+                              backend=backend)
         assert out.is_contiguous(memory_format=fmt)
         ref = reference.conv_bn_act(x, w, *_params(16), padding=1, training=training)
         assert out.shape == ref.shape
 
 
-def test_batch_variance_of_large_mean_activations():
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_batch_variance_of_large_mean_activations(backend):
     """Mean 1e4, std 1: the shifted / Chan-merged statistics keep the variance exact."""
     x = torch.randn(2, 16, 8, 8, device=DEVICE, dtype=torch.float32) + 1e4
     w = torch.zeros(16, 16, 1, 1, device=DEVICE)
@@ -89,15 +93,18 @@ def test_batch_variance_of_large_mean_activations():
     gamma, beta, mean, var = _params(16)
     mean.zero_()
     var.fill_(1.0)
-    ops.conv_bn_act(x, w, gamma, beta, mean, var, momentum=1.0, backend="triton")
+    ops.conv_bn_act(x, w, gamma, beta, mean, var, momentum=1.0, backend=backend)
     x64 = x.double()
     expected_var = x64.var(dim=(0, 2, 3), unbiased=True)
     torch.testing.assert_close(var.double(), expected_var, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(mean.double(), x64.mean(dim=(0, 2, 3)), rtol=1e-6, atol=1e-3)
 
 
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
 @pytest.mark.parametrize("training", [True, False])
-def test_gradcheck_fp64(training):
+def test_gradcheck_fp64(training, backend):
+    if backend == "cuda":
+        pytest.skip("fp64 gradcheck runs on CPU tensors")
     x = torch.randn(2, 2, 4, 4, dtype=torch.float64, requires_grad=True)
     w = torch.randn(3, 2, 3, 3, dtype=torch.float64, requires_grad=True)
     gamma, beta, mean, var = (t.double() for t in _params(3, device="cpu"))
@@ -108,23 +115,27 @@ def test_gradcheck_fp64(training):
     def fn(x, w, gamma, beta, r):
         return ops.conv_bn_act(x, w, gamma, beta, mean.clone(), var.clone(), stride=2,
                                padding=1, training=training, residual=r, relu=False,
-                               backend="triton")
+                               backend=backend)
 
     assert torch.autograd.gradcheck(fn, (x, w, gamma, beta, r), fast_mode=True)
 
 
+@pytest.mark.parametrize("kernels", ["triton", "native"])
 @pytest.mark.parametrize("training", [True, False])
-def test_opcheck(training):
+def test_opcheck(training, kernels):
+    reason = unavailable_reason("triton" if kernels == "triton" else NATIVE, torch.device(DEVICE))
+    if reason is not None:
+        pytest.skip(reason)
     x = torch.randn(2, 4, 5, 5, device=DEVICE)
     w = torch.randn(8, 4, 3, 3, device=DEVICE, requires_grad=True)
     gamma, beta, _, _ = _params(8)
     r = torch.randn(2, 8, 5, 5, device=DEVICE)
     if training:
         op = torch.ops.fused_resnet.conv_bn_train.default
-        args = (x, w, gamma.requires_grad_(), beta, r, 1, 1, 1e-5, True)
+        args = (x, w, gamma.requires_grad_(), beta, r, 1, 1, 1, 1e-5, True, kernels)
     else:
         op = torch.ops.fused_resnet.conv_bias_act.default
-        args = (x, w, beta.requires_grad_(), r, 1, 1, True)
+        args = (x, w, beta.requires_grad_(), r, 1, 1, 1, True, kernels)
     torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor",
                                                 "test_autograd_registration"))
     # The backward ops, called as autograd calls them.
@@ -134,15 +145,17 @@ def test_opcheck(training):
     if training:
         _, y, mean, var = outputs
         backward = torch.ops.fused_resnet.conv_bn_train_backward.default
-        bwd_args = (dz, x, w.detach(), gamma.detach(), y, z, mean, var, 1, 1, 1e-5, True, True)
+        bwd_args = (dz, x, w.detach(), gamma.detach(), y, z, mean, var, 1, 1, 1, 1e-5, True,
+                    True, kernels)
     else:
         backward = torch.ops.fused_resnet.conv_bias_act_backward.default
-        bwd_args = (dz, x, w.detach(), z.detach(), beta.detach(), 1, 1, True, True)
+        bwd_args = (dz, x, w.detach(), z.detach(), beta.detach(), 1, 1, 1, True, True, kernels)
     torch.library.opcheck(backward, bwd_args, test_utils=("test_schema", "test_faketensor"))
 
 
 def test_block_end_with_a_projection_shortcut_bn():
     """z = relu(bn(y) + bn_ds(y2)) forward and backward, against autograd in fp64."""
+    pytest.importorskip("triton")
     from fused_resnet.triton.bn import bn_bwd_reduce
     from fused_resnet.triton.eltwise import bn_act_bwd, bn_act_fwd, bn_backward_coefficients
 
@@ -179,8 +192,9 @@ def test_block_end_with_a_projection_shortcut_bn():
         assert_close(got, leaves[leaf].grad.float(), kind="grad", name=name)
 
 
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_low_precision_within_twice_eager_error(dtype):
+def test_low_precision_within_twice_eager_error(dtype, backend):
     """fp16 / bf16 against an fp64 truth, bounded by 2x eager PyTorch's error in that dtype
     (bf16 dots are upcast to fp32 in the interpreter, where bf16 tl.dot is unreliable)."""
     x = torch.randn(2, 16, 8, 8, device=DEVICE)
@@ -192,7 +206,7 @@ def test_low_precision_within_twice_eager_error(dtype):
                                  *(p.double() for p in params), r.double(), **kwargs)
     low = [t.to(dtype) for t in (x, w)]
     eager, eager_grads, _ = _run("reference", *low, *params, r.to(dtype), **kwargs)
-    fused, fused_grads, _ = _run("triton", *low, *params, r.to(dtype), **kwargs)
+    fused, fused_grads, _ = _run(backend, *low, *params, r.to(dtype), **kwargs)
     assert fused.dtype == dtype
     assert_close(fused, truth, baseline=eager, name="output")
     for name, got, ref, base in zip(("x", "weight", "bn_weight", "bn_bias", "residual"),
@@ -200,13 +214,25 @@ def test_low_precision_within_twice_eager_error(dtype):
         assert_close(got, ref, kind="grad", baseline=base, compute_dtype=dtype, name=f"d{name}")
 
 
-def test_unsupported_shapes_fall_back_or_say_why():
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_grouped_conv_runs_natively_and_is_refused_by_triton(backend):
     x = torch.randn(2, 4, 6, 6, device=DEVICE)
     w = torch.randn(8, 2, 3, 3, device=DEVICE)
-    with pytest.raises(NotImplementedError, match="groups=2"):
-        ops.conv_bn_act(x, w, *_params(8), padding=1, groups=2, backend="triton")
-    out = ops.conv_bn_act(x, w, *_params(8), padding=1, groups=2, backend="auto")
-    assert out.shape == (2, 8, 6, 6)
+    if backend == "triton":
+        with pytest.raises(NotImplementedError, match="groups=2"):
+            ops.conv_bn_act(x, w, *_params(8), padding=1, groups=2, backend="triton")
+        backend = "auto"  # falls back to the next backend that runs grouped convs
+    params = _params(8)
+    for training in (True, False):
+        out, grads, stats = _run(backend, x, w, *params, None, padding=1, groups=2,
+                                 training=training)
+        ref, ref_grads, ref_stats = _run("reference", x, w, *params, None, padding=1, groups=2,
+                                         training=training)
+        assert_close(out, ref)
+        for s, r in zip(stats, ref_stats):
+            assert_close(s, r)
+        for g, r in zip(grads, ref_grads):
+            assert_close(g, r, kind="grad")
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -215,32 +241,34 @@ def test_unsupported_shapes_fall_back_or_say_why():
      "more than 1 value per channel"),
     ({"x": torch.randn(2, 4, 6, 6, dtype=torch.float16)}, "weight dtype"),
 ])
-def test_bad_input_leaves_running_stats_unchanged(overrides, message):
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_bad_input_leaves_running_stats_unchanged(overrides, message, backend):
     args = {"x": torch.randn(2, 4, 6, 6), "weight": torch.randn(8, 4, 3, 3), "padding": 1}
     args.update(overrides)
     gamma, beta, mean, var = _params(8, device="cpu")
     before = (mean.clone(), var.clone())
     with pytest.raises(ValueError, match=message):
         ops.conv_bn_act(args.pop("x"), args.pop("weight"), gamma, beta, mean, var,
-                        backend="triton", **args)
+                        backend=backend, **args)
     assert torch.equal(mean, before[0]) and torch.equal(var, before[1])
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("c_in, c_out, kernel, stride, size", [
     (64, 64, 1, 1, 56), (64, 64, 3, 1, 56), (256, 128, 1, 1, 56), (128, 128, 3, 2, 56),
     (512, 1024, 1, 2, 28), (3, 64, 7, 2, 224),
 ])
 @exact_fp32()
-def test_resnet50_shapes_compiled_on_cuda(dtype, c_in, c_out, kernel, stride, size):
+def test_resnet50_shapes_on_cuda(dtype, c_in, c_out, kernel, stride, size, backend):
     x = torch.randn(32, c_in, size, size, device="cuda").contiguous(
         memory_format=torch.channels_last)
     w = torch.randn(c_out, c_in, kernel, kernel, device="cuda") * (2.0 / (c_in * kernel**2)) ** 0.5
     params = _params(c_out)
     kwargs = {"stride": stride, "padding": kernel // 2, "training": True}
     if dtype == torch.float32:
-        out, grads, stats = _run("triton", x, w, *params, None, **kwargs)
+        out, grads, stats = _run(backend, x, w, *params, None, **kwargs)
         ref, ref_grads, ref_stats = _run("reference", x, w, *params, None, **kwargs)
         assert_close(out, ref)
         for g, r in zip(grads, ref_grads):
@@ -249,7 +277,7 @@ def test_resnet50_shapes_compiled_on_cuda(dtype, c_in, c_out, kernel, stride, si
     truth, truth_grads, _ = _run("reference", x.double(), w.double(),
                                  *(p.double() for p in params), None, **kwargs)
     eager, eager_grads, _ = _run("reference", x.to(dtype), w.to(dtype), *params, None, **kwargs)
-    out, grads, _ = _run("triton", x.to(dtype), w.to(dtype), *params, None, **kwargs)
+    out, grads, _ = _run(backend, x.to(dtype), w.to(dtype), *params, None, **kwargs)
     assert_close(out, truth, baseline=eager)
     for g, t, e in zip(grads, truth_grads, eager_grads):
         assert_close(g, t, kind="grad", baseline=e, compute_dtype=dtype)

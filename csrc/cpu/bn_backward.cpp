@@ -1,0 +1,189 @@
+// CPU kernel of fused_resnet::bn_act_backward (the math is stated with the schema in
+// csrc/fused_resnet.cpp): a reduction pass over (dz, z, y) for S1 = sum(g) and
+// S2 = sum(g * (y - mean)) with g = dz * [z > 0], then an elementwise pass
+//   dy = A * g + B * (y - mean) + D,  A = gamma * rstd,  B = -A * rstd * dgamma / n,
+//   D = -A * dbeta / n,  with dbeta = S1, dgamma = rstd * S2,
+// that also writes dr = g when asked.
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include "cpu_loops.h"
+
+namespace fused_resnet::cpu {
+namespace {
+
+// g = dz * [z > 0] (z == nullptr: no ReLU, g = dz) for the values k .. k + width.
+template <typename scalar_t>
+inline Vec<scalar_t> masked_grad(const scalar_t* dz, const scalar_t* z, int64_t k) {
+  const Vec<scalar_t> g = load_vec(dz + k);
+  if (z == nullptr) return g;
+  const Vec<scalar_t> zero(opmath<scalar_t>(0));
+  return Vec<scalar_t>::blendv(zero, g, load_vec(z + k) > zero);
+}
+
+template <typename scalar_t>
+inline opmath<scalar_t> masked_grad_scalar(const scalar_t* dz, const scalar_t* z, int64_t k) {
+  using acc_t = opmath<scalar_t>;
+  if (z != nullptr && !(static_cast<acc_t>(z[k]) > acc_t(0))) return acc_t(0);
+  return static_cast<acc_t>(dz[k]);
+}
+
+template <typename scalar_t>
+void reduce_pass(const ChannelView& view, const scalar_t* dz, const scalar_t* z,
+                 const scalar_t* y, const opmath<scalar_t>* mean, ChannelSums<2>& sums) {
+  using acc_t = opmath<scalar_t>;
+  constexpr int64_t width = Vec<scalar_t>::size();
+  const int64_t channels = view.channels, inner = view.inner;
+  auto rows = [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> s1(channels, acc_t(0)), s2(channels, acc_t(0));
+    double* t1 = sums.slot(0);
+    double* t2 = sums.slot(1);
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t base = row * channels;
+      int64_t k = 0;
+      for (; k + width <= channels; k += width) {
+        const Vec<scalar_t> g = masked_grad(dz + base, z ? z + base : nullptr, k);
+        const Vec<scalar_t> centered = load_vec(y + base + k) - Vec<scalar_t>::loadu(mean + k);
+        (Vec<scalar_t>::loadu(s1.data() + k) + g).store(s1.data() + k);
+        (Vec<scalar_t>::loadu(s2.data() + k) + g * centered).store(s2.data() + k);
+      }
+      for (; k < channels; ++k) {
+        const acc_t g = masked_grad_scalar(dz + base, z ? z + base : nullptr, k);
+        s1[k] += g;
+        s2[k] += g * (static_cast<acc_t>(y[base + k]) - mean[k]);
+      }
+      if ((row - begin + 1) % kRowsPerFlush == 0 || row == end - 1) {
+        for (int64_t c = 0; c < channels; ++c) {
+          t1[c] += s1[c];
+          t2[c] += s2[c];
+          s1[c] = s2[c] = acc_t(0);
+        }
+      }
+    }
+  };
+  auto planes = [&](int64_t begin, int64_t end) {
+    double* t1 = sums.slot(0);
+    double* t2 = sums.slot(1);
+    for (int64_t line = begin; line < end; ++line) {
+      const int64_t c = line % channels, base = line * inner;
+      const Vec<scalar_t> m(mean[c]);
+      Vec<scalar_t> v1(acc_t(0)), v2(acc_t(0));
+      int64_t i = 0;
+      for (; i + width <= inner; i += width) {
+        const Vec<scalar_t> g = masked_grad(dz + base, z ? z + base : nullptr, i);
+        v1 = v1 + g;
+        v2 = v2 + g * (load_vec(y + base + i) - m);
+      }
+      acc_t s1 = horizontal_sum(v1), s2 = horizontal_sum(v2);
+      for (; i < inner; ++i) {
+        const acc_t g = masked_grad_scalar(dz + base, z ? z + base : nullptr, i);
+        s1 += g;
+        s2 += g * (static_cast<acc_t>(y[base + i]) - mean[c]);
+      }
+      t1[c] += s1;
+      t2[c] += s2;
+    }
+  };
+  parallel_lines(view, rows, planes);
+}
+
+// Pointers of one line: dz, z (or null), y in; dy, dr (or null) out.
+template <typename scalar_t>
+struct GradLine {
+  const scalar_t *dz, *z, *y;
+  scalar_t *dy, *dr;
+};
+
+template <typename scalar_t>
+void apply_line(const GradLine<scalar_t>& p, int64_t count, LineCoef<opmath<scalar_t>> mean,
+                LineCoef<opmath<scalar_t>> a, LineCoef<opmath<scalar_t>> b,
+                LineCoef<opmath<scalar_t>> d) {
+  using acc_t = opmath<scalar_t>;
+  constexpr int64_t width = Vec<scalar_t>::size();
+  int64_t k = 0;
+  for (; k + width <= count; k += width) {
+    const Vec<scalar_t> g = masked_grad(p.dz, p.z, k);
+    store_vec(p.dy + k, a.vec(k) * g + b.vec(k) * (load_vec(p.y + k) - mean.vec(k)) + d.vec(k));
+    if (p.dr != nullptr) store_vec(p.dr + k, g);
+  }
+  for (; k < count; ++k) {
+    const acc_t g = masked_grad_scalar(p.dz, p.z, k);
+    p.dy[k] = static_cast<scalar_t>(a.at(k) * g +
+                                    b.at(k) * (static_cast<acc_t>(p.y[k]) - mean.at(k)) + d.at(k));
+    if (p.dr != nullptr) p.dr[k] = static_cast<scalar_t>(g);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_backward_cpu(
+    const at::Tensor& dz, const std::optional<at::Tensor>& z, const at::Tensor& y,
+    const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& gamma, bool write_dr) {
+  const at::MemoryFormat format = check_bn_act_backward_args(dz, z, y, mean, rstd, gamma);
+  const at::Tensor y_c = y.contiguous(format), dz_c = dz.contiguous(format);
+  const at::Tensor z_c = z.has_value() ? z->contiguous(format) : at::Tensor();
+  const ChannelView view = channel_view(y_c, format);
+  const int64_t channels = view.channels;
+  const at::ScalarType acc = acc_type_of(y);
+  const at::Tensor mean_c = mean.to(acc).contiguous();
+  const at::Tensor rstd_d = rstd.to(at::kDouble).contiguous();
+  const at::Tensor gamma_d = gamma.to(at::kDouble).contiguous();
+  at::Tensor dy = at::empty_like(y_c, y_c.options(), format);
+  at::Tensor dr = write_dr ? at::empty_like(y_c, y_c.options(), format) : at::empty({0}, y.options());
+  at::Tensor dgamma = at::empty({channels}, y.options().dtype(at::kDouble));
+  at::Tensor dbeta = at::empty_like(dgamma);
+  at::Tensor coefs = at::empty({3, channels}, y.options().dtype(at::kDouble));
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "bn_act_backward_cpu", [&] {
+    using acc_t = opmath<scalar_t>;
+    const scalar_t* dz_p = dz_c.const_data_ptr<scalar_t>();
+    const scalar_t* z_p = z_c.defined() ? z_c.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* y_p = y_c.const_data_ptr<scalar_t>();
+    const acc_t* mean_p = mean_c.const_data_ptr<acc_t>();
+    ChannelSums<2> sums(channels);
+    reduce_pass<scalar_t>(view, dz_p, z_p, y_p, mean_p, sums);
+
+    const double n = static_cast<double>(view.per_channel());
+    double* coef_p = coefs.mutable_data_ptr<double>();
+    for (int64_t c = 0; c < channels; ++c) {
+      const double r = rstd_d.const_data_ptr<double>()[c];
+      const double db = sums.total(0, c), dg = r * sums.total(1, c);
+      const double a = gamma_d.const_data_ptr<double>()[c] * r;
+      dbeta.mutable_data_ptr<double>()[c] = db;
+      dgamma.mutable_data_ptr<double>()[c] = dg;
+      coef_p[c] = a;
+      coef_p[channels + c] = -a * r * dg / n;
+      coef_p[2 * channels + c] = -a * db / n;
+    }
+    const at::Tensor coefs_acc = coefs.to(acc);
+    const acc_t* a = coefs_acc.const_data_ptr<acc_t>();
+    const acc_t* b = a + channels;
+    const acc_t* d = b + channels;
+    scalar_t* dy_p = dy.mutable_data_ptr<scalar_t>();
+    scalar_t* dr_p = write_dr ? dr.mutable_data_ptr<scalar_t>() : nullptr;
+    auto line_at = [&](int64_t base) {
+      return GradLine<scalar_t>{dz_p + base, z_p ? z_p + base : nullptr, y_p + base, dy_p + base,
+                                dr_p ? dr_p + base : nullptr};
+    };
+    parallel_lines(
+        view,
+        [&](int64_t begin, int64_t end) {
+          for (int64_t row = begin; row < end; ++row) {
+            apply_line<scalar_t>(line_at(row * channels), channels, {mean_p, true}, {a, true},
+                                 {b, true}, {d, true});
+          }
+        },
+        [&](int64_t begin, int64_t end) {
+          for (int64_t line = begin; line < end; ++line) {
+            const int64_t c = line % channels;
+            apply_line<scalar_t>(line_at(line * view.inner), view.inner, {mean_p + c, false},
+                                 {a + c, false}, {b + c, false}, {d + c, false});
+          }
+        });
+  });
+  return {dy, dgamma.to(acc), dbeta.to(acc), dr};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fused_resnet, CPU, m) { m.impl("bn_act_backward", &bn_act_backward_cpu); }
+
+}  // namespace fused_resnet::cpu

@@ -1,0 +1,113 @@
+// Loop scaffolding of the CPU kernels: vector loads in the math type, the two ways a
+// ChannelView is split across threads, and per-thread fp64 channel sums.
+#pragma once
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <type_traits>
+#include <vector>
+
+#include "../bn_checks.h"
+
+namespace fused_resnet::cpu {
+
+template <typename scalar_t>
+using opmath = at::opmath_type<scalar_t>;
+template <typename scalar_t>
+using Vec = at::vec::Vectorized<opmath<scalar_t>>;
+
+// Vec<scalar_t>::size() consecutive values of p, widened to the math type.
+template <typename scalar_t>
+inline Vec<scalar_t> load_vec(const scalar_t* p) {
+  using acc_t = opmath<scalar_t>;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return Vec<scalar_t>::loadu(p);
+  } else {
+    acc_t wide[Vec<scalar_t>::size()];
+    for (int k = 0; k < Vec<scalar_t>::size(); ++k) wide[k] = static_cast<acc_t>(p[k]);
+    return Vec<scalar_t>::loadu(wide);
+  }
+}
+
+// Stores v to Vec<scalar_t>::size() consecutive values of p, rounded to scalar_t.
+template <typename scalar_t>
+inline void store_vec(scalar_t* p, const Vec<scalar_t>& v) {
+  using acc_t = opmath<scalar_t>;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    v.store(p);
+  } else {
+    acc_t wide[Vec<scalar_t>::size()];
+    v.store(wide);
+    for (int k = 0; k < Vec<scalar_t>::size(); ++k) p[k] = static_cast<scalar_t>(wide[k]);
+  }
+}
+
+template <typename acc_t>
+inline acc_t horizontal_sum(const at::vec::Vectorized<acc_t>& v) {
+  acc_t lanes[at::vec::Vectorized<acc_t>::size()];
+  v.store(lanes);
+  acc_t total = 0;
+  for (int k = 0; k < at::vec::Vectorized<acc_t>::size(); ++k) total += lanes[k];
+  return total;
+}
+
+// A per-channel coefficient along one line: lane k of a row reads p[k] (per_lane), every
+// value of a plane reads the plane's one channel, *p.
+template <typename acc_t>
+struct LineCoef {
+  const acc_t* p;
+  bool per_lane;
+  at::vec::Vectorized<acc_t> vec(int64_t k) const {
+    return per_lane ? at::vec::Vectorized<acc_t>::loadu(p + k) : at::vec::Vectorized<acc_t>(*p);
+  }
+  acc_t at(int64_t k) const { return per_lane ? p[k] : *p; }
+};
+
+// Runs rows(begin, end) over the rows o of an NHWC view (each row holds channels 0..C-1
+// contiguously) or planes(begin, end) over the lines l = o*C + c of an NCHW view (each holds
+// `inner` values of channel l % C), in parallel chunks of about GRAIN_SIZE elements.
+template <typename Rows, typename Planes>
+inline void parallel_lines(const ChannelView& v, Rows&& rows, Planes&& planes) {
+  if (v.inner == 1) {
+    at::parallel_for(0, v.outer, std::max<int64_t>(1, at::internal::GRAIN_SIZE / v.channels),
+                     rows);
+  } else {
+    at::parallel_for(0, v.outer * v.channels,
+                     std::max<int64_t>(1, at::internal::GRAIN_SIZE / v.inner), planes);
+  }
+}
+
+// kSums fp64 sums per channel, one set per thread, added up by total(). Each thread adds
+// its chunk's partial sums (kept in the math type for at most a few thousand values) here,
+// so long reductions do not lose precision.
+template <int kSums>
+class ChannelSums {
+ public:
+  explicit ChannelSums(int64_t channels)
+      : channels_(channels), sums_(at::get_num_threads() * kSums * channels, 0.0) {}
+
+  // This thread's sums: slot(s)[c] is sum s of channel c.
+  double* slot(int s) {
+    return sums_.data() + (at::get_thread_num() * kSums + s) * channels_;
+  }
+
+  // Sum s of channel c over all threads.
+  double total(int s, int64_t c) const {
+    double t = 0.0;
+    for (int64_t thread = 0; thread < static_cast<int64_t>(sums_.size()) / (kSums * channels_);
+         ++thread) {
+      t += sums_[(thread * kSums + s) * channels_ + c];
+    }
+    return t;
+  }
+
+ private:
+  int64_t channels_;
+  std::vector<double> sums_;
+};
+
+// Rows accumulated in the math type before they are flushed into the fp64 sums.
+constexpr int64_t kRowsPerFlush = 64;
+
+}  // namespace fused_resnet::cpu

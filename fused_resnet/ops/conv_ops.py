@@ -1,0 +1,155 @@
+"""Custom ops `fused_resnet::conv_bn_train` and `fused_resnet::conv_bias_act` (+ backward ops):
+one schema, fake kernel and autograd formula each, whatever kernels run them.
+
+- conv_bn_train(x, w, gamma, beta, residual?, stride, padding, groups, eps, relu, kernels)
+  -> (z, y, mean, var): y = conv(x, w) with its batch statistics (mean, biased var), then
+  z = relu?(BN(y) + residual). Functional: the caller updates running stats from mean / var.
+- conv_bias_act(x, w, bias, residual?, stride, padding, groups, relu, kernels)
+  -> z = relu?(conv(x, w) + bias + residual): inference with BN folded into (w, bias),
+  differentiable too.
+`kernels` picks the bodies: "triton" (`ops.triton_kernels`, NHWC implicit GEMM with fused
+epilogues) or "native" (`ops.native_kernels`, the `_C` kernels around ATen's convolution).
+Autograd saves x, w, y, z and the per-channel stats only. Tensors are (N, C, H, W); z and
+dx take x's memory format, y and d residual the kernels' `activation_format(x)`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fused_resnet.ops.layout import conv_output_shape, output_memory_format
+
+KERNELS = ("triton", "native")
+
+
+def kernels_module(kernels: str) -> ModuleType:
+    """`ops.triton_kernels` or `ops.native_kernels` (imported on first use: Triton is optional)."""
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
+    return importlib.import_module(f"fused_resnet.ops.{kernels}_kernels")
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _empty(shape, like: Tensor, fmt=torch.contiguous_format, dtype=None) -> Tensor:
+    return torch.empty(shape, device=like.device, dtype=dtype or like.dtype, memory_format=fmt)
+
+
+@torch.library.custom_op("fused_resnet::conv_bn_train", mutates_args=())
+def conv_bn_train(
+    x: Tensor, weight: Tensor, bn_weight: Tensor, bn_bias: Tensor, residual: Optional[Tensor],
+    stride: int, padding: int, groups: int, eps: float, relu: bool, kernels: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    z, y, mean, var = kernels_module(kernels).conv_bn_train(
+        x, weight, bn_weight, bn_bias, residual, stride, padding, groups, eps, relu)
+    return z.contiguous(memory_format=output_memory_format(x)), y, mean, var
+
+
+@conv_bn_train.register_fake
+def _(x, weight, bn_weight, bn_bias, residual, stride, padding, groups, eps, relu, kernels):
+    shape = conv_output_shape(x, weight, stride, padding)
+    stat = _empty((shape[1],), x, dtype=_acc(x.dtype))
+    y_format = kernels_module(kernels).activation_format(x)
+    return (_empty(shape, x, output_memory_format(x)), _empty(shape, x, y_format), stat,
+            torch.empty_like(stat))
+
+
+@torch.library.custom_op("fused_resnet::conv_bn_train_backward", mutates_args=())
+def conv_bn_train_backward(
+    dz: Tensor, x: Tensor, weight: Tensor, bn_weight: Tensor, y: Tensor, z: Tensor,
+    mean: Tensor, var: Tensor, stride: int, padding: int, groups: int, eps: float, relu: bool,
+    has_residual: bool, kernels: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dw, d gamma, d beta, d residual (empty without a residual))."""
+    dx, dw, dgamma, dbeta, dr = kernels_module(kernels).conv_bn_train_backward(
+        dz, x, weight, bn_weight, y, z, mean, var, stride, padding, groups, eps, relu,
+        has_residual)
+    return (dx.contiguous(memory_format=output_memory_format(x)), dw.to(weight.dtype).contiguous(),
+            dgamma.to(bn_weight.dtype), dbeta.to(bn_weight.dtype),
+            dr if dr is not None else dz.new_empty(0))
+
+
+@conv_bn_train_backward.register_fake
+def _(dz, x, weight, bn_weight, y, z, mean, var, stride, padding, groups, eps, relu,
+      has_residual, kernels):
+    c = weight.shape[0]
+    dr_format = kernels_module(kernels).activation_format(x)
+    return (_empty(x.shape, x, output_memory_format(x)), _empty(weight.shape, weight),
+            _empty((c,), bn_weight), _empty((c,), bn_weight),
+            _empty(y.shape, dz, dr_format) if has_residual else dz.new_empty(0))
+
+
+def _setup_train(ctx, inputs, output):
+    x, weight, bn_weight, _, residual, stride, padding, groups, eps, relu, kernels = inputs
+    z, y, mean, var = output
+    ctx.save_for_backward(x, weight, bn_weight, y, z, mean, var)
+    ctx.args = (stride, padding, groups, eps, relu, residual is not None, kernels)
+
+
+def _backward_train(ctx, dz, _dy, _dmean, _dvar):
+    x, weight, bn_weight, y, z, mean, var = ctx.saved_tensors
+    has_residual = ctx.args[5]
+    dx, dw, dgamma, dbeta, dr = conv_bn_train_backward(dz, x, weight, bn_weight, y, z, mean, var,
+                                                       *ctx.args)
+    return (dx, dw, dgamma, dbeta, dr if has_residual else None, *(None,) * 6)
+
+
+conv_bn_train.register_autograd(_backward_train, setup_context=_setup_train)
+
+
+@torch.library.custom_op("fused_resnet::conv_bias_act", mutates_args=())
+def conv_bias_act(
+    x: Tensor, weight: Tensor, bias: Tensor, residual: Optional[Tensor], stride: int,
+    padding: int, groups: int, relu: bool, kernels: str,
+) -> Tensor:
+    z = kernels_module(kernels).conv_bias_act(x, weight, bias, residual, stride, padding, groups,
+                                              relu)
+    return z.contiguous(memory_format=output_memory_format(x))
+
+
+@conv_bias_act.register_fake
+def _(x, weight, bias, residual, stride, padding, groups, relu, kernels):
+    return _empty(conv_output_shape(x, weight, stride, padding), x, output_memory_format(x))
+
+
+@torch.library.custom_op("fused_resnet::conv_bias_act_backward", mutates_args=())
+def conv_bias_act_backward(
+    dz: Tensor, x: Tensor, weight: Tensor, z: Tensor, bias: Tensor, stride: int, padding: int,
+    groups: int, relu: bool, has_residual: bool, kernels: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dw, d bias, d residual (empty without a residual))."""
+    dx, dw, dbias, dr = kernels_module(kernels).conv_bias_act_backward(
+        dz, x, weight, z, stride, padding, groups, relu, has_residual)
+    return (dx.contiguous(memory_format=output_memory_format(x)), dw.to(weight.dtype).contiguous(),
+            dbias.to(bias.dtype), dr if dr is not None else dz.new_empty(0))
+
+
+@conv_bias_act_backward.register_fake
+def _(dz, x, weight, z, bias, stride, padding, groups, relu, has_residual, kernels):
+    dr_format = kernels_module(kernels).activation_format(x)
+    return (_empty(x.shape, x, output_memory_format(x)), _empty(weight.shape, weight),
+            _empty(bias.shape, bias),
+            _empty(z.shape, dz, dr_format) if has_residual else dz.new_empty(0))
+
+
+def _setup_bias(ctx, inputs, output):
+    x, weight, bias, residual, stride, padding, groups, relu, kernels = inputs
+    ctx.save_for_backward(x, weight, output, bias)
+    ctx.args = (stride, padding, groups, relu, residual is not None, kernels)
+
+
+def _backward_bias(ctx, dz):
+    x, weight, z, bias = ctx.saved_tensors
+    has_residual = ctx.args[4]
+    dx, dw, dbias, dr = conv_bias_act_backward(dz, x, weight, z, bias, *ctx.args)
+    return dx, dw, dbias, dr if has_residual else None, *(None,) * 5
+
+
+conv_bias_act.register_autograd(_backward_bias, setup_context=_setup_bias)

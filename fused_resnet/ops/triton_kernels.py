@@ -1,0 +1,92 @@
+"""Bodies of the `conv_ops` custom ops on the Triton kernels (`kernels="triton"`).
+
+The conv runs as an NHWC implicit GEMM whose epilogue writes the raw output y and its batch
+statistics (training) or adds the folded-BN bias, residual and ReLU (inference). y and the
+activation gradients are channels_last; the outputs z and dx take x's memory format.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fused_resnet.ops.layout import output_memory_format
+from fused_resnet.triton.bn import bn_bwd_reduce, bn_finalize
+from fused_resnet.triton.config import acc_dtype
+from fused_resnet.triton.conv import STAT_ROWS, conv_fwd, to_nhwc
+from fused_resnet.triton.conv_bwd import BnGrad, conv_dgrad, conv_wgrad
+from fused_resnet.triton.eltwise import bn_act_bwd, bn_act_fwd, bn_backward_coefficients
+
+
+def activation_format(x: Tensor) -> torch.memory_format:
+    """The memory format of the saved conv output y and of d residual: always NHWC."""
+    return torch.channels_last
+
+
+def _check_groups(groups: int) -> None:
+    if groups != 1:
+        raise NotImplementedError(f"the Triton conv kernels are ungrouped, got groups={groups}")
+
+
+def conv_bn_train(
+    x: Tensor, weight: Tensor, bn_weight: Tensor, bn_bias: Tensor, residual: Optional[Tensor],
+    stride: int, padding: int, groups: int, eps: float, relu: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    _check_groups(groups)
+    y, parts = conv_fwd(x, weight, stride=stride, padding=padding, stats=True)
+    m = y.numel() // y.shape[1]
+    mean, var, scale, shift = bn_finalize(*parts, STAT_ROWS, m, bn_weight, bn_bias, eps)
+    r = to_nhwc(residual) if residual is not None else None
+    z = bn_act_fwd(y, scale, shift, residual=r, relu=relu)
+    return z.contiguous(memory_format=output_memory_format(x)), y, mean, var
+
+
+def conv_bn_train_backward(
+    dz: Tensor, x: Tensor, weight: Tensor, bn_weight: Tensor, y: Tensor, z: Tensor,
+    mean: Tensor, var: Tensor, stride: int, padding: int, groups: int, eps: float, relu: bool,
+    has_residual: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Optional[Tensor]]:
+    _check_groups(groups)
+    dz = to_nhwc(dz)
+    z = to_nhwc(z) if relu else None
+    rstd = torch.rsqrt(var + eps)
+    sum_g, sum_gy, _ = bn_bwd_reduce(dz, z, y, mean, rstd)
+    coeffs = bn_backward_coefficients(bn_weight, mean, rstd, sum_g, sum_gy, y.numel() // y.shape[1])
+    # 1x1 convs read each dy element once: apply the BN backward on load, never write dy.
+    on_load = weight.shape[2] * weight.shape[3] == 1
+    dy, _, dr = bn_act_bwd(dz, z, y, coeffs, write_dr=has_residual, write_dy=not on_load)
+    if on_load:  # from g itself when it was written for the residual, else from (dz, z)
+        dy = BnGrad(dr, None, y, *coeffs) if dr is not None else BnGrad(dz, z, y, *coeffs)
+    dx = conv_dgrad(dy, weight, x.shape, stride=stride, padding=padding)
+    dw = conv_wgrad(x, dy, weight.shape, stride=stride, padding=padding)
+    return dx, dw, sum_gy, sum_g, dr
+
+
+def conv_bias_act(
+    x: Tensor, weight: Tensor, bias: Tensor, residual: Optional[Tensor], stride: int,
+    padding: int, groups: int, relu: bool,
+) -> Tensor:
+    _check_groups(groups)
+    z, _ = conv_fwd(x, weight, stride=stride, padding=padding, bias=bias, residual=residual,
+                    relu=relu)
+    return z
+
+
+def conv_bias_act_backward(
+    dz: Tensor, x: Tensor, weight: Tensor, z: Tensor, stride: int, padding: int, groups: int,
+    relu: bool, has_residual: bool,
+) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+    """(dx, dw, d bias, d residual or None); g = dz * [z > 0]."""
+    _check_groups(groups)
+    dz = to_nhwc(dz)
+    c = weight.shape[0]
+    acc = acc_dtype(dz.dtype)
+    identity = (torch.ones(c, device=dz.device, dtype=acc),
+                torch.zeros(c, device=dz.device, dtype=acc),
+                torch.zeros(c, device=dz.device, dtype=acc))
+    g, _, dr = bn_act_bwd(dz, to_nhwc(z) if relu else None, dz, identity, write_dr=has_residual)
+    dx = conv_dgrad(g, weight, x.shape, stride=stride, padding=padding)
+    dw = conv_wgrad(x, g, weight.shape, stride=stride, padding=padding)
+    return dx, dw, g.sum(dim=(0, 2, 3), dtype=acc), dr
