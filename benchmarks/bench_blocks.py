@@ -3,7 +3,8 @@
 For each distinct block shape (input channels, planes, stride, projection, input size), in one
 process and on the same weights and inputs: the fused block (one op in training, the folded
 chain in eval; for stride-1 identity blocks also the single-launch eval kernel, "fused
-single", so the faster eval path per shape can be read off), the same block on the
+single", so the faster eval path per shape can be read off; on GPU also "fused cuda", the
+`_C` fallback of cuDNN convs and fused BN kernels), the same block on the
 pure-PyTorch reference in channels_last (eager cuDNN on GPU), and torch.compile of that
 reference block; "train" = forward + backward, "eval" = forward under no_grad, in autocast
 `--dtype`. TFLOP/s counts 2 FLOPs per MAC (x3 with
@@ -58,6 +59,9 @@ def bench_block(shape, batch, dtype, device, use_compile):
     eager = copy.deepcopy(fused)
     fr.models.set_backend(eager, "reference")
     columns = {"fused": fused, "eager": eager}
+    if device.type == "cuda":  # the _C fallback: cuDNN convs + the fused BN kernels
+        columns["fused cuda"] = copy.deepcopy(fused)
+        fr.models.set_backend(columns["fused cuda"], "cuda")
     if stride == 1 and not shape[3] and planes <= BOTTLENECK_EVAL_MAX_MID:  # single launch
         columns["fused single"] = copy.deepcopy(fused)
         columns["fused single"].eval_kernel = "single"

@@ -29,11 +29,12 @@ from fused_resnet.table import format_table  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def run(arch, dtypes, train_batch, infer_batch, image_size, compile_model, iters):
+def run(arch, dtypes, train_batch, infer_batch, image_size, compile_model, iters,
+        backends=("auto",)):
     rows = []
     for dtype in dtypes:
         for mode, batch in (("train", train_batch), ("infer", infer_batch), ("infer", 1)):
-            for row in bench(arch, ("auto",), batch_size=batch, image_size=image_size,
+            for row in bench(arch, backends, batch_size=batch, image_size=image_size,
                              dtype=dtype, modes=(mode,), compile_model=compile_model,
                              iters=iters):
                 entry = asdict(row)
@@ -43,7 +44,7 @@ def run(arch, dtypes, train_batch, infer_batch, image_size, compile_model, iters
     for row in rows:  # ratios of the fused column's img/s to each column, same setting
         same = [r for r in rows if (r["dtype"], r["mode"], r["batch"]) ==
                 (row["dtype"], row["mode"], row["batch"])]
-        fused = next(r for r in same if r["column"].startswith("fused_resnet"))
+        fused = next(r for r in same if r["column"] == f"fused_resnet[{backends[0]}]")
         row["fused_speedup"] = fused["images_per_s"] / row["images_per_s"]
     return rows
 
@@ -82,15 +83,20 @@ def main(argv=None):
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--backends", nargs="+", default=None,
+                        help="fused columns (default: auto, plus cuda on a GPU); the first is "
+                             "the one the 'fused x' ratios divide by")
     parser.add_argument("--smoke", action="store_true", help="tiny CPU run that checks the script")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    backends = tuple(args.backends or (("auto", "cuda") if torch.cuda.is_available()
+                                       else ("auto",)))
     if args.smoke:
         args.arch, args.dtypes, args.image_size = "cifar_resnet20", ["fp32"], 8
         args.train_batch = args.infer_batch = args.iters = 2
         args.no_compile = True
     rows = run(args.arch, args.dtypes, args.train_batch, args.infer_batch, args.image_size,
-               not args.no_compile, args.iters)
+               not args.no_compile, args.iters, backends)
     header = report_header(f"bench_model: {args.arch}", f"{', '.join(args.dtypes)}")
     table = format_table(
         ["dtype", "mode", "batch", "column", "ms", "img/s", "TFLOP/s", "peak MiB", "fused x"],

@@ -3,6 +3,7 @@
 For every distinct conv of ResNet-50 (shapes read off the model), in one process and on the
 same inputs, times three implementations of z = relu?(BN(conv(x)) + residual):
   fused   - fr.ops.conv_bn_act on the chosen backend (Triton by default),
+  fused cuda - the same op on the `_C` fallback (cuDNN conv + fused BN kernels), on GPU,
   eager   - F.conv2d -> F.batch_norm -> add -> relu in channels_last (cuDNN on GPU),
   compile - torch.compile of the eager function,
 in three modes: "train" (forward with batch statistics), "train+bwd" (forward + backward)
@@ -80,6 +81,10 @@ def bench_shape(shape, batch, dtype, device, backend, use_compile):
         "fused": lambda training: fr.ops.conv_bn_act(
             x, w, gamma, beta, mean, var, stride=stride, padding=padding, training=training,
             residual=r, relu=relu, backend=backend),
+        **({"fused cuda": lambda training: fr.ops.conv_bn_act(
+            x, w, gamma, beta, mean, var, stride=stride, padding=padding, training=training,
+            residual=r, relu=relu, backend="cuda")} if device.type == "cuda" and
+           backend != "cuda" else {}),
         "eager": lambda training: eager(x, w, gamma, beta, mean, var, r, stride, padding,
                                         training, relu),
     }

@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -46,3 +48,17 @@ def test_bench_blocks_smoke(tmp_path):
     # 2 blocks x 2 modes x (fused, eager), plus "fused single" in eval for the identity block
     assert len(lines) == 1 + 2 * 2 * 2 + 1
     assert sum(",fused single," in line for line in lines) == 1
+
+
+def test_bench_cpu_smoke(tmp_path):
+    pytest.importorskip("fused_resnet._C")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_cpu.py"), "--smoke", "--out",
+         str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "geometric-mean speed-up" in result.stdout
+    csvs = list(tmp_path.glob("cpu-*-cpu-smoke.csv"))
+    assert len(csvs) == 1
+    lines = csvs[0].read_text().splitlines()
+    assert lines[0].startswith("block,batch,dtype,layout,mode,fused_ms")
+    assert len(lines) == 1 + 2 * 2 * 2  # 2 blocks x 2 layouts x 2 modes

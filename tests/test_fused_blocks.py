@@ -4,7 +4,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from _backends import FUSED_BACKENDS
+from _backends import DEVICE, FUSED_BACKENDS
 
 from fused_resnet import models
 from fused_resnet.nn import FusedBasicBlock, FusedBottleneck
@@ -48,10 +48,10 @@ def _graph_nodes(out):
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
 @pytest.mark.parametrize("name", list(BLOCKS))
 def test_block_matches_reference_in_training_and_eval(name, backend):
-    fused, ref = _pair(name, backend)
+    fused, ref = (m.to(DEVICE) for m in _pair(name, backend))
     c_in = fused.conv1.in_channels
     for step in range(2):
-        x = (torch.randn(2, c_in, 8, 8) + step).requires_grad_()
+        x = (torch.randn(2, c_in, 8, 8, device=DEVICE) + step).requires_grad_()
         x_ref = x.detach().clone().requires_grad_()
         out, expected = fused(x), ref(x_ref)
         assert_close(out, expected, name=f"step {step} output")
@@ -64,7 +64,7 @@ def test_block_matches_reference_in_training_and_eval(name, backend):
     assert_modules_close(fused, ref)
     fused.eval()
     ref.eval()
-    x = torch.randn(2, c_in, 8, 8)
+    x = torch.randn(2, c_in, 8, 8, device=DEVICE)
     with torch.no_grad():
         assert_close(fused(x), ref(x), name="eval output")
 
@@ -106,6 +106,8 @@ def test_small_resnet_trains_like_the_reference(arch, size, dtype, backend):
     32x32 its gradients reach 1e9 (fp64 rounding amplified to 1e-7), so it runs at 64x64."""
     if arch.startswith("resnext") and backend == "triton":
         pytest.skip("grouped convs are not implemented in Triton")
+    if DEVICE == "cuda":
+        pytest.skip("runs on CPU tensors (fp64 through the interpreter); see the gpu tests")
     fused = models.build_model(arch, backend=backend).to(dtype)
     ref = models.build_model(arch, backend="reference").to(dtype)
     ref.load_state_dict(fused.state_dict())

@@ -2,12 +2,11 @@
 
 import pytest
 import torch
+from _backends import DEVICE, FUSED_BACKENDS, backend_param
 from torch import nn
 
 from fused_resnet.nn import FusedConvBNAct
 from fused_resnet.testing import assert_close
-
-pytest.importorskip("triton")
 
 
 class Eager(nn.Module):
@@ -30,18 +29,18 @@ def test_state_dict_keys_are_conv_and_bn():
     assert module.conv.padding == (1, 1) and module.conv.bias is None
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", [backend_param("reference"), *FUSED_BACKENDS])
 @pytest.mark.parametrize("momentum, affine, track, residual", [
     (0.1, True, True, True), (None, True, True, False), (0.3, False, True, False),
     (0.1, True, False, True)])
 def test_matches_eager_over_steps_and_in_eval(backend, momentum, affine, track, residual):
     fused = FusedConvBNAct(4, 16, 3, 2, momentum=momentum, affine=affine,
-                           track_running_stats=track, backend=backend)
-    eager = Eager(4, 16, 3, 2, momentum, affine, track)
+                           track_running_stats=track, backend=backend).to(DEVICE)
+    eager = Eager(4, 16, 3, 2, momentum, affine, track).to(DEVICE)
     eager.load_state_dict(fused.state_dict())
     for step in range(3):
-        x = torch.randn(2, 4, 8, 8) * 2 + step
-        r = torch.randn(2, 16, 4, 4) if residual else None
+        x = torch.randn(2, 4, 8, 8, device=DEVICE) * 2 + step
+        r = torch.randn(2, 16, 4, 4, device=DEVICE) if residual else None
         out, ref = fused(x, r), eager(x, r)
         assert_close(out, ref, name=f"step {step} output")
         out.sum().backward()
@@ -52,17 +51,18 @@ def test_matches_eager_over_steps_and_in_eval(backend, momentum, affine, track, 
         assert_close(fused.state_dict()[key].double(), value.double(), name=key)
     fused.eval()
     eager.eval()
-    x = torch.randn(2, 4, 8, 8)
+    x = torch.randn(2, 4, 8, 8, device=DEVICE)
     with torch.no_grad():
         assert_close(fused(x), eager(x), name="eval output")
 
 
-def test_compiles_fullgraph_and_matches_eager_mode():
-    fused = FusedConvBNAct(4, 8, 3, backend="triton")
-    ref = FusedConvBNAct(4, 8, 3, backend="reference")
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_compiles_fullgraph_and_matches_eager_mode(backend):
+    fused = FusedConvBNAct(4, 8, 3, backend=backend).to(DEVICE)
+    ref = FusedConvBNAct(4, 8, 3, backend="reference").to(DEVICE)
     ref.load_state_dict(fused.state_dict())
     compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
-    x = torch.randn(2, 4, 6, 6)
+    x = torch.randn(2, 4, 6, 6, device=DEVICE)
     assert_close(compiled(x), ref(x), name="train output")
     assert int(fused.bn.num_batches_tracked) == 1
     assert_close(fused.bn.running_var, ref.bn.running_var, name="running_var")
@@ -73,6 +73,7 @@ def test_compiles_fullgraph_and_matches_eager_mode():
 
 
 def test_pinned_config_is_bitwise_deterministic():
+    pytest.importorskip("triton")
     from fused_resnet.triton.config import TileConfig, pin_config
 
     module = FusedConvBNAct(16, 16, 3, backend="triton")

@@ -85,25 +85,28 @@ template <int kSums>
 class ChannelSums {
  public:
   explicit ChannelSums(int64_t channels)
-      : channels_(channels), sums_(at::get_num_threads() * kSums * channels, 0.0) {}
+      : channels_(channels),
+        threads_(at::get_num_threads()),
+        sums_(threads_ * kSums * channels, 0.0) {}
 
   // This thread's sums: slot(s)[c] is sum s of channel c.
   double* slot(int s) {
-    return sums_.data() + (at::get_thread_num() * kSums + s) * channels_;
+    const int64_t thread = at::get_thread_num();
+    TORCH_CHECK(thread < threads_, "ChannelSums: thread ", thread, " of ", threads_);
+    return sums_.data() + (thread * kSums + s) * channels_;
   }
 
   // Sum s of channel c over all threads.
   double total(int s, int64_t c) const {
     double t = 0.0;
-    for (int64_t thread = 0; thread < static_cast<int64_t>(sums_.size()) / (kSums * channels_);
-         ++thread) {
+    for (int64_t thread = 0; thread < threads_; ++thread) {
       t += sums_[(thread * kSums + s) * channels_ + c];
     }
     return t;
   }
 
  private:
-  int64_t channels_;
+  int64_t channels_, threads_;
   std::vector<double> sums_;
 };
 

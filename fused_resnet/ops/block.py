@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from fused_resnet import reference
+from fused_resnet.ops import conv_ops
 from fused_resnet.ops.conv_bn_act import (
     autocast_inputs,
     check_conv_bn_act_args,
@@ -126,7 +127,7 @@ def bottleneck_eval(x: Tensor, weights: list[Tensor], biases: list[Tensor], *,
     for i, (w, b) in enumerate(zip(weights, biases)):
         residual, padding = (x if i == 2 else None), (1 if i == 1 else 0)
         if kernels == "native":
-            out = torch.ops.fused_resnet.conv_bias_act(out, w, b, residual, 1, padding, 1, True,
+            out = conv_ops.conv_bias_act_call(out, w, b, residual, 1, padding, 1, True,
                                                        "native")
         else:
             out = torch.nn.functional.conv2d(out, w, b.to(x.dtype), padding=padding)

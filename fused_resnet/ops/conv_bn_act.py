@@ -9,6 +9,7 @@ from torch import Tensor
 
 from fused_resnet import backend as _backend
 from fused_resnet import reference
+from fused_resnet.ops import conv_ops
 from fused_resnet.ops.layout import conv_output_shape
 
 
@@ -145,12 +146,11 @@ def update_running_stats(
     running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, n: int,
     momentum: float,
 ) -> None:
-    """running = (1 - momentum) * running + momentum * batch, with the batch variance made
-    unbiased (x n / (n - 1)) as nn.BatchNorm2d does."""
+    """running = (1 - momentum) * running + momentum * batch (one lerp_ each), with the batch
+    variance made unbiased (x n / (n - 1)) as nn.BatchNorm2d does."""
     with torch.no_grad():
-        running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-        running_var.mul_(1 - momentum).add_((var * (n / (n - 1))).to(running_var.dtype),
-                                            alpha=momentum)
+        running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+        running_var.lerp_((var * (n / (n - 1))).to(running_var.dtype), momentum)
 
 
 def select_kernels(backend: str, op: str, x: Tensor, *, groups: int = 1,
@@ -187,7 +187,7 @@ def fused_conv_bn_act(
     gamma = bn_weight if bn_weight is not None else x.new_ones(c_out, dtype=stat_dtype)
     beta = bn_bias if bn_bias is not None else x.new_zeros(c_out, dtype=stat_dtype)
     if training:
-        out, y, mean, var = torch.ops.fused_resnet.conv_bn_train(
+        out, y, mean, var = conv_ops.conv_bn_train_call(
             x, weight, gamma, beta, residual, stride, padding, groups, eps, relu, kernels)
         if running_mean is not None:
             update_running_stats(running_mean, running_var, mean, var, y.numel() // c_out,
@@ -195,7 +195,7 @@ def fused_conv_bn_act(
         return out
     scale, shift = reference.fold_bn(running_mean, running_var, bn_weight, bn_bias, eps)
     folded = (weight.to(scale.dtype) * scale.view(-1, 1, 1, 1)).to(x.dtype)
-    return torch.ops.fused_resnet.conv_bias_act(x, folded, shift, residual, stride, padding,
+    return conv_ops.conv_bias_act_call(x, folded, shift, residual, stride, padding,
                                                 groups, relu, kernels)
 
 
@@ -210,7 +210,7 @@ def conv_bias_act(
                            groups=1, training=False, residual=residual, running_ok=True)
     kernels = select_kernels(backend, "conv_bn_act", x)
     if kernels != "reference":
-        return torch.ops.fused_resnet.conv_bias_act(x, weight, bias, residual, stride, padding,
+        return conv_ops.conv_bias_act_call(x, weight, bias, residual, stride, padding,
                                                     1, relu, kernels)
     out = torch.nn.functional.conv2d(x, weight, bias.to(x.dtype), stride, padding)
     if residual is not None:

@@ -185,9 +185,12 @@ def _setup(ctx, inputs, output):
     k = len(weights)
     ctx.save_for_backward(x, z, *weights, *gammas, *betas, *ys, *means, *variances)
     ctx.args = (k, strides, paddings, eps, shortcut, shortcut_stride)
+    ctx.set_materialize_grads(False)  # no zero gradients for the ys, means and variances
 
 
 def _backward(ctx, dz, _dys, _dmeans, _dvars):
+    if dz is None:  # z did not reach the loss
+        return (None,) * 9
     k, strides, paddings, eps, shortcut, shortcut_stride = ctx.args
     x, z, *rest = ctx.saved_tensors
     lists = [rest[i * k:(i + 1) * k] for i in range(6)]
