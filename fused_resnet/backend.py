@@ -15,7 +15,6 @@ run here, raises an error that names what is missing.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import warnings
 from collections.abc import Iterator
@@ -51,21 +50,29 @@ def forced_backend(backend: str) -> Iterator[None]:
         _forced = previous
 
 
-@functools.cache
+_extension: Optional[ModuleType] = None
+_extension_tried = False
+
+
 def load_extension() -> Optional[ModuleType]:
-    """The compiled `fused_resnet._C`, or None (with one warning) when it was not built."""
-    try:
-        from fused_resnet import _C
-    except ImportError as exc:
-        warnings.warn(
-            f"fused_resnet._C is not built ({exc}); the 'cpu' and 'cuda' backends are "
-            "unavailable and 'auto' falls back to the reference ops. Build it with "
-            "`pip install --no-build-isolation -e .`.",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-        return None
-    return _C
+    """The compiled `fused_resnet._C`, or None (with one warning) when it was not built.
+    (Cached in module globals, not functools.cache, which torch.compile warns about.)"""
+    global _extension, _extension_tried
+    if not _extension_tried:
+        _extension_tried = True
+        try:
+            from fused_resnet import _C
+        except ImportError as exc:
+            warnings.warn(
+                f"fused_resnet._C is not built ({exc}); the 'cpu' and 'cuda' backends are "
+                "unavailable and 'auto' falls back to the reference ops. Build it with "
+                "`pip install --no-build-isolation -e .`.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        else:
+            _extension = _C
+    return _extension
 
 
 def check_backend_name(backend: str, argument: str = "backend") -> str:

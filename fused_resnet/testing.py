@@ -5,6 +5,11 @@
 - fp16 / bf16: the candidate's max error against an fp64 truth must be at most
   2 x the max error of PyTorch's own eager result in the same dtype against that truth,
   plus a small floor (so a bit-exact baseline does not demand a bit-exact candidate).
+- Ill-conditioned fp32 (`compare_norm`, used by `validate` when the fixed tolerance fails):
+  the same 2x rule on L2 norms of the errors. With few values per channel in a BN, fp32
+  rounding alone moves some gradients of a ResNet-50 by 15-30% of their size (eager NCHW and
+  eager channels_last differ that much); element-wise maxima then swing by 10x between any
+  two fp32 implementations, their norms do not.
 """
 
 from __future__ import annotations
@@ -80,6 +85,19 @@ def compare(
     tol = TOLERANCES[kind]
     ok = bool(torch.allclose(actual.double(), expected.double(), rtol=tol, atol=tol))
     return Comparison(err, rel, f"rtol=atol={tol:g}", ok)
+
+
+def compare_norm(actual: Tensor, expected: Tensor, baseline: Tensor, *,
+                 kind: str = "output") -> Comparison:
+    """||actual - expected|| <= 2 ||baseline - expected|| + tol ||expected|| (L2 norms), with
+    `expected` an fp64 truth and `baseline` eager PyTorch in the candidate's dtype. The
+    Comparison reports the norm of the error and its ratio to ||expected||."""
+    diff = lambda a: (a.double() - expected.double()).norm().item()  # noqa: E731
+    scale = expected.double().norm().item()
+    err = diff(actual)
+    allowed = LOW_PRECISION_FACTOR * diff(baseline) + TOLERANCES[kind] * scale
+    return Comparison(err, err / scale if scale > 0 else err,
+                      f"L2 <= {allowed:.2e} (2x eager + floor)", err <= allowed)
 
 
 def assert_close(actual: Tensor, expected: Tensor, *, kind: str = "output",

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fused_resnet.models import build_model, is_cifar, reference_twin
-from fused_resnet.testing import DTYPES, Comparison, compare, exact_fp32
+from fused_resnet.testing import DTYPES, Comparison, compare, compare_norm, exact_fp32
 
 
 @dataclass
@@ -84,9 +84,8 @@ def validate(
     candidate = build_model(arch, **kwargs)
     reference, ref_name = reference_twin(arch, candidate, variant)
     half = DTYPES[dtype] if dtype != "fp32" else None
-    models = {"candidate": candidate.to(dev), "reference": reference.to(dev)}
-    if half is not None:
-        models["truth"] = copy.deepcopy(reference).double()
+    models = {"candidate": candidate.to(dev), "reference": reference.to(dev),
+              "truth": copy.deepcopy(reference).to(dev).double()}
     x = torch.randn(batch, 3, size, size, device=dev)
     target = torch.randint(0, candidate.fc.out_features, (batch,), device=dev)
     report = ValidationReport(arch, backend, ref_name, dtype, str(dev), tuple(x.shape))
@@ -95,12 +94,19 @@ def validate(
     }
 
     def judge(results: dict, kind: str = "output") -> Comparison:
-        """The candidate's entry of `results` against the reference's (fp32), or against the
-        fp64 truth with the reference as the eager baseline (fp16 / bf16)."""
-        expected = results["truth" if half is not None else "reference"]
-        baseline = results["reference"] if half is not None else None
-        return compare(results["candidate"], expected, kind=kind, baseline=baseline,
-                       compute_dtype=half)
+        """The candidate's entry of `results` against the fp64 truth with the reference as
+        the eager baseline (fp16 / bf16: the 2x rule). fp32: against the reference at the
+        fixed tolerance, or, where fp32 rounding alone moves the result further than that
+        (an ill-conditioned batch: few values per channel in a BN), by the 2x rule on L2
+        norms (`testing.compare_norm`)."""
+        if half is not None:
+            return compare(results["candidate"], results["truth"], kind=kind,
+                           baseline=results["reference"], compute_dtype=half)
+        direct = compare(results["candidate"], results["reference"], kind=kind)
+        if direct.ok:
+            return direct
+        return compare_norm(results["candidate"], results["truth"], results["reference"],
+                            kind=kind)
 
     def check(name, results, kind="output"):
         report.rows.append((name, judge(results, kind)))

@@ -211,3 +211,19 @@ def test_single_launch_eval_op_checks_and_falls_back():
         ops.bottleneck_eval(x, [ws[0], ws[1], torch.randn(16, 8, 1, 1)], bs)
     with pytest.raises(ValueError, match="eval_kernel"):
         FusedBottleneck(32, 8, eval_kernel="fast")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["resnet50", "resnext50_32x4d"])
+@exact_fp32()
+def test_models_on_the_cuda_backend_train_like_the_reference(arch):
+    """The `_C` CUDA fallback (cuDNN convs + fused BN kernels) through a whole model."""
+    fused = models.build_model(arch, backend="cuda").cuda()
+    ref = models.build_model(arch, backend="reference").cuda()
+    ref.load_state_dict(fused.state_dict())
+    x = torch.randn(8, 3, 64, 64, device="cuda")
+    target = torch.arange(8, device="cuda")
+    losses, ref_losses = _train_two_steps(fused, x, target), _train_two_steps(ref, x, target)
+    for step, (loss, ref_loss) in enumerate(zip(losses, ref_losses)):
+        assert_close(loss, ref_loss, name=f"loss at step {step}")
+    assert_modules_close(fused, ref)

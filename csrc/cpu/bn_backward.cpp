@@ -36,8 +36,6 @@ void reduce_pass(const ChannelView& view, const scalar_t* dz, const scalar_t* z,
   const int64_t channels = view.channels, inner = view.inner;
   auto rows = [&](int64_t begin, int64_t end) {
     std::vector<acc_t> s1(channels, acc_t(0)), s2(channels, acc_t(0));
-    double* t1 = sums.slot(0);
-    double* t2 = sums.slot(1);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t base = row * channels;
       int64_t k = 0;
@@ -53,11 +51,7 @@ void reduce_pass(const ChannelView& view, const scalar_t* dz, const scalar_t* z,
         s2[k] += g * (static_cast<acc_t>(y[base + k]) - mean[k]);
       }
       if ((row - begin + 1) % kRowsPerFlush == 0 || row == end - 1) {
-        for (int64_t c = 0; c < channels; ++c) {
-          t1[c] += s1[c];
-          t2[c] += s2[c];
-          s1[c] = s2[c] = acc_t(0);
-        }
+        sums.flush<acc_t>({s1.data(), s2.data()});
       }
     }
   };
@@ -123,14 +117,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_backward_cpu(
   const ChannelView view = channel_view(y_c, format);
   const int64_t channels = view.channels;
   const at::ScalarType acc = acc_type_of(y);
-  const at::Tensor mean_c = mean.to(acc).contiguous();
-  const at::Tensor rstd_d = rstd.to(at::kDouble).contiguous();
-  const at::Tensor gamma_d = gamma.to(at::kDouble).contiguous();
+  const at::Tensor mean_c = mean.to(acc).contiguous(), rstd_c = rstd.to(acc).contiguous();
+  const at::Tensor gamma_c = gamma.to(acc).contiguous();
   at::Tensor dy = at::empty_like(y_c, y_c.options(), format);
   at::Tensor dr = write_dr ? at::empty_like(y_c, y_c.options(), format) : at::empty({0}, y.options());
-  at::Tensor dgamma = at::empty({channels}, y.options().dtype(at::kDouble));
+  at::Tensor dgamma = at::empty({channels}, y.options().dtype(acc));
   at::Tensor dbeta = at::empty_like(dgamma);
-  at::Tensor coefs = at::empty({3, channels}, y.options().dtype(at::kDouble));
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "bn_act_backward_cpu", [&] {
     using acc_t = opmath<scalar_t>;
@@ -141,20 +133,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_backward_cpu(
     ChannelSums<2> sums(channels);
     reduce_pass<scalar_t>(view, dz_p, z_p, y_p, mean_p, sums);
 
+    // Per channel, in fp64: dbeta, dgamma and the coefficients A, B, D of the apply pass.
     const double n = static_cast<double>(view.per_channel());
-    double* coef_p = coefs.mutable_data_ptr<double>();
+    std::vector<acc_t> coefs(3 * channels);
     for (int64_t c = 0; c < channels; ++c) {
-      const double r = rstd_d.const_data_ptr<double>()[c];
+      const double r = rstd_c.const_data_ptr<acc_t>()[c];
       const double db = sums.total(0, c), dg = r * sums.total(1, c);
-      const double a = gamma_d.const_data_ptr<double>()[c] * r;
-      dbeta.mutable_data_ptr<double>()[c] = db;
-      dgamma.mutable_data_ptr<double>()[c] = dg;
-      coef_p[c] = a;
-      coef_p[channels + c] = -a * r * dg / n;
-      coef_p[2 * channels + c] = -a * db / n;
+      const double a = static_cast<double>(gamma_c.const_data_ptr<acc_t>()[c]) * r;
+      dbeta.mutable_data_ptr<acc_t>()[c] = static_cast<acc_t>(db);
+      dgamma.mutable_data_ptr<acc_t>()[c] = static_cast<acc_t>(dg);
+      coefs[c] = static_cast<acc_t>(a);
+      coefs[channels + c] = static_cast<acc_t>(-a * r * dg / n);
+      coefs[2 * channels + c] = static_cast<acc_t>(-a * db / n);
     }
-    const at::Tensor coefs_acc = coefs.to(acc);
-    const acc_t* a = coefs_acc.const_data_ptr<acc_t>();
+    const acc_t* a = coefs.data();
     const acc_t* b = a + channels;
     const acc_t* d = b + channels;
     scalar_t* dy_p = dy.mutable_data_ptr<scalar_t>();
@@ -179,7 +171,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_backward_cpu(
           }
         });
   });
-  return {dy, dgamma.to(acc), dbeta.to(acc), dr};
+  return {dy, dgamma, dbeta, dr};
 }
 
 }  // namespace

@@ -13,7 +13,8 @@ namespace fused_resnet::cpu {
 namespace {
 
 template <typename scalar_t>
-void bn_stats_kernel(const ChannelView& view, const scalar_t* y, double* mean, double* var) {
+void bn_stats_kernel(const ChannelView& view, const scalar_t* y, opmath<scalar_t>* mean,
+                     opmath<scalar_t>* var) {
   using acc_t = opmath<scalar_t>;
   constexpr int64_t width = Vec<scalar_t>::size();
   const int64_t channels = view.channels, inner = view.inner;
@@ -23,8 +24,6 @@ void bn_stats_kernel(const ChannelView& view, const scalar_t* y, double* mean, d
 
   auto rows = [&](int64_t begin, int64_t end) {
     std::vector<acc_t> s1(channels, acc_t(0)), s2(channels, acc_t(0));
-    double* t1 = sums.slot(0);
-    double* t2 = sums.slot(1);
     for (int64_t row = begin; row < end; ++row) {
       const scalar_t* p = y + row * channels;
       int64_t k = 0;
@@ -39,11 +38,7 @@ void bn_stats_kernel(const ChannelView& view, const scalar_t* y, double* mean, d
         s2[k] += d * d;
       }
       if ((row - begin + 1) % kRowsPerFlush == 0 || row == end - 1) {
-        for (int64_t c = 0; c < channels; ++c) {
-          t1[c] += s1[c];
-          t2[c] += s2[c];
-          s1[c] = s2[c] = acc_t(0);
-        }
+        sums.flush<acc_t>({s1.data(), s2.data()});
       }
     }
   };
@@ -76,8 +71,8 @@ void bn_stats_kernel(const ChannelView& view, const scalar_t* y, double* mean, d
   const double n = static_cast<double>(view.per_channel());
   for (int64_t c = 0; c < channels; ++c) {
     const double m1 = sums.total(0, c) / n;
-    mean[c] = static_cast<double>(shift[c]) + m1;
-    var[c] = std::max(sums.total(1, c) / n - m1 * m1, 0.0);
+    mean[c] = static_cast<acc_t>(static_cast<double>(shift[c]) + m1);
+    var[c] = static_cast<acc_t>(std::max(sums.total(1, c) / n - m1 * m1, 0.0));
   }
 }
 
@@ -85,13 +80,14 @@ std::tuple<at::Tensor, at::Tensor> bn_stats_cpu(const at::Tensor& y) {
   const at::MemoryFormat format = check_bn_stats_args(y);
   const at::Tensor y_c = y.contiguous(format);
   const ChannelView view = channel_view(y_c, format);
-  at::Tensor mean = at::empty({view.channels}, y.options().dtype(at::kDouble));
+  at::Tensor mean = at::empty({view.channels}, y.options().dtype(acc_type_of(y)));
   at::Tensor var = at::empty_like(mean);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "bn_stats_cpu", [&] {
+    using acc_t = opmath<scalar_t>;
     bn_stats_kernel<scalar_t>(view, y_c.const_data_ptr<scalar_t>(),
-                              mean.mutable_data_ptr<double>(), var.mutable_data_ptr<double>());
+                              mean.mutable_data_ptr<acc_t>(), var.mutable_data_ptr<acc_t>());
   });
-  return {mean.to(acc_type_of(y)), var.to(acc_type_of(y))};
+  return {mean, var};
 }
 
 }  // namespace

@@ -96,6 +96,19 @@ class ChannelSums {
     return sums_.data() + (thread * kSums + s) * channels_;
   }
 
+  // Adds per-channel partial sums parts[s][c] (math type, kSums arrays of C) into this
+  // thread's fp64 sums and zeroes them.
+  template <typename acc_t>
+  void flush(acc_t* const (&parts)[kSums]) {
+    for (int s = 0; s < kSums; ++s) {
+      double* total = slot(s);
+      for (int64_t c = 0; c < channels_; ++c) {
+        total[c] += parts[s][c];
+        parts[s][c] = acc_t(0);
+      }
+    }
+  }
+
   // Sum s of channel c over all threads.
   double total(int s, int64_t c) const {
     double t = 0.0;
