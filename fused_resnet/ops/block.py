@@ -104,8 +104,8 @@ def bottleneck_eval(x: Tensor, weights: list[Tensor], biases: list[Tensor], *,
     """Inference bottleneck with identity shortcut and stride 1, BN folded into the convs:
     z = relu(conv3(relu(conv2(relu(conv1(x) + b1)) + b2)) + b3 + x), one launch on Triton
     (`triton.bottleneck_eval`), three convs (each with its bias, residual and ReLU fused
-    into one pass) on the `_C` kernels, three convs on the reference. weights: 1x1, 3x3, 1x1 in the
-    (autocast) dtype of x; biases fp32."""
+    into one pass) on the `_C` kernels, three convs on the reference. weights: 1x1, 3x3,
+    1x1 in the (autocast) dtype of x; biases fp32."""
     x, _, _ = autocast_inputs(x, weights[0], None)
     weights = [w.to(x.dtype) for w in weights]
     w1, w2, w3 = weights
@@ -127,8 +127,7 @@ def bottleneck_eval(x: Tensor, weights: list[Tensor], biases: list[Tensor], *,
     for i, (w, b) in enumerate(zip(weights, biases)):
         residual, padding = (x if i == 2 else None), (1 if i == 1 else 0)
         if kernels == "native":
-            out = conv_ops.conv_bias_act_call(out, w, b, residual, 1, padding, 1, True,
-                                                       "native")
+            out = conv_ops.conv_bias_act_call(out, w, b, residual, 1, padding, 1, True, "native")
         else:
             out = torch.nn.functional.conv2d(out, w, b.to(x.dtype), padding=padding)
             out = torch.relu(out if residual is None else out + residual)

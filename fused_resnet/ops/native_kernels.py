@@ -25,18 +25,20 @@ if load_extension() is not None:
     def _bn_add_relu_fake(y, scale, shift, residual, relu):
         return torch.empty_like(y, memory_format=output_memory_format(y))
 
+    def _channel_stat(y):  # per-channel outputs are fp32, fp64 for fp64 y
+        acc = torch.float64 if y.dtype == torch.float64 else torch.float32
+        return y.new_empty(y.shape[1], dtype=acc)
+
     @torch.library.register_fake("fused_resnet::bn_stats")
     def _bn_stats_fake(y):
-        acc = torch.float64 if y.dtype == torch.float64 else torch.float32
-        stat = y.new_empty(y.shape[1], dtype=acc)
-        return stat, torch.empty_like(stat)
+        return _channel_stat(y), _channel_stat(y)
 
     @torch.library.register_fake("fused_resnet::bn_act_backward")
     def _bn_act_backward_fake(dz, z, y, mean, rstd, gamma, write_dr):
         fmt = output_memory_format(y)
         dy = torch.empty_like(y, memory_format=fmt)
         dr = torch.empty_like(y, memory_format=fmt) if write_dr else y.new_empty(0)
-        return dy, torch.empty_like(mean), torch.empty_like(mean), dr
+        return dy, _channel_stat(y), _channel_stat(y), dr
 
 
 def activation_format(x: Tensor) -> torch.memory_format:
