@@ -28,59 +28,6 @@ inline opmath<scalar_t> masked_grad_scalar(const scalar_t* dz, const scalar_t* z
   return static_cast<acc_t>(dz[k]);
 }
 
-template <typename scalar_t>
-void reduce_pass(const ChannelView& view, const scalar_t* dz, const scalar_t* z,
-                 const scalar_t* y, const opmath<scalar_t>* mean, ChannelSums<2>& sums) {
-  using acc_t = opmath<scalar_t>;
-  constexpr int64_t width = Vec<scalar_t>::size();
-  const int64_t channels = view.channels, inner = view.inner;
-  auto rows = [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> s1(channels, acc_t(0)), s2(channels, acc_t(0));
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t base = row * channels;
-      int64_t k = 0;
-      for (; k + width <= channels; k += width) {
-        const Vec<scalar_t> g = masked_grad(dz + base, z ? z + base : nullptr, k);
-        const Vec<scalar_t> centered = load_vec(y + base + k) - Vec<scalar_t>::loadu(mean + k);
-        (Vec<scalar_t>::loadu(s1.data() + k) + g).store(s1.data() + k);
-        (Vec<scalar_t>::loadu(s2.data() + k) + g * centered).store(s2.data() + k);
-      }
-      for (; k < channels; ++k) {
-        const acc_t g = masked_grad_scalar(dz + base, z ? z + base : nullptr, k);
-        s1[k] += g;
-        s2[k] += g * (static_cast<acc_t>(y[base + k]) - mean[k]);
-      }
-      if ((row - begin + 1) % kRowsPerFlush == 0 || row == end - 1) {
-        sums.flush<acc_t>({s1.data(), s2.data()});
-      }
-    }
-  };
-  auto planes = [&](int64_t begin, int64_t end) {
-    double* t1 = sums.slot(0);
-    double* t2 = sums.slot(1);
-    for (int64_t line = begin; line < end; ++line) {
-      const int64_t c = line % channels, base = line * inner;
-      const Vec<scalar_t> m(mean[c]);
-      Vec<scalar_t> v1(acc_t(0)), v2(acc_t(0));
-      int64_t i = 0;
-      for (; i + width <= inner; i += width) {
-        const Vec<scalar_t> g = masked_grad(dz + base, z ? z + base : nullptr, i);
-        v1 = v1 + g;
-        v2 = v2 + g * (load_vec(y + base + i) - m);
-      }
-      acc_t s1 = horizontal_sum(v1), s2 = horizontal_sum(v2);
-      for (; i < inner; ++i) {
-        const acc_t g = masked_grad_scalar(dz + base, z ? z + base : nullptr, i);
-        s1 += g;
-        s2 += g * (static_cast<acc_t>(y[base + i]) - mean[c]);
-      }
-      t1[c] += s1;
-      t2[c] += s2;
-    }
-  };
-  parallel_lines(view, rows, planes);
-}
-
 // Pointers of one line: dz, z (or null), y in; dy, dr (or null) out.
 template <typename scalar_t>
 struct GradLine {
@@ -131,7 +78,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_backward_cpu(
     const scalar_t* y_p = y_c.const_data_ptr<scalar_t>();
     const acc_t* mean_p = mean_c.const_data_ptr<acc_t>();
     ChannelSums<2> sums(channels);
-    reduce_pass<scalar_t>(view, dz_p, z_p, y_p, mean_p, sums);
+    // Terms g and g * (y - mean).
+    reduce_two_sums<scalar_t>(
+        view, mean_p, sums,
+        [&](int64_t i, const Vec<scalar_t>& m) {
+          const Vec<scalar_t> g = masked_grad(dz_p, z_p, i);
+          return std::make_pair(g, g * (load_vec(y_p + i) - m));
+        },
+        [&](int64_t i, acc_t m) {
+          const acc_t g = masked_grad_scalar(dz_p, z_p, i);
+          return std::make_pair(g, g * (static_cast<acc_t>(y_p[i]) - m));
+        });
 
     // Per channel, in fp64: dbeta, dgamma and the coefficients A, B, D of the apply pass.
     const double n = static_cast<double>(view.per_channel());

@@ -16,57 +16,21 @@ template <typename scalar_t>
 void bn_stats_kernel(const ChannelView& view, const scalar_t* y, opmath<scalar_t>* mean,
                      opmath<scalar_t>* var) {
   using acc_t = opmath<scalar_t>;
-  constexpr int64_t width = Vec<scalar_t>::size();
-  const int64_t channels = view.channels, inner = view.inner;
+  const int64_t channels = view.channels;
   std::vector<acc_t> shift(channels);
-  for (int64_t c = 0; c < channels; ++c) shift[c] = static_cast<acc_t>(y[c * inner]);
+  for (int64_t c = 0; c < channels; ++c) shift[c] = static_cast<acc_t>(y[c * view.inner]);
   ChannelSums<2> sums(channels);
-
-  auto rows = [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> s1(channels, acc_t(0)), s2(channels, acc_t(0));
-    for (int64_t row = begin; row < end; ++row) {
-      const scalar_t* p = y + row * channels;
-      int64_t k = 0;
-      for (; k + width <= channels; k += width) {
-        const Vec<scalar_t> d = load_vec(p + k) - Vec<scalar_t>::loadu(shift.data() + k);
-        (Vec<scalar_t>::loadu(s1.data() + k) + d).store(s1.data() + k);
-        (Vec<scalar_t>::loadu(s2.data() + k) + d * d).store(s2.data() + k);
-      }
-      for (; k < channels; ++k) {
-        const acc_t d = static_cast<acc_t>(p[k]) - shift[k];
-        s1[k] += d;
-        s2[k] += d * d;
-      }
-      if ((row - begin + 1) % kRowsPerFlush == 0 || row == end - 1) {
-        sums.flush<acc_t>({s1.data(), s2.data()});
-      }
-    }
-  };
-  auto planes = [&](int64_t begin, int64_t end) {
-    double* t1 = sums.slot(0);
-    double* t2 = sums.slot(1);
-    for (int64_t line = begin; line < end; ++line) {
-      const int64_t c = line % channels;
-      const scalar_t* p = y + line * inner;
-      const Vec<scalar_t> k_vec(shift[c]);
-      Vec<scalar_t> v1(acc_t(0)), v2(acc_t(0));
-      int64_t i = 0;
-      for (; i + width <= inner; i += width) {
-        const Vec<scalar_t> d = load_vec(p + i) - k_vec;
-        v1 = v1 + d;
-        v2 = v2 + d * d;
-      }
-      acc_t s1 = horizontal_sum(v1), s2 = horizontal_sum(v2);
-      for (; i < inner; ++i) {
-        const acc_t d = static_cast<acc_t>(p[i]) - shift[c];
-        s1 += d;
-        s2 += d * d;
-      }
-      t1[c] += s1;
-      t2[c] += s2;
-    }
-  };
-  parallel_lines(view, rows, planes);
+  // Terms d = y - K and d^2.
+  reduce_two_sums<scalar_t>(
+      view, shift.data(), sums,
+      [&](int64_t i, const Vec<scalar_t>& k) {
+        const Vec<scalar_t> d = load_vec(y + i) - k;
+        return std::make_pair(d, d * d);
+      },
+      [&](int64_t i, acc_t k) {
+        const acc_t d = static_cast<acc_t>(y[i]) - k;
+        return std::make_pair(d, d * d);
+      });
 
   const double n = static_cast<double>(view.per_channel());
   for (int64_t c = 0; c < channels; ++c) {

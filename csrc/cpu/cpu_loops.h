@@ -6,6 +6,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "../bn_checks.h"
@@ -125,5 +126,62 @@ class ChannelSums {
 
 // Rows accumulated in the math type before they are flushed into the fp64 sums.
 constexpr int64_t kRowsPerFlush = 64;
+
+// Per-channel sums S1 = sum t1, S2 = sum t2 of two terms of every value, added into `sums`.
+// The terms of the value at flat offset i in channel c depend on one per-channel parameter
+// param[c]: vec_terms(i, Vec(param lanes)) gives (t1, t2) for Vec::size() consecutive values,
+// scalar_terms(i, param[c]) for one. NHWC rows keep per-lane partials for kRowsPerFlush rows;
+// NCHW planes reduce to one partial per plane; both then go to the fp64 sums.
+template <typename scalar_t, typename VecTerms, typename ScalarTerms>
+void reduce_two_sums(const ChannelView& v, const opmath<scalar_t>* param, ChannelSums<2>& sums,
+                     const VecTerms& vec_terms, const ScalarTerms& scalar_terms) {
+  using acc_t = opmath<scalar_t>;
+  constexpr int64_t width = Vec<scalar_t>::size();
+  const int64_t channels = v.channels, inner = v.inner;
+  auto rows = [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> s1(channels, acc_t(0)), s2(channels, acc_t(0));
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t base = row * channels;
+      int64_t k = 0;
+      for (; k + width <= channels; k += width) {
+        const auto [t1, t2] = vec_terms(base + k, Vec<scalar_t>::loadu(param + k));
+        (Vec<scalar_t>::loadu(s1.data() + k) + t1).store(s1.data() + k);
+        (Vec<scalar_t>::loadu(s2.data() + k) + t2).store(s2.data() + k);
+      }
+      for (; k < channels; ++k) {
+        const auto [t1, t2] = scalar_terms(base + k, param[k]);
+        s1[k] += t1;
+        s2[k] += t2;
+      }
+      if ((row - begin + 1) % kRowsPerFlush == 0 || row == end - 1) {
+        sums.flush<acc_t>({s1.data(), s2.data()});
+      }
+    }
+  };
+  auto planes = [&](int64_t begin, int64_t end) {
+    double* total1 = sums.slot(0);
+    double* total2 = sums.slot(1);
+    for (int64_t line = begin; line < end; ++line) {
+      const int64_t c = line % channels, base = line * inner;
+      const Vec<scalar_t> p(param[c]);
+      Vec<scalar_t> v1(acc_t(0)), v2(acc_t(0));
+      int64_t i = 0;
+      for (; i + width <= inner; i += width) {
+        const auto [t1, t2] = vec_terms(base + i, p);
+        v1 = v1 + t1;
+        v2 = v2 + t2;
+      }
+      acc_t s1 = horizontal_sum(v1), s2 = horizontal_sum(v2);
+      for (; i < inner; ++i) {
+        const auto [t1, t2] = scalar_terms(base + i, param[c]);
+        s1 += t1;
+        s2 += t2;
+      }
+      total1[c] += s1;
+      total2[c] += s2;
+    }
+  };
+  parallel_lines(v, rows, planes);
+}
 
 }  // namespace fused_resnet::cpu
