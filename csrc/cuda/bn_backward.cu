@@ -14,10 +14,10 @@
 namespace fused_resnet::cuda {
 namespace {
 
+// g = dz * [z > 0] when the block ends in a ReLU (relu), else dz.
 template <typename acc_t, typename scalar_t>
-__device__ __forceinline__ acc_t masked_grad(scalar_t dz, const scalar_t* z, int64_t i) {
-  if (z != nullptr && !(static_cast<acc_t>(z[i]) > acc_t(0))) return acc_t(0);
-  return static_cast<acc_t>(dz);
+__device__ __forceinline__ acc_t masked_grad(scalar_t dz, bool relu, scalar_t z) {
+  return relu && !(static_cast<acc_t>(z) > acc_t(0)) ? acc_t(0) : static_cast<acc_t>(dz);
 }
 
 template <typename scalar_t>
@@ -28,7 +28,7 @@ struct ReadGradSums {
   const scalar_t* __restrict__ y;
   const acc_t* __restrict__ mean;
   __device__ SumAcc<acc_t> operator()(int64_t i, int64_t c) const {
-    const acc_t g = masked_grad<acc_t>(dz[i], z, i);
+    const acc_t g = masked_grad<acc_t>(dz[i], z != nullptr, z != nullptr ? z[i] : dz[i]);
     return {g, g * (static_cast<acc_t>(y[i]) - mean[c])};
   }
 };
@@ -70,14 +70,13 @@ struct BnBackwardApplyFn {
     using P = Pack<scalar_t, VEC>;
     const P dzv = *reinterpret_cast<const P*>(dz + i);
     const P yv = *reinterpret_cast<const P*>(y + i);
-    P zv;
+    P zv{};  // read only when z is given
     if (z != nullptr) zv = *reinterpret_cast<const P*>(z + i);
     P dyv, drv;
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
       const int64_t c = lane_channel(c0, k, inner);
-      acc_t g = static_cast<acc_t>(dzv.v[k]);
-      if (z != nullptr && !(static_cast<acc_t>(zv.v[k]) > acc_t(0))) g = acc_t(0);
+      const acc_t g = masked_grad<acc_t>(dzv.v[k], z != nullptr, zv.v[k]);
       const acc_t centered = static_cast<acc_t>(yv.v[k]) - mean[c];
       dyv.v[k] = static_cast<scalar_t>(coefs[c] * g + coefs[channels + c] * centered +
                                        coefs[2 * channels + c]);
