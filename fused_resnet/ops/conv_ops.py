@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fused_resnet.ops.layout import conv_output_shape, output_memory_format
+from fused_resnet.ops.layout import conv_output_shape, output_memory_format, stat_dtype
 
 KERNELS = ("triton", "native")
 
@@ -32,10 +32,6 @@ def kernels_module(kernels: str) -> ModuleType:
     if kernels not in KERNELS:
         raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
     return importlib.import_module(f"fused_resnet.ops.{kernels}_kernels")
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _empty(shape, like: Tensor, fmt=torch.contiguous_format, dtype=None) -> Tensor:
@@ -71,7 +67,7 @@ def conv_bn_train(
 @conv_bn_train.register_fake
 def _(x, weight, bn_weight, bn_bias, residual, stride, padding, groups, eps, relu, kernels):
     shape = conv_output_shape(x, weight, stride, padding)
-    stat = _empty((shape[1],), x, dtype=_acc(x.dtype))
+    stat = _empty((shape[1],), x, dtype=stat_dtype(x.dtype))
     y_format = kernels_module(kernels).activation_format(x)
     return (_empty(shape, x, output_memory_format(x)), _empty(shape, x, y_format), stat,
             torch.empty_like(stat))

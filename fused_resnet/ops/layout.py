@@ -1,4 +1,5 @@
-"""Memory-format rule shared by every op: the output follows the input's layout."""
+"""Rules shared by every op: the output follows the input's layout; per-channel statistics and
+the math are fp32, fp64 for fp64 activations."""
 
 from __future__ import annotations
 
@@ -18,3 +19,8 @@ def conv_output_shape(x: Tensor, weight: Tensor, stride: int, padding: int) -> t
     n, _, h, w = x.shape
     c_out, _, kh, kw = weight.shape
     return (n, c_out, (h + 2 * padding - kh) // stride + 1, (w + 2 * padding - kw) // stride + 1)
+
+
+def stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of per-channel stats and BN math for activations of `dtype`."""
+    return torch.float64 if dtype == torch.float64 else torch.float32

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from fused_resnet.backend import load_extension
-from fused_resnet.ops.layout import output_memory_format
+from fused_resnet.ops.layout import output_memory_format, stat_dtype
 
 if load_extension() is not None:
 
@@ -25,9 +25,8 @@ if load_extension() is not None:
     def _bn_add_relu_fake(y, scale, shift, residual, relu):
         return torch.empty_like(y, memory_format=output_memory_format(y))
 
-    def _channel_stat(y):  # per-channel outputs are fp32, fp64 for fp64 y
-        acc = torch.float64 if y.dtype == torch.float64 else torch.float32
-        return y.new_empty(y.shape[1], dtype=acc)
+    def _channel_stat(y):
+        return y.new_empty(y.shape[1], dtype=stat_dtype(y.dtype))
 
     @torch.library.register_fake("fused_resnet::bn_stats")
     def _bn_stats_fake(y):
@@ -103,8 +102,7 @@ def conv_bias_act_backward(
     g = torch.where(z > 0, dz, 0) if relu else dz
     g = g.contiguous(memory_format=output_memory_format(x))
     dx, dw = _conv_backward(g, x, weight, stride, padding, groups)
-    acc = torch.float64 if g.dtype == torch.float64 else torch.float32
     dr = None
     if has_residual:  # an op output must not alias its input dz
         dr = g.clone() if g.data_ptr() == dz.data_ptr() else g
-    return dx, dw, g.sum(dim=(0, 2, 3), dtype=acc), dr
+    return dx, dw, g.sum(dim=(0, 2, 3), dtype=stat_dtype(g.dtype)), dr
