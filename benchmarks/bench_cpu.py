@@ -8,21 +8,21 @@ blocks run). "train" = forward + backward with a fixed random output gradient, "
 forward under no_grad. The two are timed alternately, run after run, so that load on the
 machine hits both alike; the speed-up is eager median / fused median (target >= 1.0x).
 
-    python benchmarks/bench_cpu.py                          # writes results/cpu-<date>-cpu.*
+    python benchmarks/bench_cpu.py                  # writes results/cpu-<date>/cpu-blocks.*
     python benchmarks/bench_cpu.py --smoke --out /tmp/x     # tiny shapes: checks the script
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-from fused_resnet.bench import report_header, results_stem, write_report
+from fused_resnet.bench import report_header, results_dir, time_columns, write_report
 from fused_resnet.nn import FusedBasicBlock, FusedBottleneck
 from fused_resnet.table import format_table
 from fused_resnet.testing import DTYPES
@@ -47,24 +47,6 @@ BLOCKS = [
 ]
 
 
-def interleaved_ms(fns: dict, warmup: int, iters: int) -> dict:
-    """{name: (median, p20, p80)} in ms, the fns run in turn `iters` times after `warmup`."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times = {name: [] for name in fns}
-    for _ in range(iters):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append((time.perf_counter() - start) * 1e3)
-    out = {}
-    for name, t in times.items():
-        q = statistics.quantiles(t, n=10) if len(t) > 1 else t * 9
-        out[name] = (statistics.median(t), q[1], q[7])
-    return out
-
-
 def bench_block(name, make, channels, size, batch, dtype, channels_last, warmup, iters):
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     fused = make("cpu").to(dtype=dtype, memory_format=fmt)
@@ -84,8 +66,9 @@ def bench_block(name, make, channels, size, batch, dtype, channels_last, warmup,
                 model.eval()
                 with torch.no_grad():
                     model(x)
-        times = interleaved_ms({"fused": lambda: step(fused), "eager": lambda: step(eager)},
-                               warmup, iters)
+        timed = time_columns({"fused": lambda: step(fused), "eager": lambda: step(eager)},
+                             torch.device("cpu"), warmup, iters)
+        times = {k: (t.median, t.p20, t.p80) for k, t in timed.items()}
         rows.append({"block": name, "batch": batch, "dtype": str(dtype).split(".")[-1],
                      "layout": "channels_last" if channels_last else "NCHW", "mode": mode,
                      "fused_ms": times["fused"][0], "fused_p20": times["fused"][1],
@@ -137,7 +120,8 @@ def main(argv=None):
                f"{torch.get_num_threads()} threads\n")
     header = report_header("bench_cpu: fused CPU blocks vs eager", str(dtype).split(".")[-1])
     print(header + table + summary)
-    stem = results_stem(args.out or str(RESULTS), "cpu", args.smoke)
+    stem = os.path.join(results_dir(args.out or str(RESULTS)),
+                        "cpu-blocks-smoke" if args.smoke else "cpu-blocks")
     write_report(rows, stem, header + table + summary)
     print(f"wrote {stem}.csv and .md", file=sys.stderr)
 

@@ -31,7 +31,7 @@ if not torch.cuda.is_available():  # the Triton kernels run in the interpreter o
 import torch.nn.functional as F  # noqa: E402
 
 import fused_resnet as fr  # noqa: E402
-from fused_resnet.bench import report_header, results_stem, time_ms, write_report  # noqa: E402,E501
+from fused_resnet.bench import report_header, results_dir, time_ms, write_report  # noqa: E402,E501
 from fused_resnet.table import format_table  # noqa: E402
 from fused_resnet.testing import DTYPES  # noqa: E402
 
@@ -106,7 +106,8 @@ def bench_shape(shape, batch, dtype, device, backend, use_compile):
                 def fn(impl=impl, training=mode == "train"):
                     with torch.no_grad():
                         impl(training)
-            med, p20, p80 = time_ms(fn, device)
+            t = time_ms(fn, device)
+            med, p20, p80 = t.median, t.p20, t.p80
             flops = 2 * macs * (3 if mode == "train+bwd" else 1)
             traffic = fwd_bytes + (bwd_bytes if mode == "train+bwd" else 0)
             rows.append({"shape": f"{c_in}>{c_out} k{k}s{stride} {h}x{h}"
@@ -151,7 +152,8 @@ def main(argv=None):
           f"{r['fused_speedup']:.2f}x"] for r in rows])
     header = report_header("bench_ops: ResNet-50 convs", str(dtype).split(".")[-1])
     print(header + table)
-    stem = results_stem(args.out or str(RESULTS), "ops", args.smoke)
+    folder = results_dir(args.out or str(RESULTS))
+    stem = os.path.join(folder, "ops-smoke" if args.smoke else "ops")
     write_report(rows, stem, header + table)
     print(f"\nwrote {stem}.csv and .md", file=sys.stderr)
 

@@ -68,30 +68,16 @@ def cmd_validate(args: argparse.Namespace) -> int:
     print(f"\n{'PASSED' if report.ok else 'FAILED'}: {sum(c.ok for _, c in report.rows)} of "
           f"{len(report.rows)} checks within tolerance")
     if report.ok and args.bench and report.device.startswith("cuda"):
-        print()
-        return cmd_bench(args)
+        from fused_resnet.bench import SuiteConfig, run_suite
+        from fused_resnet.bench.report import model_table
+
+        columns = (args.backend, "eager-cl", "compile")
+        cfg = SuiteConfig(args.arch, args.variant, batch_sizes=(64,), dtypes=(args.dtype,),
+                          columns=columns, image_size=None, device=args.device)
+        print(f"\nshort benchmark ({args.dtype}, batch 64 and 1; the full run is "
+              "`python -m fused_resnet bench`):\n")
+        print(model_table(run_suite(cfg)))
     return 0 if report.ok else 1
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    from dataclasses import asdict
-
-    from fused_resnet.bench import bench, write_report
-
-    backends = tuple(getattr(args, "backends", None) or (args.backend,))
-    rows = bench(args.arch, backends, batch_size=args.batch_size, image_size=args.image_size,
-                 dtype=args.dtype, compile_model=getattr(args, "compile", False),
-                 iters=getattr(args, "iters", 5), device=args.device)
-    text = format_table(
-        ("column", "mode", "batch", "ms (median)", "ms p20-p80", "img/s", "TFLOP/s", "peak MiB"),
-        [(r.column, r.mode, r.batch, f"{r.ms_median:.2f}", f"{r.ms_p20:.2f}-{r.ms_p80:.2f}",
-          f"{r.images_per_s:.1f}", f"{r.tflops:.3f}",
-          "-" if r.peak_mem_mb is None else f"{r.peak_mem_mb:.0f}") for r in rows])
-    print(text)
-    if getattr(args, "csv", None):
-        write_report([asdict(r) for r in rows], args.csv.removesuffix(".csv"), text)
-        print(f"\nwrote {args.csv} and its .md")
-    return 0
 
 
 def _common(p: argparse.ArgumentParser, arch: str = "resnet50") -> None:
@@ -129,14 +115,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the short benchmark that follows a passing run on a GPU")
     p.set_defaults(func=cmd_validate)
 
-    p = sub.add_parser("bench", help="training-step and inference timings, side by side")
-    _common(p)
-    _runtime(p)
-    p.add_argument("--backends", nargs="+", choices=BACKENDS, default=None,
-                   help="backends to time as columns (default: --backend)")
-    p.add_argument("--compile", action="store_true", help="add a torch.compile column")
-    p.add_argument("--iters", type=int, default=5, help="timed iterations (default 5)")
-    p.add_argument("--csv", default=None, help="also write the rows to this CSV file")
+    from fused_resnet.bench.cli import __doc__ as bench_doc
+    from fused_resnet.bench.cli import add_bench_arguments, cmd_bench
+
+    p = sub.add_parser("bench", help="fused vs eager vs torch.compile: training step, "
+                       "throughput, latency, memory; per-block breakdown; family table",
+                       description=bench_doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", default="resnet50", help=f"model name: {ARCH_HELP} (default resnet50)")
+    p.add_argument("--variant", default="v1.5", choices=("v1", "v1.5"),
+                   help="bottleneck stride on the 3x3 (v1.5, torchvision) or first 1x1 (v1, paper)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="input height = width (default 224 on GPU, 64 on CPU; 32 for CIFAR nets)")
+    add_bench_arguments(p)
     p.set_defaults(func=cmd_bench)
     return parser
 

@@ -1,5 +1,7 @@
 """The benchmark scripts run (tiny shapes on CPU): a smoke test of the code, not of speed."""
 
+import csv
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -9,56 +11,51 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def run_script(name, *args):
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / name), *args],
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def only_folder(tmp_path):
+    (folder,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    assert folder.name.startswith("cpu-20")  # <device>-<date>
+    return folder
+
+
 def test_bench_ops_smoke(tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench_ops.py"), "--smoke", "--out",
-         str(tmp_path)], capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr
+    result = run_script("bench_ops.py", "--smoke", "--out", str(tmp_path))
     assert "| fused " in result.stdout and "| eager " in result.stdout
-    csvs = list(tmp_path.glob("*-ops-smoke.csv"))
-    assert len(csvs) == 1
-    lines = csvs[0].read_text().splitlines()
+    lines = (only_folder(tmp_path) / "ops-smoke.csv").read_text().splitlines()
     assert lines[0].startswith("shape,batch,dtype,mode,impl,ms")
     assert len(lines) == 1 + 2 * 3 * 2  # 2 shapes x 3 modes x 2 impls
-    assert (tmp_path / csvs[0].name.replace(".csv", ".md")).exists()
 
 
-def test_bench_model_smoke(tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench_model.py"), "--smoke", "--out",
-         str(tmp_path)], capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr
-    for column in ("fused_resnet[auto]", "eager NCHW", "eager channels_last"):
-        assert column in result.stdout
-    csvs = list(tmp_path.glob("*-model-smoke.csv"))
-    assert len(csvs) == 1
-    rows = csvs[0].read_text().splitlines()
-    assert len(rows) == 1 + 3 * 3  # 3 settings (train, infer, infer batch 1) x 3 columns
-    assert "fused_speedup" in rows[0]
-
-
-def test_bench_blocks_smoke(tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench_blocks.py"), "--smoke", "--out",
-         str(tmp_path)], capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr
-    csvs = list(tmp_path.glob("*-blocks-smoke.csv"))
-    assert len(csvs) == 1
-    lines = csvs[0].read_text().splitlines()
-    # 2 blocks x 2 modes x (fused, eager), plus "fused single" in eval for the identity block
-    assert len(lines) == 1 + 2 * 2 * 2 + 1
-    assert sum(",fused single," in line for line in lines) == 1
+def test_run_all_smoke_writes_every_report(tmp_path):
+    result = run_script("run_all.py", "--smoke", "--out", str(tmp_path), "--skip", "ops")
+    for step in ("model", "stages", "family"):
+        assert f"=== {step}: exit 0" in result.stdout
+    folder = only_folder(tmp_path)
+    for kind in ("model", "blocks"):
+        for ext in ("csv", "json", "md", "png"):
+            assert (folder / f"{kind}.{ext}").stat().st_size > 0, (kind, ext)
+    rows = list(csv.DictReader((folder / "model.csv").open()))
+    # 2 dtypes x (train, infer, latency) x 3 columns, none failed
+    assert len(rows) == 2 * 3 * 3 and not any(r["error"] for r in rows)
+    assert {r["column"] for r in rows} == {"fused cpu", "eager NCHW", "eager channels_last"}
+    data = json.loads((folder / "model.json").read_text())
+    assert data["device"] == "cpu" and "torch" in data["versions"] and len(data["rows"]) == 18
+    family = list(csv.DictReader((folder / "flops-table.csv").open()))
+    assert [r["arch"] for r in family] == ["resnet18"]
+    table = json.loads((tmp_path / "auto_backend.json").read_text())
+    assert table["format"] == 1 and len(table["devices"]["cpu"]) == 5 * 2  # 5 blocks x 2 modes
 
 
 def test_bench_cpu_smoke(tmp_path):
     pytest.importorskip("fused_resnet._C")
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench_cpu.py"), "--smoke", "--out",
-         str(tmp_path)], capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr
+    result = run_script("bench_cpu.py", "--smoke", "--out", str(tmp_path))
     assert "geometric-mean speed-up" in result.stdout
-    csvs = list(tmp_path.glob("cpu-*-cpu-smoke.csv"))
-    assert len(csvs) == 1
-    lines = csvs[0].read_text().splitlines()
+    lines = (only_folder(tmp_path) / "cpu-blocks-smoke.csv").read_text().splitlines()
     assert lines[0].startswith("block,batch,dtype,layout,mode,fused_ms")
     assert len(lines) == 1 + 2 * 2 * 2  # 2 blocks x 2 layouts x 2 modes

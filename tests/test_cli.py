@@ -64,19 +64,41 @@ def test_validate_against_torchvision():
     assert "torchvision.models.resnet18" in out and "PASSED" in out
 
 
-def test_bench_prints_every_column():
-    out = run("bench", "--arch", "cifar_resnet20", "--batch-size", "2", "--iters", "2").stdout
-    for column in ("fused_resnet[auto]", "eager NCHW", "eager channels_last"):
-        assert column in out
-    assert out.count("| train ") == 3 and out.count("| infer ") == 3
+def test_bench_prints_every_column_and_writes_the_results_folder(tmp_path):
+    result = run("bench", "--arch", "cifar_resnet20", "--batch-sizes", "2", "--iters", "2",
+                 "--out", str(tmp_path))
+    for column in ("fused cpu" if _has_extension() else "fused auto", "eager NCHW",
+                   "eager channels_last"):
+        assert column in result.stdout
+    assert result.stdout.count("| train ") == 3 and result.stdout.count("| latency ") == 3
+    (folder,) = tmp_path.iterdir()
+    header = (folder / "model.csv").read_text().splitlines()[0]
+    assert header.startswith("arch,device,dtype,mode,batch,image_size,column,cuda_graphs,ms,")
+    assert "wrote " in result.stderr
 
 
-def test_bench_writes_csv(tmp_path):
-    path = tmp_path / "bench.csv"
-    run("bench", "--arch", "cifar_resnet20", "--batch-size", "2", "--iters", "2",
-        "--csv", str(path))
-    header = path.read_text().splitlines()[0]
-    assert header.startswith("column,mode,batch,ms_median")
+def test_bench_flops_table_lists_the_family(tmp_path):
+    out = run("bench", "--flops-table", "--archs", "resnet18", "resnet34", "--image-size",
+              "32", "--batch-sizes", "2", "--iters", "1", "--no-save").stdout
+    rows = [line for line in out.splitlines() if line.startswith("| resnet")]
+    assert [r.split("|")[1].strip() for r in rows] == ["resnet18", "resnet34"]
+    assert "| 11.69 " in rows[0] and "| 1.8 " in rows[0]  # params (M), paper GMACs
+    assert "latency ms p50 (p90)" in out and "img/s" in out
+
+
+def test_bench_profile_prints_the_kernel_table():
+    out = run("bench", "--profile", "reference", "--arch", "cifar_resnet20", "--modes",
+              "train", "--batch-sizes", "2", "--image-size", "8").stdout
+    assert "## fused reference, cifar_resnet20, fp32 train batch 2" in out
+    assert "aten::convolution" in out and "Self CPU" in out
+
+
+def _has_extension():
+    try:
+        from fused_resnet import _C  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 @pytest.mark.parametrize("args, message", [
@@ -85,6 +107,11 @@ def test_bench_writes_csv(tmp_path):
                  "runs CUDA tensors", marks=pytest.mark.skipif(
                      torch.cuda.is_available(), reason="CUDA tensors run here")),
     (("validate", "--arch", "cifar_resnet20", "--steps", "0"), "steps must be >= 1"),
+    (("bench", "--arch", "cifar_resnet20", "--write-table"), "--write-table needs --stages"),
+    (("bench", "--arch", "cifar_resnet20", "--batch-sizes", "0"), "batch sizes must be >= 1"),
+    pytest.param(("bench", "--arch", "cifar_resnet20", "--cuda-graphs"),
+                 "cuda_graphs needs a CUDA device", marks=pytest.mark.skipif(
+                     torch.cuda.is_available(), reason="CUDA graphs run here")),
 ])
 def test_bad_arguments_exit_2_with_a_message(args, message):
     result = run(*args, check=False)

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from torch import Tensor, nn
 
-from fused_resnet import ops
+from fused_resnet import ops, tuning
 from fused_resnet.backend import check_backend_name
 from fused_resnet.nn.conv_bn import cached_fold, conv_bn_act, fusable_block, residual_block
 from fused_resnet.nn.shortcut import ZeroPadShortcut, check_shortcut, make_shortcut
@@ -32,31 +33,55 @@ class ResidualBlock(nn.Module):
         """The (conv, bn) pairs of the residual branch, in order."""
         raise NotImplementedError
 
-    def forward(self, x: Tensor) -> Tensor:
+    def shortcut_kind(self) -> str:
+        """"none" (plain block), "identity", "zero_pad" (option A) or "projection"."""
+        if self.shortcut is None:
+            return "none"
+        if isinstance(self.downsample, nn.Sequential):
+            return "projection"
+        return "identity" if self.downsample is None else "zero_pad"
+
+    def tuning_key(self, x: Tensor) -> str:
+        """This call's key in the per-shape backend table (`fused_resnet.tuning`)."""
         pairs = self.main_path()
-        projection = isinstance(self.downsample, nn.Sequential)
-        block_pairs = pairs + [tuple(self.downsample)] if projection else pairs
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        kind = f"{type(self).__name__.removeprefix('Fused').lower()}/{self.shortcut_kind()}"
+        return tuning.block_key(kind, [x.shape[1]] + [c.out_channels for c, _ in pairs],
+                                [c.stride[0] for c, _ in pairs], x.shape[2], x.shape[3],
+                                dtype, self.training, x.shape[0])
+
+    def call_backend(self, x: Tensor) -> str:
+        """The backend this call runs: `self.backend`, except that "auto" takes the backend
+        the tuning table measured fastest for this shape on this device, where it has one."""
+        if self.backend != "auto" or not tuning.has_entries(x.device):
+            return self.backend
+        return tuning.tuned_backend(x.device, self.tuning_key(x)) or "auto"
+
+    def forward(self, x: Tensor) -> Tensor:
+        backend = self.call_backend(x)
+        pairs = self.main_path()
+        kind = self.shortcut_kind()
+        block_pairs = pairs + [tuple(self.downsample)] if kind == "projection" else pairs
         if fusable_block(block_pairs):
-            kind = ("none" if self.shortcut is None else "projection" if projection
-                    else "zero_pad" if self.downsample is not None else "identity")
-            return residual_block(x, block_pairs, kind, self.stride, self.backend)
+            return residual_block(x, block_pairs, kind, self.stride, backend)
         if self._single_launch_eval():
-            folded = [cached_fold(x, conv, bn, self.backend) for conv, bn in pairs]
+            folded = [cached_fold(x, conv, bn, backend) for conv, bn in pairs]
             if all(f is not None for f in folded):
                 return ops.bottleneck_eval(x, [w for w, _ in folded], [b for _, b in folded],
-                                           backend=self.backend)
-        identity = self._shortcut(x)
+                                           backend=backend)
+        identity = self._shortcut(x, backend)
         out = x
         for i, (conv, bn) in enumerate(pairs):
             last = i == len(pairs) - 1
             out = conv_bn_act(out, conv, bn, residual=identity if last else None,
-                              backend=self.backend)
+                              backend=backend)
         return out
 
     def _single_launch_eval(self) -> bool:
         return False
 
-    def _shortcut(self, x: Tensor) -> Optional[Tensor]:
+    def _shortcut(self, x: Tensor, backend: str) -> Optional[Tensor]:
         if self.shortcut is None:
             return None
         if self.downsample is None:
@@ -64,7 +89,7 @@ class ResidualBlock(nn.Module):
         if isinstance(self.downsample, ZeroPadShortcut):
             return self.downsample(x)
         conv, bn = self.downsample
-        return conv_bn_act(x, conv, bn, relu=False, backend=self.backend)
+        return conv_bn_act(x, conv, bn, relu=False, backend=backend)
 
 
 class FusedBasicBlock(ResidualBlock):

@@ -1,0 +1,164 @@
+"""`python -m fused_resnet bench`: arguments and the runs they start.
+
+    bench [--arch resnet50] [--dtypes bf16 fp16 ...] [--batch-sizes 256 ...] [--columns ...]
+          [--modes train infer latency] [--cuda-graphs] [--layout channels_last|nchw]
+    bench --stages [--write-table [PATH]]     per-block breakdown (+ the per-shape auto table)
+    bench --flops-table [--archs ...]         the family's MACs, params, latency and img/s
+    bench --profile COLUMN                    torch.profiler's per-kernel table of one column
+
+Results go to `<--out>/<device>-<date>/` (model / blocks / flops-table .csv .json .md .png);
+the markdown table is printed too. `--no-save` writes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from fused_resnet.bench.report import (
+    fmt,
+    model_table,
+    plot_bars,
+    report_header,
+    results_dir,
+    write_report,
+)
+from fused_resnet.bench.suite import BENCH_DTYPES, COLUMNS, MODES, SuiteConfig, run_suite
+from fused_resnet.table import format_table
+
+
+def add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch-sizes", "--batch-size", dest="batch_sizes", type=int, nargs="+",
+                   default=None, help="train / infer batch sizes (default 256 on GPU, 8 on CPU)")
+    p.add_argument("--latency-batch", type=int, default=1, help="latency batch (default 1)")
+    p.add_argument("--dtypes", "--dtype", dest="dtypes", nargs="+", choices=BENCH_DTYPES,
+                   default=None, help="fp32 (TF32 off), tf32, or bf16 / fp16 autocast "
+                   "(default bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    p.add_argument("--columns", nargs="+", choices=COLUMNS, default=None,
+                   help="fused backends and baselines to time (default: all that run at full "
+                        "speed here)")
+    p.add_argument("--layout", choices=("channels_last", "nchw"), default="channels_last",
+                   help="input memory format of the fused and compiled columns")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="replay inference and latency runs from CUDA graphs")
+    p.add_argument("--warmup", type=int, default=2, help="untimed runs on CPU (default 2)")
+    p.add_argument("--iters", type=int, default=5, help="timed runs on CPU (default 5)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--stages", action="store_true",
+                   help="per-block breakdown instead of the whole model")
+    p.add_argument("--write-table", nargs="?", const="", default=None, metavar="PATH",
+                   help="with --stages: record each block shape's fastest backend in the "
+                        "per-shape auto table (default: the packaged table)")
+    p.add_argument("--flops-table", action="store_true",
+                   help="the family's MACs, params, latency and img/s in one table")
+    p.add_argument("--archs", nargs="+", default=None, help="with --flops-table: the archs")
+    p.add_argument("--profile", default=None, choices=COLUMNS, metavar="COLUMN",
+                   help="print torch.profiler's per-kernel table of this column's runs")
+    p.add_argument("--out", default=os.path.join("benchmarks", "results"),
+                   help="results folder (default benchmarks/results)")
+    p.add_argument("--no-save", action="store_true", help="print only, write no files")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+
+
+def config_from(args: argparse.Namespace) -> SuiteConfig:
+    gpu = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    return SuiteConfig(
+        arch=args.arch, variant=args.variant,
+        batch_sizes=tuple(args.batch_sizes or ((256,) if gpu else (8,))),
+        latency_batch=args.latency_batch,
+        dtypes=tuple(args.dtypes or (("bf16",) if gpu else ("fp32",))),
+        modes=tuple(args.modes), columns=tuple(args.columns) if args.columns else None,
+        image_size=args.image_size, layout=args.layout, cuda_graphs=args.cuda_graphs,
+        warmup=args.warmup, iters=args.iters, device=args.device)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    cfg = config_from(args)
+    if args.write_table is not None and not args.stages:
+        raise ValueError("--write-table needs --stages (the table comes from block timings)")
+    if args.profile:
+        from fused_resnet.bench.profile import profile_column
+
+        print(profile_column(cfg, args.profile))
+        return 0
+    if args.flops_table:
+        return _flops_table(args, cfg)
+    if args.stages:
+        return _stages(args, cfg)
+    rows = run_suite(cfg, progress=not args.no_progress)
+    details = (f"{cfg.arch}, input {rows[0]['image_size']}x{rows[0]['image_size']}, "
+               f"{cfg.layout}{', CUDA graphs' if cfg.cuda_graphs else ''}")
+    text = report_header("fused_resnet bench", details) + model_table(rows)
+    print(text)
+    _save(args, "model", rows, text, ("dtype", "mode", "batch"), "images_per_s", "images / s")
+    return 0 if not any(r["error"] for r in rows) else 1
+
+
+def _stages(args: argparse.Namespace, cfg: SuiteConfig) -> int:
+    from fused_resnet import tuning
+    from fused_resnet.bench.blocks import bench_stages, fastest_backends
+
+    rows = []
+    for dtype in cfg.dtypes:
+        for batch in cfg.batch_sizes:
+            rows += bench_stages(cfg.arch, batch=batch, dtype=dtype, image_size=cfg.image_size,
+                                 device=cfg.device, warmup=cfg.warmup, iters=cfg.iters,
+                                 channels_last=cfg.layout == "channels_last",
+                                 variant=cfg.variant)
+    best = fastest_backends(rows)
+    for r in rows:
+        times = {q["column"]: q["ms"] for q in rows if q["key"] == r["key"]}
+        r["vs_reference"] = times["reference"] / r["ms"] if "reference" in times else None
+        r["auto_table"] = best.get(r["key"], "")
+    text = report_header(f"fused_resnet bench --stages: {cfg.arch} blocks", cfg.layout)
+    text += format_table(
+        ("block", "input", "dtype", "batch", "mode", "column", "ms p50", "ms p20-p80",
+         "TFLOP/s", "vs reference", "fastest backend"),
+        [(r["block"], r["input"], r["dtype"], r["batch"], r["mode"], r["column"],
+          f"{r['ms']:.3f}", f"{r['ms_p20']:.3f}-{r['ms_p80']:.3f}", f"{r['tflops']:.2f}",
+          fmt(r["vs_reference"], ".2f", "x"), r["auto_table"]) for r in rows])
+    print(text)
+    _save(args, "blocks", rows, text, ("block", "mode", "dtype", "batch"), "tflops",
+          "TFLOP/s")
+    if args.write_table is not None:
+        path = Path(args.write_table) if args.write_table else tuning.PACKAGED_TABLE
+        device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        tuning.save_entries(path, tuning.device_key(device), best)
+        print(f"\nwrote {len(best)} entries for {tuning.device_key(device)!r} to {path}",
+              file=sys.stderr)
+    return 0
+
+
+def _flops_table(args: argparse.Namespace, cfg: SuiteConfig) -> int:
+    from fused_resnet.bench.family import FAMILY, family_text, flops_table
+
+    columns = cfg.columns or ("auto", "eager-cl")
+    rows = flops_table(tuple(args.archs or FAMILY), batch=cfg.batch_sizes[0],
+                       dtype=cfg.dtypes[0], columns=columns, image_size=cfg.image_size,
+                       variant=cfg.variant, latency_batch=cfg.latency_batch,
+                       device=cfg.device, warmup=cfg.warmup,
+                       iters=cfg.iters, progress=not args.no_progress)
+    text = report_header("fused_resnet bench --flops-table",
+                         f"{cfg.dtypes[0]}, input {rows[0]['image_size']}, latency at batch "
+                         f"{cfg.latency_batch}, img/s at batch {cfg.batch_sizes[0]}")
+    text += family_text(rows, columns)
+    print(text)
+    _save(args, "flops-table", rows, text, None, None, None)
+    return 0
+
+
+def _save(args, kind: str, rows: list[dict], text: str, group_keys, value, ylabel) -> None:
+    if args.no_save:
+        return
+    folder = results_dir(args.out)
+    stem = os.path.join(folder, kind)
+    write_report(rows, stem, text, as_json=True)
+    wrote = [".csv", ".json", ".md"]
+    if group_keys and plot_bars(rows, f"{stem}.png", group_keys, value, ylabel):
+        wrote.append(".png")
+    print(f"\nwrote {stem}{{{','.join(wrote)}}}", file=sys.stderr)

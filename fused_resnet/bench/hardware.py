@@ -1,0 +1,61 @@
+"""Peak throughput of known GPUs, for the roofline columns of the benchmarks.
+
+Dense (no structured sparsity) peaks from NVIDIA's data sheets, in TFLOP/s, and HBM bandwidth
+in TB/s. "fp32" is the CUDA-core FP32 peak (what fp32 with TF32 off can reach), "tf32" the
+TF32 tensor-core peak, "bf16" / "fp16" the tensor-core peaks with fp32 accumulation. A
+benchmark row's "% of peak" is its achieved TFLOP/s over the peak of its dtype; an unknown
+device gives None (printed as "-").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class DevicePeak:
+    name: str
+    tflops: dict[str, float]  # dtype name -> dense peak TFLOP/s
+    tb_per_s: float  # memory bandwidth
+
+    def tflops_for(self, dtype: str) -> float:
+        return self.tflops[dtype]
+
+    def ridge_flop_per_byte(self, dtype: str) -> float:
+        """Arithmetic intensity above which a kernel can be compute-bound."""
+        return self.tflops[dtype] / self.tb_per_s
+
+
+def _peak(name: str, fp32: float, tf32: float, half: float, tb_per_s: float) -> DevicePeak:
+    return DevicePeak(name, {"fp32": fp32, "tf32": tf32, "bf16": half, "fp16": half}, tb_per_s)
+
+
+# Matched against torch.cuda.get_device_name() by substring, first match wins: the more
+# specific names come first ("H100 PCIe" before "H100").
+KNOWN_PEAKS: list[tuple[str, DevicePeak]] = [
+    ("H200", _peak("H200 SXM", 67.0, 494.7, 989.4, 4.8)),
+    ("H100 PCIe", _peak("H100 PCIe", 51.2, 378.0, 756.0, 2.0)),
+    ("H100 NVL", _peak("H100 NVL", 60.0, 417.5, 835.5, 3.9)),
+    ("H100", _peak("H100 SXM", 67.0, 494.7, 989.4, 3.35)),
+    ("A100-SXM4-80GB", _peak("A100 SXM 80GB", 19.5, 156.0, 312.0, 2.039)),
+    ("A100-PCIE-80GB", _peak("A100 PCIe 80GB", 19.5, 156.0, 312.0, 1.935)),
+    ("A100", _peak("A100 40GB", 19.5, 156.0, 312.0, 1.555)),
+    ("L40S", _peak("L40S", 91.6, 183.0, 362.0, 0.864)),
+    ("L4", _peak("L4", 30.3, 60.0, 121.0, 0.3)),
+    ("A10", _peak("A10", 31.2, 62.5, 125.0, 0.6)),
+]
+
+
+def device_peak(device_name: str) -> Optional[DevicePeak]:
+    """The peaks of the GPU called `device_name`, or None when it is not in KNOWN_PEAKS."""
+    for key, peak in KNOWN_PEAKS:
+        if key in device_name:
+            return peak
+    return None
+
+
+def percent_of_peak(tflops: float, device_name: str, dtype: str) -> Optional[float]:
+    """Achieved `tflops` as a percentage of the device's dense peak for `dtype`."""
+    peak = device_peak(device_name)
+    return None if peak is None else 100.0 * tflops / peak.tflops_for(dtype)

@@ -1,0 +1,47 @@
+"""`bench --profile COLUMN`: where one column's time goes, kernel by kernel.
+
+Runs the column's step of each of the config's settings under `torch.profiler` (after the
+warm-up runs that compile, autotune and fold BN) and returns, per setting, the profiler's
+table of the top ops / kernels by self time on the device (CUDA time on a GPU, CPU time
+elsewhere): the breakdown that says which kernels to work on when a target is missed.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from fused_resnet.bench.suite import SuiteConfig, _step, build_columns, precision
+from fused_resnet.models import build_model, is_cifar
+
+
+def profile_column(cfg: SuiteConfig, column: str, steps: int = 3, rows: int = 25) -> str:
+    """The profiler tables of `column`, one per setting, as text."""
+    dev = cfg.check()
+    size = cfg.size(dev)
+    base = build_model(cfg.arch, **({} if is_cifar(cfg.arch) else {"variant": cfg.variant}))
+    ((label, (model, fmt)),) = build_columns(cfg, base, dev, (column,)).items()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda"
+                                           else [])
+    sort = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+    out = []
+    for dtype, mode, batch in cfg.settings():
+        x = torch.randn(batch, 3, size, size, device=dev).contiguous(memory_format=fmt)
+        target = torch.randint(0, base.fc.out_features, (batch,), device=dev)
+        model.train(mode == "train")
+        with precision(dtype, dev):
+            fn = _step(model, mode, x, target, opt)
+            for _ in range(max(1, cfg.warmup)):
+                fn()
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            with profile(activities=activities) as prof:
+                for _ in range(steps):
+                    fn()
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+        table = prof.key_averages().table(sort_by=sort, row_limit=rows)
+        out.append(f"## {label}, {cfg.arch}, {dtype} {mode} batch {batch} ({steps} steps)\n\n"
+                   f"{table}")
+    return "\n".join(out)
