@@ -68,15 +68,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     print(f"\n{'PASSED' if report.ok else 'FAILED'}: {sum(c.ok for _, c in report.rows)} of "
           f"{len(report.rows)} checks within tolerance")
     if report.ok and args.bench and report.device.startswith("cuda"):
-        from fused_resnet.bench import SuiteConfig, run_suite
-        from fused_resnet.bench.report import model_table
+        from fused_resnet.bench.cli import short_benchmark
 
-        columns = (args.backend, "eager-cl", "compile")
-        cfg = SuiteConfig(args.arch, args.variant, batch_sizes=(64,), dtypes=(args.dtype,),
-                          columns=columns, image_size=None, device=args.device)
-        print(f"\nshort benchmark ({args.dtype}, batch 64 and 1; the full run is "
-              "`python -m fused_resnet bench`):\n")
-        print(model_table(run_suite(cfg)))
+        print("\n" + short_benchmark(args.arch, args.variant, args.backend, args.dtype,
+                                     args.device))
     return 0 if report.ok else 1
 
 

@@ -61,6 +61,21 @@ def test_suite_rows_ratios_and_a_failing_column():
             assert "cannot run" in r["error"] and r["ms"] is None and r["vs_eager_cl"] is None
 
 
+def test_measured_peaks_give_percentages_on_any_device():
+    cfg = SuiteConfig(**{**TINY, "modes": ("latency",)}, columns=("eager-cl",),
+                      measure_peaks=True)
+    (row,) = run_suite(cfg, progress=False)
+    assert row["peak_tflops"] > 0
+    assert row["pct_peak"] == pytest.approx(100 * row["tflops"] / row["peak_tflops"])
+
+
+def test_measure_ceilings_are_positive():
+    from fused_resnet.bench.hardware import measure_ceilings
+
+    tflops, tb_s = measure_ceilings(torch.device("cpu"), "fp32", n=128, copy_mib=4)
+    assert 0 < tflops < 100 and 0 < tb_s < 100
+
+
 def test_add_ratios_divides_images_per_second():
     base = dict(arch="a", dtype="bf16", mode="train", batch=8, error="")
     rows = [dict(base, column="fused triton", images_per_s=300.0),
@@ -162,3 +177,34 @@ def test_model_inference_benchmark(benchmark):
         out = benchmark.pedantic(lambda: model(x), rounds=3, warmup_rounds=1)
         expected = fr.models.set_backend(copy.deepcopy(model), "reference")(x)
     assert compare(out, expected).ok
+
+
+# --- on a GPU: every column runs, CUDA graphs replay, memory and peaks are filled -----------
+
+@pytest.mark.gpu
+def test_gpu_suite_every_column_runs():
+    cfg = SuiteConfig(arch="resnet18", image_size=64, batch_sizes=(8,), dtypes=("bf16", "fp32"),
+                      columns=("triton", "cuda", "eager-nchw", "eager-cl", "compile"))
+    rows = run_suite(cfg, progress=False)
+    assert [r["error"] for r in rows] == [""] * len(rows)
+    assert all(r["peak_mib"] > 0 and r["pct_peak"] is not None for r in rows
+               if "H100" in r["device"] or "H200" in r["device"])
+
+
+@pytest.mark.gpu
+def test_gpu_suite_cuda_graphs():
+    cfg = SuiteConfig(arch="resnet18", image_size=64, batch_sizes=(8,), modes=("infer",
+                      "latency"), columns=("triton", "cuda", "eager-cl"), cuda_graphs=True)
+    rows = run_suite(cfg, progress=False)
+    assert all(r["cuda_graphs"] and r["error"] == "" for r in rows)
+
+
+@pytest.mark.gpu
+def test_gpu_stages_rows_and_table_entries():
+    from fused_resnet.bench.blocks import bench_stages, fastest_backends
+
+    rows = bench_stages("resnet50", batch=2, dtype="bf16", image_size=64, iters=2)
+    columns = {r["column"] for r in rows}
+    assert {"triton", "cuda", "reference", "compile", "triton single"} <= columns
+    entries = fastest_backends(rows)
+    assert entries and set(entries.values()) <= {"triton", "cuda", "reference"}

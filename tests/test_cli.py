@@ -93,6 +93,22 @@ def test_bench_profile_prints_the_kernel_table():
     assert "aten::convolution" in out and "Self CPU" in out
 
 
+def test_short_benchmark_of_validate():
+    from fused_resnet.bench.cli import short_benchmark
+
+    text = short_benchmark("cifar_resnet20", "v1.5", "reference", "fp32", "cpu",
+                           columns=("reference", "eager-cl"), image_size=8, batch=2)
+    assert "short benchmark (fp32, batch 2 and 1" in text
+    assert text.count("| fused reference ") == 3 and text.count("| eager channels_last ") == 3
+
+
+@pytest.mark.gpu
+def test_validate_on_gpu_ends_with_the_short_benchmark():
+    out = run("validate", "--arch", "resnet18", "--steps", "1", "--batch-size", "4",
+              "--image-size", "64").stdout
+    assert "PASSED" in out and "short benchmark" in out and "| compile " in out
+
+
 def _has_extension():
     try:
         from fused_resnet import _C  # noqa: F401

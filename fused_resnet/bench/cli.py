@@ -46,6 +46,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="input memory format of the fused and compiled columns")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="replay inference and latency runs from CUDA graphs")
+    p.add_argument("--measure-peaks", action="store_true",
+                   help="'%% peak' over a matrix product measured here, not the datasheet")
     p.add_argument("--warmup", type=int, default=2, help="untimed runs on CPU (default 2)")
     p.add_argument("--iters", type=int, default=5, help="timed runs on CPU (default 5)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
@@ -74,6 +76,7 @@ def config_from(args: argparse.Namespace) -> SuiteConfig:
         dtypes=tuple(args.dtypes or (("bf16",) if gpu else ("fp32",))),
         modes=tuple(args.modes), columns=tuple(args.columns) if args.columns else None,
         image_size=args.image_size, layout=args.layout, cuda_graphs=args.cuda_graphs,
+        measure_peaks=args.measure_peaks,
         warmup=args.warmup, iters=args.iters, device=args.device)
 
 
@@ -97,6 +100,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(text)
     _save(args, "model", rows, text, ("dtype", "mode", "batch"), "images_per_s", "images / s")
     return 0 if not any(r["error"] for r in rows) else 1
+
+
+def short_benchmark(arch: str, variant: str, backend: str, dtype: str, device=None,
+                    columns=None, image_size=None, batch: int = 64) -> str:
+    """The benchmark `validate` prints after a passing run on a GPU: the model on `backend`
+    against eager channels_last and torch.compile, training, inference at `batch`, latency."""
+    cfg = SuiteConfig(arch, variant, batch_sizes=(batch,), dtypes=(dtype,),
+                      columns=tuple(columns or (backend, "eager-cl", "compile")),
+                      image_size=image_size, device=device)
+    return (f"short benchmark ({dtype}, batch {batch} and 1; the full run is "
+            f"`python -m fused_resnet bench`):\n\n{model_table(run_suite(cfg))}")
 
 
 def _stages(args: argparse.Namespace, cfg: SuiteConfig) -> int:

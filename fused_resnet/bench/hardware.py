@@ -4,13 +4,16 @@ Dense (no structured sparsity) peaks from NVIDIA's data sheets, in TFLOP/s, and 
 in TB/s. "fp32" is the CUDA-core FP32 peak (what fp32 with TF32 off can reach), "tf32" the
 TF32 tensor-core peak, "bf16" / "fp16" the tensor-core peaks with fp32 accumulation. A
 benchmark row's "% of peak" is its achieved TFLOP/s over the peak of its dtype; an unknown
-device gives None (printed as "-").
+device gives None (printed as "-"). `measure_ceilings` measures the two ceilings on the card
+itself (a large matrix product, a large copy); `bench --measure-peaks` divides by those.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Optional
+
+import torch
 
 
 @dataclass(frozen=True)
@@ -55,7 +58,33 @@ def device_peak(device_name: str) -> Optional[DevicePeak]:
     return None
 
 
+def datasheet_tflops(device_name: str, dtype: str) -> Optional[float]:
+    """The dense datasheet peak of `device_name` for `dtype`, or None when unknown."""
+    peak = device_peak(device_name)
+    return None if peak is None else peak.tflops_for(dtype)
+
+
 def percent_of_peak(tflops: float, device_name: str, dtype: str) -> Optional[float]:
     """Achieved `tflops` as a percentage of the device's dense peak for `dtype`."""
-    peak = device_peak(device_name)
-    return None if peak is None else 100.0 * tflops / peak.tflops_for(dtype)
+    peak = datasheet_tflops(device_name, dtype)
+    return None if peak is None else 100.0 * tflops / peak
+
+
+def measure_ceilings(device: torch.device, dtype: str, n: int = 8192,
+                     copy_mib: int = 1024) -> tuple[float, float]:
+    """(TFLOP/s, TB/s) measured here: an n x n x n matrix product in `dtype` (random inputs,
+    2 n^3 FLOPs; "tf32" with TF32 on, "fp32" with it off) and a device-to-device copy of
+    `copy_mib` MiB (bytes read plus bytes written). Datasheet peaks are leads; these are the
+    ceilings the card reaches as found."""
+    from fused_resnet.bench.suite import precision
+    from fused_resnet.bench.timing import time_ms
+
+    tensor_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype, torch.float32)
+    a = torch.randn(n, n, device=device, dtype=tensor_dtype)
+    b = torch.randn(n, n, device=device, dtype=tensor_dtype)
+    with precision("tf32" if dtype == "tf32" else "fp32", device):
+        mm = time_ms(lambda: torch.mm(a, b), device).median
+    src = torch.randn(copy_mib * 2**18, device=device)  # 4-byte elements
+    dst = torch.empty_like(src)
+    copy = time_ms(lambda: dst.copy_(src), device).median
+    return 2 * n**3 / mm / 1e9, 2 * src.nbytes / copy / 1e9

@@ -13,7 +13,9 @@ the same input, in one process:
   "fp16" (autocast; weights, BN parameters and statistics stay fp32).
 
 TFLOP/s counts 2 FLOPs per multiply-add of `count_flops` (a training step as 3x the
-forward); "% of peak" divides by the GPU's dense peak for the dtype (`hardware.py`).
+forward); "% of peak" divides by the GPU's dense datasheet peak for the dtype
+(`hardware.py`), or with `measure_peaks` by the rate of a large matrix product measured on the
+card in this run ("peak_tflops" holds the divisor).
 "activation MiB" is what autograd keeps for backward in one training forward (measured with
 saved-tensor hooks, on every device); "peak MiB" is `torch.cuda.max_memory_allocated` over the
 timed runs (CUDA only). A column that fails in a setting gets a row with its error instead
@@ -32,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fused_resnet.bench.hardware import percent_of_peak
+from fused_resnet.bench.hardware import datasheet_tflops, measure_ceilings
 from fused_resnet.bench.timing import activation_bytes, cuda_graph, time_columns
 from fused_resnet.flops import count_flops
 from fused_resnet.models import build_model, is_cifar, reference_twin, set_backend
@@ -43,8 +45,8 @@ OTHER_COLUMNS = ("eager-nchw", "eager-cl", "compile", "compile-max-autotune")
 COLUMNS = FUSED_COLUMNS + OTHER_COLUMNS
 MODES = ("train", "infer", "latency")
 ROW_FIELDS = ("arch", "device", "dtype", "mode", "batch", "image_size", "column", "cuda_graphs",
-              "ms", "ms_p20", "ms_p80", "ms_p90", "images_per_s", "tflops", "pct_peak",
-              "peak_mib", "activation_mib", "error", "vs_eager_cl", "vs_compile")
+              "ms", "ms_p20", "ms_p80", "ms_p90", "images_per_s", "tflops", "peak_tflops",
+              "pct_peak", "peak_mib", "activation_mib", "error", "vs_eager_cl", "vs_compile")
 BENCH_DTYPES = ("fp32", "tf32", "bf16", "fp16")
 LABELS = {**{c: f"fused {c}" for c in FUSED_COLUMNS}, "eager-nchw": "eager NCHW",
           "eager-cl": "eager channels_last", "compile": "compile",
@@ -70,6 +72,7 @@ class SuiteConfig:
     image_size: Optional[int] = None  # None: 32 for CIFAR nets, 224 on CUDA, 64 on CPU
     layout: str = "channels_last"  # memory format of the fused and compiled columns' input
     cuda_graphs: bool = False  # replay infer / latency from a captured CUDA graph
+    measure_peaks: bool = False  # "% of peak" over a measured matmul rate, not the datasheet
     warmup: int = 2
     iters: int = 5
     device: Optional[str] = None
@@ -172,6 +175,8 @@ def run_suite(cfg: SuiteConfig, progress: bool = True) -> list[dict]:
             for label, (m, _) in models.items()}
     device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     settings = cfg.settings()
+    peaks = {d: (measure_ceilings(dev, d, n=8192 if dev.type == "cuda" else 512)[0]
+                 if cfg.measure_peaks else datasheet_tflops(device_name, d)) for d in cfg.dtypes}
     bar = _progress(len(settings), progress)
     rows: list[dict] = []
     for dtype, mode, batch in settings:
@@ -207,11 +212,11 @@ def run_suite(cfg: SuiteConfig, progress: bool = True) -> list[dict]:
                 with precision(dtype, dev):
                     xf = x.contiguous(memory_format=fmt)
                     act = activation_bytes(model, lambda m=model, xf=xf: m(xf)) / 2**20
-            pct = percent_of_peak(tflops, device_name, dtype)
+            pct = None if peaks[dtype] is None else 100.0 * tflops / peaks[dtype]
             rows.append({**row, "ms": t.median, "ms_p20": t.p20, "ms_p80": t.p80,
                          "ms_p90": t.p90, "images_per_s": batch / t.median * 1e3,
-                         "tflops": tflops, "pct_peak": pct, "peak_mib": peak,
-                         "activation_mib": act, "error": ""})
+                         "tflops": tflops, "peak_tflops": peaks[dtype], "pct_peak": pct,
+                         "peak_mib": peak, "activation_mib": act, "error": ""})
         bar.update(1)
     bar.close()
     add_ratios(rows)

@@ -38,6 +38,15 @@ def _empty(shape, like: Tensor, fmt=torch.contiguous_format, dtype=None) -> Tens
     return torch.empty(shape, device=like.device, dtype=dtype or like.dtype, memory_format=fmt)
 
 
+def _as_weight(dw: Optional[Tensor], weight: Tensor) -> Tensor:
+    """dw in weight's dtype and memory format (so that AccumulateGrad does not copy it into
+    a channels_last parameter's layout); dw=None gives an empty tensor of that layout."""
+    fmt = output_memory_format(weight)
+    if dw is None:
+        return _empty(weight.shape, weight, fmt)
+    return dw.to(weight.dtype).contiguous(memory_format=fmt)
+
+
 def _train_forward(x, weight, bn_weight, bn_bias, residual, stride, padding, groups, eps, relu,
                    kernels):
     z, y, mean, var = kernels_module(kernels).conv_bn_train(
@@ -50,7 +59,7 @@ def _train_backward(dz, x, weight, bn_weight, y, z, mean, var, stride, padding, 
     dx, dw, dgamma, dbeta, dr = kernels_module(kernels).conv_bn_train_backward(
         dz, x, weight, bn_weight, y, z, mean, var, stride, padding, groups, eps, relu,
         has_residual)
-    return (dx.contiguous(memory_format=output_memory_format(x)), dw.to(weight.dtype).contiguous(),
+    return (dx.contiguous(memory_format=output_memory_format(x)), _as_weight(dw, weight),
             dgamma.to(bn_weight.dtype), dbeta.to(bn_weight.dtype),
             dr if dr is not None else dz.new_empty(0))
 
@@ -89,7 +98,7 @@ def _(dz, x, weight, bn_weight, y, z, mean, var, stride, padding, groups, eps, r
       has_residual, kernels):
     c = weight.shape[0]
     dr_format = kernels_module(kernels).activation_format(x)
-    return (_empty(x.shape, x, output_memory_format(x)), _empty(weight.shape, weight),
+    return (_empty(x.shape, x, output_memory_format(x)), _as_weight(None, weight),
             _empty((c,), bn_weight), _empty((c,), bn_weight),
             _empty(y.shape, dz, dr_format) if has_residual else dz.new_empty(0))
 
@@ -144,14 +153,14 @@ def conv_bias_act_backward(
     """(dx, dw, d bias, d residual (empty without a residual))."""
     dx, dw, dbias, dr = kernels_module(kernels).conv_bias_act_backward(
         dz, x, weight, z, stride, padding, groups, relu, has_residual)
-    return (dx.contiguous(memory_format=output_memory_format(x)), dw.to(weight.dtype).contiguous(),
+    return (dx.contiguous(memory_format=output_memory_format(x)), _as_weight(dw, weight),
             dbias.to(bias.dtype), dr if dr is not None else dz.new_empty(0))
 
 
 @conv_bias_act_backward.register_fake
 def _(dz, x, weight, z, bias, stride, padding, groups, relu, has_residual, kernels):
     dr_format = kernels_module(kernels).activation_format(x)
-    return (_empty(x.shape, x, output_memory_format(x)), _empty(weight.shape, weight),
+    return (_empty(x.shape, x, output_memory_format(x)), _as_weight(None, weight),
             _empty(bias.shape, bias),
             _empty(z.shape, dz, dr_format) if has_residual else dz.new_empty(0))
 
