@@ -3,12 +3,15 @@
 from fused_resnet.nn.blocks import FusedBasicBlock, FusedBottleneck
 from fused_resnet.nn.conv_bn import FusedConvBNAct, conv_bn_act
 from fused_resnet.nn.shortcut import ZeroPadShortcut, make_shortcut
+from fused_resnet.nn.sync_bn import FusedSyncBatchNorm, convert_sync_bn
 
 __all__ = [
     "FusedBasicBlock",
     "FusedBottleneck",
     "FusedConvBNAct",
+    "FusedSyncBatchNorm",
     "ZeroPadShortcut",
     "conv_bn_act",
+    "convert_sync_bn",
     "make_shortcut",
 ]

@@ -4,7 +4,9 @@ The conv / BN modules only hold parameters and buffers (so `state_dict()` keys a
 torchvision's: `conv1.weight`, `bn1.running_mean`, `downsample.0.weight`, ...). In training
 the whole block is one op (`ops.residual_block_train`: a single autograd node on Triton);
 otherwise (eval, frozen or non-affine BN, grouped convs) each conv + BN (+ shortcut) + ReLU
-runs through `ops.conv_bn_act`, with BN folded into the conv on Triton.
+runs through `ops.conv_bn_act`, with BN folded into the conv on Triton. With `sync_bn=True`
+(or a `process_group`) the BNs are FusedSyncBatchNorm modules and, under torch.distributed,
+training takes batch statistics over the group (`ops.sync_conv_bn_act`, one all_reduce per BN).
 """
 
 from __future__ import annotations
@@ -16,8 +18,14 @@ from torch import Tensor, nn
 
 from fused_resnet import ops, tuning
 from fused_resnet.backend import check_backend_name
-from fused_resnet.nn.conv_bn import cached_fold, conv_bn_act, fusable_block, residual_block
+from fused_resnet.nn.conv_bn import (
+    cached_fold,
+    conv_bn_act,
+    fusable_block,
+    residual_block,
+)
 from fused_resnet.nn.shortcut import ZeroPadShortcut, check_shortcut, make_shortcut
+from fused_resnet.nn.sync_bn import convert_sync_bn
 
 VARIANTS = ("v1", "v1.5")
 EVAL_KERNELS = ("chain", "single")
@@ -99,7 +107,7 @@ class FusedBasicBlock(ResidualBlock):
 
     def __init__(
         self, inplanes: int, planes: int, stride: int = 1, *, shortcut: Optional[str] = "B",
-        backend: str = "auto",
+        backend: str = "auto", sync_bn: bool = False, process_group=None,
     ):
         super().__init__()
         self.shortcut = check_shortcut(shortcut)
@@ -110,6 +118,8 @@ class FusedBasicBlock(ResidualBlock):
         self.bn2 = nn.BatchNorm2d(planes)
         self.downsample = make_shortcut(shortcut, inplanes, planes, stride)
         self.stride = stride
+        if sync_bn or process_group is not None:
+            convert_sync_bn(self, process_group)
 
     def main_path(self) -> list[tuple[nn.Conv2d, nn.BatchNorm2d]]:
         return [(self.conv1, self.bn1), (self.conv2, self.bn2)]
@@ -132,7 +142,7 @@ class FusedBottleneck(ResidualBlock):
     def __init__(
         self, inplanes: int, planes: int, stride: int = 1, *, shortcut: Optional[str] = "B",
         groups: int = 1, base_width: int = 64, variant: str = "v1.5", backend: str = "auto",
-        eval_kernel: str = "chain",
+        eval_kernel: str = "chain", sync_bn: bool = False, process_group=None,
     ):
         super().__init__()
         if variant not in VARIANTS:
@@ -154,6 +164,8 @@ class FusedBottleneck(ResidualBlock):
         self.bn3 = nn.BatchNorm2d(planes * self.expansion)
         self.downsample = make_shortcut(shortcut, inplanes, planes * self.expansion, stride)
         self.stride = stride
+        if sync_bn or process_group is not None:
+            convert_sync_bn(self, process_group)
 
     def main_path(self) -> list[tuple[nn.Conv2d, nn.BatchNorm2d]]:
         return [(self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)]

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from fused_resnet import backend as _backend
 from fused_resnet import ops, reference
 from fused_resnet.backend import check_backend_name
+from fused_resnet.nn.sync_bn import convert_sync_bn, sync_group
 
 
 def conv_bn_act(
@@ -42,6 +43,14 @@ def conv_bn_act(
             f"conv must have square stride and padding, got {conv.stride}, {conv.padding}"
         )
     bn_args, counting = _batchnorm_args(bn)
+    group = sync_group(bn)
+    if group is not None:
+        out = ops.sync_conv_bn_act(
+            x, conv.weight, bn.weight, bn.bias, bn_args["running_mean"], bn_args["running_var"],
+            stride=conv.stride[0], padding=conv.padding[0], groups=conv.groups,
+            momentum=bn_args["momentum"], eps=bn.eps, residual=residual, relu=relu, group=group)
+        _count(bn, counting)
+        return out
     folded = cached_fold(x, conv, bn, backend)
     if folded is not None:
         return ops.conv_bias_act(x, *folded, stride=conv.stride[0], padding=conv.padding[0],
@@ -111,9 +120,12 @@ def _count(bn: nn.BatchNorm2d, counting: bool) -> None:
 
 def fusable_block(pairs: list[tuple[nn.Conv2d, nn.BatchNorm2d]]) -> bool:
     """Whether conv + BN pairs can run as one block op: every BN normalizes with batch
-    statistics and is affine, every conv is ungrouped with square stride and padding."""
+    statistics of this process only and is affine, every conv is ungrouped with square stride
+    and padding."""
     for conv, bn in pairs:
         if not (bn.training and bn.affine) or conv.groups != 1 or conv.bias is not None:
+            return False
+        if sync_group(bn) is not None:
             return False
         if conv.stride[0] != conv.stride[1] or conv.padding[0] != conv.padding[1]:
             return False
@@ -145,14 +157,16 @@ class FusedConvBNAct(nn.Module):
     State-dict keys are those of an `nn.Conv2d` named `conv` (bias-free) and an
     `nn.BatchNorm2d` named `bn`: `conv.weight`, `bn.weight`, `bn.bias`, `bn.running_mean`,
     `bn.running_var`, `bn.num_batches_tracked`. BN keeps all of nn.BatchNorm2d's options
-    (momentum=None, affine=False, track_running_stats=False).
+    (momentum=None, affine=False, track_running_stats=False). `sync_bn=True` (or a
+    `process_group`) makes `bn` a FusedSyncBatchNorm: batch statistics over the group.
     """
 
     def __init__(
         self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
         padding: Optional[int] = None, *, groups: int = 1, relu: bool = True,
         eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
-        track_running_stats: bool = True, backend: str = "auto",
+        track_running_stats: bool = True, backend: str = "auto", sync_bn: bool = False,
+        process_group=None,
     ):
         super().__init__()
         padding = kernel_size // 2 if padding is None else padding
@@ -162,6 +176,8 @@ class FusedConvBNAct(nn.Module):
                                  track_running_stats=track_running_stats)
         self.relu = relu
         self.backend = check_backend_name(backend)
+        if sync_bn or process_group is not None:
+            self.bn = convert_sync_bn(self.bn, process_group)
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         """x: (N, C_in, H, W); residual: (N, C_out, H_out, W_out) or None."""

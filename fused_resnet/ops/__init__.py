@@ -10,6 +10,7 @@ from fused_resnet.ops import conv_ops, native_kernels  # noqa: F401  (registers 
 from fused_resnet.ops.block import bottleneck_eval, residual_block_train
 from fused_resnet.ops.bn_add_relu import bn_add_relu
 from fused_resnet.ops.conv_bn_act import conv_bias_act, conv_bn_act
+from fused_resnet.ops.sync_bn import sync_batch_norm, sync_conv_bn_act
 
 try:
     from fused_resnet.ops import triton_block  # noqa: F401
@@ -22,4 +23,6 @@ __all__ = [
     "conv_bias_act",
     "conv_bn_act",
     "residual_block_train",
+    "sync_batch_norm",
+    "sync_conv_bn_act",
 ]
