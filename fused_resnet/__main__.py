@@ -1,4 +1,4 @@
-"""Command line: python -m fused_resnet {flops,validate,bench} [--help]."""
+"""Command line: python -m fused_resnet {flops,validate,bench,train} [--help]."""
 
 from __future__ import annotations
 
@@ -123,6 +123,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="input height = width (default 224 on GPU, 64 on CPU; 32 for CIFAR nets)")
     add_bench_arguments(p)
     p.set_defaults(func=cmd_bench)
+
+    from fused_resnet.train.cli import __doc__ as train_doc
+    from fused_resnet.train.cli import add_train_arguments, cmd_train
+
+    p = sub.add_parser("train", help="train a model (synthetic or ImageFolder data, AMP, DDP, "
+                       "checkpoints); --compare: plain vs residual nets",
+                       description=train_doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_train_arguments(p)
+    p.set_defaults(func=cmd_train)
     return parser
 
 

@@ -1,0 +1,97 @@
+"""Data for `python -m fused_resnet train`: a deterministic synthetic set, or an ImageFolder.
+
+Synthetic: class k has a fixed random prototype image (drawn from `seed`); sample i is its
+class's prototype plus Gaussian noise drawn from (seed, i), so the set is the same on every
+run and every rank, learnable, and needs no download. ImageFolder: the standard augmentations
+(CIFAR-size nets: 4-pixel padded random crop + horizontal flip, as in the paper's CIFAR
+experiments; ImageNet nets: RandomResizedCrop(224) + flip; validation: resize 256, center
+crop 224), then per-channel normalization.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
+
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class SyntheticImages(Dataset):
+    """`size` images of `classes` classes, (3, image_size, image_size), deterministic."""
+
+    def __init__(self, size: int, image_size: int, classes: int = 10, seed: int = 0,
+                 noise: float = 1.0, offset: int = 0):
+        if size < 1 or image_size < 1 or classes < 2:
+            raise ValueError(f"size and image_size must be >= 1 and classes >= 2, got {size}, "
+                             f"{image_size}, {classes}")
+        g = torch.Generator().manual_seed(seed)
+        self.prototypes = torch.randn(classes, 3, image_size, image_size, generator=g)
+        self.size, self.classes, self.seed = size, classes, seed
+        self.noise, self.offset = noise, offset
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        i = self.offset + index
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i + 1)
+        label = int(torch.randint(0, self.classes, (1,), generator=g))
+        image = self.prototypes[label] + self.noise * torch.randn(
+            self.prototypes.shape[1:], generator=g)
+        return image, label
+
+
+def image_folder(root: str, train: bool, cifar: bool):
+    """torchvision ImageFolder at `root` with the standard augmentations (module docstring)."""
+    from torchvision import datasets, transforms
+
+    if not os.path.isdir(root):
+        raise ValueError(f"data must be 'synthetic' or an ImageFolder directory; {root!r} is "
+                         "not a directory")
+    mean, std = (CIFAR_MEAN, CIFAR_STD) if cifar else (IMAGENET_MEAN, IMAGENET_STD)
+    if cifar:
+        aug = [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()]
+        plain = [transforms.Resize(32), transforms.CenterCrop(32)]
+    else:
+        aug = [transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip()]
+        plain = [transforms.Resize(256), transforms.CenterCrop(224)]
+    tail = [transforms.ToTensor(), transforms.Normalize(mean, std)]
+    return datasets.ImageFolder(root, transforms.Compose((aug if train else plain) + tail))
+
+
+def make_datasets(data: str, image_size: int, cifar: bool, synthetic_size: int,
+                  seed: int, classes: int = 10):
+    """(train set, validation set, number of classes). For an ImageFolder root, its `train`
+    and `val` subfolders when present, else the root for both."""
+    if data == "synthetic":
+        train = SyntheticImages(synthetic_size, image_size, classes, seed)
+        val = SyntheticImages(max(1, synthetic_size // 4), image_size, classes, seed,
+                              offset=synthetic_size)
+        return train, val, classes
+    train_root = os.path.join(data, "train")
+    val_root = os.path.join(data, "val")
+    if not os.path.isdir(train_root):
+        train_root = val_root = data
+    train = image_folder(train_root, True, cifar)
+    return train, image_folder(val_root, False, cifar), len(train.classes)
+
+
+def make_loader(dataset, batch_size: int, *, train: bool, seed: int, workers: int,
+                rank: int = 0, world: int = 1, epoch: int = 0) -> DataLoader:
+    """A loader whose order depends only on (seed, epoch): the same after a resume. Training
+    loaders shuffle (each rank its share under DDP) and drop the last partial batch."""
+    sampler: Optional[torch.utils.data.Sampler] = None
+    if world > 1:
+        sampler = DistributedSampler(dataset, world, rank, shuffle=train, seed=seed,
+                                     drop_last=train)
+        sampler.set_epoch(epoch)
+    elif train:
+        sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(
+            seed * 1_000_003 + epoch))
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=train,
+                      num_workers=workers, persistent_workers=False,
+                      generator=torch.Generator().manual_seed(seed + epoch))

@@ -1,0 +1,257 @@
+"""The training loop of `python -m fused_resnet train`.
+
+SGD with momentum 0.9 and weight decay 1e-4 (the paper's), learning rate 0.1 divided by 10 at
+fixed fractions of the run's iterations (the paper's CIFAR schedule: at 32k and 48k of 64k
+iterations, i.e. 0.5 and 0.75) or, with `schedule="plateau"`, when the validation loss has
+not improved for `patience` epochs; optional warm-up at lr / 10 (the paper's 110-layer net).
+Mixed precision: bf16 autocast, or fp16 autocast with a GradScaler. Everything a resumed run
+needs is in the checkpoint written after every epoch (model, optimizer, scaler, schedule,
+epoch, iteration, the log so far), and the data order depends only on (seed, epoch), so a
+run resumed from epoch k takes the very steps the uninterrupted run took.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from fused_resnet.models import build_model, is_cifar
+from fused_resnet.testing import DTYPES
+from fused_resnet.train.data import make_datasets, make_loader
+
+AMP = ("fp32", "bf16", "fp16")
+SCHEDULES = ("milestones", "plateau")
+
+
+@dataclass
+class TrainConfig:
+    arch: str = "cifar_resnet56"
+    data: str = "synthetic"
+    epochs: int = 2
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    schedule: str = "milestones"
+    milestones: tuple[float, ...] = (0.5, 0.75)  # fractions of all iterations
+    patience: int = 2  # epochs without a better validation loss, for "plateau"
+    warmup_iters: int = 0  # iterations at lr / 10 first
+    amp: str = "fp32"
+    backend: str = "auto"
+    out: str = "runs"
+    resume: Optional[str] = None
+    seed: int = 0
+    workers: int = 0
+    synthetic_size: int = 2048
+    image_size: Optional[int] = None  # synthetic data only: 32 for CIFAR nets, else 224
+    log_every: int = 10
+    max_iters: Optional[int] = None  # stop after this many steps (the schedule keeps epochs)
+    device: Optional[str] = None
+    channels_last: bool = True
+    sync_bn: bool = False
+    ddp: bool = False
+    progress: bool = True
+
+    def check(self) -> None:
+        """Raises ValueError naming the first bad field."""
+        if self.epochs < 1 or self.batch_size < 1 or self.log_every < 1:
+            raise ValueError(f"epochs, batch_size and log_every must be >= 1, got {self.epochs},"
+                             f" {self.batch_size}, {self.log_every}")
+        if not self.lr > 0 or not 0 <= self.momentum < 1 or self.weight_decay < 0:
+            raise ValueError(f"need lr > 0, 0 <= momentum < 1, weight_decay >= 0; got "
+                             f"{self.lr}, {self.momentum}, {self.weight_decay}")
+        if self.amp not in AMP:
+            raise ValueError(f"amp must be one of {AMP}, got {self.amp!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if any(not 0 < m < 1 for m in self.milestones):
+            raise ValueError(f"milestones are fractions of the run in (0, 1), got "
+                             f"{self.milestones}")
+
+
+def lr_at(cfg: TrainConfig, iteration: int, total: int, plateau_scale: float) -> float:
+    """The learning rate of `iteration` (0-based) of `total`."""
+    if iteration < cfg.warmup_iters:
+        return cfg.lr / 10
+    if cfg.schedule == "plateau":
+        return cfg.lr * plateau_scale
+    return cfg.lr * 0.1 ** sum(iteration >= m * total for m in cfg.milestones)
+
+
+def _setup_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
+    """(rank, world size, device); with cfg.ddp the process group from torchrun's env."""
+    if not cfg.ddp:
+        dev = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        return 0, 1, dev
+    if "RANK" not in os.environ:
+        raise ValueError("--ddp needs torchrun (RANK, WORLD_SIZE, MASTER_ADDR in the env): "
+                         "torchrun --nproc-per-node N -m fused_resnet train --ddp ...")
+    cuda = torch.cuda.is_available() and cfg.device != "cpu"
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    dev = torch.device("cuda", local) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(dev)
+    return dist.get_rank(), dist.get_world_size(), dev
+
+
+def _all_sum(values: list[float], dev: torch.device, world: int) -> list[float]:
+    if world == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=dev)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def evaluate(model: nn.Module, loader, dev, dtype, fmt, world: int) -> tuple[float, float]:
+    """(mean loss, error %) over the loader (every rank's share under DDP)."""
+    model.eval()
+    loss_sum = wrong = count = 0.0
+    with torch.no_grad(), torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
+        for x, y in loader:
+            x, y = x.to(dev).contiguous(memory_format=fmt), y.to(dev)
+            logits = model(x).float()
+            loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+            wrong += (logits.argmax(1) != y).sum().item()
+            count += len(y)
+    loss_sum, wrong, count = _all_sum([loss_sum, wrong, count], dev, world)
+    model.train()
+    return loss_sum / max(count, 1), 100.0 * wrong / max(count, 1)
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Runs the training; returns {"iterations": [...], "epochs": [...], "out": folder}."""
+    cfg.check()
+    rank, world, dev = _setup_distributed(cfg)
+    cifar = is_cifar(cfg.arch)
+    size = cfg.image_size or (32 if cifar else 224)
+    train_set, val_set, classes = make_datasets(cfg.data, size, cifar, cfg.synthetic_size,
+                                                cfg.seed)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.arch, backend=cfg.backend, num_classes=classes)
+    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model = model.to(dev, memory_format=fmt)
+    if cfg.sync_bn:
+        from fused_resnet.nn import convert_sync_bn
+
+        model = convert_sync_bn(model)
+    net = model
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                          weight_decay=cfg.weight_decay)
+    dtype = DTYPES[cfg.amp] if cfg.amp != "fp32" else None
+    scaler = torch.amp.GradScaler(dev.type, enabled=cfg.amp == "fp16")
+    state = {"epoch": 0, "iteration": 0, "plateau": {"scale": 1.0, "best": math.inf, "bad": 0},
+             "iterations": [], "epochs": []}
+    if cfg.resume:
+        state = load_checkpoint(cfg.resume, model, opt, scaler, dev)
+    per_epoch = len(make_loader(train_set, cfg.batch_size, train=True, seed=cfg.seed,
+                                workers=0, rank=rank, world=world))
+    if per_epoch == 0:
+        raise ValueError(f"batch_size {cfg.batch_size} x {world} ranks exceeds the "
+                         f"{len(train_set)} training images")
+    total = cfg.epochs * per_epoch  # the schedule's length
+    stop = total if cfg.max_iters is None else min(total, cfg.max_iters)
+    os.makedirs(cfg.out, exist_ok=True)
+    from fused_resnet.train.report import epoch_bar, write_logs
+
+    while state["epoch"] < cfg.epochs and state["iteration"] < stop:
+        epoch = state["epoch"]
+        torch.manual_seed(cfg.seed * 7919 + epoch)  # the augmentations' draws
+        loader = make_loader(train_set, cfg.batch_size, train=True, seed=cfg.seed,
+                             workers=cfg.workers, rank=rank, world=world, epoch=epoch)
+        bar = epoch_bar(loader, epoch, cfg.epochs, enabled=cfg.progress and rank == 0)
+        sums = [0.0, 0.0, 0.0]  # loss * n, wrong, n since the last log row
+        epoch_sums = [0.0, 0.0, 0.0]  # the same over the epoch
+        start = time.perf_counter()
+        seen = 0
+        for x, y in bar:
+            if state["iteration"] >= stop:
+                break
+            lr = lr_at(cfg, state["iteration"], total, state["plateau"]["scale"])
+            for group in opt.param_groups:
+                group["lr"] = lr
+            x, y = x.to(dev).contiguous(memory_format=fmt), y.to(dev)
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
+                logits = net(x)
+            loss = F.cross_entropy(logits.float(), y)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            state["iteration"] += 1
+            seen += len(y) * world
+            batch = [loss.item() * len(y), (logits.argmax(1) != y).sum().item(), len(y)]
+            sums = [a + b for a, b in zip(sums, batch)]
+            epoch_sums = [a + b for a, b in zip(epoch_sums, batch)]
+            if state["iteration"] % cfg.log_every == 0:
+                loss_sum, wrong, n = _all_sum(sums, dev, world)
+                state["iterations"].append({
+                    "iteration": state["iteration"], "epoch": epoch, "lr": lr,
+                    "loss": loss_sum / n, "train_err": 100.0 * wrong / n})
+                sums = [0.0, 0.0, 0.0]
+                bar.set_postfix(loss=f"{loss_sum / n:.3f}", err=f"{100 * wrong / n:.1f}%",
+                                img_s=f"{seen / (time.perf_counter() - start):.0f}")
+        seconds = time.perf_counter() - start
+        val_loss, val_err = evaluate(net, make_loader(val_set, cfg.batch_size, train=False,
+                                                      seed=cfg.seed, workers=cfg.workers,
+                                                      rank=rank, world=world),
+                                     dev, dtype, fmt, world)
+        loss_sum, wrong, n = _all_sum(epoch_sums, dev, world)
+        state["epochs"].append({
+            "epoch": epoch + 1, "iteration": state["iteration"], "lr": lr,
+            "train_loss": loss_sum / max(n, 1), "train_err": 100.0 * wrong / max(n, 1),
+            "val_loss": val_loss, "val_err": val_err,
+            "images_per_s": seen / seconds, "seconds": seconds})
+        _plateau_step(cfg, state["plateau"], val_loss)
+        state["epoch"] = epoch + 1
+        if rank == 0:
+            save_checkpoint(os.path.join(cfg.out, "checkpoint.pt"), model, opt, scaler, state,
+                            cfg)
+            write_logs(cfg.out, state, cfg.arch)
+    if world > 1:
+        dist.barrier()
+    return {"out": cfg.out, "iterations": state["iterations"], "epochs": state["epochs"]}
+
+
+def _plateau_step(cfg: TrainConfig, plateau: dict, val_loss: float) -> None:
+    """lr / 10 after `patience` epochs without a better validation loss ("plateau")."""
+    if val_loss < plateau["best"] - 1e-4:
+        plateau["best"], plateau["bad"] = val_loss, 0
+        return
+    plateau["bad"] += 1
+    if cfg.schedule == "plateau" and plateau["bad"] >= cfg.patience:
+        plateau["scale"] *= 0.1
+        plateau["bad"] = 0
+
+
+def save_checkpoint(path: str, model: nn.Module, opt, scaler, state: dict,
+                    cfg: TrainConfig) -> None:
+    """Everything a resumed run needs, written atomically (temp file, then rename)."""
+    payload = {"model": model.state_dict(), "optimizer": opt.state_dict(),
+               "scaler": scaler.state_dict(), "state": state, "config": dataclasses.asdict(cfg)}
+    torch.save(payload, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def load_checkpoint(path: str, model: nn.Module, opt, scaler, dev: torch.device) -> dict:
+    """Restores model, optimizer and scaler from `path`; returns the loop state."""
+    if not os.path.isfile(path):
+        raise ValueError(f"resume: no checkpoint at {path!r}")
+    payload = torch.load(path, map_location=dev, weights_only=True)
+    model.load_state_dict(payload["model"])
+    opt.load_state_dict(payload["optimizer"])
+    scaler.load_state_dict(payload["scaler"])
+    return payload["state"]
