@@ -6,10 +6,15 @@ A block is recognised by its shape, not its class: a module with `conv1, bn1, co
 `Sequential(Conv2d, BatchNorm2d)` — torchvision's `BasicBlock` / `Bottleneck` and user blocks
 built like them. Blocks that are already fused are pointed at `backend`, so
 `convert(model, backend="reference")` turns a converted model back into the pure-PyTorch
-computation. The state dict is unchanged either way.
+computation. The state dict is unchanged either way. Blocks whose convs the fused ops do not
+run (dilation, bias, padding modes, non-square stride or padding) are left as they are, with a
+warning naming them.
 """
 
 from __future__ import annotations
+
+import warnings
+from typing import Optional
 
 from torch import nn
 
@@ -31,6 +36,25 @@ def _block_kind(module: nn.Module):
     if not all(isinstance(getattr(module, n, None), t) for n, t in zip(names, types)):
         return None
     return FusedBottleneck if names is _BOTTLENECK else FusedBasicBlock
+
+
+def _unfusable_reason(module: nn.Module, names: tuple[str, ...]) -> Optional[str]:
+    """Why the convs of a torchvision-style block cannot run fused, or None."""
+    convs = [(n, getattr(module, n)) for n in names if n.startswith("conv")]
+    if isinstance(module.downsample, nn.Sequential) and len(module.downsample):
+        convs.append(("downsample.0", module.downsample[0]))
+    for name, conv in convs:
+        if not isinstance(conv, nn.Conv2d):
+            continue
+        if conv.dilation != (1, 1):
+            return f"{name} has dilation {conv.dilation} (fused convs have dilation 1)"
+        if conv.bias is not None:
+            return f"{name} has a bias (the BN shift replaces it in fused convs)"
+        if conv.padding_mode != "zeros" or not isinstance(conv.padding, tuple):
+            return f"{name} pads with {conv.padding_mode!r} / {conv.padding!r}"
+        if conv.stride[0] != conv.stride[1] or conv.padding[0] != conv.padding[1]:
+            return f"{name} has non-square stride {conv.stride} or padding {conv.padding}"
+    return None
 
 
 def _fused_from(module: nn.Module, cls, backend: str) -> ResidualBlock:
@@ -65,17 +89,25 @@ def convert(model: nn.Module, backend: str = "auto", *, sync_bn: bool = False,
     `process_group` (None: the world), same tensors and keys: under torch.distributed,
     training then takes batch statistics over the group with one all_reduce of per-channel
     sums per BN (on CPU with gloo too, where nn.SyncBatchNorm does not run)."""
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
     check_backend_name(backend)
     if _block_kind(model) is not None:
         raise ValueError("convert() swaps blocks inside a model; pass the model that holds them")
-    for module in list(model.modules()):
+    for path, module in list(model.named_modules()):
         if isinstance(module, ResidualBlock):
             module.backend = backend
             continue
         for name, child in list(module.named_children()):
             cls = _block_kind(child)
-            if cls is not None:
-                setattr(module, name, _fused_from(child, cls, backend))
+            if cls is None:
+                continue
+            reason = _unfusable_reason(child, _BOTTLENECK if cls is FusedBottleneck else _BASIC)
+            if reason is not None:
+                warnings.warn(f"convert: left {path + '.' if path else ''}{name} unfused: "
+                              f"{reason}", RuntimeWarning, stacklevel=2)
+                continue
+            setattr(module, name, _fused_from(child, cls, backend))
     if sync_bn or process_group is not None:
         convert_sync_bn(model, process_group)
     return model

@@ -10,6 +10,20 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 
+def pytest_addoption(parser):
+    parser.addoption("--fuzz-long", action="store_true",
+                     help="many more hypothesis examples per fuzz test (for the GPU machine)")
+
+
+def pytest_terminal_summary(terminalreporter):
+    from tests._report import LINES
+
+    for section, lines in LINES.items():
+        terminalreporter.write_sep("-", section)
+        for line in lines:
+            terminalreporter.write_line(line)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -20,13 +20,13 @@ void bn_add_relu_line(const scalar_t* y, const scalar_t* r, scalar_t* out, int64
   for (; k + width <= count; k += width) {
     Vec<scalar_t> v = load_vec(y + k) * scale.vec(k) + shift.vec(k);
     if (r != nullptr) v = v + load_vec(r + k);
-    if (relu) v = at::vec::maximum(v, zero);
+    if (relu) v = at::vec::maximum(v, zero);  // propagates NaN
     store_vec(out + k, v);
   }
   for (; k < count; ++k) {
     acc_t v = static_cast<acc_t>(y[k]) * scale.at(k) + shift.at(k);
     if (r != nullptr) v += static_cast<acc_t>(r[k]);
-    if (relu) v = v > acc_t(0) ? v : acc_t(0);
+    if (relu) v = v < acc_t(0) ? acc_t(0) : v;  // keeps NaN, as torch.relu
     out[k] = static_cast<scalar_t>(v);
   }
 }

@@ -12,19 +12,20 @@
 namespace fused_resnet::cpu {
 namespace {
 
-// g = dz * [z > 0] (z == nullptr: no ReLU, g = dz) for the values k .. k + width.
+// g = dz * [z > 0] (z == nullptr: no ReLU, g = dz) for the values k .. k + width; as in
+// torch's threshold_backward only z <= 0 zeroes dz (a NaN z lets it through).
 template <typename scalar_t>
 inline Vec<scalar_t> masked_grad(const scalar_t* dz, const scalar_t* z, int64_t k) {
   const Vec<scalar_t> g = load_vec(dz + k);
   if (z == nullptr) return g;
   const Vec<scalar_t> zero(opmath<scalar_t>(0));
-  return Vec<scalar_t>::blendv(zero, g, load_vec(z + k) > zero);
+  return Vec<scalar_t>::blendv(g, zero, load_vec(z + k) <= zero);
 }
 
 template <typename scalar_t>
 inline opmath<scalar_t> masked_grad_scalar(const scalar_t* dz, const scalar_t* z, int64_t k) {
   using acc_t = opmath<scalar_t>;
-  if (z != nullptr && !(static_cast<acc_t>(z[k]) > acc_t(0))) return acc_t(0);
+  if (z != nullptr && static_cast<acc_t>(z[k]) <= acc_t(0)) return acc_t(0);
   return static_cast<acc_t>(dz[k]);
 }
 

@@ -32,7 +32,7 @@ struct BnAddReluFn {
       const int64_t c = lane_channel(c0, k, inner);
       acc_t v = static_cast<acc_t>(yv.v[k]) * scale[c] + shift[c];
       if (residual != nullptr) v += static_cast<acc_t>(rv.v[k]);
-      if (relu) v = v > acc_t(0) ? v : acc_t(0);
+      if (relu) v = v < acc_t(0) ? acc_t(0) : v;  // keeps NaN, as torch.relu
       ov.v[k] = static_cast<scalar_t>(v);
     }
     *reinterpret_cast<P*>(out + i) = ov;

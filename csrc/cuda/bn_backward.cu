@@ -17,7 +17,7 @@ namespace {
 // g = dz * [z > 0] when the block ends in a ReLU (relu), else dz.
 template <typename acc_t, typename scalar_t>
 __device__ __forceinline__ acc_t masked_grad(scalar_t dz, bool relu, scalar_t z) {
-  return relu && !(static_cast<acc_t>(z) > acc_t(0)) ? acc_t(0) : static_cast<acc_t>(dz);
+  return relu && static_cast<acc_t>(z) <= acc_t(0) ? acc_t(0) : static_cast<acc_t>(dz);
 }
 
 template <typename scalar_t>

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fused_resnet.backend import check_backend_name
+from fused_resnet.models.input_check import check_image_batch
 from fused_resnet.models.resnet import init_weights, resnet
 from fused_resnet.nn import FusedBasicBlock
 from fused_resnet.nn.conv_bn import conv_bn_act
@@ -64,6 +65,7 @@ class CifarResNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (N, 3, H, W) (32x32 in the paper) -> logits (N, num_classes)."""
+        check_image_batch(self, x, stride2_steps=2)  # layer2, layer3
         x = conv_bn_act(x, self.conv1, self.bn1, backend=self.backend)
         x = self.layer3(self.layer2(self.layer1(x)))
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))

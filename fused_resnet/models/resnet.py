@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fused_resnet.backend import check_backend_name
+from fused_resnet.models.input_check import check_image_batch
 from fused_resnet.nn import FusedBasicBlock, FusedBottleneck
 from fused_resnet.nn.conv_bn import conv_bn_act
 from fused_resnet.nn.shortcut import check_shortcut
@@ -94,6 +95,7 @@ class ResNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (N, 3, H, W), NCHW or channels_last -> logits (N, num_classes)."""
+        check_image_batch(self, x, stride2_steps=5)  # stem conv, max-pool, layer2-4
         x = conv_bn_act(x, self.conv1, self.bn1, backend=self.backend)
         x = F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))

@@ -28,7 +28,7 @@ from fused_resnet.triton.config import BOTTLENECK_EVAL_MAX_MID
 
 
 def _check(x, weights, bn_weights, bn_biases, running_means, running_vars, strides, paddings,
-           shortcut, shortcut_stride) -> None:
+           eps, shortcut, shortcut_stride) -> None:
     main = len(weights) - (shortcut == "projection")
     inp = x
     for i, w in enumerate(weights):
@@ -36,7 +36,7 @@ def _check(x, weights, bn_weights, bn_biases, running_means, running_vars, strid
         stride, padding = (shortcut_stride, 0) if i == main else (strides[i], paddings[i])
         check_conv_bn_act_args(source, w, bn_weights[i], bn_biases[i], running_means[i],
                                running_vars[i], stride=stride, padding=padding, groups=1,
-                               training=True, residual=None)
+                               training=True, residual=None, eps=eps[i])
         if i < main:
             inp = x.new_empty(1).expand(conv_output_shape(inp, w, stride, padding))
 
@@ -64,7 +64,7 @@ def residual_block_train(
     x, _, _ = autocast_inputs(x, weights[0], None)
     weights = [w.to(x.dtype) for w in weights]
     _check(x, weights, bn_weights, bn_biases, running_means, running_vars, strides, paddings,
-           shortcut, shortcut_stride)
+           eps, shortcut, shortcut_stride)
     kernels = select_kernels(backend, "residual_block", x)
     if kernels == "triton":
         z, ys, means, variances = torch.ops.fused_resnet.block_train(

@@ -14,19 +14,26 @@ from fused_resnet.ops.layout import conv_output_shape, stat_dtype
 
 
 def _check_vector(name: str, t: Optional[Tensor], channels: int, x: Tensor) -> None:
+    """A per-channel BN tensor: shape (channels,), x's device, and x's dtype or fp32 (fp32
+    parameters and statistics beside fp16 / bf16 activations, as eager BatchNorm allows)."""
     if t is None:
         return
     if t.dim() != 1 or t.shape[0] != channels:
         raise ValueError(f"{name} must have shape ({channels},), got {tuple(t.shape)}")
     if t.device != x.device:
         raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    allowed = {x.dtype, torch.float32} if x.dtype in (torch.float16, torch.bfloat16) else {
+        x.dtype}
+    if t.dtype not in allowed:
+        raise ValueError(f"{name} must be {' or '.join(sorted(map(str, allowed)))} for x of "
+                         f"{x.dtype}, got {t.dtype}")
 
 
 def check_conv_bn_act_args(
     x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
     running_mean: Optional[Tensor], running_var: Optional[Tensor], *,
     stride: int, padding: int, groups: int, training: bool, residual: Optional[Tensor],
-    running_ok: bool = False,
+    running_ok: bool = False, eps: float = 1e-5,
 ) -> None:
     """Raises ValueError naming the first argument that does not fit the others.
     running_ok: inference without running stats is fine (BN already folded)."""
@@ -68,6 +75,8 @@ def check_conv_bn_act_args(
         raise ValueError("running_mean and running_var must both be tensors or both be None")
     if not training and running_mean is None and not running_ok:
         raise ValueError("training=False needs running_mean and running_var")
+    if eps < 0 or (training and eps == 0):
+        raise ValueError(f"eps must be positive in training (>= 0 in eval), got {eps}")
     if training and x.shape[0] * h_out * w_out <= 1:
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input of shape "
@@ -128,6 +137,7 @@ def conv_bn_act(
     check_conv_bn_act_args(
         x, weight, bn_weight, bn_bias, running_mean, running_var,
         stride=stride, padding=padding, groups=groups, training=training, residual=residual,
+        eps=eps,
     )
     kernels = select_kernels(backend, "conv_bn_act", x, groups=groups)
     if kernels == "reference":

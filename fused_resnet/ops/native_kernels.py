@@ -99,7 +99,7 @@ def conv_bias_act_backward(
     relu: bool, has_residual: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
     """(dx, dw, d bias, d residual or None); g = dz * [z > 0]."""
-    g = torch.where(z > 0, dz, 0) if relu else dz
+    g = torch.where(z <= 0, 0, dz) if relu else dz  # a NaN z passes dz, as torch does
     g = g.contiguous(memory_format=output_memory_format(x))
     dx, dw = _conv_backward(g, x, weight, stride, padding, groups)
     dr = None

@@ -86,7 +86,7 @@ class _SyncBNAct(torch.autograd.Function):
         if dz is None:
             return (None,) * 7
         dtype = mean.dtype
-        g = torch.where(z > 0, dz, 0).to(dtype) if relu else dz.to(dtype)
+        g = (torch.where(z <= 0, 0, dz) if relu else dz).to(dtype)
         centered = y.to(dtype) - _view(mean)
         sums = torch.stack([g.sum(dim=(0, 2, 3)), (g * centered).sum(dim=(0, 2, 3))])
         local = sums.clone()

@@ -25,6 +25,7 @@ from fused_resnet.triton.config import (
     interpreting,
 )
 from fused_resnet.triton.conv import dot_acc, gemm_weight, to_nhwc
+from fused_resnet.triton.eltwise import relu
 
 
 @triton.jit
@@ -66,13 +67,13 @@ def _bottleneck_eval_kernel(
                                 mask=k_ok[:, None] & j_ok[None, :], other=0.0)
                     acc1 = dot_acc(a, b, acc1, UPCAST, PRECISION)
                 b1 = tl.load(b1_ptr + j, mask=j_ok, other=0.0).to(acc_ty)
-                a1 = tl.maximum(acc1 + b1[None, :], 0.0)
+                a1 = relu(acc1 + b1[None, :])
                 a1 = tl.where(tap_ok[:, None] & j_ok[None, :], a1, 0.0).to(dtype)  # zero pad
                 w2 = tl.load(w2_ptr + ((r * 3 + s) * C_mid + j)[:, None] * C_mid + mid[None, :],
                              mask=j_ok[:, None] & mid_ok[None, :], other=0.0)
                 acc2 = dot_acc(a1, w2, acc2, UPCAST, PRECISION)
     b2 = tl.load(b2_ptr + mid, mask=mid_ok, other=0.0).to(acc_ty)
-    a2 = tl.where(mid_ok[None, :], tl.maximum(acc2 + b2[None, :], 0.0), 0.0).to(dtype)
+    a2 = tl.where(mid_ok[None, :], relu(acc2 + b2[None, :]), 0.0).to(dtype)
     for n0 in range(0, C, BLOCK_N):
         co = n0 + tl.arange(0, BLOCK_N)
         co_ok = co < C
@@ -83,7 +84,7 @@ def _bottleneck_eval_kernel(
         offs = m64[:, None] * C + co[None, :]
         acc3 += tl.load(b3_ptr + co, mask=co_ok, other=0.0).to(acc_ty)[None, :]
         acc3 += tl.load(x_ptr + offs, mask=ok, other=0.0).to(acc_ty)
-        tl.store(z_ptr + offs, tl.maximum(acc3, 0.0).to(dtype), mask=ok)
+        tl.store(z_ptr + offs, relu(acc3).to(dtype), mask=ok)
 
 
 def bottleneck_eval(x: Tensor, weights: list[Tensor], biases: list[Tensor]) -> Tensor:

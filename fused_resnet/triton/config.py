@@ -1,7 +1,7 @@
 """Launch configurations for the Triton kernels: autotuned on GPU, pinned when asked.
 
-`pin_config(...)` (or the environment variable FUSED_RESNET_TRITON_PIN=1, and always under
-TRITON_INTERPRET=1) makes every launch use one fixed config: fast and deterministic tests,
+`pin_config(...)` (or the environment variable FUSED_RESNET_TRITON_PIN=1, deterministic mode,
+and always under TRITON_INTERPRET=1) makes every launch use one fixed config: fast and deterministic tests,
 bitwise-reproducible runs. Otherwise kernels are autotuned per shape key.
 """
 
@@ -44,6 +44,8 @@ def pinned_config() -> Optional[TileConfig]:
     if _pinned is not None:
         return _pinned
     if interpreting() or os.environ.get("FUSED_RESNET_TRITON_PIN") == "1":
+        return PINNED
+    if torch.are_deterministic_algorithms_enabled():  # fr.set_deterministic(True)
         return PINNED
     return None
 

@@ -27,6 +27,7 @@ import triton.language as tl
 from torch import Tensor
 
 from fused_resnet.triton.config import acc_dtype, input_precision, interpreting, pinned_config
+from fused_resnet.triton.eltwise import relu
 
 FWD_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
@@ -90,7 +91,7 @@ def _conv_fwd_kernel(
                     sh = tl.load(in_shift_ptr + c, mask=c_ok, other=0.0)
                     v = a.to(acc_ty) * sc[None, :] + sh[None, :]
                     if PROLOGUE_RELU:
-                        v = tl.maximum(v, 0.0)
+                        v = relu(v)
                     a = tl.where(a_ok, v, 0.0).to(x_ptr.dtype.element_ty)
                 k = (r * KW + s) * C_in + c
                 b = tl.load(w_ptr + k[:, None] * C_out + offs_n[None, :],
@@ -103,7 +104,7 @@ def _conv_fwd_kernel(
     if HAS_RES:
         acc += tl.load(res_ptr + out_offs, mask=out_ok, other=0.0).to(acc_ty)
     if RELU:
-        acc = tl.maximum(acc, 0.0)
+        acc = relu(acc)
     y = acc.to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + out_offs, y, mask=out_ok)
     if STATS:

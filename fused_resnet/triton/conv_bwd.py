@@ -31,7 +31,7 @@ from torch import Tensor
 
 from fused_resnet.triton.config import acc_dtype, input_precision, interpreting
 from fused_resnet.triton.conv import FWD_CONFIGS, STAT_ROWS, dot_acc, launch, to_nhwc
-from fused_resnet.triton.eltwise import NO_RELU, ReluMask, relu_grad, relu_mask_args
+from fused_resnet.triton.eltwise import NO_RELU, ReluMask, relu, relu_grad, relu_mask_args
 
 
 class BnGrad(NamedTuple):
@@ -240,7 +240,7 @@ def _conv_wgrad_kernel(
         if PROLOGUE:
             v = xa.to(acc_ty) * sc[None, :] + sh[None, :]
             if PROLOGUE_RELU:
-                v = tl.maximum(v, 0.0)
+                v = relu(v)
             xa = tl.where(x_ok, v, 0.0).to(x_ptr.dtype.element_ty)
         acc = dot_acc(dy_t, xa, acc, UPCAST, PRECISION)
     # dw partial layout: (split, C_out, KH, KW, C_in)

@@ -40,12 +40,19 @@ def relu_mask_args(mask: ReluMask, dummy: Tensor) -> tuple[int, Tensor, Tensor, 
 
 
 @triton.jit
+def relu(v):
+    """max(v, 0) keeping NaN, as torch.relu does (v < 0 is false for NaN)."""
+    return tl.where(v < 0, 0.0, v)
+
+
+@triton.jit
 def relu_grad(g, z_ptr, offs, ok, y, ms, mh, RELU: tl.constexpr):
-    """g * [z > 0] for the ReLU mask mode RELU (ms, mh broadcast along the channel axis)."""
+    """g * [z > 0] for the ReLU mask mode RELU (ms, mh broadcast along the channel axis);
+    like torch's threshold_backward, only z <= 0 zeroes g (a NaN z lets it through)."""
     if RELU == 1:
-        g = tl.where(tl.load(z_ptr + offs, mask=ok, other=0.0) > 0, g, 0.0)
+        g = tl.where(tl.load(z_ptr + offs, mask=ok, other=0.0) <= 0, 0.0, g)
     elif RELU == 2:
-        g = tl.where(y * ms + mh > 0, g, 0.0)
+        g = tl.where(y * ms + mh <= 0, 0.0, g)
     return g
 
 
@@ -67,7 +74,7 @@ def _bn_act_fwd_kernel(
         y2 = tl.load(y2_ptr + offs, mask=ok, other=0.0).to(acc_ty)
         v += y2 * tl.load(scale2_ptr + c, mask=ok) + tl.load(shift2_ptr + c, mask=ok)
     if RELU:
-        v = tl.maximum(v, 0.0)
+        v = relu(v)
     tl.store(z_ptr + offs, v.to(z_ptr.dtype.element_ty), mask=ok)
 
 

@@ -1,0 +1,228 @@
+"""Bad input at the public API (ops, modules, models, convert): each gets a ValueError /
+RuntimeError naming the argument, or correct results; a call that fails changes no running
+statistic and no parameter. Every case tried is listed in pytest's summary."""
+
+import copy
+
+import pytest
+import torch
+import torchvision
+
+import fused_resnet as fr
+from fused_resnet import ops
+from fused_resnet.nn import FusedBasicBlock, FusedBottleneck, FusedConvBNAct
+from tests._backends import backend_param
+from tests._report import record
+
+BACKENDS = [backend_param("triton"), backend_param("cpu"), "reference"]
+
+
+def _args(**over):
+    """ops.conv_bn_act arguments: x (2, 4, 6, 6), 3x3 conv to 8 channels, BN state."""
+    args = dict(x=torch.randn(2, 4, 6, 6), weight=torch.randn(8, 4, 3, 3),
+                bn_weight=torch.rand(8) + 0.5, bn_bias=torch.randn(8),
+                running_mean=torch.randn(8), running_var=torch.rand(8) + 0.5, padding=1)
+    args.update(over)
+    return args
+
+
+def _call(backend, args):
+    a = dict(args)
+    return ops.conv_bn_act(a.pop("x"), a.pop("weight"), a.pop("bn_weight"), a.pop("bn_bias"),
+                           a.pop("running_mean"), a.pop("running_var"), backend=backend, **a)
+
+
+ERRORS = {
+    "x 3-D": (dict(x=torch.randn(4, 6, 6)), "x must be 4-D"),
+    "x integer": (dict(x=torch.ones(2, 4, 6, 6, dtype=torch.int32)), "x must be a floating"),
+    "fp16 x, bf16 weight": (dict(x=torch.randn(2, 4, 6, 6).half(),
+                                 weight=torch.randn(8, 4, 3, 3).bfloat16()), "weight dtype"),
+    "weight on another device": (dict(weight=torch.randn(8, 4, 3, 3, device="meta")),
+                                 "weight is on meta"),
+    "channel mismatch": (dict(weight=torch.randn(8, 5, 3, 3)), "x has 4 channels"),
+    "bn_weight length": (dict(bn_weight=torch.ones(7)), r"bn_weight must have shape \(8,\)"),
+    "bn_weight fp16 for fp32 x": (dict(bn_weight=torch.ones(8).half()), "bn_weight must be"),
+    "running_mean integer": (dict(running_mean=torch.zeros(8, dtype=torch.long)),
+                             "running_mean must be"),
+    "running_var on another device": (dict(running_var=torch.ones(8, device="meta")),
+                                      "running_var is on meta"),
+    "running_var None alone": (dict(running_var=None), "both be tensors or both be None"),
+    "eval without running stats": (dict(running_mean=None, running_var=None, training=False),
+                                   "training=False needs"),
+    "residual shape": (dict(residual=torch.randn(2, 8, 5, 5)), "residual must have shape"),
+    "residual dtype": (dict(residual=torch.randn(2, 8, 6, 6).double()),
+                       "residual must match"),
+    "H, W smaller than the kernel": (dict(x=torch.randn(2, 4, 2, 2), padding=0),
+                                     "smaller than the kernel"),
+    "zero-size batch in training": (dict(x=torch.randn(0, 4, 6, 6)), "more than 1 value"),
+    "one value per channel in training": (dict(x=torch.randn(1, 4, 1, 1), padding=1,
+                                               weight=torch.randn(8, 4, 3, 3), stride=2),
+                                          "more than 1 value per channel"),
+    "stride 0": (dict(stride=0), "stride must be >= 1"),
+    "negative padding": (dict(padding=-1), "padding >= 0"),
+    "groups not dividing channels": (dict(groups=3, weight=torch.randn(8, 2, 3, 3)),
+                                     "channels"),
+    "eps 0 in training": (dict(eps=0.0), "eps must be positive"),
+}
+
+
+@pytest.mark.parametrize("case", list(ERRORS))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_op_input_is_named_and_changes_nothing(case, backend):
+    over, message = ERRORS[case]
+    args = _args(**over)
+    saved = {k: v.clone() for k, v in args.items()
+             if isinstance(v, torch.Tensor) and v.device.type != "meta"}
+    with pytest.raises((ValueError, RuntimeError), match=message) as info:
+        _call(backend, args)
+    for k, v in saved.items():
+        assert torch.equal(args[k], v), f"{k} changed by a failing call"
+    if backend == "reference":
+        record("bad inputs tried (ops.conv_bn_act, every backend)",
+               f"{case}: {info.type.__name__}: {str(info.value).splitlines()[0][:100]}")
+
+
+ACCEPTED = {
+    "sliced (non-contiguous) x": lambda: torch.randn(2, 4, 6, 12)[..., ::2],
+    "transposed x": lambda: torch.randn(2, 4, 6, 6).transpose(2, 3),
+    "expanded (stride 0) x": lambda: torch.randn(1, 4, 6, 6).expand(2, 4, 6, 6),
+    "channels_last x": lambda: torch.randn(2, 4, 6, 6).contiguous(
+        memory_format=torch.channels_last),
+    "zero-size batch in eval": lambda: torch.randn(0, 4, 6, 6),
+}
+
+
+@pytest.mark.parametrize("case", list(ACCEPTED))
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_odd_layouts_give_the_reference_result(case, training, backend):
+    x = ACCEPTED[case]()
+    if x.shape[0] == 0 and training:
+        pytest.skip("an empty batch has no statistics (an error case above)")
+    args, ref_args = _args(x=x, training=training), _args(x=x.contiguous(), training=training)
+    for key in ("weight", "bn_weight", "bn_bias", "running_mean", "running_var"):
+        ref_args[key] = args[key].clone()
+    out, expected = _call(backend, args), _call("reference", ref_args)
+    assert out.shape == expected.shape
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(args["running_var"], ref_args["running_var"])
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_grad_and_inference_mode(mode, backend):
+    fused = FusedBasicBlock(4, 4, backend=backend)
+    ref = copy.deepcopy(fused)
+    fr.models.set_backend(ref, "reference")
+    x = torch.randn(2, 4, 6, 6)
+    ctx = torch.no_grad if mode == "no_grad" else torch.inference_mode
+    for train in (True, False):
+        fused.train(train)
+        ref.train(train)
+        with ctx():
+            torch.testing.assert_close(fused(x), ref(x), rtol=1e-4, atol=1e-4)
+    for a, b in zip(fused.buffers(), ref.buffers()):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_frozen_bn_and_frozen_conv_fine_tuning(backend):
+    """requires_grad=False parameters: gradients flow to the rest, none to them."""
+    fused = FusedBottleneck(8, 2, backend=backend)
+    ref = copy.deepcopy(fused)
+    fr.models.set_backend(ref, "reference")
+    for model in (fused, ref):
+        for bn in (model.bn1, model.bn2):
+            bn.weight.requires_grad_(False)
+            bn.bias.requires_grad_(False)
+        model.conv1.weight.requires_grad_(False)
+    x = torch.randn(2, 8, 4, 4)
+    for train in (True, False):
+        fused.train(train)
+        ref.train(train)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        fused(xa).square().sum().backward()
+        ref(xb).square().sum().backward()
+        torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-3, atol=1e-3)
+        for (name, p), q in zip(fused.named_parameters(), ref.parameters()):
+            assert (p.grad is None) == (not p.requires_grad), name
+            if p.grad is not None:
+                torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-3)
+                p.grad = q.grad = None
+
+
+MODULE_ERRORS = {
+    "block: wrong channels": (lambda b: FusedBasicBlock(8, 8, backend=b),
+                              lambda: torch.randn(2, 4, 6, 6), "x has 4 channels"),
+    "block: 3-D x": (lambda b: FusedBasicBlock(8, 8, backend=b), lambda: torch.randn(8, 6, 6),
+                     "x must be 4-D"),
+    "block: stride-2 map of 1 value in training": (
+        lambda b: FusedBottleneck(8, 2, 2, backend=b), lambda: torch.randn(1, 8, 2, 2),
+        "more than 1 value per channel"),
+    "module: dilated conv": (lambda b: _dilated(FusedConvBNAct(4, 8, 3, backend=b)),
+                             lambda: torch.randn(2, 4, 6, 6), "dilation 1"),
+    "model: 1-channel images": (lambda b: fr.models.cifar_resnet(20, backend=b),
+                                lambda: torch.randn(2, 1, 8, 8), "x has 1 channels"),
+    "model: last stage of one value": (lambda b: fr.models.resnet18(backend=b),
+                                       lambda: torch.randn(1, 3, 32, 32),
+                                       "more than 1 value per channel"),
+    "model: integer images": (lambda b: fr.models.cifar_resnet(20, backend=b),
+                              lambda: torch.ones(2, 3, 8, 8, dtype=torch.uint8),
+                              "floating-point"),
+}
+
+
+def _dilated(module):
+    module.conv.dilation = (2, 2)
+    return module
+
+
+@pytest.mark.parametrize("case", list(MODULE_ERRORS))
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_bad_module_input_is_named_and_changes_nothing(case, backend):
+    if backend == "cpu":
+        pytest.importorskip("fused_resnet._C")
+    make, x, message = MODULE_ERRORS[case]
+    module = make(backend).train()
+    state = copy.deepcopy(module.state_dict())
+    with pytest.raises((ValueError, RuntimeError), match=message) as info:
+        module(x())
+    for key, value in module.state_dict().items():
+        assert torch.equal(value, state[key]), f"{key} changed by a failing call"
+    if backend == "reference":
+        record("bad inputs tried (modules and models)",
+               f"{case}: {info.type.__name__}: {str(info.value).splitlines()[0][:100]}")
+
+
+def test_convert_refuses_non_modules_and_skips_blocks_it_cannot_fuse():
+    with pytest.raises(ValueError, match="model must be an nn.Module, got int"):
+        fr.convert(5)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fr.convert(torchvision.models.resnet18(), backend="tpu")
+    tv = torchvision.models.resnet50(replace_stride_with_dilation=[False, True, True]).eval()
+    expected = copy.deepcopy(tv)
+    with pytest.warns(RuntimeWarning, match=r"left layer3.1 unfused: conv2 has dilation"):
+        fr.convert(tv, backend="reference")
+    assert type(tv.layer2[0]).__name__ == "FusedBottleneck"
+    assert type(tv.layer4[1]).__name__ == "Bottleneck"  # dilated: left as torchvision's
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(tv(x), expected(x), rtol=1e-4, atol=1e-4)
+    for case in ("convert(5)", "convert(backend='tpu')", "dilated blocks: left unfused, warned"):
+        record("bad inputs tried (modules and models)", f"{case}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_and_inf_propagate_as_in_the_reference(backend):
+    for value in (float("nan"), float("inf")):
+        for training in (True, False):
+            x = torch.randn(2, 4, 6, 6)
+            x[0, 1, 2, 3] = value
+            args, ref_args = _args(x=x, training=training), _args(x=x, training=training)
+            for key in ("weight", "bn_weight", "bn_bias", "running_mean", "running_var"):
+                ref_args[key] = args[key].clone()
+            out, expected = _call(backend, args), _call("reference", ref_args)
+            assert torch.equal(out.isnan(), expected.isnan()), (value, training)
+            assert torch.equal(out.isinf(), expected.isinf()), (value, training)
+            finite = expected.isfinite()
+            torch.testing.assert_close(out[finite], expected[finite], rtol=1e-4, atol=1e-4)
