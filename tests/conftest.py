@@ -15,6 +15,11 @@ def pytest_addoption(parser):
                      help="many more hypothesis examples per fuzz test (for the GPU machine)")
 
 
+def pytest_configure(config):
+    if config.getoption("--fuzz-long", default=False):
+        os.environ["FUSED_RESNET_FUZZ_LONG"] = "1"
+
+
 def pytest_terminal_summary(terminalreporter):
     from tests._report import LINES
 

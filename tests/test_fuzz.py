@@ -1,0 +1,156 @@
+"""Property-based fuzzing (hypothesis) of the fused ops and blocks against the reference, on
+every backend that runs here: random shapes, kernel / stride / padding, batch, residual, ReLU,
+train / eval, dtype. Bounded example counts keep CI in time (the Triton interpreter is slow:
+shapes stay tiny); `pytest --fuzz-long` runs 20x more, unseeded, for the GPU machine. The
+number of cases tried per backend is printed in pytest's summary."""
+
+import os
+from collections import Counter
+
+import pytest
+import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from fused_resnet import ops
+from fused_resnet.nn import FusedBasicBlock, FusedBottleneck
+from fused_resnet.testing import exact_fp32
+from tests._backends import DEVICE, backend_param
+from tests._report import record
+
+LONG = os.environ.get("FUSED_RESNET_FUZZ_LONG") == "1"
+EXAMPLES = {"triton": 30, "cpu": 80, "cuda": 80}
+BACKENDS = [backend_param("triton"), backend_param("cuda" if DEVICE == "cuda" else "cpu")]
+TRIED: Counter = Counter()
+
+
+def _settings(backend: str):
+    n = EXAMPLES[backend] * (20 if LONG else 1)
+    return settings(max_examples=n, deadline=None, derandomize=not LONG, database=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+def _dtypes(backend):
+    if backend == "triton" and DEVICE == "cpu":
+        return [torch.float32, torch.float64]  # the interpreter's exact dots
+    return [torch.float32, torch.float64] if DEVICE == "cpu" else [torch.float32]
+
+
+@st.composite
+def conv_cases(draw, dtypes):
+    k = draw(st.sampled_from([1, 3, 5, 7]))
+    case = dict(
+        n=draw(st.integers(1, 3)), c_in=draw(st.integers(1, 9)), c_out=draw(st.integers(1, 9)),
+        h=draw(st.integers(1, 9)), w=draw(st.integers(1, 9)), k=k,
+        stride=draw(st.integers(1, 2)), padding=draw(st.integers(0, k // 2 + 1)),
+        residual=draw(st.booleans()), relu=draw(st.booleans()), training=draw(st.booleans()),
+        channels_last=draw(st.booleans()), dtype=draw(st.sampled_from(dtypes)),
+        seed=draw(st.integers(0, 2**16)))
+    ho = (case["h"] + 2 * case["padding"] - k) // case["stride"] + 1
+    wo = (case["w"] + 2 * case["padding"] - k) // case["stride"] + 1
+    assume(ho >= 1 and wo >= 1)
+    assume(not case["training"] or case["n"] * ho * wo > 1)
+    return case, (case["n"], case["c_out"], ho, wo)
+
+
+def _run(backend, case, out_shape):
+    g = torch.Generator().manual_seed(case["seed"])
+    dt = case["dtype"]
+
+    def rand(*shape, positive=False):
+        t = torch.rand(*shape, generator=g, dtype=dt) + 0.5 if positive else torch.randn(
+            *shape, generator=g, dtype=dt)
+        return t.to(DEVICE)
+
+    fmt = torch.channels_last if case["channels_last"] else torch.contiguous_format
+    x = rand(case["n"], case["c_in"], case["h"], case["w"]).contiguous(memory_format=fmt)
+    w = rand(case["c_out"], case["c_in"], case["k"], case["k"])
+    gamma, beta = rand(case["c_out"], positive=True), rand(case["c_out"])
+    mean, var = rand(case["c_out"]), rand(case["c_out"], positive=True)
+    r = rand(*out_shape) if case["residual"] else None
+    dz = rand(*out_shape)
+    results = []
+    for name in (backend, "reference"):
+        xs, ws, gs, bs = (t.clone().requires_grad_() for t in (x, w, gamma, beta))
+        ms, vs = mean.clone(), var.clone()
+        out = ops.conv_bn_act(xs, ws, gs, bs, ms, vs, stride=case["stride"],
+                              padding=case["padding"], training=case["training"],
+                              residual=r, relu=case["relu"], backend=name)
+        out.backward(dz)
+        results.append((out.detach(), ms, vs, xs.grad, ws.grad, gs.grad, bs.grad))
+    return results
+
+
+def _close(a, b, what, dtype, grad=False):
+    tol = (1e-3 if grad else 1e-4) if dtype == torch.float32 else 1e-9
+    scale = max(1.0, b.abs().max().item()) if b.numel() else 1.0
+    torch.testing.assert_close(a, b, rtol=tol, atol=tol * scale, msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fuzz_conv_bn_act_against_the_reference(backend):
+    @_settings(backend)
+    @given(conv_cases(_dtypes(backend)))
+    def check(drawn):
+        case, out_shape = drawn
+        TRIED[(backend, "conv_bn_act")] += 1
+        with exact_fp32():
+            got, expected = _run(backend, case, out_shape)
+        names = ("output", "running_mean", "running_var", "dx", "dw", "dgamma", "dbeta")
+        for name, a, b in zip(names, got, expected):
+            _close(a, b, f"{name} {case}", case["dtype"], grad=name.startswith("d"))
+
+    check()
+    tried = TRIED[(backend, "conv_bn_act")]
+    record("fuzz cases tried per backend",
+           f"{backend} conv_bn_act: {tried} (derandomized: {not LONG})")
+
+
+@st.composite
+def block_cases(draw):
+    kind = draw(st.sampled_from(["basic", "basic-A", "basic-proj", "bottleneck",
+                                 "bottleneck-proj", "plain"]))
+    return dict(kind=kind, n=draw(st.integers(1, 2)), c=draw(st.sampled_from([2, 4, 8])),
+                h=draw(st.integers(2, 6)), training=draw(st.booleans()),
+                seed=draw(st.integers(0, 2**16)))
+
+
+def _block(kind, c, backend):
+    return {"basic": lambda: FusedBasicBlock(c, c, backend=backend),
+            "basic-A": lambda: FusedBasicBlock(c, 2 * c, 2, shortcut="A", backend=backend),
+            "basic-proj": lambda: FusedBasicBlock(c, 2 * c, 2, backend=backend),
+            "bottleneck": lambda: FusedBottleneck(4 * c, c, backend=backend),
+            "bottleneck-proj": lambda: FusedBottleneck(c, c, 2, backend=backend),
+            "plain": lambda: FusedBasicBlock(c, c, shortcut=None, backend=backend)}[kind]()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fuzz_blocks_against_the_reference(backend):
+    @_settings(backend)
+    @given(block_cases())
+    def check(case):
+        stride = 2 if case["kind"] in ("basic-A", "basic-proj", "bottleneck-proj") else 1
+        ho = (case["h"] - 1) // stride + 1
+        assume(not case["training"] or case["n"] * ho * ho > 1)
+        TRIED[(backend, "blocks")] += 1
+        torch.manual_seed(case["seed"])
+        fused = _block(case["kind"], case["c"], backend).to(DEVICE).train(case["training"])
+        ref = _block(case["kind"], case["c"], "reference").to(DEVICE).train(case["training"])
+        ref.load_state_dict(fused.state_dict())
+        c_in = fused.conv1.in_channels
+        x = torch.randn(case["n"], c_in, case["h"], case["h"], device=DEVICE)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        with exact_fp32():
+            out, expected = fused(xa), ref(xb)
+            dz = torch.randn_like(expected)
+            out.backward(dz)
+            expected.backward(dz)
+        _close(out, expected, f"output {case}", torch.float32)
+        _close(xa.grad, xb.grad, f"dx {case}", torch.float32, grad=True)
+        for (name, p), q in zip(fused.named_parameters(), ref.parameters()):
+            _close(p.grad, q.grad, f"{name} {case}", torch.float32, grad=True)
+        for (name, b), e in zip(fused.named_buffers(), ref.buffers()):
+            _close(b.float(), e.float(), f"{name} {case}", torch.float32)
+
+    check()
+    record("fuzz cases tried per backend", f"{backend} blocks: {TRIED[(backend, 'blocks')]}")
