@@ -226,3 +226,28 @@ def test_nan_and_inf_propagate_as_in_the_reference(backend):
             assert torch.equal(out.isinf(), expected.isinf()), (value, training)
             finite = expected.isfinite()
             torch.testing.assert_close(out[finite], expected[finite], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp16_overflow_behaves_as_pytorch(backend):
+    """Training: conv outputs beyond fp16's 65504 become inf as in eager fp16, and what BN
+    then makes of them (inf, NaN) matches the reference element for element. Eval folds BN
+    into the conv (w * gamma / sqrt(var + eps)), so it overflows where the folded conv does:
+    never where the reference is finite, possibly not where the unfolded conv overflowed."""
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float16)
+    x[0, :, :3, :3] = 3000.0  # 36 taps x 3000 x |w| ~ 1e5 > 65504
+    weight = torch.ones(8, 4, 3, 3, dtype=torch.float16)
+    for training in (True, False):
+        args = _args(x=x, weight=weight, training=training)
+        ref_args = {k: (v.clone() if isinstance(v, torch.Tensor) else v)
+                    for k, v in args.items()}
+        out, expected = _call(backend, args), _call("reference", ref_args)
+        assert not expected.isfinite().all()
+        finite = expected.isfinite()
+        if training:
+            assert torch.equal(out.isnan(), expected.isnan())
+            assert torch.equal(out.isinf(), expected.isinf())
+        else:
+            assert out[finite].isfinite().all()
+        torch.testing.assert_close(out[finite].float(), expected[finite].float(), rtol=2e-2,
+                                   atol=2e-2)

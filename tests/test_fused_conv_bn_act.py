@@ -10,10 +10,10 @@ from fused_resnet.testing import assert_close
 
 
 class Eager(nn.Module):
-    def __init__(self, c_in, c_out, k, stride, momentum, affine, track):
+    def __init__(self, c_in, c_out, k, stride, momentum, affine, track, eps=1e-5):
         super().__init__()
         self.conv = nn.Conv2d(c_in, c_out, k, stride, k // 2, bias=False)
-        self.bn = nn.BatchNorm2d(c_out, momentum=momentum, affine=affine,
+        self.bn = nn.BatchNorm2d(c_out, eps=eps, momentum=momentum, affine=affine,
                                  track_running_stats=track)
 
     def forward(self, x, residual=None):
@@ -30,13 +30,14 @@ def test_state_dict_keys_are_conv_and_bn():
 
 
 @pytest.mark.parametrize("backend", [backend_param("reference"), *FUSED_BACKENDS])
-@pytest.mark.parametrize("momentum, affine, track, residual", [
-    (0.1, True, True, True), (None, True, True, False), (0.3, False, True, False),
-    (0.1, True, False, True)])
-def test_matches_eager_over_steps_and_in_eval(backend, momentum, affine, track, residual):
-    fused = FusedConvBNAct(4, 16, 3, 2, momentum=momentum, affine=affine,
+@pytest.mark.parametrize("momentum, affine, track, residual, eps", [
+    (0.1, True, True, True, 1e-5), (None, True, True, False, 1e-5),
+    (0.3, False, True, False, 1e-3), (0.1, True, False, True, 1e-5),
+    (0.1, True, True, True, 0.5)])
+def test_matches_eager_over_steps_and_in_eval(backend, momentum, affine, track, residual, eps):
+    fused = FusedConvBNAct(4, 16, 3, 2, momentum=momentum, affine=affine, eps=eps,
                            track_running_stats=track, backend=backend).to(DEVICE)
-    eager = Eager(4, 16, 3, 2, momentum, affine, track).to(DEVICE)
+    eager = Eager(4, 16, 3, 2, momentum, affine, track, eps).to(DEVICE)
     eager.load_state_dict(fused.state_dict())
     for step in range(3):
         x = torch.randn(2, 4, 8, 8, device=DEVICE) * 2 + step
