@@ -1,8 +1,8 @@
 """Launch configurations for the Triton kernels: autotuned on GPU, pinned when asked.
 
 `pin_config(...)` (or the environment variable FUSED_RESNET_TRITON_PIN=1, deterministic mode,
-and always under TRITON_INTERPRET=1) makes every launch use one fixed config: fast and deterministic tests,
-bitwise-reproducible runs. Otherwise kernels are autotuned per shape key.
+and always under TRITON_INTERPRET=1) makes every launch use one fixed config: fast and
+deterministic tests, bitwise-reproducible runs. Otherwise kernels are autotuned per shape key.
 """
 
 from __future__ import annotations
