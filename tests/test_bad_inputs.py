@@ -159,6 +159,9 @@ MODULE_ERRORS = {
     "block: stride-2 map of 1 value in training": (
         lambda b: FusedBottleneck(8, 2, 2, backend=b), lambda: torch.randn(1, 8, 2, 2),
         "more than 1 value per channel"),
+    "block with a frozen BN (chain path): 1 value left per channel": (
+        lambda b: _frozen_bn2(FusedBottleneck(8, 4, 2, shortcut="A", backend=b)),
+        lambda: torch.randn(1, 8, 2, 2), "more than 1 value per channel"),
     "module: dilated conv": (lambda b: _dilated(FusedConvBNAct(4, 8, 3, backend=b)),
                              lambda: torch.randn(2, 4, 6, 6), "dilation 1"),
     "model: 1-channel images": (lambda b: fr.models.cifar_resnet(20, backend=b),
@@ -170,6 +173,14 @@ MODULE_ERRORS = {
                               lambda: torch.ones(2, 3, 8, 8, dtype=torch.uint8),
                               "floating-point"),
 }
+
+
+def _frozen_bn2(block):
+    """bn2 in eval mode inside a training block: the block runs as a chain of ops."""
+    block.train()
+    block.bn2.eval()
+    block.train = lambda mode=True: block  # keep bn2 frozen through the test's .train()
+    return block
 
 
 def _dilated(module):

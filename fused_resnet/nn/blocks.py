@@ -25,7 +25,7 @@ from fused_resnet.nn.conv_bn import (
     residual_block,
 )
 from fused_resnet.nn.shortcut import ZeroPadShortcut, check_shortcut, make_shortcut
-from fused_resnet.nn.sync_bn import convert_sync_bn
+from fused_resnet.nn.sync_bn import convert_sync_bn, sync_group
 
 VARIANTS = ("v1", "v1.5")
 EVAL_KERNELS = ("chain", "single")
@@ -78,6 +78,8 @@ class ResidualBlock(nn.Module):
             if all(f is not None for f in folded):
                 return ops.bottleneck_eval(x, [w for w, _ in folded], [b for _, b in folded],
                                            backend=backend)
+        if self.training:
+            _check_chain(x, pairs, self.downsample if kind == "projection" else None)
         identity = self._shortcut(x, backend)
         out = x
         for i, (conv, bn) in enumerate(pairs):
@@ -98,6 +100,22 @@ class ResidualBlock(nn.Module):
             return self.downsample(x)
         conv, bn = self.downsample
         return conv_bn_act(x, conv, bn, relu=False, backend=backend)
+
+
+def _check_chain(x: Tensor, pairs: list, projection: Optional[nn.Sequential]) -> None:
+    """Before a chain of conv + BN ops runs in training: every BN that takes batch
+    statistics from this process alone gets more than one value per channel, so that no
+    failure can follow an earlier BN's running-stat update."""
+    chains = [pairs] + ([[tuple(projection)]] if projection is not None else [])
+    for chain in chains:
+        h, w = x.shape[2], x.shape[3]
+        for conv, bn in chain:
+            h = (h + 2 * conv.padding[0] - conv.kernel_size[0]) // conv.stride[0] + 1
+            w = (w + 2 * conv.padding[1] - conv.kernel_size[1]) // conv.stride[1] + 1
+            if bn.training and sync_group(bn) is None and x.shape[0] * h * w <= 1:
+                raise ValueError(
+                    f"Expected more than 1 value per channel when training, got input of "
+                    f"shape {tuple(x.shape)} (a {h}x{w} map after this block's convs)")
 
 
 class FusedBasicBlock(ResidualBlock):
