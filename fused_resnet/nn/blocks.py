@@ -18,14 +18,10 @@ from torch import Tensor, nn
 
 from fused_resnet import ops, tuning
 from fused_resnet.backend import check_backend_name
-from fused_resnet.nn.conv_bn import (
-    cached_fold,
-    conv_bn_act,
-    fusable_block,
-    residual_block,
-)
+from fused_resnet.nn.conv_bn import cached_fold, conv_bn_act, fusable_block, residual_block
 from fused_resnet.nn.shortcut import ZeroPadShortcut, check_shortcut, make_shortcut
 from fused_resnet.nn.sync_bn import convert_sync_bn, sync_group
+from fused_resnet.ops.layout import conv_output_shape
 
 VARIANTS = ("v1", "v1.5")
 EVAL_KERNELS = ("chain", "single")
@@ -108,14 +104,15 @@ def _check_chain(x: Tensor, pairs: list, projection: Optional[nn.Sequential]) ->
     failure can follow an earlier BN's running-stat update."""
     chains = [pairs] + ([[tuple(projection)]] if projection is not None else [])
     for chain in chains:
-        h, w = x.shape[2], x.shape[3]
+        shape = x.shape
         for conv, bn in chain:
-            h = (h + 2 * conv.padding[0] - conv.kernel_size[0]) // conv.stride[0] + 1
-            w = (w + 2 * conv.padding[1] - conv.kernel_size[1]) // conv.stride[1] + 1
-            if bn.training and sync_group(bn) is None and x.shape[0] * h * w <= 1:
+            shape = conv_output_shape(x.new_empty(1).expand(shape), conv.weight,
+                                      conv.stride[0], conv.padding[0])
+            if bn.training and sync_group(bn) is None and shape[0] * shape[2] * shape[3] <= 1:
                 raise ValueError(
                     f"Expected more than 1 value per channel when training, got input of "
-                    f"shape {tuple(x.shape)} (a {h}x{w} map after this block's convs)")
+                    f"shape {tuple(x.shape)} (a {shape[2]}x{shape[3]} map after this block's "
+                    "convs)")
 
 
 class FusedBasicBlock(ResidualBlock):

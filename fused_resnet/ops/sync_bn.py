@@ -50,7 +50,7 @@ def _view(t: Tensor) -> Tensor:
 class _SyncBNAct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, gamma, beta, residual, eps, relu, group):
-        c, n_local = y.shape[1], y.numel() // y.shape[1]
+        n_local = y.numel() // y.shape[1]
         mean_l, var_l = (m.double() for m in _local_stats(y))
         packed = torch.stack([mean_l * n_local, (var_l + mean_l * mean_l) * n_local,
                               torch.full_like(mean_l, n_local)])
@@ -74,7 +74,7 @@ class _SyncBNAct(torch.autograd.Function):
                 z = z + residual
             z = (z.relu() if relu else z).to(y.dtype)
         ctx.save_for_backward(y, z, gamma, mean, rstd)
-        ctx.args = (n, relu, residual is not None, group, c)
+        ctx.args = (n, relu, residual is not None, group)
         ctx.mark_non_differentiable(mean, var)
         ctx.set_materialize_grads(False)
         return z, mean, var, torch.tensor(n)
@@ -82,7 +82,7 @@ class _SyncBNAct(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dz, _dmean, _dvar, _dn):
         y, z, gamma, mean, rstd = ctx.saved_tensors
-        n, relu, has_residual, group, c = ctx.args
+        n, relu, has_residual, group = ctx.args
         if dz is None:
             return (None,) * 7
         dtype = mean.dtype
@@ -91,7 +91,7 @@ class _SyncBNAct(torch.autograd.Function):
         sums = torch.stack([g.sum(dim=(0, 2, 3)), (g * centered).sum(dim=(0, 2, 3))])
         local = sums.clone()
         dist.all_reduce(sums, group=group)
-        coef = (gamma.to(dtype) * rstd)
+        coef = gamma.to(dtype) * rstd
         dy = _view(coef) * (g - _view(sums[0] / n) - centered * _view(rstd * rstd * sums[1] / n))
         dy = dy.to(y.dtype)
         dgamma = (local[1] * rstd).to(gamma.dtype)
