@@ -92,13 +92,12 @@ ACCEPTED = {
 }
 
 
-@pytest.mark.parametrize("case", list(ACCEPTED))
-@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("case, training", [  # an empty batch in training: an error above
+    (case, training) for case in ACCEPTED for training in (True, False)
+    if training is False or "zero-size" not in case])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_odd_layouts_give_the_reference_result(case, training, backend):
     x = ACCEPTED[case]()
-    if x.shape[0] == 0 and training:
-        pytest.skip("an empty batch has no statistics (an error case above)")
     args, ref_args = _args(x=x, training=training), _args(x=x.contiguous(), training=training)
     for key in ("weight", "bn_weight", "bn_bias", "running_mean", "running_var"):
         ref_args[key] = args[key].clone()
