@@ -4,17 +4,15 @@ for each kind of run (model, blocks, flops-table, ...)."""
 
 from __future__ import annotations
 
-import csv
 import datetime
 import json
 import os
 import re
-import sys
 from collections.abc import Sequence
 
 import torch
 
-from fused_resnet.table import format_table
+from fused_resnet.table import format_table, pyplot, write_csv
 
 
 def device_label() -> str:
@@ -47,10 +45,7 @@ def results_dir(out: str) -> str:
 def write_report(rows: list[dict], stem: str, text: str, *, as_json: bool = False) -> None:
     """`rows` to `<stem>.csv` (and `<stem>.json` with the versions when `as_json`), the
     printed report `text` to `<stem>.md`."""
-    with open(f"{stem}.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(f"{stem}.csv", rows)
     if as_json:
         with open(f"{stem}.json", "w") as f:
             json.dump({"device": device_label(), "versions": versions(),
@@ -82,13 +77,8 @@ def plot_bars(rows: list[dict], path: str, group_keys: Sequence[str], value: str
               ylabel: str) -> bool:
     """A grouped bar chart of `value` per column, one group per distinct `group_keys` tuple,
     saved to `path`. Returns False (and says so) when matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed (pip install .[bench]): no plot", file=sys.stderr)
+    plt = pyplot()
+    if plt is None:
         return False
     ok = [r for r in rows if not r.get("error")]
     groups = list(dict.fromkeys(tuple(r[k] for k in group_keys) for r in ok))

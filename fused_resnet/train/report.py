@@ -4,11 +4,11 @@ degradation demo, `compare.csv` and `compare.png` (the paper's plain-vs-residual
 
 from __future__ import annotations
 
-import csv
 import os
-import sys
 
 from tqdm import tqdm
+
+from fused_resnet.table import pyplot, write_csv
 
 
 def epoch_bar(loader, epoch: int, epochs: int, enabled: bool):
@@ -16,32 +16,11 @@ def epoch_bar(loader, epoch: int, epochs: int, enabled: bool):
                 unit="it")
 
 
-def _write_csv(path: str, rows: list[dict]) -> None:
-    if not rows:
-        return
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def _pyplot():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed (pip install .[bench]): no plot", file=sys.stderr)
-        return None
-    return plt
-
-
 def write_logs(out: str, state: dict, title: str) -> None:
     """The two CSV logs and the loss / error curves of one run."""
-    _write_csv(os.path.join(out, "iterations.csv"), state["iterations"])
-    _write_csv(os.path.join(out, "epochs.csv"), state["epochs"])
-    plt = _pyplot()
+    write_csv(os.path.join(out, "iterations.csv"), state["iterations"])
+    write_csv(os.path.join(out, "epochs.csv"), state["epochs"])
+    plt = pyplot()
     if plt is None or not state["iterations"]:
         return
     its = state["iterations"]
@@ -69,8 +48,8 @@ def write_comparison(out: str, runs: dict[tuple[str, int], dict]) -> None:
     colour per depth - deeper plain nets train worse, deeper residual nets do not."""
     rows = [{"family": fam, "depth": depth, **r} for (fam, depth), run in runs.items()
             for r in run["iterations"]]
-    _write_csv(os.path.join(out, "compare.csv"), rows)
-    plt = _pyplot()
+    write_csv(os.path.join(out, "compare.csv"), rows)
+    plt = pyplot()
     if plt is None:
         return
     families = list(dict.fromkeys(f for f, _ in runs))
