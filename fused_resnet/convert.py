@@ -74,7 +74,7 @@ def _fused_from(module: nn.Module, cls, backend: str) -> ResidualBlock:
     block.stride = getattr(module, "stride", block.conv1.stride[0] * block.conv2.stride[0])
     block.backend = backend
     if cls is FusedBottleneck:
-        block.eval_kernel = "chain"
+        block.eval_kernel = "auto"
     block.train(module.training)
     return block
 

@@ -67,6 +67,17 @@ def bn_add_relu(
     return out.to(y.dtype)
 
 
+def batch_norm_affine(
+    mean: Tensor, var: Tensor, bn_weight: Tensor, bn_bias: Tensor, eps: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(rstd, scale, shift) of a training BN with batch statistics (mean, biased var):
+    rstd = 1 / sqrt(var + eps) and BN(y) = y * scale + shift, scale = gamma * rstd,
+    shift = beta - mean * scale, in the statistics' dtype."""
+    rstd = torch.rsqrt(var + eps)
+    scale = bn_weight.to(rstd.dtype) * rstd
+    return rstd, scale, bn_bias.to(rstd.dtype) - mean * scale
+
+
 def fold_bn(
     running_mean: Tensor, running_var: Tensor, bn_weight: Optional[Tensor],
     bn_bias: Optional[Tensor], eps: float,

@@ -6,11 +6,14 @@ backend faster for a block shape on a device, the table records it, and a block 
 `backend="auto"` runs that backend for calls of that shape. The packaged table is
 `fused_resnet/data/auto_backend.json`:
 
-    {"format": 1, "devices": {"<torch.cuda.get_device_name()> | cpu": {"<key>": "<backend>"}}}
+    {"format": 1, "devices": {"<torch.cuda.get_device_name()> | cpu": {"<key>": "<choice>"}}}
 
-with keys from `block_key`. `FUSED_RESNET_AUTO_TABLE=<path>` reads another table,
-`FUSED_RESNET_AUTO_TABLE=off` ignores tables; a backend set by `FUSED_RESNET_BACKEND` or named
-by the caller always wins; an entry naming a backend that cannot run here is ignored.
+with keys from `block_key` and choices among `CHOICES`: a backend, or "triton single" (the
+Triton backend with the single-launch inference bottleneck, for eval keys of stride-1
+identity bottlenecks, taken by `FusedBottleneck(eval_kernel="auto")`).
+`FUSED_RESNET_AUTO_TABLE=<path>` reads another table, `FUSED_RESNET_AUTO_TABLE=off` ignores
+tables; a backend set by `FUSED_RESNET_BACKEND` or named by the caller always wins; an entry
+naming a backend that cannot run here is ignored.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from fused_resnet import backend as _backend
 TABLE_ENV = "FUSED_RESNET_AUTO_TABLE"
 PACKAGED_TABLE = Path(__file__).resolve().parent / "data" / "auto_backend.json"
 TABLE_FORMAT = 1
+SINGLE_LAUNCH = "triton single"
+CHOICES = (*(b for b in _backend.BACKENDS if b != "auto"), SINGLE_LAUNCH)
 BATCH_BUCKETS = (1, 8, 32, 128)  # a batch maps to the first bucket >= it, else "256+"
 
 _tables: dict[str, dict] = {}  # path -> parsed table, read once
@@ -109,15 +114,17 @@ def has_entries(device: torch.device) -> bool:
 
 @torch.compiler.assume_constant_result
 def tuned_backend(device: torch.device, key: str) -> Optional[str]:
-    """The backend the table names for `key` on `device`, if it can run here, else None."""
+    """The choice the table names for `key` on `device` (one of `CHOICES`), if its backend can
+    run here, else None."""
     choice = entries_for(device).get(key)
-    if choice is None or choice not in _backend.BACKENDS or choice == "auto":
+    if choice not in CHOICES:
         return None
-    return choice if _backend.unavailable_reason(choice, device) is None else None
+    backend = "triton" if choice == SINGLE_LAUNCH else choice
+    return choice if _backend.unavailable_reason(backend, device) is None else None
 
 
 def save_entries(path: Path, device_name: str, entries: dict[str, str]) -> None:
-    """Merges `entries` ({key: fastest backend measured}) into the table at `path` under
+    """Merges `entries` ({key: fastest choice measured}) into the table at `path` under
     `device_name` (file created if absent); keys measured again are replaced, other keys and
     other devices' entries kept."""
     data = {"format": TABLE_FORMAT, "devices": {}}

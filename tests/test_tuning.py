@@ -106,7 +106,7 @@ def test_packaged_table_is_valid():
     data = json.loads(tuning.PACKAGED_TABLE.read_text())
     assert data["format"] == tuning.TABLE_FORMAT
     for device, entries in data["devices"].items():
-        assert all(v in fr.backend.BACKENDS and v != "auto" for v in entries.values()), device
+        assert all(v in tuning.CHOICES for v in entries.values()), device
 
 
 def test_fastest_backends_keeps_the_default_within_the_margin():
@@ -116,8 +116,10 @@ def test_fastest_backends_keeps_the_default_within_the_margin():
     measured = (rows("a", triton=1.00, cuda=0.98, compile=0.5)  # cuda 2% faster: noise
                 + rows("b", triton=1.00, cuda=0.90)  # cuda 10% faster
                 + rows("c", cpu=1.00, reference=0.80)
-                + rows("d", compile=1.0))  # no backend column: no entry
-    assert fastest_backends(measured) == {"a": "triton", "b": "cuda", "c": "reference"}
+                + rows("d", compile=1.0)  # no backend column: no entry
+                + rows("e", triton=1.00, cuda=0.95, **{"triton single": 0.80}))
+    assert fastest_backends(measured) == {"a": "triton", "b": "cuda", "c": "reference",
+                                          "e": "triton single"}
 
 
 def test_compiled_block_follows_the_table(table):
@@ -126,3 +128,25 @@ def test_compiled_block_follows_the_table(table):
     tuning.save_entries(table, "cpu", {block.tuning_key(x): "reference"})
     compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(x), block(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("eval_kernel, expected_calls", [("auto", 1), ("chain", 0)])
+def test_table_can_pick_the_single_launch_eval_bottleneck(table, monkeypatch, eval_kernel,
+                                                          expected_calls):
+    pytest.importorskip("triton")
+    from fused_resnet import ops
+
+    calls = []
+    real = ops.bottleneck_eval
+    monkeypatch.setattr(ops, "bottleneck_eval", lambda *a, **k: calls.append(k) or real(*a, **k))
+    block = FusedBottleneck(32, 8, eval_kernel=eval_kernel).eval()
+    ref = fr.models.set_backend(FusedBottleneck(32, 8), "reference").eval()
+    ref.load_state_dict(block.state_dict())
+    x = torch.randn(2, 32, 4, 4)
+    with torch.no_grad():
+        block(x)
+        assert calls == [], "no table entry: the chain"
+        tuning.save_entries(table, "cpu", {block.tuning_key(x): tuning.SINGLE_LAUNCH})
+        torch.testing.assert_close(block(x), ref(x), rtol=1e-4, atol=1e-4)
+        block(torch.randn(2, 32, 5, 5))  # another shape, no entry
+    assert calls == [{"backend": "triton"}] * expected_calls

@@ -18,13 +18,14 @@ from typing import Optional
 import torch
 from torch import nn
 
-from fused_resnet.backend import BACKENDS, unavailable_reason
+from fused_resnet.backend import unavailable_reason
 from fused_resnet.bench.suite import precision
 from fused_resnet.bench.timing import time_columns
 from fused_resnet.flops import count_flops
 from fused_resnet.models import build_model, is_cifar
 from fused_resnet.nn.blocks import FusedBottleneck, ResidualBlock
 from fused_resnet.triton.config import BOTTLENECK_EVAL_MAX_MID
+from fused_resnet.tuning import CHOICES, SINGLE_LAUNCH
 
 BLOCK_BACKENDS = ("triton", "cuda", "cpu", "reference")
 
@@ -92,13 +93,13 @@ def bench_stages(arch: str, *, batch: int, dtype: str, image_size: Optional[int]
             single.eval_kernel = "single"
             if single._single_launch_eval() and block.conv2.out_channels <= (
                     BOTTLENECK_EVAL_MAX_MID):
-                modules["triton single"] = single
+                modules[SINGLE_LAUNCH] = single
         with torch.no_grad(), precision(dtype, dev):
             dz = torch.randn_like(block.to(dev, memory_format=fmt).train()(x))
         for mode in ("train", "eval"):
             fns = {}
             for column, module in modules.items():
-                if column == "triton single" and mode == "train":
+                if column == SINGLE_LAUNCH and mode == "train":
                     continue
                 module.train(mode == "train")
                 fns[column] = _block_step(module, x, dz, mode, dtype, dev)
@@ -125,14 +126,15 @@ def _block_step(module: nn.Module, x, dz, mode: str, dtype: str, dev: torch.devi
 
 
 def fastest_backends(rows: list[dict], margin: float = 0.03) -> dict[str, str]:
-    """{table key: backend} for each (block, mode): the fastest backend column, kept only when
-    it beats the one `auto` picks without a table (the first of BLOCK_BACKENDS measured) by
-    more than `margin` (3%), else that default - so noise does not flip choices."""
+    """{table key: choice} for each (block, mode): the fastest backend column (or "triton
+    single", the single-launch eval kernel), kept only when it beats the one `auto` picks
+    without a table (the first of BLOCK_BACKENDS measured) by more than `margin` (3%), else
+    that default - so noise does not flip choices."""
     out = {}
     for key in dict.fromkeys(r["key"] for r in rows):
         times = {r["column"]: r["ms"] for r in rows if r["key"] == key and r["column"] in
-                 BACKENDS}
-        if not times:
+                 CHOICES}
+        if not any(b in times for b in BLOCK_BACKENDS):
             continue
         default = next(b for b in BLOCK_BACKENDS if b in times)
         best = min(times, key=times.get)

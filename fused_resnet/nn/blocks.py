@@ -24,7 +24,7 @@ from fused_resnet.nn.sync_bn import convert_sync_bn, sync_group
 from fused_resnet.ops.layout import conv_output_shape
 
 VARIANTS = ("v1", "v1.5")
-EVAL_KERNELS = ("chain", "single")
+EVAL_KERNELS = ("auto", "chain", "single")
 
 
 class ResidualBlock(nn.Module):
@@ -56,20 +56,23 @@ class ResidualBlock(nn.Module):
                                 dtype, self.training, x.shape[0])
 
     def call_backend(self, x: Tensor) -> str:
-        """The backend this call runs: `self.backend`, except that "auto" takes the backend
-        the tuning table measured fastest for this shape on this device, where it has one."""
+        """The backend this call runs: `self.backend`, except that "auto" takes the choice
+        the tuning table measured fastest for this shape on this device, where it has one
+        ("triton single": Triton with the single-launch eval bottleneck)."""
         if self.backend != "auto" or not tuning.has_entries(x.device):
             return self.backend
         return tuning.tuned_backend(x.device, self.tuning_key(x)) or "auto"
 
     def forward(self, x: Tensor) -> Tensor:
         backend = self.call_backend(x)
+        tuned_single = backend == tuning.SINGLE_LAUNCH
+        backend = "triton" if tuned_single else backend
         pairs = self.main_path()
         kind = self.shortcut_kind()
         block_pairs = pairs + [tuple(self.downsample)] if kind == "projection" else pairs
         if fusable_block(block_pairs):
             return residual_block(x, block_pairs, kind, self.stride, backend)
-        if self._single_launch_eval():
+        if self._single_launch_eval(tuned_single):
             folded = [cached_fold(x, conv, bn, backend) for conv, bn in pairs]
             if all(f is not None for f in folded):
                 return ops.bottleneck_eval(x, [w for w, _ in folded], [b for _, b in folded],
@@ -84,7 +87,8 @@ class ResidualBlock(nn.Module):
                               backend=backend)
         return out
 
-    def _single_launch_eval(self) -> bool:
+    def _single_launch_eval(self, tuned_single: bool = False) -> bool:
+        """Whether this inference call runs as one launch (`ops.bottleneck_eval`)."""
         return False
 
     def _shortcut(self, x: Tensor, backend: str) -> Optional[Tensor]:
@@ -149,7 +153,9 @@ class FusedBottleneck(ResidualBlock):
 
     eval_kernel: in inference, "chain" runs the three folded convs as three fused ops;
     "single" runs a stride-1 identity block in one launch (`ops.bottleneck_eval`, a1 and a2
-    never leave the chip, conv1 recomputed for the 3x3 halo). Other blocks always chain.
+    never leave the chip, conv1 recomputed for the 3x3 halo); "auto" (default) chains unless
+    `backend="auto"` and the per-shape table (`fused_resnet.tuning`) measured the single
+    launch faster for this shape on this device. Other blocks always chain.
     """
 
     expansion = 4
@@ -157,7 +163,7 @@ class FusedBottleneck(ResidualBlock):
     def __init__(
         self, inplanes: int, planes: int, stride: int = 1, *, shortcut: Optional[str] = "B",
         groups: int = 1, base_width: int = 64, variant: str = "v1.5", backend: str = "auto",
-        eval_kernel: str = "chain", sync_bn: bool = False, process_group=None,
+        eval_kernel: str = "auto", sync_bn: bool = False, process_group=None,
     ):
         super().__init__()
         if variant not in VARIANTS:
@@ -185,6 +191,7 @@ class FusedBottleneck(ResidualBlock):
     def main_path(self) -> list[tuple[nn.Conv2d, nn.BatchNorm2d]]:
         return [(self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)]
 
-    def _single_launch_eval(self) -> bool:
-        return (self.eval_kernel == "single" and self.downsample is None
+    def _single_launch_eval(self, tuned_single: bool = False) -> bool:
+        wanted = self.eval_kernel == "single" or (self.eval_kernel == "auto" and tuned_single)
+        return (wanted and self.downsample is None
                 and self.shortcut is not None and self.stride == 1 and self.conv2.groups == 1)

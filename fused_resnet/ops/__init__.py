@@ -1,12 +1,16 @@
 """Functional fused ops (the layer between modules and kernels).
 
 Importing this package registers the custom ops `torch.ops.fused_resnet.*`: those of
-`conv_ops` always, the fake kernels of the `_C` ops when `_C` is built, and the Triton block
-ops when Triton is installed (TRITON_INTERPRET=1 must be set before that import to run
-Triton on CPU tensors).
+`conv_ops` and `block_ops` always, the fake kernels of the `_C` ops when `_C` is built, and
+the single-launch Triton inference bottleneck when Triton is installed (TRITON_INTERPRET=1
+must be set before that import to run Triton on CPU tensors).
 """
 
-from fused_resnet.ops import conv_ops, native_kernels  # noqa: F401  (registers the ops)
+from fused_resnet.ops import (  # noqa: F401  (registers the ops)
+    block_ops,
+    conv_ops,
+    native_kernels,
+)
 from fused_resnet.ops.block import bottleneck_eval, residual_block_train
 from fused_resnet.ops.bn_add_relu import bn_add_relu
 from fused_resnet.ops.conv_bn_act import conv_bias_act, conv_bn_act

@@ -1,5 +1,5 @@
-"""Functional residual block (training): one fused op on Triton; elsewhere a chain of
-conv + BN (+ shortcut) + ReLU ops on the `_C` kernels ("cpu" / "cuda") or the reference.
+"""Functional residual block (training): one fused op, `fused_resnet::block_train`, on the
+Triton or the `_C` kernels; a chain of reference conv + BN (+ shortcut) + ReLU ops otherwise.
 
     z = relu(bn_L(conv_L(... relu(bn_1(conv_1(x))) ...)) + shortcut(x))
 with shortcut "identity", "zero_pad" (option A), "projection" (conv_d + bn_d, the last of
@@ -16,10 +16,10 @@ from torch import Tensor
 
 from fused_resnet import reference
 from fused_resnet.ops import conv_ops
+from fused_resnet.ops.block_ops import block_train_call
 from fused_resnet.ops.conv_bn_act import (
     autocast_inputs,
     check_conv_bn_act_args,
-    fused_conv_bn_act,
     select_kernels,
     update_running_stats,
 )
@@ -66,9 +66,10 @@ def residual_block_train(
     _check(x, weights, bn_weights, bn_biases, running_means, running_vars, strides, paddings,
            eps, shortcut, shortcut_stride)
     kernels = select_kernels(backend, "residual_block", x)
-    if kernels == "triton":
-        z, ys, means, variances = torch.ops.fused_resnet.block_train(
-            x, weights, bn_weights, bn_biases, strides, paddings, eps, shortcut, shortcut_stride)
+    if kernels != "reference":
+        z, ys, means, variances = block_train_call(
+            x, weights, bn_weights, bn_biases, strides, paddings, eps, shortcut,
+            shortcut_stride, kernels)
         for i, y in enumerate(ys):
             if running_means[i] is not None:
                 update_running_stats(running_means[i], running_vars[i], means[i], variances[i],
@@ -77,12 +78,10 @@ def residual_block_train(
 
     def conv_bn(i: int, inp: Tensor, stride: int, padding: int, residual: Optional[Tensor],
                 relu: bool) -> Tensor:
-        args = (inp, weights[i], bn_weights[i], bn_biases[i], running_means[i], running_vars[i])
-        kwargs = dict(stride=stride, padding=padding, groups=1, training=True,
-                      momentum=momenta[i], eps=eps[i], residual=residual, relu=relu)
-        if kernels == "reference":
-            return reference.conv_bn_act(*args, **kwargs)
-        return fused_conv_bn_act(*args, **kwargs, kernels=kernels)
+        return reference.conv_bn_act(
+            inp, weights[i], bn_weights[i], bn_biases[i], running_means[i], running_vars[i],
+            stride=stride, padding=padding, training=True, momentum=momenta[i], eps=eps[i],
+            residual=residual, relu=relu)
 
     main = len(weights) - (shortcut == "projection")
     shortcut_out = None  # added to the last BN's output before its ReLU

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from fused_resnet.backend import load_extension
 from fused_resnet.ops.layout import output_memory_format, stat_dtype
+from fused_resnet.reference import batch_norm_affine
 
 if load_extension() is not None:
 
@@ -45,14 +46,14 @@ def activation_format(x: Tensor) -> torch.memory_format:
     return output_memory_format(x)
 
 
-def _conv(x: Tensor, weight: Tensor, stride: int, padding: int, groups: int) -> Tensor:
+def conv(x: Tensor, weight: Tensor, stride: int, padding: int, groups: int) -> Tensor:
     y = torch.ops.aten.convolution(x, weight, None, [stride, stride], [padding, padding],
                                    [1, 1], False, [0, 0], groups)
     # ATen picks channels_last when x or the weight is; the saved y follows x alone.
     return y.contiguous(memory_format=output_memory_format(x))
 
 
-def _conv_backward(dy: Tensor, x: Tensor, weight: Tensor, stride: int, padding: int,
+def conv_backward(dy: Tensor, x: Tensor, weight: Tensor, stride: int, padding: int,
                    groups: int) -> tuple[Tensor, Tensor]:
     dx, dw, _ = torch.ops.aten.convolution_backward(
         dy, x, weight, None, [stride, stride], [padding, padding], [1, 1], False, [0, 0],
@@ -64,11 +65,9 @@ def conv_bn_train(
     x: Tensor, weight: Tensor, bn_weight: Tensor, bn_bias: Tensor, residual: Optional[Tensor],
     stride: int, padding: int, groups: int, eps: float, relu: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    y = _conv(x, weight, stride, padding, groups)
+    y = conv(x, weight, stride, padding, groups)
     mean, var = torch.ops.fused_resnet.bn_stats(y)
-    rstd = torch.rsqrt(var + eps)
-    scale = bn_weight.to(rstd.dtype) * rstd
-    shift = bn_bias.to(rstd.dtype) - mean * scale
+    _, scale, shift = batch_norm_affine(mean, var, bn_weight, bn_bias, eps)
     z = torch.ops.fused_resnet.bn_add_relu(y, scale, shift, residual, relu)
     return z, y, mean, var
 
@@ -81,7 +80,7 @@ def conv_bn_train_backward(
     rstd = torch.rsqrt(var + eps)
     dy, dgamma, dbeta, dr = torch.ops.fused_resnet.bn_act_backward(
         dz, z if relu else None, y, mean, rstd, bn_weight.to(rstd.dtype), has_residual)
-    dx, dw = _conv_backward(dy, x, weight, stride, padding, groups)
+    dx, dw = conv_backward(dy, x, weight, stride, padding, groups)
     return dx, dw, dgamma, dbeta, dr if has_residual else None
 
 
@@ -90,7 +89,7 @@ def conv_bias_act(
     padding: int, groups: int, relu: bool,
 ) -> Tensor:
     """act(conv(x, w) + bias + residual): the bias, residual and ReLU in one pass."""
-    y = _conv(x, weight, stride, padding, groups)
+    y = conv(x, weight, stride, padding, groups)
     return torch.ops.fused_resnet.bn_add_relu(y, torch.ones_like(bias), bias, residual, relu)
 
 
@@ -101,7 +100,7 @@ def conv_bias_act_backward(
     """(dx, dw, d bias, d residual or None); g = dz * [z > 0]."""
     g = torch.where(z <= 0, 0, dz) if relu else dz  # a NaN z passes dz, as torch does
     g = g.contiguous(memory_format=output_memory_format(x))
-    dx, dw = _conv_backward(g, x, weight, stride, padding, groups)
+    dx, dw = conv_backward(g, x, weight, stride, padding, groups)
     dr = None
     if has_residual:  # an op output must not alias its input dz
         dr = g.clone() if g.data_ptr() == dz.data_ptr() else g

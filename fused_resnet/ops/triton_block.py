@@ -1,17 +1,12 @@
-"""A whole residual block as one custom op, `fused_resnet::block_train`, on the Triton kernels.
+"""Bodies of the `block_ops` custom ops on the Triton kernels (`kernels="triton"`), and the
+single-launch inference bottleneck op `fused_resnet::bottleneck_eval`.
 
-Training chain (DESIGN.md, "Bottleneck chain"), for main-path convs w_1..w_L (L = 2 basic,
-3 bottleneck) and an optional projection w_d:
-    y_1 = conv(x, w_1)                                  + batch statistics of y_1
-    y_i = conv(relu(bn_{i-1}(y_{i-1})), w_i)            BN + ReLU applied on load
-    z   = relu(bn_L(y_L) + shortcut)                    one elementwise kernel, where
-          shortcut = x | zero_pad(x) | bn_d(conv(x, w_d)) | nothing (plain block)
-Only x, the raw conv outputs y_i and the per-channel mean / var are saved; backward
-recomputes relu(bn(y)) on load (wgrad prologue) and the ReLU masks from y * scale + shift,
-takes each inner BN's backward sums from the epilogue of the dgrad that produces its
-gradient, and applies the BN backward on load in the next dgrad / wgrad (1x1 convs).
-Outputs: z (x's memory format), the y_i (channels_last), and each BN's batch mean and biased
-var, from which the caller updates the running statistics.
+Training chain (DESIGN.md, "Bottleneck chain"): each conv after the first applies the previous
+BN + ReLU on load (its prologue), so relu(bn(y)) is never written; one elementwise kernel ends
+the block. Backward recomputes relu(bn(y)) on load (wgrad prologue) and the ReLU masks from
+y * scale + shift, takes each inner BN's backward sums from the epilogue of the dgrad that
+produces its gradient, and applies the BN backward on load in the next dgrad / wgrad (1x1
+convs). The y_i are channels_last.
 """
 
 from __future__ import annotations
@@ -20,22 +15,13 @@ import torch
 from torch import Tensor
 
 from fused_resnet import reference
-from fused_resnet.ops.layout import conv_output_shape, output_memory_format
+from fused_resnet.ops.layout import output_memory_format
+from fused_resnet.reference import batch_norm_affine
 from fused_resnet.triton.bn import bn_bwd_reduce, bn_finalize
 from fused_resnet.triton.bottleneck_eval import bottleneck_eval
-from fused_resnet.triton.config import acc_dtype
 from fused_resnet.triton.conv import STAT_ROWS, conv_fwd, to_nhwc
 from fused_resnet.triton.conv_bwd import BnGrad, BnReduce, conv_dgrad, conv_wgrad
 from fused_resnet.triton.eltwise import bn_act_bwd, bn_act_fwd, bn_backward_coefficients
-
-SHORTCUTS = ("identity", "zero_pad", "projection", "none")
-
-
-def _affine(gamma: Tensor, beta: Tensor, mean: Tensor, var: Tensor, eps: float):
-    """(rstd, scale, shift) with BN(y) = y * scale + shift for batch stats (mean, var)."""
-    rstd = torch.rsqrt(var + eps)
-    scale = gamma.to(rstd.dtype) * rstd
-    return rstd, scale, beta.to(rstd.dtype) - mean * scale
 
 
 def _shortcut_input(x: Tensor, shortcut: str, out_channels: int, stride: int):
@@ -46,7 +32,6 @@ def _shortcut_input(x: Tensor, shortcut: str, out_channels: int, stride: int):
     return None
 
 
-@torch.library.custom_op("fused_resnet::block_train", mutates_args=())
 def block_train(
     x: Tensor, weights: list[Tensor], gammas: list[Tensor], betas: list[Tensor],
     strides: list[int], paddings: list[int], eps: list[float], shortcut: str,
@@ -76,27 +61,7 @@ def block_train(
         bn2 = {"y2": yd, "scale2": scale, "shift2": shift}
     residual = _shortcut_input(x, shortcut, ys[main - 1].shape[1], shortcut_stride)
     z = bn_act_fwd(ys[main - 1], *affines[-1], residual=residual, relu=True, **bn2)
-    return z.contiguous(memory_format=output_memory_format(x)), ys, means, variances
-
-
-@block_train.register_fake
-def _(x, weights, gammas, betas, strides, paddings, eps, shortcut, shortcut_stride):
-    main = len(weights) - (shortcut == "projection")
-    shapes, inp_shape = [], x.shape
-    for i in range(main):
-        shape = conv_output_shape(torch.empty(inp_shape, device="meta"), weights[i], strides[i],
-                                  paddings[i])
-        shapes.append(shape)
-        inp_shape = shape
-    if shortcut == "projection":
-        shapes.append(conv_output_shape(x, weights[-1], shortcut_stride, 0))
-    acc = acc_dtype(x.dtype)
-    z = torch.empty(shapes[main - 1], device=x.device, dtype=x.dtype,
-                    memory_format=output_memory_format(x))
-    ys = [torch.empty(s, device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
-          for s in shapes]
-    stats = [torch.empty(s[1], device=x.device, dtype=acc) for s in shapes]
-    return z, ys, stats, [torch.empty_like(s) for s in stats]
+    return z, ys, means, variances
 
 
 def _dy(dz: Tensor, mask, y: Tensor, coeffs, kernel_size: int):
@@ -106,7 +71,6 @@ def _dy(dz: Tensor, mask, y: Tensor, coeffs, kernel_size: int):
     return bn_act_bwd(dz, mask, y, coeffs)[0]
 
 
-@torch.library.custom_op("fused_resnet::block_train_backward", mutates_args=())
 def block_train_backward(
     dz: Tensor, x: Tensor, z: Tensor, weights: list[Tensor], gammas: list[Tensor],
     betas: list[Tensor], ys: list[Tensor], means: list[Tensor], variances: list[Tensor],
@@ -115,7 +79,7 @@ def block_train_backward(
 ) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor]]:
     """(dx, d weights, d gammas, d betas), lists in the order of the inputs."""
     main = len(weights) - (shortcut == "projection")
-    affine = [_affine(gammas[i], betas[i], means[i], variances[i], eps[i])
+    affine = [batch_norm_affine(means[i], variances[i], gammas[i], betas[i], eps[i])
               for i in range(len(weights))]
     dz, z = to_nhwc(dz), to_nhwc(z)
     n = [y.numel() // y.shape[1] for y in ys]
@@ -164,42 +128,7 @@ def block_train_backward(
         dyd = BnGrad(dz, z, ys[-1], *cd)
         dweights[-1] = conv_wgrad(x, dyd, weights[-1].shape, stride=shortcut_stride, padding=0)
         dx = dx + conv_dgrad(dyd, weights[-1], x.shape, stride=shortcut_stride, padding=0)
-    return (dx.contiguous(memory_format=output_memory_format(x)),
-            [dw.to(w.dtype).contiguous() for dw, w in zip(dweights, weights)],
-            [dg.to(gm.dtype) for dg, gm in zip(dgammas, gammas)],
-            [db.to(bt.dtype) for db, bt in zip(dbetas, betas)])
-
-
-@block_train_backward.register_fake
-def _(dz, x, z, weights, gammas, betas, ys, means, variances, strides, paddings, eps, shortcut,
-      shortcut_stride):
-    return (torch.empty(x.shape, device=x.device, dtype=x.dtype,
-                        memory_format=output_memory_format(x)),
-            [torch.empty_like(w, memory_format=torch.contiguous_format) for w in weights],
-            [torch.empty_like(g) for g in gammas], [torch.empty_like(b) for b in betas])
-
-
-def _setup(ctx, inputs, output):
-    x, weights, gammas, betas, strides, paddings, eps, shortcut, shortcut_stride = inputs
-    z, ys, means, variances = output
-    k = len(weights)
-    ctx.save_for_backward(x, z, *weights, *gammas, *betas, *ys, *means, *variances)
-    ctx.args = (k, strides, paddings, eps, shortcut, shortcut_stride)
-    ctx.set_materialize_grads(False)  # no zero gradients for the ys, means and variances
-
-
-def _backward(ctx, dz, _dys, _dmeans, _dvars):
-    if dz is None:  # z did not reach the loss
-        return (None,) * 9
-    k, strides, paddings, eps, shortcut, shortcut_stride = ctx.args
-    x, z, *rest = ctx.saved_tensors
-    lists = [rest[i * k:(i + 1) * k] for i in range(6)]
-    dx, dw, dg, db = block_train_backward(dz, x, z, *lists, strides, paddings, eps, shortcut,
-                                          shortcut_stride)
-    return dx, dw, dg, db, None, None, None, None, None
-
-
-block_train.register_autograd(_backward, setup_context=_setup)
+    return dx, dweights, dgammas, dbetas
 
 
 @torch.library.custom_op("fused_resnet::bottleneck_eval", mutates_args=())

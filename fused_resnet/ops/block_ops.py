@@ -1,0 +1,159 @@
+"""A whole residual block in training as one custom op, `fused_resnet::block_train` (+ its
+backward op): one schema, fake kernel and autograd formula, whatever kernels run it.
+
+For main-path convs w_1..w_L (L = 2 basic, 3 bottleneck) and an optional projection w_d:
+    y_1 = conv(x, w_1)                                  + batch statistics of y_1
+    y_i = conv(relu(bn_{i-1}(y_{i-1})), w_i)
+    z   = relu(bn_L(y_L) + shortcut)
+          shortcut = x | zero_pad(x) | bn_d(conv(x, w_d)) | nothing (plain block)
+Outputs: z (x's memory format), the raw conv outputs y_i (`activation_format(x)` of the
+kernels) and each BN's batch mean and biased variance, from which the caller updates the
+running statistics. Autograd saves only x, z, the y_i and those statistics: backward
+recomputes relu(bn(y)) where it needs it, so no normalized or activated tensor is kept.
+`kernels` picks the bodies: "triton" (`ops.triton_block`: BN + ReLU applied on load inside
+the convs) or "native" (`ops.native_block`: ATen's convolution and the `_C` kernels).
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+from fused_resnet.ops.conv_ops import KERNELS, _as_weight, kernels_module
+from fused_resnet.ops.layout import conv_output_shape, output_memory_format, stat_dtype
+
+SHORTCUTS = ("identity", "zero_pad", "projection", "none")
+
+
+def block_module(kernels: str) -> ModuleType:
+    """`ops.triton_block` or `ops.native_block` (imported on first use: Triton is optional)."""
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
+    return importlib.import_module(f"fused_resnet.ops.{kernels}_block")
+
+
+def _forward(x, weights, gammas, betas, strides, paddings, eps, shortcut, shortcut_stride,
+             kernels):
+    z, ys, means, variances = block_module(kernels).block_train(
+        x, weights, gammas, betas, strides, paddings, eps, shortcut, shortcut_stride)
+    return z.contiguous(memory_format=output_memory_format(x)), ys, means, variances
+
+
+def _backward_bodies(dz, x, z, weights, gammas, betas, ys, means, variances, strides,
+                     paddings, eps, shortcut, shortcut_stride, kernels):
+    dx, dws, dgammas, dbetas = block_module(kernels).block_train_backward(
+        dz, x, z, weights, gammas, betas, ys, means, variances, strides, paddings, eps,
+        shortcut, shortcut_stride)
+    return (dx.contiguous(memory_format=output_memory_format(x)),
+            [_as_weight(dw, w) for dw, w in zip(dws, weights)],
+            [dg.to(g.dtype) for dg, g in zip(dgammas, gammas)],
+            [db.to(b.dtype) for db, b in zip(dbetas, betas)])
+
+
+@torch.library.custom_op("fused_resnet::block_train", mutates_args=())
+def block_train(
+    x: Tensor, weights: list[Tensor], gammas: list[Tensor], betas: list[Tensor],
+    strides: list[int], paddings: list[int], eps: list[float], shortcut: str,
+    shortcut_stride: int, kernels: str,
+) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor]]:
+    return _forward(x, weights, gammas, betas, strides, paddings, eps, shortcut,
+                    shortcut_stride, kernels)
+
+
+@block_train.register_fake
+def _(x, weights, gammas, betas, strides, paddings, eps, shortcut, shortcut_stride, kernels):
+    main = len(weights) - (shortcut == "projection")
+    shapes, inp = [], x
+    for i in range(main):
+        shapes.append(conv_output_shape(inp, weights[i], strides[i], paddings[i]))
+        inp = torch.empty(shapes[-1], device="meta")
+    if shortcut == "projection":
+        shapes.append(conv_output_shape(x, weights[-1], shortcut_stride, 0))
+    y_format = kernels_module(kernels).activation_format(x)
+    z = torch.empty(shapes[main - 1], device=x.device, dtype=x.dtype,
+                    memory_format=output_memory_format(x))
+    ys = [torch.empty(s, device=x.device, dtype=x.dtype, memory_format=y_format)
+          for s in shapes]
+    stats = [torch.empty(s[1], device=x.device, dtype=stat_dtype(x.dtype)) for s in shapes]
+    return z, ys, stats, [torch.empty_like(s) for s in stats]
+
+
+@torch.library.custom_op("fused_resnet::block_train_backward", mutates_args=())
+def block_train_backward(
+    dz: Tensor, x: Tensor, z: Tensor, weights: list[Tensor], gammas: list[Tensor],
+    betas: list[Tensor], ys: list[Tensor], means: list[Tensor], variances: list[Tensor],
+    strides: list[int], paddings: list[int], eps: list[float], shortcut: str,
+    shortcut_stride: int, kernels: str,
+) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor]]:
+    """(dx, d weights, d gammas, d betas), lists in the order of the inputs."""
+    return _backward_bodies(dz, x, z, weights, gammas, betas, ys, means, variances, strides,
+                            paddings, eps, shortcut, shortcut_stride, kernels)
+
+
+@block_train_backward.register_fake
+def _(dz, x, z, weights, gammas, betas, ys, means, variances, strides, paddings, eps, shortcut,
+      shortcut_stride, kernels):
+    return (torch.empty(x.shape, device=x.device, dtype=x.dtype,
+                        memory_format=output_memory_format(x)),
+            [_as_weight(None, w) for w in weights],
+            [torch.empty_like(g) for g in gammas], [torch.empty_like(b) for b in betas])
+
+
+def _setup(ctx, inputs, output):
+    x, weights, gammas, betas, strides, paddings, eps, shortcut, shortcut_stride, kernels = inputs
+    z, ys, means, variances = output
+    ctx.save_for_backward(x, z, *weights, *gammas, *betas, *ys, *means, *variances)
+    ctx.args = (len(weights), strides, paddings, eps, shortcut, shortcut_stride, kernels)
+    ctx.set_materialize_grads(False)  # no zero gradients for the ys, means and variances
+
+
+def _backward(ctx, dz, _dys, _dmeans, _dvars, backward=None):
+    if dz is None:  # z did not reach the loss
+        return (None,) * 10
+    k, *args = ctx.args
+    x, z, *rest = ctx.saved_tensors
+    lists = [list(rest[i * k:(i + 1) * k]) for i in range(6)]
+    dx, dw, dg, db = (backward or block_train_backward)(dz, x, z, *lists, *args)
+    return dx, dw, dg, db, *(None,) * 6
+
+
+block_train.register_autograd(_backward, setup_context=_setup)
+
+
+class _BlockTrainFunction(torch.autograd.Function):
+    """The eager twin of `fused_resnet::block_train`: the same bodies, saved tensors and
+    backward without the custom-op dispatch. Lists of tensors are flattened into the
+    arguments (autograd.Function differentiates only direct tensor arguments)."""
+
+    @staticmethod
+    def forward(ctx, k, strides, paddings, eps, shortcut, shortcut_stride, kernels, x, *flat):
+        weights, gammas, betas = (list(flat[i * k:(i + 1) * k]) for i in range(3))
+        inputs = (x, weights, gammas, betas, strides, paddings, eps, shortcut, shortcut_stride,
+                  kernels)
+        z, ys, means, variances = _forward(*inputs)
+        _setup(ctx, inputs, (z, ys, means, variances))
+        ctx.mark_non_differentiable(*ys, *means, *variances)
+        return z, *ys, *means, *variances
+
+    @staticmethod
+    def backward(ctx, dz, *_):
+        dx, dw, dg, db, *_ = _backward(ctx, dz, None, None, None, backward=_backward_bodies)
+        if dx is None:
+            return (None,) * (8 + 3 * ctx.args[0])
+        return (None,) * 7 + (dx, *dw, *dg, *db)
+
+
+def block_train_call(x, weights, gammas, betas, strides, paddings, eps, shortcut,
+                     shortcut_stride, kernels):
+    """block_train's (z, ys, means, variances): the custom op while torch.compile traces, its
+    eager twin otherwise."""
+    if torch.compiler.is_compiling():
+        return block_train(x, weights, gammas, betas, strides, paddings, eps, shortcut,
+                           shortcut_stride, kernels)
+    k = len(weights)
+    z, *rest = _BlockTrainFunction.apply(k, strides, paddings, eps, shortcut, shortcut_stride,
+                                         kernels, x, *weights, *gammas, *betas)
+    return z, rest[:k], rest[k:2 * k], rest[2 * k:]

@@ -1,0 +1,114 @@
+"""The block op `fused_resnet::block_train` on both kernel sets: opcheck (schema, fake kernel,
+autograd registration, both ops), what autograd saves (x, z, the raw conv outputs and the
+statistics, never an activated tensor) and the activation memory that saves."""
+
+import pytest
+import torch
+import torchvision
+from _backends import DEVICE, FUSED_BACKENDS, NATIVE
+
+import fused_resnet as fr
+from fused_resnet.backend import unavailable_reason
+from fused_resnet.bench.timing import activation_bytes
+from fused_resnet.testing import assert_close
+
+OPS = torch.ops.fused_resnet
+
+# (input channels, [(c_out, kernel, stride, padding) of the main path, then the projection],
+#  shortcut, shortcut stride)
+BLOCKS = {
+    "basic identity": (8, [(8, 3, 1, 1), (8, 3, 1, 1)], "identity", 1),
+    "basic option A": (4, [(8, 3, 2, 1), (8, 3, 1, 1)], "zero_pad", 2),
+    "bottleneck projection": (8, [(4, 1, 1, 0), (4, 3, 2, 1), (16, 1, 1, 0), (16, 1, 2, 0)],
+                              "projection", 2),
+    "plain": (4, [(8, 3, 1, 1), (8, 3, 1, 1)], "none", 1),
+}
+
+
+def _kernels_or_skip(kernels):
+    reason = unavailable_reason("triton" if kernels == "triton" else NATIVE, torch.device(DEVICE))
+    if reason is not None:
+        pytest.skip(reason)
+
+
+def _block_args(name):
+    c_in, convs, shortcut, shortcut_stride = BLOCKS[name]
+    x = torch.randn(2, c_in, 6, 6, device=DEVICE)
+    weights, inp = [], c_in
+    for i, (c_out, k, _, _) in enumerate(convs):
+        source = c_in if shortcut == "projection" and i == len(convs) - 1 else inp
+        weights.append((torch.randn(c_out, source, k, k, device=DEVICE) * 0.3).requires_grad_())
+        inp = c_out
+    gammas = [(torch.rand(w.shape[0], device=DEVICE) + 0.5).requires_grad_() for w in weights]
+    betas = [torch.randn(w.shape[0], device=DEVICE).requires_grad_() for w in weights]
+    return (x.requires_grad_(), weights, gammas, betas, [c[2] for c in convs],
+            [c[3] for c in convs], [1e-5] * len(convs), shortcut, shortcut_stride)
+
+
+@pytest.mark.parametrize("kernels", ["native", "triton"])
+@pytest.mark.parametrize("name", list(BLOCKS))
+def test_opcheck(name, kernels):
+    _kernels_or_skip(kernels)
+    args = (*_block_args(name), kernels)
+    torch.library.opcheck(OPS.block_train.default, args,
+                          test_utils=("test_schema", "test_faketensor",
+                                      "test_autograd_registration"))
+    z, ys, means, variances = OPS.block_train(*args)
+    x, weights, gammas, betas, *rest = (a.detach() if isinstance(a, torch.Tensor) else a
+                                        for a in args)
+    detach = [[t.detach() for t in ts] for ts in (weights, gammas, betas)]
+    bwd_args = (torch.randn_like(z), x, z.detach(), *detach, ys, means, variances, *rest)
+    torch.library.opcheck(OPS.block_train_backward.default, bwd_args,
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("kernels", ["native", "triton"])
+def test_eager_twin_matches_the_custom_op(kernels):
+    """Eager calls skip the custom-op dispatch (`block_train_call`); torch.compile sees the
+    op. Both give the same outputs and gradients."""
+    _kernels_or_skip(kernels)
+    from fused_resnet.ops.block_ops import block_train_call
+
+    args = _block_args("bottleneck projection")
+    results = []
+    for call in (OPS.block_train, block_train_call):
+        leaves = [args[0].detach().clone().requires_grad_()] + [
+            [t.detach().clone().requires_grad_() for t in ts] for ts in args[1:4]]
+        z, ys, means, variances = call(*leaves, *args[4:], kernels)
+        z.backward(torch.linspace(-1, 1, z.numel(), device=DEVICE).view_as(z))
+        grads = [leaves[0].grad] + [t.grad for ts in leaves[1:] for t in ts]
+        results.append((z, *ys, *means, *variances, *grads))
+    for got, expected in zip(*results):
+        assert_close(got, expected, kind="grad")
+
+
+def _block_pair(backend):
+    """A torchvision Bottleneck with an identity shortcut and its fused twin, same weights."""
+    eager = torch.nn.Sequential(torchvision.models.resnet.Bottleneck(32, 8)).to(DEVICE)
+    fused = torch.nn.Sequential(torchvision.models.resnet.Bottleneck(32, 8)).to(DEVICE)
+    fused.load_state_dict(eager.state_dict())
+    return eager.train(), fr.convert(fused, backend=backend).train()
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_block_saves_no_activated_tensor(backend):
+    """Eager keeps x, y1, a1, y2, a2, y3 and z (conv inputs, BN inputs, ReLU outputs); the
+    fused block keeps x, y1, y2, y3, z: exactly a1 and a2 fewer bytes."""
+    eager, fused = _block_pair(backend)
+    x = torch.randn(2, 32, 6, 6, device=DEVICE)
+    a_bytes = 2 * (2 * 8 * 6 * 6 * 4)  # a1 and a2: (2, 8, 6, 6) fp32 each
+    eager_bytes = activation_bytes(eager, lambda: eager(x))
+    fused_bytes = activation_bytes(fused, lambda: fused(x))
+    assert fused_bytes == eager_bytes - a_bytes, (fused_bytes, eager_bytes)
+
+
+def test_resnet50_on_the_native_backend_saves_less_activation_memory():
+    """Measured on CPU (batch 8, 64x64, fp32): fused `_C` 45.6 MiB, eager 53.8 MiB."""
+    if unavailable_reason(NATIVE, torch.device(DEVICE)) is not None:
+        pytest.skip("needs the _C extension")
+    eager = torchvision.models.resnet50().to(DEVICE).train()
+    fused = fr.models.resnet50(backend=NATIVE).to(DEVICE).train()
+    x = torch.randn(8, 3, 64, 64, device=DEVICE)
+    ratio = (activation_bytes(fused, lambda: fused(x))
+             / activation_bytes(eager, lambda: eager(x)))
+    assert ratio < 0.9, f"fused / eager activation bytes = {ratio:.3f}"
