@@ -112,3 +112,33 @@ def test_resnet50_on_the_native_backend_saves_less_activation_memory():
     ratio = (activation_bytes(fused, lambda: fused(x))
              / activation_bytes(eager, lambda: eager(x)))
     assert ratio < 0.9, f"fused / eager activation bytes = {ratio:.3f}"
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("name", list(BLOCKS))
+def test_residual_block_eval_matches_the_reference(name, backend):
+    """Inference with BN folded: z = relu(conv_L(...) + b_L + shortcut(x)), one fused conv
+    + bias (+ residual) + ReLU per conv, against plain F.conv2d ops."""
+    x, weights, _, _, strides, paddings, _, shortcut, shortcut_stride = _block_args(name)
+    x = x.detach()
+    weights = [w.detach() for w in weights]
+    biases = [torch.randn(w.shape[0], device=DEVICE) for w in weights]
+    kwargs = dict(strides=strides, paddings=paddings, shortcut=shortcut,
+                  shortcut_stride=shortcut_stride)
+    expected = fr.ops.residual_block_eval(x, weights, biases, backend="reference", **kwargs)
+    main = len(weights) - (shortcut == "projection")
+    assert expected.shape[1] == weights[main - 1].shape[0]
+    with torch.no_grad():
+        assert_close(fr.ops.residual_block_eval(x, weights, biases, backend=backend, **kwargs),
+                     expected)
+
+
+def test_residual_block_eval_checks_the_whole_block_first():
+    x, weights, _, _, strides, paddings, _, shortcut, _ = _block_args("basic identity")
+    biases = [torch.zeros(w.shape[0]) for w in weights]
+    kwargs = dict(strides=strides, paddings=paddings, shortcut=shortcut, backend=NATIVE)
+    with pytest.raises(ValueError, match="x has 8 channels but weight expects 16"):
+        fr.ops.residual_block_eval(x.detach(), [weights[0], torch.randn(8, 16, 3, 3)], biases,
+                                   **kwargs)
+    with pytest.raises(ValueError, match="bias must have shape \\(8,\\)"):
+        fr.ops.residual_block_eval(x.detach(), weights, [biases[0], torch.zeros(4)], **kwargs)

@@ -142,7 +142,8 @@ def test_block_matches_reference_on_cuda(name, backend):
 
 
 @pytest.mark.gpu
-def test_fused_resnet50_training_step_uses_less_activation_memory():
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_fused_resnet50_training_step_uses_less_activation_memory(backend):
     torchvision = pytest.importorskip("torchvision")
 
     def peak_bytes(model):
@@ -158,11 +159,11 @@ def test_fused_resnet50_training_step_uses_less_activation_memory():
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
 
-    fused = models.resnet50(backend="triton")
+    fused = models.resnet50(backend=backend)
     eager = torchvision.models.resnet50(weights=None)
     eager.load_state_dict(fused.state_dict())
     fused_peak, eager_peak = peak_bytes(fused), peak_bytes(eager)
-    print(f"peak activation memory: fused {fused_peak / 2**20:.0f} MiB, "
+    print(f"peak activation memory: fused {backend} {fused_peak / 2**20:.0f} MiB, "
           f"eager {eager_peak / 2**20:.0f} MiB ({fused_peak / eager_peak:.2f}x)")
     assert fused_peak < eager_peak
 

@@ -72,11 +72,15 @@ class ResidualBlock(nn.Module):
         block_pairs = pairs + [tuple(self.downsample)] if kind == "projection" else pairs
         if fusable_block(block_pairs):
             return residual_block(x, block_pairs, kind, self.stride, backend)
-        if self._single_launch_eval(tuned_single):
-            folded = [cached_fold(x, conv, bn, backend) for conv, bn in pairs]
-            if all(f is not None for f in folded):
-                return ops.bottleneck_eval(x, [w for w, _ in folded], [b for _, b in folded],
-                                           backend=backend)
+        folded = [cached_fold(x, conv, bn, backend) for conv, bn in block_pairs]
+        if all(f is not None for f in folded):  # inference, every BN folded into its conv
+            weights, biases = [w for w, _ in folded], [b for _, b in folded]
+            if self._single_launch_eval(tuned_single):
+                return ops.bottleneck_eval(x, weights, biases, backend=backend)
+            return ops.residual_block_eval(
+                x, weights, biases, strides=[c.stride[0] for c, _ in block_pairs],
+                paddings=[c.padding[0] for c, _ in block_pairs], shortcut=kind,
+                shortcut_stride=self.stride, backend=backend)
         if self.training:
             _check_chain(x, pairs, self.downsample if kind == "projection" else None)
         identity = self._shortcut(x, backend)

@@ -11,7 +11,7 @@ from fused_resnet.ops import (  # noqa: F401  (registers the ops)
     conv_ops,
     native_kernels,
 )
-from fused_resnet.ops.block import bottleneck_eval, residual_block_train
+from fused_resnet.ops.block import bottleneck_eval, residual_block_eval, residual_block_train
 from fused_resnet.ops.bn_add_relu import bn_add_relu
 from fused_resnet.ops.conv_bn_act import conv_bias_act, conv_bn_act
 from fused_resnet.ops.sync_bn import sync_batch_norm, sync_conv_bn_act
@@ -26,6 +26,7 @@ __all__ = [
     "bottleneck_eval",
     "conv_bias_act",
     "conv_bn_act",
+    "residual_block_eval",
     "residual_block_train",
     "sync_batch_norm",
     "sync_conv_bn_act",

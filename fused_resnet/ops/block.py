@@ -21,7 +21,7 @@ from fused_resnet.ops.conv_bn_act import (
     autocast_inputs,
     check_conv_bn_act_args,
     select_kernels,
-    update_running_stats,
+    update_block_running_stats,
 )
 from fused_resnet.ops.layout import conv_output_shape
 from fused_resnet.triton.config import BOTTLENECK_EVAL_MAX_MID
@@ -62,7 +62,7 @@ def residual_block_train(
     x: (N, C, H, W), either memory format (kept by the output).
     """
     x, _, _ = autocast_inputs(x, weights[0], None)
-    weights = [w.to(x.dtype) for w in weights]
+    weights = [w if w.dtype == x.dtype else w.to(x.dtype) for w in weights]
     _check(x, weights, bn_weights, bn_biases, running_means, running_vars, strides, paddings,
            eps, shortcut, shortcut_stride)
     kernels = select_kernels(backend, "residual_block", x)
@@ -70,10 +70,8 @@ def residual_block_train(
         z, ys, means, variances = block_train_call(
             x, weights, bn_weights, bn_biases, strides, paddings, eps, shortcut,
             shortcut_stride, kernels)
-        for i, y in enumerate(ys):
-            if running_means[i] is not None:
-                update_running_stats(running_means[i], running_vars[i], means[i], variances[i],
-                                     y.numel() // y.shape[1], momenta[i])
+        update_block_running_stats(running_means, running_vars, means, variances,
+                                   [y.numel() // y.shape[1] for y in ys], momenta)
         return z
 
     def conv_bn(i: int, inp: Tensor, stride: int, padding: int, residual: Optional[Tensor],
@@ -122,12 +120,56 @@ def bottleneck_eval(x: Tensor, weights: list[Tensor], biases: list[Tensor], *,
     kernels = select_kernels(backend, "residual_block", x, reason=too_wide)
     if kernels == "triton":
         return torch.ops.fused_resnet.bottleneck_eval(x, weights, biases)
-    out = x
+    return _eval_chain(x, weights, biases, [1, 1, 1], [0, 1, 0], "identity", 1, kernels)
+
+
+def residual_block_eval(x: Tensor, weights: list[Tensor], biases: list[Tensor], *,
+                        strides: list[int], paddings: list[int], shortcut: str,
+                        shortcut_stride: int = 1, backend: str = "auto") -> Tensor:
+    """Inference block with each BN folded into its conv as (weights[i], biases[i]), e.g. by
+    `reference.fold_bn` (main path, then the projection):
+        a_i = relu(conv(a_{i-1}, w_i) + b_i),  a_0 = x,
+        z   = relu(conv(a_{L-1}, w_L) + b_L + shortcut(x)),
+    shortcut = x | zero_pad(x) | conv(x, w_d) + b_d | nothing; one fused conv + bias
+    (+ residual) + ReLU per conv. x is checked against the whole block before anything runs,
+    and the kernels are chosen once for the block. Biases fp32 (fp64 for fp64 x)."""
+    x, _, _ = autocast_inputs(x, weights[0], None)
+    weights = [w if w.dtype == x.dtype else w.to(x.dtype) for w in weights]
+    main = len(weights) - (shortcut == "projection")
+    inp = x
     for i, (w, b) in enumerate(zip(weights, biases)):
-        residual, padding = (x if i == 2 else None), (1 if i == 1 else 0)
-        if kernels == "native":
-            out = conv_ops.conv_bias_act_call(out, w, b, residual, 1, padding, 1, True, "native")
-        else:
-            out = torch.nn.functional.conv2d(out, w, b.to(x.dtype), padding=padding)
-            out = torch.relu(out if residual is None else out + residual)
+        source = x if i == main else inp
+        stride, padding = (shortcut_stride, 0) if i == main else (strides[i], paddings[i])
+        check_conv_bn_act_args(source, w, None, b, None, None, stride=stride, padding=padding,
+                               groups=1, training=False, residual=None, running_ok=True)
+        if i < main:
+            inp = x.new_empty(1).expand(conv_output_shape(inp, w, stride, padding))
+    kernels = select_kernels(backend, "residual_block", x)
+    return _eval_chain(x, weights, biases, strides, paddings, shortcut, shortcut_stride,
+                       kernels)
+
+
+def _eval_chain(x, weights, biases, strides, paddings, shortcut, shortcut_stride,
+                kernels) -> Tensor:
+    def conv_bias_act(inp, i, residual, stride, padding, relu):
+        w, b = weights[i], biases[i]
+        if kernels != "reference":
+            return conv_ops.conv_bias_act_call(inp, w, b, residual, stride, padding, 1, relu,
+                                               kernels)
+        out = torch.nn.functional.conv2d(inp, w, b.to(inp.dtype), stride, padding)
+        out = out if residual is None else out + residual
+        return torch.relu(out) if relu else out
+
+    main = len(weights) - (shortcut == "projection")
+    residual = None
+    if shortcut == "identity":
+        residual = x
+    elif shortcut == "zero_pad":
+        residual = reference.zero_pad_shortcut(x, weights[main - 1].shape[0], shortcut_stride)
+    elif shortcut == "projection":
+        residual = conv_bias_act(x, main, None, shortcut_stride, 0, relu=False)
+    out = x
+    for i in range(main):
+        last = i == main - 1
+        out = conv_bias_act(out, i, residual if last else None, strides[i], paddings[i], True)
     return out

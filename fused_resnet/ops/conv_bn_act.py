@@ -163,6 +163,32 @@ def update_running_stats(
         running_var.lerp_((var * (n / (n - 1))).to(running_var.dtype), momentum)
 
 
+def update_block_running_stats(
+    running_means: list[Optional[Tensor]], running_vars: list[Optional[Tensor]],
+    means: list[Tensor], variances: list[Tensor], counts: list[int], momenta: list[float],
+) -> None:
+    """`update_running_stats` for each BN of a block that has running stats (a None entry
+    has none), as three multi-tensor ops when the BNs share one momentum and their
+    statistics' dtypes (one per update otherwise)."""
+    picked = [i for i, r in enumerate(running_means) if r is not None]
+    if not picked:
+        return
+    same = len({momenta[i] for i in picked}) == 1 and all(
+        running_means[i].dtype == means[i].dtype == running_vars[i].dtype for i in picked)
+    if not same:
+        for i in picked:
+            update_running_stats(running_means[i], running_vars[i], means[i], variances[i],
+                                 counts[i], momenta[i])
+        return
+    momentum = momenta[picked[0]]
+    with torch.no_grad():
+        torch._foreach_lerp_([running_means[i] for i in picked], [means[i] for i in picked],
+                             momentum)
+        unbiased = torch._foreach_mul([variances[i] for i in picked],
+                                      [counts[i] / (counts[i] - 1) for i in picked])
+        torch._foreach_lerp_([running_vars[i] for i in picked], unbiased, momentum)
+
+
 def select_kernels(backend: str, op: str, x: Tensor, *, groups: int = 1,
                    reason: Optional[str] = None) -> str:
     """Which kernels run `op` for this call: "triton", "native" (the `_C` kernels of the
