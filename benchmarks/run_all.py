@@ -5,7 +5,7 @@ On a GPU (the run whose results are committed and summarized in README.md), in o
      bf16 / fp16 / TF32 / fp32, every column (fused Triton, fused `_C` CUDA, eager NCHW,
      eager channels_last, torch.compile default and max-autotune);
   2. the same inference settings replayed from CUDA graphs;
-  3. the per-stage breakdown (every distinct block, bf16, batch 256 and 1), which also writes
+  3. the per-stage breakdown (every distinct block, bf16 / fp16, batch 256 and 1), which writes
      each shape's fastest backend into the per-shape auto table (`--write-table`);
   4. the family table (ResNet-18 ... 152: MACs, params, latency, img/s);
   5. the per-conv benchmark `bench_ops.py`.
@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 
 import torch
+from bench_blocks import blocks_args  # the scripts beside this one
+from bench_model import model_args
 
 from fused_resnet.__main__ import main as cli
 
@@ -33,23 +35,21 @@ STEPS = ("model", "graphs", "stages", "family", "ops")
 
 
 def steps(smoke: bool, out: str, table: str) -> dict[str, list[str]]:
-    """The CLI arguments of each step."""
+    """The CLI arguments of each step: bench_model.py's and bench_blocks.py's runs, with
+    TF32 / fp32 added to the model run and the block run writing the per-shape table."""
+    model = model_args(smoke, out)
+    stages = blocks_args(smoke, out) + ["--write-table", table]
     if smoke:  # tiny CPU shapes: the code paths, not the speed
-        tiny = ["--arch", "cifar_resnet20", "--image-size", "8", "--batch-sizes", "2",
-                "--iters", "2", "--warmup", "1", "--out", out, "--no-progress"]
-        return {"model": ["bench", *tiny, "--dtypes", "fp32", "bf16"],
-                "stages": ["bench", "--stages", *tiny, "--write-table", table],
+        return {"model": model, "stages": stages,
                 "family": ["bench", "--flops-table", "--archs", "resnet18", "--image-size",
                            "32", "--batch-sizes", "2", "--iters", "2", "--out", out,
                            "--no-progress"]}
     common = ["--arch", "resnet50", "--out", out]
     return {
-        "model": ["bench", *common, "--dtypes", "bf16", "fp16", "tf32", "fp32",
-                  "--batch-sizes", "256"],
+        "model": model + ["--dtypes", "bf16", "fp16", "tf32", "fp32"],
         "graphs": ["bench", *common, "--dtypes", "bf16", "--modes", "infer", "latency",
                    "--batch-sizes", "256", "--cuda-graphs"],
-        "stages": ["bench", "--stages", *common, "--dtypes", "bf16", "--batch-sizes", "256",
-                   "1", "--write-table", table],
+        "stages": stages,
         "family": ["bench", "--flops-table", "--dtypes", "bf16", "--batch-sizes", "256",
                    "--out", out],
     }

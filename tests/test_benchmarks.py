@@ -52,6 +52,42 @@ def test_run_all_smoke_writes_every_report(tmp_path):
     assert table["format"] == 1 and len(table["devices"]["cpu"]) == 5 * 2  # 5 blocks x 2 modes
 
 
+def test_bench_model_and_blocks_smoke_pass_arguments_on(tmp_path):
+    # the two entry points: their presets, with later `bench` arguments winning
+    result = run_script("bench_model.py", "--smoke", "--out", str(tmp_path), "--modes",
+                        "latency", "--dtypes", "fp32")
+    rows = list(csv.DictReader((only_folder(tmp_path) / "model.csv").open()))
+    assert {(r["mode"], r["dtype"], r["arch"]) for r in rows} == {
+        ("latency", "fp32", "cifar_resnet20")}
+    assert {r["column"] for r in rows} == {"fused cpu", "eager NCHW", "eager channels_last"}
+    result = run_script("bench_blocks.py", "--smoke", "--no-save")
+    assert "bench --stages: cifar_resnet20 blocks" in result.stdout
+    assert "| layer3.0 " in result.stdout and "| eval " in result.stdout
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the CPU refusal")
+@pytest.mark.parametrize("script", ["bench_model.py", "bench_blocks.py"])
+def test_gpu_presets_refuse_a_cpu_machine(script):
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "meant for a GPU; use --smoke" in result.stderr
+
+
+def test_gpu_session_script_parses_and_names_its_steps(tmp_path):
+    # the one-call script for a lent GPU machine cannot run here; bash checks its syntax, and
+    # an unknown step is refused before anything is built
+    script = ROOT / "benchmarks" / "gpu_session.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    text = script.read_text()
+    for step in ("tests)", "model)", "blocks)", "bench_model.py", "bench_blocks.py",
+                 "gpu and not slow", "-m slow"):
+        assert step in text, step
+    refused = subprocess.run(["bash", str(script), "tests", "bogus"], capture_output=True,
+                             text=True, env={"PATH": "/usr/bin:/bin", "OUT": str(tmp_path / "out")})
+    assert refused.returncode == 2 and "unknown step 'bogus'" in refused.stdout
+    assert not (tmp_path / "out").exists()
+
+
 def test_bench_cpu_smoke(tmp_path):
     pytest.importorskip("fused_resnet._C")
     result = run_script("bench_cpu.py", "--smoke", "--out", str(tmp_path))

@@ -176,3 +176,19 @@ def _save(args, kind: str, rows: list[dict], text: str, group_keys, value, ylabe
     if group_keys and plot_bars(rows, f"{stem}.png", group_keys, value, ylabel):
         wrote.append(".png")
     print(f"\nwrote {stem}{{{','.join(wrote)}}}", file=sys.stderr)
+
+
+def run_preset(doc: str, preset, default_out, argv=None) -> int:
+    """Main of a benchmark script that is `bench` with fixed defaults: `preset(smoke, out)`
+    gives the `bench` arguments; `--smoke` (tiny CPU shapes) and `--out` are the script's,
+    every other argument is passed on to `bench` after the preset's, so it wins."""
+    from fused_resnet.__main__ import main as cli
+
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny CPU shapes: the code path")
+    parser.add_argument("--out", default=str(default_out), help="results folder")
+    args, rest = parser.parse_known_args(argv)
+    if not args.smoke and not torch.cuda.is_available():
+        parser.error("this run is meant for a GPU; use --smoke on CPU (or `python -m "
+                     "fused_resnet bench`, whose defaults suit a CPU)")
+    return cli(preset(args.smoke, args.out) + rest)
