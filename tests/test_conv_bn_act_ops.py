@@ -1,6 +1,8 @@
 """Fused conv + BN + add + ReLU ops against the reference, on Triton (TRITON_INTERPRET=1 on
 CPU) and on the `_C` kernels ("cpu" here, "cuda" on a GPU machine)."""
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -29,6 +31,21 @@ GRID = [
     (7, 1, 3, 24, 32, True, True, False),
     (7, 2, 0, 16, 16, True, False, True),
 ]
+# The full product of the same values (864 cases): on the `_C` backend everywhere (a few
+# seconds on CPU; a GPU test on a GPU machine), on Triton only in the GPU machine's slow run
+# (the interpreter takes about a second per case).
+EXHAUSTIVE = list(itertools.product(*(sorted(set(column)) for column in zip(*GRID))))
+
+
+def _exhaustive_marks(param):
+    """Triton: the GPU machine's slow run; `_C`: every run, a GPU test where it is CUDA."""
+    if param.id == "triton":
+        return [*param.marks, pytest.mark.gpu, pytest.mark.slow]
+    return [*param.marks, pytest.mark.gpu] if DEVICE == "cuda" else list(param.marks)
+
+
+EXHAUSTIVE_BACKENDS = [pytest.param(*p.values, id=p.id, marks=_exhaustive_marks(p))
+                       for p in FUSED_BACKENDS]
 
 
 def _params(c_out, dtype=torch.float32, device=DEVICE):
@@ -68,6 +85,15 @@ def test_matches_reference(kernel, stride, padding, c_in, c_out, residual, relu,
         assert_close(g, ref, kind="grad", name=f"d{name}")
     for name, s, ref in zip(("running_mean", "running_var"), stats, ref_stats):
         assert_close(s, ref, name=name)
+
+
+@pytest.mark.parametrize("backend", EXHAUSTIVE_BACKENDS)
+@pytest.mark.parametrize("kernel, stride, padding, c_in, c_out, residual, relu, training",
+                         EXHAUSTIVE)
+def test_matches_reference_exhaustive(kernel, stride, padding, c_in, c_out, residual, relu,
+                                      training, backend):
+    test_matches_reference(kernel, stride, padding, c_in, c_out, residual, relu, training,
+                           backend)
 
 
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# One call on a lent GPU machine (the device tool), from the repository root, with $OUT set:
+# build _C for sm_90, then the chosen steps, each under its own time limit (SIGINT first, so
+# pytest still prints its summary) so that one slow step cannot eat the others' time:
+#   tests   pytest -m "gpu and not slow" (Triton compiled, _C CUDA, peak memory, compile)
+#   slow    pytest -m slow: the exhaustive op grid (864 cases per backend)
+#   model   bench_model.py: ResNet-50 fused Triton / _C vs eager channels_last vs compile
+#   blocks  bench_blocks.py --write-table: every distinct block, and the per-shape auto table
+# Logs, JUnit XML and benchmarks/results/ land under $OUT; the last lines are the summary.
+#
+#   bash benchmarks/gpu_session.sh                 # tests model: one call, under 10 minutes
+#   bash benchmarks/gpu_session.sh blocks          # the next call (the build is incremental)
+#
+# Limits (seconds): BUILD_S, TESTS_S, SLOW_S, MODEL_S, BLOCKS_S. The model run leaves out eager NCHW
+# and compile max-autotune (minutes of autotuning); `BENCH_COLUMNS=...` changes that.
+set -uo pipefail
+steps=${*:-tests model}
+for name in $steps; do
+    [[ $name =~ ^(tests|slow|model|blocks)$ ]] \
+        || { echo "unknown step '$name' (tests, slow, model, blocks)"; exit 2; }
+done
+OUT=${OUT:-/tmp/fused_resnet_out}
+mkdir -p "$OUT"
+summary=()
+step() {  # step NAME SECONDS CMD...: run, log to $OUT/NAME.log, record the exit status
+    local name=$1 limit=$2; shift 2
+    local start=$SECONDS
+    timeout --signal=INT --kill-after=20 "$limit" "$@" >"$OUT/$name.log" 2>&1
+    local rc=$?
+    summary+=("$name: exit $rc in $((SECONDS - start)) s (limit $limit)")
+    tail -n 3 "$OUT/$name.log"
+    return $rc
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv >"$OUT/gpu.txt" 2>&1
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
+    >>"$OUT/gpu.txt" 2>&1
+cat "$OUT/gpu.txt"
+
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
+step build "${BUILD_S:-150}" python3 -m pip install --no-build-isolation --no-deps -e . \
+    || { printf '%s\n' "${summary[@]}"; exit 1; }
+
+for name in $steps; do
+    case $name in
+        tests) step tests_gpu "${TESTS_S:-240}" python3 -m pytest -m "gpu and not slow" -q \
+                   -p no:cacheprovider --junitxml="$OUT/tests_gpu.xml" ;;
+        slow) step tests_slow "${SLOW_S:-500}" python3 -m pytest -m slow -q \
+                  -p no:cacheprovider --junitxml="$OUT/tests_slow.xml" ;;
+        model) step bench_model "${MODEL_S:-200}" python3 benchmarks/bench_model.py \
+                   --no-progress --columns ${BENCH_COLUMNS:-triton cuda eager-cl compile} ;;
+        blocks) step bench_blocks "${BLOCKS_S:-300}" python3 benchmarks/bench_blocks.py \
+                    --no-progress --write-table
+                cp fused_resnet/data/auto_backend.json "$OUT/" ;;
+    esac
+done
+[[ -d benchmarks/results ]] && cp -rp benchmarks/results "$OUT/results"
+
+echo "=== summary ==="
+grep -h -E "^(=+ .*(passed|failed|error).* =+|FAILED|ERROR)" "$OUT"/tests_*.log 2>/dev/null \
+    | tail -n 15
+for f in "$OUT"/results/*/model.md; do  # this run's GPU tables, not the committed CPU ones
+    [[ $f == */cpu-* || $f -ot "$OUT/gpu.txt" ]] || tail -n 30 "$f"
+done
+printf '%s\n' "${summary[@]}"
