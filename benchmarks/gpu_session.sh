@@ -3,7 +3,7 @@
 # build _C for sm_90, then the chosen steps, each under its own time limit (SIGINT first, so
 # pytest still prints its summary) so that one slow step cannot eat the others' time:
 #   tests   pytest -m "gpu and not slow" (Triton compiled, _C CUDA, peak memory, compile)
-#   slow    pytest -m slow: the exhaustive op grid (864 cases per backend)
+#   slow    pytest -m slow: the exhaustive op grid on Triton (864 cases)
 #   model   bench_model.py: ResNet-50 fused Triton / _C vs eager channels_last vs compile
 #   blocks  bench_blocks.py --write-table: every distinct block, and the per-shape auto table
 # Logs, JUnit XML and benchmarks/results/ land under $OUT; the last lines are the summary.
@@ -11,8 +11,8 @@
 #   bash benchmarks/gpu_session.sh                 # tests model: one call, under 10 minutes
 #   bash benchmarks/gpu_session.sh blocks          # the next call (the build is incremental)
 #
-# Limits (seconds): BUILD_S, TESTS_S, SLOW_S, MODEL_S, BLOCKS_S. The model run leaves out eager NCHW
-# and compile max-autotune (minutes of autotuning); `BENCH_COLUMNS=...` changes that.
+# Limits (seconds): BUILD_S, TESTS_S, SLOW_S, MODEL_S, BLOCKS_S. The model run leaves out
+# eager NCHW and compile max-autotune (minutes of autotuning); `BENCH_COLUMNS=...` changes that.
 set -uo pipefail
 steps=${*:-tests model}
 for name in $steps; do

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,7 +66,7 @@ def test_bench_model_and_blocks_smoke_pass_arguments_on(tmp_path):
     assert "| layer3.0 " in result.stdout and "| eval " in result.stdout
 
 
-@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the CPU refusal")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
 @pytest.mark.parametrize("script", ["bench_model.py", "bench_blocks.py"])
 def test_gpu_presets_refuse_a_cpu_machine(script):
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script)],
