@@ -67,10 +67,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
                          "pass" if c.ok else "FAIL") for name, c in report.rows]))
     print(f"\n{'PASSED' if report.ok else 'FAILED'}: {sum(c.ok for _, c in report.rows)} of "
           f"{len(report.rows)} checks within tolerance")
-    if report.ok and args.bench and report.device.startswith("cuda"):
+    if report.ok and args.bench and report.device.startswith("cuda") and report.dtype != "fp64":
         from fused_resnet.bench.cli import short_benchmark
 
-        print("\n" + short_benchmark(args.arch, args.variant, args.backend, args.dtype,
+        print("\n" + short_benchmark(args.arch, args.variant, args.backend, report.dtype,
                                      args.device))
     return 0 if report.ok else 1
 
@@ -86,8 +86,9 @@ def _common(p: argparse.ArgumentParser, arch: str = "resnet50") -> None:
 
 def _runtime(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="auto", choices=BACKENDS, help="backend of the model")
-    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"),
-                   help="fp32, or autocast to bf16/fp16")
+    p.add_argument("--dtype", default=None, choices=("fp32", "fp64", "bf16", "fp16"),
+                   help="fp32 / fp64, or autocast to bf16/fp16 (default fp32 on a GPU, fp64 on "
+                        "CPU, where fp32 rounding of a random ResNet is too chaotic to judge)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
 
 

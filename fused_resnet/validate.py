@@ -6,6 +6,8 @@ then runs `steps` SGD steps on one fixed random batch and compares, with the rul
 `fused_resnet.testing`: training logits, loss and every parameter's gradient at each step,
 the BN running stats after the steps, and the eval logits. In fp16/bf16 (autocast) an fp64
 copy of the reference is the truth and the reference in the same dtype is the eager baseline.
+In fp64 both models run in fp64 and are held to the fixed tolerance: the default on CPU,
+where fp32 cannot be judged tightly (see `judge`).
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ def _worst(items: list[tuple[str, Comparison]]) -> tuple[str, Comparison]:
 def validate(
     arch: str = "resnet50",
     backend: str = "auto",
-    dtype: str = "fp32",
+    dtype: Optional[str] = None,
     steps: int = 2,
     *,
     batch_size: Optional[int] = None,
@@ -70,12 +72,15 @@ def validate(
     lr: float = 0.01,
     seed: int = 0,
 ) -> ValidationReport:
-    if dtype not in DTYPES or dtype == "fp64":
-        raise ValueError(f"dtype must be one of fp32, bf16, fp16; got {dtype!r}")
+    """dtype: fp32, fp64, bf16 or fp16 (autocast); None is fp32 on CUDA and fp64 on CPU."""
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     on_gpu = dev.type == "cuda"
+    dtype = dtype or ("fp32" if on_gpu else "fp64")
+    exact = dtype == "fp64"
     cifar = is_cifar(arch)
     size = image_size or (32 if cifar else 224 if on_gpu else 64)
     batch = batch_size or (32 if on_gpu else 4)
@@ -83,10 +88,13 @@ def validate(
     kwargs = {"backend": backend} if cifar else {"backend": backend, "variant": variant}
     candidate = build_model(arch, **kwargs)
     reference, ref_name = reference_twin(arch, candidate, variant)
-    half = DTYPES[dtype] if dtype != "fp32" else None
-    models = {"candidate": candidate.to(dev), "reference": reference.to(dev),
-              "truth": copy.deepcopy(reference).to(dev).double()}
-    x = torch.randn(batch, 3, size, size, device=dev)
+    half = DTYPES[dtype] if dtype in ("bf16", "fp16") else None
+    if exact:  # the reference in fp64 is the truth
+        models = {"candidate": candidate.to(dev).double(), "reference": reference.to(dev).double()}
+    else:
+        models = {"candidate": candidate.to(dev), "reference": reference.to(dev),
+                  "truth": copy.deepcopy(reference).to(dev).double()}
+    x = torch.randn(batch, 3, size, size, device=dev, dtype=DTYPES[dtype] if exact else None)
     target = torch.randint(0, candidate.fc.out_features, (batch,), device=dev)
     report = ValidationReport(arch, backend, ref_name, dtype, str(dev), tuple(x.shape))
     optimizers = {
@@ -95,15 +103,19 @@ def validate(
 
     def judge(results: dict, kind: str = "output") -> Comparison:
         """The candidate's entry of `results` against the fp64 truth with the reference as
-        the eager baseline (fp16 / bf16: the 2x rule). fp32: against the reference at the
-        fixed tolerance, or, where fp32 rounding alone moves the result further than that
-        (an ill-conditioned batch: few values per channel in a BN), by the 2x rule on L2
-        norms (`testing.compare_norm`)."""
+        the eager baseline (fp16 / bf16: the 2x rule). fp64: against the reference at the
+        fixed tolerance. fp32: the same, or, where fp32 rounding alone moves the result
+        further than that (an ill-conditioned batch: few values per channel in a BN), by the
+        2x rule on L2 norms (`testing.compare_norm`). That fallback is a loose and noisy
+        check: a randomly initialised ResNet-50 amplifies rounding so much that eager
+        PyTorch's own fp32 gradients sit 1-3% from the fp64 ones (NCHW and channels_last
+        up to 5x apart) and all fp32 runs decorrelate after one SGD step, so on CPU the
+        default is fp64, where the fused and reference models agree to about 1e-10."""
         if half is not None:
             return compare(results["candidate"], results["truth"], kind=kind,
                            baseline=results["reference"], compute_dtype=half)
         direct = compare(results["candidate"], results["reference"], kind=kind)
-        if direct.ok:
+        if direct.ok or exact:
             return direct
         return compare_norm(results["candidate"], results["truth"], results["reference"],
                             kind=kind)

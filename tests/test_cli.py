@@ -56,12 +56,40 @@ def test_validate_passes_and_prints_the_table():
     assert "PASSED" in out and "FAIL |" not in out
 
 
-def test_validate_against_torchvision():
+def test_validate_against_torchvision_in_fp32():
     # 64x64 leaves layer4 8 values per channel to normalize; at 32x32 (2 values) the
     # gradients are so ill-conditioned that fp32 rounding differences exceed 1e-3.
     out = run("validate", "--arch", "resnet18", "--steps", "1", "--batch-size", "2",
-              "--image-size", "64").stdout
-    assert "torchvision.models.resnet18" in out and "PASSED" in out
+              "--image-size", "64", "--dtype", "fp32").stdout
+    assert "torchvision.models.resnet18" in out and "(fp32, " in out and "PASSED" in out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU defaults")
+def test_readme_main_job_validates_resnet50_in_fp64_on_cpu():
+    # README's main command as written: ResNet-50 at 64x64, batch 4, 2 SGD steps, fp64, every
+    # row at the fixed tolerance (no 2x-eager fallback in fp64)
+    out = run("validate").stdout
+    assert "validate resnet50 on backend 'auto' (fp64, cpu, input (4, 3, 64, 64))" in out
+    assert "PASSED: 8 of 8" in out and "2x eager" not in out
+
+
+def test_fp64_validation_catches_a_wrong_model(monkeypatch):
+    # the candidate's one BN normalizes with eps 0.1 where torchvision's twin has 1e-5: a few
+    # percent off, far above fp64 rounding, so the fixed tolerance must flag it
+    from fused_resnet import validate as validation
+
+    build_model = validation.build_model
+
+    def build_off_by_eps(arch, **kwargs):
+        model = build_model(arch, **kwargs)
+        model.layer2[0].bn2.eps = 0.1
+        return model
+
+    monkeypatch.setattr(validation, "build_model", build_off_by_eps)
+    report = validation.validate("resnet18", "auto", "fp64", 1, batch_size=2, image_size=64,
+                                 device="cpu")
+    assert report.dtype == "fp64" and not report.ok
+    assert all(c.bound.startswith("rtol") for _, c in report.rows)
 
 
 def test_bench_prints_every_column_and_writes_the_results_folder(tmp_path):
