@@ -1,8 +1,9 @@
-"""Command line: python -m fused_resnet {flops,validate,bench,train} [--help]."""
+"""Command line: python -m fused_resnet {flops,validate,bench,train,compile} [--help]."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Optional
 
@@ -75,6 +76,47 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def cmd_compile(args: argparse.Namespace) -> int:
+    from fused_resnet.compile_check import (
+        BUILD_FIELDS,
+        SUMMARY_HEADER,
+        WORKLOADS,
+        check,
+        summary_rows,
+        write_csv,
+    )
+
+    if args.jobs < 1:
+        raise ValueError(f"--jobs must be at least 1, got {args.jobs}")
+    unknown = [w for w in args.workload if w not in WORKLOADS]
+    if unknown:
+        raise ValueError(f"--workload must be among {sorted(WORKLOADS)}, got {unknown}")
+    reports = []
+    for arch in args.arch:
+        report = check(args.workload, args.dtype, arch, args.jobs,
+                       progress=lambda what: print(f"{what} ...", flush=True))
+        reports.append(report)
+        print(f"\nsm_{arch}: {len(report.builds)} kernel builds for {', '.join(args.workload)} "
+              f"in {', '.join(args.dtype)}\n")
+        print(format_table(SUMMARY_HEADER, summary_rows(report)))
+        if args.all:
+            print()
+            print(format_table(BUILD_FIELDS[1:], [[getattr(b, k) for k in BUILD_FIELDS[1:]]
+                                                  for b in report.builds]))
+        skipped = [b for b in report.builds if b.autotuned and b.over_shared_limit]
+        if skipped:
+            print(f"\n{len(skipped)} autotuner candidates need more shared memory than sm_{arch} "
+                  "has; the autotuner skips them (--all lists them)")
+        for problem in report.problems:
+            print(f"PROBLEM sm_{arch}: {problem}")
+    if args.out:
+        write_csv(args.out, reports)
+        print(f"\nwrote {args.out}")
+    failed = sum(len(r.problems) for r in reports)
+    print(f"\n{'FAILED' if failed else 'PASSED'}: {failed} kernel builds cannot launch")
+    return 1 if failed else 0
+
+
 def _common(p: argparse.ArgumentParser, arch: str = "resnet50") -> None:
     p.add_argument("--arch", default=arch, help=f"model name: {ARCH_HELP} (default {arch})")
     p.add_argument("--variant", default="v1.5", choices=("v1", "v1.5"),
@@ -133,6 +175,24 @@ def build_parser() -> argparse.ArgumentParser:
                        description=train_doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_train_arguments(p)
     p.set_defaults(func=cmd_train)
+
+    from fused_resnet.compile_check import __doc__ as compile_doc
+
+    p = sub.add_parser("compile", help="compile every Triton kernel a model launches for a GPU "
+                       "architecture, without a GPU; report shared memory, registers, spills",
+                       description=compile_doc,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", type=int, nargs="+", default=[90],
+                   help="compute capabilities, e.g. 80 90 (default 90: H100 / H200)")
+    p.add_argument("--dtype", nargs="+", default=["bf16"], choices=("fp32", "bf16", "fp16"),
+                   help="fp32 (TF32 tl.dot) or autocast to bf16 / fp16 (default bf16)")
+    p.add_argument("--workload", nargs="+", default=["resnet50"],
+                   help="resnet50, resnet18, cifar_resnet20 or blocks (default resnet50)")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                   help="compiler processes (default: one per CPU)")
+    p.add_argument("--all", action="store_true", help="also print every build")
+    p.add_argument("--out", default=None, help="write every build to this CSV file")
+    p.set_defaults(func=cmd_compile)
     return parser
 
 

@@ -91,7 +91,10 @@ def unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
             import triton  # noqa: F401
         except ImportError:
             return "Triton is not installed (pip install triton)"
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        from fused_resnet.triton.config import compile_only_arch
+
+        if (device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
+                and compile_only_arch() is None):  # aot.compile_only: CPU tensors, no launch
             return "Triton runs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1)"
         return None
     ext = load_extension()

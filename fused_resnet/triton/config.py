@@ -29,6 +29,20 @@ _pinned: Optional[TileConfig] = None
 BOTTLENECK_EVAL_MAX_MID = 256
 
 
+_compile_only_arch: Optional[int] = None
+
+
+def set_compile_only(arch: Optional[int]) -> None:
+    """Set by `aot.compile_only`: launches compile for sm_<arch> (None: they run)."""
+    global _compile_only_arch
+    _compile_only_arch = arch
+
+
+def compile_only_arch() -> Optional[int]:
+    """The architecture launches compile for instead of running, or None."""
+    return _compile_only_arch
+
+
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 

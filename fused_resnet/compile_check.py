@@ -1,0 +1,137 @@
+"""Compile every Triton kernel a model launches, for a GPU architecture, without a GPU.
+
+`python -m fused_resnet compile --arch 90 --dtype bf16` runs a fused model's training step
+(forward and backward) and its inference (chained folded convs, and the single-launch
+bottleneck where a block allows it) at real shapes, with every Triton launch turned into a
+compile for sm_90 (`fused_resnet.triton.aot.compile_only`): every specialization the model
+needs, with every autotuner config. It prints what ptxas gave each kernel (shared memory,
+registers, stack bytes: a stack means spilled registers) and fails when a kernel does not
+compile or needs more shared memory than the architecture has. Nothing runs: this checks that a
+GPU run can start, not what it computes (the interpreter tests and `validate` do that).
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# name -> (input shape of the training step, inference batch sizes): the shapes of
+# benchmarks/bench_model.py (batch 256, latency at batch 1), so that a cache warmed by
+# `compile --jobs N` holds every kernel that benchmark launches.
+WORKLOADS: dict[str, tuple[tuple[int, int, int, int], tuple[int, ...]]] = {
+    "resnet50": ((256, 3, 224, 224), (256, 1)),
+    "resnet18": ((256, 3, 224, 224), (256, 1)),
+    "cifar_resnet20": ((256, 3, 32, 32), (256, 1)),
+    "blocks": ((2, 32, 16, 16), (2,)),  # a small set for the test suite: see `_blocks`
+}
+
+
+def _blocks(backend: str) -> torch.nn.Module:
+    """Every block kind at a small shape: projection and identity bottlenecks, identity and
+    option-A basic blocks (a grouped 3x3 is not a Triton kernel, so it is left out)."""
+    from fused_resnet.nn import FusedBasicBlock, FusedBottleneck
+
+    return torch.nn.Sequential(
+        FusedBottleneck(32, 16, backend=backend),  # projection 32 -> 64 (1x1 conv + BN)
+        FusedBottleneck(64, 16, stride=2, backend=backend),  # 3x3 and projection stride 2
+        FusedBottleneck(64, 16, backend=backend),  # identity: the single-launch candidate
+        FusedBasicBlock(64, 64, backend=backend),
+        FusedBasicBlock(64, 128, stride=2, shortcut="A", backend=backend),
+    )
+
+
+def build(workload: str, backend: str = "triton") -> torch.nn.Module:
+    from fused_resnet.models import build_model
+
+    if workload == "blocks":
+        return _blocks(backend)
+    return build_model(workload, backend=backend)
+
+
+def drive(model: torch.nn.Module, shape: tuple[int, ...], batches: tuple[int, ...],
+          dtype: torch.dtype) -> None:
+    """One training step's forward and backward, then inference at each batch size, chained
+    and single-launch for the bottlenecks the kernel takes; autocast for bf16 / fp16."""
+    from fused_resnet.nn import FusedBottleneck
+    from fused_resnet.triton.config import BOTTLENECK_EVAL_MAX_MID
+
+    model = model.to(memory_format=torch.channels_last)
+    x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
+
+    def autocast():
+        return torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)
+
+    model.train()
+    with autocast():
+        out = model(x)
+    out.float().sum().backward()
+    model.eval()
+    bottlenecks = [m for m in model.modules() if isinstance(m, FusedBottleneck)
+                   and m.conv1.out_channels <= BOTTLENECK_EVAL_MAX_MID]  # the rest must chain
+    for eval_kernel in ("chain", "single") if bottlenecks else ("chain",):
+        for m in bottlenecks:
+            m.eval_kernel = eval_kernel
+        for batch in batches:
+            with torch.no_grad(), autocast():
+                model(x[:batch])
+
+
+@dataclass
+class Report:
+    arch: int
+    builds: list  # of aot.KernelBuild
+    problems: list[str]
+
+
+def check(workloads: list[str], dtypes: list[str], arch: int, workers: int = 1,
+          progress: Callable[[str], None] = lambda _: None) -> Report:
+    """Drives each workload in each dtype with the launches recorded, then compiles them
+    in `workers` processes."""
+    from fused_resnet.triton.aot import compile_only
+
+    with compile_only(arch, workers) as made:
+        for workload in workloads:
+            shape, batches = WORKLOADS[workload]
+            for name in dtypes:
+                progress(f"recording the launches of {workload} in {name}")
+                torch.manual_seed(0)
+                drive(build(workload), shape, batches, DTYPES[name])
+        progress(f"compiling for sm_{arch} in {workers} process(es)")
+    return Report(arch, list(made), made.problems())
+
+
+def summary_rows(report: Report) -> list[tuple]:
+    """Per kernel: builds, most shared memory, most registers, builds with a stack, autotuner
+    candidates over the shared memory (which the autotuner skips), failures."""
+    rows = []
+    for name in sorted({b.name for b in report.builds}):
+        mine = [b for b in report.builds if b.name == name]
+        ok = [b for b in mine if b.error is None]
+        regs = [b.registers for b in ok if b.registers is not None]
+        spilled = [b for b in ok if b.stack]
+        worst = max(spilled, key=lambda b: b.stack, default=None)
+        rows.append((name, len(mine), f"{max((b.shared for b in ok), default=0) / 1024:.0f}",
+                     max(regs, default="-"), len(spilled),
+                     f"{worst.stack} B: {worst.tile} [{worst.variant}]" if worst else "-",
+                     sum(b.autotuned and b.over_shared_limit for b in ok),
+                     sum(bool(b.problems()) for b in mine)))
+    return rows
+
+
+SUMMARY_HEADER = ("kernel", "builds", "max shared KiB", "max regs", "builds with stack",
+                  "largest stack", "candidates over shared", "cannot launch")
+BUILD_FIELDS = ("arch", "name", "dtype", "variant", "tile", "num_warps", "num_stages",
+                "autotuned", "shared", "registers", "stack", "error")
+
+
+def write_csv(path: str, reports: list[Report]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(BUILD_FIELDS)
+        for report in reports:
+            for b in report.builds:
+                writer.writerow([getattr(b, k) for k in BUILD_FIELDS])
