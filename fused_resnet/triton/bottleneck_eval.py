@@ -101,12 +101,18 @@ def bottleneck_eval(x: Tensor, weights: list[Tensor], biases: list[Tensor]) -> T
     z = torch.empty_like(x, memory_format=torch.channels_last)
     m = n * h * w
     block_m = 32
+    block_mid = max(16, triton.next_power_of_2(c_mid))
+    # Shared memory of the fp32 (tf32) build at BLOCK_MID 256, by software-pipelining stages
+    # (`python -m fused_resnet compile`, sm_80 and sm_90 alike): 3 -> 164 KiB, over the A100's
+    # 163 KiB per block; 2 -> 100 KiB, over sm_86 / sm_89's 99 KiB; 1 -> 96 KiB, fits all.
+    # 16-bit builds need half as much and keep 3 stages.
+    stages = 1 if x.element_size() >= 4 and block_mid >= 256 else 3
     _bottleneck_eval_kernel[(triton.cdiv(m, block_m),)](
         x, gemm_weight(w1), biases[0], gemm_weight(w2), biases[1], gemm_weight(w3), biases[2], z,
         h, w, c, c_mid, m,
         UPCAST=interpreting() and x.dtype == torch.bfloat16,
         ACC_FP64=acc_dtype(x.dtype) == torch.float64, PRECISION=input_precision(x.dtype),
-        BLOCK_M=block_m, BLOCK_MID=max(16, triton.next_power_of_2(c_mid)), BLOCK_K=32,
-        BLOCK_N=64, num_warps=4,
+        BLOCK_M=block_m, BLOCK_MID=block_mid, BLOCK_K=32, BLOCK_N=64, num_warps=4,
+        num_stages=stages,
     )
     return z
