@@ -2,32 +2,43 @@
 # One call on a lent GPU machine (the device tool), from the repository root, with $OUT set:
 # build _C for sm_90, then the chosen steps, each under its own time limit (SIGINT first, so
 # pytest still prints its summary) so that one slow step cannot eat the others' time:
+#   warm    python -m fused_resnet compile: every Triton kernel the model benchmark launches
+#           (ResNet-50, bf16 and fp16, batch 256 and 1, every autotuner config) compiled in
+#           parallel into Triton's cache, so that model / blocks do not compile one by one
 #   tests   pytest -m "gpu and not slow" (Triton compiled, _C CUDA, peak memory, compile)
 #   slow    pytest -m slow: the exhaustive op grid on Triton (864 cases)
 #   model   bench_model.py: ResNet-50 fused Triton / _C vs eager channels_last vs compile
 #   blocks  bench_blocks.py --write-table: every distinct block, and the per-shape auto table
 # Logs, JUnit XML and benchmarks/results/ land under $OUT; the last lines are the summary.
 #
-#   bash benchmarks/gpu_session.sh                 # tests model: one call, under 10 minutes
+#   bash benchmarks/gpu_session.sh                 # warm tests model: one call, < 10 minutes
 #   bash benchmarks/gpu_session.sh blocks          # the next call (the build is incremental)
 #
-# Limits (seconds): BUILD_S, TESTS_S, SLOW_S, MODEL_S, BLOCKS_S. The model run leaves out
+# Limits (seconds): BUILD_S, WARM_S, TESTS_S, SLOW_S, MODEL_S, BLOCKS_S. The model run leaves out
 # eager NCHW and compile max-autotune (minutes of autotuning); `BENCH_COLUMNS=...` changes that.
 set -uo pipefail
-steps=${*:-tests model}
+steps=${*:-warm tests model}
 for name in $steps; do
-    [[ $name =~ ^(tests|slow|model|blocks)$ ]] \
-        || { echo "unknown step '$name' (tests, slow, model, blocks)"; exit 2; }
+    [[ $name =~ ^(warm|tests|slow|model|blocks)$ ]] \
+        || { echo "unknown step '$name' (warm, tests, slow, model, blocks)"; exit 2; }
 done
 OUT=${OUT:-/tmp/fused_resnet_out}
 mkdir -p "$OUT"
 summary=()
+# Each step's summary line counts the Triton kernels it compiled (new cubins in Triton's
+# cache); after `warm`, `model` should add next to none (with TRITON_CACHE_DIR unset,
+# torch.compile keeps its kernels in inductor's own cache, not counted).
+triton_cache=${TRITON_CACHE_DIR:-$HOME/.triton/cache}
+cached() { find "$triton_cache" -name '*.cubin' 2>/dev/null | wc -l; }
 step() {  # step NAME SECONDS CMD...: run, log to $OUT/NAME.log, record the exit status
     local name=$1 limit=$2; shift 2
-    local start=$SECONDS
+    local start=$SECONDS before
+    before=$(cached)
     timeout --signal=INT --kill-after=20 "$limit" "$@" >"$OUT/$name.log" 2>&1
     local rc=$?
-    summary+=("$name: exit $rc in $((SECONDS - start)) s (limit $limit)")
+    local compiled=$(($(cached) - before))
+    local line="$name: exit $rc in $((SECONDS - start)) s (limit $limit)"
+    summary+=("$line, $compiled Triton kernels compiled")
     tail -n 3 "$OUT/$name.log"
     return $rc
 }
@@ -43,6 +54,8 @@ step build "${BUILD_S:-150}" python3 -m pip install --no-build-isolation --no-de
 
 for name in $steps; do
     case $name in
+        warm) step warm "${WARM_S:-150}" python3 -m fused_resnet compile --arch 90 \
+                  --dtype bf16 fp16 --workload resnet50 --jobs "$(nproc)" ;;
         tests) step tests_gpu "${TESTS_S:-240}" python3 -m pytest -m "gpu and not slow" -q \
                    -p no:cacheprovider --junitxml="$OUT/tests_gpu.xml" ;;
         slow) step tests_slow "${SLOW_S:-500}" python3 -m pytest -m slow -q \
