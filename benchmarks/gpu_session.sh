@@ -14,8 +14,9 @@
 #   bash benchmarks/gpu_session.sh                 # warm tests model: one call, < 10 minutes
 #   bash benchmarks/gpu_session.sh blocks          # the next call (the build is incremental)
 #
-# Limits (seconds): BUILD_S, WARM_S, TESTS_S, SLOW_S, MODEL_S, BLOCKS_S. The model run leaves out
-# eager NCHW and compile max-autotune (minutes of autotuning); `BENCH_COLUMNS=...` changes that.
+# Limits (seconds): BUILD_S 120, WARM_S 90, TESTS_S 190, MODEL_S 180 (the default call: 580 s,
+# inside one 600 s device call), SLOW_S 500, BLOCKS_S 300. The model run leaves out eager
+# NCHW and compile max-autotune (minutes of autotuning); `BENCH_COLUMNS=...` changes that.
 set -uo pipefail
 steps=${*:-warm tests model}
 for name in $steps; do
@@ -49,18 +50,18 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 cat "$OUT/gpu.txt"
 
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
-step build "${BUILD_S:-150}" python3 -m pip install --no-build-isolation --no-deps -e . \
+step build "${BUILD_S:-120}" python3 -m pip install --no-build-isolation --no-deps -e . \
     || { printf '%s\n' "${summary[@]}"; exit 1; }
 
 for name in $steps; do
     case $name in
-        warm) step warm "${WARM_S:-150}" python3 -m fused_resnet compile --arch 90 \
+        warm) step warm "${WARM_S:-90}" python3 -m fused_resnet compile --arch 90 \
                   --dtype bf16 fp16 --workload resnet50 --jobs "$(nproc)" ;;
-        tests) step tests_gpu "${TESTS_S:-240}" python3 -m pytest -m "gpu and not slow" -q \
+        tests) step tests_gpu "${TESTS_S:-190}" python3 -m pytest -m "gpu and not slow" -q \
                    -p no:cacheprovider --junitxml="$OUT/tests_gpu.xml" ;;
         slow) step tests_slow "${SLOW_S:-500}" python3 -m pytest -m slow -q \
                   -p no:cacheprovider --junitxml="$OUT/tests_slow.xml" ;;
-        model) step bench_model "${MODEL_S:-200}" python3 benchmarks/bench_model.py \
+        model) step bench_model "${MODEL_S:-180}" python3 benchmarks/bench_model.py \
                    --no-progress --columns ${BENCH_COLUMNS:-triton cuda eager-cl compile} ;;
         blocks) step bench_blocks "${BLOCKS_S:-300}" python3 benchmarks/bench_blocks.py \
                     --no-progress --write-table
