@@ -96,23 +96,23 @@ def cmd_compile(args: argparse.Namespace) -> int:
         report = check(args.workload, args.dtype, arch, args.jobs,
                        progress=lambda what: print(f"{what} ...", flush=True))
         reports.append(report)
-        print(f"\nsm_{arch}: {len(report.builds)} kernel builds for {', '.join(args.workload)} "
+        print(f"\nsm_{arch}: {len(report)} kernel builds for {', '.join(args.workload)} "
               f"in {', '.join(args.dtype)}\n")
         print(format_table(SUMMARY_HEADER, summary_rows(report)))
         if args.all:
             print()
             print(format_table(BUILD_FIELDS[1:], [[getattr(b, k) for k in BUILD_FIELDS[1:]]
-                                                  for b in report.builds]))
-        skipped = [b for b in report.builds if b.autotuned and b.over_shared_limit]
+                                                  for b in report]))
+        skipped = report.skipped()
         if skipped:
             print(f"\n{len(skipped)} autotuner candidates need more shared memory than sm_{arch} "
                   "has; the autotuner skips them (--all lists them)")
-        for problem in report.problems:
+        for problem in report.problems():
             print(f"PROBLEM sm_{arch}: {problem}")
     if args.out:
         write_csv(args.out, reports)
         print(f"\nwrote {args.out}")
-    failed = sum(len(r.problems) for r in reports)
+    failed = sum(len(r.problems()) for r in reports)
     print(f"\n{'FAILED' if failed else 'PASSED'}: {failed} kernel builds cannot launch")
     return 1 if failed else 0
 

@@ -13,7 +13,6 @@ GPU run can start, not what it computes (the interpreter tests and `validate` do
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -80,17 +79,10 @@ def drive(model: torch.nn.Module, shape: tuple[int, ...], batches: tuple[int, ..
                 model(x[:batch])
 
 
-@dataclass
-class Report:
-    arch: int
-    builds: list  # of aot.KernelBuild
-    problems: list[str]
-
-
 def check(workloads: list[str], dtypes: list[str], arch: int, workers: int = 1,
-          progress: Callable[[str], None] = lambda _: None) -> Report:
+          progress: Callable[[str], None] = lambda _: None):
     """Drives each workload in each dtype with the launches recorded, then compiles them
-    in `workers` processes."""
+    in `workers` processes; returns the `aot.Builds`."""
     from fused_resnet.triton.aot import compile_only
 
     with compile_only(arch, workers) as made:
@@ -101,15 +93,15 @@ def check(workloads: list[str], dtypes: list[str], arch: int, workers: int = 1,
                 torch.manual_seed(0)
                 drive(build(workload), shape, batches, DTYPES[name])
         progress(f"compiling for sm_{arch} in {workers} process(es)")
-    return Report(arch, list(made), made.problems())
+    return made
 
 
-def summary_rows(report: Report) -> list[tuple]:
+def summary_rows(builds) -> list[tuple]:
     """Per kernel: builds, most shared memory, most registers, builds with a stack, autotuner
     candidates over the shared memory (which the autotuner skips), failures."""
     rows = []
-    for name in sorted({b.name for b in report.builds}):
-        mine = [b for b in report.builds if b.name == name]
+    for name in sorted({b.name for b in builds}):
+        mine = [b for b in builds if b.name == name]
         ok = [b for b in mine if b.error is None]
         regs = [b.registers for b in ok if b.registers is not None]
         spilled = [b for b in ok if b.stack]
@@ -117,7 +109,7 @@ def summary_rows(report: Report) -> list[tuple]:
         rows.append((name, len(mine), f"{max((b.shared for b in ok), default=0) / 1024:.0f}",
                      max(regs, default="-"), len(spilled),
                      f"{worst.stack} B: {worst.tile} [{worst.variant}]" if worst else "-",
-                     sum(b.autotuned and b.over_shared_limit for b in ok),
+                     sum(b.skipped_by_autotuner for b in ok),
                      sum(bool(b.problems()) for b in mine)))
     return rows
 
@@ -128,10 +120,11 @@ BUILD_FIELDS = ("arch", "name", "dtype", "variant", "tile", "num_warps", "num_st
                 "autotuned", "shared", "registers", "stack", "error")
 
 
-def write_csv(path: str, reports: list[Report]) -> None:
+def write_csv(path: str, reports: list) -> None:
+    """Every build of every `aot.Builds` in `reports`, one row each (BUILD_FIELDS)."""
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(BUILD_FIELDS)
         for report in reports:
-            for b in report.builds:
+            for b in report:
                 writer.writerow([getattr(b, k) for k in BUILD_FIELDS])

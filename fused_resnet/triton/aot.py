@@ -90,6 +90,11 @@ class KernelBuild:
         limit = SHARED_LIMIT.get(self.arch)
         return limit is not None and self.shared > limit
 
+    @property
+    def skipped_by_autotuner(self) -> bool:
+        """An autotuner candidate over the shared memory: the autotuner passes it over."""
+        return self.autotuned and self.over_shared_limit
+
     def problems(self) -> list[str]:
         """What would stop this build from launching on its architecture. An autotuner
         candidate over the shared-memory limit is not one: Triton's autotuner skips a config
@@ -121,7 +126,7 @@ class Builds:
 
     def skipped(self) -> list[KernelBuild]:
         """Autotuner candidates the autotuner will skip here (over the shared memory)."""
-        return [b for b in self if b.autotuned and b.over_shared_limit]
+        return [b for b in self if b.skipped_by_autotuner]
 
 
 class _StandInDriver:
