@@ -45,11 +45,12 @@ STAT_ROWS = 32  # rows per statistics group; divides every BLOCK_M of the config
 
 @triton.jit
 def dot_acc(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """acc + a @ b. UPCAST multiplies in acc's dtype: the interpreter's bf16 tl.dot is wrong."""
+    """acc + a @ b. UPCAST multiplies in acc's dtype: the interpreter's bf16 tl.dot is wrong.
+    out_dtype is acc's: Triton 3.6 asserts acc.dtype == out_dtype (default fp32) for fp64."""
     if UPCAST:
         return acc + tl.dot(a.to(acc.dtype), b.to(acc.dtype), input_precision=PRECISION)
     else:
-        return tl.dot(a, b, acc, input_precision=PRECISION)
+        return tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=acc.dtype)
 
 
 @triton.autotune(configs=FWD_CONFIGS, key=["M", "C_in", "C_out", "KH", "KW", "stride"])
