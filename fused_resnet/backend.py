@@ -93,10 +93,11 @@ def unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
             return "Triton is not installed (pip install triton)"
         from fused_resnet.triton.config import compile_only_arch
 
-        if (device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
+        interpreting = os.environ.get("TRITON_INTERPRET") == "1"
+        if (device.type != "cuda" and not interpreting
                 and compile_only_arch() is None):  # aot.compile_only: CPU tensors, no launch
             return "Triton runs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1)"
-        return None
+        return interpreter_problem() if interpreting else None
     ext = load_extension()
     if ext is None:
         return "fused_resnet._C is not built (pip install --no-build-isolation -e .)"
@@ -108,6 +109,35 @@ def unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
         if not ext.has_cuda_kernels():
             return "fused_resnet._C was built without its CUDA part (needs nvcc at build time)"
     return None
+
+
+_interpreter_problem: Optional[str] = None
+_interpreter_checked = False
+
+
+def interpreter_problem() -> Optional[str]:
+    """Why Triton's interpreter cannot run here, or None. Triton <= 3.6 (torch <= 2.11) turns
+    a loop bound into a Python int with int() of a 1-element NumPy array, which NumPy >= 2.4
+    refuses (TypeError); Triton 3.7 squeezes the array first."""
+    global _interpreter_problem, _interpreter_checked
+    if not _interpreter_checked:
+        _interpreter_checked = True
+        import numpy
+        import triton
+
+        major_minor = tuple(int(part) for part in triton.__version__.split(".")[:2])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # NumPy 1.25 - 2.3: a DeprecationWarning
+            try:
+                int(numpy.zeros(1))
+                refused = False
+            except TypeError:
+                refused = True
+        if major_minor < (3, 7) and refused:
+            _interpreter_problem = (
+                f"the interpreter of Triton {triton.__version__} (TRITON_INTERPRET=1) fails "
+                f"with NumPy {numpy.__version__}; install numpy<2.4 or Triton>=3.7")
+    return _interpreter_problem
 
 
 def resolve(backend: str, op: str, device: torch.device, exclude: tuple[str, ...] = ()) -> str:

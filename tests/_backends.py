@@ -18,3 +18,11 @@ def backend_param(name: str):
 
 
 FUSED_BACKENDS = [backend_param("triton"), backend_param(NATIVE)]
+
+
+def skip_without_triton() -> None:
+    """Skips the calling test, with the reason, where the Triton kernels cannot run here
+    (Triton missing, or an interpreter that cannot run them: `backend.interpreter_problem`)."""
+    reason = unavailable_reason("triton", torch.device(DEVICE))
+    if reason is not None:
+        pytest.skip(reason)

@@ -40,6 +40,33 @@ def test_unknown_and_unimplemented_and_unavailable_backends_say_why(monkeypatch)
         resolve("cuda", "bn_add_relu", CPU)
 
 
+class _RefusesInt:  # what NumPy >= 2.4 does with int() of a 1-element array
+    def __int__(self):
+        raise TypeError("only 0-dimensional arrays can be converted to Python scalars")
+
+
+@pytest.mark.parametrize("triton_version, numpy_refuses, broken", [
+    ("3.6.0", True, True), ("3.1.0", True, True), ("3.7.0", True, False),
+    ("3.6.0", False, False), ("3.10.1", True, False),
+])
+def test_interpreter_of_old_triton_with_new_numpy_is_named(monkeypatch, triton_version,
+                                                           numpy_refuses, broken):
+    numpy, triton = pytest.importorskip("numpy"), pytest.importorskip("triton")
+    monkeypatch.setattr(triton, "__version__", triton_version)
+    one_element = _RefusesInt() if numpy_refuses else 0.0  # NumPy < 2.4 gives a scalar
+    monkeypatch.setattr(numpy, "zeros", lambda *args, **kwargs: one_element)
+    monkeypatch.setattr(backend, "_interpreter_checked", False)
+    monkeypatch.setattr(backend, "_interpreter_problem", None)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    if not broken:
+        assert backend.unavailable_reason("triton", CPU) is None
+        return
+    with pytest.raises(RuntimeError, match=f"Triton {triton_version}.*install numpy<2.4"):
+        resolve("triton", "conv_bn_act", CPU)
+    monkeypatch.delenv("TRITON_INTERPRET")  # compiled Triton does not use NumPy that way
+    assert backend.unavailable_reason("triton", torch.device("cuda")) is None
+
+
 def test_op_reports_the_backend_error():
     y = torch.randn(2, 4, 3, 3)
     with pytest.raises(RuntimeError, match="'cuda' backend runs CUDA tensors"):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _backends import skip_without_triton
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,6 +27,7 @@ def only_folder(tmp_path):
 
 
 def test_bench_ops_smoke(tmp_path):
+    skip_without_triton()  # bench_ops.py times the Triton conv
     result = run_script("bench_ops.py", "--smoke", "--out", str(tmp_path))
     assert "| fused " in result.stdout and "| eager " in result.stdout
     lines = (only_folder(tmp_path) / "ops-smoke.csv").read_text().splitlines()

@@ -6,7 +6,7 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-from _backends import DEVICE, FUSED_BACKENDS, NATIVE
+from _backends import DEVICE, FUSED_BACKENDS, NATIVE, skip_without_triton
 
 from fused_resnet import ops, reference
 from fused_resnet.backend import unavailable_reason
@@ -181,7 +181,7 @@ def test_opcheck(training, kernels):
 
 def test_block_end_with_a_projection_shortcut_bn():
     """z = relu(bn(y) + bn_ds(y2)) forward and backward, against autograd in fp64."""
-    pytest.importorskip("triton")
+    skip_without_triton()
     from fused_resnet.triton.bn import bn_bwd_reduce
     from fused_resnet.triton.eltwise import bn_act_bwd, bn_act_fwd, bn_backward_coefficients
 

@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torchvision
+from _backends import skip_without_triton
 
 import fused_resnet as fr
 from fused_resnet.nn import FusedBasicBlock, FusedBottleneck
@@ -37,6 +38,7 @@ def test_convert_round_trip_keeps_tensors_and_state_dict(arch, block):
 
 
 def test_converted_model_trains_like_torchvision():
+    skip_without_triton()
     # fp64: at 32x32 with batch 2 layer4's BN sees 2 values per channel, too ill-conditioned
     # for an fp32 comparison (see test_fused_blocks).
     def resnet10():  # torchvision's ResNet class with one basic block per stage
@@ -65,6 +67,7 @@ def test_convert_rejects_what_it_cannot_swap():
 
 
 def test_inference_fold_is_cached_and_follows_weight_changes():
+    skip_without_triton()
     block = FusedBottleneck(16, 8, 2, backend="triton").eval()
     reference = FusedBottleneck(16, 8, 2, backend="reference").eval()
     reference.load_state_dict(block.state_dict())

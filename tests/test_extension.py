@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fused_resnet import ops, reference
-from fused_resnet.backend import load_extension
+from fused_resnet.backend import load_extension, unavailable_reason
 
 ext = load_extension()
 pytestmark = pytest.mark.skipif(ext is None, reason="fused_resnet._C is not built")
@@ -28,11 +28,13 @@ def _inputs(dtype, channels_last, residual, device="cpu"):
 
 LAYOUTS = [(False, False, True), (True, True, True), (False, True, False), (True, False, False)]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+TRITON_ON_CPU = unavailable_reason("triton", torch.device("cpu"))  # None: the interpreter runs
 
 
 @pytest.mark.parametrize("backend, dtype, channels_last, residual, relu", [
-    (backend, dtype, *layout) for backend in ("cpu", "triton") for dtype in DTYPES
-    for layout in LAYOUTS
+    pytest.param(backend, dtype, *layout, marks=pytest.mark.skipif(
+        backend == "triton" and TRITON_ON_CPU is not None, reason=str(TRITON_ON_CPU)))
+    for backend in ("cpu", "triton") for dtype in DTYPES for layout in LAYOUTS
 ])
 def test_kernels_match_reference(backend, dtype, channels_last, residual, relu):
     y, scale, shift, r = _inputs(dtype, channels_last, residual)

@@ -4,7 +4,7 @@ against the reference."""
 import pytest
 import torch
 import torch.nn.functional as F
-from _backends import DEVICE, FUSED_BACKENDS
+from _backends import DEVICE, FUSED_BACKENDS, skip_without_triton
 
 from fused_resnet import models
 from fused_resnet.nn import FusedBasicBlock, FusedBottleneck
@@ -70,7 +70,7 @@ def test_block_matches_reference_in_training_and_eval(name, backend):
 
 
 def test_frozen_batchnorm_falls_back_to_the_per_conv_path():
-    pytest.importorskip("triton")
+    skip_without_triton()
     fused, ref = _pair("bottleneck projection v1.5")
     for model in (fused, ref):
         model.train()
@@ -170,7 +170,7 @@ def test_fused_resnet50_training_step_uses_less_activation_memory(backend):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_single_launch_eval_bottleneck(dtype, monkeypatch):
-    pytest.importorskip("triton")
+    skip_without_triton()
     from fused_resnet import ops
 
     calls = []
@@ -197,7 +197,7 @@ def test_single_launch_eval_bottleneck(dtype, monkeypatch):
 
 
 def test_single_launch_eval_op_checks_and_falls_back():
-    pytest.importorskip("triton")
+    skip_without_triton()
     x = torch.randn(2, 32, 5, 5)
     ws = [torch.randn(8, 32, 1, 1), torch.randn(8, 8, 3, 3), torch.randn(32, 8, 1, 1)]
     bs = [torch.randn(8), torch.randn(8), torch.randn(32)]

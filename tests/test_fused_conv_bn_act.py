@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from _backends import DEVICE, FUSED_BACKENDS, backend_param
+from _backends import DEVICE, FUSED_BACKENDS, backend_param, skip_without_triton
 from torch import nn
 
 from fused_resnet.nn import FusedConvBNAct
@@ -74,7 +74,7 @@ def test_compiles_fullgraph_and_matches_eager_mode(backend):
 
 
 def test_pinned_config_is_bitwise_deterministic():
-    pytest.importorskip("triton")
+    skip_without_triton()
     from fused_resnet.triton.config import TileConfig, pin_config
 
     module = FusedConvBNAct(16, 16, 3, backend="triton")

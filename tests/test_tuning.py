@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from _backends import skip_without_triton
 
 import fused_resnet as fr
 from fused_resnet import tuning
@@ -133,7 +134,7 @@ def test_compiled_block_follows_the_table(table):
 @pytest.mark.parametrize("eval_kernel, expected_calls", [("auto", 1), ("chain", 0)])
 def test_table_can_pick_the_single_launch_eval_bottleneck(table, monkeypatch, eval_kernel,
                                                           expected_calls):
-    pytest.importorskip("triton")
+    skip_without_triton()
     from fused_resnet import ops
 
     calls = []
