@@ -1,15 +1,19 @@
 """Build of fused_resnet._C from csrc/ through torch's extension tools (ninja when present).
 
 The CPU part is always built. The CUDA part is added when nvcc and a CUDA build of torch
-are found; FUSED_RESNET_FORCE_CUDA=1 forces it, FUSED_RESNET_SKIP_CUDA=1 skips it, and
-TORCH_CUDA_ARCH_LIST picks the targets (default "8.0;9.0": A100 and H100).
+are found and their CUDA major versions agree (torch's extension tools refuse a build across
+majors, e.g. nvcc 13 with torch 2.5's CUDA 12.4); FUSED_RESNET_FORCE_CUDA=1 forces it,
+FUSED_RESNET_SKIP_CUDA=1 skips it, and TORCH_CUDA_ARCH_LIST picks the targets (default
+"8.0;9.0": A100 and H100).
 Install with `pip install --no-build-isolation -e .` so the build sees the installed torch.
 """
 
 import glob
 import os
 import platform
+import re
 import shutil
+import subprocess
 
 from setuptools import setup
 
@@ -44,9 +48,36 @@ os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
 import torch  # noqa: E402
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
-WITH_CUDA = not _flag("FUSED_RESNET_SKIP_CUDA") and (
-    _flag("FUSED_RESNET_FORCE_CUDA") or (CUDA_HOME is not None and torch.version.cuda is not None)
-)
+
+def _nvcc_major(cuda_home):
+    """The CUDA major version `nvcc --version` reports ("release 13.0, ..."), or None."""
+    try:
+        out = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--version"],
+                             capture_output=True, text=True, timeout=120).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"release (\d+)\.", out)
+    return int(match.group(1)) if match else None
+
+
+def _cuda_wanted():
+    """Whether the CUDA part is built: forced, skipped, or nvcc and a CUDA torch of one major."""
+    if _flag("FUSED_RESNET_SKIP_CUDA"):
+        return False
+    if _flag("FUSED_RESNET_FORCE_CUDA"):
+        return True
+    if CUDA_HOME is None or torch.version.cuda is None:
+        return False
+    nvcc, built = _nvcc_major(CUDA_HOME), int(torch.version.cuda.split(".")[0])
+    if nvcc is not None and nvcc != built:
+        print(f"fused_resnet: nvcc in {CUDA_HOME} is CUDA {nvcc}, torch was built with CUDA "
+              f"{torch.version.cuda}: building _C without its CUDA part (point CUDA_HOME at a "
+              f"CUDA {built} toolkit, or FUSED_RESNET_FORCE_CUDA=1 to try anyway)", flush=True)
+        return False
+    return True
+
+
+WITH_CUDA = _cuda_wanted()
 
 
 def _cpu_vector_flags():

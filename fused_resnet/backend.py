@@ -107,7 +107,8 @@ def unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
         if device.type != "cuda":
             return f"the 'cuda' backend runs CUDA tensors, got a {device.type} tensor"
         if not ext.has_cuda_kernels():
-            return "fused_resnet._C was built without its CUDA part (needs nvcc at build time)"
+            return ("fused_resnet._C was built without its CUDA part (needs nvcc of torch's CUDA "
+                    f"major version, {torch.version.cuda}, at build time)")
     return None
 
 

@@ -1,6 +1,7 @@
 """fused_resnet._C: its bn_add_relu op against the reference, opcheck, and what was built."""
 
 import os
+import subprocess
 
 import pytest
 import torch
@@ -11,8 +12,19 @@ from fused_resnet.backend import load_extension, unavailable_reason
 ext = load_extension()
 pytestmark = pytest.mark.skipif(ext is None, reason="fused_resnet._C is not built")
 
+NVCC = "/usr/local/cuda/bin/nvcc"
+
+
+def _nvcc_matches_torch() -> bool:
+    """nvcc's CUDA major is torch's: the condition (beside FORCE / SKIP) of setup.py's CUDA part."""
+    if not os.path.exists(NVCC) or torch.version.cuda is None:
+        return False
+    out = subprocess.run([NVCC, "--version"], capture_output=True, text=True).stdout
+    return f"release {torch.version.cuda.split('.')[0]}." in out
+
+
 CUDA_REQUESTED = os.environ.get("FUSED_RESNET_SKIP_CUDA", "0") != "1" and (
-    os.environ.get("FUSED_RESNET_FORCE_CUDA") == "1" or os.path.exists("/usr/local/cuda/bin/nvcc")
+    os.environ.get("FUSED_RESNET_FORCE_CUDA") == "1" or _nvcc_matches_torch()
 )
 
 
@@ -89,7 +101,7 @@ def test_extension_registers_cuda_kernels_when_cuda_was_requested(op):
         has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key(f"fused_resnet::{op}", key)
         assert has_kernel == (key == "CPU" or ext.has_cuda_kernels()), key
     if CUDA_REQUESTED and torch.version.cuda is not None:
-        assert ext.has_cuda_kernels(), "nvcc was available but _C has no CUDA kernels"
+        assert ext.has_cuda_kernels(), "nvcc of torch's CUDA major was found, _C has no CUDA"
 
 
 @pytest.mark.gpu
