@@ -19,6 +19,10 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
+# typing.List, not list, in custom-op signatures: torch < 2.6 evaluates their annotations in
+# its own namespace, where typing.List[Tensor] / List[int] / List[float] are schema types.
+from typing import List
+
 import torch
 from torch import Tensor
 
@@ -55,10 +59,10 @@ def _backward_bodies(dz, x, z, weights, gammas, betas, ys, means, variances, str
 
 @torch.library.custom_op("fused_resnet::block_train", mutates_args=())
 def block_train(
-    x: Tensor, weights: list[Tensor], gammas: list[Tensor], betas: list[Tensor],
-    strides: list[int], paddings: list[int], eps: list[float], shortcut: str,
+    x: Tensor, weights: List[Tensor], gammas: List[Tensor], betas: List[Tensor],
+    strides: List[int], paddings: List[int], eps: List[float], shortcut: str,
     shortcut_stride: int, kernels: str,
-) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor]]:
+) -> tuple[Tensor, List[Tensor], List[Tensor], List[Tensor]]:
     return _forward(x, weights, gammas, betas, strides, paddings, eps, shortcut,
                     shortcut_stride, kernels)
 
@@ -83,11 +87,11 @@ def _(x, weights, gammas, betas, strides, paddings, eps, shortcut, shortcut_stri
 
 @torch.library.custom_op("fused_resnet::block_train_backward", mutates_args=())
 def block_train_backward(
-    dz: Tensor, x: Tensor, z: Tensor, weights: list[Tensor], gammas: list[Tensor],
-    betas: list[Tensor], ys: list[Tensor], means: list[Tensor], variances: list[Tensor],
-    strides: list[int], paddings: list[int], eps: list[float], shortcut: str,
+    dz: Tensor, x: Tensor, z: Tensor, weights: List[Tensor], gammas: List[Tensor],
+    betas: List[Tensor], ys: List[Tensor], means: List[Tensor], variances: List[Tensor],
+    strides: List[int], paddings: List[int], eps: List[float], shortcut: str,
     shortcut_stride: int, kernels: str,
-) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor]]:
+) -> tuple[Tensor, List[Tensor], List[Tensor], List[Tensor]]:
     """(dx, d weights, d gammas, d betas), lists in the order of the inputs."""
     return _backward_bodies(dz, x, z, weights, gammas, betas, ys, means, variances, strides,
                             paddings, eps, shortcut, shortcut_stride, kernels)

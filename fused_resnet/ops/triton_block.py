@@ -11,6 +11,10 @@ convs). The y_i are channels_last.
 
 from __future__ import annotations
 
+# typing.List, not list, in custom-op signatures: torch < 2.6 evaluates their annotations in
+# its own namespace, where typing.List[Tensor] / List[int] / List[float] are schema types.
+from typing import List
+
 import torch
 from torch import Tensor
 
@@ -132,7 +136,7 @@ def block_train_backward(
 
 
 @torch.library.custom_op("fused_resnet::bottleneck_eval", mutates_args=())
-def bottleneck_eval_op(x: Tensor, weights: list[Tensor], biases: list[Tensor]) -> Tensor:
+def bottleneck_eval_op(x: Tensor, weights: List[Tensor], biases: List[Tensor]) -> Tensor:
     """Inference bottleneck (identity shortcut, stride 1, BN folded) in one launch."""
     return bottleneck_eval(x, weights, biases).contiguous(memory_format=output_memory_format(x))
 

@@ -14,8 +14,6 @@ sum g * yhat per channel (= d beta, d gamma), optionally for a second BN branch 
 feeds the same sum (a projection shortcut).
 """
 
-from __future__ import annotations
-
 from typing import Optional
 
 import torch

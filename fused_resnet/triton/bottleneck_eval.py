@@ -11,8 +11,6 @@ writing or reading a1 and a2: worth it where launches and HBM traffic dominate (
 batches). Mid widths up to 256 (BLOCK_MID tile in registers).
 """
 
-from __future__ import annotations
-
 import torch
 import triton
 import triton.language as tl

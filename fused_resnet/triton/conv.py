@@ -17,8 +17,6 @@ Each program owns a BLOCK_M x BLOCK_N tile of the output:
   groups do not depend on the tile config, so neither do the statistics.
 """
 
-from __future__ import annotations
-
 from typing import Optional
 
 import torch

@@ -20,8 +20,6 @@ dy tile on load, dy = a[k] * g + b[k] * y + d[k] with g = dz * [z > 0] (see
 is loaded once (1x1 convs); a 3x3 dgrad reloads it for every tap.
 """
 
-from __future__ import annotations
-
 from typing import NamedTuple, Optional
 
 import torch

@@ -10,8 +10,6 @@ Backward: with g = dz * [z > 0] (dz when there is no ReLU) and the BN backward w
           (see `bn_backward_coefficients`); the same for y2, and dr = g for a tensor shortcut.
 """
 
-from __future__ import annotations
-
 from typing import Optional, Union
 
 import torch
