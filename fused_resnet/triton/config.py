@@ -43,6 +43,13 @@ def compile_only_arch() -> Optional[int]:
     return _compile_only_arch
 
 
+def triton_version() -> tuple[int, int]:
+    """(major, minor) of the installed Triton, e.g. (3, 6) for "3.6.0+git1234"."""
+    import triton
+
+    return tuple(int(part) for part in triton.__version__.split(".")[:2])
+
+
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 

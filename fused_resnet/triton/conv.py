@@ -17,6 +17,7 @@ Each program owns a BLOCK_M x BLOCK_N tile of the output:
   groups do not depend on the tile config, so neither do the statistics.
 """
 
+import warnings
 from typing import Optional
 
 import torch
@@ -24,7 +25,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fused_resnet.triton.config import acc_dtype, input_precision, interpreting, pinned_config
+from fused_resnet.triton.config import (
+    acc_dtype,
+    input_precision,
+    interpreting,
+    pinned_config,
+    triton_version,
+)
 from fused_resnet.triton.eltwise import relu
 
 # The autotuner's candidates (fwd, dgrad, wgrad). 128x128 with 4 warps holds a 128-register
@@ -41,6 +48,35 @@ FWD_CONFIGS = [
 STAT_ROWS = 32  # rows per statistics group; divides every BLOCK_M of the configs
 
 
+def _bench_on_the_active_driver(kernel_call, quantiles):
+    """Triton's own benchmarker, looked up when the autotuner first times a config."""
+    from triton.runtime.driver import driver
+
+    return driver.active.get_benchmarker()(kernel_call, quantiles=quantiles)
+
+
+def _lazy_bench_arguments() -> dict:
+    """triton.autotune arguments that keep Triton 3.2 / 3.3 (torch 2.6 / 2.7) from asking the
+    GPU driver for its benchmarker when the decorator runs: that raises "0 active drivers"
+    without a GPU, and `import fused_resnet` failed there. 3.3 takes do_bench; 3.2 accepts it
+    but does not pass it on, so there the deprecated warmup / rep (triton.testing.do_bench's
+    defaults) pick its lazy path. 3.1 and 3.4+ look the benchmarker up only when they tune."""
+    if triton_version() == (3, 2):
+        return {"warmup": 25, "rep": 100}
+    if triton_version() == (3, 3):
+        return {"do_bench": _bench_on_the_active_driver}
+    return {}
+
+
+def autotune_conv(fn):
+    """Every conv kernel (fwd, dgrad, wgrad) is tuned over FWD_CONFIGS per shape."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # 3.2's warmup / rep
+        tuner = triton.autotune(configs=FWD_CONFIGS, key=["M", "C_in", "C_out", "KH", "KW",
+                                                          "stride"], **_lazy_bench_arguments())
+        return tuner(fn)
+
+
 @triton.jit
 def dot_acc(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """acc + a @ b. UPCAST multiplies in acc's dtype: the interpreter's bf16 tl.dot is wrong.
@@ -51,7 +87,7 @@ def dot_acc(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
         return tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=acc.dtype)
 
 
-@triton.autotune(configs=FWD_CONFIGS, key=["M", "C_in", "C_out", "KH", "KW", "stride"])
+@autotune_conv
 @triton.jit
 def _conv_fwd_kernel(
     x_ptr, w_ptr, out_ptr,

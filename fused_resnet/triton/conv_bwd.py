@@ -28,7 +28,7 @@ import triton.language as tl
 from torch import Tensor
 
 from fused_resnet.triton.config import acc_dtype, input_precision, interpreting
-from fused_resnet.triton.conv import FWD_CONFIGS, STAT_ROWS, dot_acc, launch, to_nhwc
+from fused_resnet.triton.conv import STAT_ROWS, autotune_conv, dot_acc, launch, to_nhwc
 from fused_resnet.triton.eltwise import NO_RELU, ReluMask, relu, relu_grad, relu_mask_args
 
 
@@ -60,7 +60,7 @@ def _grad_tile(dy_ptr, z_ptr, y_ptr, offs, ok, a, b, d, ms, mh,
         return tl.load(dy_ptr + offs, mask=ok, other=0.0)
 
 
-@triton.autotune(configs=FWD_CONFIGS, key=["M", "C_in", "C_out", "KH", "KW", "stride"])
+@autotune_conv
 @triton.jit
 def _conv_dgrad_kernel(
     dy_ptr, w_ptr, dx_ptr, z_ptr, ms_ptr, mh_ptr, y_ptr, a_ptr, b_ptr, d_ptr,
@@ -184,7 +184,7 @@ def conv_dgrad(dy, weight: Tensor, x_shape: torch.Size, *, stride: int, padding:
     return dx, (parts[0].sum(0), parts[1].sum(0))  # fixed-order sum of the group partials
 
 
-@triton.autotune(configs=FWD_CONFIGS, key=["M", "C_in", "C_out", "KH", "KW", "stride"])
+@autotune_conv
 @triton.jit
 def _conv_wgrad_kernel(
     x_ptr, dy_ptr, dw_ptr, in_scale_ptr, in_shift_ptr, z_ptr, ms_ptr, mh_ptr, y_ptr,
