@@ -117,16 +117,21 @@ _interpreter_checked = False
 
 
 def interpreter_problem() -> Optional[str]:
-    """Why Triton's interpreter cannot run here, or None. Triton <= 3.6 (torch <= 2.11) turns
-    a loop bound into a Python int with int() of a 1-element NumPy array, which NumPy >= 2.4
-    refuses (TypeError); Triton 3.7 squeezes the array first."""
+    """Why Triton's interpreter cannot run the kernels here, or None (checked once).
+
+    - Triton < 3.5 (torch <= 2.8): 3.1 computes wrong convolutions, 3.2 / 3.3 lack builder
+      methods the kernels need, 3.4 has no fp64 tl.dot (tried on these kernels).
+    - Triton 3.5 / 3.6 with NumPy >= 2.4: a loop bound becomes an int through int() of a
+      1-element array, which NumPy 2.4 refuses (TypeError); Triton 3.7 squeezes it first.
+    """
     global _interpreter_problem, _interpreter_checked
     if not _interpreter_checked:
         _interpreter_checked = True
         import numpy
         import triton
 
-        major_minor = tuple(int(part) for part in triton.__version__.split(".")[:2])
+        from fused_resnet.triton.config import triton_version
+
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # NumPy 1.25 - 2.3: a DeprecationWarning
             try:
@@ -134,10 +139,13 @@ def interpreter_problem() -> Optional[str]:
                 refused = False
             except TypeError:
                 refused = True
-        if major_minor < (3, 7) and refused:
-            _interpreter_problem = (
-                f"the interpreter of Triton {triton.__version__} (TRITON_INTERPRET=1) fails "
-                f"with NumPy {numpy.__version__}; install numpy<2.4 or Triton>=3.7")
+        running = f"the interpreter of Triton {triton.__version__} (TRITON_INTERPRET=1)"
+        if triton_version() < (3, 5):
+            _interpreter_problem = (f"{running} cannot run these kernels; the interpreter "
+                                    "needs Triton>=3.5")
+        elif triton_version() < (3, 7) and refused:
+            _interpreter_problem = (f"{running} fails with NumPy {numpy.__version__}; install "
+                                    "numpy<2.4 or Triton>=3.7")
     return _interpreter_problem
 
 

@@ -15,6 +15,11 @@ import textwrap
 import pytest
 
 pytest.importorskip("triton")
+from fused_resnet.triton import aot, config  # noqa: E402
+
+if config.triton_version() < aot.MIN_TRITON:
+    pytest.skip("compile_only needs Triton>={}.{}".format(*aot.MIN_TRITON),
+                allow_module_level=True)
 
 
 def _child_env() -> dict:

@@ -80,18 +80,25 @@ def cached_fold(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d,
         return None
     device = x.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    if torch.compiler.is_compiling():  # folded inside the graph (torch 2.5 cannot trace data_ptr)
+        return _fold(conv, bn, dtype)
     # Storage address and version of each source: moving the module (.to, .cuda) or writing
     # to a tensor (optimizer step, load_state_dict) changes one of them.
     key = (dtype, *((t.data_ptr(), t._version) if t is not None else None for t in tensors))
     cached = getattr(bn, "_fused_resnet_fold", None)
     if cached is not None and cached[0] == key:
         return cached[1]
+    folded = _fold(conv, bn, dtype)
+    bn._fused_resnet_fold = (key, folded)
+    return folded
+
+
+def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(w * scale in `dtype`, shift) with scale = gamma / sqrt(running_var + eps)."""
     with torch.no_grad():
         scale, shift = reference.fold_bn(bn.running_mean, bn.running_var, bn.weight, bn.bias,
                                          bn.eps)
-        folded = ((conv.weight.to(scale.dtype) * scale.view(-1, 1, 1, 1)).to(dtype), shift)
-    bn._fused_resnet_fold = (key, folded)
-    return folded
+        return (conv.weight.to(scale.dtype) * scale.view(-1, 1, 1, 1)).to(dtype), shift
 
 
 def _batchnorm_args(bn: nn.BatchNorm2d) -> tuple[dict, bool]:

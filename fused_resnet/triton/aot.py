@@ -48,6 +48,7 @@ from fused_resnet.triton import config
 # by compute capability: A100 163 KiB, consumer Ampere / Ada 99 KiB, H100 / B200 227 KiB.
 SHARED_LIMIT = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100: 232448,
                 120: 101376}
+MIN_TRITON = (3, 6)  # the JIT internals used here (binder caches, specialization) as of 3.6
 # Constexprs that say which tile config a build is; the others say which variant of the kernel.
 TILE_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_MID", "BLOCK_C", "BLOCK_T", "BLOCK")
 
@@ -256,6 +257,9 @@ def compile_only(arch: int = 90, workers: int = 1) -> Iterator[Builds]:
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("compile_only needs TRITON_INTERPRET unset when Triton is imported "
                            "(the interpreter's kernels cannot be compiled)")
+    if config.triton_version() < MIN_TRITON:
+        raise RuntimeError(f"compile_only needs Triton>=3.6 (tried on 3.6 and 3.8; 3.1 lacks "
+                           f"the JIT internals it drives), found Triton {triton.__version__}")
     builds = Builds(arch)
     jobs: dict[tuple, _Job] = {}
     jit_run, tuner_run = JITFunction.run, Autotuner.run
