@@ -258,8 +258,9 @@ def compile_only(arch: int = 90, workers: int = 1) -> Iterator[Builds]:
         raise RuntimeError("compile_only needs TRITON_INTERPRET unset when Triton is imported "
                            "(the interpreter's kernels cannot be compiled)")
     if config.triton_version() < MIN_TRITON:
-        raise RuntimeError(f"compile_only needs Triton>=3.6 (tried on 3.6 and 3.8; 3.1 lacks "
-                           f"the JIT internals it drives), found Triton {triton.__version__}")
+        raise RuntimeError("compile_only needs Triton>={}.{} (tried on 3.6 and 3.8; 3.1 lacks the "
+                           "JIT internals it drives), found Triton {}".format(
+                               *MIN_TRITON, triton.__version__))
     builds = Builds(arch)
     jobs: dict[tuple, _Job] = {}
     jit_run, tuner_run = JITFunction.run, Autotuner.run

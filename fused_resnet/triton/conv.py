@@ -45,6 +45,7 @@ FWD_CONFIGS = [
         (64, 64, 32, 4, 4), (32, 64, 32, 4, 4),
     ]
 ]
+CONV_TUNING_KEY = ["M", "C_in", "C_out", "KH", "KW", "stride"]  # one tuned config per shape
 STAT_ROWS = 32  # rows per statistics group; divides every BLOCK_M of the configs
 
 
@@ -72,9 +73,8 @@ def autotune_conv(fn):
     """Every conv kernel (fwd, dgrad, wgrad) is tuned over FWD_CONFIGS per shape."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # 3.2's warmup / rep
-        tuner = triton.autotune(configs=FWD_CONFIGS, key=["M", "C_in", "C_out", "KH", "KW",
-                                                          "stride"], **_lazy_bench_arguments())
-        return tuner(fn)
+        return triton.autotune(configs=FWD_CONFIGS, key=CONV_TUNING_KEY,
+                               **_lazy_bench_arguments())(fn)
 
 
 @triton.jit
