@@ -1,11 +1,18 @@
 """NHWC implicit-GEMM convolution backward: data gradient and weight gradient.
 
-dgrad (a transposed implicit GEMM; rows = N*H*W input pixels, columns = C_in,
-K = kh*kw*C_out):
+dgrad (a transposed implicit GEMM; rows = input pixels, columns = C_in, K = taps*C_out):
     dx[img, h, w, c] = sum_{r, s, k} dy[img, (h + pad - r) / stride, (w + pad - s) / stride, k]
                                      * w[k, c, r, s]
   over the taps where h + pad - r (and w + pad - s) is a non-negative multiple of the stride
-  that lands inside the output.
+  that lands inside the output. Which taps those are depends only on the pixel's phase
+  (h % stride, w % stride): the r with r = (h % stride + pad) mod stride, every stride-th.
+  So the rows are split by phase (grid axis 2, stride^2 phases; phase (ph, pw) holds the
+  pixels (q_h * stride + ph, q_w * stride + pw)) and each program visits only its phase's
+  taps: a 3x3 stride-2 dgrad does 9/4 taps per pixel on average instead of 9 with 3/4 of
+  them masked to zero, a 1x1 stride-2 one a single tap for a quarter of the pixels and
+  none (dx = 0) for the rest. For a pixel of phase ph, at tap r = r0 + j * stride with
+  r0 = (ph + pad) % stride, the output row is exact integer arithmetic:
+      oh = q_h + (ph + pad - r0) / stride - j.
 
 wgrad (rows = C_out, columns = (r, s, c), reduction over the N*Ho*Wo output pixels, split
 into `split` slices whose partial sums are added in a fixed order):
@@ -65,32 +72,38 @@ def _grad_tile(dy_ptr, z_ptr, y_ptr, offs, ok, a, b, d, ms, mh,
 def _conv_dgrad_kernel(
     dy_ptr, w_ptr, dx_ptr, z_ptr, ms_ptr, mh_ptr, y_ptr, a_ptr, b_ptr, d_ptr,
     ry_ptr, r_scale_ptr, r_shift_ptr, r_mean_ptr, r_rstd_ptr, part_g_ptr, part_gy_ptr,
-    num_groups, H, W, C_in, Ho, Wo, C_out, M, stride, padding,
+    num_groups, H, W, C_in, Ho, Wo, C_out, Hq, Wq, M, stride, padding,
     KH: tl.constexpr, KW: tl.constexpr, BN_BWD: tl.constexpr, RELU: tl.constexpr,
     REDUCE: tl.constexpr, GROUP: tl.constexpr,
     UPCAST: tl.constexpr, ACC_FP64: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    # Rows: the M = N * Hq * Wq pixel slots (img, q_h, q_w) of phase (ph, pw); a slot is the
+    # pixel (q_h * stride + ph, q_w * stride + pw), absent where that falls outside H x W.
     acc_ty = tl.float64 if ACC_FP64 else tl.float32
+    phase = tl.program_id(2)
+    ph = phase // stride
+    pw = phase % stride
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    m_ok = offs_m < M
     n_ok = offs_n < C_in
     m64 = offs_m.to(tl.int64)
-    iw = m64 % W
-    ih = (m64 // W) % H
-    img = m64 // (W * H)
+    qw = m64 % Wq
+    qh = (m64 // Wq) % Hq
+    img = m64 // (Wq * Hq)
+    ih = qh * stride + ph
+    iw = qw * stride + pw
+    m_ok = (offs_m < M) & (ih < H) & (iw < W)
+    r0 = (ph + padding) % stride
+    s0 = (pw + padding) % stride
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_ty)
-    for r in range(KH):
-        th = ih + padding - r
-        th_ok = (th >= 0) & (th % stride == 0) & (th < Ho * stride)
-        oh = tl.where(th_ok, th, 0) // stride
-        for s in range(KW):
-            tw = iw + padding - s
-            tw_ok = (tw >= 0) & (tw % stride == 0) & (tw < Wo * stride)
-            ow = tl.where(tw_ok, tw, 0) // stride
-            row_ok = m_ok & th_ok & tw_ok
+    for r in range(r0, KH, stride):
+        oh = qh + (ph + padding - r0) // stride - (r - r0) // stride
+        oh_ok = (oh >= 0) & (oh < Ho)
+        for s in range(s0, KW, stride):
+            ow = qw + (pw + padding - s0) // stride - (s - s0) // stride
+            row_ok = m_ok & oh_ok & (ow >= 0) & (ow < Wo)
             dy_row = ((img * Ho + oh) * Wo + ow) * C_out
             for k0 in range(0, C_out, BLOCK_K):
                 k = k0 + offs_k
@@ -107,7 +120,7 @@ def _conv_dgrad_kernel(
                 b = tl.load(w_ptr + krow[:, None] * C_in + offs_n[None, :],
                             mask=k_ok[:, None] & n_ok[None, :], other=0.0)
                 acc = dot_acc(a, b, acc, UPCAST, PRECISION)
-    out = m64[:, None] * C_in + offs_n[None, :]
+    out = (((img * H + ih) * W + iw) * C_in)[:, None] + offs_n[None, :]
     out_ok = m_ok[:, None] & n_ok[None, :]
     dx = acc.to(dx_ptr.dtype.element_ty)
     tl.store(dx_ptr + out, dx, mask=out_ok)
@@ -123,8 +136,8 @@ def _conv_dgrad_kernel(
         G: tl.constexpr = BLOCK_M // GROUP
         sum_g = tl.sum(tl.reshape(g, (G, GROUP, BLOCK_N)), axis=1)
         sum_gy = tl.sum(tl.reshape(g * (yv - mean) * rstd, (G, GROUP, BLOCK_N)), axis=1)
-        group = tl.program_id(0) * G + tl.arange(0, G)
-        part = group[:, None] * C_in + offs_n[None, :]
+        group = tl.program_id(0) * G + tl.arange(0, G)  # num_groups per phase
+        part = (phase * num_groups + group)[:, None] * C_in + offs_n[None, :]
         part_ok = (group < num_groups)[:, None] & n_ok[None, :]
         tl.store(part_g_ptr + part, sum_g, mask=part_ok)
         tl.store(part_gy_ptr + part, sum_gy, mask=part_ok)
@@ -165,16 +178,19 @@ def conv_dgrad(dy, weight: Tensor, x_shape: torch.Size, *, stride: int, padding:
     ho, wo = dy.shape[2], dy.shape[3]
     dx = torch.empty((n, c_in, h, w), device=dy.device, dtype=dy.dtype,
                      memory_format=torch.channels_last)
-    m = n * h * w
+    hq, wq = triton.cdiv(h, stride), triton.cdiv(w, stride)  # pixel slots per phase
+    m = n * hq * wq
     w_t = weight.permute(2, 3, 0, 1).reshape(-1, c_in).contiguous()  # (kh*kw*C_out, C_in)
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c_in, meta["BLOCK_N"]))  # noqa: E731
+    grid = lambda meta: (  # noqa: E731
+        triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c_in, meta["BLOCK_N"]), stride * stride)
     acc = acc_dtype(dy.dtype)
-    groups = triton.cdiv(m, STAT_ROWS)
-    parts = [torch.empty((groups, c_in), device=dy.device, dtype=acc) for _ in range(2)]
+    groups = triton.cdiv(m, STAT_ROWS)  # per phase
+    parts = [torch.empty((stride * stride * groups, c_in), device=dy.device, dtype=acc)
+             for _ in range(2)]
     r_args = (to_nhwc(reduce.y), *reduce[1:]) if reduce is not None else (dx,) * 5
     launch(
         _conv_dgrad_kernel, grid, dy, w_t, dx, *grad[1:], *r_args, *parts, groups,
-        h, w, c_in, ho, wo, c_out, m, stride, padding, KH=kh, KW=kw, **flags,
+        h, w, c_in, ho, wo, c_out, hq, wq, m, stride, padding, KH=kh, KW=kw, **flags,
         REDUCE=reduce is not None, GROUP=STAT_ROWS,
         UPCAST=interpreting() and dy.dtype == torch.bfloat16, ACC_FP64=acc == torch.float64,
         PRECISION=input_precision(dy.dtype),

@@ -1,0 +1,109 @@
+"""The Triton dgrad kernel split by stride phase (`triton/conv_bwd.py`) against torch's
+conv2d_input, in fp64 (so any wrong tap, row or mask shows as a large error, not rounding):
+strides 1-3 with kernels larger, equal to and smaller than the stride, paddings 0-3, odd and
+even sizes, inputs whose last rows no output reads (dx = 0 there), dy given as a tensor or
+implicitly (BnGrad), and the previous BN's backward sums of the epilogue (BnReduce)."""
+
+import pytest
+import torch
+from torch.nn.grad import conv2d_input
+
+from tests._backends import skip_without_triton
+
+# (C_in, H, W, C_out, k, stride, padding)
+CASES = [
+    (3, 5, 5, 4, 3, 1, 1),
+    (4, 8, 8, 5, 3, 2, 1),   # ResNet's stride-2 3x3
+    (4, 7, 9, 3, 3, 2, 1),   # odd sizes: phase 1 has fewer rows than phase 0
+    (5, 8, 6, 6, 1, 2, 0),   # the 1x1 stride-2 projection: 3 of 4 phases get no tap
+    (3, 7, 7, 4, 1, 2, 0),
+    (2, 11, 10, 3, 7, 2, 3),  # the stem
+    (3, 9, 8, 2, 2, 2, 0),   # kernel = stride: one tap per phase
+    (2, 10, 11, 3, 5, 3, 2),  # stride 3, 9 phases
+    (3, 8, 8, 2, 3, 3, 0),   # the last input rows are read by no output
+    (2, 6, 7, 3, 2, 3, 1),   # kernel < stride with padding
+    (3, 3, 3, 2, 3, 2, 2),   # padding past the kernel's centre; a 2x2 output
+]
+
+
+def _case_id(case):
+    c_in, h, w, c_out, k, s, p = case
+    return f"{c_in}x{h}x{w}-{c_out}-k{k}s{s}p{p}"
+
+
+def _setup(case, batch=2):
+    c_in, h, w, c_out, k, stride, padding = case
+    g = torch.Generator().manual_seed(hash(case) % 2**31)
+    x_shape = torch.Size((batch, c_in, h, w))
+    weight = torch.randn(c_out, c_in, k, k, generator=g, dtype=torch.float64)
+    ho = (h + 2 * padding - k) // stride + 1
+    wo = (w + 2 * padding - k) // stride + 1
+    dy = torch.randn(batch, c_out, ho, wo, generator=g, dtype=torch.float64)
+    return x_shape, weight, dy.contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_dgrad_matches_conv2d_input(case):
+    skip_without_triton()
+    from fused_resnet.triton.conv_bwd import conv_dgrad
+
+    x_shape, weight, dy = _setup(case)
+    stride, padding = case[5], case[6]
+    dx = conv_dgrad(dy, weight, x_shape, stride=stride, padding=padding)
+    expected = conv2d_input(x_shape, weight, dy, stride=stride, padding=padding)
+    assert dx.shape == x_shape and dx.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(dx, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("case", [CASES[2], CASES[3], CASES[7]], ids=_case_id)
+def test_dgrad_bn_grad_on_load_and_reduce_epilogue(case):
+    """dy = a * (dz * [z > 0]) + b * y + d built on load, and the epilogue's sums for the BN
+    + ReLU that made the input: sum g and sum g * yhat, g = dx * [y_in * scale + shift > 0]."""
+    skip_without_triton()
+    from fused_resnet.triton.conv_bwd import BnGrad, BnReduce, conv_dgrad
+
+    x_shape, weight, dz = _setup(case)
+    stride, padding = case[5], case[6]
+    g = torch.Generator().manual_seed(7)
+    c_out, c_in = weight.shape[:2]
+    cl = torch.channels_last
+    z = torch.randn(dz.shape, generator=g, dtype=torch.float64).contiguous(memory_format=cl)
+    y = torch.randn(dz.shape, generator=g, dtype=torch.float64).contiguous(memory_format=cl)
+    a, b, d = (torch.randn(c_out, generator=g, dtype=torch.float64) for _ in range(3))
+    y_in = torch.randn(x_shape, generator=g, dtype=torch.float64).contiguous(memory_format=cl)
+    scale, shift, mean = (torch.randn(c_in, generator=g, dtype=torch.float64) for _ in range(3))
+    rstd = torch.rand(c_in, generator=g, dtype=torch.float64) + 0.5
+
+    dx, (sum_g, sum_gy) = conv_dgrad(BnGrad(dz, z, y, a, b, d), weight, x_shape, stride=stride,
+                                     padding=padding,
+                                     reduce=BnReduce(y_in, scale, shift, mean, rstd))
+
+    per_channel = lambda t: t[None, :, None, None]  # noqa: E731
+    dy = per_channel(a) * dz * (z > 0) + per_channel(b) * y + per_channel(d)
+    expected = conv2d_input(x_shape, weight, dy, stride=stride, padding=padding)
+    torch.testing.assert_close(dx, expected, rtol=1e-10, atol=1e-10)
+    g_in = expected * (y_in * per_channel(scale) + per_channel(shift) > 0)
+    yhat = (y_in - per_channel(mean)) * per_channel(rstd)
+    torch.testing.assert_close(sum_g, g_in.sum((0, 2, 3)), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(sum_gy, (g_in * yhat).sum((0, 2, 3)), rtol=1e-10, atol=1e-10)
+
+
+def test_dgrad_with_many_row_blocks_per_phase():
+    """More slots per phase than one BLOCK_M tile (the interpreter's pinned config), so the
+    phase-local row index and the per-phase statistics groups both span several programs."""
+    skip_without_triton()
+    from fused_resnet.triton.conv_bwd import BnReduce, conv_dgrad
+
+    case = (2, 21, 19, 3, 3, 2, 1)
+    x_shape, weight, dy = _setup(case, batch=3)
+    g = torch.Generator().manual_seed(3)
+    y_in = torch.randn(x_shape, generator=g, dtype=torch.float64).contiguous(
+        memory_format=torch.channels_last)
+    ones, zeros = torch.ones(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
+    dx, (sum_g, sum_gy) = conv_dgrad(dy, weight, x_shape, stride=2, padding=1,
+                                     reduce=BnReduce(y_in, ones, zeros, zeros, ones))
+    expected = conv2d_input(x_shape, weight, dy, stride=2, padding=1)
+    torch.testing.assert_close(dx, expected, rtol=1e-10, atol=1e-10)
+    g_in = expected * (y_in > 0)
+    torch.testing.assert_close(sum_g, g_in.sum((0, 2, 3)), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(sum_gy, (g_in * y_in).sum((0, 2, 3)), rtol=1e-10, atol=1e-10)
