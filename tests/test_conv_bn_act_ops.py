@@ -148,7 +148,8 @@ def test_gradcheck_fp64(training, backend):
 
 @pytest.mark.parametrize("kernels", ["triton", "native"])
 @pytest.mark.parametrize("training", [True, False])
-def test_opcheck(training, kernels):
+@pytest.mark.parametrize("need_dx", [True, False], ids=["dx", "no_dx"])
+def test_opcheck(training, kernels, need_dx):
     reason = unavailable_reason("triton" if kernels == "triton" else NATIVE, torch.device(DEVICE))
     if reason is not None:
         pytest.skip(reason)
@@ -172,11 +173,55 @@ def test_opcheck(training, kernels):
         _, y, mean, var = outputs
         backward = torch.ops.fused_resnet.conv_bn_train_backward.default
         bwd_args = (dz, x, w.detach(), gamma.detach(), y, z, mean, var, 1, 1, 1, 1e-5, True,
-                    True, kernels)
+                    True, kernels, need_dx)
     else:
         backward = torch.ops.fused_resnet.conv_bias_act_backward.default
-        bwd_args = (dz, x, w.detach(), z.detach(), beta.detach(), 1, 1, 1, True, True, kernels)
+        bwd_args = (dz, x, w.detach(), z.detach(), beta.detach(), 1, 1, 1, True, True, kernels,
+                    need_dx)
     torch.library.opcheck(backward, bwd_args, test_utils=("test_schema", "test_faketensor"))
+    dx = backward(*bwd_args)[0]
+    assert dx.shape == (x.shape if need_dx else (0,))
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("training", [True, False])
+def test_no_data_gradient_for_an_input_without_grad(training, backend, monkeypatch):
+    """A stem's input image needs no gradient: the backward skips the data gradient (Triton's
+    dgrad kernel is not launched; ATen's convolution_backward gets a mask without it) and the
+    weight, BN and residual gradients are those of the reference."""
+    import fused_resnet.ops.native_kernels as native
+    import fused_resnet.ops.triton_kernels as triton_kernels
+
+    def no_dgrad(*args, **kwargs):
+        raise AssertionError("the data gradient was computed")
+
+    monkeypatch.setattr(triton_kernels, "conv_dgrad", no_dgrad)
+    aten_backward = native.conv_backward
+    masks = []
+
+    def recording_backward(*args):
+        masks.append(args[6:])
+        return aten_backward(*args)
+
+    monkeypatch.setattr(native, "conv_backward", recording_backward)
+    x = torch.randn(2, 3, 9, 9, device=DEVICE)
+    w = (torch.randn(8, 3, 7, 7, device=DEVICE) * 0.1).requires_grad_()
+    gamma, beta, mean, var = _params(8)
+    r = torch.randn(2, 8, 5, 5, device=DEVICE, requires_grad=True)
+    kwargs = {"stride": 2, "padding": 3, "training": training, "relu": True}
+    out = ops.conv_bn_act(x, w, gamma.requires_grad_(), beta.requires_grad_(), mean.clone(),
+                          var.clone(), residual=r, backend=backend, **kwargs)
+    out.backward(torch.ones_like(out))
+    assert x.grad is None
+    if backend != "triton":
+        assert masks == [(False,)]
+    leaves = [t.detach().clone().requires_grad_() for t in (w, gamma, beta, r)]
+    ref = ops.conv_bn_act(x, *leaves[:3], mean.clone(), var.clone(), residual=leaves[3],
+                          backend="reference", **kwargs)
+    ref.backward(torch.ones_like(ref))
+    for name, t, leaf in zip(("weight", "bn_weight", "bn_bias", "residual"), (w, gamma, beta, r),
+                             leaves):
+        assert_close(t.grad, leaf.grad, kind="grad", name=f"d{name}")
 
 
 def test_block_end_with_a_projection_shortcut_bn():

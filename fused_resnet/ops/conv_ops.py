@@ -10,7 +10,9 @@ one schema, fake kernel and autograd formula each, whatever kernels run them.
 `kernels` picks the bodies: "triton" (`ops.triton_kernels`, NHWC implicit GEMM with fused
 epilogues) or "native" (`ops.native_kernels`, the `_C` kernels around ATen's convolution).
 Autograd saves x, w, y, z and the per-channel stats only. Tensors are (N, C, H, W); z and
-dx take x's memory format, y and d residual the kernels' `activation_format(x)`.
+dx take x's memory format, y and d residual the kernels' `activation_format(x)`. The backward
+ops take `need_dx`: where x does not require grad (a stem's input image) the data gradient is
+not computed and dx is an empty tensor, as ATen's convolution_backward does with its mask.
 """
 
 from __future__ import annotations
@@ -54,12 +56,22 @@ def _train_forward(x, weight, bn_weight, bn_bias, residual, stride, padding, gro
     return z.contiguous(memory_format=output_memory_format(x)), y, mean, var
 
 
+def _as_input_grad(dx: Optional[Tensor], x: Tensor) -> Tensor:
+    """dx in x's memory format, or an empty tensor where it was not asked for."""
+    return dx.contiguous(memory_format=output_memory_format(x)) if dx is not None else \
+        x.new_empty(0)
+
+
+def _dx_fake(x: Tensor, need_dx: bool) -> Tensor:
+    return _empty(x.shape, x, output_memory_format(x)) if need_dx else x.new_empty(0)
+
+
 def _train_backward(dz, x, weight, bn_weight, y, z, mean, var, stride, padding, groups, eps,
-                    relu, has_residual, kernels):
+                    relu, has_residual, kernels, need_dx):
     dx, dw, dgamma, dbeta, dr = kernels_module(kernels).conv_bn_train_backward(
         dz, x, weight, bn_weight, y, z, mean, var, stride, padding, groups, eps, relu,
-        has_residual)
-    return (dx.contiguous(memory_format=output_memory_format(x)), _as_weight(dw, weight),
+        has_residual, need_dx)
+    return (_as_input_grad(dx, x), _as_weight(dw, weight),
             dgamma.to(bn_weight.dtype), dbeta.to(bn_weight.dtype),
             dr if dr is not None else dz.new_empty(0))
 
@@ -86,19 +98,20 @@ def _(x, weight, bn_weight, bn_bias, residual, stride, padding, groups, eps, rel
 def conv_bn_train_backward(
     dz: Tensor, x: Tensor, weight: Tensor, bn_weight: Tensor, y: Tensor, z: Tensor,
     mean: Tensor, var: Tensor, stride: int, padding: int, groups: int, eps: float, relu: bool,
-    has_residual: bool, kernels: str,
+    has_residual: bool, kernels: str, need_dx: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(dx, dw, d gamma, d beta, d residual (empty without a residual))."""
+    """(dx (empty without need_dx), dw, d gamma, d beta, d residual (empty without a
+    residual))."""
     return _train_backward(dz, x, weight, bn_weight, y, z, mean, var, stride, padding, groups,
-                           eps, relu, has_residual, kernels)
+                           eps, relu, has_residual, kernels, need_dx)
 
 
 @conv_bn_train_backward.register_fake
 def _(dz, x, weight, bn_weight, y, z, mean, var, stride, padding, groups, eps, relu,
-      has_residual, kernels):
+      has_residual, kernels, need_dx):
     c = weight.shape[0]
     dr_format = kernels_module(kernels).activation_format(x)
-    return (_empty(x.shape, x, output_memory_format(x)), _as_weight(None, weight),
+    return (_dx_fake(x, need_dx), _as_weight(None, weight),
             _empty((c,), bn_weight), _empty((c,), bn_weight),
             _empty(y.shape, dz, dr_format) if has_residual else dz.new_empty(0))
 
@@ -118,9 +131,11 @@ def _backward_train(ctx, dz, _dy, _dmean, _dvar, backward=None):
         return (None,) * 11
     x, weight, bn_weight, y, z, mean, var = ctx.saved_tensors
     has_residual = ctx.args[5]
+    need_dx = ctx.needs_input_grad[0]
     dx, dw, dgamma, dbeta, dr = (backward or conv_bn_train_backward)(
-        dz, x, weight, bn_weight, y, z, mean, var, *ctx.args)
-    return (dx, dw, dgamma, dbeta, dr if has_residual else None, *(None,) * 6)
+        dz, x, weight, bn_weight, y, z, mean, var, *ctx.args, need_dx)
+    return (dx if need_dx else None, dw, dgamma, dbeta, dr if has_residual else None,
+            *(None,) * 6)
 
 
 conv_bn_train.register_autograd(_backward_train, setup_context=_setup_train)
@@ -148,19 +163,19 @@ def _(x, weight, bias, residual, stride, padding, groups, relu, kernels):
 @torch.library.custom_op("fused_resnet::conv_bias_act_backward", mutates_args=())
 def conv_bias_act_backward(
     dz: Tensor, x: Tensor, weight: Tensor, z: Tensor, bias: Tensor, stride: int, padding: int,
-    groups: int, relu: bool, has_residual: bool, kernels: str,
+    groups: int, relu: bool, has_residual: bool, kernels: str, need_dx: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(dx, dw, d bias, d residual (empty without a residual))."""
+    """(dx (empty without need_dx), dw, d bias, d residual (empty without a residual))."""
     dx, dw, dbias, dr = kernels_module(kernels).conv_bias_act_backward(
-        dz, x, weight, z, stride, padding, groups, relu, has_residual)
-    return (dx.contiguous(memory_format=output_memory_format(x)), _as_weight(dw, weight),
+        dz, x, weight, z, stride, padding, groups, relu, has_residual, need_dx)
+    return (_as_input_grad(dx, x), _as_weight(dw, weight),
             dbias.to(bias.dtype), dr if dr is not None else dz.new_empty(0))
 
 
 @conv_bias_act_backward.register_fake
-def _(dz, x, weight, z, bias, stride, padding, groups, relu, has_residual, kernels):
+def _(dz, x, weight, z, bias, stride, padding, groups, relu, has_residual, kernels, need_dx):
     dr_format = kernels_module(kernels).activation_format(x)
-    return (_empty(x.shape, x, output_memory_format(x)), _as_weight(None, weight),
+    return (_dx_fake(x, need_dx), _as_weight(None, weight),
             _empty(bias.shape, bias),
             _empty(z.shape, dz, dr_format) if has_residual else dz.new_empty(0))
 
@@ -174,8 +189,9 @@ def _setup_bias(ctx, inputs, output):
 def _backward_bias(ctx, dz):
     x, weight, z, bias = ctx.saved_tensors
     has_residual = ctx.args[4]
-    dx, dw, dbias, dr = conv_bias_act_backward(dz, x, weight, z, bias, *ctx.args)
-    return dx, dw, dbias, dr if has_residual else None, *(None,) * 5
+    need_dx = ctx.needs_input_grad[0]
+    dx, dw, dbias, dr = conv_bias_act_backward(dz, x, weight, z, bias, *ctx.args, need_dx)
+    return dx if need_dx else None, dw, dbias, dr if has_residual else None, *(None,) * 5
 
 
 conv_bias_act.register_autograd(_backward_bias, setup_context=_setup_bias)

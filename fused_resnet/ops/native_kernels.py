@@ -54,10 +54,11 @@ def conv(x: Tensor, weight: Tensor, stride: int, padding: int, groups: int) -> T
 
 
 def conv_backward(dy: Tensor, x: Tensor, weight: Tensor, stride: int, padding: int,
-                   groups: int) -> tuple[Tensor, Tensor]:
+                  groups: int, need_dx: bool = True) -> tuple[Optional[Tensor], Tensor]:
+    """(dx, or None without need_dx: ATen then skips the data gradient, dw)."""
     dx, dw, _ = torch.ops.aten.convolution_backward(
         dy, x, weight, None, [stride, stride], [padding, padding], [1, 1], False, [0, 0],
-        groups, [True, True, False])
+        groups, [need_dx, True, False])
     return dx, dw
 
 
@@ -75,12 +76,12 @@ def conv_bn_train(
 def conv_bn_train_backward(
     dz: Tensor, x: Tensor, weight: Tensor, bn_weight: Tensor, y: Tensor, z: Tensor,
     mean: Tensor, var: Tensor, stride: int, padding: int, groups: int, eps: float, relu: bool,
-    has_residual: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Optional[Tensor]]:
+    has_residual: bool, need_dx: bool = True,
+) -> tuple[Optional[Tensor], Tensor, Tensor, Tensor, Optional[Tensor]]:
     rstd = torch.rsqrt(var + eps)
     dy, dgamma, dbeta, dr = torch.ops.fused_resnet.bn_act_backward(
         dz, z if relu else None, y, mean, rstd, bn_weight.to(rstd.dtype), has_residual)
-    dx, dw = conv_backward(dy, x, weight, stride, padding, groups)
+    dx, dw = conv_backward(dy, x, weight, stride, padding, groups, need_dx)
     return dx, dw, dgamma, dbeta, dr if has_residual else None
 
 
@@ -95,12 +96,12 @@ def conv_bias_act(
 
 def conv_bias_act_backward(
     dz: Tensor, x: Tensor, weight: Tensor, z: Tensor, stride: int, padding: int, groups: int,
-    relu: bool, has_residual: bool,
-) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
-    """(dx, dw, d bias, d residual or None); g = dz * [z > 0]."""
+    relu: bool, has_residual: bool, need_dx: bool = True,
+) -> tuple[Optional[Tensor], Tensor, Tensor, Optional[Tensor]]:
+    """(dx or None without need_dx, dw, d bias, d residual or None); g = dz * [z > 0]."""
     g = torch.where(z <= 0, 0, dz) if relu else dz  # a NaN z passes dz, as torch does
     g = g.contiguous(memory_format=output_memory_format(x))
-    dx, dw = conv_backward(g, x, weight, stride, padding, groups)
+    dx, dw = conv_backward(g, x, weight, stride, padding, groups, need_dx)
     dr = None
     if has_residual:  # an op output must not alias its input dz
         dr = g.clone() if g.data_ptr() == dz.data_ptr() else g

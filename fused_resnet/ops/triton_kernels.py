@@ -46,8 +46,9 @@ def conv_bn_train(
 def conv_bn_train_backward(
     dz: Tensor, x: Tensor, weight: Tensor, bn_weight: Tensor, y: Tensor, z: Tensor,
     mean: Tensor, var: Tensor, stride: int, padding: int, groups: int, eps: float, relu: bool,
-    has_residual: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Optional[Tensor]]:
+    has_residual: bool, need_dx: bool = True,
+) -> tuple[Optional[Tensor], Tensor, Tensor, Tensor, Optional[Tensor]]:
+    """(dx or None without need_dx, dw, d gamma, d beta, d residual or None)."""
     _check_groups(groups)
     dz = to_nhwc(dz)
     z = to_nhwc(z) if relu else None
@@ -59,7 +60,7 @@ def conv_bn_train_backward(
     dy, _, dr = bn_act_bwd(dz, z, y, coeffs, write_dr=has_residual, write_dy=not on_load)
     if on_load:  # from g itself when it was written for the residual, else from (dz, z)
         dy = BnGrad(dr, None, y, *coeffs) if dr is not None else BnGrad(dz, z, y, *coeffs)
-    dx = conv_dgrad(dy, weight, x.shape, stride=stride, padding=padding)
+    dx = conv_dgrad(dy, weight, x.shape, stride=stride, padding=padding) if need_dx else None
     dw = conv_wgrad(x, dy, weight.shape, stride=stride, padding=padding)
     return dx, dw, sum_gy, sum_g, dr
 
@@ -76,9 +77,9 @@ def conv_bias_act(
 
 def conv_bias_act_backward(
     dz: Tensor, x: Tensor, weight: Tensor, z: Tensor, stride: int, padding: int, groups: int,
-    relu: bool, has_residual: bool,
-) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
-    """(dx, dw, d bias, d residual or None); g = dz * [z > 0]."""
+    relu: bool, has_residual: bool, need_dx: bool = True,
+) -> tuple[Optional[Tensor], Tensor, Tensor, Optional[Tensor]]:
+    """(dx or None without need_dx, dw, d bias, d residual or None); g = dz * [z > 0]."""
     _check_groups(groups)
     dz = to_nhwc(dz)
     c = weight.shape[0]
@@ -87,6 +88,6 @@ def conv_bias_act_backward(
                 torch.zeros(c, device=dz.device, dtype=acc),
                 torch.zeros(c, device=dz.device, dtype=acc))
     g, _, dr = bn_act_bwd(dz, to_nhwc(z) if relu else None, dz, identity, write_dr=has_residual)
-    dx = conv_dgrad(g, weight, x.shape, stride=stride, padding=padding)
+    dx = conv_dgrad(g, weight, x.shape, stride=stride, padding=padding) if need_dx else None
     dw = conv_wgrad(x, g, weight.shape, stride=stride, padding=padding)
     return dx, dw, g.sum(dim=(0, 2, 3), dtype=acc), dr
