@@ -15,7 +15,10 @@ dgrad (a transposed implicit GEMM; rows = input pixels, columns = C_in, K = taps
       oh = q_h + (ph + pad - r0) / stride - j.
 
 wgrad (rows = C_out, columns = (r, s, c), reduction over the N*Ho*Wo output pixels, split
-into `split` slices whose partial sums are added in a fixed order):
+into `split` slices whose partial sums are added in a fixed order; a program's columns are
+BLOCK_N channels of one tap, or, for inputs with few channels (`conv.flat_k`: the stem's 3),
+BLOCK_N of the flattened (r, s, c) columns, so that 7x7x3 takes 3 column blocks of 64
+instead of 49 blocks holding 3 channels each):
     dw[k, c, r, s] = sum_m dy[m, k] * pro(x[img(m), oh(m)*stride - pad + r,
                                             ow(m)*stride - pad + s, c])
   where pro is the forward's prologue (relu?(x * in_scale + in_shift), zero in the padding),
@@ -35,8 +38,16 @@ import triton.language as tl
 from torch import Tensor
 
 from fused_resnet.triton.config import acc_dtype, input_precision, interpreting
-from fused_resnet.triton.conv import STAT_ROWS, autotune_conv, dot_acc, launch, to_nhwc
-from fused_resnet.triton.eltwise import NO_RELU, ReluMask, relu, relu_grad, relu_mask_args
+from fused_resnet.triton.conv import (
+    STAT_ROWS,
+    autotune_conv,
+    dot_acc,
+    flat_k,
+    launch,
+    prologue,
+    to_nhwc,
+)
+from fused_resnet.triton.eltwise import NO_RELU, ReluMask, relu_grad, relu_mask_args
 
 
 class BnGrad(NamedTuple):
@@ -206,26 +217,35 @@ def _conv_wgrad_kernel(
     x_ptr, dy_ptr, dw_ptr, in_scale_ptr, in_shift_ptr, z_ptr, ms_ptr, mh_ptr, y_ptr,
     a_ptr, b_ptr, d_ptr,
     H, W, C_in, Ho, Wo, C_out, M, stride, padding, rows_per_split,
-    KH: tl.constexpr, KW: tl.constexpr, PROLOGUE: tl.constexpr, PROLOGUE_RELU: tl.constexpr,
-    BN_BWD: tl.constexpr, RELU: tl.constexpr,
-    UPCAST: tl.constexpr, ACC_FP64: tl.constexpr, PRECISION: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, FLAT: tl.constexpr,
+    PROLOGUE: tl.constexpr, PROLOGUE_RELU: tl.constexpr, BN_BWD: tl.constexpr,
+    RELU: tl.constexpr, UPCAST: tl.constexpr, ACC_FP64: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    # Tile: BLOCK_M output channels x BLOCK_N input channels of one tap (r, s); the
-    # reduction runs over BLOCK_K output pixels at a time within this program's split.
+    # Tile: BLOCK_M output channels x BLOCK_N columns, the input channels offs_c of one tap
+    # (r, s scalars), or with FLAT the flattened columns (r, s, offs_c) = col -> (col // C_in
+    # // KW, col // C_in % KW, col % C_in) (r, s rows of a (1, BLOCK_N) tile); the reduction
+    # runs over BLOCK_K output pixels at a time within this program's split.
     acc_ty = tl.float64 if ACC_FP64 else tl.float32
-    pid_tap = tl.program_id(1)
-    c_blocks = tl.cdiv(C_in, BLOCK_N)
-    tap = pid_tap // c_blocks
-    r = tap // KW
-    s = tap % KW
-    offs_co = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_c = (pid_tap % c_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
-    co_ok = offs_co < C_out
-    c_ok = offs_c < C_in
+    if FLAT:
+        col = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        c_ok = col < KH * KW * C_in
+        offs_c = col % C_in
+        r = (col // C_in // KW)[None, :]
+        s = (col // C_in % KW)[None, :]
+    else:
+        c_blocks = tl.cdiv(C_in, BLOCK_N)
+        tap = tl.program_id(1) // c_blocks
+        r = tap // KW
+        s = tap % KW
+        offs_c = (tl.program_id(1) % c_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+        c_ok = offs_c < C_in
+        col = tap * C_in + offs_c
     if PROLOGUE:
-        sc = tl.load(in_scale_ptr + offs_c, mask=c_ok, other=0.0)
-        sh = tl.load(in_shift_ptr + offs_c, mask=c_ok, other=0.0)
+        sc = tl.load(in_scale_ptr + offs_c, mask=c_ok, other=0.0)[None, :]
+        sh = tl.load(in_shift_ptr + offs_c, mask=c_ok, other=0.0)[None, :]
+    offs_co = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    co_ok = offs_co < C_out
     ca = tl.load(a_ptr + offs_co, mask=co_ok, other=0.0)[:, None]
     cb = tl.load(b_ptr + offs_co, mask=co_ok, other=0.0)[:, None]
     cd = tl.load(d_ptr + offs_co, mask=co_ok, other=0.0)[:, None]
@@ -242,24 +262,20 @@ def _conv_wgrad_kernel(
         ow = m64 % Wo
         oh = (m64 // Wo) % Ho
         img = m64 // (Wo * Ho)
-        ih = oh * stride - padding + r
-        iw = ow * stride - padding + s
-        row_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        ih = oh[:, None] * stride - padding + r  # (BLOCK_K, 1), or (BLOCK_K, BLOCK_N) if FLAT
+        iw = ow[:, None] * stride - padding + s
         dy_t = _grad_tile(dy_ptr, z_ptr, y_ptr, m64[None, :] * C_out + offs_co[:, None],
                           co_ok[:, None] & m_ok[None, :], ca, cb, cd, ms, mh,
                           BN_BWD, RELU, ACC_FP64)
-        x_ok = row_ok[:, None] & c_ok[None, :]
-        xa = tl.load(x_ptr + (((img * H + ih) * W + iw) * C_in)[:, None] + offs_c[None, :],
+        x_ok = m_ok[:, None] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W) & c_ok[None, :]
+        xa = tl.load(x_ptr + ((img[:, None] * H + ih) * W + iw) * C_in + offs_c[None, :],
                      mask=x_ok, other=0.0)
         if PROLOGUE:
-            v = xa.to(acc_ty) * sc[None, :] + sh[None, :]
-            if PROLOGUE_RELU:
-                v = relu(v)
-            xa = tl.where(x_ok, v, 0.0).to(x_ptr.dtype.element_ty)
+            xa = prologue(xa, x_ok, sc, sh, PROLOGUE_RELU, acc_ty)
         acc = dot_acc(dy_t, xa, acc, UPCAST, PRECISION)
-    # dw partial layout: (split, C_out, KH, KW, C_in)
+    # dw partial layout: (split, C_out, KH * KW * C_in), the columns in (r, s, c) order
     base = split.to(tl.int64) * C_out * KH * KW * C_in
-    out = base + ((offs_co[:, None] * KH + r) * KW + s) * C_in + offs_c[None, :]
+    out = base + offs_co[:, None] * (KH * KW * C_in) + col[None, :]
     tl.store(dw_ptr + out, acc, mask=co_ok[:, None] & c_ok[None, :])
 
 
@@ -280,13 +296,16 @@ def conv_wgrad(
         split = 1 if interpreting() else max(1, min(64, m // 4096))
     rows_per_split = triton.cdiv(m, split)
     parts = torch.empty((split, c_out, kh, kw, c_in), device=x.device, dtype=acc)
+    flat = flat_k(c_in)
     grid = lambda meta: (  # noqa: E731
-        triton.cdiv(c_out, meta["BLOCK_M"]), kh * kw * triton.cdiv(c_in, meta["BLOCK_N"]), split)
+        triton.cdiv(c_out, meta["BLOCK_M"]),
+        triton.cdiv(kh * kw * c_in, meta["BLOCK_N"]) if flat
+        else kh * kw * triton.cdiv(c_in, meta["BLOCK_N"]), split)
     launch(
         _conv_wgrad_kernel, grid, to_nhwc(x), grad[0], parts,
         in_scale if in_scale is not None else parts, in_shift if in_shift is not None else parts,
         *grad[1:], h, w, c_in, ho, wo, c_out, m, stride, padding, rows_per_split,
-        KH=kh, KW=kw, PROLOGUE=in_scale is not None, PROLOGUE_RELU=in_relu, **flags,
+        KH=kh, KW=kw, FLAT=flat, PROLOGUE=in_scale is not None, PROLOGUE_RELU=in_relu, **flags,
         UPCAST=interpreting() and x.dtype == torch.bfloat16, ACC_FP64=acc == torch.float64,
         PRECISION=input_precision(x.dtype),
     )

@@ -1,0 +1,99 @@
+"""The forward and weight-gradient Triton kernels on both of their K layouts (`triton/conv.py`):
+per tap over channel slices, and flattened (r, s, c) for inputs with few channels (the stem).
+`FLAT_K_BELOW` picks the layout by C_in; each case runs with it forced either way, in fp64
+against torch (a wrong tap, channel or padding mask shows as a large error), with and
+without the prologue relu(x * scale + shift) applied on load."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.grad import conv2d_weight
+
+from tests._backends import skip_without_triton
+
+# (C_in, H, W, C_out, k, stride, padding)
+CASES = [
+    (3, 11, 10, 8, 7, 2, 3),   # the stem: 147 flattened K, 5 slices of 32
+    (3, 6, 7, 5, 3, 1, 1),
+    (16, 6, 6, 8, 3, 1, 1),    # a CIFAR net's first stage: K 144 (flat) or 9 half-empty taps
+    (24, 5, 7, 6, 1, 2, 0),
+    (5, 7, 5, 4, 2, 2, 0),
+    (40, 5, 5, 4, 3, 2, 1),    # channels over one K slice: per tap by default
+]
+LAYOUTS = {"flat": 10_000, "per_tap": 0}  # FLAT_K_BELOW forcing each layout
+
+
+def _case_id(case):
+    c_in, h, w, c_out, k, s, p = case
+    return f"{c_in}x{h}x{w}-{c_out}-k{k}s{s}p{p}"
+
+
+def _inputs(case, seed=0):
+    c_in, h, w, c_out, k, stride, padding = case
+    g = torch.Generator().manual_seed(seed)
+    cl = torch.channels_last
+    x = torch.randn(2, c_in, h, w, generator=g, dtype=torch.float64).contiguous(memory_format=cl)
+    weight = torch.randn(c_out, c_in, k, k, generator=g, dtype=torch.float64)
+    scale = torch.randn(c_in, generator=g, dtype=torch.float64)
+    shift = torch.randn(c_in, generator=g, dtype=torch.float64)
+    return x, weight, scale, shift
+
+
+def _prologue(x, scale, shift):
+    return torch.relu(x * scale[None, :, None, None] + shift[None, :, None, None])
+
+
+@pytest.fixture(params=list(LAYOUTS), ids=list(LAYOUTS))
+def layout(request, monkeypatch):
+    from fused_resnet.triton import conv
+
+    monkeypatch.setattr(conv, "FLAT_K_BELOW", LAYOUTS[request.param])
+    return request.param
+
+
+@pytest.mark.parametrize("with_prologue", [False, True], ids=["plain", "prologue"])
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_forward_on_both_k_layouts(case, with_prologue, layout):
+    skip_without_triton()
+    from fused_resnet.triton.conv import conv_fwd, flat_k
+
+    assert flat_k(case[0]) == (layout == "flat")
+    x, weight, scale, shift = _inputs(case)
+    stride, padding = case[5], case[6]
+    pro = {"in_scale": scale, "in_shift": shift, "in_relu": True} if with_prologue else {}
+    out, _ = conv_fwd(x, weight, stride=stride, padding=padding, **pro)
+    # The prologue is applied before zero padding: the padding stays zero.
+    x_in = _prologue(x, scale, shift) if with_prologue else x
+    expected = F.conv2d(x_in, weight, stride=stride, padding=padding)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("with_prologue", [False, True], ids=["plain", "prologue"])
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_weight_gradient_on_both_column_layouts(case, with_prologue, layout):
+    skip_without_triton()
+    from fused_resnet.triton.conv_bwd import conv_wgrad
+
+    x, weight, scale, shift = _inputs(case)
+    stride, padding = case[5], case[6]
+    out_shape = F.conv2d(x, weight, stride=stride, padding=padding).shape
+    g = torch.Generator().manual_seed(1)
+    dy = torch.randn(out_shape, generator=g, dtype=torch.float64).contiguous(
+        memory_format=torch.channels_last)
+    pro = {"in_scale": scale, "in_shift": shift, "in_relu": True} if with_prologue else {}
+    dw = conv_wgrad(x, dy, weight.shape, stride=stride, padding=padding, split=2, **pro)
+    x_in = _prologue(x, scale, shift) if with_prologue else x
+    expected = conv2d_weight(x_in, weight.shape, dy, stride=stride, padding=padding)
+    assert dw.shape == weight.shape
+    torch.testing.assert_close(dw, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_the_stem_takes_flattened_k_and_wide_inputs_do_not():
+    """Flat below the narrowest K slice / column block any config or PINNED can take."""
+    skip_without_triton()
+    from fused_resnet.triton.config import PINNED
+    from fused_resnet.triton.conv import FLAT_K_BELOW, FWD_CONFIGS, flat_k
+
+    assert flat_k(3) and flat_k(16) and not flat_k(64)
+    narrowest = min(min(c.kwargs["BLOCK_K"], c.kwargs["BLOCK_N"]) for c in FWD_CONFIGS)
+    assert FLAT_K_BELOW <= min(narrowest, PINNED.block_k, PINNED.block_n)
