@@ -69,6 +69,43 @@ def test_block_matches_reference_in_training_and_eval(name, backend):
         assert_close(fused(x), ref(x), name="eval output")
 
 
+@pytest.mark.parametrize("c_in, width, stride, size", [(256, 128, 2, 8), (256, 64, 1, 6)],
+                         ids=["layer2.0", "layer1.1"])
+def test_resnet50_width_bottlenecks_match_in_fp64(c_in, width, stride, size):
+    """ResNet-50's own channel counts (the blocks above are narrower than a K slice, so their
+    convs take the flattened-K layout; these take the per-tap one, several K and column
+    blocks, and stride-2 phases), in fp64 to 1e-10 of each result's largest value: a wrong
+    tile or mask shows as an O(1) error, summation order as 1e-15."""
+    skip_without_triton()
+    torch.manual_seed(0)
+    fused = FusedBottleneck(c_in, width, stride, backend="triton").double()
+    ref = FusedBottleneck(c_in, width, stride, backend="reference").double()
+    with torch.no_grad():
+        for m in fused.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    ref.load_state_dict(fused.state_dict())
+    x = torch.randn(2, c_in, size, size, dtype=torch.float64, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    out, expected = fused(x), ref(x_ref)
+    dz = torch.randn_like(out)
+    out.backward(dz)
+    expected.backward(dz)
+    pairs = [("output", out, expected), ("dx", x.grad, x_ref.grad)]
+    ref_params = dict(ref.named_parameters())
+    pairs += [(f"d {n}", p.grad, ref_params[n].grad) for n, p in fused.named_parameters()]
+    ref_buffers = dict(ref.named_buffers())
+    pairs += [(n, b, ref_buffers[n]) for n, b in fused.named_buffers() if b.is_floating_point()]
+    fused.eval()
+    ref.eval()
+    with torch.no_grad():
+        pairs.append(("eval output", fused(x), ref(x)))
+    for name, actual, want in pairs:
+        torch.testing.assert_close(actual, want, rtol=0, atol=1e-10 * want.abs().max().item(),
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
 def test_frozen_batchnorm_falls_back_to_the_per_conv_path():
     skip_without_triton()
     fused, ref = _pair("bottleneck projection v1.5")
