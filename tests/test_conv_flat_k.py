@@ -45,9 +45,9 @@ def _prologue(x, scale, shift):
 
 @pytest.fixture(params=list(LAYOUTS), ids=list(LAYOUTS))
 def layout(request, monkeypatch):
-    from fused_resnet.triton import conv
+    from fused_resnet.triton import config
 
-    monkeypatch.setattr(conv, "FLAT_K_BELOW", LAYOUTS[request.param])
+    monkeypatch.setattr(config, "FLAT_K_BELOW", LAYOUTS[request.param])
     return request.param
 
 
@@ -55,7 +55,8 @@ def layout(request, monkeypatch):
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_forward_on_both_k_layouts(case, with_prologue, layout):
     skip_without_triton()
-    from fused_resnet.triton.conv import conv_fwd, flat_k
+    from fused_resnet.triton.config import flat_k
+    from fused_resnet.triton.conv import conv_fwd
 
     assert flat_k(case[0]) == (layout == "flat")
     x, weight, scale, shift = _inputs(case)
@@ -91,8 +92,8 @@ def test_weight_gradient_on_both_column_layouts(case, with_prologue, layout):
 def test_the_stem_takes_flattened_k_and_wide_inputs_do_not():
     """Flat below the narrowest K slice / column block any config or PINNED can take."""
     skip_without_triton()
-    from fused_resnet.triton.config import PINNED
-    from fused_resnet.triton.conv import FLAT_K_BELOW, FWD_CONFIGS, flat_k
+    from fused_resnet.triton.config import FLAT_K_BELOW, PINNED, flat_k
+    from fused_resnet.triton.conv import FWD_CONFIGS
 
     assert flat_k(3) and flat_k(16) and not flat_k(64)
     narrowest = min(min(c.kwargs["BLOCK_K"], c.kwargs["BLOCK_N"]) for c in FWD_CONFIGS)

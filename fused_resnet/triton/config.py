@@ -27,6 +27,21 @@ PINNED = TileConfig(64, 64, 32, num_warps=4, num_stages=2)  # BLOCK_M: a multipl
 _pinned: Optional[TileConfig] = None
 # Widest bottleneck mid width the single-launch eval kernel keeps on chip (its BLOCK_MID tile).
 BOTTLENECK_EVAL_MAX_MID = 256
+# Inputs with fewer channels take flattened K (fwd) / flattened (r, s, c) columns (wgrad):
+# the smallest BLOCK_K / BLOCK_N of the autotuner's configs and of PINNED, so a per-tap slice
+# would be partly empty whatever the autotuner picks (tested).
+FLAT_K_BELOW = 32
+
+
+def flat_k(c_in: int) -> bool:
+    """Whether a conv over c_in input channels takes flattened K (see triton/conv.py)."""
+    return c_in < FLAT_K_BELOW
+
+
+def wgrad_split(rows: int) -> int:
+    """Slices of the wgrad reduction over `rows` output pixels: enough programs to fill a GPU,
+    one when interpreting."""
+    return 1 if interpreting() else max(1, min(64, rows // 4096))
 
 
 _compile_only_arch: Optional[int] = None

@@ -10,7 +10,8 @@ Each program owns a BLOCK_M x BLOCK_N tile of the output:
 - prologue (optional): pro(v) = relu?(v * in_scale[c] + in_shift[c]) on load, then zero
   where the tap falls in the padding (the previous BN + ReLU, never materialized);
 - K loop: per tap (r, s), over the channels in BLOCK_K slices; or, for inputs with fewer
-  channels than a K slice (FLAT_K: C_in < FLAT_K_BELOW, the stem's 3, a CIFAR net's 16),
+  channels than a K slice (FLAT_K: `config.flat_k`, C_in < 32: the stem's 3, a CIFAR
+  net's 16),
   over the flattened K itself, k -> (r, s, c) = (k // C_in // KW, k // C_in % KW, k % C_in),
   a gather. The stem's 7x7x3 then takes 5 slices of 32 (160 for 147) instead of 49 slices
   each holding 3 channels and 29 zeros (1568 for 147, 10.7x its MACs in tl.dot);
@@ -32,6 +33,7 @@ from torch import Tensor
 
 from fused_resnet.triton.config import (
     acc_dtype,
+    flat_k,
     input_precision,
     interpreting,
     pinned_config,
@@ -52,15 +54,6 @@ FWD_CONFIGS = [
 ]
 CONV_TUNING_KEY = ["M", "C_in", "C_out", "KH", "KW", "stride"]  # one tuned config per shape
 STAT_ROWS = 32  # rows per statistics group; divides every BLOCK_M of the configs
-# Inputs with fewer channels take flattened K (fwd) / flattened (r, s, c) columns (wgrad):
-# the smallest BLOCK_K / BLOCK_N of the configs and of PINNED, so a per-tap slice would be
-# partly empty whatever the autotuner picks.
-FLAT_K_BELOW = 32
-
-
-def flat_k(c_in: int) -> bool:
-    """Whether a conv over c_in input channels takes flattened K (see the module docstring)."""
-    return c_in < FLAT_K_BELOW
 
 
 def _bench_on_the_active_driver(kernel_call, quantiles):

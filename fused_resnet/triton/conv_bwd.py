@@ -16,7 +16,7 @@ dgrad (a transposed implicit GEMM; rows = input pixels, columns = C_in, K = taps
 
 wgrad (rows = C_out, columns = (r, s, c), reduction over the N*Ho*Wo output pixels, split
 into `split` slices whose partial sums are added in a fixed order; a program's columns are
-BLOCK_N channels of one tap, or, for inputs with few channels (`conv.flat_k`: the stem's 3),
+BLOCK_N channels of one tap, or, for inputs with few channels (`config.flat_k`: the stem's 3),
 BLOCK_N of the flattened (r, s, c) columns, so that 7x7x3 takes 3 column blocks of 64
 instead of 49 blocks holding 3 channels each):
     dw[k, c, r, s] = sum_m dy[m, k] * pro(x[img(m), oh(m)*stride - pad + r,
@@ -37,16 +37,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fused_resnet.triton.config import acc_dtype, input_precision, interpreting
-from fused_resnet.triton.conv import (
-    STAT_ROWS,
-    autotune_conv,
-    dot_acc,
+from fused_resnet.triton.config import (
+    acc_dtype,
     flat_k,
-    launch,
-    prologue,
-    to_nhwc,
+    input_precision,
+    interpreting,
+    wgrad_split,
 )
+from fused_resnet.triton.conv import STAT_ROWS, autotune_conv, dot_acc, launch, prologue, to_nhwc
 from fused_resnet.triton.eltwise import NO_RELU, ReluMask, relu_grad, relu_mask_args
 
 
@@ -292,8 +290,8 @@ def conv_wgrad(
     ho, wo = grad[0].shape[2], grad[0].shape[3]
     m = n * ho * wo
     acc = acc_dtype(x.dtype)
-    if split is None:  # enough programs to fill a GPU; one slice when interpreting
-        split = 1 if interpreting() else max(1, min(64, m // 4096))
+    if split is None:
+        split = wgrad_split(m)
     rows_per_split = triton.cdiv(m, split)
     parts = torch.empty((split, c_out, kh, kw, c_in), device=x.device, dtype=acc)
     flat = flat_k(c_in)
