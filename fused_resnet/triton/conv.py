@@ -151,25 +151,28 @@ def _conv_fwd_kernel(
                         mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             acc = dot_acc(a, b, acc, UPCAST, PRECISION)
     else:
-        for r in range(KH):
-            ih = oh * stride - padding + r
-            for s in range(KW):
-                iw = ow * stride - padding + s
-                row_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-                x_row = ((img * H + ih) * W + iw) * C_in
-                for c0 in range(0, C_in, BLOCK_K):
-                    c = c0 + offs_k
-                    c_ok = c < C_in
-                    a_ok = row_ok[:, None] & c_ok[None, :]
-                    a = tl.load(x_ptr + x_row[:, None] + c[None, :], mask=a_ok, other=0.0)
-                    if PROLOGUE:
-                        sc = tl.load(in_scale_ptr + c, mask=c_ok, other=0.0)[None, :]
-                        sh = tl.load(in_shift_ptr + c, mask=c_ok, other=0.0)[None, :]
-                        a = prologue(a, a_ok, sc, sh, PROLOGUE_RELU, acc_ty)
-                    k = (r * KW + s) * C_in + c
-                    b = tl.load(w_ptr + k[:, None] * C_out + offs_n[None, :],
-                                mask=c_ok[:, None] & n_ok[None, :], other=0.0)
-                    acc = dot_acc(a, b, acc, UPCAST, PRECISION)
+        # One loop over (tap, channel slice), tap-major, rather than a channel loop per tap:
+        # Triton pipelines only the innermost loop, and a 3x3 conv over 64 channels would
+        # give it 2 iterations per tap, with the loads of each new tap exposed.
+        c_blocks = tl.cdiv(C_in, BLOCK_K)
+        for step in range(0, KH * KW * c_blocks):
+            tap = step // c_blocks
+            ih = oh * stride - padding + tap // KW
+            iw = ow * stride - padding + tap % KW
+            row_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            x_row = ((img * H + ih) * W + iw) * C_in
+            c = (step % c_blocks) * BLOCK_K + offs_k
+            c_ok = c < C_in
+            a_ok = row_ok[:, None] & c_ok[None, :]
+            a = tl.load(x_ptr + x_row[:, None] + c[None, :], mask=a_ok, other=0.0)
+            if PROLOGUE:
+                sc = tl.load(in_scale_ptr + c, mask=c_ok, other=0.0)[None, :]
+                sh = tl.load(in_shift_ptr + c, mask=c_ok, other=0.0)[None, :]
+                a = prologue(a, a_ok, sc, sh, PROLOGUE_RELU, acc_ty)
+            k = tap * C_in + c
+            b = tl.load(w_ptr + k[:, None] * C_out + offs_n[None, :],
+                        mask=c_ok[:, None] & n_ok[None, :], other=0.0)
+            acc = dot_acc(a, b, acc, UPCAST, PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(acc_ty)[None, :]
     out_ok = m_ok[:, None] & n_ok[None, :]

@@ -106,29 +106,32 @@ def _conv_dgrad_kernel(
     m_ok = (offs_m < M) & (ih < H) & (iw < W)
     r0 = (ph + padding) % stride
     s0 = (pw + padding) % stride
+    taps_w = tl.maximum(KW - s0 + stride - 1, 0) // stride  # s = s0, s0 + stride, ... < KW
+    k_blocks = tl.cdiv(C_out, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_ty)
-    for r in range(r0, KH, stride):
-        oh = qh + (ph + padding - r0) // stride - (r - r0) // stride
-        oh_ok = (oh >= 0) & (oh < Ho)
-        for s in range(s0, KW, stride):
-            ow = qw + (pw + padding - s0) // stride - (s - s0) // stride
-            row_ok = m_ok & oh_ok & (ow >= 0) & (ow < Wo)
-            dy_row = ((img * Ho + oh) * Wo + ow) * C_out
-            for k0 in range(0, C_out, BLOCK_K):
-                k = k0 + offs_k
-                k_ok = k < C_out
-                ca = tl.load(a_ptr + k, mask=k_ok, other=0.0)[None, :]
-                cb = tl.load(b_ptr + k, mask=k_ok, other=0.0)[None, :]
-                cd = tl.load(d_ptr + k, mask=k_ok, other=0.0)[None, :]
-                ms = tl.load(ms_ptr + k, mask=k_ok & (RELU == 2), other=0.0)[None, :]
-                mh = tl.load(mh_ptr + k, mask=k_ok & (RELU == 2), other=0.0)[None, :]
-                a = _grad_tile(dy_ptr, z_ptr, y_ptr, dy_row[:, None] + k[None, :],
-                               row_ok[:, None] & k_ok[None, :], ca, cb, cd, ms, mh,
-                               BN_BWD, RELU, ACC_FP64)
-                krow = (r * KW + s) * C_out + k
-                b = tl.load(w_ptr + krow[:, None] * C_in + offs_n[None, :],
-                            mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-                acc = dot_acc(a, b, acc, UPCAST, PRECISION)
+    # One loop over (r, s, C_out slice) of this phase, as the forward does (pipelining).
+    for step in range(0, (tl.maximum(KH - r0 + stride - 1, 0) // stride) * taps_w * k_blocks):
+        tap = step // k_blocks
+        i = tap // taps_w  # r = r0 + i * stride
+        j = tap % taps_w  # s = s0 + j * stride
+        oh = qh + (ph + padding - r0) // stride - i
+        ow = qw + (pw + padding - s0) // stride - j
+        row_ok = m_ok & (oh >= 0) & (oh < Ho) & (ow >= 0) & (ow < Wo)
+        dy_row = ((img * Ho + oh) * Wo + ow) * C_out
+        k = (step % k_blocks) * BLOCK_K + offs_k
+        k_ok = k < C_out
+        ca = tl.load(a_ptr + k, mask=k_ok, other=0.0)[None, :]
+        cb = tl.load(b_ptr + k, mask=k_ok, other=0.0)[None, :]
+        cd = tl.load(d_ptr + k, mask=k_ok, other=0.0)[None, :]
+        ms = tl.load(ms_ptr + k, mask=k_ok & (RELU == 2), other=0.0)[None, :]
+        mh = tl.load(mh_ptr + k, mask=k_ok & (RELU == 2), other=0.0)[None, :]
+        a = _grad_tile(dy_ptr, z_ptr, y_ptr, dy_row[:, None] + k[None, :],
+                       row_ok[:, None] & k_ok[None, :], ca, cb, cd, ms, mh,
+                       BN_BWD, RELU, ACC_FP64)
+        krow = ((r0 + i * stride) * KW + s0 + j * stride) * C_out + k
+        b = tl.load(w_ptr + krow[:, None] * C_in + offs_n[None, :],
+                    mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = dot_acc(a, b, acc, UPCAST, PRECISION)
     out = (((img * H + ih) * W + iw) * C_in)[:, None] + offs_n[None, :]
     out_ok = m_ok[:, None] & n_ok[None, :]
     dx = acc.to(dx_ptr.dtype.element_ty)
