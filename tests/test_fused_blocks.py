@@ -23,7 +23,10 @@ BLOCKS = {
 
 
 def _pair(name, backend="triton"):
-    fused, ref = BLOCKS[name](backend), BLOCKS[name]("reference")
+    """(fused, reference) twins of BLOCKS[name] (or of a factory `name(backend)`) with the
+    same weights and BN affine parameters away from their 1 / 0 defaults."""
+    make = BLOCKS[name] if isinstance(name, str) else name
+    fused, ref = make(backend), make("reference")
     with torch.no_grad():
         for m in fused.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
@@ -78,14 +81,8 @@ def test_resnet50_width_bottlenecks_match_in_fp64(c_in, width, stride, size):
     tile or mask shows as an O(1) error, summation order as 1e-15."""
     skip_without_triton()
     torch.manual_seed(0)
-    fused = FusedBottleneck(c_in, width, stride, backend="triton").double()
-    ref = FusedBottleneck(c_in, width, stride, backend="reference").double()
-    with torch.no_grad():
-        for m in fused.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
-    ref.load_state_dict(fused.state_dict())
+    fused, ref = (m.double() for m in _pair(
+        lambda b: FusedBottleneck(c_in, width, stride, backend=b)))
     x = torch.randn(2, c_in, size, size, dtype=torch.float64, requires_grad=True)
     x_ref = x.detach().clone().requires_grad_()
     out, expected = fused(x), ref(x_ref)
