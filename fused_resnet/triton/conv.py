@@ -9,12 +9,11 @@ Each program owns a BLOCK_M x BLOCK_N tile of the output:
 
 - prologue (optional): pro(v) = relu?(v * in_scale[c] + in_shift[c]) on load, then zero
   where the tap falls in the padding (the previous BN + ReLU, never materialized);
-- K loop: per tap (r, s), over the channels in BLOCK_K slices; or, for inputs with fewer
-  channels than a K slice (FLAT_K: `config.flat_k`, C_in < 32: the stem's 3, a CIFAR
-  net's 16),
-  over the flattened K itself, k -> (r, s, c) = (k // C_in // KW, k // C_in % KW, k % C_in),
-  a gather. The stem's 7x7x3 then takes 5 slices of 32 (160 for 147) instead of 49 slices
-  each holding 3 channels and 29 zeros (1568 for 147, 10.7x its MACs in tl.dot);
+- K loop: one loop over (tap, BLOCK_K channel slice), tap-major; or, for inputs with fewer
+  channels than a K slice (FLAT_K: `config.flat_k`, C_in < 32: the stem's 3, a CIFAR net's
+  16), over the flattened K itself, k -> (r, s, c) = (k // C_in // KW, k // C_in % KW,
+  k % C_in), a gather. The stem's 7x7x3 then takes 5 slices of 32 (160 for 147) instead
+  of 49 slices each holding 3 channels and 29 zeros (1568 for 147, 10.7x its MACs in tl.dot);
 - epilogue, inference: out = relu?(acc + bias[n] + residual[m, n]);
 - epilogue, training: out = acc (the raw conv output y) and, for every group of STAT_ROWS
   consecutive rows and every channel, a shift k (the group's first y), the mean of y - k

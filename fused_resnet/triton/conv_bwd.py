@@ -5,7 +5,7 @@ dgrad (a transposed implicit GEMM; rows = input pixels, columns = C_in, K = taps
                                      * w[k, c, r, s]
   over the taps where h + pad - r (and w + pad - s) is a non-negative multiple of the stride
   that lands inside the output. Which taps those are depends only on the pixel's phase
-  (h % stride, w % stride): the r with r = (h % stride + pad) mod stride, every stride-th.
+  (h % stride, w % stride): the r with r mod stride = (h + pad) mod stride.
   So the rows are split by phase (grid axis 2, stride^2 phases; phase (ph, pw) holds the
   pixels (q_h * stride + ph, q_w * stride + pw)) and each program visits only its phase's
   taps: a 3x3 stride-2 dgrad does 9/4 taps per pixel on average instead of 9 with 3/4 of
