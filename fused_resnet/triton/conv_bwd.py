@@ -106,11 +106,13 @@ def _conv_dgrad_kernel(
     m_ok = (offs_m < M) & (ih < H) & (iw < W)
     r0 = (ph + padding) % stride
     s0 = (pw + padding) % stride
-    taps_w = tl.maximum(KW - s0 + stride - 1, 0) // stride  # s = s0, s0 + stride, ... < KW
+    # Taps of this phase: r = r0, r0 + stride, ... < KH (none where r0 >= KH); r0 < stride.
+    taps_h = (KH - r0 + stride - 1) // stride
+    taps_w = (KW - s0 + stride - 1) // stride
     k_blocks = tl.cdiv(C_out, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_ty)
     # One loop over (r, s, C_out slice) of this phase, as the forward does (pipelining).
-    for step in range(0, (tl.maximum(KH - r0 + stride - 1, 0) // stride) * taps_w * k_blocks):
+    for step in range(0, taps_h * taps_w * k_blocks):
         tap = step // k_blocks
         i = tap // taps_w  # r = r0 + i * stride
         j = tap % taps_w  # s = s0 + j * stride
