@@ -47,7 +47,8 @@ def _block_args(name):
 
 @pytest.mark.parametrize("kernels", ["native", "triton"])
 @pytest.mark.parametrize("name", list(BLOCKS))
-def test_opcheck(name, kernels):
+@pytest.mark.parametrize("need_dx", [True, False], ids=["dx", "no_dx"])
+def test_opcheck(name, kernels, need_dx):
     _kernels_or_skip(kernels)
     args = (*_block_args(name), kernels)
     torch.library.opcheck(OPS.block_train.default, args,
@@ -57,9 +58,12 @@ def test_opcheck(name, kernels):
     x, weights, gammas, betas, *rest = (a.detach() if isinstance(a, torch.Tensor) else a
                                         for a in args)
     detach = [[t.detach() for t in ts] for ts in (weights, gammas, betas)]
-    bwd_args = (torch.randn_like(z), x, z.detach(), *detach, ys, means, variances, *rest)
+    bwd_args = (torch.randn_like(z), x, z.detach(), *detach, ys, means, variances, *rest,
+                need_dx)
     torch.library.opcheck(OPS.block_train_backward.default, bwd_args,
                           test_utils=("test_schema", "test_faketensor"))
+    dx = OPS.block_train_backward(*bwd_args)[0]
+    assert dx.shape == (x.shape if need_dx else (0,))
 
 
 @pytest.mark.parametrize("kernels", ["native", "triton"])
@@ -79,6 +83,51 @@ def test_eager_twin_matches_the_custom_op(kernels):
         grads = [leaves[0].grad] + [t.grad for ts in leaves[1:] for t in ts]
         results.append((z, *ys, *means, *variances, *grads))
     for got, expected in zip(*results):
+        assert_close(got, expected, kind="grad")
+
+
+@pytest.mark.parametrize("kernels", ["native", "triton"])
+@pytest.mark.parametrize("name", list(BLOCKS))
+def test_no_data_gradient_for_an_input_without_grad(name, kernels, monkeypatch):
+    """The first trainable block after frozen layers: x needs no gradient, so neither conv 1's
+    nor the projection's data gradient is computed (no Triton dgrad of x's shape; ATen's
+    convolution_backward masks it), and the parameter gradients are those with x's."""
+    _kernels_or_skip(kernels)
+    import fused_resnet.ops.native_block as native_block
+    import fused_resnet.ops.triton_block as triton_block
+    from fused_resnet.ops.block_ops import block_train_call
+
+    dgrads = []  # (the conv's weight, whether its data gradient was computed)
+    dgrad, aten_backward = triton_block.conv_dgrad, native_block.conv_backward
+
+    def recording_dgrad(dy, weight, x_shape, **kwargs):
+        dgrads.append((weight.data_ptr(), True))
+        return dgrad(dy, weight, x_shape, **kwargs)
+
+    def recording_backward(dy, x, weight, stride, padding, groups, need_dx=True):
+        dgrads.append((weight.data_ptr(), need_dx))
+        return aten_backward(dy, x, weight, stride, padding, groups, need_dx)
+
+    monkeypatch.setattr(triton_block, "conv_dgrad", recording_dgrad)
+    monkeypatch.setattr(native_block, "conv_backward", recording_backward)
+    args = _block_args(name)
+    grads = []
+    for x_grad in (True, False):
+        x = args[0].detach().requires_grad_(x_grad)
+        leaves = [[t.detach().clone().requires_grad_() for t in ts] for ts in args[1:4]]
+        dgrads.clear()
+        for call in (OPS.block_train, block_train_call):
+            z = call(x, *leaves, *args[4:], kernels)[0]
+            z.backward(torch.linspace(-1, 1, z.numel(), device=DEVICE).view_as(z))
+        assert (x.grad is not None) == x_grad
+        weights = leaves[0]
+        on_x = {weights[0].data_ptr(), weights[-1].data_ptr() if args[7] == "projection" else 0}
+        data_grads = [need for ptr, need in dgrads if ptr in on_x]
+        expected = 2 * len(on_x - {0})  # conv 1 (+ projection), two calls
+        assert data_grads == ([True] * expected if x_grad else
+                              [] if kernels == "triton" else [False] * expected), dgrads
+        grads.append([t.grad for ts in leaves for t in ts])
+    for got, expected in zip(*grads):
         assert_close(got, expected, kind="grad")
 
 

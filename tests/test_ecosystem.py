@@ -31,8 +31,10 @@ def _step(model, x, y, opt):
     return loss.detach()
 
 
-def _check_compiled_matches_eager(backend, device, compile_backend):
+def _check_compiled_matches_eager(backend, device, compile_backend, frozen=()):
     eager = _cifar(backend, device).to(memory_format=torch.channels_last)
+    for name in frozen:  # fine-tuning: these layers get no gradient, nor does their output
+        getattr(eager, name).requires_grad_(False)
     compiled_model = copy.deepcopy(eager)
     compiled = torch.compile(compiled_model, fullgraph=True, backend=compile_backend)
     x = torch.randn(4, 3, 16, 16, device=device).contiguous(memory_format=torch.channels_last)
@@ -44,6 +46,8 @@ def _check_compiled_matches_eager(backend, device, compile_backend):
                                    rtol=1e-4, atol=1e-4)
     for (name, a), b in zip(compiled_model.state_dict().items(), eager.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+    for (name, p), q in zip(compiled_model.named_parameters(), eager.parameters()):
+        assert (p.grad is None) == (q.grad is None) == (name.split(".")[0] in frozen), name
     eager.eval()
     compiled_model.eval()
     with torch.no_grad():
@@ -53,6 +57,13 @@ def _check_compiled_matches_eager(backend, device, compile_backend):
 @pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
 def test_compile_fullgraph_train_and_eval_match_eager(compile_backend):
     _check_compiled_matches_eager(CPU_FUSED, "cpu", compile_backend)
+
+
+def test_compile_with_frozen_early_layers_matches_eager():
+    """The stem and layer1 frozen: layer2's first block gets an input that needs no gradient
+    (its backward op runs with need_dx=False inside the compiled graph)."""
+    _check_compiled_matches_eager(CPU_FUSED, "cpu", "aot_eager",
+                                  frozen=("conv1", "bn1", "layer1"))
 
 
 @pytest.mark.gpu

@@ -10,6 +10,9 @@ Outputs: z (x's memory format), the raw conv outputs y_i (`activation_format(x)`
 kernels) and each BN's batch mean and biased variance, from which the caller updates the
 running statistics. Autograd saves only x, z, the y_i and those statistics: backward
 recomputes relu(bn(y)) where it needs it, so no normalized or activated tensor is kept.
+The backward op takes `need_dx`: where x needs no gradient (the first trainable block after
+frozen layers) neither the first conv's nor the projection's data gradient is computed and
+dx is an empty tensor.
 `kernels` picks the bodies: "triton" (`ops.triton_block`: BN + ReLU applied on load inside
 the convs) or "native" (`ops.native_block`: ATen's convolution and the `_C` kernels).
 """
@@ -26,7 +29,13 @@ from typing import List
 import torch
 from torch import Tensor
 
-from fused_resnet.ops.conv_ops import KERNELS, _as_weight, kernels_module
+from fused_resnet.ops.conv_ops import (
+    KERNELS,
+    _as_input_grad,
+    _as_weight,
+    _dx_fake,
+    kernels_module,
+)
 from fused_resnet.ops.layout import conv_output_shape, output_memory_format, stat_dtype
 
 SHORTCUTS = ("identity", "zero_pad", "projection", "none")
@@ -47,11 +56,11 @@ def _forward(x, weights, gammas, betas, strides, paddings, eps, shortcut, shortc
 
 
 def _backward_bodies(dz, x, z, weights, gammas, betas, ys, means, variances, strides,
-                     paddings, eps, shortcut, shortcut_stride, kernels):
+                     paddings, eps, shortcut, shortcut_stride, kernels, need_dx):
     dx, dws, dgammas, dbetas = block_module(kernels).block_train_backward(
         dz, x, z, weights, gammas, betas, ys, means, variances, strides, paddings, eps,
-        shortcut, shortcut_stride)
-    return (dx.contiguous(memory_format=output_memory_format(x)),
+        shortcut, shortcut_stride, need_dx)
+    return (_as_input_grad(dx, x),
             [_as_weight(dw, w) for dw, w in zip(dws, weights)],
             [dg.to(g.dtype) for dg, g in zip(dgammas, gammas)],
             [db.to(b.dtype) for db, b in zip(dbetas, betas)])
@@ -90,19 +99,18 @@ def block_train_backward(
     dz: Tensor, x: Tensor, z: Tensor, weights: List[Tensor], gammas: List[Tensor],
     betas: List[Tensor], ys: List[Tensor], means: List[Tensor], variances: List[Tensor],
     strides: List[int], paddings: List[int], eps: List[float], shortcut: str,
-    shortcut_stride: int, kernels: str,
+    shortcut_stride: int, kernels: str, need_dx: bool,
 ) -> tuple[Tensor, List[Tensor], List[Tensor], List[Tensor]]:
-    """(dx, d weights, d gammas, d betas), lists in the order of the inputs."""
+    """(dx (empty without need_dx), d weights, d gammas, d betas), lists in the order of the
+    inputs."""
     return _backward_bodies(dz, x, z, weights, gammas, betas, ys, means, variances, strides,
-                            paddings, eps, shortcut, shortcut_stride, kernels)
+                            paddings, eps, shortcut, shortcut_stride, kernels, need_dx)
 
 
 @block_train_backward.register_fake
 def _(dz, x, z, weights, gammas, betas, ys, means, variances, strides, paddings, eps, shortcut,
-      shortcut_stride, kernels):
-    return (torch.empty(x.shape, device=x.device, dtype=x.dtype,
-                        memory_format=output_memory_format(x)),
-            [_as_weight(None, w) for w in weights],
+      shortcut_stride, kernels, need_dx):
+    return (_dx_fake(x, need_dx), [_as_weight(None, w) for w in weights],
             [torch.empty_like(g) for g in gammas], [torch.empty_like(b) for b in betas])
 
 
@@ -114,14 +122,16 @@ def _setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # no zero gradients for the ys, means and variances
 
 
-def _backward(ctx, dz, _dys, _dmeans, _dvars, backward=None):
+def _backward(ctx, dz, _dys, _dmeans, _dvars, backward=None, need_dx=None):
     if dz is None:  # z did not reach the loss
         return (None,) * 10
+    if need_dx is None:  # the custom op's autograd: x is its first input
+        need_dx = ctx.needs_input_grad[0]
     k, *args = ctx.args
     x, z, *rest = ctx.saved_tensors
     lists = [list(rest[i * k:(i + 1) * k]) for i in range(6)]
-    dx, dw, dg, db = (backward or block_train_backward)(dz, x, z, *lists, *args)
-    return dx, dw, dg, db, *(None,) * 6
+    dx, dw, dg, db = (backward or block_train_backward)(dz, x, z, *lists, *args, need_dx)
+    return dx if need_dx else None, dw, dg, db, *(None,) * 6
 
 
 block_train.register_autograd(_backward, setup_context=_setup)
@@ -144,9 +154,10 @@ class _BlockTrainFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dz, *_):
-        dx, dw, dg, db, *_ = _backward(ctx, dz, None, None, None, backward=_backward_bodies)
-        if dx is None:
+        if dz is None:
             return (None,) * (8 + 3 * ctx.args[0])
+        dx, dw, dg, db, *_ = _backward(ctx, dz, None, None, None, backward=_backward_bodies,
+                                       need_dx=ctx.needs_input_grad[7])  # x after 7 non-tensors
         return (None,) * 7 + (dx, *dw, *dg, *db)
 
 

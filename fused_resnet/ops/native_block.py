@@ -10,6 +10,8 @@ weight gradient, whose ReLU mask a_{i-1} > 0 also gates the gradient reaching bn
     d a_{i-1}, dw_i = convolution_backward(dy_i, a_{i-1}, w_i)
     dy_{i-1}, d gamma_{i-1}, d beta_{i-1} = bn_act_backward(d a_{i-1}, a_{i-1}, y_{i-1})
     dx = dx_main + shortcut'(g)     (g itself, its zero-pad slice, or the projection's dx)
+Without `need_dx` (x needs no gradient) the data gradients of conv 1 and of the projection
+are not computed (ATen's mask) and g only where the projection's BN needs it.
 Per bottleneck that keeps y1, y2, y3 where the per-conv chain (and eager PyTorch) keeps
 y1, a1, y2, a2, y3, at the price of two extra elementwise passes in backward.
 """
@@ -71,9 +73,10 @@ def block_train_backward(
     dz: Tensor, x: Tensor, z: Tensor, weights: list[Tensor], gammas: list[Tensor],
     betas: list[Tensor], ys: list[Tensor], means: list[Tensor], variances: list[Tensor],
     strides: list[int], paddings: list[int], eps: list[float], shortcut: str,
-    shortcut_stride: int,
-) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor]]:
-    """(dx, d weights, d gammas, d betas), lists in the order of the inputs."""
+    shortcut_stride: int, need_dx: bool = True,
+) -> tuple[Tensor | None, list[Tensor], list[Tensor], list[Tensor]]:
+    """(dx or None without need_dx, d weights, d gammas, d betas), lists in the order of the
+    inputs."""
     k = len(weights)
     main = k - (shortcut == "projection")
     affine = [batch_norm_affine(means[i], variances[i], gammas[i], betas[i], eps[i])
@@ -87,20 +90,26 @@ def block_train_backward(
         return dy, dr
 
     last = main - 1
-    dy, g = bn_backward(last, dz, z, shortcut != "none")
+    # g = dz * [z > 0] reaches x through the shortcut and feeds the projection's BN.
+    needs_g = shortcut == "projection" or (need_dx and shortcut != "none")
+    dy, g = bn_backward(last, dz, z, needs_g)
     for i in range(last, 0, -1):
         _, scale, shift = affine[i - 1]
         a = _C_OPS.bn_add_relu(ys[i - 1], scale, shift, None, True)  # conv i's input again
         d_a, dweights[i] = conv_backward(dy, a, weights[i], strides[i], paddings[i], 1)
         dy, _ = bn_backward(i - 1, d_a, a, False)
-    dx, dweights[0] = conv_backward(dy, x, weights[0], strides[0], paddings[0], 1)
+    dx, dweights[0] = conv_backward(dy, x, weights[0], strides[0], paddings[0], 1, need_dx)
+    if shortcut == "projection":
+        dyd, _ = bn_backward(main, g, None, False)
+        dxd, dweights[main] = conv_backward(dyd, x, weights[main], shortcut_stride, 0, 1,
+                                            need_dx)
+    if not need_dx:
+        return None, dweights, dgammas, dbetas
     if shortcut == "identity":
         dx = dx + g
     elif shortcut == "zero_pad":
         s = shortcut_stride
         dx[:, :, ::s, ::s] += g[:, : x.shape[1]]
     elif shortcut == "projection":
-        dyd, _ = bn_backward(main, g, None, False)
-        dxd, dweights[main] = conv_backward(dyd, x, weights[main], shortcut_stride, 0, 1)
         dx = dx + dxd
     return dx, dweights, dgammas, dbetas

@@ -6,7 +6,8 @@ BN + ReLU on load (its prologue), so relu(bn(y)) is never written; one elementwi
 the block. Backward recomputes relu(bn(y)) on load (wgrad prologue) and the ReLU masks from
 y * scale + shift, takes each inner BN's backward sums from the epilogue of the dgrad that
 produces its gradient, and applies the BN backward on load in the next dgrad / wgrad (1x1
-convs). The y_i are channels_last.
+convs). The y_i are channels_last. Without `need_dx` (x needs no gradient) the dgrads of
+conv 1 and of the projection are not launched.
 """
 
 from __future__ import annotations
@@ -79,9 +80,10 @@ def block_train_backward(
     dz: Tensor, x: Tensor, z: Tensor, weights: list[Tensor], gammas: list[Tensor],
     betas: list[Tensor], ys: list[Tensor], means: list[Tensor], variances: list[Tensor],
     strides: list[int], paddings: list[int], eps: list[float], shortcut: str,
-    shortcut_stride: int,
-) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor]]:
-    """(dx, d weights, d gammas, d betas), lists in the order of the inputs."""
+    shortcut_stride: int, need_dx: bool = True,
+) -> tuple[Tensor | None, list[Tensor], list[Tensor], list[Tensor]]:
+    """(dx or None without need_dx, d weights, d gammas, d betas), lists in the order of the
+    inputs."""
     main = len(weights) - (shortcut == "projection")
     affine = [batch_norm_affine(means[i], variances[i], gammas[i], betas[i], eps[i])
               for i in range(len(weights))]
@@ -97,7 +99,7 @@ def block_train_backward(
     coeffs = bn_backward_coefficients(gammas[last], means[last], affine[last][0], sum_g, sum_gy,
                                       n[last])
     g = None
-    if shortcut in ("identity", "zero_pad"):  # the shortcut's gradient is g = dz * [z > 0]
+    if need_dx and shortcut in ("identity", "zero_pad"):  # the shortcut's gradient g = dz*[z>0]
         g = bn_act_bwd(dz, z, ys[last], coeffs, write_dy=False, write_dr=True)[2]
     dy = _dy(g if g is not None else dz, None if g is not None else z, ys[last], coeffs,
              weights[last].shape[2] * weights[last].shape[3])
@@ -108,7 +110,8 @@ def block_train_backward(
         dweights[i] = conv_wgrad(inp, dy, weights[i].shape, stride=strides[i],
                                  padding=paddings[i], **prologue)
         if i == 0:
-            dx = conv_dgrad(dy, weights[0], x.shape, stride=strides[0], padding=paddings[0])
+            dx = conv_dgrad(dy, weights[0], x.shape, stride=strides[0],
+                            padding=paddings[0]) if need_dx else None
             break
         # The gradient at relu(bn_{i-1}(y_{i-1})), with that BN's backward sums from the
         # dgrad epilogue; relu(bn(y)) > 0  <=>  y * scale + shift > 0.
@@ -121,9 +124,9 @@ def block_train_backward(
         c = bn_backward_coefficients(gammas[i - 1], means[i - 1], affine[i - 1][0], s_g, s_gy,
                                      n[i - 1])
         dy = _dy(d_inp, mask, ys[i - 1], c, weights[i - 1].shape[2] * weights[i - 1].shape[3])
-    if shortcut == "identity":
+    if need_dx and shortcut == "identity":
         dx = dx + g
-    elif shortcut == "zero_pad":
+    elif need_dx and shortcut == "zero_pad":
         s = shortcut_stride
         dx[:, :, ::s, ::s] += g[:, : x.shape[1]]
     elif proj:
@@ -131,7 +134,8 @@ def block_train_backward(
         cd = bn_backward_coefficients(gammas[-1], means[-1], affine[-1][0], sum_g, sum_gyd, n[-1])
         dyd = BnGrad(dz, z, ys[-1], *cd)
         dweights[-1] = conv_wgrad(x, dyd, weights[-1].shape, stride=shortcut_stride, padding=0)
-        dx = dx + conv_dgrad(dyd, weights[-1], x.shape, stride=shortcut_stride, padding=0)
+        if need_dx:
+            dx = dx + conv_dgrad(dyd, weights[-1], x.shape, stride=shortcut_stride, padding=0)
     return dx, dweights, dgammas, dbetas
 
 
