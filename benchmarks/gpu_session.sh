@@ -1,22 +1,26 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine (the device tool), from the repository root, with $OUT set:
-# build _C for sm_90, then the chosen steps, each under its own time limit (SIGINT first, so
-# pytest still prints its summary) so that one slow step cannot eat the others' time:
+# build _C for sm_90 (in the background, beside `warm`), then the chosen steps, each under its
+# own time limit (SIGINT first, so pytest prints its summary and the benchmarks write the
+# settings that finished) so that one slow step cannot eat the others' time:
 #   warm    python -m fused_resnet compile: every Triton kernel the model benchmark launches
 #           (ResNet-50, bf16 and fp16, batch 256 and 1, every autotuner config) compiled in
 #           parallel into Triton's cache, so that model / blocks do not compile one by one
-#   tests   pytest -m "gpu and not slow" (Triton compiled, _C CUDA, peak memory, compile)
+#   tests   pytest -m "gpu and not slow" (Triton compiled, _C CUDA, peak memory, compile),
+#           over 8 pytest-xdist workers where xdist is installed (compiling is the slow part)
 #   slow    pytest -m slow: the exhaustive op grid on Triton (864 cases)
 #   model   bench_model.py: ResNet-50 fused Triton / _C vs eager channels_last vs compile
 #   blocks  bench_blocks.py --write-table: every distinct block, and the per-shape auto table
-# Logs, JUnit XML and benchmarks/results/ land under $OUT; the last lines are the summary.
+# Logs and the benchmark reports (<gpu>-<date>/{model,blocks}.{csv,json,md,png}) land under
+# $OUT, at most 8 files (what the device tool brings back); the last lines are the summary.
 #
 #   bash benchmarks/gpu_session.sh                 # warm tests model: one call, < 10 minutes
 #   bash benchmarks/gpu_session.sh blocks          # the next call (the build is incremental)
 #
-# Limits (seconds): BUILD_S 120, WARM_S 90, TESTS_S 190, MODEL_S 180 (the default call: 580 s,
-# inside one 600 s device call), SLOW_S 500, BLOCKS_S 300. The model run leaves out eager
-# NCHW and compile max-autotune (minutes of autotuning); `BENCH_COLUMNS=...` changes that.
+# Limits (seconds): BUILD_S 150 (beside WARM_S 100), TESTS_S 190, MODEL_S 230 (the default
+# call: at most 570 s, inside one 600 s device call), SLOW_S 500, BLOCKS_S 300. The model run
+# leaves out eager NCHW and compile max-autotune (minutes of autotuning); `BENCH_COLUMNS=...`
+# changes that. Copy $OUT's <gpu>-<date>/ folder to benchmarks/results/ to commit it.
 set -uo pipefail
 steps=${*:-warm tests model}
 for name in $steps; do
@@ -25,55 +29,71 @@ for name in $steps; do
 done
 OUT=${OUT:-/tmp/fused_resnet_out}
 mkdir -p "$OUT"
+rm -f "$OUT"/*.log
 summary=()
 # Each step's summary line counts the Triton kernels it compiled (new cubins in Triton's
 # cache); after `warm`, `model` should add next to none (with TRITON_CACHE_DIR unset,
 # torch.compile keeps its kernels in inductor's own cache, not counted).
 triton_cache=${TRITON_CACHE_DIR:-$HOME/.triton/cache}
 cached() { find "$triton_cache" -name '*.cubin' 2>/dev/null | wc -l; }
-step() {  # step NAME SECONDS CMD...: run, log to $OUT/NAME.log, record the exit status
+step() {  # step NAME SECONDS CMD...: run, append to $OUT/NAME.log, record the exit status
     local name=$1 limit=$2; shift 2
     local start=$SECONDS before
     before=$(cached)
-    timeout --signal=INT --kill-after=20 "$limit" "$@" >"$OUT/$name.log" 2>&1
+    timeout --signal=INT --kill-after=10 "$limit" "$@" >>"$OUT/$name.log" 2>&1
     local rc=$?
     local compiled=$(($(cached) - before))
-    local line="$name: exit $rc in $((SECONDS - start)) s (limit $limit)"
-    summary+=("$line, $compiled Triton kernels compiled")
+    summary+=("$name: exit $rc in $((SECONDS - start)) s (limit $limit), $compiled Triton kernels compiled")
     tail -n 3 "$OUT/$name.log"
     return $rc
 }
 
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv >"$OUT/gpu.txt" 2>&1
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
-    >>"$OUT/gpu.txt" 2>&1
-cat "$OUT/gpu.txt"
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+} 2>&1 | tee "$OUT/build.log"
 
+# _C builds in the background beside `warm` (both keep the CPUs busy, neither needs the
+# other); the steps after `warm` wait for it. A failed build is reported, not fatal: the
+# Triton tests and columns still run, the `_C` ones fail with the loader's message.
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
-step build "${BUILD_S:-120}" python3 -m pip install --no-build-isolation --no-deps -e . \
-    || { printf '%s\n' "${summary[@]}"; exit 1; }
+build_summary=$(mktemp)
+( step build "${BUILD_S:-150}" python3 -m pip install --no-build-isolation --no-deps -e . \
+      >/dev/null
+  printf '%s\n' "${summary[@]}" >"$build_summary" ) &
+build_pid=$!
+wait_for_build() {
+    [[ -n $build_pid ]] || return 0
+    wait "$build_pid"
+    build_pid=
+    mapfile -t -O "${#summary[@]}" summary <"$build_summary"
+    tail -n 3 "$OUT/build.log"
+}
 
+xdist=()
+python3 -c "import xdist" 2>/dev/null && xdist=(-n 8)
 for name in $steps; do
+    [[ $name == warm ]] || wait_for_build
     case $name in
-        warm) step warm "${WARM_S:-90}" python3 -m fused_resnet compile --arch 90 \
+        warm) step warm "${WARM_S:-100}" python3 -m fused_resnet compile --arch 90 \
                   --dtype bf16 fp16 --workload resnet50 --jobs "$(nproc)" ;;
         tests) step tests_gpu "${TESTS_S:-190}" python3 -m pytest -m "gpu and not slow" -q \
-                   -p no:cacheprovider --junitxml="$OUT/tests_gpu.xml" ;;
+                   -p no:cacheprovider "${xdist[@]}" ;;
         slow) step tests_slow "${SLOW_S:-500}" python3 -m pytest -m slow -q \
-                  -p no:cacheprovider --junitxml="$OUT/tests_slow.xml" ;;
-        model) step bench_model "${MODEL_S:-180}" python3 benchmarks/bench_model.py \
-                   --no-progress --columns ${BENCH_COLUMNS:-triton cuda eager-cl compile} ;;
+                  -p no:cacheprovider "${xdist[@]}" ;;
+        model) step bench_model "${MODEL_S:-230}" python3 benchmarks/bench_model.py \
+                   --no-progress --out "$OUT" \
+                   --columns ${BENCH_COLUMNS:-triton cuda eager-cl compile} ;;
         blocks) step bench_blocks "${BLOCKS_S:-300}" python3 benchmarks/bench_blocks.py \
-                    --no-progress --write-table
+                    --no-progress --out "$OUT" --write-table
                 cp fused_resnet/data/auto_backend.json "$OUT/" ;;
     esac
 done
-[[ -d benchmarks/results ]] && cp -rp benchmarks/results "$OUT/results"
+wait_for_build
 
 echo "=== summary ==="
 grep -h -E "^(=+ .*(passed|failed|error).* =+|FAILED|ERROR)" "$OUT"/tests_*.log 2>/dev/null \
     | tail -n 15
-for f in "$OUT"/results/*/model.md; do  # this run's GPU tables, not the committed CPU ones
-    [[ $f == */cpu-* || $f -ot "$OUT/gpu.txt" ]] || tail -n 30 "$f"
+for f in "$OUT"/*-"$(date +%F)"/*.md; do
+    [[ -f $f ]] && tail -n 30 "$f"
 done
 printf '%s\n' "${summary[@]}"

@@ -61,6 +61,32 @@ def test_suite_rows_ratios_and_a_failing_column():
             assert "cannot run" in r["error"] and r["ms"] is None and r["vs_eager_cl"] is None
 
 
+def test_an_interrupted_run_reports_the_settings_that_finished(monkeypatch):
+    """A time limit's SIGINT (KeyboardInterrupt) during the second setting returns the first
+    setting's rows; one during the first setting, with nothing to report, propagates."""
+    from fused_resnet.bench import suite
+
+    timed = suite._time_setting
+
+    def interrupt_after(n):
+        calls = []
+
+        def time_setting(*args):
+            calls.append(1)
+            if len(calls) > n:
+                raise KeyboardInterrupt
+            return timed(*args)
+        return time_setting
+
+    monkeypatch.setattr(suite, "_time_setting", interrupt_after(1))
+    rows = run_suite(SuiteConfig(**TINY, columns=("eager-cl",)), progress=False)
+    assert [(r["mode"], r["error"]) for r in rows] == [("train", "")]
+    assert rows[0]["vs_eager_cl"] == pytest.approx(1.0)
+    monkeypatch.setattr(suite, "_time_setting", interrupt_after(0))
+    with pytest.raises(KeyboardInterrupt):
+        run_suite(SuiteConfig(**TINY, columns=("eager-cl",)), progress=False)
+
+
 def test_measured_peaks_give_percentages_on_any_device():
     cfg = SuiteConfig(**{**TINY, "modes": ("latency",)}, columns=("eager-cl",),
                       measure_peaks=True)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -179,45 +180,53 @@ def run_suite(cfg: SuiteConfig, progress: bool = True) -> list[dict]:
                  if cfg.measure_peaks else datasheet_tflops(device_name, d)) for d in cfg.dtypes}
     bar = _progress(len(settings), progress)
     rows: list[dict] = []
-    for dtype, mode, batch in settings:
-        bar.set_description(f"{dtype} {mode} batch {batch}")
-        x = torch.randn(batch, 3, size, size, device=dev)
-        target = torch.randint(0, base.fc.out_features, (batch,), device=dev)
-        fns, failed = {}, {}
-        for label, (model, fmt) in models.items():
-            model.train(mode == "train")
-            xf = x.contiguous(memory_format=fmt)
-            try:
-                with precision(dtype, dev):
-                    fn = _step(model, mode, xf, target, opts[label])
-                    fn()  # first call: compile, autotune, fold BN
-                    if cfg.cuda_graphs and mode != "train":
-                        fn = cuda_graph(fn)
-                fns[label] = _with_precision(fn, dtype, dev)
-            except Exception as exc:  # noqa: BLE001 - one column's failure is a row, not a crash
-                failed[label] = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
-        timings = _time_setting(fns, failed, dev, cfg)
-        flops = 2 * macs_per_image * batch * (3 if mode == "train" else 1)
-        for label, (model, fmt) in models.items():
-            row = {"arch": cfg.arch, "device": device_name, "dtype": dtype,
-                   "mode": mode, "batch": batch, "image_size": size, "column": label,
-                   "cuda_graphs": cfg.cuda_graphs and mode != "train"}
-            if label in failed:
-                rows.append({**dict.fromkeys(ROW_FIELDS), **row, "error": failed[label]})
-                continue
-            t, peak = timings[label]
-            tflops = flops / t.median / 1e9
-            act = None
-            if mode == "train":
-                with precision(dtype, dev):
-                    xf = x.contiguous(memory_format=fmt)
-                    act = activation_bytes(model, lambda m=model, xf=xf: m(xf)) / 2**20
-            pct = None if peaks[dtype] is None else 100.0 * tflops / peaks[dtype]
-            rows.append({**row, "ms": t.median, "ms_p20": t.p20, "ms_p80": t.p80,
-                         "ms_p90": t.p90, "images_per_s": batch / t.median * 1e3,
-                         "tflops": tflops, "peak_tflops": peaks[dtype], "pct_peak": pct,
-                         "peak_mib": peak, "activation_mib": act, "error": ""})
-        bar.update(1)
+    try:
+        for dtype, mode, batch in settings:
+            bar.set_description(f"{dtype} {mode} batch {batch}")
+            x = torch.randn(batch, 3, size, size, device=dev)
+            target = torch.randint(0, base.fc.out_features, (batch,), device=dev)
+            fns, failed = {}, {}
+            for label, (model, fmt) in models.items():
+                model.train(mode == "train")
+                xf = x.contiguous(memory_format=fmt)
+                try:
+                    with precision(dtype, dev):
+                        fn = _step(model, mode, xf, target, opts[label])
+                        fn()  # first call: compile, autotune, fold BN
+                        if cfg.cuda_graphs and mode != "train":
+                            fn = cuda_graph(fn)
+                    fns[label] = _with_precision(fn, dtype, dev)
+                except Exception as exc:  # noqa: BLE001 - one column's failure is a row, not a crash
+                    failed[label] = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+            timings = _time_setting(fns, failed, dev, cfg)
+            flops = 2 * macs_per_image * batch * (3 if mode == "train" else 1)
+            for label, (model, fmt) in models.items():
+                row = {"arch": cfg.arch, "device": device_name, "dtype": dtype,
+                       "mode": mode, "batch": batch, "image_size": size, "column": label,
+                       "cuda_graphs": cfg.cuda_graphs and mode != "train"}
+                if label in failed:
+                    rows.append({**dict.fromkeys(ROW_FIELDS), **row, "error": failed[label]})
+                    continue
+                t, peak = timings[label]
+                tflops = flops / t.median / 1e9
+                act = None
+                if mode == "train":
+                    with precision(dtype, dev):
+                        xf = x.contiguous(memory_format=fmt)
+                        act = activation_bytes(model, lambda m=model, xf=xf: m(xf)) / 2**20
+                pct = None if peaks[dtype] is None else 100.0 * tflops / peaks[dtype]
+                rows.append({**row, "ms": t.median, "ms_p20": t.p20, "ms_p80": t.p80,
+                             "ms_p90": t.p90, "images_per_s": batch / t.median * 1e3,
+                             "tflops": tflops, "peak_tflops": peaks[dtype], "pct_peak": pct,
+                             "peak_mib": peak, "activation_mib": act, "error": ""})
+            bar.update(1)
+    except KeyboardInterrupt:
+        # A time limit's SIGINT (benchmarks/gpu_session.sh) keeps the settings that finished.
+        if not rows:
+            raise
+        done = len({(r["dtype"], r["mode"], r["batch"]) for r in rows})
+        print(f"\ninterrupted: reporting the {done} of {len(settings)} settings that ran",
+              file=sys.stderr)
     bar.close()
     add_ratios(rows)
     return rows
