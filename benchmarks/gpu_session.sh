@@ -6,8 +6,11 @@
 #   warm    python -m fused_resnet compile: every Triton kernel the model benchmark launches
 #           (ResNet-50, bf16 and fp16, batch 256 and 1, every autotuner config) compiled in
 #           parallel into Triton's cache, so that model / blocks do not compile one by one
+#   profile torch.profiler's kernel table and Chrome traces of fused Triton ResNet-50, bf16
+#           training at batch 256 and latency at batch 1 (where the time goes)
 #   tests   pytest -m "gpu and not slow" (Triton compiled, _C CUDA, peak memory, compile),
-#           over 8 pytest-xdist workers where xdist is installed (compiling is the slow part)
+#           over XDIST_WORKERS (8) pytest-xdist workers where xdist is installed (compiling is
+#           the slow part); each failure is printed as it happens, so a cut-off run keeps them
 #   slow    pytest -m slow: the exhaustive op grid on Triton (864 cases)
 #   model   bench_model.py: ResNet-50 fused Triton / _C vs eager channels_last vs compile
 #   blocks  bench_blocks.py --write-table: every distinct block, and the per-shape auto table
@@ -18,14 +21,15 @@
 #   bash benchmarks/gpu_session.sh blocks          # the next call (the build is incremental)
 #
 # Limits (seconds): BUILD_S 150 (beside WARM_S 100), TESTS_S 190, MODEL_S 230 (the default
-# call: at most 570 s, inside one 600 s device call), SLOW_S 500, BLOCKS_S 300. The model run
+# call: at most 570 s, inside one 600 s device call), PROFILE_S 60, SLOW_S 500, BLOCKS_S 300.
+# WARM_DTYPES (bf16 fp16) narrows the warm step. The model run
 # leaves out eager NCHW and compile max-autotune (minutes of autotuning); `BENCH_COLUMNS=...`
 # changes that. Copy $OUT's <gpu>-<date>/ folder to benchmarks/results/ to commit it.
 set -uo pipefail
 steps=${*:-warm tests model}
 for name in $steps; do
-    [[ $name =~ ^(warm|tests|slow|model|blocks)$ ]] \
-        || { echo "unknown step '$name' (warm, tests, slow, model, blocks)"; exit 2; }
+    [[ $name =~ ^(warm|profile|tests|slow|model|blocks)$ ]] \
+        || { echo "unknown step '$name' (warm, profile, tests, slow, model, blocks)"; exit 2; }
 done
 OUT=${OUT:-/tmp/fused_resnet_out}
 mkdir -p "$OUT"
@@ -70,12 +74,16 @@ wait_for_build() {
 }
 
 xdist=()
-python3 -c "import xdist" 2>/dev/null && xdist=(-n 8)
+python3 -c "import xdist" 2>/dev/null && xdist=(-n "${XDIST_WORKERS:-8}")
+export FUSED_RESNET_FAILURES_NOW=1
 for name in $steps; do
     [[ $name == warm ]] || wait_for_build
     case $name in
         warm) step warm "${WARM_S:-100}" python3 -m fused_resnet compile --arch 90 \
-                  --dtype bf16 fp16 --workload resnet50 --jobs "$(nproc)" ;;
+                  --dtype ${WARM_DTYPES:-bf16 fp16} --workload resnet50 --jobs "$(nproc)" ;;
+        profile) step profile "${PROFILE_S:-60}" python3 -m fused_resnet bench --arch resnet50 \
+                     --dtypes bf16 --modes train latency --batch-sizes 256 --latency-batch 1 \
+                     --profile triton --trace "$OUT/trace_triton" --no-progress ;;
         tests) step tests_gpu "${TESTS_S:-190}" python3 -m pytest -m "gpu and not slow" -q \
                    -p no:cacheprovider "${xdist[@]}" ;;
         slow) step tests_slow "${SLOW_S:-500}" python3 -m pytest -m slow -q \
@@ -91,6 +99,7 @@ done
 wait_for_build
 
 echo "=== summary ==="
+grep -h "^=== FAILED NOW" "$OUT"/tests_*.log 2>/dev/null | cut -c 16-130 | head -n 40
 grep -h -E "^(=+ .*(passed|failed|error).* =+|FAILED|ERROR)" "$OUT"/tests_*.log 2>/dev/null \
     | tail -n 15
 for f in "$OUT"/*-"$(date +%F)"/*.md; do

@@ -29,6 +29,16 @@ def pytest_terminal_summary(terminalreporter):
             terminalreporter.write_line(line)
 
 
+def pytest_runtest_logreport(report):
+    """With FUSED_RESNET_FAILURES_NOW=1 (benchmarks/gpu_session.sh), a failure's report is
+    printed the moment it arrives, not in the summary a time limit can cut off (under
+    pytest-xdist: by the controller, which receives every worker's reports)."""
+    if (report.failed and os.environ.get("FUSED_RESNET_FAILURES_NOW") == "1"
+            and "PYTEST_XDIST_WORKER" not in os.environ):
+        print(f"\n=== FAILED NOW {report.nodeid} ({report.when})\n"
+              f"{report.longreprtext[-3000:]}\n", flush=True)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
@@ -41,3 +51,14 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _fp32_without_tf32():
+    """DESIGN.md's fp32 tolerances are for fp32 with TF32 off, and on CUDA PyTorch's default
+    lets cuDNN convolutions (and so the Triton kernels, which follow its flag) use TF32: every
+    test starts with it off, and a test that wants TF32 turns it on itself."""
+    from fused_resnet.testing import exact_fp32
+
+    with exact_fp32():
+        yield

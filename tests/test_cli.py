@@ -1,5 +1,7 @@
 """The command line, run as users run it (subprocesses)."""
 
+import gzip
+import json
 import subprocess
 import sys
 
@@ -114,11 +116,15 @@ def test_bench_flops_table_lists_the_family(tmp_path):
     assert "latency ms p50 (p90)" in out and "img/s" in out
 
 
-def test_bench_profile_prints_the_kernel_table():
+def test_bench_profile_prints_the_kernel_table(tmp_path):
     out = run("bench", "--profile", "reference", "--arch", "cifar_resnet20", "--modes",
-              "train", "--batch-sizes", "2", "--image-size", "8").stdout
+              "train", "--batch-sizes", "2", "--image-size", "8",
+              "--trace", str(tmp_path / "trace")).stdout
     assert "## fused reference, cifar_resnet20, fp32 train batch 2" in out
     assert "aten::convolution" in out and "Self CPU" in out
+    with gzip.open(tmp_path / "trace-fp32-train-2.json.gz", "rt") as f:
+        events = json.load(f)["traceEvents"]
+    assert any(e.get("name") == "aten::convolution" for e in events)
 
 
 def test_short_benchmark_of_validate():
@@ -152,6 +158,7 @@ def _has_extension():
                      torch.cuda.is_available(), reason="CUDA tensors run here")),
     (("validate", "--arch", "cifar_resnet20", "--steps", "0"), "steps must be >= 1"),
     (("bench", "--arch", "cifar_resnet20", "--write-table"), "--write-table needs --stages"),
+    (("bench", "--arch", "cifar_resnet20", "--trace", "t"), "--trace needs --profile"),
     (("bench", "--arch", "cifar_resnet20", "--batch-sizes", "0"), "batch sizes must be >= 1"),
     pytest.param(("bench", "--arch", "cifar_resnet20", "--cuda-graphs"),
                  "cuda_graphs needs a CUDA device", marks=pytest.mark.skipif(

@@ -61,6 +61,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--archs", nargs="+", default=None, help="with --flops-table: the archs")
     p.add_argument("--profile", default=None, choices=COLUMNS, metavar="COLUMN",
                    help="print torch.profiler's per-kernel table of this column's runs")
+    p.add_argument("--trace", default=None, metavar="PREFIX",
+                   help="with --profile: also write each setting's Chrome trace to "
+                        "PREFIX-<dtype>-<mode>-<batch>.json.gz")
     p.add_argument("--out", default=os.path.join("benchmarks", "results"),
                    help="results folder (default benchmarks/results)")
     p.add_argument("--no-save", action="store_true", help="print only, write no files")
@@ -84,10 +87,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     cfg = config_from(args)
     if args.write_table is not None and not args.stages:
         raise ValueError("--write-table needs --stages (the table comes from block timings)")
+    if args.trace is not None and not args.profile:
+        raise ValueError("--trace needs --profile (the trace is of the profiled column)")
     if args.profile:
         from fused_resnet.bench.profile import profile_column
 
-        print(profile_column(cfg, args.profile))
+        print(profile_column(cfg, args.profile, trace=args.trace))
         return 0
     if args.flops_table:
         return _flops_table(args, cfg)

@@ -4,9 +4,13 @@ Runs the column's step of each of the config's settings under `torch.profiler` (
 warm-up runs that compile, autotune and fold BN) and returns, per setting, the profiler's
 table of the top ops / kernels by self time on the device (CUDA time on a GPU, CPU time
 elsewhere): the breakdown that says which kernels to work on when a target is missed.
+With `trace`, each setting's profile is also written as a Chrome trace (every launch with its
+grid and the op that made it), `<trace>-<dtype>-<mode>-<batch>.json.gz`.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -15,7 +19,8 @@ from fused_resnet.bench.suite import SuiteConfig, _step, build_columns, precisio
 from fused_resnet.models import build_model, is_cifar
 
 
-def profile_column(cfg: SuiteConfig, column: str, steps: int = 3, rows: int = 25) -> str:
+def profile_column(cfg: SuiteConfig, column: str, steps: int = 3, rows: int = 25,
+                   trace: Optional[str] = None) -> str:
     """The profiler tables of `column`, one per setting, as text."""
     dev = cfg.check()
     size = cfg.size(dev)
@@ -41,6 +46,8 @@ def profile_column(cfg: SuiteConfig, column: str, steps: int = 3, rows: int = 25
                     fn()
                 if dev.type == "cuda":
                     torch.cuda.synchronize(dev)
+        if trace:
+            prof.export_chrome_trace(f"{trace}-{dtype}-{mode}-{batch}.json.gz")
         table = prof.key_averages().table(sort_by=sort, row_limit=rows)
         out.append(f"## {label}, {cfg.arch}, {dtype} {mode} batch {batch} ({steps} steps)\n\n"
                    f"{table}")
