@@ -9,24 +9,27 @@
 #   profile torch.profiler's kernel table and Chrome traces of fused Triton ResNet-50, bf16
 #           training at batch 256 and latency at batch 1 (where the time goes)
 #   tests   pytest -m "gpu and not slow" (Triton compiled, _C CUDA, peak memory, compile),
-#           over XDIST_WORKERS (8) pytest-xdist workers where xdist is installed (compiling is
+#           over XDIST_WORKERS (16) pytest-xdist workers where xdist is installed (compiling is
 #           the slow part); each failure is printed as it happens, so a cut-off run keeps them
 #   slow    pytest -m slow: the exhaustive op grid on Triton (864 cases)
 #   model   bench_model.py: ResNet-50 fused Triton / _C vs eager channels_last vs compile
 #   blocks  bench_blocks.py --write-table: every distinct block, and the per-shape auto table
-# Logs and the benchmark reports (<gpu>-<date>/{model,blocks}.{csv,json,md,png}) land under
-# $OUT, at most 8 files (what the device tool brings back); the last lines are the summary.
+# The steps' logs, the training trace and the benchmark reports (<gpu>-<date>/{model,blocks}.
+# {csv,json,md,png}) land under $OUT, at most 8 files (what the device tool brings back); build
+# and warm log to a scratch folder and print their last lines; the last lines are the summary.
 #
-#   bash benchmarks/gpu_session.sh                 # warm tests model: one call, < 10 minutes
+#   bash benchmarks/gpu_session.sh                 # warm tests profile model: one call, < 10 min
 #   bash benchmarks/gpu_session.sh blocks          # the next call (the build is incremental)
 #
-# Limits (seconds): BUILD_S 150 (beside WARM_S 100), TESTS_S 190, MODEL_S 230 (the default
-# call: at most 570 s, inside one 600 s device call), PROFILE_S 60, SLOW_S 500, BLOCKS_S 300.
+# Limits (seconds): BUILD_S 120 (beside WARM_S 90), TESTS_S 150, PROFILE_S 90, MODEL_S 220
+# (the default call: at most 550 s and 40 s of kill margins, inside one 600 s device call),
+# SLOW_S 500, BLOCKS_S 300. Seen on an H200 (2026-12-04): build 57-64 s, warm 56 s (bf16) /
+# 79 s (bf16 fp16) beside it, the gpu tests 92% done in 100 s on 16 workers.
 # WARM_DTYPES (bf16 fp16) narrows the warm step. The model run
 # leaves out eager NCHW and compile max-autotune (minutes of autotuning); `BENCH_COLUMNS=...`
 # changes that. Copy $OUT's <gpu>-<date>/ folder to benchmarks/results/ to commit it.
 set -uo pipefail
-steps=${*:-warm tests model}
+steps=${*:-warm tests profile model}
 for name in $steps; do
     [[ $name =~ ^(warm|profile|tests|slow|model|blocks)$ ]] \
         || { echo "unknown step '$name' (warm, profile, tests, slow, model, blocks)"; exit 2; }
@@ -34,34 +37,36 @@ done
 OUT=${OUT:-/tmp/fused_resnet_out}
 mkdir -p "$OUT"
 rm -f "$OUT"/*.log
+scratch=$(mktemp -d)  # build / warm logs and the traces not brought back
 summary=()
 # Each step's summary line counts the Triton kernels it compiled (new cubins in Triton's
 # cache); after `warm`, `model` should add next to none (with TRITON_CACHE_DIR unset,
 # torch.compile keeps its kernels in inductor's own cache, not counted).
 triton_cache=${TRITON_CACHE_DIR:-$HOME/.triton/cache}
 cached() { find "$triton_cache" -name '*.cubin' 2>/dev/null | wc -l; }
-step() {  # step NAME SECONDS CMD...: run, append to $OUT/NAME.log, record the exit status
+log_of() { [[ $1 == build || $1 == warm ]] && echo "$scratch/$1.log" || echo "$OUT/$1.log"; }
+step() {  # step NAME SECONDS CMD...: run, log (log_of), record the exit status
     local name=$1 limit=$2; shift 2
-    local start=$SECONDS before
+    local start=$SECONDS before log
+    log=$(log_of "$name")
     before=$(cached)
-    timeout --signal=INT --kill-after=10 "$limit" "$@" >>"$OUT/$name.log" 2>&1
+    timeout --signal=INT --kill-after=10 "$limit" "$@" >>"$log" 2>&1
     local rc=$?
     local compiled=$(($(cached) - before))
     summary+=("$name: exit $rc in $((SECONDS - start)) s (limit $limit), $compiled Triton kernels compiled")
-    tail -n 3 "$OUT/$name.log"
+    tail -n "$([[ $rc == 0 ]] && echo 3 || echo 15)" "$log"
     return $rc
 }
 
-{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv
-  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-} 2>&1 | tee "$OUT/build.log"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 
 # _C builds in the background beside `warm` (both keep the CPUs busy, neither needs the
 # other); the steps after `warm` wait for it. A failed build is reported, not fatal: the
 # Triton tests and columns still run, the `_C` ones fail with the loader's message.
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
 build_summary=$(mktemp)
-( step build "${BUILD_S:-150}" python3 -m pip install --no-build-isolation --no-deps -e . \
+( step build "${BUILD_S:-120}" python3 -m pip install --no-build-isolation --no-deps -e . \
       >/dev/null
   printf '%s\n' "${summary[@]}" >"$build_summary" ) &
 build_pid=$!
@@ -70,25 +75,26 @@ wait_for_build() {
     wait "$build_pid"
     build_pid=
     mapfile -t -O "${#summary[@]}" summary <"$build_summary"
-    tail -n 3 "$OUT/build.log"
+    tail -n 3 "$(log_of build)"
 }
 
 xdist=()
-python3 -c "import xdist" 2>/dev/null && xdist=(-n "${XDIST_WORKERS:-8}")
+python3 -c "import xdist" 2>/dev/null && xdist=(-n "${XDIST_WORKERS:-16}")
 export FUSED_RESNET_FAILURES_NOW=1
 for name in $steps; do
     [[ $name == warm ]] || wait_for_build
     case $name in
-        warm) step warm "${WARM_S:-100}" python3 -m fused_resnet compile --arch 90 \
+        warm) step warm "${WARM_S:-90}" python3 -m fused_resnet compile --arch 90 \
                   --dtype ${WARM_DTYPES:-bf16 fp16} --workload resnet50 --jobs "$(nproc)" ;;
-        profile) step profile "${PROFILE_S:-60}" python3 -m fused_resnet bench --arch resnet50 \
+        profile) step profile "${PROFILE_S:-90}" python3 -m fused_resnet bench --arch resnet50 \
                      --dtypes bf16 --modes train latency --batch-sizes 256 --latency-batch 1 \
-                     --profile triton --trace "$OUT/trace_triton" --no-progress ;;
-        tests) step tests_gpu "${TESTS_S:-190}" python3 -m pytest -m "gpu and not slow" -q \
+                     --profile triton --trace "$scratch/trace_triton" --no-progress
+                 cp "$scratch"/trace_triton-*-train-*.json.gz "$OUT/" 2>/dev/null ;;
+        tests) step tests_gpu "${TESTS_S:-150}" python3 -m pytest -m "gpu and not slow" -q \
                    -p no:cacheprovider "${xdist[@]}" ;;
         slow) step tests_slow "${SLOW_S:-500}" python3 -m pytest -m slow -q \
                   -p no:cacheprovider "${xdist[@]}" ;;
-        model) step bench_model "${MODEL_S:-230}" python3 benchmarks/bench_model.py \
+        model) step bench_model "${MODEL_S:-220}" python3 benchmarks/bench_model.py \
                    --no-progress --out "$OUT" \
                    --columns ${BENCH_COLUMNS:-triton cuda eager-cl compile} ;;
         blocks) step bench_blocks "${BLOCKS_S:-300}" python3 benchmarks/bench_blocks.py \

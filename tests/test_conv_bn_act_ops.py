@@ -10,7 +10,7 @@ from _backends import DEVICE, FUSED_BACKENDS, NATIVE, skip_without_triton
 
 from fused_resnet import ops, reference
 from fused_resnet.backend import unavailable_reason
-from fused_resnet.testing import assert_close, exact_fp32
+from fused_resnet.testing import assert_close, compare, exact_fp32
 
 # Pairwise spread of the grid: kernel 1/3/7 x stride 1/2 x padding 0/1/3 x C_in 3/16/24 x
 # C_out 16/32 x residual x ReLU x train/eval; every pair of values of two parameters occurs.
@@ -56,16 +56,37 @@ def _params(c_out, dtype=torch.float32, device=DEVICE):
     return gamma, beta, mean, var
 
 
-def _run(backend, x, w, gamma, beta, mean, var, residual, **kwargs):
-    """Output, gradients of (x, w, gamma, beta, residual) and the updated running stats."""
+def _run(backend, x, w, gamma, beta, mean, var, residual, relu_mask=None, **kwargs):
+    """Output, gradients of (x, w, gamma, beta, residual) and the updated running stats.
+    relu_mask: a 0/1 tensor that replaces the ReLU (see `_reference_at_kinks`)."""
     leaves = [t.detach().clone().requires_grad_() for t in (x, w, gamma, beta)]
     r = residual.detach().clone().requires_grad_() if residual is not None else None
     stats = (mean.clone(), var.clone())
+    if relu_mask is not None:
+        kwargs = {**kwargs, "relu": False}
     out = ops.conv_bn_act(*leaves, *stats, residual=r, backend=backend, **kwargs)
+    if relu_mask is not None:
+        out = out * relu_mask
     torch.manual_seed(1)
     out.backward(torch.randn_like(out))
     grads = [t.grad for t in leaves] + ([r.grad] if r is not None else [])
     return out, grads, stats
+
+
+def _reference_at_kinks(out, x, w, params, residual, **kwargs):
+    """The reference's output, and its gradients and running stats taken at the ReLU kink
+    decisions of the candidate's output `out`. Where the two pre-activations straddle 0 within
+    rounding (|z| ~ 1e-7 of its scale: about one element in a million at ResNet sizes, seen on
+    an H200 and reproduced in the interpreter), ReLU passes dz on one side and 0 on the other,
+    and every gradient differs by that element's whole dz: the reference then multiplies by
+    `out > 0` instead of applying its own ReLU. The candidate's output is still checked against
+    the reference's own ReLU, so a wrong kink in the forward cannot hide behind the mask."""
+    ref_out, ref_grads, ref_stats = _run("reference", x, w, *params, residual, **kwargs)
+    if kwargs.get("relu", True):
+        mask = (out.detach() > 0).to(out.dtype)
+        _, ref_grads, ref_stats = _run("reference", x, w, *params, residual, relu_mask=mask,
+                                       **kwargs)
+    return ref_out, ref_grads, ref_stats
 
 
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
@@ -79,7 +100,7 @@ def test_matches_reference(kernel, stride, padding, c_in, c_out, residual, relu,
     r = torch.randn(2, c_out, size, size, device=DEVICE) if residual else None
     kwargs = {"stride": stride, "padding": padding, "training": training, "relu": relu}
     out, grads, stats = _run(backend, x, w, *params, r, **kwargs)
-    ref_out, ref_grads, ref_stats = _run("reference", x, w, *params, r, **kwargs)
+    ref_out, ref_grads, ref_stats = _reference_at_kinks(out, x, w, params, r, **kwargs)
     assert_close(out, ref_out, name="output")
     for name, g, ref in zip(("x", "weight", "bn_weight", "bn_bias", "residual"), grads, ref_grads):
         assert_close(g, ref, kind="grad", name=f"d{name}")
@@ -340,10 +361,17 @@ def test_resnet50_shapes_on_cuda(dtype, c_in, c_out, kernel, stride, size, backe
     kwargs = {"stride": stride, "padding": kernel // 2, "training": True}
     if dtype == torch.float32:
         out, grads, stats = _run(backend, x, w, *params, None, **kwargs)
-        ref, ref_grads, ref_stats = _run("reference", x, w, *params, None, **kwargs)
+        ref, ref_grads, ref_stats = _reference_at_kinks(out, x, w, params, None, **kwargs)
         assert_close(out, ref)
-        for g, r in zip(grads, ref_grads):
-            assert_close(g, r, kind="grad")
+        for name, g, r in zip(("x", "weight", "bn_weight", "bn_bias"), grads, ref_grads):
+            # Sums over N*Ho*Wo = 25k-100k pixels: their rounding grows with the terms, not
+            # with a result that cancels to near 0, so the bound is on the error relative to
+            # the tensor's largest magnitude (H200: up to 9e-6 for cuDNN's wgrad against
+            # itself; the interpreter: 1e-6), not element by element.
+            result = compare(g, r, kind="grad")
+            assert result.max_rel <= 1e-4, f"d{name}: {result}"
+        for name, s, r in zip(("running_mean", "running_var"), stats, ref_stats):
+            assert_close(s, r, name=name)
         return
     truth, truth_grads, _ = _run("reference", x.double(), w.double(),
                                  *(p.double() for p in params), None, **kwargs)

@@ -48,3 +48,30 @@ def test_kernel_modules_keep_their_annotations_evaluated(path):
     # is tl.constexpr; `from __future__ import annotations` leaves the string "tl.constexpr",
     # and tl.arange(0, BLOCK_M) then failed ("arange's arguments must be of type tl.constexpr").
     assert "from __future__ import annotations" not in path.read_text()
+
+
+@pytest.mark.parametrize("version, expected", [
+    ((3, 1), {"warmup", "rep"}), ((3, 2), {"warmup", "rep"}),
+    ((3, 3), {"do_bench"}), ((3, 6), {"do_bench"}), ((3, 8), {"do_bench"}),
+])
+def test_autotuner_timing_arguments_per_triton_version(monkeypatch, version, expected):
+    """Every version gets the short timing windows (3.1 / 3.2 as warmup / rep in ms, later
+    ones through a do_bench callable that reaches the GPU only when it is called)."""
+    pytest.importorskip("triton")
+    from fused_resnet.triton import conv
+
+    monkeypatch.setattr(conv, "triton_version", lambda: version)
+    args = conv._lazy_bench_arguments()
+    assert set(args) == expected
+    if "rep" in args:
+        assert (args["warmup"], args["rep"]) == (conv.AUTOTUNE_WARMUP_MS, conv.AUTOTUNE_REP_MS)
+        return
+    import triton.testing
+
+    seen = {}
+    monkeypatch.setattr(triton.testing, "do_bench",
+                        lambda fn, warmup, rep, quantiles: seen.update(
+                            warmup=warmup, rep=rep, quantiles=quantiles) or [1.0, 0.9, 1.1])
+    assert args["do_bench"](lambda: None, quantiles=(0.5, 0.2, 0.8)) == [1.0, 0.9, 1.1]
+    assert seen == {"warmup": conv.AUTOTUNE_WARMUP_MS, "rep": conv.AUTOTUNE_REP_MS,
+                    "quantiles": (0.5, 0.2, 0.8)}

@@ -55,24 +55,29 @@ CONV_TUNING_KEY = ["M", "C_in", "C_out", "KH", "KW", "stride"]  # one tuned conf
 STAT_ROWS = 32  # rows per statistics group; divides every BLOCK_M of the configs
 
 
-def _bench_on_the_active_driver(kernel_call, quantiles):
-    """Triton's own benchmarker, looked up when the autotuner first times a config."""
-    from triton.runtime.driver import driver
+# Each candidate config is timed over this many ms (Triton's defaults: 25 warm-up, 100 timed):
+# a ResNet-50 training step has ~50 tuning keys x 6 candidates, so the first step tuned for
+# over a minute with the defaults on an H200; kernels of 0.05-2 ms still get 12-500 timed runs.
+AUTOTUNE_WARMUP_MS, AUTOTUNE_REP_MS = 5, 25
 
-    return driver.active.get_benchmarker()(kernel_call, quantiles=quantiles)
+
+def _bench_candidate(kernel_call, quantiles):
+    """triton.testing.do_bench with the windows above (it finds the GPU when called)."""
+    import triton.testing
+
+    return triton.testing.do_bench(kernel_call, warmup=AUTOTUNE_WARMUP_MS,
+                                   rep=AUTOTUNE_REP_MS, quantiles=quantiles)
 
 
 def _lazy_bench_arguments() -> dict:
-    """triton.autotune arguments that keep Triton 3.2 / 3.3 (torch 2.6 / 2.7) from asking the
-    GPU driver for its benchmarker when the decorator runs: that raises "0 active drivers"
-    without a GPU, and `import fused_resnet` failed there. 3.3 takes do_bench; 3.2 accepts it
-    but does not pass it on, so there the deprecated warmup / rep (triton.testing.do_bench's
-    defaults) pick its lazy path. 3.1 and 3.4+ look the benchmarker up only when they tune."""
-    if triton_version() == (3, 2):
-        return {"warmup": 25, "rep": 100}
-    if triton_version() == (3, 3):
-        return {"do_bench": _bench_on_the_active_driver}
-    return {}
+    """triton.autotune's timing arguments. They must not ask the GPU driver for anything when
+    the decorator runs (that raises "0 active drivers" without a GPU, and `import
+    fused_resnet` failed there on 3.2 / 3.3, torch 2.6 / 2.7): 3.3+ take a do_bench callable,
+    called only when tuning; 3.1 and 3.2 (where do_bench is accepted but not passed on) take
+    warm-up / rep in ms, 3.2 with a DeprecationWarning that `autotune_conv` silences."""
+    if triton_version() < (3, 3):
+        return {"warmup": AUTOTUNE_WARMUP_MS, "rep": AUTOTUNE_REP_MS}
+    return {"do_bench": _bench_candidate}
 
 
 def autotune_conv(fn):
