@@ -6,8 +6,8 @@
 #   warm    python -m fused_resnet compile: every Triton kernel the model benchmark launches
 #           (ResNet-50, bf16 and fp16, batch 256 and 1, every autotuner config) compiled in
 #           parallel into Triton's cache, so that model / blocks do not compile one by one
-#   profile torch.profiler's kernel table and Chrome traces of fused Triton ResNet-50, bf16
-#           training at batch 256 and latency at batch 1 (where the time goes)
+#   profile torch.profiler's kernel table of fused Triton ResNet-50, bf16 training at batch
+#           256 and latency at batch 1 (where the time goes), and the training step's trace
 #   tests   pytest -m "gpu and not slow" (Triton compiled, _C CUDA, peak memory, compile),
 #           over XDIST_WORKERS (16) pytest-xdist workers where xdist is installed (compiling is
 #           the slow part); each failure is printed as it happens, so a cut-off run keeps them
@@ -25,9 +25,9 @@
 # (the default call: at most 550 s and 40 s of kill margins, inside one 600 s device call),
 # SLOW_S 500, BLOCKS_S 300. Seen on an H200 (2026-12-04): build 57-64 s, warm 56 s (bf16) /
 # 79 s (bf16 fp16) beside it, the gpu tests 92% done in 100 s on 16 workers.
-# WARM_DTYPES (bf16 fp16) narrows the warm step. The model run
-# leaves out eager NCHW and compile max-autotune (minutes of autotuning); `BENCH_COLUMNS=...`
-# changes that. Copy $OUT's <gpu>-<date>/ folder to benchmarks/results/ to commit it.
+# WARM_DTYPES (bf16 fp16) narrows the warm step. The model run leaves out eager NCHW and
+# compile max-autotune (minutes of autotuning); `BENCH_COLUMNS=...` changes that. Copy $OUT's
+# <gpu>-<date>/ folder to benchmarks/results/ to commit it.
 set -uo pipefail
 steps=${*:-warm tests profile model}
 for name in $steps; do

@@ -68,7 +68,6 @@ def test_compile_with_frozen_early_layers_matches_eager():
 
 @pytest.mark.gpu
 def test_compile_fullgraph_on_gpu_with_triton():
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     _check_compiled_matches_eager(GPU_BACKEND, "cuda", "inductor")
 
 

@@ -14,7 +14,6 @@ from hypothesis import strategies as st
 
 from fused_resnet import ops
 from fused_resnet.nn import FusedBasicBlock, FusedBottleneck
-from fused_resnet.testing import exact_fp32
 from tests._backends import DEVICE, backend_param
 from tests._report import record
 
@@ -94,8 +93,7 @@ def test_fuzz_conv_bn_act_against_the_reference(backend):
     def check(drawn):
         case, out_shape = drawn
         TRIED[(backend, "conv_bn_act")] += 1
-        with exact_fp32():
-            got, expected = _run(backend, case, out_shape)
+        got, expected = _run(backend, case, out_shape)
         names = ("output", "running_mean", "running_var", "dx", "dw", "dgamma", "dbeta")
         for name, a, b in zip(names, got, expected):
             _close(a, b, f"{name} {case}", case["dtype"], grad=name.startswith("d"))
@@ -140,11 +138,10 @@ def test_fuzz_blocks_against_the_reference(backend):
         c_in = fused.conv1.in_channels
         x = torch.randn(case["n"], c_in, case["h"], case["h"], device=DEVICE)
         xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
-        with exact_fp32():
-            out, expected = fused(xa), ref(xb)
-            dz = torch.randn_like(expected)
-            out.backward(dz)
-            expected.backward(dz)
+        out, expected = fused(xa), ref(xb)
+        dz = torch.randn_like(expected)
+        out.backward(dz)
+        expected.backward(dz)
         _close(out, expected, f"output {case}", torch.float32)
         _close(xa.grad, xb.grad, f"dx {case}", torch.float32, grad=True)
         for (name, p), q in zip(fused.named_parameters(), ref.parameters()):
