@@ -200,7 +200,7 @@ def test_every_kernel_of_every_block_kind_compiles_for_hopper(tmp_path):
         rows = list(csv.DictReader(f))
     names = {r["name"] for r in rows}
     assert names == {"_conv_fwd_kernel", "_conv_dgrad_kernel", "_conv_wgrad_kernel",
-                     "_bn_finalize_kernel", "_bn_bwd_reduce_kernel", "_bn_act_fwd_kernel",
+                     "_bn_merge_kernel", "_bn_bwd_reduce_kernel", "_bn_act_fwd_kernel",
                      "_bn_act_bwd_kernel", "_bottleneck_eval_kernel"}
     assert all(r["error"] == "" and r["arch"] == "90" for r in rows)
     fwd = [r for r in rows if r["name"] == "_conv_fwd_kernel"]

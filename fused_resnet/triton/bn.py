@@ -3,10 +3,17 @@
 Forward: the conv kernel leaves, per group of `rows` rows g and channel c, a shift k_g (a y
 value), lo_g = mean_g - k_g and M2_g = sum (y - mean_g)^2. `bn_finalize` takes the means
 relative to K = k_0, rel_g = (k_g - K) + lo_g (small numbers: no cancellation for large
-means), merges the groups in a fixed order with Chan's formula
-    rel_ab = rel_a + d * n_b / n,  M2_ab = M2_a + M2_b + d^2 * n_a * n_b / n
-(d = rel_b - rel_a, n = n_a + n_b), and returns mean = K + rel, biased var = M2 / n,
-scale = gamma / sqrt(var + eps) and shift = beta - mean * scale.
+means), and merges the groups of each tile of MERGE_TILE consecutive groups in parallel with
+the exact two-pass formula over groups
+    n = sum n_g,  rel = sum n_g * rel_g / n,  M2 = sum M2_g + sum n_g * (rel_g - rel)^2
+(every term of M2 is >= 0: nothing cancels), then the tiles' results the same way, level by
+level, until one tile is left; that last merge returns mean = K + rel, biased var = M2 / n,
+scale = gamma / sqrt(var + eps) and shift = beta - mean * scale. The tiles are fixed by the
+number of groups, and a tile's sums run in a fixed order: the statistics are deterministic
+and do not depend on the conv's tile config. (A ResNet-50 stem at batch 256 has 100352
+groups. Merged one after another, as this module first did, they are a chain of 100352
+dependent loads and divisions in one program per 128 channels, est. 10-30 ms for that one BN
+and ~100 ms per training step in all; in tiles of 512 they are 196 programs, then one.)
 
 Backward: for z = relu?(gamma * yhat + beta + shortcut), yhat = (y - mean) * rstd, the
 gradient at the BN output is g = dz * [z > 0]; `bn_bwd_reduce` returns sum g and
@@ -24,56 +31,106 @@ from torch import Tensor
 from fused_resnet.triton.config import acc_dtype
 from fused_resnet.triton.eltwise import ReluMask, relu_grad, relu_mask_args
 
+MERGE_TILE = 512  # groups one program merges
+MERGE_ROWS = 64  # groups loaded per step
+
 
 @triton.jit
-def _bn_finalize_kernel(
-    part_shift_ptr, part_mean_ptr, part_m2_ptr, gamma_ptr, beta_ptr,
-    mean_ptr, var_ptr, scale_ptr, shift_ptr,
+def _group_means(shift_ptr, mean_ptr, k0, g, g_ok, offs_c, c_ok, C, SHIFTED: tl.constexpr,
+                 ACC_TY: tl.constexpr):
+    """(BLOCK_R, BLOCK_C) means of groups g relative to K = k0: mean (+ shift - K if
+    SHIFTED); 0 where masked."""
+    ok = g_ok[:, None] & c_ok[None, :]
+    offs = g.to(tl.int64)[:, None] * C + offs_c[None, :]
+    rel = tl.load(mean_ptr + offs, mask=ok, other=0.0).to(ACC_TY)
+    if SHIFTED:
+        rel += tl.where(ok, tl.load(shift_ptr + offs, mask=ok, other=0.0) - k0[None, :], 0.0)
+    return rel
+
+
+@triton.jit
+def _bn_merge_kernel(
+    shift_ptr, mean_ptr, m2_ptr, k0_ptr, out_mean_ptr, out_m2_ptr,
+    gamma_ptr, beta_ptr, var_ptr, scale_ptr, out_shift_ptr,
     num_groups, rows, M, C, eps,
-    ACC_FP64: tl.constexpr, BLOCK_C: tl.constexpr,
+    SHIFTED: tl.constexpr, FINAL: tl.constexpr, ACC_FP64: tl.constexpr, TILE: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
+    # Groups [tile * TILE, (tile + 1) * TILE) of this level, each covering `rows` rows of y
+    # (the last one fewer): n_g = min(rows, M - g * rows). Their means are mean_ptr (+ shift
+    # - K with SHIFTED, level 0), relative to K otherwise. Writes the tile's (rel, M2) at row
+    # `tile`, or with FINAL (one tile holding every group) the BN's mean, var, scale, shift.
     acc_ty = tl.float64 if ACC_FP64 else tl.float32
-    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    tile = tl.program_id(0)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = offs_c < C
+    k0 = tl.load(k0_ptr + offs_c, mask=c_ok, other=0.0).to(acc_ty)
+    first = tile * TILE
+    last = tl.minimum(first + TILE, num_groups)
     n = tl.zeros((BLOCK_C,), dtype=acc_ty)
-    mean = tl.zeros((BLOCK_C,), dtype=acc_ty)  # relative to k0
+    total = tl.zeros((BLOCK_C,), dtype=acc_ty)
+    for g0 in range(first, last, BLOCK_R):  # pass 1: n and sum n_g * rel_g
+        g = g0 + tl.arange(0, BLOCK_R)
+        g_ok = g < last
+        n_g = tl.where(g_ok, tl.minimum(rows, M - g * rows), 0).to(acc_ty)
+        rel = _group_means(shift_ptr, mean_ptr, k0, g, g_ok, offs_c, c_ok, C, SHIFTED, acc_ty)
+        n += tl.sum(n_g, axis=0)
+        total += tl.sum(n_g[:, None] * rel, axis=0)
+    mean = total / tl.maximum(n, 1.0)
     m2 = tl.zeros((BLOCK_C,), dtype=acc_ty)
-    k0 = tl.load(part_shift_ptr + offs_c, mask=c_ok, other=0.0)
-    for g in range(0, num_groups):
-        n_b = tl.minimum(rows, M - g * rows).to(acc_ty)
-        k = tl.load(part_shift_ptr + g * C + offs_c, mask=c_ok, other=0.0)
-        mean_b = (k - k0) + tl.load(part_mean_ptr + g * C + offs_c, mask=c_ok, other=0.0)
-        m2_b = tl.load(part_m2_ptr + g * C + offs_c, mask=c_ok, other=0.0)
-        total = n + n_b
-        delta = mean_b - mean
-        mean += delta * (n_b / total)
-        m2 += m2_b + delta * delta * (n * n_b / total)
-        n = total
-    var = m2 / n
-    mean += k0
-    rstd = 1.0 / tl.sqrt(var + eps)
-    gamma = tl.load(gamma_ptr + offs_c, mask=c_ok, other=1.0).to(acc_ty)
-    beta = tl.load(beta_ptr + offs_c, mask=c_ok, other=0.0).to(acc_ty)
-    scale = gamma * rstd
-    tl.store(mean_ptr + offs_c, mean, mask=c_ok)
-    tl.store(var_ptr + offs_c, var, mask=c_ok)
-    tl.store(scale_ptr + offs_c, scale, mask=c_ok)
-    tl.store(shift_ptr + offs_c, beta - mean * scale, mask=c_ok)
+    for g0 in range(first, last, BLOCK_R):  # pass 2: sum M2_g + n_g * (rel_g - rel)^2
+        g = g0 + tl.arange(0, BLOCK_R)
+        g_ok = g < last
+        n_g = tl.where(g_ok, tl.minimum(rows, M - g * rows), 0).to(acc_ty)
+        rel = _group_means(shift_ptr, mean_ptr, k0, g, g_ok, offs_c, c_ok, C, SHIFTED, acc_ty)
+        d = rel - mean[None, :]  # 0 - mean where masked, but n_g = 0 there
+        ok = g_ok[:, None] & c_ok[None, :]
+        m2_g = tl.load(m2_ptr + g.to(tl.int64)[:, None] * C + offs_c[None, :], mask=ok, other=0.0)
+        m2 += tl.sum(m2_g + n_g[:, None] * d * d, axis=0)
+    if FINAL:
+        var = m2 / n
+        mean += k0
+        rstd = 1.0 / tl.sqrt(var + eps)
+        gamma = tl.load(gamma_ptr + offs_c, mask=c_ok, other=1.0).to(acc_ty)
+        beta = tl.load(beta_ptr + offs_c, mask=c_ok, other=0.0).to(acc_ty)
+        scale = gamma * rstd
+        tl.store(out_mean_ptr + offs_c, mean, mask=c_ok)
+        tl.store(var_ptr + offs_c, var, mask=c_ok)
+        tl.store(scale_ptr + offs_c, scale, mask=c_ok)
+        tl.store(out_shift_ptr + offs_c, beta - mean * scale, mask=c_ok)
+    else:
+        tl.store(out_mean_ptr + tile * C + offs_c, mean, mask=c_ok)
+        tl.store(out_m2_ptr + tile * C + offs_c, m2, mask=c_ok)
 
 
 def bn_finalize(
     part_shift: Tensor, part_mean: Tensor, part_m2: Tensor, rows: int, m: int, gamma: Tensor,
-    beta: Tensor, eps: float,
+    beta: Tensor, eps: float, *, tile: int = MERGE_TILE,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(mean, biased var, scale, shift), each (C,) in the partials' dtype, of m rows whose
-    groups of `rows` rows left the partials (shift, mean - shift, M2), each (G, C)."""
+    groups of `rows` rows left the partials (shift, mean - shift, M2), each (G, C); `tile`
+    groups merge in one program (tests set it small to exercise several levels)."""
     groups, c = part_mean.shape
-    out = [torch.empty(c, device=part_mean.device, dtype=part_mean.dtype) for _ in range(4)]
-    block_c = min(128, triton.next_power_of_2(c))
-    _bn_finalize_kernel[(triton.cdiv(c, block_c),)](
-        part_shift, part_mean, part_m2, gamma, beta, *out, groups, rows, m, c, eps,
-        ACC_FP64=part_mean.dtype == torch.float64, BLOCK_C=block_c,
-    )
+    if m >= 2**31:
+        raise ValueError(f"bn_finalize: m (rows of y, N*H*W) must be below 2**31, got {m}")
+    dev, dtype = part_mean.device, part_mean.dtype
+    out = [torch.empty(c, device=dev, dtype=dtype) for _ in range(4)]  # mean, var, scale, shift
+    block_c = min(64, triton.next_power_of_2(c))
+    common = dict(ACC_FP64=dtype == torch.float64, TILE=tile, BLOCK_R=MERGE_ROWS,
+                  BLOCK_C=block_c)
+    k0 = part_shift[0]  # K: every level's means are relative to it
+    mean, m2, shifted = part_mean, part_m2, True
+    while groups > tile:  # one level of the tree: `tile` groups -> 1
+        tiles = triton.cdiv(groups, tile)
+        level = [torch.empty((tiles, c), device=dev, dtype=dtype) for _ in range(2)]
+        _bn_merge_kernel[(tiles, triton.cdiv(c, block_c))](
+            part_shift, mean, m2, k0, *level, gamma, beta, *out[1:3], out[3],
+            groups, rows, m, c, eps, SHIFTED=shifted, FINAL=False, **common)
+        mean, m2, shifted = level[0], level[1], False
+        groups, rows = tiles, rows * tile
+    _bn_merge_kernel[(1, triton.cdiv(c, block_c))](
+        part_shift, mean, m2, k0, out[0], out[0], gamma, beta, out[1], out[2], out[3],
+        groups, rows, m, c, eps, SHIFTED=shifted, FINAL=True, **common)
     return tuple(out)
 
 

@@ -1,0 +1,67 @@
+"""`triton.bn.bn_finalize`: the tree merge of the conv epilogue's per-group statistics
+(shift k_g, lo_g = mean_g - k_g, M2_g) into the BN's mean, biased variance, scale and shift,
+against the statistics of the whole tensor in fp64. The partials are built here the way the
+conv epilogue writes them (groups of `rows` consecutive rows, the last one ragged), and the
+merge tile is made small so that the tree has one, two and three levels."""
+
+import pytest
+import torch
+
+from tests._backends import DEVICE, skip_without_triton
+
+
+def _group_partials(y: torch.Tensor, rows: int):
+    """(shift, mean - shift, M2) per group of `rows` rows of y (M, C), as the epilogue does."""
+    shifts, los, m2s = [], [], []
+    for start in range(0, y.shape[0], rows):
+        grp = y[start:start + rows]
+        k = grp[0]
+        lo = (grp - k).mean(0)
+        shifts.append(k)
+        los.append(lo)
+        m2s.append(((grp - k - lo) ** 2).sum(0))
+    return tuple(torch.stack(t) for t in (shifts, los, m2s))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("m, tile", [(37, 512), (32 * 61 + 5, 8), (32 * 200 + 31, 4)],
+                         ids=["one-level", "two-levels", "three-levels"])
+def test_tree_merge_matches_fp64_statistics(m, tile, dtype):
+    skip_without_triton()
+    from fused_resnet.triton.bn import bn_finalize
+
+    c, rows, eps = 5, 32, 1e-5
+    g = torch.Generator().manual_seed(m)
+    # Per-channel means up to 1e4 with std ~1: the variance must not cancel.
+    y64 = (torch.randn(m, c, generator=g, dtype=torch.float64) * torch.tensor([1, 2, 0.5, 1, 3])
+           + torch.tensor([0.0, 1e4, -3e3, 7.0, 1e2]))
+    y = y64.to(DEVICE, dtype)
+    gamma = torch.randn(c, generator=g, dtype=torch.float64).to(DEVICE, dtype)
+    beta = torch.randn(c, generator=g, dtype=torch.float64).to(DEVICE, dtype)
+    mean, var, scale, shift = bn_finalize(*_group_partials(y, rows), rows, m, gamma, beta, eps,
+                                          tile=tile)
+    exact = y.to(torch.float64)
+    ref_mean, ref_var = exact.mean(0), exact.var(0, unbiased=False)
+    ref_scale = gamma.double() / torch.sqrt(ref_var + eps)
+    ref_shift = beta.double() - ref_mean * ref_scale
+    rtol = 1e-12 if dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(mean.double(), ref_mean, rtol=rtol, atol=0)
+    torch.testing.assert_close(var.double(), ref_var, rtol=rtol * 10, atol=0)
+    torch.testing.assert_close(scale.double(), ref_scale, rtol=rtol * 10, atol=0)
+    # shift = beta - mean * scale cancels for the 1e4 means: bound it by mean * scale's size.
+    torch.testing.assert_close(shift.double(), ref_shift, rtol=0,
+                               atol=rtol * 10 * float((ref_mean * ref_scale).abs().max()))
+
+
+def test_merge_is_deterministic():
+    skip_without_triton()
+    from fused_resnet.triton.bn import bn_finalize
+
+    m, c, rows = 32 * 40 + 3, 3, 32
+    y = torch.randn(m, c, dtype=torch.float32, device=DEVICE) + 50
+    parts = _group_partials(y, rows)
+    one = torch.ones(c, device=DEVICE)
+    first = bn_finalize(*parts, rows, m, one, one * 0, 1e-5, tile=4)
+    again = bn_finalize(*parts, rows, m, one, one * 0, 1e-5, tile=4)
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
