@@ -5,7 +5,8 @@
 bottleneck where a block allows it) at real shapes, with every Triton launch turned into a
 compile for sm_90 (`fused_resnet.triton.aot.compile_only`): every specialization the model
 needs, with every autotuner config. It prints what ptxas gave each kernel (shared memory,
-registers, stack bytes: a stack means spilled registers) and fails when a kernel does not
+registers, stack bytes: a stack means spilled registers; SASS instructions and subroutine
+CALLs: 64-bit integer division, which has no instruction) and fails when a kernel does not
 compile or needs more shared memory than the architecture has. Nothing runs: this checks that a
 GPU run can start, not what it computes (the interpreter tests and `validate` do that).
 """
@@ -97,8 +98,9 @@ def check(workloads: list[str], dtypes: list[str], arch: int, workers: int = 1,
 
 
 def summary_rows(builds) -> list[tuple]:
-    """Per kernel: builds, most shared memory, most registers, builds with a stack, autotuner
-    candidates over the shared memory (which the autotuner skips), failures."""
+    """Per kernel: builds, most shared memory, most registers, builds with a stack, builds
+    with subroutine calls, autotuner candidates over the shared memory (which the autotuner
+    skips), failures."""
     rows = []
     for name in sorted({b.name for b in builds}):
         mine = [b for b in builds if b.name == name]
@@ -109,15 +111,17 @@ def summary_rows(builds) -> list[tuple]:
         rows.append((name, len(mine), f"{max((b.shared for b in ok), default=0) / 1024:.0f}",
                      max(regs, default="-"), len(spilled),
                      f"{worst.stack} B: {worst.tile} [{worst.variant}]" if worst else "-",
+                     sum(bool(b.calls) for b in ok),
                      sum(b.skipped_by_autotuner for b in ok),
                      sum(bool(b.problems()) for b in mine)))
     return rows
 
 
 SUMMARY_HEADER = ("kernel", "builds", "max shared KiB", "max regs", "builds with stack",
-                  "largest stack", "candidates over shared", "cannot launch")
+                  "largest stack", "builds with calls", "candidates over shared",
+                  "cannot launch")
 BUILD_FIELDS = ("arch", "name", "dtype", "variant", "tile", "num_warps", "num_stages",
-                "autotuned", "shared", "registers", "stack", "error")
+                "autotuned", "shared", "registers", "stack", "instructions", "calls", "error")
 
 
 def write_csv(path: str, reports: list) -> None:

@@ -261,3 +261,25 @@ def test_fp16_overflow_behaves_as_pytorch(backend):
             assert out[finite].isfinite().all()
         torch.testing.assert_close(out[finite].float(), expected[finite].float(), rtol=2e-2,
                                    atol=2e-2)
+
+
+def test_more_pixels_than_int32_indices_is_refused_before_any_launch():
+    """The Triton conv kernels index pixels in int32: 2**32 of them are refused by name (meta
+    tensors: nothing is allocated, and the check comes before any launch)."""
+    pytest.importorskip("triton")
+    from fused_resnet.triton.bottleneck_eval import bottleneck_eval
+    from fused_resnet.triton.conv import conv_fwd
+    from fused_resnet.triton.conv_bwd import conv_dgrad, conv_wgrad
+
+    x = torch.empty(2**16, 4, 2**8, 2**8, device="meta")
+    w = torch.empty(4, 4, 1, 1, device="meta")
+    with pytest.raises(ValueError, match=r"at most 2\*\*31 - 1 pixels .* got 4294967296"):
+        conv_fwd(x, w, stride=1, padding=0)
+    with pytest.raises(ValueError, match="at most 2"):
+        conv_dgrad(x, w, x.shape, stride=1, padding=0)
+    with pytest.raises(ValueError, match="at most 2"):
+        conv_wgrad(x, x, w.shape, stride=1, padding=0)
+    mid = [torch.empty(2, 4, 1, 1, device="meta"), torch.empty(2, 2, 3, 3, device="meta"),
+           torch.empty(4, 2, 1, 1, device="meta")]
+    with pytest.raises(ValueError, match="at most 2"):
+        bottleneck_eval(x, mid, [torch.empty(c, device="meta") for c in (2, 2, 4)])

@@ -203,6 +203,11 @@ def test_every_kernel_of_every_block_kind_compiles_for_hopper(tmp_path):
                      "_bn_merge_kernel", "_bn_bwd_reduce_kernel", "_bn_act_fwd_kernel",
                      "_bn_act_bwd_kernel", "_bottleneck_eval_kernel"}
     assert all(r["error"] == "" and r["arch"] == "90" for r in rows)
+    # No conv build calls a subroutine (a 64-bit integer division: int32 pixel indices, and
+    # the weight gradient's pixel walk adds instead of dividing). "" where cuobjdump is absent.
+    conv_calls = {r["calls"] for r in rows if r["name"].startswith("_conv_")}
+    assert conv_calls in ({"0"}, {""}), conv_calls
+    assert all(r["instructions"] == "" or int(r["instructions"]) > 100 for r in rows)
     fwd = [r for r in rows if r["name"] == "_conv_fwd_kernel"]
     assert any("PROLOGUE" in r["variant"] for r in fwd)
     assert any("STATS" in r["variant"] for r in fwd)

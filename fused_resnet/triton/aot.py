@@ -69,6 +69,11 @@ class KernelBuild:
     shared: int = 0
     registers: Optional[int] = None
     stack: Optional[int] = None
+    # SASS instructions, and CALLs among them: a call is a subroutine ptxas could not inline,
+    # in these kernels a 64-bit integer division (~80 instructions a call; in a K loop it
+    # outweighs the MMA, as it did in the weight gradient's before its pixel walk).
+    instructions: Optional[int] = None
+    calls: Optional[int] = None
     error: Optional[str] = None
 
     @property
@@ -183,19 +188,27 @@ def _cuobjdump() -> Optional[str]:
     return bundled if os.path.exists(bundled) else shutil.which("cuobjdump")
 
 
-def _resources(cubin: bytes) -> tuple[Optional[int], Optional[int]]:
-    """(registers, stack bytes) per thread of the one kernel in `cubin`, from cuobjdump."""
+def _resources(cubin: bytes) -> tuple[Optional[int], ...]:
+    """(registers, stack bytes) per thread of the one kernel in `cubin`, and its number of
+    SASS instructions and of CALLs among them, from cuobjdump (all None without it)."""
     tool = _cuobjdump()
     if tool is None:
-        return None, None
+        return None, None, None, None
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
         out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True).stdout
     fields = dict(tok.split(":", 1) for tok in out.split() if tok.count(":") == 1
                   and tok.split(":")[0] in ("REG", "STACK"))
     as_int = lambda key: int(fields[key]) if key in fields else None  # noqa: E731
-    return as_int("REG"), as_int("STACK")
+    # An instruction line: "/*0a70*/  [@P0] OPCODE operands ;"
+    ops = [line.split("*/", 1)[1].split() for line in sass.splitlines()
+           if line.lstrip().startswith("/*") and line.rstrip().endswith(";")]
+    opcodes = [words[1] if words[0].startswith("@") and len(words) > 1 else words[0]
+               for words in ops if words]
+    return (as_int("REG"), as_int("STACK"), len(opcodes) or None,
+            sum(op.startswith("CALL") for op in opcodes) if opcodes else None)
 
 
 _JOBS: list[_Job] = []  # what forked workers compile, by index
@@ -224,7 +237,8 @@ def _compile(index: int) -> tuple[Optional[str], KernelBuild]:
         job.fn.device_caches.clear()  # a later real launch builds its binder again
     build.shared = kernel.metadata.shared
     build.num_warps, build.num_stages = kernel.metadata.num_warps, kernel.metadata.num_stages
-    build.registers, build.stack = _resources(kernel.asm["cubin"])
+    build.registers, build.stack, build.instructions, build.calls = _resources(
+        kernel.asm["cubin"])
     return kernel.hash, build
 
 

@@ -22,7 +22,7 @@ from fused_resnet.triton.config import (
     input_precision,
     interpreting,
 )
-from fused_resnet.triton.conv import dot_acc, gemm_weight, to_nhwc
+from fused_resnet.triton.conv import check_pixels, dot_acc, gemm_weight, to_nhwc
 from fused_resnet.triton.eltwise import relu
 
 
@@ -39,9 +39,9 @@ def _bottleneck_eval_kernel(
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < M
     m64 = offs_m.to(tl.int64)
-    w = m64 % W
-    h = (m64 // W) % H
-    img = m64 // (W * H)
+    w = offs_m % W  # int32 division (M < 2^31); 64-bit division is a slow subroutine
+    h = (offs_m // W) % H
+    img = (offs_m // (W * H)).to(tl.int64)
     mid = tl.arange(0, BLOCK_MID)
     mid_ok = mid < C_mid
     offs_k = tl.arange(0, BLOCK_K)
@@ -95,6 +95,7 @@ def bottleneck_eval(x: Tensor, weights: list[Tensor], biases: list[Tensor]) -> T
         shapes = [tuple(t.shape) for t in weights]
         raise ValueError(f"bottleneck_eval needs C_out == C_in, a 3x3 middle conv and at most "
                          f"{BOTTLENECK_EVAL_MAX_MID} mid channels; got weights {shapes}")
+    check_pixels(x.shape, (h, w))
     x = to_nhwc(x)
     z = torch.empty_like(x, memory_format=torch.channels_last)
     m = n * h * w

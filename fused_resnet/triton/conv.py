@@ -131,9 +131,9 @@ def _conv_fwd_kernel(
     m_ok = offs_m < M
     n_ok = offs_n < C_out
     m64 = offs_m.to(tl.int64)  # N*H*W*C may exceed 2^31
-    ow = m64 % Wo
-    oh = (m64 // Wo) % Ho
-    img = m64 // (Wo * Ho)
+    ow = offs_m % Wo  # int32 division (M < 2^31); 64-bit division is a slow subroutine
+    oh = (offs_m // Wo) % Ho
+    img = (offs_m // (Wo * Ho)).to(tl.int64)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_ty)
     if FLAT_K:
         for k0 in range(0, KH * KW * C_in, BLOCK_K):
@@ -208,6 +208,19 @@ def _conv_fwd_kernel(
         tl.store(part_m2_ptr + part, tl.sum(d * d, axis=1), mask=part_ok)
 
 
+MAX_PIXELS = 2**31 - 1  # the kernels index pixels (N*H*W, N*Ho*Wo) in int32
+
+
+def check_pixels(x_shape, out_hw: tuple[int, int]) -> None:
+    """Raises where the input (N, C, H, W) or the output (N, ., Ho, Wo) has more pixels than
+    the kernels' int32 pixel indices reach (element offsets are int64 and unlimited)."""
+    n, _, h, w = x_shape
+    pixels = max(n * h * w, n * out_hw[0] * out_hw[1])
+    if pixels > MAX_PIXELS:
+        raise ValueError(f"input of shape {tuple(x_shape)}: the Triton conv kernels take at most "
+                         f"2**31 - 1 pixels (N*H*W) per call, got {pixels}; split the batch")
+
+
 def launch(kernel, grid, *args, **kwargs) -> None:
     """Runs an autotuned kernel, or its plain JIT function with the pinned config."""
     config = pinned_config()
@@ -255,6 +268,7 @@ def conv_fwd(
     ho = (h + 2 * padding - kh) // stride + 1
     wo = (w + 2 * padding - kw) // stride + 1
     m = n * ho * wo
+    check_pixels(x.shape, (ho, wo))
     x = to_nhwc(x)
     out = torch.empty((n, c_out, ho, wo), device=x.device, dtype=x.dtype,
                       memory_format=torch.channels_last)
