@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -202,13 +203,13 @@ def _resources(cubin: bytes) -> tuple[Optional[int], ...]:
     fields = dict(tok.split(":", 1) for tok in out.split() if tok.count(":") == 1
                   and tok.split(":")[0] in ("REG", "STACK"))
     as_int = lambda key: int(fields[key]) if key in fields else None  # noqa: E731
-    # An instruction line: "/*0a70*/  [@P0] OPCODE operands ;"
-    ops = [line.split("*/", 1)[1].split() for line in sass.splitlines()
-           if line.lstrip().startswith("/*") and line.rstrip().endswith(";")]
-    opcodes = [words[1] if words[0].startswith("@") and len(words) > 1 else words[0]
-               for words in ops if words]
+    # An instruction line: "  /*0a70*/  [@P0] OPCODE operands ;  /* 0x...encoding */"
+    opcodes = [m.group(1) for m in _SASS_LINE.finditer(sass)]
     return (as_int("REG"), as_int("STACK"), len(opcodes) or None,
             sum(op.startswith("CALL") for op in opcodes) if opcodes else None)
+
+
+_SASS_LINE = re.compile(r"^\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][\w.]*)", re.M)
 
 
 _JOBS: list[_Job] = []  # what forked workers compile, by index
