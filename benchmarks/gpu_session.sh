@@ -21,10 +21,11 @@
 #   bash benchmarks/gpu_session.sh                 # warm tests profile model: one call, < 10 min
 #   bash benchmarks/gpu_session.sh blocks          # the next call (the build is incremental)
 #
-# Limits (seconds): BUILD_S 120 (beside WARM_S 90), TESTS_S 150, PROFILE_S 90, MODEL_S 220
+# Limits (seconds): BUILD_S 120 (beside WARM_S 115), TESTS_S 140, PROFILE_S 85, MODEL_S 205
 # (the default call: at most 550 s and 40 s of kill margins, inside one 600 s device call),
 # SLOW_S 500, BLOCKS_S 300. Seen on an H200 (2026-12-04): build 57-64 s, warm 56 s (bf16) /
-# 79 s (bf16 fp16) beside it, the gpu tests 92% done in 100 s on 16 workers.
+# 79 s (bf16 fp16) beside it with 6 autotuner configs (8 since: expect ~105 s), the gpu
+# tests 92% done in 100 s on 16 workers.
 # WARM_DTYPES (bf16 fp16) narrows the warm step. The model run leaves out eager NCHW and
 # compile max-autotune (minutes of autotuning); `BENCH_COLUMNS=...` changes that. Copy $OUT's
 # <gpu>-<date>/ folder to benchmarks/results/ to commit it.
@@ -84,17 +85,17 @@ export FUSED_RESNET_FAILURES_NOW=1
 for name in $steps; do
     [[ $name == warm ]] || wait_for_build
     case $name in
-        warm) step warm "${WARM_S:-90}" python3 -m fused_resnet compile --arch 90 \
+        warm) step warm "${WARM_S:-115}" python3 -m fused_resnet compile --arch 90 \
                   --dtype ${WARM_DTYPES:-bf16 fp16} --workload resnet50 --jobs "$(nproc)" ;;
-        profile) step profile "${PROFILE_S:-90}" python3 -m fused_resnet bench --arch resnet50 \
+        profile) step profile "${PROFILE_S:-85}" python3 -m fused_resnet bench --arch resnet50 \
                      --dtypes bf16 --modes train latency --batch-sizes 256 --latency-batch 1 \
                      --profile triton --trace "$scratch/trace_triton" --no-progress
                  cp "$scratch"/trace_triton-*-train-*.json.gz "$OUT/" 2>/dev/null ;;
-        tests) step tests_gpu "${TESTS_S:-150}" python3 -m pytest -m "gpu and not slow" -q \
+        tests) step tests_gpu "${TESTS_S:-140}" python3 -m pytest -m "gpu and not slow" -q \
                    -p no:cacheprovider "${xdist[@]}" ;;
         slow) step tests_slow "${SLOW_S:-500}" python3 -m pytest -m slow -q \
                   -p no:cacheprovider "${xdist[@]}" ;;
-        model) step bench_model "${MODEL_S:-220}" python3 benchmarks/bench_model.py \
+        model) step bench_model "${MODEL_S:-205}" python3 benchmarks/bench_model.py \
                    --no-progress --out "$OUT" \
                    --columns ${BENCH_COLUMNS:-triton cuda eager-cl compile} ;;
         blocks) step bench_blocks "${BLOCKS_S:-300}" python3 benchmarks/bench_blocks.py \

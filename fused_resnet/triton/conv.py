@@ -44,11 +44,18 @@ from fused_resnet.triton.eltwise import relu
 # fp32 accumulator per thread: ptxas spills it in 80 of 188 bf16 / fp16 builds of the ResNet
 # family for sm_90 (up to 544 B of stack; 65 of 94 in fp32), with 8 warps in none (3 of 94 in
 # fp32): `python -m fused_resnet compile`. Which one is faster needs the GPU: both stay.
+# With BLOCK_K 32 every config issues more instructions per K step than its wgmma take
+# (sm_90 SASS, bf16: the 128x128 w8 loop is ~160 instructions a warp, 8 warps at 4 issues a
+# cycle = ~320 cycles, for 2 x 64x128x16 wgmma per warpgroup = 256 cycles of tensor core);
+# BLOCK_K 64 spreads the loop's address and mask work over twice the MMA (128x128x64 w8:
+# ~250 a warp, ~500 cycles for 512), and 128x256x64 w8 (Triton's Hopper matmul tile) over
+# four times (~270 a warp, ~540 cycles for 1024). Both need 96 / 144 KiB of shared memory in
+# bf16 / fp16 (the autotuner skips them where a GPU has less, and 128x256x64 in fp32).
 FWD_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
     for bm, bn, bk, w, s in [
         (128, 128, 32, 4, 3), (128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4),
-        (64, 64, 32, 4, 4), (32, 64, 32, 4, 4),
+        (64, 64, 32, 4, 4), (32, 64, 32, 4, 4), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3),
     ]
 ]
 CONV_TUNING_KEY = ["M", "C_in", "C_out", "KH", "KW", "stride"]  # one tuned config per shape
@@ -56,8 +63,9 @@ STAT_ROWS = 32  # rows per statistics group; divides every BLOCK_M of the config
 
 
 # Each candidate config is timed over this many ms (Triton's defaults: 25 warm-up, 100 timed):
-# a ResNet-50 training step has ~50 tuning keys x 6 candidates, so the first step tuned for
-# over a minute with the defaults on an H200; kernels of 0.05-2 ms still get 12-500 timed runs.
+# a ResNet-50 training step has ~50 tuning keys x 6 candidates (8 since), so the first step
+# tuned for over a minute with the defaults on an H200; kernels of 0.05-2 ms still get 12-500
+# timed runs.
 AUTOTUNE_WARMUP_MS, AUTOTUNE_REP_MS = 5, 25
 
 
