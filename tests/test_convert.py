@@ -6,6 +6,7 @@ import torchvision
 from _backends import skip_without_triton
 
 import fused_resnet as fr
+from fused_resnet.backend import unavailable_reason
 from fused_resnet.nn import FusedBasicBlock, FusedBottleneck
 from fused_resnet.testing import assert_close, assert_modules_close
 
@@ -64,6 +65,30 @@ def test_convert_rejects_what_it_cannot_swap():
         fr.convert(holder)
     with pytest.raises(ValueError, match="backend"):
         fr.convert(holder, backend="fast")
+
+
+def test_folded_weights_are_stored_as_the_kernels_read_them():
+    """For Triton the folded inference weights are kept in (kh, kw, C_in, C_out) order, so a
+    conv takes its GEMM operand as a view of them, not a copy per call; for ATen's convs
+    (the `_C` backends) they stay contiguous. Same values either way."""
+    skip_without_triton()
+    from fused_resnet.triton.conv import gemm_weight
+
+    block = FusedBottleneck(16, 8, 2, backend="triton").eval()
+    with torch.no_grad():
+        block(torch.randn(2, 16, 8, 8))
+    for bn in (block.bn1, block.bn2, block.bn3, block.downsample[1]):
+        weight = bn._fused_resnet_fold[1][0]
+        assert weight.permute(2, 3, 1, 0).is_contiguous()
+        assert gemm_weight(weight).data_ptr() == weight.data_ptr()  # a view: nothing copied
+    native = FusedBottleneck(16, 8, 2, backend="cpu").eval()
+    native.load_state_dict(block.state_dict())
+    if unavailable_reason("cpu", torch.device("cpu")) is None:
+        with torch.no_grad():
+            native(torch.randn(2, 16, 8, 8))
+        for a, b in zip((block.bn1, block.bn2, block.bn3), (native.bn1, native.bn2, native.bn3)):
+            w_triton, w_native = a._fused_resnet_fold[1][0], b._fused_resnet_fold[1][0]
+            assert w_native.is_contiguous() and torch.equal(w_triton, w_native)
 
 
 def test_inference_fold_is_cached_and_follows_weight_changes():

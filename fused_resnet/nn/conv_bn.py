@@ -20,6 +20,7 @@ from fused_resnet import backend as _backend
 from fused_resnet import ops, reference
 from fused_resnet.backend import check_backend_name
 from fused_resnet.nn.sync_bn import convert_sync_bn, sync_group
+from fused_resnet.ops.layout import inference_weight
 
 
 def conv_bn_act(
@@ -76,7 +77,8 @@ def cached_fold(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d,
     tensors = (conv.weight, bn.running_mean, bn.running_var, bn.weight, bn.bias)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return None
-    if _backend.resolve(backend, "conv_bn_act", x.device) == "reference":
+    kernels = _backend.resolve(backend, "conv_bn_act", x.device)
+    if kernels == "reference":
         return None
     device = x.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
@@ -84,11 +86,13 @@ def cached_fold(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d,
         return _fold(conv, bn, dtype)
     # Storage address and version of each source: moving the module (.to, .cuda) or writing
     # to a tensor (optimizer step, load_state_dict) changes one of them.
-    key = (dtype, *((t.data_ptr(), t._version) if t is not None else None for t in tensors))
+    key = (dtype, kernels,
+           *((t.data_ptr(), t._version) if t is not None else None for t in tensors))
     cached = getattr(bn, "_fused_resnet_fold", None)
     if cached is not None and cached[0] == key:
         return cached[1]
-    folded = _fold(conv, bn, dtype)
+    weight, shift = _fold(conv, bn, dtype)
+    folded = (inference_weight(weight, kernels), shift)  # stored as kernels read it
     bn._fused_resnet_fold = (key, folded)
     return folded
 
