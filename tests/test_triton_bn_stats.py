@@ -65,3 +65,13 @@ def test_merge_is_deterministic():
     again = bn_finalize(*parts, rows, m, one, one * 0, 1e-5, tile=4)
     for a, b in zip(first, again):
         assert torch.equal(a, b)
+
+
+def test_a_tile_of_one_group_is_refused():
+    skip_without_triton()
+    from fused_resnet.triton.bn import bn_finalize
+
+    y = torch.randn(70, 2, device=DEVICE)
+    one = torch.ones(2, device=DEVICE)
+    with pytest.raises(ValueError, match="tile must be at least 2"):
+        bn_finalize(*_group_partials(y, 32), 32, 70, one, one, 1e-5, tile=1)

@@ -113,6 +113,8 @@ def bn_finalize(
     groups, c = part_mean.shape
     if m >= 2**31:
         raise ValueError(f"bn_finalize: m (rows of y, N*H*W) must be below 2**31, got {m}")
+    if tile < 2:
+        raise ValueError(f"bn_finalize: tile must be at least 2 groups, got {tile}")
     dev, dtype = part_mean.device, part_mean.dtype
     out = [torch.empty(c, device=dev, dtype=dtype) for _ in range(4)]  # mean, var, scale, shift
     block_c = min(64, triton.next_power_of_2(c))
