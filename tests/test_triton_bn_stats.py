@@ -45,7 +45,9 @@ def test_tree_merge_matches_fp64_statistics(m, tile, dtype):
     ref_scale = gamma.double() / torch.sqrt(ref_var + eps)
     ref_shift = beta.double() - ref_mean * ref_scale
     rtol = 1e-12 if dtype == torch.float64 else 2e-5
-    torch.testing.assert_close(mean.double(), ref_mean, rtol=rtol, atol=0)
+    # A mean near 0 (channel 0) is bounded by the data's spread, not by its own size.
+    torch.testing.assert_close(mean.double(), ref_mean, rtol=rtol,
+                               atol=rtol * float(exact.std(0).max()))
     torch.testing.assert_close(var.double(), ref_var, rtol=rtol * 10, atol=0)
     torch.testing.assert_close(scale.double(), ref_scale, rtol=rtol * 10, atol=0)
     # shift = beta - mean * scale cancels for the 1e4 means: bound it by mean * scale's size.
