@@ -58,17 +58,16 @@ def _params(c_out, dtype=torch.float32, device=DEVICE):
 
 def _run(backend, x, w, gamma, beta, mean, var, residual, relu_mask=None, **kwargs):
     """Output, gradients of (x, w, gamma, beta, residual) and the updated running stats.
-    relu_mask: a 0/1 tensor that replaces the ReLU (see `_reference_at_kinks`)."""
+    relu_mask: a 0/1 tensor that replaces the ReLU in the backward; the output returned is
+    then the pre-activation (see `_reference_at_kinks`)."""
     leaves = [t.detach().clone().requires_grad_() for t in (x, w, gamma, beta)]
     r = residual.detach().clone().requires_grad_() if residual is not None else None
     stats = (mean.clone(), var.clone())
     if relu_mask is not None:
         kwargs = {**kwargs, "relu": False}
     out = ops.conv_bn_act(*leaves, *stats, residual=r, backend=backend, **kwargs)
-    if relu_mask is not None:
-        out = out * relu_mask
     torch.manual_seed(1)
-    out.backward(torch.randn_like(out))
+    (out if relu_mask is None else out * relu_mask).backward(torch.randn_like(out))
     grads = [t.grad for t in leaves] + ([r.grad] if r is not None else [])
     return out, grads, stats
 
@@ -78,15 +77,16 @@ def _reference_at_kinks(out, x, w, params, residual, **kwargs):
     decisions of the candidate's output `out`. Where the two pre-activations straddle 0 within
     rounding (|z| ~ 1e-7 of its scale: about one element in a million at ResNet sizes, seen on
     an H200 and reproduced in the interpreter), ReLU passes dz on one side and 0 on the other,
-    and every gradient differs by that element's whole dz: the reference then multiplies by
-    `out > 0` instead of applying its own ReLU. The candidate's output is still checked against
-    the reference's own ReLU, so a wrong kink in the forward cannot hide behind the mask."""
-    ref_out, ref_grads, ref_stats = _run("reference", x, w, *params, residual, **kwargs)
-    if kwargs.get("relu", True):
-        mask = (out.detach() > 0).to(out.dtype)
-        _, ref_grads, ref_stats = _run("reference", x, w, *params, residual, relu_mask=mask,
-                                       **kwargs)
-    return ref_out, ref_grads, ref_stats
+    and every gradient differs by that element's whole dz: the reference's backward then
+    multiplies by `out > 0` instead of its own ReLU's mask. The output returned is still the
+    reference's own ReLU (F.relu of its pre-activation, as the reference op computes it), so a
+    wrong kink in the candidate's forward cannot hide behind the mask. One reference run."""
+    if not kwargs.get("relu", True):
+        return _run("reference", x, w, *params, residual, **kwargs)
+    mask = (out.detach() > 0).to(out.dtype)
+    pre, ref_grads, ref_stats = _run("reference", x, w, *params, residual, relu_mask=mask,
+                                     **kwargs)
+    return torch.relu(pre.detach()), ref_grads, ref_stats
 
 
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
