@@ -29,9 +29,11 @@ def stat_dtype(dtype: torch.dtype) -> torch.dtype:
 def inference_weight(weight: Tensor, kernels: str) -> Tensor:
     """`weight` (C_out, C_in, kh, kw) stored the way `kernels` read it, same shape and values,
     for a weight laid out once and used by many calls (a folded inference weight): for
-    "triton" in (kh, kw, C_in, C_out) order, the implicit GEMM's K-by-N operand, so that each
-    conv finds it as a view (`triton.conv.gemm_weight`) instead of copying it, 53 copies per
-    ResNet-50 call; for ATen's convs (cuDNN, oneDNN) as it is."""
+    "triton" in the implicit GEMM's operand order (`triton.conv.gemm_ordered`), so that each
+    conv finds it as a view instead of copying it, 53 copies per ResNet-50 call; for ATen's
+    convs (cuDNN, oneDNN) as it is."""
     if kernels != "triton":
         return weight
-    return weight.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
+    from fused_resnet.triton.conv import gemm_ordered  # Triton is installed: it was chosen
+
+    return gemm_ordered(weight)

@@ -29,6 +29,7 @@ import triton.language as tl
 from torch import Tensor
 
 from fused_resnet.triton.config import acc_dtype
+from fused_resnet.triton.conv import MAX_PIXELS
 from fused_resnet.triton.eltwise import ReluMask, relu_grad, relu_mask_args
 
 MERGE_TILE = 512  # groups one program merges
@@ -111,7 +112,7 @@ def bn_finalize(
     groups of `rows` rows left the partials (shift, mean - shift, M2), each (G, C); `tile`
     groups merge in one program (tests set it small to exercise several levels)."""
     groups, c = part_mean.shape
-    if m >= 2**31:
+    if m > MAX_PIXELS:
         raise ValueError(f"bn_finalize: m (rows of y, N*H*W) must be below 2**31, got {m}")
     if tile < 2:
         raise ValueError(f"bn_finalize: tile must be at least 2 groups, got {tile}")

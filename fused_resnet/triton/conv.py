@@ -246,9 +246,16 @@ def to_nhwc(t: Tensor) -> Tensor:
 
 
 def gemm_weight(weight: Tensor) -> Tensor:
-    """(C_out, C_in, kh, kw) -> the (kh*kw*C_in, C_out) K-by-N GEMM operand."""
+    """(C_out, C_in, kh, kw) -> the (kh*kw*C_in, C_out) K-by-N GEMM operand: a copy, or a
+    view of a weight stored by `gemm_ordered`."""
     c_out = weight.shape[0]
     return weight.permute(2, 3, 1, 0).reshape(-1, c_out).contiguous()
+
+
+def gemm_ordered(weight: Tensor) -> Tensor:
+    """`weight` with the same shape and values, stored in (kh, kw, C_in, C_out) order so that
+    `gemm_weight` of it is a view: for a weight laid out once and used by many calls."""
+    return weight.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
 
 
 def conv_fwd(
