@@ -78,6 +78,18 @@ def batch_norm_affine(
     return rstd, scale, bn_bias.to(rstd.dtype) - mean * scale
 
 
+def bn_backward_affine(
+    gamma: Tensor, mean: Tensor, rstd: Tensor, sum_g: Tensor, sum_gy: Tensor, n: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The backward of a training BN (batch statistics over n rows) as a per-channel affine
+    map: dy = a * g + b * y + d for g the gradient at its output, with yhat = (y - mean) *
+    rstd, a = gamma * rstd, b = -a * rstd * sum(g * yhat) / n, d = -a * sum(g) / n - b * mean
+    (the fused kernels compute the same from these inputs: `triton.eltwise.BnBackward`)."""
+    a = gamma.to(rstd.dtype) * rstd
+    b = -a * rstd * sum_gy / n
+    return a, b, -a * sum_g / n - b * mean
+
+
 def fold_bn(
     running_mean: Tensor, running_var: Tensor, bn_weight: Optional[Tensor],
     bn_bias: Optional[Tensor], eps: float,

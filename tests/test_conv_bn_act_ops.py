@@ -249,7 +249,7 @@ def test_block_end_with_a_projection_shortcut_bn():
     """z = relu(bn(y) + bn_ds(y2)) forward and backward, against autograd in fp64."""
     skip_without_triton()
     from fused_resnet.triton.bn import bn_bwd_reduce
-    from fused_resnet.triton.eltwise import bn_act_bwd, bn_act_fwd, bn_backward_coefficients
+    from fused_resnet.triton.eltwise import BnBackward, bn_act_bwd, bn_act_fwd
 
     cl = torch.channels_last
     y = (torch.randn(2, 8, 4, 4, device=DEVICE) * 2 + 1).contiguous(memory_format=cl)
@@ -277,8 +277,8 @@ def test_block_end_with_a_projection_shortcut_bn():
     dzf = dz.float().contiguous(memory_format=cl)
     sum_g, sum_gy, sum_gy2 = bn_bwd_reduce(dzf, z, y, m1, r1, y2, m2, r2)
     n = y.numel() // 8
-    dy, dy2, _ = bn_act_bwd(dzf, z, y, bn_backward_coefficients(g1, m1, r1, sum_g, sum_gy, n),
-                            y2=y2, coeffs2=bn_backward_coefficients(g2, m2, r2, sum_g, sum_gy2, n))
+    dy, dy2, _ = bn_act_bwd(dzf, z, y, BnBackward(g1, m1, r1, sum_g, sum_gy, n),
+                            y2=y2, bn2=BnBackward(g2, m2, r2, sum_g, sum_gy2, n))
     for name, got, leaf in (("dy", dy, 0), ("dy2", dy2, 1), ("dgamma", sum_gy, 2),
                             ("dbeta", sum_g, 3), ("dgamma2", sum_gy2, 4)):
         assert_close(got, leaves[leaf].grad.float(), kind="grad", name=name)

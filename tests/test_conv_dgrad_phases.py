@@ -57,10 +57,13 @@ def test_dgrad_matches_conv2d_input(case):
 
 @pytest.mark.parametrize("case", [CASES[2], CASES[3], CASES[7]], ids=_case_id)
 def test_dgrad_bn_grad_on_load_and_reduce_epilogue(case):
-    """dy = a * (dz * [z > 0]) + b * y + d built on load, and the epilogue's sums for the BN
-    + ReLU that made the input: sum g and sum g * yhat, g = dx * [y_in * scale + shift > 0]."""
+    """dy = a * (dz * [z > 0]) + b * y + d built on load, (a, b, d) computed in the kernel from
+    the BN's statistics and sums, and the epilogue's sums for the BN + ReLU that made the
+    input: sum g and sum g * yhat, g = dx * [y_in * scale + shift > 0]."""
     skip_without_triton()
+    from fused_resnet.reference import bn_backward_affine
     from fused_resnet.triton.conv_bwd import BnGrad, BnReduce, conv_dgrad
+    from fused_resnet.triton.eltwise import BnBackward
 
     x_shape, weight, dz = _setup(case)
     stride, padding = case[5], case[6]
@@ -69,12 +72,16 @@ def test_dgrad_bn_grad_on_load_and_reduce_epilogue(case):
     cl = torch.channels_last
     z = torch.randn(dz.shape, generator=g, dtype=torch.float64).contiguous(memory_format=cl)
     y = torch.randn(dz.shape, generator=g, dtype=torch.float64).contiguous(memory_format=cl)
-    a, b, d = (torch.randn(c_out, generator=g, dtype=torch.float64) for _ in range(3))
+    bn = BnBackward(*(torch.randn(c_out, generator=g, dtype=torch.float64) for _ in range(2)),
+                    torch.rand(c_out, generator=g, dtype=torch.float64) + 0.5,
+                    *(torch.randn(c_out, generator=g, dtype=torch.float64) * 50
+                      for _ in range(2)), 37)
+    a, b, d = bn_backward_affine(*bn)
     y_in = torch.randn(x_shape, generator=g, dtype=torch.float64).contiguous(memory_format=cl)
     scale, shift, mean = (torch.randn(c_in, generator=g, dtype=torch.float64) for _ in range(3))
     rstd = torch.rand(c_in, generator=g, dtype=torch.float64) + 0.5
 
-    dx, (sum_g, sum_gy) = conv_dgrad(BnGrad(dz, z, y, a, b, d), weight, x_shape, stride=stride,
+    dx, (sum_g, sum_gy) = conv_dgrad(BnGrad(dz, z, y, bn), weight, x_shape, stride=stride,
                                      padding=padding,
                                      reduce=BnReduce(y_in, scale, shift, mean, rstd))
 

@@ -1,5 +1,5 @@
 """`triton.bn.bn_finalize`: the tree merge of the conv epilogue's per-group statistics
-(shift k_g, lo_g = mean_g - k_g, M2_g) into the BN's mean, biased variance, scale and shift,
+(shift k_g, lo_g = mean_g - k_g, M2_g) into the BN's mean, biased variance, rstd, scale and shift,
 against the statistics of the whole tensor in fp64. The partials are built here the way the
 conv epilogue writes them (groups of `rows` consecutive rows, the last one ragged), and the
 merge tile is made small so that the tree has one, two and three levels."""
@@ -38,8 +38,8 @@ def test_tree_merge_matches_fp64_statistics(m, tile, dtype):
     y = y64.to(DEVICE, dtype)
     gamma = torch.randn(c, generator=g, dtype=torch.float64).to(DEVICE, dtype)
     beta = torch.randn(c, generator=g, dtype=torch.float64).to(DEVICE, dtype)
-    mean, var, scale, shift = bn_finalize(*_group_partials(y, rows), rows, m, gamma, beta, eps,
-                                          tile=tile)
+    mean, var, (rstd, scale, shift) = bn_finalize(*_group_partials(y, rows), rows, m, gamma,
+                                                  beta, eps, tile=tile)
     exact = y.to(torch.float64)
     ref_mean, ref_var = exact.mean(0), exact.var(0, unbiased=False)
     ref_scale = gamma.double() / torch.sqrt(ref_var + eps)
@@ -49,6 +49,8 @@ def test_tree_merge_matches_fp64_statistics(m, tile, dtype):
     torch.testing.assert_close(mean.double(), ref_mean, rtol=rtol,
                                atol=rtol * float(exact.std(0).max()))
     torch.testing.assert_close(var.double(), ref_var, rtol=rtol * 10, atol=0)
+    torch.testing.assert_close(rstd.double(), 1 / torch.sqrt(ref_var + eps), rtol=rtol * 10,
+                               atol=0)
     torch.testing.assert_close(scale.double(), ref_scale, rtol=rtol * 10, atol=0)
     # shift = beta - mean * scale cancels for the 1e4 means: bound it by mean * scale's size.
     torch.testing.assert_close(shift.double(), ref_shift, rtol=0,

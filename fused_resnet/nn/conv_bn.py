@@ -124,9 +124,14 @@ def _batchnorm_args(bn: nn.BatchNorm2d) -> tuple[dict, bool]:
 def _count(bn: nn.BatchNorm2d, counting: bool) -> None:
     """num_batches_tracked += 1 after a successful training call (never before: a call that
     raises must leave it as it was)."""
-    if counting:
+    _count_all([bn] if counting else [])
+
+
+def _count_all(bns: list[nn.BatchNorm2d]) -> None:
+    """_count for several BNs of one call, in one multi-tensor op."""
+    if bns:
         with torch.no_grad():
-            bn.num_batches_tracked.add_(1)
+            torch._foreach_add_([bn.num_batches_tracked for bn in bns], 1)
 
 
 def fusable_block(pairs: list[tuple[nn.Conv2d, nn.BatchNorm2d]]) -> bool:
@@ -157,8 +162,7 @@ def residual_block(
         paddings=[c.padding[0] for c, _ in pairs], momenta=[a["momentum"] for a, _ in args],
         eps=[bn.eps for _, bn in pairs], shortcut=shortcut, shortcut_stride=shortcut_stride,
         backend=backend)
-    for (_, bn), (_, counting) in zip(pairs, args):
-        _count(bn, counting)
+    _count_all([bn for (_, bn), (_, counting) in zip(pairs, args) if counting])
     return out
 
 

@@ -67,7 +67,7 @@ def residual_block_train(
            eps, shortcut, shortcut_stride)
     kernels = select_kernels(backend, "residual_block", x)
     if kernels != "reference":
-        z, ys, means, variances = block_train_call(
+        z, ys, means, variances, _ = block_train_call(
             x, weights, bn_weights, bn_biases, strides, paddings, eps, shortcut,
             shortcut_stride, kernels)
         update_block_running_stats(running_means, running_vars, means, variances,

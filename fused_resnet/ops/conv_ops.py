@@ -46,7 +46,7 @@ def _as_weight(dw: Optional[Tensor], weight: Tensor) -> Tensor:
     fmt = output_memory_format(weight)
     if dw is None:
         return _empty(weight.shape, weight, fmt)
-    return dw.to(weight.dtype).contiguous(memory_format=fmt)
+    return dw.to(dtype=weight.dtype, memory_format=fmt)  # one copy for the cast and layout
 
 
 def _train_forward(x, weight, bn_weight, bn_bias, residual, stride, padding, groups, eps, relu,

@@ -43,8 +43,10 @@ def block_train(
     x: Tensor, weights: list[Tensor], gammas: list[Tensor], betas: list[Tensor],
     strides: list[int], paddings: list[int], eps: list[float], shortcut: str,
     shortcut_stride: int,
-) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor]]:
-    ys, means, variances = [], [], []
+) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
+    """(z, ys, means, variances, affines), affines[i] (3, C) the rstd, scale, shift rows of
+    BN i as the forward applied it."""
+    ys, means, variances, affines = [], [], [], []
 
     def conv_bn_stats(inp: Tensor, i: int, stride: int, padding: int):
         y = conv(inp, weights[i], stride, padding, 1)
@@ -52,7 +54,8 @@ def block_train(
         ys.append(y)
         means.append(mean)
         variances.append(var)
-        return batch_norm_affine(mean, var, gammas[i], betas[i], eps[i])[1:]
+        affines.append(torch.stack(batch_norm_affine(mean, var, gammas[i], betas[i], eps[i])))
+        return affines[-1][1], affines[-1][2]
 
     main = len(weights) - (shortcut == "projection")
     inp = x
@@ -66,21 +69,20 @@ def block_train(
         projection = (ys[-1], scale_d, shift_d)
     residual = _shortcut(x, shortcut, ys[main - 1].shape[1], shortcut_stride, projection)
     z = _C_OPS.bn_add_relu(ys[main - 1], scale, shift, residual, True)
-    return z, ys, means, variances
+    return z, ys, means, variances, affines
 
 
 def block_train_backward(
     dz: Tensor, x: Tensor, z: Tensor, weights: list[Tensor], gammas: list[Tensor],
-    betas: list[Tensor], ys: list[Tensor], means: list[Tensor], variances: list[Tensor],
+    betas: list[Tensor], ys: list[Tensor], means: list[Tensor], affines: list[Tensor],
     strides: list[int], paddings: list[int], eps: list[float], shortcut: str,
     shortcut_stride: int, need_dx: bool = True,
 ) -> tuple[Tensor | None, list[Tensor], list[Tensor], list[Tensor]]:
     """(dx or None without need_dx, d weights, d gammas, d betas), lists in the order of the
-    inputs."""
+    inputs; affines: the forward's (rstd, scale, shift) rows per BN."""
     k = len(weights)
     main = k - (shortcut == "projection")
-    affine = [batch_norm_affine(means[i], variances[i], gammas[i], betas[i], eps[i])
-              for i in range(k)]
+    affine = [a.unbind(0) for a in affines]
     dweights, dgammas, dbetas = [None] * k, [None] * k, [None] * k
 
     def bn_backward(i: int, d_out: Tensor, mask: Tensor | None, write_dr: bool):

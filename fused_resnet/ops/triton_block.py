@@ -21,12 +21,11 @@ from torch import Tensor
 
 from fused_resnet import reference
 from fused_resnet.ops.layout import output_memory_format
-from fused_resnet.reference import batch_norm_affine
 from fused_resnet.triton.bn import bn_bwd_reduce, bn_finalize
 from fused_resnet.triton.bottleneck_eval import bottleneck_eval
 from fused_resnet.triton.conv import STAT_ROWS, conv_fwd, to_nhwc
 from fused_resnet.triton.conv_bwd import BnGrad, BnReduce, conv_dgrad, conv_wgrad
-from fused_resnet.triton.eltwise import bn_act_bwd, bn_act_fwd, bn_backward_coefficients
+from fused_resnet.triton.eltwise import BnBackward, bn_act_bwd, bn_act_fwd
 
 
 def _shortcut_input(x: Tensor, shortcut: str, out_channels: int, stride: int):
@@ -41,52 +40,53 @@ def block_train(
     x: Tensor, weights: list[Tensor], gammas: list[Tensor], betas: list[Tensor],
     strides: list[int], paddings: list[int], eps: list[float], shortcut: str,
     shortcut_stride: int,
-) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor]]:
+) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
+    """(z, ys, means, variances, affines): affines[i] (3, C) holds BN i's rstd, scale, shift
+    as its forward applied them."""
     main = len(weights) - (shortcut == "projection")
     ys, means, variances, affines = [], [], [], []
-    inp, prologue = x, {}
-    for i in range(main):
-        y, parts = conv_fwd(inp, weights[i], stride=strides[i], padding=paddings[i],
-                            stats=True, **prologue)
-        mean, var, scale, shift = bn_finalize(*parts, STAT_ROWS, y.numel() // y.shape[1],
-                                              gammas[i], betas[i], eps[i])
+
+    def conv_bn(inp: Tensor, i: int, stride: int, padding: int, **prologue) -> None:
+        y, parts = conv_fwd(inp, weights[i], stride=stride, padding=padding, stats=True,
+                            **prologue)
+        mean, var, affine = bn_finalize(*parts, STAT_ROWS, y.numel() // y.shape[1],
+                                        gammas[i], betas[i], eps[i])
         ys.append(y)
         means.append(mean)
         variances.append(var)
-        affines.append((scale, shift))
-        inp, prologue = y, {"in_scale": scale, "in_shift": shift, "in_relu": True}
+        affines.append(affine)
+
+    for i in range(main):
+        prologue = {} if i == 0 else {"in_scale": affines[-1][1], "in_shift": affines[-1][2],
+                                      "in_relu": True}
+        conv_bn(ys[-1] if i else x, i, strides[i], paddings[i], **prologue)
     bn2 = {}
     if shortcut == "projection":
-        yd, parts = conv_fwd(x, weights[-1], stride=shortcut_stride, padding=0, stats=True)
-        mean, var, scale, shift = bn_finalize(*parts, STAT_ROWS, yd.numel() // yd.shape[1],
-                                              gammas[-1], betas[-1], eps[-1])
-        ys.append(yd)
-        means.append(mean)
-        variances.append(var)
-        bn2 = {"y2": yd, "scale2": scale, "shift2": shift}
+        conv_bn(x, main, shortcut_stride, 0)
+        bn2 = {"y2": ys[-1], "scale2": affines[-1][1], "shift2": affines[-1][2]}
     residual = _shortcut_input(x, shortcut, ys[main - 1].shape[1], shortcut_stride)
-    z = bn_act_fwd(ys[main - 1], *affines[-1], residual=residual, relu=True, **bn2)
-    return z, ys, means, variances
+    z = bn_act_fwd(ys[main - 1], affines[main - 1][1], affines[main - 1][2], residual=residual,
+                   relu=True, **bn2)
+    return z, ys, means, variances, affines
 
 
-def _dy(dz: Tensor, mask, y: Tensor, coeffs, kernel_size: int):
+def _dy(dz: Tensor, mask, y: Tensor, bn: BnBackward, kernel_size: int):
     """dy of a BN (+ ReLU): a BnGrad applied on load for 1x1 convs, else a written tensor."""
     if kernel_size == 1:
-        return BnGrad(dz, mask, y, *coeffs)
-    return bn_act_bwd(dz, mask, y, coeffs)[0]
+        return BnGrad(dz, mask, y, bn)
+    return bn_act_bwd(dz, mask, y, bn)[0]
 
 
 def block_train_backward(
     dz: Tensor, x: Tensor, z: Tensor, weights: list[Tensor], gammas: list[Tensor],
-    betas: list[Tensor], ys: list[Tensor], means: list[Tensor], variances: list[Tensor],
+    betas: list[Tensor], ys: list[Tensor], means: list[Tensor], affines: list[Tensor],
     strides: list[int], paddings: list[int], eps: list[float], shortcut: str,
     shortcut_stride: int, need_dx: bool = True,
 ) -> tuple[Tensor | None, list[Tensor], list[Tensor], list[Tensor]]:
     """(dx or None without need_dx, d weights, d gammas, d betas), lists in the order of the
-    inputs."""
+    inputs; affines: the forward's (rstd, scale, shift) rows per BN."""
     main = len(weights) - (shortcut == "projection")
-    affine = [batch_norm_affine(means[i], variances[i], gammas[i], betas[i], eps[i])
-              for i in range(len(weights))]
+    affine = [a.unbind(0) for a in affines]  # (rstd, scale, shift) views
     dz, z = to_nhwc(dz), to_nhwc(z)
     n = [y.numel() // y.shape[1] for y in ys]
     last = main - 1
@@ -96,12 +96,11 @@ def block_train_backward(
         *((ys[-1], means[-1], affine[-1][0]) if proj else ()))
     dweights, dgammas, dbetas = [None] * len(weights), [None] * len(weights), [None] * len(weights)
     dgammas[last], dbetas[last] = sum_gy, sum_g
-    coeffs = bn_backward_coefficients(gammas[last], means[last], affine[last][0], sum_g, sum_gy,
-                                      n[last])
+    bn = BnBackward(gammas[last], means[last], affine[last][0], sum_g, sum_gy, n[last])
     g = None
     if need_dx and shortcut in ("identity", "zero_pad"):  # the shortcut's gradient g = dz*[z>0]
-        g = bn_act_bwd(dz, z, ys[last], coeffs, write_dy=False, write_dr=True)[2]
-    dy = _dy(g if g is not None else dz, None if g is not None else z, ys[last], coeffs,
+        g = bn_act_bwd(dz, z, ys[last], None, write_dy=False, write_dr=True)[2]
+    dy = _dy(g if g is not None else dz, None if g is not None else z, ys[last], bn,
              weights[last].shape[2] * weights[last].shape[3])
     for i in range(last, -1, -1):
         prologue = {} if i == 0 else {"in_scale": affine[i - 1][1], "in_shift": affine[i - 1][2],
@@ -121,9 +120,8 @@ def block_train_backward(
             reduce=BnReduce(ys[i - 1], scale, shift, means[i - 1], rstd))
         mask = (scale, shift)
         dgammas[i - 1], dbetas[i - 1] = s_gy, s_g
-        c = bn_backward_coefficients(gammas[i - 1], means[i - 1], affine[i - 1][0], s_g, s_gy,
-                                     n[i - 1])
-        dy = _dy(d_inp, mask, ys[i - 1], c, weights[i - 1].shape[2] * weights[i - 1].shape[3])
+        bn = BnBackward(gammas[i - 1], means[i - 1], affine[i - 1][0], s_g, s_gy, n[i - 1])
+        dy = _dy(d_inp, mask, ys[i - 1], bn, weights[i - 1].shape[2] * weights[i - 1].shape[3])
     if need_dx and shortcut == "identity":
         dx = dx + g
     elif need_dx and shortcut == "zero_pad":
@@ -131,8 +129,8 @@ def block_train_backward(
         dx[:, :, ::s, ::s] += g[:, : x.shape[1]]
     elif proj:
         dgammas[-1], dbetas[-1] = sum_gyd, sum_g.clone()  # both BNs feed the same sum
-        cd = bn_backward_coefficients(gammas[-1], means[-1], affine[-1][0], sum_g, sum_gyd, n[-1])
-        dyd = BnGrad(dz, z, ys[-1], *cd)
+        dyd = BnGrad(dz, z, ys[-1],
+                     BnBackward(gammas[-1], means[-1], affine[-1][0], sum_g, sum_gyd, n[-1]))
         dweights[-1] = conv_wgrad(x, dyd, weights[-1].shape, stride=shortcut_stride, padding=0)
         if need_dx:
             dx = dx + conv_dgrad(dyd, weights[-1], x.shape, stride=shortcut_stride, padding=0)

@@ -17,7 +17,7 @@ from fused_resnet.triton.bn import bn_bwd_reduce, bn_finalize
 from fused_resnet.triton.config import acc_dtype
 from fused_resnet.triton.conv import STAT_ROWS, conv_fwd, to_nhwc
 from fused_resnet.triton.conv_bwd import BnGrad, conv_dgrad, conv_wgrad
-from fused_resnet.triton.eltwise import bn_act_bwd, bn_act_fwd, bn_backward_coefficients
+from fused_resnet.triton.eltwise import BnBackward, bn_act_bwd, bn_act_fwd
 
 
 def activation_format(x: Tensor) -> torch.memory_format:
@@ -37,9 +37,9 @@ def conv_bn_train(
     _check_groups(groups)
     y, parts = conv_fwd(x, weight, stride=stride, padding=padding, stats=True)
     m = y.numel() // y.shape[1]
-    mean, var, scale, shift = bn_finalize(*parts, STAT_ROWS, m, bn_weight, bn_bias, eps)
+    mean, var, affine = bn_finalize(*parts, STAT_ROWS, m, bn_weight, bn_bias, eps)
     r = to_nhwc(residual) if residual is not None else None
-    z = bn_act_fwd(y, scale, shift, residual=r, relu=relu)
+    z = bn_act_fwd(y, affine[1], affine[2], residual=r, relu=relu)
     return z.contiguous(memory_format=output_memory_format(x)), y, mean, var
 
 
@@ -54,12 +54,12 @@ def conv_bn_train_backward(
     z = to_nhwc(z) if relu else None
     rstd = torch.rsqrt(var + eps)
     sum_g, sum_gy, _ = bn_bwd_reduce(dz, z, y, mean, rstd)
-    coeffs = bn_backward_coefficients(bn_weight, mean, rstd, sum_g, sum_gy, y.numel() // y.shape[1])
+    bn = BnBackward(bn_weight, mean, rstd, sum_g, sum_gy, y.numel() // y.shape[1])
     # 1x1 convs read each dy element once: apply the BN backward on load, never write dy.
     on_load = weight.shape[2] * weight.shape[3] == 1
-    dy, _, dr = bn_act_bwd(dz, z, y, coeffs, write_dr=has_residual, write_dy=not on_load)
+    dy, _, dr = bn_act_bwd(dz, z, y, bn, write_dr=has_residual, write_dy=not on_load)
     if on_load:  # from g itself when it was written for the residual, else from (dz, z)
-        dy = BnGrad(dr, None, y, *coeffs) if dr is not None else BnGrad(dz, z, y, *coeffs)
+        dy = BnGrad(dr, None, y, bn) if dr is not None else BnGrad(dz, z, y, bn)
     dx = conv_dgrad(dy, weight, x.shape, stride=stride, padding=padding) if need_dx else None
     dw = conv_wgrad(x, dy, weight.shape, stride=stride, padding=padding)
     return dx, dw, sum_gy, sum_g, dr
@@ -82,12 +82,9 @@ def conv_bias_act_backward(
     """(dx or None without need_dx, dw, d bias, d residual or None); g = dz * [z > 0]."""
     _check_groups(groups)
     dz = to_nhwc(dz)
-    c = weight.shape[0]
-    acc = acc_dtype(dz.dtype)
-    identity = (torch.ones(c, device=dz.device, dtype=acc),
-                torch.zeros(c, device=dz.device, dtype=acc),
-                torch.zeros(c, device=dz.device, dtype=acc))
-    g, _, dr = bn_act_bwd(dz, to_nhwc(z) if relu else None, dz, identity, write_dr=has_residual)
+    # g written once, a new tensor also when there is no ReLU (g = dz): it is the residual's
+    # gradient too, and a custom op's output may not alias its input dz.
+    g = bn_act_bwd(dz, to_nhwc(z) if relu else None, dz, None, write_dy=False, write_dr=True)[2]
     dx = conv_dgrad(g, weight, x.shape, stride=stride, padding=padding) if need_dx else None
     dw = conv_wgrad(x, g, weight.shape, stride=stride, padding=padding)
-    return dx, dw, g.sum(dim=(0, 2, 3), dtype=acc), dr
+    return dx, dw, g.sum(dim=(0, 2, 3), dtype=acc_dtype(dz.dtype)), g if has_residual else None

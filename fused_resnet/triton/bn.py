@@ -8,12 +8,14 @@ the exact two-pass formula over groups
     n = sum n_g,  rel = sum n_g * rel_g / n,  M2 = sum M2_g + sum n_g * (rel_g - rel)^2
 (every term of M2 is >= 0: nothing cancels), then the tiles' results the same way, level by
 level, until one tile is left; that last merge returns mean = K + rel, biased var = M2 / n,
-scale = gamma / sqrt(var + eps) and shift = beta - mean * scale. The tiles are fixed by the
-number of groups, and a tile's sums run in a fixed order: the statistics are deterministic
-and do not depend on the conv's tile config. (A ResNet-50 stem at batch 256 has 100352
-groups. Merged one after another, as this module first did, they are a chain of 100352
-dependent loads and divisions in one program per 128 channels, est. 10-30 ms for that one BN
-and ~100 ms per training step in all; in tiles of 512 they are 196 programs, then one.)
+rstd = 1 / sqrt(var + eps), scale = gamma * rstd and shift = beta - mean * scale (the forward
+applies the BN as y * scale + shift; the backward reuses these three, so that it sees the
+forward's ReLU mask bit for bit). The tiles are fixed by the number of groups, and a tile's
+sums run in a fixed order: the statistics are deterministic and do not depend on the conv's
+tile config. (A ResNet-50 stem at batch 256 has 100352 groups. Merged one after another, as
+this module first did, they are a chain of 100352 dependent loads and divisions in one
+program per 128 channels, est. 10-30 ms for that one BN and ~100 ms per training step in
+all; in tiles of 512 they are 196 programs, then one.)
 
 Backward: for z = relu?(gamma * yhat + beta + shortcut), yhat = (y - mean) * rstd, the
 gradient at the BN output is g = dz * [z > 0]; `bn_bwd_reduce` returns sum g and
@@ -52,7 +54,7 @@ def _group_means(shift_ptr, mean_ptr, k0, g, g_ok, offs_c, c_ok, C, SHIFTED: tl.
 @triton.jit
 def _bn_merge_kernel(
     shift_ptr, mean_ptr, m2_ptr, k0_ptr, out_mean_ptr, out_m2_ptr,
-    gamma_ptr, beta_ptr, var_ptr, scale_ptr, out_shift_ptr,
+    gamma_ptr, beta_ptr, var_ptr, affine_ptr,
     num_groups, rows, M, C, eps,
     SHIFTED: tl.constexpr, FINAL: tl.constexpr, ACC_FP64: tl.constexpr, TILE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -60,7 +62,8 @@ def _bn_merge_kernel(
     # Groups [tile * TILE, (tile + 1) * TILE) of this level, each covering `rows` rows of y
     # (the last one fewer): n_g = min(rows, M - g * rows). Their means are mean_ptr (+ shift
     # - K with SHIFTED, level 0), relative to K otherwise. Writes the tile's (rel, M2) at row
-    # `tile`, or with FINAL (one tile holding every group) the BN's mean, var, scale, shift.
+    # `tile`, or with FINAL (one tile holding every group) the BN's mean, var and the rows
+    # rstd, scale, shift of affine (3, C).
     acc_ty = tl.float64 if ACC_FP64 else tl.float32
     tile = tl.program_id(0)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -97,8 +100,9 @@ def _bn_merge_kernel(
         scale = gamma * rstd
         tl.store(out_mean_ptr + offs_c, mean, mask=c_ok)
         tl.store(var_ptr + offs_c, var, mask=c_ok)
-        tl.store(scale_ptr + offs_c, scale, mask=c_ok)
-        tl.store(out_shift_ptr + offs_c, beta - mean * scale, mask=c_ok)
+        tl.store(affine_ptr + offs_c, rstd, mask=c_ok)
+        tl.store(affine_ptr + C + offs_c, scale, mask=c_ok)
+        tl.store(affine_ptr + 2 * C + offs_c, beta - mean * scale, mask=c_ok)
     else:
         tl.store(out_mean_ptr + tile * C + offs_c, mean, mask=c_ok)
         tl.store(out_m2_ptr + tile * C + offs_c, m2, mask=c_ok)
@@ -107,17 +111,19 @@ def _bn_merge_kernel(
 def bn_finalize(
     part_shift: Tensor, part_mean: Tensor, part_m2: Tensor, rows: int, m: int, gamma: Tensor,
     beta: Tensor, eps: float, *, tile: int = MERGE_TILE,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(mean, biased var, scale, shift), each (C,) in the partials' dtype, of m rows whose
-    groups of `rows` rows left the partials (shift, mean - shift, M2), each (G, C); `tile`
-    groups merge in one program (tests set it small to exercise several levels)."""
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(mean, biased var, affine), mean and var (C,) and affine (3, C) holding rstd, scale,
+    shift, in the partials' dtype, of m rows whose groups of `rows` rows left the partials
+    (shift, mean - shift, M2), each (G, C); `tile` groups merge in one program (tests set it
+    small to exercise several levels)."""
     groups, c = part_mean.shape
     if m > MAX_PIXELS:
         raise ValueError(f"bn_finalize: m (rows of y, N*H*W) must be below 2**31, got {m}")
     if tile < 2:
         raise ValueError(f"bn_finalize: tile must be at least 2 groups, got {tile}")
     dev, dtype = part_mean.device, part_mean.dtype
-    out = [torch.empty(c, device=dev, dtype=dtype) for _ in range(4)]  # mean, var, scale, shift
+    mean_out, var_out = (torch.empty(c, device=dev, dtype=dtype) for _ in range(2))
+    affine = torch.empty((3, c), device=dev, dtype=dtype)
     block_c = min(64, triton.next_power_of_2(c))
     common = dict(ACC_FP64=dtype == torch.float64, TILE=tile, BLOCK_R=MERGE_ROWS,
                   BLOCK_C=block_c)
@@ -127,14 +133,14 @@ def bn_finalize(
         tiles = triton.cdiv(groups, tile)
         level = [torch.empty((tiles, c), device=dev, dtype=dtype) for _ in range(2)]
         _bn_merge_kernel[(tiles, triton.cdiv(c, block_c))](
-            part_shift, mean, m2, k0, *level, gamma, beta, *out[1:3], out[3],
+            part_shift, mean, m2, k0, *level, gamma, beta, var_out, affine,
             groups, rows, m, c, eps, SHIFTED=shifted, FINAL=False, **common)
         mean, m2, shifted = level[0], level[1], False
         groups, rows = tiles, rows * tile
     _bn_merge_kernel[(1, triton.cdiv(c, block_c))](
-        part_shift, mean, m2, k0, out[0], out[0], gamma, beta, out[1], out[2], out[3],
+        part_shift, mean, m2, k0, mean_out, mean_out, gamma, beta, var_out, affine,
         groups, rows, m, c, eps, SHIFTED=shifted, FINAL=True, **common)
-    return tuple(out)
+    return mean_out, var_out, affine
 
 
 @triton.jit

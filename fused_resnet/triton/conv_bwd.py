@@ -25,8 +25,9 @@ instead of 49 blocks holding 3 channels each):
   recomputed on load instead of read from a saved activation.
 
 Both can take dy as a `BnGrad` instead of a tensor: the BN backward is then applied to each
-dy tile on load, dy = a[k] * g + b[k] * y + d[k] with g = dz * [z > 0] (see
-`eltwise.bn_backward_coefficients`), so dy is never written. Worth it where each dy element
+dy tile on load, dy = a[k] * g + b[k] * y + d[k] with g = dz * [z > 0] and (a, b, d) computed
+from the BN's statistics and backward sums in the kernel (`eltwise.bn_bwd_coefficients`), so
+dy is never written. Worth it where each dy element
 is loaded once (1x1 convs); a 3x3 dgrad reloads it for every tap.
 """
 
@@ -53,19 +54,26 @@ from fused_resnet.triton.conv import (
     prologue,
     to_nhwc,
 )
-from fused_resnet.triton.eltwise import NO_RELU, ReluMask, relu_grad, relu_mask_args
+from fused_resnet.triton.eltwise import (
+    NO_RELU,
+    BnBackward,
+    ReluMask,
+    bn_bwd_args,
+    bn_bwd_coefficients,
+    relu_grad,
+    relu_mask_args,
+)
 
 
 class BnGrad(NamedTuple):
     """dy given implicitly: dy = a * (dz * [z > 0]) + b * y + d, per output channel, with z
-    an `eltwise.ReluMask`. dz, y: (N, C_out, Ho, Wo) channels_last; a, b, d: (C_out,)."""
+    an `eltwise.ReluMask` and (a, b, d) those of the BnBackward bn. dz, y: (N, C_out, Ho, Wo)
+    channels_last."""
 
     dz: Tensor
     z: ReluMask
     y: Tensor
-    a: Tensor
-    b: Tensor
-    d: Tensor
+    bn: BnBackward
 
 
 @triton.jit
@@ -87,7 +95,8 @@ def _grad_tile(dy_ptr, z_ptr, y_ptr, offs, ok, a, b, d, ms, mh,
 @autotune_conv
 @triton.jit
 def _conv_dgrad_kernel(
-    dy_ptr, w_ptr, dx_ptr, z_ptr, ms_ptr, mh_ptr, y_ptr, a_ptr, b_ptr, d_ptr,
+    dy_ptr, w_ptr, dx_ptr, z_ptr, ms_ptr, mh_ptr, y_ptr,
+    gamma_ptr, mean_ptr, rstd_ptr, sum_g_ptr, sum_gy_ptr, bn_n,
     ry_ptr, r_scale_ptr, r_shift_ptr, r_mean_ptr, r_rstd_ptr, part_g_ptr, part_gy_ptr,
     num_groups, H, W, C_in, Ho, Wo, C_out, Hq, Wq, M, stride, padding,
     KH: tl.constexpr, KW: tl.constexpr, BN_BWD: tl.constexpr, RELU: tl.constexpr,
@@ -129,13 +138,13 @@ def _conv_dgrad_kernel(
         dy_row = ((img * Ho + oh) * Wo + ow) * C_out
         k = (step % k_blocks) * BLOCK_K + offs_k
         k_ok = k < C_out
-        ca = tl.load(a_ptr + k, mask=k_ok, other=0.0)[None, :]
-        cb = tl.load(b_ptr + k, mask=k_ok, other=0.0)[None, :]
-        cd = tl.load(d_ptr + k, mask=k_ok, other=0.0)[None, :]
+        ca, cb, cd = bn_bwd_coefficients(gamma_ptr, mean_ptr, rstd_ptr, sum_g_ptr, sum_gy_ptr,
+                                         bn_n, k, k_ok & BN_BWD, acc_ty)
         ms = tl.load(ms_ptr + k, mask=k_ok & (RELU == 2), other=0.0)[None, :]
         mh = tl.load(mh_ptr + k, mask=k_ok & (RELU == 2), other=0.0)[None, :]
         a = _grad_tile(dy_ptr, z_ptr, y_ptr, dy_row[:, None] + k[None, :],
-                       row_ok[:, None] & k_ok[None, :], ca, cb, cd, ms, mh,
+                       row_ok[:, None] & k_ok[None, :], ca[None, :], cb[None, :],
+                       cd[None, :], ms, mh,
                        BN_BWD, RELU, ACC_FP64)
         krow = ((r0 + i * stride) * KW + s0 + j * stride) * C_out + k
         b = tl.load(w_ptr + krow[:, None] * C_in + offs_n[None, :],
@@ -165,15 +174,15 @@ def _conv_dgrad_kernel(
 
 
 def _grad_args(dy) -> tuple[tuple, dict]:
-    """Kernel arguments (dy or dz, z, ms, mh, y, a, b, d) and flags for a dy tensor or a
-    BnGrad."""
+    """Kernel arguments (dy or dz, z, ms, mh, y, gamma, mean, rstd, sum_g, sum_gy, n) and
+    flags for a dy tensor or a BnGrad."""
     if isinstance(dy, BnGrad):
         dz = to_nhwc(dy.dz)
         relu, z, ms, mh = relu_mask_args(dy.z, dz)
-        return (dz, z, ms, mh, to_nhwc(dy.y), dy.a, dy.b, dy.d), {"BN_BWD": True,
-                                                                  "RELU": relu}
+        return (dz, z, ms, mh, to_nhwc(dy.y), *bn_bwd_args(dy.bn)), {"BN_BWD": True,
+                                                                     "RELU": relu}
     dy = to_nhwc(dy)
-    return (dy,) * 8, {"BN_BWD": False, "RELU": NO_RELU}  # z, ..., d unused
+    return (dy,) * 10 + (1,), {"BN_BWD": False, "RELU": NO_RELU}  # z, ..., n unused
 
 
 class BnReduce(NamedTuple):
@@ -226,7 +235,7 @@ def conv_dgrad(dy, weight: Tensor, x_shape: torch.Size, *, stride: int, padding:
 @triton.jit
 def _conv_wgrad_kernel(
     x_ptr, dy_ptr, dw_ptr, in_scale_ptr, in_shift_ptr, z_ptr, ms_ptr, mh_ptr, y_ptr,
-    a_ptr, b_ptr, d_ptr,
+    gamma_ptr, mean_ptr, rstd_ptr, sum_g_ptr, sum_gy_ptr, bn_n,
     H, W, C_in, Ho, Wo, C_out, M, stride, padding, rows_per_split,
     KH: tl.constexpr, KW: tl.constexpr, FLAT: tl.constexpr,
     PROLOGUE: tl.constexpr, PROLOGUE_RELU: tl.constexpr, BN_BWD: tl.constexpr,
@@ -257,9 +266,8 @@ def _conv_wgrad_kernel(
         sh = tl.load(in_shift_ptr + offs_c, mask=c_ok, other=0.0)[None, :]
     offs_co = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     co_ok = offs_co < C_out
-    ca = tl.load(a_ptr + offs_co, mask=co_ok, other=0.0)[:, None]
-    cb = tl.load(b_ptr + offs_co, mask=co_ok, other=0.0)[:, None]
-    cd = tl.load(d_ptr + offs_co, mask=co_ok, other=0.0)[:, None]
+    ca, cb, cd = bn_bwd_coefficients(gamma_ptr, mean_ptr, rstd_ptr, sum_g_ptr, sum_gy_ptr,
+                                     bn_n, offs_co, co_ok & BN_BWD, acc_ty)
     ms = tl.load(ms_ptr + offs_co, mask=co_ok & (RELU == 2), other=0.0)[:, None]
     mh = tl.load(mh_ptr + offs_co, mask=co_ok & (RELU == 2), other=0.0)[:, None]
     split = tl.program_id(2)
@@ -285,7 +293,8 @@ def _conv_wgrad_kernel(
         iw = ow[:, None] * stride - padding + s
         dy_t = _grad_tile(dy_ptr, z_ptr, y_ptr,
                           offs_m.to(tl.int64)[None, :] * C_out + offs_co[:, None],
-                          co_ok[:, None] & m_ok[None, :], ca, cb, cd, ms, mh,
+                          co_ok[:, None] & m_ok[None, :], ca[:, None], cb[:, None],
+                          cd[:, None], ms, mh,
                           BN_BWD, RELU, ACC_FP64)
         x_ok = m_ok[:, None] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W) & c_ok[None, :]
         x_pix = (img.to(tl.int64)[:, None] * H + ih) * W + iw

@@ -1,16 +1,20 @@
-"""Block-end elementwise kernels over NHWC tensors (channel c = flat index mod C).
+"""Block-end elementwise kernels over NHWC tensors, as (rows, channels) tiles of the
+(N*H*W, C) matrix, so per-channel values load once per tile and no flat index is divided.
 
 Forward:  z = relu?(y * scale[c] + shift[c] + shortcut), where shortcut is a tensor r, or
           a second BN branch y2 * scale2[c] + shift2[c] (a projection shortcut), or absent.
 Backward: with g = dz * [z > 0] (dz when there is no ReLU) and the BN backward written as a
           per-channel affine map of (g, y),
               dy = a[c] * g + b[c] * y + d[c],
-          where a = gamma * rstd, b = -gamma * rstd^2 * sum(g * yhat) / n and
-          d = -gamma * rstd * sum(g) / n + gamma * rstd^2 * mean * sum(g * yhat) / n
-          (see `bn_backward_coefficients`); the same for y2, and dr = g for a tensor shortcut.
+          where, over the BN's n rows, with yhat = (y - mean) * rstd,
+              a = gamma * rstd,  b = -a * rstd * sum(g * yhat) / n,
+              d = -a * sum(g) / n - b * mean
+          (`bn_bwd_coefficients`, computed per tile inside every kernel that applies a
+          `BnBackward`: no per-channel torch ops between the reductions and their users);
+          the same for y2, and dr = g for a tensor shortcut.
 """
 
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
 import triton
@@ -19,13 +23,27 @@ from torch import Tensor
 
 from fused_resnet.triton.config import acc_dtype
 
-BLOCK = 1024
+BLOCK = 1024  # elements per program: BLOCK_C channels x BLOCK // BLOCK_C rows
+MAX_BLOCK_C = 256
 
 # How a backward kernel finds the ReLU mask [z > 0] of z = relu(y * scale + shift (+ ...)):
 # None (no ReLU), the saved output z, or (scale, shift) to recompute it from y as
 # y * scale + shift > 0 (for a BN + ReLU inside a block, whose output is never stored).
 ReluMask = Union[None, Tensor, tuple[Tensor, Tensor]]
 NO_RELU, RELU_FROM_Z, RELU_FROM_Y = 0, 1, 2
+
+
+class BnBackward(NamedTuple):
+    """What a kernel needs to apply a training BN's backward, dy = a * g + b * y + d (see the
+    module docstring): the BN's gamma, batch mean and rstd, the sums over its n rows of g and
+    g * yhat, all (C,), and n."""
+
+    gamma: Tensor
+    mean: Tensor
+    rstd: Tensor
+    sum_g: Tensor
+    sum_gy: Tensor
+    n: int
 
 
 def relu_mask_args(mask: ReluMask, dummy: Tensor) -> tuple[int, Tensor, Tensor, Tensor]:
@@ -55,22 +73,61 @@ def relu_grad(g, z_ptr, offs, ok, y, ms, mh, RELU: tl.constexpr):
 
 
 @triton.jit
+def bn_bwd_coefficients(gamma_ptr, mean_ptr, rstd_ptr, sum_g_ptr, sum_gy_ptr, n, offs_c, c_ok,
+                        ACC_TY: tl.constexpr):
+    """(a, b, d) of a BnBackward at channels offs_c (0 where not c_ok), in ACC_TY."""
+    gamma = tl.load(gamma_ptr + offs_c, mask=c_ok, other=0.0).to(ACC_TY)
+    mean = tl.load(mean_ptr + offs_c, mask=c_ok, other=0.0).to(ACC_TY)
+    rstd = tl.load(rstd_ptr + offs_c, mask=c_ok, other=0.0).to(ACC_TY)
+    sum_g = tl.load(sum_g_ptr + offs_c, mask=c_ok, other=0.0).to(ACC_TY)
+    sum_gy = tl.load(sum_gy_ptr + offs_c, mask=c_ok, other=0.0).to(ACC_TY)
+    a = gamma * rstd
+    b = -a * rstd * sum_gy / n
+    d = -a * sum_g / n - b * mean
+    return a, b, d
+
+
+def bn_bwd_args(bn: BnBackward) -> tuple:
+    """A BnBackward as kernel arguments for `bn_bwd_coefficients`."""
+    return bn.gamma, bn.mean, bn.rstd, bn.sum_g, bn.sum_gy, bn.n
+
+
+def _grid(y: Tensor) -> tuple[int, int, int, int, tuple[int, int]]:
+    """(rows M, channels C, BLOCK_R, BLOCK_C, grid) of the tiles over y's (M, C) matrix."""
+    c = y.shape[1]
+    m = y.numel() // c
+    block_c = min(MAX_BLOCK_C, triton.next_power_of_2(c))
+    block_r = BLOCK // block_c
+    return m, c, block_r, block_c, (triton.cdiv(m, block_r), triton.cdiv(c, block_c))
+
+
+@triton.jit
+def _tile(M, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """(element offsets, mask, channels, channel mask) of this program's tile (M < 2^31)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = cols < C
+    ok = (rows < M)[:, None] & c_ok[None, :]
+    return rows.to(tl.int64)[:, None] * C + cols[None, :], ok, cols, c_ok
+
+
+@triton.jit
 def _bn_act_fwd_kernel(
-    y_ptr, scale_ptr, shift_ptr, r_ptr, y2_ptr, scale2_ptr, shift2_ptr, z_ptr, numel, C,
+    y_ptr, scale_ptr, shift_ptr, r_ptr, y2_ptr, scale2_ptr, shift2_ptr, z_ptr, M, C,
     HAS_RES: tl.constexpr, HAS_BN2: tl.constexpr, RELU: tl.constexpr, ACC_FP64: tl.constexpr,
-    BLOCK: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     acc_ty = tl.float64 if ACC_FP64 else tl.float32
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < numel
-    c = offs % C
-    v = tl.load(y_ptr + offs, mask=ok, other=0.0).to(acc_ty) * tl.load(scale_ptr + c, mask=ok)
-    v += tl.load(shift_ptr + c, mask=ok)
+    offs, ok, cols, c_ok = _tile(M, C, BLOCK_R, BLOCK_C)
+    scale = tl.load(scale_ptr + cols, mask=c_ok, other=0.0)[None, :]
+    shift = tl.load(shift_ptr + cols, mask=c_ok, other=0.0)[None, :]
+    v = tl.load(y_ptr + offs, mask=ok, other=0.0).to(acc_ty) * scale + shift
     if HAS_RES:
         v += tl.load(r_ptr + offs, mask=ok, other=0.0).to(acc_ty)
     if HAS_BN2:
         y2 = tl.load(y2_ptr + offs, mask=ok, other=0.0).to(acc_ty)
-        v += y2 * tl.load(scale2_ptr + c, mask=ok) + tl.load(shift2_ptr + c, mask=ok)
+        v += (y2 * tl.load(scale2_ptr + cols, mask=c_ok, other=0.0)[None, :]
+              + tl.load(shift2_ptr + cols, mask=c_ok, other=0.0)[None, :])
     if RELU:
         v = relu(v)
     tl.store(z_ptr + offs, v.to(z_ptr.dtype.element_ty), mask=ok)
@@ -84,80 +141,75 @@ def bn_act_fwd(
     """z = relu?(y * scale + shift + residual | y2 * scale2 + shift2), NHWC, in y's dtype.
     y, residual, y2: (N, C, H, W) channels_last; scale, shift: (C,) in the acc dtype."""
     z = torch.empty_like(y, memory_format=torch.channels_last)
-    numel = y.numel()
-    if numel == 0:
+    if y.numel() == 0:
         return z
-    _bn_act_fwd_kernel[(triton.cdiv(numel, BLOCK),)](
+    m, c, block_r, block_c, grid = _grid(y)
+    _bn_act_fwd_kernel[grid](
         y, scale, shift, residual if residual is not None else y,
         y2 if y2 is not None else y, scale2 if y2 is not None else scale,
-        shift2 if y2 is not None else shift, z, numel, y.shape[1],
+        shift2 if y2 is not None else shift, z, m, c,
         HAS_RES=residual is not None, HAS_BN2=y2 is not None, RELU=relu,
-        ACC_FP64=acc_dtype(y.dtype) == torch.float64, BLOCK=BLOCK,
+        ACC_FP64=acc_dtype(y.dtype) == torch.float64, BLOCK_R=block_r, BLOCK_C=block_c,
     )
     return z
 
 
 @triton.jit
 def _bn_act_bwd_kernel(
-    dz_ptr, z_ptr, ms_ptr, mh_ptr, y_ptr, a_ptr, b_ptr, d_ptr, y2_ptr, a2_ptr, b2_ptr, d2_ptr,
-    dy_ptr, dy2_ptr, dr_ptr, numel, C,
+    dz_ptr, z_ptr, ms_ptr, mh_ptr, y_ptr,
+    gamma_ptr, mean_ptr, rstd_ptr, sum_g_ptr, sum_gy_ptr, n,
+    y2_ptr, gamma2_ptr, mean2_ptr, rstd2_ptr, sum_g2_ptr, sum_gy2_ptr, n2,
+    dy_ptr, dy2_ptr, dr_ptr, M, C,
     RELU: tl.constexpr, WRITE_DY: tl.constexpr, HAS_BN2: tl.constexpr, WRITE_DR: tl.constexpr,
-    ACC_FP64: tl.constexpr,
-    BLOCK: tl.constexpr,
+    ACC_FP64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     acc_ty = tl.float64 if ACC_FP64 else tl.float32
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < numel
-    c = offs % C
+    offs, ok, cols, c_ok = _tile(M, C, BLOCK_R, BLOCK_C)
     g = tl.load(dz_ptr + offs, mask=ok, other=0.0).to(acc_ty)
     y = tl.load(y_ptr + offs, mask=ok, other=0.0).to(acc_ty)
-    if RELU == 2:
-        g = relu_grad(g, z_ptr, offs, ok, y, tl.load(ms_ptr + c, mask=ok),
-                      tl.load(mh_ptr + c, mask=ok), RELU)
-    else:
-        g = relu_grad(g, z_ptr, offs, ok, y, 0.0, 0.0, RELU)
+    ms = tl.load(ms_ptr + cols, mask=c_ok & (RELU == 2), other=0.0)[None, :]
+    mh = tl.load(mh_ptr + cols, mask=c_ok & (RELU == 2), other=0.0)[None, :]
+    g = relu_grad(g, z_ptr, offs, ok, y, ms, mh, RELU)
     if WRITE_DY:
-        dy = tl.load(a_ptr + c, mask=ok) * g + tl.load(b_ptr + c, mask=ok) * y
-        dy += tl.load(d_ptr + c, mask=ok)
+        a, b, d = bn_bwd_coefficients(gamma_ptr, mean_ptr, rstd_ptr, sum_g_ptr, sum_gy_ptr, n,
+                                      cols, c_ok, acc_ty)
+        dy = a[None, :] * g + b[None, :] * y + d[None, :]
         tl.store(dy_ptr + offs, dy.to(dy_ptr.dtype.element_ty), mask=ok)
     if HAS_BN2:
+        a2, b2, d2 = bn_bwd_coefficients(gamma2_ptr, mean2_ptr, rstd2_ptr, sum_g2_ptr,
+                                         sum_gy2_ptr, n2, cols, c_ok, acc_ty)
         y2 = tl.load(y2_ptr + offs, mask=ok, other=0.0).to(acc_ty)
-        dy2 = tl.load(a2_ptr + c, mask=ok) * g + tl.load(b2_ptr + c, mask=ok) * y2
-        dy2 += tl.load(d2_ptr + c, mask=ok)
+        dy2 = a2[None, :] * g + b2[None, :] * y2 + d2[None, :]
         tl.store(dy2_ptr + offs, dy2.to(dy2_ptr.dtype.element_ty), mask=ok)
     if WRITE_DR:
         tl.store(dr_ptr + offs, g.to(dr_ptr.dtype.element_ty), mask=ok)
 
 
-def bn_backward_coefficients(
-    gamma: Tensor, mean: Tensor, rstd: Tensor, sum_g: Tensor, sum_gy: Tensor, n: int
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(a, b, d) with dy = a * g + b * y + d, the BN backward for batch statistics over n."""
-    a = gamma.to(rstd.dtype) * rstd
-    b = -a * rstd * sum_gy / n
-    d = -a * sum_g / n - b * mean
-    return a, b, d
-
-
 def bn_act_bwd(
-    dz: Tensor, z: ReluMask, y: Tensor, coeffs: tuple[Tensor, Tensor, Tensor], *,
-    y2: Optional[Tensor] = None, coeffs2: Optional[tuple[Tensor, Tensor, Tensor]] = None,
+    dz: Tensor, z: ReluMask, y: Tensor, bn: Optional[BnBackward], *,
+    y2: Optional[Tensor] = None, bn2: Optional[BnBackward] = None,
     write_dr: bool = False, write_dy: bool = True,
 ) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
-    """(dy or None, dy2 or None, dr or None), channels_last in y's dtype; z is the ReluMask.
-    write_dy=False skips dy (a conv backward computes it on load instead)."""
+    """(dy or None, dy2 or None, dr or None), channels_last in y's dtype; z is the ReluMask,
+    bn (bn2) the BN backward giving dy (dy2). write_dy=False skips dy (a conv backward then
+    computes it on load) and needs no bn; dr = g."""
+    if write_dy and bn is None:
+        raise ValueError("bn_act_bwd: write_dy needs the BN backward bn")
+    if y2 is not None and bn2 is None:
+        raise ValueError("bn_act_bwd: y2 needs its BN backward bn2")
     dy = torch.empty_like(y, memory_format=torch.channels_last) if write_dy else None
     dy2 = torch.empty_like(y2, memory_format=torch.channels_last) if y2 is not None else None
     dr = torch.empty_like(y, memory_format=torch.channels_last) if write_dr else None
-    numel = y.numel()
-    if numel == 0 or (dy is None and dy2 is None and dr is None):
+    if y.numel() == 0 or (dy is None and dy2 is None and dr is None):
         return dy, dy2, dr
-    c2 = coeffs2 if coeffs2 is not None else coeffs
+    m, c, block_r, block_c, grid = _grid(y)
     relu, z_arg, ms, mh = relu_mask_args(z, dz)
-    _bn_act_bwd_kernel[(triton.cdiv(numel, BLOCK),)](
-        dz, z_arg, ms, mh, y, *coeffs, y2 if y2 is not None else y, *c2,
-        *(t if t is not None else dz for t in (dy, dy2, dr)), numel, y.shape[1],
+    unused = (dz,) * 5 + (1,)
+    _bn_act_bwd_kernel[grid](
+        dz, z_arg, ms, mh, y, *(bn_bwd_args(bn) if bn is not None else unused),
+        y2 if y2 is not None else y, *(bn_bwd_args(bn2) if bn2 is not None else unused),
+        *(t if t is not None else dz for t in (dy, dy2, dr)), m, c,
         RELU=relu, WRITE_DY=write_dy, HAS_BN2=y2 is not None, WRITE_DR=write_dr,
-        ACC_FP64=acc_dtype(y.dtype) == torch.float64, BLOCK=BLOCK,
+        ACC_FP64=acc_dtype(y.dtype) == torch.float64, BLOCK_R=block_r, BLOCK_C=block_c,
     )
     return dy, dy2, dr
