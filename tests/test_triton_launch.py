@@ -1,0 +1,97 @@
+"""`triton.conv.launch`: an autotuned conv kernel goes through its autotuner once per tuning
+key, then straight to its JIT function with the config the autotuner chose. Checked with a
+stand-in autotuner (the real ones cannot tune without a GPU) and against the interface of the
+real kernels (the attributes `launch` reads)."""
+
+import pytest
+import torch
+
+from tests._backends import skip_without_triton
+
+
+class _Recorder:
+    """Records launches: `tuner[grid](...)` as "tuned", `tuner.fn[grid](...)` as "direct"."""
+
+    def __init__(self, calls, how):
+        self.calls, self.how = calls, how
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.calls.append((self.how, args, kwargs))
+
+
+class _FakeTuner:
+    """The Autotuner attributes `launch` uses; picks BLOCK_M = 32 for M < 100, else 128."""
+
+    arg_names = ["x_ptr", "M", "C", "KH"]
+    keys = ["M", "C", "KH"]
+
+    def __init__(self):
+        import triton
+
+        self.calls = []
+        self.fn = _Recorder(self.calls, "direct")
+        self._tuner = _Recorder(self.calls, "tuned")
+        self._config = triton.Config
+        self.best_config = None
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            block_m = 32 if args[1] < 100 else 128
+            self.best_config = self._config({"BLOCK_M": block_m}, num_warps=4, num_stages=3)
+            self._tuner[grid](*args, **kwargs)
+        return run
+
+
+@pytest.fixture
+def unpinned(monkeypatch):
+    skip_without_triton()
+    from fused_resnet.triton import conv
+
+    monkeypatch.setattr(conv, "pinned_config", lambda: None)
+    conv.clear_launch_cache()
+    yield conv
+    conv.clear_launch_cache()
+
+
+def test_tuned_once_per_key_then_launched_with_the_chosen_config(unpinned):
+    tuner = _FakeTuner()
+    x16, x32 = torch.zeros(1, dtype=torch.float16), torch.zeros(1)
+    for args, kwargs in [((x16, 50, 8), {"KH": 3}), ((x16, 50, 8), {"KH": 3}),
+                         ((x16, 500, 8), {"KH": 3}), ((x16, 500, 8), {"KH": 3}),
+                         ((x16, 50, 8), {"KH": 1}), ((x32, 50, 8), {"KH": 3}),
+                         ((x16, 50, 8), {"KH": 3})]:
+        unpinned.launch(tuner, None, *args, **kwargs)
+    how = [(h, a[1], k.get("KH"), k.get("BLOCK_M")) for h, a, k in tuner.calls]
+    assert how == [("tuned", 50, 3, None), ("direct", 50, 3, 32),
+                   ("tuned", 500, 3, None), ("direct", 500, 3, 128),
+                   ("tuned", 50, 1, None),  # KH is a key argument, passed by keyword
+                   ("tuned", 50, 3, None),  # another dtype
+                   ("direct", 50, 3, 32)]
+    direct = tuner.calls[1][2]
+    assert direct["num_warps"] == 4 and direct["num_stages"] == 3
+
+
+def test_compile_only_launches_cache_nothing(unpinned, monkeypatch):
+    monkeypatch.setattr(unpinned, "compile_only_arch", lambda: 90)
+    tuner = _FakeTuner()
+    for _ in range(2):
+        unpinned.launch(tuner, None, torch.zeros(1), 50, 8, KH=3)
+    assert [h for h, _, _ in tuner.calls] == ["tuned", "tuned"]
+
+
+def test_the_real_kernels_have_what_launch_reads():
+    skip_without_triton()
+    import inspect
+
+    from triton.runtime.autotuner import Autotuner
+
+    from fused_resnet.triton.conv import CONV_TUNING_KEY, FWD_CONFIGS, _conv_fwd_kernel
+    from fused_resnet.triton.conv_bwd import _conv_dgrad_kernel, _conv_wgrad_kernel
+
+    for kernel in (_conv_fwd_kernel, _conv_dgrad_kernel, _conv_wgrad_kernel):
+        assert isinstance(kernel, Autotuner) and hasattr(kernel, "fn")
+        assert list(kernel.keys) == CONV_TUNING_KEY
+        assert set(CONV_TUNING_KEY) <= set(kernel.arg_names)
+    assert "self.best_config = config" in inspect.getsource(Autotuner.run)
+    kwargs = FWD_CONFIGS[0].all_kwargs()
+    assert {"BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages"} <= set(kwargs)
