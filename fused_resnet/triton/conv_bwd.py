@@ -25,10 +25,12 @@ instead of 49 blocks holding 3 channels each):
   recomputed on load instead of read from a saved activation.
 
 Both can take dy as a `BnGrad` instead of a tensor: the BN backward is then applied to each
-dy tile on load, dy = a[k] * g + b[k] * y + d[k] with g = dz * [z > 0] and (a, b, d) computed
-from the BN's statistics and backward sums in the kernel (`eltwise.bn_bwd_coefficients`), so
-dy is never written. Worth it where each dy element
-is loaded once (1x1 convs); a 3x3 dgrad reloads it for every tap.
+dy tile on load, dy = a[k] * g + b[k] * y + d[k] with g = dz * [z > 0], so dy is never
+written. (a, b, d) come from the BN's statistics and backward sums (`eltwise.BnBackward`):
+wgrad computes its rows' once per program; dgrad, whose loop steps over the output channels,
+reads them from a (3, C_out) tensor computed by one small launch (computed in its loop they
+cost ~70 more SASS instructions a step, sm_90 bf16 128x128x32: 477 instead of 405). Worth
+it where each dy element is loaded once (1x1 convs); a 3x3 dgrad reloads it for every tap.
 """
 
 from typing import NamedTuple, Optional
@@ -59,6 +61,7 @@ from fused_resnet.triton.eltwise import (
     BnBackward,
     ReluMask,
     bn_bwd_args,
+    bn_bwd_coefficient_rows,
     bn_bwd_coefficients,
     relu_grad,
     relu_mask_args,
@@ -96,8 +99,8 @@ def _grad_tile(dy_ptr, z_ptr, y_ptr, offs, ok, a, b, d, ms, mh,
 @triton.jit
 def _conv_dgrad_kernel(
     dy_ptr, w_ptr, dx_ptr, z_ptr, ms_ptr, mh_ptr, y_ptr,
-    gamma_ptr, mean_ptr, rstd_ptr, sum_g_ptr, sum_gy_ptr, bn_n,
-    ry_ptr, r_scale_ptr, r_shift_ptr, r_mean_ptr, r_rstd_ptr, part_g_ptr, part_gy_ptr,
+    coef_ptr, ry_ptr, r_scale_ptr, r_shift_ptr, r_mean_ptr, r_rstd_ptr,
+    part_g_ptr, part_gy_ptr,
     num_groups, H, W, C_in, Ho, Wo, C_out, Hq, Wq, M, stride, padding,
     KH: tl.constexpr, KW: tl.constexpr, BN_BWD: tl.constexpr, RELU: tl.constexpr,
     REDUCE: tl.constexpr, GROUP: tl.constexpr,
@@ -138,8 +141,9 @@ def _conv_dgrad_kernel(
         dy_row = ((img * Ho + oh) * Wo + ow) * C_out
         k = (step % k_blocks) * BLOCK_K + offs_k
         k_ok = k < C_out
-        ca, cb, cd = bn_bwd_coefficients(gamma_ptr, mean_ptr, rstd_ptr, sum_g_ptr, sum_gy_ptr,
-                                         bn_n, k, k_ok & BN_BWD, acc_ty)
+        ca = tl.load(coef_ptr + k, mask=k_ok & BN_BWD, other=0.0)
+        cb = tl.load(coef_ptr + C_out + k, mask=k_ok & BN_BWD, other=0.0)
+        cd = tl.load(coef_ptr + 2 * C_out + k, mask=k_ok & BN_BWD, other=0.0)
         ms = tl.load(ms_ptr + k, mask=k_ok & (RELU == 2), other=0.0)[None, :]
         mh = tl.load(mh_ptr + k, mask=k_ok & (RELU == 2), other=0.0)[None, :]
         a = _grad_tile(dy_ptr, z_ptr, y_ptr, dy_row[:, None] + k[None, :],
@@ -173,16 +177,18 @@ def _conv_dgrad_kernel(
         tl.store(part_gy_ptr + part, sum_gy, mask=part_ok)
 
 
-def _grad_args(dy) -> tuple[tuple, dict]:
-    """Kernel arguments (dy or dz, z, ms, mh, y, gamma, mean, rstd, sum_g, sum_gy, n) and
-    flags for a dy tensor or a BnGrad."""
+def _grad_args(dy, coefficient_rows: bool = False) -> tuple[tuple, dict]:
+    """Kernel arguments (dy or dz, z, ms, mh, y, then the BN backward) and flags for a dy
+    tensor or a BnGrad. The BN backward: (gamma, mean, rstd, sum_g, sum_gy, n), or with
+    coefficient_rows the (3, C_out) rows (a, b, d)."""
     if isinstance(dy, BnGrad):
         dz = to_nhwc(dy.dz)
         relu, z, ms, mh = relu_mask_args(dy.z, dz)
-        return (dz, z, ms, mh, to_nhwc(dy.y), *bn_bwd_args(dy.bn)), {"BN_BWD": True,
-                                                                     "RELU": relu}
+        bn = (bn_bwd_coefficient_rows(dy.bn),) if coefficient_rows else bn_bwd_args(dy.bn)
+        return (dz, z, ms, mh, to_nhwc(dy.y), *bn), {"BN_BWD": True, "RELU": relu}
     dy = to_nhwc(dy)
-    return (dy,) * 10 + (1,), {"BN_BWD": False, "RELU": NO_RELU}  # z, ..., n unused
+    unused = (dy,) if coefficient_rows else (dy,) * 5 + (1,)
+    return (dy,) * 5 + unused, {"BN_BWD": False, "RELU": NO_RELU}
 
 
 class BnReduce(NamedTuple):
@@ -201,7 +207,7 @@ def conv_dgrad(dy, weight: Tensor, x_shape: torch.Size, *, stride: int, padding:
                reduce: Optional[BnReduce] = None):
     """dx (N, C_in, H, W) channels_last in dy's dtype, for dy (N, C_out, Ho, Wo) given as a
     tensor or a BnGrad; with `reduce`, (dx, (sum g, sum g * yhat)) for that BN."""
-    grad, flags = _grad_args(dy)
+    grad, flags = _grad_args(dy, coefficient_rows=True)
     dy = grad[0]
     n, c_in, h, w = x_shape
     c_out, _, kh, kw = weight.shape

@@ -75,16 +75,43 @@ def relu_grad(g, z_ptr, offs, ok, y, ms, mh, RELU: tl.constexpr):
 @triton.jit
 def bn_bwd_coefficients(gamma_ptr, mean_ptr, rstd_ptr, sum_g_ptr, sum_gy_ptr, n, offs_c, c_ok,
                         ACC_TY: tl.constexpr):
-    """(a, b, d) of a BnBackward at channels offs_c (0 where not c_ok), in ACC_TY."""
+    """(a, b, d) of a BnBackward at channels offs_c (0 where not c_ok), in ACC_TY. 1 / n is
+    one scalar division (hoisted out of a caller's loop), not two per channel."""
+    inv_n = 1.0 / (n * tl.full((), 1.0, ACC_TY))
     gamma = tl.load(gamma_ptr + offs_c, mask=c_ok, other=0.0).to(ACC_TY)
     mean = tl.load(mean_ptr + offs_c, mask=c_ok, other=0.0).to(ACC_TY)
     rstd = tl.load(rstd_ptr + offs_c, mask=c_ok, other=0.0).to(ACC_TY)
     sum_g = tl.load(sum_g_ptr + offs_c, mask=c_ok, other=0.0).to(ACC_TY)
     sum_gy = tl.load(sum_gy_ptr + offs_c, mask=c_ok, other=0.0).to(ACC_TY)
     a = gamma * rstd
-    b = -a * rstd * sum_gy / n
-    d = -a * sum_g / n - b * mean
+    b = -a * rstd * sum_gy * inv_n
+    d = -a * sum_g * inv_n - b * mean
     return a, b, d
+
+
+@triton.jit
+def _bn_bwd_coefficients_kernel(
+    gamma_ptr, mean_ptr, rstd_ptr, sum_g_ptr, sum_gy_ptr, n, out_ptr, C,
+    ACC_FP64: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = offs_c < C
+    a, b, d = bn_bwd_coefficients(gamma_ptr, mean_ptr, rstd_ptr, sum_g_ptr, sum_gy_ptr, n,
+                                  offs_c, c_ok, tl.float64 if ACC_FP64 else tl.float32)
+    tl.store(out_ptr + offs_c, a, mask=c_ok)
+    tl.store(out_ptr + C + offs_c, b, mask=c_ok)
+    tl.store(out_ptr + 2 * C + offs_c, d, mask=c_ok)
+
+
+def bn_bwd_coefficient_rows(bn: BnBackward) -> Tensor:
+    """(a, b, d) of a BnBackward as the rows of a (3, C) tensor in rstd's dtype, in one
+    launch: for a kernel that would otherwise recompute them in its inner loop."""
+    c = bn.rstd.shape[0]
+    out = torch.empty((3, c), device=bn.rstd.device, dtype=bn.rstd.dtype)
+    block_c = min(MAX_BLOCK_C, triton.next_power_of_2(c))
+    _bn_bwd_coefficients_kernel[(triton.cdiv(c, block_c),)](
+        *bn_bwd_args(bn), out, c, ACC_FP64=bn.rstd.dtype == torch.float64, BLOCK_C=block_c)
+    return out
 
 
 def bn_bwd_args(bn: BnBackward) -> tuple:
