@@ -2,10 +2,14 @@
 autograd registration, both ops), what autograd saves (x, z, the raw conv outputs and the
 statistics, never an activated tensor) and the activation memory that saves."""
 
+import os
+import sys
+
 import pytest
 import torch
+import torch.utils._python_dispatch
 import torchvision
-from _backends import DEVICE, FUSED_BACKENDS, NATIVE
+from _backends import DEVICE, FUSED_BACKENDS, NATIVE, skip_without_triton
 
 import fused_resnet as fr
 from fused_resnet.backend import unavailable_reason
@@ -193,3 +197,46 @@ def test_residual_block_eval_checks_the_whole_block_first():
                                    **kwargs)
     with pytest.raises(ValueError, match="bias must have shape \\(8,\\)"):
         fr.ops.residual_block_eval(x.detach(), weights, [biases[0], torch.zeros(4)], **kwargs)
+
+
+class _CountOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the ATen ops (not views or allocations) that fused_resnet's own code calls."""
+
+    FREE = {"view", "permute", "as_strided", "expand", "reshape", "select", "slice", "t",
+            "transpose", "unsqueeze", "squeeze", "alias", "detach", "empty", "empty_like",
+            "empty_strided", "new_empty", "new_empty_strided", "unbind", "_reshape_alias",
+            "_unsafe_view", "lift_fresh", "is_same_size"}
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._overloadpacket.__name__
+        if name not in self.FREE:
+            frame = sys._getframe(1)
+            while frame is not None and "/torch/" in frame.f_code.co_filename:
+                frame = frame.f_back
+            if frame is not None and "/fused_resnet/" in frame.f_code.co_filename:
+                self.ops.append(f"{name} ({os.path.basename(frame.f_code.co_filename)}:"
+                                f"{frame.f_lineno})")
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_training_step_of_a_block_runs_few_aten_ops_between_its_kernels():
+    """Each ATen op is a launch and host time on a GPU. A bottleneck with a projection (4
+    convs, 4 BNs) in training, forward and backward, on the Triton kernels: 24 ops of ours
+    (weight layouts, the deterministic sums of partials, the running-stat updates), where
+    computing each BN's backward coefficients and affine with torch ops took ~80."""
+    skip_without_triton()
+    cl = torch.channels_last
+    downsample = torch.nn.Sequential(torch.nn.Conv2d(16, 32, 1, 2, bias=False),
+                                     torch.nn.BatchNorm2d(32))
+    block = torchvision.models.resnet.Bottleneck(16, 8, stride=2, downsample=downsample)
+    block = fr.convert(torch.nn.Sequential(block), backend="triton").train().to(DEVICE)
+    x = torch.randn(2, 16, 6, 6, device=DEVICE).to(memory_format=cl).requires_grad_()
+    dz = torch.randn(2, 32, 3, 3, device=DEVICE).to(memory_format=cl)
+    block(x).backward(dz)  # tunes / compiles outside the count
+    with _CountOps() as counted:
+        block(x).backward(dz)
+    assert len(counted.ops) <= 28, "\n".join(counted.ops)

@@ -46,7 +46,10 @@ def _as_weight(dw: Optional[Tensor], weight: Tensor) -> Tensor:
     fmt = output_memory_format(weight)
     if dw is None:
         return _empty(weight.shape, weight, fmt)
-    return dw.to(dtype=weight.dtype, memory_format=fmt)  # one copy for the cast and layout
+    if dw.dtype != weight.dtype:  # one copy for the cast and the layout
+        return dw.to(dtype=weight.dtype, memory_format=fmt)
+    return dw.contiguous(memory_format=fmt)  # (`to` would copy a 1x1 dw whose strides
+    # suggest channels_last although it is contiguous)
 
 
 def _train_forward(x, weight, bn_weight, bn_bias, residual, stride, padding, groups, eps, relu,
