@@ -2,6 +2,7 @@
 autograd registration, both ops), what autograd saves (x, z, the raw conv outputs and the
 statistics, never an activated tensor) and the activation memory that saves."""
 
+import copy
 import os
 import sys
 
@@ -14,7 +15,7 @@ from _backends import DEVICE, FUSED_BACKENDS, NATIVE, skip_without_triton
 import fused_resnet as fr
 from fused_resnet.backend import unavailable_reason
 from fused_resnet.bench.timing import activation_bytes
-from fused_resnet.testing import assert_close
+from fused_resnet.testing import assert_close, compare_norm
 
 OPS = torch.ops.fused_resnet
 
@@ -240,3 +241,37 @@ def test_a_training_step_of_a_block_runs_few_aten_ops_between_its_kernels():
     with _CountOps() as counted:
         block(x).backward(dz)
     assert len(counted.ops) <= 28, "\n".join(counted.ops)
+
+
+def test_under_autocast_the_triton_block_takes_the_fp32_weights_themselves():
+    """The weights reach the block op uncast (the kernels cast them in the copy that lays out
+    their GEMM operand): no cast node between a weight and the op, one ATen op fewer each way,
+    and fp32 weight gradients straight from the fp32 wgrad, within the precision rule (2x
+    eager autocast's error against an fp64 truth)."""
+    skip_without_triton()
+    downsample = torch.nn.Sequential(torch.nn.Conv2d(16, 32, 1, 2, bias=False),
+                                     torch.nn.BatchNorm2d(32))
+    eager = torchvision.models.resnet.Bottleneck(16, 8, stride=2, downsample=downsample)
+    fused = fr.convert(torch.nn.Sequential(copy.deepcopy(eager)), backend="triton")
+    truth = copy.deepcopy(eager).double()
+    x = torch.randn(2, 16, 6, 6, device=DEVICE).to(memory_format=torch.channels_last)
+    dz = torch.randn(2, 32, 3, 3, device=DEVICE)
+    outs = []
+    for model in (eager.to(DEVICE).train(), fused.to(DEVICE).train()):
+        with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16):
+            out = model(x)
+        out.backward(dz.to(out.dtype))
+        outs.append(out)
+    truth.to(DEVICE).train()(x.double()).backward(dz.double())
+    assert outs[1].dtype == torch.bfloat16
+    feeding = {id(fn.variable) for fn, _ in outs[1].grad_fn.next_functions
+               if fn is not None and type(fn).__name__ == "AccumulateGrad"}
+
+    def weights(m):
+        return [c.weight for c in m.modules() if isinstance(c, torch.nn.Conv2d)]
+
+    assert len(weights(fused)) == 4 and all(id(w) in feeding for w in weights(fused))
+    for w, e, t in zip(weights(fused), weights(eager), weights(truth)):
+        assert w.grad.dtype == torch.float32
+        result = compare_norm(w.grad, t.grad, e.grad, kind="grad")
+        assert result.ok, (tuple(w.shape), result)

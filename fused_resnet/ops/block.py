@@ -59,13 +59,20 @@ def residual_block_train(
 ) -> Tensor:
     """Training forward of a block whose convs are `weights` (main path, then the projection).
 
-    x: (N, C, H, W), either memory format (kept by the output).
+    x: (N, C, H, W), either memory format (kept by the output). Weights in another dtype
+    than x (fp32 under autocast) run in x's: the Triton kernels cast them in the copy that
+    lays them out as their GEMM operand, and return their gradients in the weights' own dtype
+    (no cast node, no bf16 rounding of dw); the other kernels take a cast copy.
     """
-    x, _, _ = autocast_inputs(x, weights[0], None)
-    weights = [w if w.dtype == x.dtype else w.to(x.dtype) for w in weights]
-    _check(x, weights, bn_weights, bn_biases, running_means, running_vars, strides, paddings,
+    x, _, _ = autocast_inputs(x, None, None)
+    # Checked as if cast (the same shape and device, x's dtype), without casting them here.
+    as_cast = [w if w.dtype == x.dtype else w.new_empty(1, dtype=x.dtype).expand(w.shape)
+               for w in weights]
+    _check(x, as_cast, bn_weights, bn_biases, running_means, running_vars, strides, paddings,
            eps, shortcut, shortcut_stride)
     kernels = select_kernels(backend, "residual_block", x)
+    if kernels != "triton":
+        weights = [w if w.dtype == x.dtype else w.to(x.dtype) for w in weights]
     if kernels != "reference":
         z, ys, means, variances, _ = block_train_call(
             x, weights, bn_weights, bn_biases, strides, paddings, eps, shortcut,
@@ -103,7 +110,7 @@ def bottleneck_eval(x: Tensor, weights: list[Tensor], biases: list[Tensor], *,
     (`triton.bottleneck_eval`), three convs (each with its bias, residual and ReLU fused
     into one pass) on the `_C` kernels, three convs on the reference. weights: 1x1, 3x3,
     1x1 in the (autocast) dtype of x; biases fp32."""
-    x, _, _ = autocast_inputs(x, weights[0], None)
+    x, _, _ = autocast_inputs(x, None, None)
     weights = [w.to(x.dtype) for w in weights]
     w1, w2, w3 = weights
     check_conv_bn_act_args(x, w1, None, biases[0], None, None, stride=1, padding=0, groups=1,
@@ -133,7 +140,7 @@ def residual_block_eval(x: Tensor, weights: list[Tensor], biases: list[Tensor], 
     shortcut = x | zero_pad(x) | conv(x, w_d) + b_d | nothing; one fused conv + bias
     (+ residual) + ReLU per conv. x is checked against the whole block before anything runs,
     and the kernels are chosen once for the block. Biases fp32 (fp64 for fp64 x)."""
-    x, _, _ = autocast_inputs(x, weights[0], None)
+    x, _, _ = autocast_inputs(x, None, None)
     weights = [w if w.dtype == x.dtype else w.to(x.dtype) for w in weights]
     main = len(weights) - (shortcut == "projection")
     inp = x

@@ -94,17 +94,18 @@ def check_conv_bn_act_args(
 
 
 def autocast_inputs(
-    x: Tensor, weight: Tensor, residual: Optional[Tensor]
-) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    x: Tensor, weight: Optional[Tensor], residual: Optional[Tensor]
+) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
     """Under autocast, the conv operands (and the residual added to its result) in the
-    autocast dtype; otherwise the tensors unchanged."""
+    autocast dtype; otherwise the tensors unchanged. None stays None (a block casts its
+    weights itself, or lets its kernels cast them)."""
     device_type = x.device.type
     if not torch.is_autocast_enabled(device_type) or not x.is_floating_point():
         return x, weight, residual
     dtype = torch.get_autocast_dtype(device_type)
     if residual is not None:
         residual = residual.to(dtype)
-    return x.to(dtype), weight.to(dtype), residual
+    return x.to(dtype), weight.to(dtype) if weight is not None else None, residual
 
 
 def conv_bn_act(

@@ -287,11 +287,19 @@ def to_nhwc(t: Tensor) -> Tensor:
     return t.contiguous(memory_format=torch.channels_last)
 
 
-def gemm_weight(weight: Tensor) -> Tensor:
-    """(C_out, C_in, kh, kw) -> the (kh*kw*C_in, C_out) K-by-N GEMM operand: a copy, or a
-    view of a weight stored by `gemm_ordered`."""
-    c_out = weight.shape[0]
-    return weight.permute(2, 3, 1, 0).reshape(-1, c_out).contiguous()
+def dense_in(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """t in `dtype`, contiguous in its own dimension order: t itself, or one copy that casts
+    and lays out at once (a weight in fp32 for a bf16 conv: no separate cast)."""
+    if t.dtype == dtype and t.is_contiguous():
+        return t
+    return torch.empty(t.shape, device=t.device, dtype=dtype).copy_(t)
+
+
+def gemm_weight(weight: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """(C_out, C_in, kh, kw) -> the (kh*kw*C_in, C_out) K-by-N GEMM operand in `dtype`
+    (default weight's): one copy, or a view of a weight stored by `gemm_ordered`."""
+    ordered = dense_in(weight.permute(2, 3, 1, 0), dtype or weight.dtype)
+    return ordered.reshape(-1, weight.shape[0])
 
 
 def gemm_ordered(weight: Tensor) -> Tensor:
@@ -317,8 +325,9 @@ def conv_fwd(
     """out (N, C_out, Ho, Wo) channels_last in x's dtype, and with `stats` the partials
     (shift, mean - shift, m2), each (cdiv(N*Ho*Wo, STAT_ROWS), C_out), for `bn.bn_finalize`.
 
-    x: (N, C_in, H, W); weight: (C_out, C_in, kh, kw) in x's dtype; in_scale / in_shift:
-    (C_in,) prologue; bias: (C_out,); residual: out's shape, in x's dtype.
+    x: (N, C_in, H, W); weight: (C_out, C_in, kh, kw), any float dtype (cast to x's while
+    laid out: an fp32 master weight needs no separate cast); in_scale / in_shift: (C_in,)
+    prologue; bias: (C_out,); residual: out's shape, in x's dtype.
     """
     n, c_in, h, w = x.shape
     c_out, _, kh, kw = weight.shape
@@ -339,7 +348,7 @@ def conv_fwd(
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c_out, meta["BLOCK_N"]))  # noqa: E731
     launch(
         _conv_fwd_kernel, grid,
-        x, gemm_weight(weight), out,
+        x, gemm_weight(weight, x.dtype), out,
         in_scale if in_scale is not None else dummy, in_shift if in_shift is not None else dummy,
         bias if bias is not None else dummy, res,
         *(parts if parts is not None else (dummy, dummy, dummy)), groups,

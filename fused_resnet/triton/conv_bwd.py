@@ -51,6 +51,7 @@ from fused_resnet.triton.conv import (
     STAT_ROWS,
     autotune_conv,
     check_pixels,
+    dense_in,
     dot_acc,
     launch,
     prologue,
@@ -206,7 +207,8 @@ class BnReduce(NamedTuple):
 def conv_dgrad(dy, weight: Tensor, x_shape: torch.Size, *, stride: int, padding: int,
                reduce: Optional[BnReduce] = None):
     """dx (N, C_in, H, W) channels_last in dy's dtype, for dy (N, C_out, Ho, Wo) given as a
-    tensor or a BnGrad; with `reduce`, (dx, (sum g, sum g * yhat)) for that BN."""
+    tensor or a BnGrad (weight in any float dtype: cast while laid out); with `reduce`,
+    (dx, (sum g, sum g * yhat)) for that BN."""
     grad, flags = _grad_args(dy, coefficient_rows=True)
     dy = grad[0]
     n, c_in, h, w = x_shape
@@ -217,7 +219,7 @@ def conv_dgrad(dy, weight: Tensor, x_shape: torch.Size, *, stride: int, padding:
                      memory_format=torch.channels_last)
     hq, wq = triton.cdiv(h, stride), triton.cdiv(w, stride)  # pixel slots per phase
     m = n * hq * wq
-    w_t = weight.permute(2, 3, 0, 1).reshape(-1, c_in).contiguous()  # (kh*kw*C_out, C_in)
+    w_t = dense_in(weight.permute(2, 3, 0, 1), dy.dtype).reshape(-1, c_in)  # (kh*kw*C_out, C_in)
     grid = lambda meta: (  # noqa: E731
         triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c_in, meta["BLOCK_N"]), stride * stride)
     acc = acc_dtype(dy.dtype)
