@@ -95,3 +95,14 @@ def test_the_real_kernels_have_what_launch_reads():
     assert "self.best_config = config" in inspect.getsource(Autotuner.run)
     kwargs = FWD_CONFIGS[0].all_kwargs()
     assert {"BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages"} <= set(kwargs)
+
+
+def test_a_launch_that_chose_no_config_caches_nothing(unpinned):
+    """A stale best_config from an earlier launch is not taken for this key's choice."""
+    tuner = _FakeTuner()
+    unpinned.launch(tuner, None, torch.zeros(1), 50, 8, KH=3)  # chooses BLOCK_M 32
+    silent = _Recorder(tuner.calls, "tuned")
+    tuner.__class__ = type("_Silent", (_FakeTuner,), {"__getitem__": lambda self, g: silent[g]})
+    for _ in range(2):
+        unpinned.launch(tuner, None, torch.zeros(1), 500, 8, KH=3)
+    assert [h for h, _, _ in tuner.calls] == ["tuned", "tuned", "tuned"]

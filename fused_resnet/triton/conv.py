@@ -277,8 +277,9 @@ def launch(kernel, grid, *args, **kwargs) -> None:
     if chosen is not None:
         kernel.fn[grid](*args, **kwargs, **chosen)
         return
+    kernel.best_config = None  # set by Autotuner.run; left None by a launch that chose nothing
     kernel[grid](*args, **kwargs)
-    if compile_only_arch() is None:  # compile-only launches choose nothing
+    if kernel.best_config is not None and compile_only_arch() is None:
         _chosen[key] = _config_kwargs(kernel.best_config)
 
 
