@@ -48,8 +48,9 @@ def _as_weight(dw: Optional[Tensor], weight: Tensor) -> Tensor:
         return _empty(weight.shape, weight, fmt)
     if dw.dtype != weight.dtype:  # one copy for the cast and the layout
         return dw.to(dtype=weight.dtype, memory_format=fmt)
-    return dw.contiguous(memory_format=fmt)  # (`to` would copy a 1x1 dw whose strides
-    # suggest channels_last although it is contiguous)
+    # Not `to(memory_format=)`: it copies a 1x1 dw that is contiguous but whose strides
+    # suggest channels_last; `contiguous` returns it.
+    return dw.contiguous(memory_format=fmt)
 
 
 def _train_forward(x, weight, bn_weight, bn_bias, residual, stride, padding, groups, eps, relu,

@@ -82,9 +82,12 @@ def conv_bias_act_backward(
     """(dx or None without need_dx, dw, d bias, d residual or None); g = dz * [z > 0]."""
     _check_groups(groups)
     dz = to_nhwc(dz)
-    # g written once, a new tensor also when there is no ReLU (g = dz): it is the residual's
-    # gradient too, and a custom op's output may not alias its input dz.
-    g = bn_act_bwd(dz, to_nhwc(z) if relu else None, dz, None, write_dy=False, write_dr=True)[2]
+    # g = dz * [z > 0], written once; it is the residual's gradient too, and then a new
+    # tensor even without a ReLU (a custom op's output may not alias its input dz).
+    g = dz
+    if relu or has_residual:
+        g = bn_act_bwd(dz, to_nhwc(z) if relu else None, dz, None, write_dy=False,
+                       write_dr=True)[2]
     dx = conv_dgrad(g, weight, x.shape, stride=stride, padding=padding) if need_dx else None
     dw = conv_wgrad(x, g, weight.shape, stride=stride, padding=padding)
     return dx, dw, g.sum(dim=(0, 2, 3), dtype=acc_dtype(dz.dtype)), g if has_residual else None
