@@ -22,6 +22,7 @@ Each program owns a BLOCK_M x BLOCK_N tile of the output:
   groups do not depend on the tile config, so neither do the statistics.
 """
 
+import threading
 import warnings
 from typing import Optional
 
@@ -237,6 +238,7 @@ def check_pixels(x_shape, out_hw: tuple[int, int]) -> None:
 # (a ResNet-50 batch-1 inference call, 53 launches: 0.6 ms less host time on a 2-core VM).
 _chosen: dict[tuple, object] = {}
 _key_positions: dict[int, tuple[int, ...]] = {}
+_first_launch = threading.Lock()
 
 
 def clear_launch_cache() -> None:
@@ -277,10 +279,14 @@ def launch(kernel, grid, *args, **kwargs) -> None:
     if chosen is not None:
         kernel.fn[grid](*args, **kwargs, **chosen)
         return
-    kernel.best_config = None  # set by Autotuner.run; left None by a launch that chose nothing
-    kernel[grid](*args, **kwargs)
-    if kernel.best_config is not None and compile_only_arch() is None:
-        _chosen[key] = _config_kwargs(kernel.best_config)
+    # best_config is set by Autotuner.run (None: this launch chose nothing). The lock keeps
+    # another thread's first launch (nn.DataParallel's replicas) from setting it in between.
+    with _first_launch:
+        kernel.best_config = None
+        kernel[grid](*args, **kwargs)
+        chosen = kernel.best_config
+    if chosen is not None and compile_only_arch() is None:
+        _chosen[key] = _config_kwargs(chosen)
 
 
 def to_nhwc(t: Tensor) -> Tensor:
