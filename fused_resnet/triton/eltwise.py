@@ -9,9 +9,10 @@ Backward: with g = dz * [z > 0] (dz when there is no ReLU) and the BN backward w
           where, over the BN's n rows, with yhat = (y - mean) * rstd,
               a = gamma * rstd,  b = -a * rstd * sum(g * yhat) / n,
               d = -a * sum(g) / n - b * mean
-          (`bn_bwd_coefficients`, computed per tile inside every kernel that applies a
-          `BnBackward`: no per-channel torch ops between the reductions and their users);
-          the same for y2, and dr = g for a tensor shortcut.
+          (`bn_bwd_coefficients`: computed inside the kernels that apply a `BnBackward`,
+          once per tile or program, or by `bn_bwd_coefficient_rows` in one launch for a
+          loop that would recompute them each step; no per-channel torch ops between the
+          reductions and their users); the same for y2, and dr = g for a tensor shortcut.
 """
 
 from typing import NamedTuple, Optional, Union
