@@ -185,10 +185,10 @@ def _grad_args(dy, coefficient_rows: bool = False) -> tuple[tuple, dict]:
     if isinstance(dy, BnGrad):
         dz = to_nhwc(dy.dz)
         relu, z, ms, mh = relu_mask_args(dy.z, dz)
-        bn = (bn_bwd_coefficient_rows(dy.bn),) if coefficient_rows else bn_bwd_args(dy.bn)
+        bn = (bn_bwd_coefficient_rows(dy.bn),) if coefficient_rows else bn_bwd_args(dy.bn, dz)
         return (dz, z, ms, mh, to_nhwc(dy.y), *bn), {"BN_BWD": True, "RELU": relu}
     dy = to_nhwc(dy)
-    unused = (dy,) if coefficient_rows else (dy,) * 5 + (1,)
+    unused = (dy,) if coefficient_rows else bn_bwd_args(None, dy)
     return (dy,) * 5 + unused, {"BN_BWD": False, "RELU": NO_RELU}
 
 

@@ -111,12 +111,16 @@ def bn_bwd_coefficient_rows(bn: BnBackward) -> Tensor:
     out = torch.empty((3, c), device=bn.rstd.device, dtype=bn.rstd.dtype)
     block_c = min(MAX_BLOCK_C, triton.next_power_of_2(c))
     _bn_bwd_coefficients_kernel[(triton.cdiv(c, block_c),)](
-        *bn_bwd_args(bn), out, c, ACC_FP64=bn.rstd.dtype == torch.float64, BLOCK_C=block_c)
+        *bn_bwd_args(bn, out), out, c, ACC_FP64=bn.rstd.dtype == torch.float64,
+        BLOCK_C=block_c)
     return out
 
 
-def bn_bwd_args(bn: BnBackward) -> tuple:
-    """A BnBackward as kernel arguments for `bn_bwd_coefficients`."""
+def bn_bwd_args(bn: Optional[BnBackward], dummy: Tensor) -> tuple:
+    """A BnBackward as kernel arguments for `bn_bwd_coefficients`; for None (no BN backward
+    applied), `dummy` in its pointers' places and n = 1."""
+    if bn is None:
+        return (dummy,) * 5 + (1,)
     return bn.gamma, bn.mean, bn.rstd, bn.sum_g, bn.sum_gy, bn.n
 
 
@@ -232,10 +236,9 @@ def bn_act_bwd(
         return dy, dy2, dr
     m, c, block_r, block_c, grid = _grid(y)
     relu, z_arg, ms, mh = relu_mask_args(z, dz)
-    unused = (dz,) * 5 + (1,)
     _bn_act_bwd_kernel[grid](
-        dz, z_arg, ms, mh, y, *(bn_bwd_args(bn) if bn is not None else unused),
-        y2 if y2 is not None else y, *(bn_bwd_args(bn2) if bn2 is not None else unused),
+        dz, z_arg, ms, mh, y, *bn_bwd_args(bn, dz),
+        y2 if y2 is not None else y, *bn_bwd_args(bn2, dz),
         *(t if t is not None else dz for t in (dy, dy2, dr)), m, c,
         RELU=relu, WRITE_DY=write_dy, HAS_BN2=y2 is not None, WRITE_DR=write_dr,
         ACC_FP64=acc_dtype(y.dtype) == torch.float64, BLOCK_R=block_r, BLOCK_C=block_c,
