@@ -23,6 +23,11 @@ CASES = [
     (3, 8, 8, 2, 3, 3, 0),   # the last input rows are read by no output
     (2, 6, 7, 3, 2, 3, 1),   # kernel < stride with padding
     (3, 3, 3, 2, 3, 2, 2),   # padding past the kernel's centre; a 2x2 output
+    # C_out over one K slice (32 in the interpreter's pinned config): the slice wraps into
+    # the next tap, the last slice of each tap ragged
+    (3, 7, 6, 40, 3, 2, 1),
+    (2, 5, 5, 70, 3, 1, 1),
+    (3, 6, 5, 40, 1, 1, 0),
 ]
 
 
@@ -55,7 +60,7 @@ def test_dgrad_matches_conv2d_input(case):
     torch.testing.assert_close(dx, expected, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("case", [CASES[2], CASES[3], CASES[7]], ids=_case_id)
+@pytest.mark.parametrize("case", [CASES[2], CASES[3], CASES[7], CASES[11]], ids=_case_id)
 def test_dgrad_bn_grad_on_load_and_reduce_epilogue(case):
     """dy = a * (dz * [z > 0]) + b * y + d built on load, (a, b, d) computed in the kernel from
     the BN's statistics and sums, and the epilogue's sums for the BN + ReLU that made the

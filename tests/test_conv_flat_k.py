@@ -19,6 +19,7 @@ CASES = [
     (24, 5, 7, 6, 1, 2, 0),
     (5, 7, 5, 4, 2, 2, 0),
     (40, 5, 5, 4, 3, 2, 1),    # channels over one K slice: per tap by default
+    (70, 4, 5, 3, 3, 1, 1),    # three slices per tap, the last ragged, wrapping to the next
 ]
 LAYOUTS = {"flat": 10_000, "per_tap": 0}  # FLAT_K_BELOW forcing each layout
 

@@ -46,13 +46,16 @@ from fused_resnet.triton.eltwise import relu
 # fp32 accumulator per thread: ptxas spills it in 80 of 188 bf16 / fp16 builds of the ResNet
 # family for sm_90 (up to 544 B of stack; 65 of 94 in fp32), with 8 warps in none (3 of 94 in
 # fp32): `python -m fused_resnet compile`. Which one is faster needs the GPU: both stay.
-# With BLOCK_K 32 every config issues more instructions per K step than its wgmma take
-# (sm_90 SASS, bf16: the 128x128 w8 loop is ~160 instructions a warp, 8 warps at 4 issues a
-# cycle = ~320 cycles, for 2 x 64x128x16 wgmma per warpgroup = 256 cycles of tensor core);
-# BLOCK_K 64 spreads the loop's address and mask work over twice the MMA (128x128x64 w8:
-# ~250 a warp, ~500 cycles for 512), and 128x256x64 w8 (Triton's Hopper matmul tile) over
-# four times (~270 a warp, ~540 cycles for 1024). Both need 96 / 144 KiB of shared memory in
-# bf16 / fp16 (the autotuner skips them where a GPU has less, and 128x256x64 in fp32).
+# Loop cost, sm_90 SASS, bf16, a warp's instructions per K step (plain 1x1 / plain 3x3 /
+# with the BN + ReLU prologue), against the tensor core's cycles for the step's wgmma:
+# 128x128x32 w8 88 / 125 / 248 (8 warps on 4 schedulers: 2 cycles an instruction) for 256
+# cycles; 128x128x64 w8 120 / 181 / 430-472 for 512; 128x256x64 w8 143 / 204 / 468-502 for
+# 1024 (Triton's Hopper matmul tile). Before the tap / slice odometer of the K loop (2026-12-05)
+# the plain loops were 148 / 163, 231 / 248, 258 / 273: issue-bound at BLOCK_K 32. The
+# prologue's loops take the tile from shared memory to registers and back, and their wgmma
+# wait for each other (WARPGROUP.DEPBAR 0) in all but the 128x256x64 tile. BLOCK_K 64 needs
+# 96 / 144 KiB of shared memory in bf16 / fp16 (the autotuner skips a config where a GPU has
+# less, and 128x256x64 in fp32).
 FWD_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
     for bm, bn, bk, w, s in [
@@ -167,26 +170,43 @@ def _conv_fwd_kernel(
     else:
         # One loop over (tap, channel slice), tap-major, rather than a channel loop per tap:
         # Triton pipelines only the innermost loop, and a 3x3 conv over 64 channels would
-        # give it 2 iterations per tap, with the loads of each new tap exposed.
-        c_blocks = tl.cdiv(C_in, BLOCK_K)
-        for step in range(0, KH * KW * c_blocks):
-            tap = step // c_blocks
-            ih = oh * stride - padding + tap // KW
-            iw = ow * stride - padding + tap % KW
+        # give it 2 iterations per tap, with the loads of each new tap exposed. The tap and
+        # the slice advance like an odometer (c0 by BLOCK_K, wrapping into the tap): dividing
+        # the step by the slices per tap ran per thread, ~20 SASS instructions a step, and
+        # the row addresses are the loop-invariant x_base plus the tap's scalar offset
+        # (r * W + s) * C_in instead of a 64-bit multiply chain per row and step.
+        ih0 = oh * stride - padding
+        iw0 = ow * stride - padding
+        x_base = ((img * H + ih0) * W + iw0) * C_in  # int64; < 0 only for rows in padding
+        tap = 0
+        c0 = 0
+        for _step in range(0, KH * KW * tl.cdiv(C_in, BLOCK_K)):
+            if KH * KW == 1:  # constant tap: the row terms stay out of the loop
+                r: tl.constexpr = 0
+                s: tl.constexpr = 0
+            else:
+                r = tap // KW
+                s = tap % KW
+            ih = ih0 + r
+            iw = iw0 + s
             row_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            x_row = ((img * H + ih) * W + iw) * C_in
-            c = (step % c_blocks) * BLOCK_K + offs_k
+            c = c0 + offs_k
             c_ok = c < C_in
             a_ok = row_ok[:, None] & c_ok[None, :]
-            a = tl.load(x_ptr + x_row[:, None] + c[None, :], mask=a_ok, other=0.0)
+            a = tl.load(x_ptr + (x_base + (r * W + s) * C_in)[:, None] + c[None, :], mask=a_ok,
+                        other=0.0)
             if PROLOGUE:
                 sc = tl.load(in_scale_ptr + c, mask=c_ok, other=0.0)[None, :]
                 sh = tl.load(in_shift_ptr + c, mask=c_ok, other=0.0)[None, :]
                 a = prologue(a, a_ok, sc, sh, PROLOGUE_RELU, acc_ty)
-            k = tap * C_in + c
+            k = (r * KW + s) * C_in + c
             b = tl.load(w_ptr + k[:, None] * C_out + offs_n[None, :],
                         mask=c_ok[:, None] & n_ok[None, :], other=0.0)
             acc = dot_acc(a, b, acc, UPCAST, PRECISION)
+            c0 += BLOCK_K
+            wrap = c0 >= C_in
+            c0 = tl.where(wrap, 0, c0)
+            tap += wrap.to(tl.int32)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(acc_ty)[None, :]
     out_ok = m_ok[:, None] & n_ok[None, :]

@@ -129,32 +129,49 @@ def _conv_dgrad_kernel(
     # Taps of this phase: r = r0, r0 + stride, ... < KH (none where r0 >= KH); r0 < stride.
     taps_h = (KH - r0 + stride - 1) // stride
     taps_w = (KW - s0 + stride - 1) // stride
-    k_blocks = tl.cdiv(C_out, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_ty)
-    # One loop over (r, s, C_out slice) of this phase, as the forward does (pipelining).
-    for step in range(0, taps_h * taps_w * k_blocks):
-        tap = step // k_blocks
-        i = tap // taps_w  # r = r0 + i * stride
-        j = tap % taps_w  # s = s0 + j * stride
-        oh = qh + (ph + padding - r0) // stride - i
-        ow = qw + (pw + padding - s0) // stride - j
+    # One loop over (r, s, C_out slice) of this phase, as the forward does (pipelining), the
+    # slice k0 and the tap (i, j) advancing like an odometer (no division per step), and the
+    # dy rows as the loop-invariant dy_base minus the tap's scalar offset (i * Wo + j) * C_out.
+    oh0 = qh + (ph + padding - r0) // stride  # the output row of tap i is oh0 - i
+    ow0 = qw + (pw + padding - s0) // stride
+    dy_base = ((img * Ho + oh0) * Wo + ow0) * C_out  # int64
+    i = 0
+    j = 0
+    k0 = 0
+    for _step in range(0, taps_h * taps_w * tl.cdiv(C_out, BLOCK_K)):
+        if KH * KW == 1:  # the one tap (i, j) = (0, 0): the row terms stay out of the loop
+            ti: tl.constexpr = 0
+            tj: tl.constexpr = 0
+        else:
+            ti = i
+            tj = j
+        oh = oh0 - ti
+        ow = ow0 - tj
         row_ok = m_ok & (oh >= 0) & (oh < Ho) & (ow >= 0) & (ow < Wo)
-        dy_row = ((img * Ho + oh) * Wo + ow) * C_out
-        k = (step % k_blocks) * BLOCK_K + offs_k
+        k = k0 + offs_k
         k_ok = k < C_out
         ca = tl.load(coef_ptr + k, mask=k_ok & BN_BWD, other=0.0)
         cb = tl.load(coef_ptr + C_out + k, mask=k_ok & BN_BWD, other=0.0)
         cd = tl.load(coef_ptr + 2 * C_out + k, mask=k_ok & BN_BWD, other=0.0)
         ms = tl.load(ms_ptr + k, mask=k_ok & (RELU == 2), other=0.0)[None, :]
         mh = tl.load(mh_ptr + k, mask=k_ok & (RELU == 2), other=0.0)[None, :]
+        dy_row = dy_base - (ti * Wo + tj) * C_out
         a = _grad_tile(dy_ptr, z_ptr, y_ptr, dy_row[:, None] + k[None, :],
                        row_ok[:, None] & k_ok[None, :], ca[None, :], cb[None, :],
                        cd[None, :], ms, mh,
                        BN_BWD, RELU, ACC_FP64)
-        krow = ((r0 + i * stride) * KW + s0 + j * stride) * C_out + k
+        krow = ((r0 + ti * stride) * KW + s0 + tj * stride) * C_out + k
         b = tl.load(w_ptr + krow[:, None] * C_in + offs_n[None, :],
                     mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         acc = dot_acc(a, b, acc, UPCAST, PRECISION)
+        k0 += BLOCK_K
+        wrap = k0 >= C_out
+        k0 = tl.where(wrap, 0, k0)
+        j += wrap.to(tl.int32)
+        wrap = j >= taps_w
+        j = tl.where(wrap, 0, j)
+        i += wrap.to(tl.int32)
     out = (((img * H + ih) * W + iw) * C_in)[:, None] + offs_n[None, :]
     out_ok = m_ok[:, None] & n_ok[None, :]
     dx = acc.to(dx_ptr.dtype.element_ty)
