@@ -322,8 +322,10 @@ def _conv_wgrad_kernel(
                           cd[:, None], ms, mh,
                           BN_BWD, RELU, ACC_FP64)
         x_ok = m_ok[:, None] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W) & c_ok[None, :]
-        x_pix = (img.to(tl.int64)[:, None] * H + ih) * W + iw
-        xa = tl.load(x_ptr + x_pix * C_in + offs_c[None, :], mask=x_ok, other=0.0)
+        # the input pixel in int32 (N*H*W < 2^31, `check_pixels`; wrong only where masked),
+        # widened once for the element offset
+        x_pix = (img[:, None] * H + ih) * W + iw
+        xa = tl.load(x_ptr + x_pix.to(tl.int64) * C_in + offs_c[None, :], mask=x_ok, other=0.0)
         if PROLOGUE:
             xa = prologue(xa, x_ok, sc, sh, PROLOGUE_RELU, acc_ty)
         acc = dot_acc(dy_t, xa, acc, UPCAST, PRECISION)
