@@ -28,6 +28,7 @@ CASES = [
     (3, 7, 6, 40, 3, 2, 1),
     (2, 5, 5, 70, 3, 1, 1),
     (3, 6, 5, 40, 1, 1, 0),
+    (3, 5, 6, 4, 1, 2, 1),   # a padded 1x1: its one tap is still in range for every pixel
 ]
 
 
@@ -60,7 +61,8 @@ def test_dgrad_matches_conv2d_input(case):
     torch.testing.assert_close(dx, expected, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("case", [CASES[2], CASES[3], CASES[7], CASES[11]], ids=_case_id)
+@pytest.mark.parametrize("case", [CASES[2], CASES[3], CASES[7], CASES[11], CASES[13], CASES[14]],
+                         ids=_case_id)
 def test_dgrad_bn_grad_on_load_and_reduce_epilogue(case):
     """dy = a * (dz * [z > 0]) + b * y + d built on load, (a, b, d) computed in the kernel from
     the BN's statistics and sums, and the epilogue's sums for the BN + ReLU that made the

@@ -46,3 +46,42 @@ def test_wgrad_steps_through_every_pixel_once(case, split):
     dw = conv_wgrad(x, dy, (c_out, c_in, k, k), stride=stride, padding=padding, split=split)
     expected = conv2d_weight(x, (c_out, c_in, k, k), dy, stride=stride, padding=padding)
     torch.testing.assert_close(dw, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("split", [1, 3])
+@pytest.mark.parametrize("prologue", [False, True], ids=["plain_x", "prologue"])
+@pytest.mark.parametrize("case", [CASES[1], (3, 40, 5, 5, 4, 1, 1, 0), (2, 36, 7, 6, 3, 1, 2, 0)],
+                         ids=_case_id)
+def test_wgrad_bn_grad_on_load_across_splits(case, prologue, split):
+    """dy given as a BnGrad (a * dz * [z > 0] + b * y + d, which is d, not 0, where nothing
+    was loaded) with and without the prologue relu(x * scale + shift) (relu(shift), not 0,
+    where nothing was loaded): past a split's end and past the last pixel, one of the two
+    tiles must still be zero (the kernel masks x, or dy where an unpadded prologue leaves x
+    unmasked)."""
+    skip_without_triton()
+    from fused_resnet.reference import bn_backward_affine
+    from fused_resnet.triton.conv_bwd import BnGrad, conv_wgrad
+    from fused_resnet.triton.eltwise import BnBackward
+
+    n, c_in, h, w, c_out, k, stride, padding = case
+    g = torch.Generator().manual_seed(sum(case) + 1)
+    cl = torch.channels_last
+    f64 = torch.float64
+    x = torch.randn(n, c_in, h, w, generator=g, dtype=f64).contiguous(memory_format=cl)
+    ho, wo = (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1
+    dz, z, y = (torch.randn(n, c_out, ho, wo, generator=g, dtype=f64).contiguous(
+        memory_format=cl) for _ in range(3))
+    bn = BnBackward(*(torch.randn(c_out, generator=g, dtype=f64) for _ in range(2)),
+                    torch.rand(c_out, generator=g, dtype=f64) + 0.5,
+                    *(torch.randn(c_out, generator=g, dtype=f64) * 20 for _ in range(2)), 29)
+    scale = torch.randn(c_in, generator=g, dtype=f64)
+    shift = torch.rand(c_in, generator=g, dtype=f64) + 0.5  # relu(shift) > 0: not masked by it
+    pro = {"in_scale": scale, "in_shift": shift, "in_relu": True} if prologue else {}
+    dw = conv_wgrad(x, BnGrad(dz, z, y, bn), (c_out, c_in, k, k), stride=stride,
+                    padding=padding, split=split, **pro)
+    a, b, d = (t[None, :, None, None] for t in bn_backward_affine(*bn))
+    dy = a * dz * (z > 0) + b * y + d
+    x_in = torch.relu(x * scale[None, :, None, None] + shift[None, :, None, None]) if prologue \
+        else x
+    expected = conv2d_weight(x_in, (c_out, c_in, k, k), dy, stride=stride, padding=padding)
+    torch.testing.assert_close(dw, expected, rtol=1e-10, atol=1e-10)

@@ -95,3 +95,21 @@ def test_bn_act_bwd_without_dy_needs_no_bn_and_checks_its_arguments():
         bn_act_bwd(dz, z, dz, None)
     with pytest.raises(ValueError, match="y2 needs its BN backward bn2"):
         bn_act_bwd(dz, z, dz, None, y2=dz, write_dy=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_relu_keeps_nan_and_infinities_as_torch_does(dtype):
+    """`eltwise.relu` (a NaN-propagating max): NaN stays NaN, -inf and negatives become 0,
+    +inf stays, as torch.relu; a max that drops NaN (fmax) would output 0 for it."""
+    skip_without_triton()
+    from fused_resnet.triton.eltwise import bn_act_fwd
+
+    values = [float("nan"), float("-inf"), float("inf"), -2.0, -0.0, 0.0, 3.0, 1e-30]
+    y = torch.tensor(values, dtype=dtype).reshape(1, 8, 1, 1).repeat(2, 1, 3, 1)
+    y = y.to(DEVICE).contiguous(memory_format=CL)
+    ones = torch.ones(8, dtype=torch.float32, device=DEVICE)
+    zeros = torch.zeros(8, dtype=torch.float32, device=DEVICE)
+    z = bn_act_fwd(y, ones, zeros, relu=True)
+    expected = torch.relu(y.float()).to(dtype)
+    assert torch.equal(z.isnan(), expected.isnan())
+    torch.testing.assert_close(z[~z.isnan()], expected[~expected.isnan()], rtol=0, atol=0)

@@ -47,15 +47,16 @@ from fused_resnet.triton.eltwise import relu
 # family for sm_90 (up to 544 B of stack; 65 of 94 in fp32), with 8 warps in none (3 of 94 in
 # fp32): `python -m fused_resnet compile`. Which one is faster needs the GPU: both stay.
 # Loop cost, sm_90 SASS, bf16, a warp's instructions per K step (plain 1x1 / plain 3x3 /
-# with the BN + ReLU prologue), against the tensor core's cycles for the step's wgmma:
-# 128x128x32 w8 88 / 125 / 248 (8 warps on 4 schedulers: 2 cycles an instruction) for 256
-# cycles; 128x128x64 w8 120 / 181 / 430-472 for 512; 128x256x64 w8 143 / 204 / 468-502 for
-# 1024 (Triton's Hopper matmul tile). Before the tap / slice odometer of the K loop (2026-12-05)
-# the plain loops were 148 / 163, 231 / 248, 258 / 273: issue-bound at BLOCK_K 32. The
-# prologue's loops take the tile from shared memory to registers and back, and their wgmma
-# wait for each other (WARPGROUP.DEPBAR 0) in all but the 128x256x64 tile. BLOCK_K 64 needs
-# 96 / 144 KiB of shared memory in bf16 / fp16 (the autotuner skips a config where a GPU has
-# less, and 128x256x64 in fp32).
+# with the BN + ReLU prologue, 1x1-3x3), against the tensor core's cycles for the step's
+# wgmma: 128x128x32 w8 88 / 131 / 164-236 (8 warps on 4 schedulers: 2 cycles an
+# instruction) for 256 cycles; 128x128x64 w8 120 / 181 / 267-408 for 512; 128x256x64 w8
+# 143 / 204 / 283-431 for 1024 (Triton's Hopper matmul tile). Before 2026-12-05 (the K
+# loop's tap / slice odometer, a one-instruction ReLU, no padding mask without padding) they
+# were 148 / 163 / 306-308, 231 / 248 / 533, 258 / 273 / 569: issue-bound at BLOCK_K 32.
+# The prologue's loops take the tile from shared memory to registers and back, and their
+# wgmma wait for each other (WARPGROUP.DEPBAR 0) in all but the 128x256x64 tile. BLOCK_K 64
+# needs 96 / 144 KiB of shared memory in bf16 / fp16 (the autotuner skips a config where a
+# GPU has less, and 128x256x64 in fp32).
 FWD_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
     for bm, bn, bk, w, s in [
@@ -112,13 +113,18 @@ def dot_acc(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def prologue(a, ok, sc, sh, RELU: tl.constexpr, ACC_TY: tl.constexpr):
-    """The loaded x tile a as relu?(a * sc + sh), zero where not ok (the padding); sc, sh:
-    the per-channel scale and shift at a's columns, as a (1, columns) row."""
+def prologue(a, ok, sc, sh, RELU: tl.constexpr, ACC_TY: tl.constexpr, MASK: tl.constexpr):
+    """The loaded x tile a as relu?(a * sc + sh), with MASK zero where not ok (the padding);
+    sc, sh: the per-channel scale and shift at a's columns, as a (1, columns) row. Without
+    padding the callers leave MASK off (a select less per element): the entries not ok are
+    then rows past the end or channels past C_in, whose products are dropped or meet a zero
+    (a masked weight row, a masked dy), and are finite: relu?(0 * sc + sh)."""
     v = a.to(ACC_TY) * sc + sh
     if RELU:
         v = relu(v)
-    return tl.where(ok, v, 0.0).to(a.dtype)
+    if MASK:
+        v = tl.where(ok, v, 0.0)
+    return v.to(a.dtype)
 
 
 @autotune_conv
@@ -131,8 +137,8 @@ def _conv_fwd_kernel(
     KH: tl.constexpr, KW: tl.constexpr, FLAT_K: tl.constexpr,
     PROLOGUE: tl.constexpr, PROLOGUE_RELU: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr, STATS: tl.constexpr,
-    UPCAST: tl.constexpr, ACC_FP64: tl.constexpr, PRECISION: tl.constexpr,
-    GROUP: tl.constexpr,
+    PADDED: tl.constexpr, UPCAST: tl.constexpr, ACC_FP64: tl.constexpr,
+    PRECISION: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     acc_ty = tl.float64 if ACC_FP64 else tl.float32
@@ -163,7 +169,7 @@ def _conv_fwd_kernel(
             if PROLOGUE:
                 sc = tl.load(in_scale_ptr + c, mask=k_ok[None, :], other=0.0)
                 sh = tl.load(in_shift_ptr + c, mask=k_ok[None, :], other=0.0)
-                a = prologue(a, a_ok, sc, sh, PROLOGUE_RELU, acc_ty)
+                a = prologue(a, a_ok, sc, sh, PROLOGUE_RELU, acc_ty, True)
             b = tl.load(w_ptr + k[:, None] * C_out + offs_n[None, :],
                         mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             acc = dot_acc(a, b, acc, UPCAST, PRECISION)
@@ -198,7 +204,7 @@ def _conv_fwd_kernel(
             if PROLOGUE:
                 sc = tl.load(in_scale_ptr + c, mask=c_ok, other=0.0)[None, :]
                 sh = tl.load(in_shift_ptr + c, mask=c_ok, other=0.0)[None, :]
-                a = prologue(a, a_ok, sc, sh, PROLOGUE_RELU, acc_ty)
+                a = prologue(a, a_ok, sc, sh, PROLOGUE_RELU, acc_ty, PADDED)
             k = (r * KW + s) * C_in + c
             b = tl.load(w_ptr + k[:, None] * C_out + offs_n[None, :],
                         mask=c_ok[:, None] & n_ok[None, :], other=0.0)
@@ -382,6 +388,7 @@ def conv_fwd(
         h, w, c_in, ho, wo, c_out, m, stride, padding,
         KH=kh, KW=kw, FLAT_K=flat_k(c_in), PROLOGUE=in_scale is not None, PROLOGUE_RELU=in_relu,
         HAS_BIAS=bias is not None, HAS_RES=residual is not None, RELU=relu, STATS=stats,
+        PADDED=padding > 0,
         UPCAST=interpreting() and x.dtype == torch.bfloat16, ACC_FP64=acc == torch.float64,
         PRECISION=input_precision(x.dtype), GROUP=STAT_ROWS,
     )

@@ -29,7 +29,7 @@ dy tile on load, dy = a[k] * g + b[k] * y + d[k] with g = dz * [z > 0], so dy is
 written. (a, b, d) come from the BN's statistics and backward sums (`eltwise.BnBackward`):
 wgrad computes its rows' once per program; dgrad, whose loop steps over the output channels,
 reads them from a (3, C_out) tensor computed by one small launch (computed in its loop they
-cost ~70 more SASS instructions a step, sm_90 bf16 128x128x32: 477 instead of 405). Worth
+cost ~70 more SASS instructions a step, sm_90 bf16 128x128x32, 2026-12-04). Worth
 it where each dy element is loaded once (1x1 convs); a 3x3 dgrad reloads it for every tap.
 """
 
@@ -82,16 +82,21 @@ class BnGrad(NamedTuple):
 
 @triton.jit
 def _grad_tile(dy_ptr, z_ptr, y_ptr, offs, ok, a, b, d, ms, mh,
-               BN_BWD: tl.constexpr, RELU: tl.constexpr, ACC_FP64: tl.constexpr):
+               BN_BWD: tl.constexpr, RELU: tl.constexpr, ACC_FP64: tl.constexpr,
+               MASK: tl.constexpr = True):
     """The dy tile at offs: loaded, or with BN_BWD computed as a * g + b * y + d where
-    g = dz * [z > 0] (a, b, d, ms, mh broadcast along the channel axis); zero where not ok."""
+    g = dz * [z > 0] (a, b, d, ms, mh broadcast along the channel axis); zero where not ok,
+    or without MASK (a select less per element) d there: for a caller whose entries not ok
+    are only rows past the end or channels whose weight rows are masked to zero."""
     if BN_BWD:
         acc_ty = tl.float64 if ACC_FP64 else tl.float32
         g = tl.load(dy_ptr + offs, mask=ok, other=0.0).to(acc_ty)
         y = tl.load(y_ptr + offs, mask=ok, other=0.0).to(acc_ty)
         g = relu_grad(g, z_ptr, offs, ok, y, ms, mh, RELU)
         v = a * g + b * y + d
-        return tl.where(ok, v, 0.0).to(dy_ptr.dtype.element_ty)
+        if MASK:
+            v = tl.where(ok, v, 0.0)
+        return v.to(dy_ptr.dtype.element_ty)
     else:
         return tl.load(dy_ptr + offs, mask=ok, other=0.0)
 
@@ -160,7 +165,7 @@ def _conv_dgrad_kernel(
         a = _grad_tile(dy_ptr, z_ptr, y_ptr, dy_row[:, None] + k[None, :],
                        row_ok[:, None] & k_ok[None, :], ca[None, :], cb[None, :],
                        cd[None, :], ms, mh,
-                       BN_BWD, RELU, ACC_FP64)
+                       BN_BWD, RELU, ACC_FP64, KH * KW > 1)  # a 1x1 tap is in range
         krow = ((r0 + ti * stride) * KW + s0 + tj * stride) * C_out + k
         b = tl.load(w_ptr + krow[:, None] * C_in + offs_n[None, :],
                     mask=k_ok[:, None] & n_ok[None, :], other=0.0)
@@ -264,7 +269,8 @@ def _conv_wgrad_kernel(
     H, W, C_in, Ho, Wo, C_out, M, stride, padding, rows_per_split,
     KH: tl.constexpr, KW: tl.constexpr, FLAT: tl.constexpr,
     PROLOGUE: tl.constexpr, PROLOGUE_RELU: tl.constexpr, BN_BWD: tl.constexpr,
-    RELU: tl.constexpr, UPCAST: tl.constexpr, ACC_FP64: tl.constexpr, PRECISION: tl.constexpr,
+    RELU: tl.constexpr, PADDED: tl.constexpr, UPCAST: tl.constexpr, ACC_FP64: tl.constexpr,
+    PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # Tile: BLOCK_M output channels x BLOCK_N columns, the input channels offs_c of one tap
@@ -302,7 +308,8 @@ def _conv_wgrad_kernel(
     # 2^31), then advanced by BLOCK_K = step_img * Ho*Wo + step_h * Wo + step_w per step like
     # an odometer (each digit wraps at most once). Dividing in the loop, as this kernel first
     # did, cost four calls of a 64-bit division routine per step: ~620 SASS instructions per
-    # warp and step against 178 now, for the same two wgmma (sm_90, bf16, 128x128x32 w8).
+    # warp and step against 178 after, 162 with the int32 pixel index below, for the same two
+    # wgmma (sm_90, bf16, 128x128x32 w8).
     lanes = start + tl.arange(0, BLOCK_K)
     ow = lanes % Wo
     oh = (lanes // Wo) % Ho
@@ -311,6 +318,10 @@ def _conv_wgrad_kernel(
     step_h = (BLOCK_K // Wo) % Ho
     step_img = BLOCK_K // (Wo * Ho)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_ty)
+    # Pixels past this split's end hold real data of the next split: one of the two tiles
+    # must be zero there. The x tile is (loaded as zero) unless an unmasked prologue makes
+    # relu?(sh) of it; only then is the dy tile masked too.
+    X_MASKED: tl.constexpr = (not PROLOGUE) or PADDED or FLAT
     for m0 in range(start, stop, BLOCK_K):
         offs_m = m0 + tl.arange(0, BLOCK_K)
         m_ok = offs_m < stop
@@ -320,14 +331,14 @@ def _conv_wgrad_kernel(
                           offs_m.to(tl.int64)[None, :] * C_out + offs_co[:, None],
                           co_ok[:, None] & m_ok[None, :], ca[:, None], cb[:, None],
                           cd[:, None], ms, mh,
-                          BN_BWD, RELU, ACC_FP64)
+                          BN_BWD, RELU, ACC_FP64, not X_MASKED)
         x_ok = m_ok[:, None] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W) & c_ok[None, :]
         # the input pixel in int32 (N*H*W < 2^31, `check_pixels`; wrong only where masked),
         # widened once for the element offset
         x_pix = (img[:, None] * H + ih) * W + iw
         xa = tl.load(x_ptr + x_pix.to(tl.int64) * C_in + offs_c[None, :], mask=x_ok, other=0.0)
         if PROLOGUE:
-            xa = prologue(xa, x_ok, sc, sh, PROLOGUE_RELU, acc_ty)
+            xa = prologue(xa, x_ok, sc, sh, PROLOGUE_RELU, acc_ty, X_MASKED)
         acc = dot_acc(dy_t, xa, acc, UPCAST, PRECISION)
         ow += step_w
         wrap_w = ow >= Wo
@@ -370,6 +381,7 @@ def conv_wgrad(
         in_scale if in_scale is not None else parts, in_shift if in_shift is not None else parts,
         *grad[1:], h, w, c_in, ho, wo, c_out, m, stride, padding, rows_per_split,
         KH=kh, KW=kw, FLAT=flat, PROLOGUE=in_scale is not None, PROLOGUE_RELU=in_relu, **flags,
+        PADDED=padding > 0,
         UPCAST=interpreting() and x.dtype == torch.bfloat16, ACC_FP64=acc == torch.float64,
         PRECISION=input_precision(x.dtype),
     )

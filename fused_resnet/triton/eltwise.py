@@ -58,8 +58,9 @@ def relu_mask_args(mask: ReluMask, dummy: Tensor) -> tuple[int, Tensor, Tensor, 
 
 @triton.jit
 def relu(v):
-    """max(v, 0) keeping NaN, as torch.relu does (v < 0 is false for NaN)."""
-    return tl.where(v < 0, 0.0, v)
+    """max(v, 0) keeping NaN, as torch.relu does: one max.NaN instruction (FMNMX.NAN) on
+    sm_80+ where tl.where(v < 0, 0, v) took a compare and a select."""
+    return tl.maximum(v, 0.0, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
