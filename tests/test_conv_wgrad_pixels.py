@@ -85,3 +85,23 @@ def test_wgrad_bn_grad_on_load_across_splits(case, prologue, split):
         else x
     expected = conv2d_weight(x_in, (c_out, c_in, k, k), dy, stride=stride, padding=padding)
     torch.testing.assert_close(dw, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_wgrad_split_fills_the_gpu_for_few_output_tiles(monkeypatch):
+    """On a GPU (not interpreting) the reduction is cut until ~WGRAD_PROGRAMS programs, at
+    least WGRAD_MIN_ROWS pixels a slice, at most WGRAD_MAX_SPLIT slices: ResNet-50's stem
+    (2 tiles at 128x128) gets 256 slices, not 64 (128 programs, under one wave)."""
+    from fused_resnet.triton import config
+
+    monkeypatch.setattr(config, "interpreting", lambda: False)
+    stem = config.wgrad_tiles(64, 3, 7, 7)
+    assert stem == 2  # 147 flattened columns: 2 blocks of 128
+    assert config.wgrad_split(256 * 112 * 112, stem) == config.WGRAD_MAX_SPLIT
+    layer4 = config.wgrad_tiles(512, 2048, 1, 1)  # 4 x 16 tiles
+    split = config.wgrad_split(256 * 7 * 7, layer4)
+    assert split * config.WGRAD_MIN_ROWS <= 256 * 7 * 7 and split * layer4 >= 2 * 132
+    assert config.wgrad_tiles(64, 64, 3, 3) == 9  # per tap: 9 taps of one 128-column block
+    assert config.wgrad_split(802816, 9) * 9 >= config.WGRAD_PROGRAMS
+    assert config.wgrad_split(config.WGRAD_MIN_ROWS - 1, 1) == 1
+    monkeypatch.setattr(config, "interpreting", lambda: True)
+    assert config.wgrad_split(256 * 112 * 112, stem) == 1

@@ -38,10 +38,29 @@ def flat_k(c_in: int) -> bool:
     return c_in < FLAT_K_BELOW
 
 
-def wgrad_split(rows: int) -> int:
-    """Slices of the wgrad reduction over `rows` output pixels: enough programs to fill a GPU,
-    one when interpreting."""
-    return 1 if interpreting() else max(1, min(64, rows // 4096))
+# The wgrad reduction over output pixels is cut into slices (grid axis 2) until the grid
+# holds about WGRAD_PROGRAMS programs (4 waves of an H100's 132 SMs, output tiles counted at
+# 128x128), keeping at least WGRAD_MIN_ROWS pixels a slice (64 K steps of 32, over which a
+# program's setup and its partial's write are spread). With a fixed 64 slices, as before
+# 2026-12-05, ResNet-50's stem wgrad (2 tiles) ran 128 programs of 1568 steps, under one wave,
+# and its 1x1 64-channel ones 64.
+WGRAD_PROGRAMS = 4 * 132
+WGRAD_MIN_ROWS = 2048
+WGRAD_MAX_SPLIT = 256
+
+
+def wgrad_tiles(c_out: int, c_in: int, kh: int, kw: int) -> int:
+    """Output tiles of a weight gradient (C_out x its columns), counted at 128x128."""
+    columns = -(-kh * kw * c_in // 128) if flat_k(c_in) else kh * kw * -(-c_in // 128)
+    return -(-c_out // 128) * columns
+
+
+def wgrad_split(rows: int, tiles: int = 1) -> int:
+    """Slices of the wgrad reduction over `rows` output pixels for `tiles` output tiles
+    (`wgrad_tiles`): enough programs to fill a GPU, one when interpreting."""
+    if interpreting():
+        return 1
+    return max(1, min(WGRAD_MAX_SPLIT, rows // WGRAD_MIN_ROWS, -(-WGRAD_PROGRAMS // tiles)))
 
 
 _compile_only_arch: Optional[int] = None

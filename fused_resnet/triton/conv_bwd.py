@@ -46,6 +46,7 @@ from fused_resnet.triton.config import (
     input_precision,
     interpreting,
     wgrad_split,
+    wgrad_tiles,
 )
 from fused_resnet.triton.conv import (
     STAT_ROWS,
@@ -368,7 +369,7 @@ def conv_wgrad(
     check_pixels(x.shape, (ho, wo))
     acc = acc_dtype(x.dtype)
     if split is None:
-        split = wgrad_split(m)
+        split = wgrad_split(m, wgrad_tiles(c_out, c_in, kh, kw))
     rows_per_split = triton.cdiv(m, split)
     parts = torch.empty((split, c_out, kh, kw, c_in), device=x.device, dtype=acc)
     flat = flat_k(c_in)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from fused_resnet.triton.config import flat_k, wgrad_split
+from fused_resnet.triton.config import flat_k, wgrad_split, wgrad_tiles
 
 
 class ConvShape(NamedTuple):
@@ -80,7 +80,7 @@ def dgrad_macs(s: ConvShape, bm: int, bn: int, bk: int) -> int:
 def wgrad_macs(s: ConvShape, bm: int, bn: int, bk: int, split: int | None = None) -> int:
     """split: the kernel's reduction slices (default: `config.wgrad_split`, as conv_wgrad)."""
     rows = s.rows
-    split = split or wgrad_split(rows)
+    split = split or wgrad_split(rows, wgrad_tiles(s.c_out, s.c_in, s.k, s.k))
     per_split = _cdiv(rows, split)
     steps = sum(_cdiv(max(0, min(start + per_split, rows) - start), bk)
                 for start in range(0, split * per_split, per_split))
