@@ -1,7 +1,8 @@
-"""`triton.conv.launch`: an autotuned conv kernel goes through its autotuner once per tuning
+"""`triton.launch.launch`: an autotuned conv kernel goes through its autotuner once per tuning
 key, then straight to its JIT function with the config the autotuner chose. Checked with a
 stand-in autotuner (the real ones cannot tune without a GPU) and against the interface of the
-real kernels (the attributes `launch` reads)."""
+real kernels (the attributes `launch` reads). Under torch's profiler each launch is a range
+named by its kernel and variant."""
 
 import pytest
 import torch
@@ -45,12 +46,12 @@ class _FakeTuner:
 @pytest.fixture
 def unpinned(monkeypatch):
     skip_without_triton()
-    from fused_resnet.triton import conv
+    from fused_resnet.triton import launch
 
-    monkeypatch.setattr(conv, "pinned_config", lambda: None)
-    conv.clear_launch_cache()
-    yield conv
-    conv.clear_launch_cache()
+    monkeypatch.setattr(launch, "pinned_config", lambda: None)
+    launch.clear_launch_cache()
+    yield launch
+    launch.clear_launch_cache()
 
 
 def test_tuned_once_per_key_then_launched_with_the_chosen_config(unpinned):
@@ -106,3 +107,41 @@ def test_a_launch_that_chose_no_config_caches_nothing(unpinned):
     for _ in range(2):
         unpinned.launch(tuner, None, torch.zeros(1), 500, 8, KH=3)
     assert [h for h, _, _ in tuner.calls] == ["tuned", "tuned", "tuned"]
+
+
+def test_launches_are_profiler_ranges_named_by_variant(monkeypatch):
+    """While torch's profiler records, each conv launch runs in a range 'fr::<kernel> <k>x<k>
+    <flags>' (so a profile's table separates, e.g., the forward with the BN + ReLU prologue
+    from the plain one); otherwise no range is entered."""
+    skip_without_triton()
+    from torch.profiler import profile
+
+    from fused_resnet.triton.conv import conv_fwd
+    from fused_resnet.triton.conv_bwd import conv_wgrad
+
+    cl = torch.channels_last
+    x = torch.randn(2, 32, 5, 5).contiguous(memory_format=cl)  # 32 channels: per tap
+    w = torch.randn(4, 32, 3, 3)
+    v = torch.rand(32) + 0.5
+    with profile() as prof:
+        out, _ = conv_fwd(x, w, stride=1, padding=1, in_scale=v, in_shift=v, in_relu=True,
+                          stats=True)
+        conv_fwd(x, w[:, :, :1, :1], stride=1, padding=0)
+        conv_wgrad(x, out, w.shape, stride=1, padding=1)
+        conv_fwd(x[:, :3], w[:, :3], stride=2, padding=1)  # 3 channels: flattened K
+    names = {event.key for event in prof.key_averages()}
+    assert {"fr::conv_fwd 3x3 prologue stats", "fr::conv_fwd 1x1", "fr::conv_wgrad 3x3",
+            "fr::conv_fwd 3x3 flat_k"} <= names
+    # `bench --profile`'s table of them: one row each, launches and time per step
+    from fused_resnet.bench.profile import variant_table
+
+    table = variant_table(prof.key_averages(), "cpu", steps=1)
+    rows = [line for line in table.splitlines() if line.startswith("| conv_")]
+    assert len(rows) == 4 and "| conv_fwd 3x3 prologue stats | 1 | " in table
+    assert variant_table([], "cpu", steps=1) == ""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a profiler range was entered without a profiler")
+
+    monkeypatch.setattr(torch.profiler, "record_function", refuse)
+    conv_fwd(x, w, stride=1, padding=1)

@@ -4,8 +4,11 @@ Runs the column's step of each of the config's settings under `torch.profiler` (
 warm-up runs that compile, autotune and fold BN) and returns, per setting, the profiler's
 table of the top ops / kernels by self time on the device (CUDA time on a GPU, CPU time
 elsewhere): the breakdown that says which kernels to work on when a target is missed.
-With `trace`, each setting's profile is also written as a Chrome trace (every launch with its
-grid and the op that made it), `<trace>-<dtype>-<mode>-<batch>.json.gz`.
+Below it, the Triton conv launches by kernel and variant (`variant_table`: the forward with
+the BN + ReLU prologue and statistics apart from the plain one, and so on), from the ranges
+`triton.launch.launch` opens while the profiler records. With `trace`, each setting's profile
+is also written as a Chrome trace (every launch with its grid and the op that made it),
+`<trace>-<dtype>-<mode>-<batch>.json.gz`.
 """
 
 from __future__ import annotations
@@ -48,7 +51,36 @@ def profile_column(cfg: SuiteConfig, column: str, steps: int = 3, rows: int = 25
                     torch.cuda.synchronize(dev)
         if trace:
             prof.export_chrome_trace(f"{trace}-{dtype}-{mode}-{batch}.json.gz")
-        table = prof.key_averages().table(sort_by=sort, row_limit=rows)
+        averages = prof.key_averages()
+        table = averages.table(sort_by=sort, row_limit=rows)
         out.append(f"## {label}, {cfg.arch}, {dtype} {mode} batch {batch} ({steps} steps)\n\n"
-                   f"{table}")
+                   f"{table}\n{variant_table(averages, dev.type, steps)}")
     return "\n".join(out)
+
+
+def variant_table(averages, device: str, steps: int) -> str:
+    """The Triton conv launches by kernel and variant (the `fr::` ranges of
+    `triton.launch.launch`), by time per step: the profiler's own table lists each kernel
+    once, whatever its variant. Empty where no Triton conv ran."""
+    ranges = [e for e in averages if e.key.startswith("fr::")]
+    if not ranges:
+        return ""
+
+    def ms(event) -> float:  # device (CUDA) time, or CPU time without a GPU; us -> ms
+        if device == "cuda":
+            total = getattr(event, "device_time_total", None)
+            if total is None:  # torch < 2.4
+                total = event.cuda_time_total
+        else:
+            total = event.cpu_time_total
+        return total / 1000 / steps
+
+    ranges.sort(key=ms, reverse=True)
+    everything = sum(ms(e) for e in ranges) or 1.0
+    lines = [f"Triton conv launches by variant ({'GPU' if device == 'cuda' else 'CPU'} time "
+             "a step)", "", "| kernel variant | launches a step | ms a step | share |",
+             "|---|---|---|---|"]
+    for e in ranges:
+        lines.append(f"| {e.key[4:]} | {e.count / steps:g} | {ms(e):.3f} | "
+                     f"{100 * ms(e) / everything:.1f}% |")
+    return "\n".join(lines) + "\n"

@@ -22,7 +22,6 @@ Each program owns a BLOCK_M x BLOCK_N tile of the output:
   groups do not depend on the tile config, so neither do the statistics.
 """
 
-import threading
 import warnings
 from typing import Optional
 
@@ -33,30 +32,23 @@ from torch import Tensor
 
 from fused_resnet.triton.config import (
     acc_dtype,
-    compile_only_arch,
     flat_k,
     input_precision,
     interpreting,
-    pinned_config,
     triton_version,
 )
 from fused_resnet.triton.eltwise import relu
+from fused_resnet.triton.launch import launch
 
 # The autotuner's candidates (fwd, dgrad, wgrad). 128x128 with 4 warps holds a 128-register
 # fp32 accumulator per thread: ptxas spills it in 80 of 188 bf16 / fp16 builds of the ResNet
 # family for sm_90 (up to 544 B of stack; 65 of 94 in fp32), with 8 warps in none (3 of 94 in
 # fp32): `python -m fused_resnet compile`. Which one is faster needs the GPU: both stay.
-# Loop cost, sm_90 SASS, bf16, a warp's instructions per K step (plain 1x1 / plain 3x3 /
-# with the BN + ReLU prologue, 1x1-3x3), against the tensor core's cycles for the step's
-# wgmma: 128x128x32 w8 88 / 131 / 164-236 (8 warps on 4 schedulers: 2 cycles an
-# instruction) for 256 cycles; 128x128x64 w8 120 / 181 / 267-408 for 512; 128x256x64 w8
-# 143 / 204 / 283-431 for 1024 (Triton's Hopper matmul tile). Before 2026-12-05 (the K
-# loop's tap / slice odometer, a one-instruction ReLU, no padding mask without padding) they
-# were 148 / 163 / 306-308, 231 / 248 / 533, 258 / 273 / 569: issue-bound at BLOCK_K 32.
-# The prologue's loops take the tile from shared memory to registers and back, and their
-# wgmma wait for each other (WARPGROUP.DEPBAR 0) in all but the 128x256x64 tile. BLOCK_K 64
-# needs 96 / 144 KiB of shared memory in bf16 / fp16 (the autotuner skips a config where a
-# GPU has less, and 128x256x64 in fp32).
+# K loop cost, sm_90 bf16 SASS, a warp's instructions per step (plain 1x1 / 3x3 / with the
+# prologue) against the step's wgmma cycles: 128x128x32 w8 88 / 131 / 164-236 for 256 (8
+# warps: 2 issue cycles an instruction), 128x256x64 w8 143 / 204 / 283-431 for 1024 (README).
+# The prologue's wgmma wait for each other (DEPBAR 0) in every tile but 128x256x64. BLOCK_K 64
+# needs 96 / 144 KiB of shared memory in bf16 / fp16 (the autotuner skips what does not fit).
 FWD_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
     for bm, bn, bk, w, s in [
@@ -255,64 +247,6 @@ def check_pixels(x_shape, out_hw: tuple[int, int]) -> None:
     if pixels > MAX_PIXELS:
         raise ValueError(f"input of shape {tuple(x_shape)}: the Triton conv kernels take at most "
                          f"2**31 - 1 pixels (N*H*W) per call, got {pixels}; split the batch")
-
-
-# The config the autotuner chose, per (kernel, its tuning key): later launches with that key
-# call the JIT function with it directly. Triton's Autotuner.run rebuilds its key on every
-# launch by testing each of the ~35 arguments' names against a list of names and formatting
-# every tensor's dtype as a string; this key is the same values from precomputed positions
-# (a ResNet-50 batch-1 inference call, 53 launches: 0.6 ms less host time on a 2-core VM).
-_chosen: dict[tuple, object] = {}
-_key_positions: dict[int, tuple[int, ...]] = {}
-_first_launch = threading.Lock()
-
-
-def clear_launch_cache() -> None:
-    """Forget the configs `launch` took from the autotuners (they tune again on next use)."""
-    _chosen.clear()
-
-
-def _tuning_key(kernel, args: tuple, kwargs: dict) -> tuple:
-    """The autotuner's key for a launch: the values of its key arguments and the dtypes of
-    the tensors (what Autotuner.run keys its cache by; tensors are passed positionally)."""
-    positions = _key_positions.get(id(kernel))
-    if positions is None:
-        positions = tuple(kernel.arg_names.index(name) for name in kernel.keys)
-        _key_positions[id(kernel)] = positions
-    n = len(args)
-    return (id(kernel), *(args[i] if i < n else kwargs[kernel.arg_names[i]] for i in positions),
-            *(a.dtype for a in args if isinstance(a, Tensor)))
-
-
-def _config_kwargs(config) -> dict:
-    """A triton.Config as the keyword arguments Autotuner.run launches it with."""
-    if hasattr(config, "all_kwargs"):
-        return config.all_kwargs()
-    return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
-
-
-def launch(kernel, grid, *args, **kwargs) -> None:
-    """Runs an autotuned kernel (through its autotuner the first time per tuning key, then
-    with the config it chose), or its plain JIT function with the pinned config."""
-    config = pinned_config()
-    if config is not None:
-        kernel.fn[grid](*args, **kwargs, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-                        BLOCK_K=config.block_k, num_warps=config.num_warps,
-                        num_stages=config.num_stages)
-        return
-    key = _tuning_key(kernel, args, kwargs)
-    chosen = _chosen.get(key)
-    if chosen is not None:
-        kernel.fn[grid](*args, **kwargs, **chosen)
-        return
-    # best_config is set by Autotuner.run (None: this launch chose nothing). The lock keeps
-    # another thread's first launch (nn.DataParallel's replicas) from setting it in between.
-    with _first_launch:
-        kernel.best_config = None
-        kernel[grid](*args, **kwargs)
-        chosen = kernel.best_config
-    if chosen is not None and compile_only_arch() is None:
-        _chosen[key] = _config_kwargs(chosen)
 
 
 def to_nhwc(t: Tensor) -> Tensor:

@@ -54,7 +54,6 @@ from fused_resnet.triton.conv import (
     check_pixels,
     dense_in,
     dot_acc,
-    launch,
     prologue,
     to_nhwc,
 )
@@ -68,6 +67,7 @@ from fused_resnet.triton.eltwise import (
     relu_grad,
     relu_mask_args,
 )
+from fused_resnet.triton.launch import launch
 
 
 class BnGrad(NamedTuple):
