@@ -139,6 +139,12 @@ def test_launches_are_profiler_ranges_named_by_variant(monkeypatch):
     rows = [line for line in table.splitlines() if line.startswith("| conv_")]
     assert len(rows) == 4 and "| conv_fwd 3x3 prologue stats | 1 | " in table
     assert variant_table([], "cpu", steps=1) == ""
+    # on a GPU a range is also listed on the device timeline: only the host one is a row
+    from types import SimpleNamespace
+
+    device_copy = SimpleNamespace(key="fr::conv_fwd 1x1", device_type="DeviceType.CUDA",
+                                  count=1, cpu_time_total=5.0)
+    assert variant_table([device_copy], "cpu", steps=1) == ""
 
     def refuse(*args, **kwargs):
         raise AssertionError("a profiler range was entered without a profiler")

@@ -62,7 +62,11 @@ def variant_table(averages, device: str, steps: int) -> str:
     """The Triton conv launches by kernel and variant (the `fr::` ranges of
     `triton.launch.launch`), by time per step: the profiler's own table lists each kernel
     once, whatever its variant. Empty where no Triton conv ran."""
-    ranges = [e for e in averages if e.key.startswith("fr::")]
+    # the host-side ranges, whose device time is that of the kernels launched inside them
+    # (on a GPU the profiler also lists each range on the device timeline, as a separate
+    # entry of the same name)
+    ranges = [e for e in averages if e.key.startswith("fr::")
+              and str(getattr(e, "device_type", "CPU")).endswith("CPU")]
     if not ranges:
         return ""
 
