@@ -84,11 +84,12 @@ class BnGrad(NamedTuple):
 @triton.jit
 def _grad_tile(dy_ptr, z_ptr, y_ptr, offs, ok, a, b, d, ms, mh,
                BN_BWD: tl.constexpr, RELU: tl.constexpr, ACC_FP64: tl.constexpr,
-               MASK: tl.constexpr = True):
+               MASK: tl.constexpr):
     """The dy tile at offs: loaded, or with BN_BWD computed as a * g + b * y + d where
     g = dz * [z > 0] (a, b, d, ms, mh broadcast along the channel axis); zero where not ok,
     or without MASK (a select less per element) d there: for a caller whose entries not ok
-    are only rows past the end or channels whose weight rows are masked to zero."""
+    meet a zero in the other operand (a masked weight row, a masked x tile) or land in rows
+    it does not store."""
     if BN_BWD:
         acc_ty = tl.float64 if ACC_FP64 else tl.float32
         g = tl.load(dy_ptr + offs, mask=ok, other=0.0).to(acc_ty)
