@@ -56,7 +56,12 @@ FWD_CONFIGS = [
         (64, 64, 32, 4, 4), (32, 64, 32, 4, 4), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3),
     ]
 ]
-CONV_TUNING_KEY = ["M", "C_in", "C_out", "KH", "KW", "stride"]  # one tuned config per shape
+# One tuned config per shape and per loop / epilogue variant: a K loop that transforms its
+# operand on load (PROLOGUE, BN_BWD) issues 1.5-3x the instructions of the plain one and its
+# wgmma serialize in all tiles but 128x256x64 (SASS, above), so its best tile may differ from
+# the plain loop's of the same shape (a bottleneck's conv3 and its projection: both 1x1
+# 64 -> 256 over the same pixels). Each kernel adds its variant flags (`autotune_conv`).
+CONV_TUNING_KEY = ["M", "C_in", "C_out", "KH", "KW", "stride"]
 STAT_ROWS = 32  # rows per statistics group; divides every BLOCK_M of the configs
 
 
@@ -86,12 +91,15 @@ def _lazy_bench_arguments() -> dict:
     return {"do_bench": _bench_candidate}
 
 
-def autotune_conv(fn):
-    """Every conv kernel (fwd, dgrad, wgrad) is tuned over FWD_CONFIGS per shape."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # 3.2's warmup / rep
-        return triton.autotune(configs=FWD_CONFIGS, key=CONV_TUNING_KEY,
-                               **_lazy_bench_arguments())(fn)
+def autotune_conv(*variant_flags: str):
+    """Every conv kernel (fwd, dgrad, wgrad) is tuned over FWD_CONFIGS per shape
+    (CONV_TUNING_KEY) and per value of its `variant_flags` (constexpr arguments)."""
+    def decorate(fn):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # 3.2's warmup / rep
+            return triton.autotune(configs=FWD_CONFIGS, key=[*CONV_TUNING_KEY, *variant_flags],
+                                   **_lazy_bench_arguments())(fn)
+    return decorate
 
 
 @triton.jit
@@ -119,7 +127,7 @@ def prologue(a, ok, sc, sh, RELU: tl.constexpr, ACC_TY: tl.constexpr, MASK: tl.c
     return v.to(a.dtype)
 
 
-@autotune_conv
+@autotune_conv("PROLOGUE", "STATS")
 @triton.jit
 def _conv_fwd_kernel(
     x_ptr, w_ptr, out_ptr,

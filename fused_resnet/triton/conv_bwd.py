@@ -103,7 +103,7 @@ def _grad_tile(dy_ptr, z_ptr, y_ptr, offs, ok, a, b, d, ms, mh,
         return tl.load(dy_ptr + offs, mask=ok, other=0.0)
 
 
-@autotune_conv
+@autotune_conv("BN_BWD", "REDUCE")
 @triton.jit
 def _conv_dgrad_kernel(
     dy_ptr, w_ptr, dx_ptr, z_ptr, ms_ptr, mh_ptr, y_ptr,
@@ -263,7 +263,7 @@ def conv_dgrad(dy, weight: Tensor, x_shape: torch.Size, *, stride: int, padding:
     return dx, (parts[0].sum(0), parts[1].sum(0))  # fixed-order sum of the group partials
 
 
-@autotune_conv
+@autotune_conv("PROLOGUE", "BN_BWD")
 @triton.jit
 def _conv_wgrad_kernel(
     x_ptr, dy_ptr, dw_ptr, in_scale_ptr, in_shift_ptr, z_ptr, ms_ptr, mh_ptr, y_ptr,
