@@ -4,8 +4,9 @@
 # own time limit (SIGINT first, so pytest prints its summary and the benchmarks write the
 # settings that finished) so that one slow step cannot eat the others' time:
 #   warm    python -m fused_resnet compile: every Triton kernel the model benchmark launches
-#           (ResNet-50, bf16 and fp16, batch 256 and 1, every autotuner config) compiled in
-#           parallel into Triton's cache, so that model / blocks do not compile one by one
+#           (ResNet-50 in WARM_DTYPES, batch 256 and 1, training in both operand modes, every
+#           autotuner config) compiled in parallel into Triton's cache, so that model /
+#           blocks do not compile one by one
 #   profile torch.profiler's kernel table (and the Triton conv launches by variant) of fused
 #           Triton ResNet-50, bf16 training at batch 256 and latency at batch 1 (where the
 #           time goes), and the training step's trace
@@ -13,7 +14,8 @@
 #           over XDIST_WORKERS (16) pytest-xdist workers where xdist is installed (compiling is
 #           the slow part); each failure is printed as it happens, so a cut-off run keeps them
 #   slow    pytest -m slow: the exhaustive op grid on Triton (864 cases)
-#   model   bench_model.py: ResNet-50 fused Triton / _C vs eager channels_last vs compile
+#   model   bench_model.py: ResNet-50 fused Triton (operands on load, and written) / _C vs
+#           eager channels_last vs compile, in MODEL_DTYPES
 #   blocks  bench_blocks.py --write-table: every distinct block, and the per-shape auto table
 # The steps' logs, the training trace and the benchmark reports (<gpu>-<date>/{model,blocks}.
 # {csv,json,md,png}) land under $OUT, at most 8 files (what the device tool brings back); build
@@ -21,15 +23,18 @@
 #
 #   bash benchmarks/gpu_session.sh                 # warm tests profile model: one call, < 10 min
 #   bash benchmarks/gpu_session.sh blocks          # the next call (the build is incremental)
+#   WARM_DTYPES=fp16 MODEL_DTYPES=fp16 bash benchmarks/gpu_session.sh warm model   # fp16
 #
 # Limits (seconds): BUILD_S 120 (beside WARM_S 115), TESTS_S 140, PROFILE_S 85, MODEL_S 205
 # (the default call: at most 550 s and 40 s of kill margins, inside one 600 s device call),
 # SLOW_S 500, BLOCKS_S 300. Seen on an H200 (2026-12-04): build 57-64 s, warm 56 s (bf16) /
-# 79 s (bf16 fp16) beside it with 6 autotuner configs (8 since: expect ~105 s), the gpu
-# tests 92% done in 100 s on 16 workers.
-# WARM_DTYPES (bf16 fp16) narrows the warm step. The model run leaves out eager NCHW and
-# compile max-autotune (minutes of autotuning); `BENCH_COLUMNS=...` changes that. Copy $OUT's
-# <gpu>-<date>/ folder to benchmarks/results/ to commit it.
+# 79 s (bf16 fp16: 825 kernels) beside it with 6 autotuner configs, the gpu tests 92% done
+# in 100 s on 16 workers; the model step ran out of its 230 s in fp16. Since then 8 configs
+# and the written-operand training (bf16 alone: 681 kernels to compile, 2026-12-05), so the
+# default call is bf16 (WARM_DTYPES, MODEL_DTYPES) and fp16 takes its own call (above).
+# The model run leaves out eager NCHW and compile max-autotune (minutes of autotuning);
+# `BENCH_COLUMNS=...` changes that. Copy $OUT's <gpu>-<date>/ folder to benchmarks/results/
+# to commit it.
 set -uo pipefail
 steps=${*:-warm tests profile model}
 for name in $steps; do
@@ -87,7 +92,7 @@ for name in $steps; do
     [[ $name == warm ]] || wait_for_build
     case $name in
         warm) step warm "${WARM_S:-115}" python3 -m fused_resnet compile --arch 90 \
-                  --dtype ${WARM_DTYPES:-bf16 fp16} --workload resnet50 --jobs "$(nproc)" ;;
+                  --dtype ${WARM_DTYPES:-bf16} --workload resnet50 --jobs "$(nproc)" ;;
         profile) step profile "${PROFILE_S:-85}" python3 -m fused_resnet bench --arch resnet50 \
                      --dtypes bf16 --modes train latency --batch-sizes 256 --latency-batch 1 \
                      --profile triton --trace "$scratch/trace_triton" --no-progress
@@ -97,8 +102,8 @@ for name in $steps; do
         slow) step tests_slow "${SLOW_S:-500}" python3 -m pytest -m slow -q \
                   -p no:cacheprovider "${xdist[@]}" ;;
         model) step bench_model "${MODEL_S:-205}" python3 benchmarks/bench_model.py \
-                   --no-progress --out "$OUT" \
-                   --columns ${BENCH_COLUMNS:-triton cuda eager-cl compile} ;;
+                   --no-progress --out "$OUT" --dtypes ${MODEL_DTYPES:-bf16} \
+                   --columns ${BENCH_COLUMNS:-triton triton-written cuda eager-cl compile} ;;
         blocks) step bench_blocks "${BLOCKS_S:-300}" python3 benchmarks/bench_blocks.py \
                     --no-progress --out "$OUT" --write-table
                 cp fused_resnet/data/auto_backend.json "$OUT/" ;;

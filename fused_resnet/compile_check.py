@@ -54,10 +54,11 @@ def build(workload: str, backend: str = "triton") -> torch.nn.Module:
 
 def drive(model: torch.nn.Module, shape: tuple[int, ...], batches: tuple[int, ...],
           dtype: torch.dtype) -> None:
-    """One training step's forward and backward, then inference at each batch size, chained
-    and single-launch for the bottlenecks the kernel takes; autocast for bf16 / fp16."""
+    """One training step's forward and backward in each operand mode of the chain
+    (`config.operands`), then inference at each batch size, chained and single-launch for
+    the bottlenecks the kernel takes; autocast for bf16 / fp16."""
     from fused_resnet.nn import FusedBottleneck
-    from fused_resnet.triton.config import BOTTLENECK_EVAL_MAX_MID
+    from fused_resnet.triton.config import BOTTLENECK_EVAL_MAX_MID, OPERAND_MODES, operands_mode
 
     model = model.to(memory_format=torch.channels_last)
     x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
@@ -66,9 +67,10 @@ def drive(model: torch.nn.Module, shape: tuple[int, ...], batches: tuple[int, ..
         return torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)
 
     model.train()
-    with autocast():
-        out = model(x)
-    out.float().sum().backward()
+    for mode in OPERAND_MODES:  # the chain's transformed operands on load, and written
+        with autocast(), operands_mode(mode):
+            out = model(x)
+            out.float().sum().backward()
     model.eval()
     bottlenecks = [m for m in model.modules() if isinstance(m, FusedBottleneck)
                    and m.conv1.out_channels <= BOTTLENECK_EVAL_MAX_MID]  # the rest must chain

@@ -61,6 +61,29 @@ def test_suite_rows_ratios_and_a_failing_column():
             assert "cannot run" in r["error"] and r["ms"] is None and r["vs_eager_cl"] is None
 
 
+def test_the_written_operand_column_is_the_triton_model_run_in_that_mode(monkeypatch):
+    """"triton-written" builds the Triton model and runs every call of its steps (forward,
+    backward) with `config.operands() == "written"`; the other columns keep the default."""
+    from fused_resnet.bench import suite
+    from fused_resnet.triton import config
+
+    models = suite.build_columns(SuiteConfig(**TINY), fr.models.build_model("cifar_resnet20"),
+                                 torch.device("cpu"), ("triton", "triton-written"))
+    assert list(models) == ["fused triton", "fused triton, written operands"]
+    assert {m.backend for m, _ in models.values()} == {"triton"}
+    seen = []
+    monkeypatch.setattr(suite, "_step", lambda *a: lambda: seen.append(config.operands()))
+    monkeypatch.setattr(suite, "time_columns", lambda fns, *a: {
+        k: (fn(), Timing.of([1.0]))[1] for k, fn in fns.items()})
+    monkeypatch.setattr(suite, "build_columns", lambda *a: models)
+    monkeypatch.setattr(suite, "activation_bytes", lambda *a: 0)
+    rows = run_suite(SuiteConfig(**TINY, modes=("train",), columns=("triton", "triton-written"),
+                                 device="cpu"), progress=False)
+    assert [r["column"] for r in rows] == list(models)
+    assert seen == ["on_load", "written"] * 2  # the first call, then the timed one
+    assert config.operands() == "on_load"
+
+
 def test_an_interrupted_run_reports_the_settings_that_finished(monkeypatch):
     """A time limit's SIGINT (KeyboardInterrupt) during the second setting returns the first
     setting's rows; one during the first setting, with nothing to report, propagates."""

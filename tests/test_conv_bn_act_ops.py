@@ -108,6 +108,20 @@ def test_matches_reference(kernel, stride, padding, c_in, c_out, residual, relu,
         assert_close(s, ref, name=name)
 
 
+@pytest.mark.parametrize("kernel, stride, padding, c_in, c_out, residual, relu, training",
+                         [case for case in GRID if case[0] == 1 and case[-1]])
+def test_1x1_training_with_written_dy(kernel, stride, padding, c_in, c_out, residual, relu,
+                                      training):
+    """`config.operands() == "written"`: a 1x1 conv's backward writes its dy once instead of
+    applying the BN backward on load."""
+    skip_without_triton()
+    from fused_resnet.triton.config import operands_mode
+
+    with operands_mode("written"):
+        test_matches_reference(kernel, stride, padding, c_in, c_out, residual, relu, training,
+                               "triton")
+
+
 @pytest.mark.parametrize("backend", EXHAUSTIVE_BACKENDS)
 @pytest.mark.parametrize("kernel, stride, padding, c_in, c_out, residual, relu, training",
                          EXHAUSTIVE)

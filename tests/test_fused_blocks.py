@@ -48,9 +48,28 @@ def _graph_nodes(out):
     return seen
 
 
-@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.fixture
+def operands(request):
+    """The Triton training chain's operand mode for the test (`config.operands_mode`)."""
+    from fused_resnet.triton.config import operands_mode
+
+    with operands_mode(request.param):
+        yield request.param
+
+
+# Triton both ways: a BN's output transformed on load by the next conv (the default), and
+# written once for a plain conv loop; the `_C` blocks have one way.
+_TRITON, _NATIVE = FUSED_BACKENDS
+BACKEND_OPERANDS = [
+    pytest.param("triton", "on_load", marks=_TRITON.marks, id="triton"),
+    pytest.param("triton", "written", marks=_TRITON.marks, id="triton-written"),
+    pytest.param(_NATIVE.values[0], "on_load", marks=_NATIVE.marks, id=_NATIVE.id),
+]
+
+
+@pytest.mark.parametrize("backend, operands", BACKEND_OPERANDS, indirect=["operands"])
 @pytest.mark.parametrize("name", list(BLOCKS))
-def test_block_matches_reference_in_training_and_eval(name, backend):
+def test_block_matches_reference_in_training_and_eval(name, backend, operands):
     fused, ref = (m.to(DEVICE) for m in _pair(name, backend))
     c_in = fused.conv1.in_channels
     for step in range(2):
@@ -72,13 +91,15 @@ def test_block_matches_reference_in_training_and_eval(name, backend):
         assert_close(fused(x), ref(x), name="eval output")
 
 
+@pytest.mark.parametrize("operands", ["on_load", "written"], indirect=True)
 @pytest.mark.parametrize("c_in, width, stride, size", [(256, 128, 2, 8), (256, 64, 1, 6)],
                          ids=["layer2.0", "layer1.1"])
-def test_resnet50_width_bottlenecks_match_in_fp64(c_in, width, stride, size):
+def test_resnet50_width_bottlenecks_match_in_fp64(c_in, width, stride, size, operands):
     """ResNet-50's own channel counts (the blocks above are narrower than a K slice, so their
     convs take the flattened-K layout; these take the per-tap one, several K and column
     blocks, and stride-2 phases), in fp64 to 1e-10 of each result's largest value: a wrong
-    tile or mask shows as an O(1) error, summation order as 1e-15."""
+    tile or mask shows as an O(1) error, summation order as 1e-15. Both operand modes of the
+    training chain (BN + ReLU and BN backward applied on load, or written)."""
     skip_without_triton()
     torch.manual_seed(0)
     fused, ref = (m.double() for m in _pair(
@@ -159,9 +180,11 @@ def test_small_resnet_trains_like_the_reference(arch, size, dtype, backend):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("backend, operands", [("triton", "on_load"), ("triton", "written"),
+                                               ("cuda", "on_load")],
+                         ids=["triton", "triton-written", "cuda"], indirect=["operands"])
 @pytest.mark.parametrize("name", list(BLOCKS))
-def test_block_matches_reference_on_cuda(name, backend):
+def test_block_matches_reference_on_cuda(name, backend, operands):
     fused, ref = (m.cuda() for m in _pair(name, backend))
     x = torch.randn(8, fused.conv1.in_channels, 28, 28, device="cuda", requires_grad=True)
     x_ref = x.detach().clone().requires_grad_()

@@ -96,3 +96,24 @@ def test_pinned_config_is_bitwise_deterministic():
         assert_close(module(x), runs[0][0])
     finally:
         pin_config(None)
+
+
+def test_operand_mode_setting_and_its_errors(monkeypatch):
+    """`config.operands()`: "on_load" by default, FUSED_RESNET_OPERANDS, `set_operands` over
+    both, `operands_mode` restoring what was set; a bad value is named."""
+    from fused_resnet.triton import config
+
+    monkeypatch.delenv(config.OPERANDS_ENV, raising=False)
+    assert config.operands() == "on_load"
+    monkeypatch.setenv(config.OPERANDS_ENV, "written")
+    assert config.operands() == "written"
+    with config.operands_mode("on_load"):
+        assert config.operands() == "on_load"
+        with pytest.raises(ValueError, match="mode must be one of"):
+            with config.operands_mode("materialized"):
+                pass
+        assert config.operands() == "on_load"
+    assert config.operands() == "written"
+    monkeypatch.setenv(config.OPERANDS_ENV, "fused")
+    with pytest.raises(ValueError, match="FUSED_RESNET_OPERANDS must be one of"):
+        config.operands()

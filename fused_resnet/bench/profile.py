@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from fused_resnet.bench.suite import SuiteConfig, _step, build_columns, precision
+from fused_resnet.bench.suite import SuiteConfig, _step, build_columns, column_context
 from fused_resnet.models import build_model, is_cifar
 
 
@@ -38,7 +38,7 @@ def profile_column(cfg: SuiteConfig, column: str, steps: int = 3, rows: int = 25
         x = torch.randn(batch, 3, size, size, device=dev).contiguous(memory_format=fmt)
         target = torch.randint(0, base.fc.out_features, (batch,), device=dev)
         model.train(mode == "train")
-        with precision(dtype, dev):
+        with column_context(label, dtype, dev):
             fn = _step(model, mode, x, target, opt)
             for _ in range(max(1, cfg.warmup)):
                 fn()

@@ -4,7 +4,10 @@ For one arch, each setting (dtype x mode x batch) times every column on the same
 the same input, in one process:
 
 - columns: "fused <backend>" (this package's model on that backend: triton, cuda, cpu, auto,
-  reference), "eager NCHW" and "eager channels_last" (the pure-PyTorch twin: torchvision's
+  reference), "fused triton, written operands" (the Triton model with
+  `config.operands() == "written"`: relu(bn(y)) and the BN backward's dy written by an
+  elementwise pass for plain conv loops, instead of applied on load), "eager NCHW" and
+  "eager channels_last" (the pure-PyTorch twin: torchvision's
   model where it has one), "compile" and "compile max-autotune" (`torch.compile` of the
   eager channels_last twin);
 - modes: "train" (zero_grad, forward, cross-entropy, backward, SGD step), "infer" (eval
@@ -41,7 +44,9 @@ from fused_resnet.flops import count_flops
 from fused_resnet.models import build_model, is_cifar, reference_twin, set_backend
 from fused_resnet.testing import DTYPES
 
-FUSED_COLUMNS = ("triton", "cuda", "cpu", "auto", "reference")
+FUSED_COLUMNS = ("triton", "triton-written", "cuda", "cpu", "auto", "reference")
+# Fused columns that run a backend with the training chain's operands written, not on load.
+OPERAND_COLUMNS = {"triton-written": ("triton", "written")}
 OTHER_COLUMNS = ("eager-nchw", "eager-cl", "compile", "compile-max-autotune")
 COLUMNS = FUSED_COLUMNS + OTHER_COLUMNS
 MODES = ("train", "infer", "latency")
@@ -49,7 +54,8 @@ ROW_FIELDS = ("arch", "device", "dtype", "mode", "batch", "image_size", "column"
               "ms", "ms_p20", "ms_p80", "ms_p90", "images_per_s", "tflops", "peak_tflops",
               "pct_peak", "peak_mib", "activation_mib", "error", "vs_eager_cl", "vs_compile")
 BENCH_DTYPES = ("fp32", "tf32", "bf16", "fp16")
-LABELS = {**{c: f"fused {c}" for c in FUSED_COLUMNS}, "eager-nchw": "eager NCHW",
+LABELS = {**{c: f"fused {c}" for c in FUSED_COLUMNS},
+          "triton-written": "fused triton, written operands", "eager-nchw": "eager NCHW",
           "eager-cl": "eager channels_last", "compile": "compile",
           "compile-max-autotune": "compile max-autotune"}
 
@@ -114,6 +120,20 @@ class SuiteConfig:
 
 
 @contextlib.contextmanager
+def column_context(label: str, dtype: str, device: torch.device) -> Iterator[None]:
+    """What a column's runs happen in: `precision`, and the operand mode of the Triton
+    training chain (`OPERAND_COLUMNS`; the default elsewhere)."""
+    mode = {LABELS[c]: m for c, (_, m) in OPERAND_COLUMNS.items()}.get(label)
+    with contextlib.ExitStack() as stack:
+        if mode is not None:
+            from fused_resnet.triton.config import operands_mode
+
+            stack.enter_context(operands_mode(mode))
+        stack.enter_context(precision(dtype, device))
+        yield
+
+
+@contextlib.contextmanager
 def precision(dtype: str, device: torch.device) -> Iterator[None]:
     """TF32 on only for "tf32"; autocast to bf16 / fp16 for those dtypes."""
     saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
@@ -136,7 +156,8 @@ def build_columns(cfg: SuiteConfig, base: nn.Module, dev: torch.device,
     out = {}
     for column in columns:
         if column in FUSED_COLUMNS:
-            model, fmt = set_backend(copy.deepcopy(base), column), layout
+            backend = OPERAND_COLUMNS.get(column, (column,))[0]
+            model, fmt = set_backend(copy.deepcopy(base), backend), layout
         elif column == "eager-nchw":
             model, fmt = copy.deepcopy(twin), torch.contiguous_format
         elif column == "eager-cl":
@@ -190,12 +211,12 @@ def run_suite(cfg: SuiteConfig, progress: bool = True) -> list[dict]:
                 model.train(mode == "train")
                 xf = x.contiguous(memory_format=fmt)
                 try:
-                    with precision(dtype, dev):
+                    with column_context(label, dtype, dev):
                         fn = _step(model, mode, xf, target, opts[label])
                         fn()  # first call: compile, autotune, fold BN
                         if cfg.cuda_graphs and mode != "train":
                             fn = cuda_graph(fn)
-                    fns[label] = _with_precision(fn, dtype, dev)
+                    fns[label] = _in_context(fn, label, dtype, dev)
                 except Exception as exc:  # noqa: BLE001 - one column's failure is a row, not a crash
                     failed[label] = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
             timings = _time_setting(fns, failed, dev, cfg)
@@ -211,7 +232,7 @@ def run_suite(cfg: SuiteConfig, progress: bool = True) -> list[dict]:
                 tflops = flops / t.median / 1e9
                 act = None
                 if mode == "train":
-                    with precision(dtype, dev):
+                    with column_context(label, dtype, dev):
                         xf = x.contiguous(memory_format=fmt)
                         act = activation_bytes(model, lambda m=model, xf=xf: m(xf)) / 2**20
                 pct = None if peaks[dtype] is None else 100.0 * tflops / peaks[dtype]
@@ -256,9 +277,9 @@ def _time_setting(fns: dict, failed: dict, dev: torch.device, cfg: SuiteConfig) 
     return out
 
 
-def _with_precision(fn: Callable[[], None], dtype: str, dev: torch.device):
+def _in_context(fn: Callable[[], None], label: str, dtype: str, dev: torch.device):
     def run() -> None:
-        with precision(dtype, dev):
+        with column_context(label, dtype, dev):
             fn()
     return run
 

@@ -8,6 +8,10 @@ y * scale + shift, takes each inner BN's backward sums from the epilogue of the 
 produces its gradient, and applies the BN backward on load in the next dgrad / wgrad (1x1
 convs). The y_i are channels_last. Without `need_dx` (x needs no gradient) the dgrads of
 conv 1 and of the projection are not launched.
+
+With `config.operands() == "written"` the transformed operands are written instead, by one
+elementwise pass each, and every conv runs its plain loop: relu(bn(y)) before the next conv
+(again in backward, for its weight gradient; never saved) and every BN's dy.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from fused_resnet import reference
 from fused_resnet.ops.layout import output_memory_format
 from fused_resnet.triton.bn import bn_bwd_reduce, bn_finalize
 from fused_resnet.triton.bottleneck_eval import bottleneck_eval
+from fused_resnet.triton.config import operands
 from fused_resnet.triton.conv import STAT_ROWS, conv_fwd, to_nhwc
 from fused_resnet.triton.conv_bwd import BnGrad, BnReduce, conv_dgrad, conv_wgrad
 from fused_resnet.triton.eltwise import BnBackward, bn_act_bwd, bn_act_fwd
@@ -56,10 +61,16 @@ def block_train(
         variances.append(var)
         affines.append(affine)
 
+    written = operands() == "written"
     for i in range(main):
-        prologue = {} if i == 0 else {"in_scale": affines[-1][1], "in_shift": affines[-1][2],
-                                      "in_relu": True}
-        conv_bn(ys[-1] if i else x, i, strides[i], paddings[i], **prologue)
+        if i == 0:
+            conv_bn(x, i, strides[i], paddings[i])
+        elif written:  # relu(bn(y)) written once, then the plain loop
+            inp = bn_act_fwd(ys[-1], affines[-1][1], affines[-1][2], relu=True)
+            conv_bn(inp, i, strides[i], paddings[i])
+        else:
+            conv_bn(ys[-1], i, strides[i], paddings[i], in_scale=affines[-1][1],
+                    in_shift=affines[-1][2], in_relu=True)
     bn2 = {}
     if shortcut == "projection":
         conv_bn(x, main, shortcut_stride, 0)
@@ -70,9 +81,10 @@ def block_train(
     return z, ys, means, variances, affines
 
 
-def _dy(dz: Tensor, mask, y: Tensor, bn: BnBackward, kernel_size: int):
-    """dy of a BN (+ ReLU): a BnGrad applied on load for 1x1 convs, else a written tensor."""
-    if kernel_size == 1:
+def _dy(dz: Tensor, mask, y: Tensor, bn: BnBackward, kernel_size: int, written: bool):
+    """dy of a BN (+ ReLU): a BnGrad applied on load for 1x1 convs (unless `written`), else
+    a written tensor."""
+    if kernel_size == 1 and not written:
         return BnGrad(dz, mask, y, bn)
     return bn_act_bwd(dz, mask, y, bn)[0]
 
@@ -86,6 +98,7 @@ def block_train_backward(
     """(dx or None without need_dx, d weights, d gammas, d betas), lists in the order of the
     inputs; affines: the forward's (rstd, scale, shift) rows per BN."""
     main = len(weights) - (shortcut == "projection")
+    written = operands() == "written"
     affine = [a.unbind(0) for a in affines]  # (rstd, scale, shift) views
     dz, z = to_nhwc(dz), to_nhwc(z)
     n = [y.numel() // y.shape[1] for y in ys]
@@ -97,17 +110,27 @@ def block_train_backward(
     dweights, dgammas, dbetas = [None] * len(weights), [None] * len(weights), [None] * len(weights)
     dgammas[last], dbetas[last] = sum_gy, sum_g
     bn = BnBackward(gammas[last], means[last], affine[last][0], sum_g, sum_gy, n[last])
-    g = None
-    if need_dx and shortcut in ("identity", "zero_pad"):  # the shortcut's gradient g = dz*[z>0]
-        g = bn_act_bwd(dz, z, ys[last], None, write_dy=False, write_dr=True)[2]
-    dy = _dy(g if g is not None else dz, None if g is not None else z, ys[last], bn,
-             weights[last].shape[2] * weights[last].shape[3])
+    g = dyd = None
+    bnd = BnBackward(gammas[-1], means[-1], affine[-1][0], sum_g, sum_gyd, n[-1]) if proj \
+        else None
+    if written and proj:  # both BNs' dy in one pass over dz and z
+        dy, dyd, _ = bn_act_bwd(dz, z, ys[last], bn, y2=ys[-1], bn2=bnd)
+    else:
+        if need_dx and shortcut in ("identity", "zero_pad"):  # shortcut gradient g = dz*[z>0]
+            g = bn_act_bwd(dz, z, ys[last], None, write_dy=False, write_dr=True)[2]
+        dy = _dy(g if g is not None else dz, None if g is not None else z, ys[last], bn,
+                 weights[last].shape[2] * weights[last].shape[3], written)
     for i in range(last, -1, -1):
-        prologue = {} if i == 0 else {"in_scale": affine[i - 1][1], "in_shift": affine[i - 1][2],
-                                      "in_relu": True}
+        prologue = {}
         inp = x if i == 0 else ys[i - 1]
+        if i and written:  # relu(bn(y)) recomputed, written, read by the plain wgrad loop
+            inp = bn_act_fwd(ys[i - 1], affine[i - 1][1], affine[i - 1][2], relu=True)
+        elif i:
+            prologue = {"in_scale": affine[i - 1][1], "in_shift": affine[i - 1][2],
+                        "in_relu": True}
         dweights[i] = conv_wgrad(inp, dy, weights[i].shape, stride=strides[i],
                                  padding=paddings[i], **prologue)
+        del inp  # a written relu(bn(y)) is freed before the dgrad
         if i == 0:
             dx = conv_dgrad(dy, weights[0], x.shape, stride=strides[0],
                             padding=paddings[0]) if need_dx else None
@@ -116,12 +139,13 @@ def block_train_backward(
         # dgrad epilogue; relu(bn(y)) > 0  <=>  y * scale + shift > 0.
         rstd, scale, shift = affine[i - 1]
         d_inp, (s_g, s_gy) = conv_dgrad(
-            dy, weights[i], inp.shape, stride=strides[i], padding=paddings[i],
+            dy, weights[i], ys[i - 1].shape, stride=strides[i], padding=paddings[i],
             reduce=BnReduce(ys[i - 1], scale, shift, means[i - 1], rstd))
         mask = (scale, shift)
         dgammas[i - 1], dbetas[i - 1] = s_gy, s_g
         bn = BnBackward(gammas[i - 1], means[i - 1], affine[i - 1][0], s_g, s_gy, n[i - 1])
-        dy = _dy(d_inp, mask, ys[i - 1], bn, weights[i - 1].shape[2] * weights[i - 1].shape[3])
+        dy = _dy(d_inp, mask, ys[i - 1], bn, weights[i - 1].shape[2] * weights[i - 1].shape[3],
+                 written)
     if need_dx and shortcut == "identity":
         dx = dx + g
     elif need_dx and shortcut == "zero_pad":
@@ -129,8 +153,8 @@ def block_train_backward(
         dx[:, :, ::s, ::s] += g[:, : x.shape[1]]
     elif proj:
         dgammas[-1], dbetas[-1] = sum_gyd, sum_g.clone()  # both BNs feed the same sum
-        dyd = BnGrad(dz, z, ys[-1],
-                     BnBackward(gammas[-1], means[-1], affine[-1][0], sum_g, sum_gyd, n[-1]))
+        if dyd is None:
+            dyd = BnGrad(dz, z, ys[-1], bnd)
         dweights[-1] = conv_wgrad(x, dyd, weights[-1].shape, stride=shortcut_stride, padding=0)
         if need_dx:
             dx = dx + conv_dgrad(dyd, weights[-1], x.shape, stride=shortcut_stride, padding=0)

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from fused_resnet.ops.layout import output_memory_format
 from fused_resnet.triton.bn import bn_bwd_reduce, bn_finalize
-from fused_resnet.triton.config import acc_dtype
+from fused_resnet.triton.config import acc_dtype, operands
 from fused_resnet.triton.conv import STAT_ROWS, conv_fwd, to_nhwc
 from fused_resnet.triton.conv_bwd import BnGrad, conv_dgrad, conv_wgrad
 from fused_resnet.triton.eltwise import BnBackward, bn_act_bwd, bn_act_fwd
@@ -55,8 +55,9 @@ def conv_bn_train_backward(
     rstd = torch.rsqrt(var + eps)
     sum_g, sum_gy, _ = bn_bwd_reduce(dz, z, y, mean, rstd)
     bn = BnBackward(bn_weight, mean, rstd, sum_g, sum_gy, y.numel() // y.shape[1])
-    # 1x1 convs read each dy element once: apply the BN backward on load, never write dy.
-    on_load = weight.shape[2] * weight.shape[3] == 1
+    # 1x1 convs read each dy element once: apply the BN backward on load, never write dy
+    # (unless `config.operands()` says "written").
+    on_load = weight.shape[2] * weight.shape[3] == 1 and operands() == "on_load"
     dy, _, dr = bn_act_bwd(dz, z, y, bn, write_dr=has_residual, write_dy=not on_load)
     if on_load:  # from g itself when it was written for the residual, else from (dz, z)
         dy = BnGrad(dr, None, y, bn) if dr is not None else BnGrad(dz, z, y, bn)

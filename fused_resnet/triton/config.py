@@ -7,7 +7,9 @@ deterministic tests, bitwise-reproducible runs. Otherwise kernels are autotuned 
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Optional
 
@@ -61,6 +63,49 @@ def wgrad_split(rows: int, tiles: int = 1) -> int:
     if interpreting():
         return 1
     return max(1, min(WGRAD_MAX_SPLIT, rows // WGRAD_MIN_ROWS, -(-WGRAD_PROGRAMS // tiles)))
+
+
+# How the training chain feeds a conv an operand that a BN transforms: "on_load" (DESIGN.md:
+# the next conv applies the previous BN + ReLU to each input tile it loads, a 1x1 conv's
+# backward the BN backward to each dy tile, so neither is ever written) or "written" (one
+# elementwise pass writes relu(bn(y)) / dy, which the plain conv loop then reads, and the
+# forward's is recomputed for the weight gradient). On sm_90 the transformed loops issue
+# 1.5-3x the instructions of the plain ones and their wgmma wait for each other (README,
+# "Where the time goes"); which is faster is for a GPU to say (`bench --columns triton
+# triton-written`). FUSED_RESNET_OPERANDS sets the default; `set_operands` overrides it.
+OPERAND_MODES = ("on_load", "written")
+OPERANDS_ENV = "FUSED_RESNET_OPERANDS"
+_operands: Optional[str] = None
+
+
+def set_operands(mode: Optional[str]) -> None:
+    """Use `mode` (one of OPERAND_MODES) from now on; None: back to the environment's."""
+    global _operands
+    if mode is not None and mode not in OPERAND_MODES:
+        raise ValueError(f"mode must be one of {OPERAND_MODES} or None, got {mode!r}")
+    _operands = mode
+
+
+def operands() -> str:
+    """The operand mode of the training chain: set_operands', else FUSED_RESNET_OPERANDS,
+    else "on_load"."""
+    if _operands is not None:
+        return _operands
+    mode = os.environ.get(OPERANDS_ENV, "on_load")
+    if mode not in OPERAND_MODES:
+        raise ValueError(f"{OPERANDS_ENV} must be one of {OPERAND_MODES}, got {mode!r}")
+    return mode
+
+
+@contextlib.contextmanager
+def operands_mode(mode: str) -> Iterator[None]:
+    """`set_operands(mode)` inside the block, the previous setting restored after it."""
+    saved = _operands
+    set_operands(mode)
+    try:
+        yield
+    finally:
+        set_operands(saved)
 
 
 _compile_only_arch: Optional[int] = None
