@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from fused_resnet import ops, tuning
 from fused_resnet.backend import check_backend_name
-from fused_resnet.nn.conv_bn import cached_fold, conv_bn_act, fusable_block, residual_block
+from fused_resnet.nn.conv_bn import cached_folds, conv_bn_act, fusable_block, residual_block
 from fused_resnet.nn.shortcut import ZeroPadShortcut, check_shortcut, make_shortcut
 from fused_resnet.nn.sync_bn import convert_sync_bn, sync_group
 from fused_resnet.ops.layout import conv_output_shape
@@ -72,8 +72,8 @@ class ResidualBlock(nn.Module):
         block_pairs = pairs + [tuple(self.downsample)] if kind == "projection" else pairs
         if fusable_block(block_pairs):
             return residual_block(x, block_pairs, kind, self.stride, backend)
-        folded = [cached_fold(x, conv, bn, backend) for conv, bn in block_pairs]
-        if all(f is not None for f in folded):  # inference, every BN folded into its conv
+        folded = cached_folds(x, block_pairs, backend)
+        if folded is not None:  # inference, every BN folded into its conv
             weights, biases = [w for w, _ in folded], [b for _, b in folded]
             if self._single_launch_eval(tuned_single):
                 return ops.bottleneck_eval(x, weights, biases, backend=backend)

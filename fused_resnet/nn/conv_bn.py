@@ -72,10 +72,26 @@ def cached_fold(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d,
     the tensors it came from changes (their version counters move on every in-place write:
     optimizer steps, load_state_dict), or None where folding does not apply: training,
     autograd needing the fold, grouped convs, or a backend that does not run folded convs."""
-    if _batchnorm_args(bn)[0]["training"] or conv.groups != 1:
-        return None
-    tensors = (conv.weight, bn.running_mean, bn.running_var, bn.weight, bn.bias)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+    folded = cached_folds(x, [(conv, bn)], backend)
+    return None if folded is None else folded[0]
+
+
+def cached_folds(x: Tensor, pairs: list[tuple[nn.Conv2d, nn.BatchNorm2d]],
+                 backend: str) -> Optional[list[tuple[Tensor, Tensor]]]:
+    """`cached_fold` of every pair of a block (the backend resolved once), or None unless
+    all of them fold. Run on every inference call of every block: the tensors come from the
+    modules' parameter / buffer dicts (nn.Module.__getattr__ takes ~0.6 us each)."""
+    sources = []
+    for conv, bn in pairs:
+        buffers, params = bn._buffers, bn._parameters
+        tensors = (conv._parameters["weight"], buffers.get("running_mean"),
+                   buffers.get("running_var"), params.get("weight"), params.get("bias"))
+        # batch statistics (as `_batchnorm_args`: training, or no running stats)
+        if bn.training or (tensors[1] is None and tensors[2] is None) or conv.groups != 1:
+            return None
+        sources.append(tensors)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                       for tensors in sources for t in tensors):
         return None
     kernels = _backend.resolve(backend, "conv_bn_act", x.device)
     if kernels == "reference":
@@ -83,18 +99,20 @@ def cached_fold(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d,
     device = x.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
     if torch.compiler.is_compiling():  # folded inside the graph (torch 2.5 cannot trace data_ptr)
-        return _fold(conv, bn, dtype)
-    # Storage address and version of each source: moving the module (.to, .cuda) or writing
-    # to a tensor (optimizer step, load_state_dict) changes one of them.
-    key = (dtype, kernels,
-           *((t.data_ptr(), t._version) if t is not None else None for t in tensors))
-    cached = getattr(bn, "_fused_resnet_fold", None)
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    weight, shift = _fold(conv, bn, dtype)
-    folded = (inference_weight(weight, kernels), shift)  # stored as kernels read it
-    bn._fused_resnet_fold = (key, folded)
-    return folded
+        return [_fold(conv, bn, dtype) for conv, bn in pairs]
+    out = []
+    for (conv, bn), tensors in zip(pairs, sources):
+        # Storage address and version of each source: moving the module (.to, .cuda) or
+        # writing to a tensor (optimizer step, load_state_dict) changes one of them.
+        key = (dtype, kernels,
+               *((t.data_ptr(), t._version) if t is not None else None for t in tensors))
+        cached = bn.__dict__.get("_fused_resnet_fold")
+        if cached is None or cached[0] != key:
+            weight, shift = _fold(conv, bn, dtype)
+            cached = (key, (inference_weight(weight, kernels), shift))  # as kernels read it
+            bn._fused_resnet_fold = cached
+        out.append(cached[1])
+    return out
 
 
 def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype) -> tuple[Tensor, Tensor]:

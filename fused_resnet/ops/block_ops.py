@@ -21,7 +21,6 @@ the convs) or "native" (`ops.native_block`: ATen's convolution and the `_C` kern
 
 from __future__ import annotations
 
-import importlib
 from types import ModuleType
 
 # typing.List, not list, in custom-op signatures: torch < 2.6 evaluates their annotations in
@@ -32,7 +31,6 @@ import torch
 from torch import Tensor
 
 from fused_resnet.ops.conv_ops import (
-    KERNELS,
     _as_input_grad,
     _as_weight,
     _dx_fake,
@@ -45,9 +43,7 @@ SHORTCUTS = ("identity", "zero_pad", "projection", "none")
 
 def block_module(kernels: str) -> ModuleType:
     """`ops.triton_block` or `ops.native_block` (imported on first use: Triton is optional)."""
-    if kernels not in KERNELS:
-        raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
-    return importlib.import_module(f"fused_resnet.ops.{kernels}_block")
+    return kernels_module(kernels, "block")
 
 
 def _forward(x, weights, gammas, betas, strides, paddings, eps, shortcut, shortcut_stride,

@@ -29,11 +29,20 @@ from fused_resnet.ops.layout import conv_output_shape, output_memory_format, sta
 KERNELS = ("triton", "native")
 
 
-def kernels_module(kernels: str) -> ModuleType:
-    """`ops.triton_kernels` or `ops.native_kernels` (imported on first use: Triton is optional)."""
-    if kernels not in KERNELS:
-        raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
-    return importlib.import_module(f"fused_resnet.ops.{kernels}_kernels")
+_kernel_modules: dict[tuple[str, str], ModuleType] = {}
+
+
+def kernels_module(kernels: str, part: str = "kernels") -> ModuleType:
+    """`ops.<kernels>_<part>`: `ops.triton_kernels` / `ops.native_kernels` (the conv ops),
+    `ops.triton_block` / `ops.native_block` (the block ops). Imported on first use (Triton is
+    optional), then a dict lookup: import_module took a few us on every call of every conv."""
+    module = _kernel_modules.get((kernels, part))
+    if module is None:
+        if kernels not in KERNELS:
+            raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
+        module = _kernel_modules[kernels, part] = importlib.import_module(
+            f"fused_resnet.ops.{kernels}_{part}")
+    return module
 
 
 def _empty(shape, like: Tensor, fmt=torch.contiguous_format, dtype=None) -> Tensor:

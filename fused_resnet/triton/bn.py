@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fused_resnet.triton.config import acc_dtype
+from fused_resnet.triton.config import acc_dtype, cdiv
 from fused_resnet.triton.conv import MAX_PIXELS
 from fused_resnet.triton.eltwise import ReluMask, relu_grad, relu_mask_args
 
@@ -130,14 +130,14 @@ def bn_finalize(
     k0 = part_shift[0]  # K: every level's means are relative to it
     mean, m2, shifted = part_mean, part_m2, True
     while groups > tile:  # one level of the tree: `tile` groups -> 1
-        tiles = triton.cdiv(groups, tile)
+        tiles = cdiv(groups, tile)
         level = [torch.empty((tiles, c), device=dev, dtype=dtype) for _ in range(2)]
-        _bn_merge_kernel[(tiles, triton.cdiv(c, block_c))](
+        _bn_merge_kernel[(tiles, cdiv(c, block_c))](
             part_shift, mean, m2, k0, *level, gamma, beta, var_out, affine,
             groups, rows, m, c, eps, SHIFTED=shifted, FINAL=False, **common)
         mean, m2, shifted = level[0], level[1], False
         groups, rows = tiles, rows * tile
-    _bn_merge_kernel[(1, triton.cdiv(c, block_c))](
+    _bn_merge_kernel[(1, cdiv(c, block_c))](
         part_shift, mean, m2, k0, mean_out, mean_out, gamma, beta, var_out, affine,
         groups, rows, m, c, eps, SHIFTED=shifted, FINAL=True, **common)
     return mean_out, var_out, affine
@@ -188,11 +188,11 @@ def bn_bwd_reduce(
     acc = acc_dtype(y.dtype)
     block_c = min(64, triton.next_power_of_2(c))
     block_r = 64
-    tiles = triton.cdiv(m, block_r)
+    tiles = cdiv(m, block_r)
     two = y2 is not None
     parts = [torch.empty((tiles, c), device=y.device, dtype=acc) for _ in range(3 if two else 2)]
     relu, z_arg, ms, mh = relu_mask_args(z, dz)
-    _bn_bwd_reduce_kernel[(tiles, triton.cdiv(c, block_c))](
+    _bn_bwd_reduce_kernel[(tiles, cdiv(c, block_c))](
         dz, z_arg, ms, mh, y, mean, rstd,
         y2 if two else y, mean2 if two else mean, rstd2 if two else rstd,
         parts[0], parts[1], parts[2] if two else parts[1], m, c,

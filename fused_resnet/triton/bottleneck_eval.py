@@ -19,6 +19,7 @@ from torch import Tensor
 from fused_resnet.triton.config import (
     BOTTLENECK_EVAL_MAX_MID,
     acc_dtype,
+    cdiv,
     input_precision,
     interpreting,
 )
@@ -106,7 +107,7 @@ def bottleneck_eval(x: Tensor, weights: list[Tensor], biases: list[Tensor]) -> T
     # 163 KiB per block; 2 -> 100 KiB, over sm_86 / sm_89's 99 KiB; 1 -> 96 KiB, fits all.
     # 16-bit builds need half as much and keep 3 stages.
     stages = 1 if x.element_size() >= 4 and block_mid >= 256 else 3
-    _bottleneck_eval_kernel[(triton.cdiv(m, block_m),)](
+    _bottleneck_eval_kernel[(cdiv(m, block_m),)](
         x, gemm_weight(w1), biases[0], gemm_weight(w2), biases[1], gemm_weight(w3), biases[2], z,
         h, w, c, c_mid, m,
         UPCAST=interpreting() and x.dtype == torch.bfloat16,

@@ -35,6 +35,13 @@ BOTTLENECK_EVAL_MAX_MID = 256
 FLAT_K_BELOW = 32
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for host-side grids and counts. triton.cdiv is a ConstexprFunction since
+    Triton 3.6 whose Python call takes ~2.5 us (an import and a constexpr unwrap per call),
+    and a conv launch's grid called it twice each launch."""
+    return -(-a // b)
+
+
 def flat_k(c_in: int) -> bool:
     """Whether a conv over c_in input channels takes flattened K (see triton/conv.py)."""
     return c_in < FLAT_K_BELOW

@@ -32,6 +32,7 @@ from torch import Tensor
 
 from fused_resnet.triton.config import (
     acc_dtype,
+    cdiv,
     flat_k,
     input_precision,
     interpreting,
@@ -314,13 +315,13 @@ def conv_fwd(
     out = torch.empty((n, c_out, ho, wo), device=x.device, dtype=x.dtype,
                       memory_format=torch.channels_last)
     acc = acc_dtype(x.dtype)
-    groups = triton.cdiv(m, STAT_ROWS)
+    groups = cdiv(m, STAT_ROWS)
     parts = None
     if stats:
         parts = tuple(torch.empty((groups, c_out), device=x.device, dtype=acc) for _ in range(3))
     dummy = out  # stands in for absent optional pointers (never read)
     res = to_nhwc(residual) if residual is not None else dummy
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c_out, meta["BLOCK_N"]))  # noqa: E731
+    grid = lambda meta: (cdiv(m, meta["BLOCK_M"]), cdiv(c_out, meta["BLOCK_N"]))  # noqa: E731
     launch(
         _conv_fwd_kernel, grid,
         x, gemm_weight(weight, x.dtype), out,
@@ -331,7 +332,7 @@ def conv_fwd(
         KH=kh, KW=kw, FLAT_K=flat_k(c_in), PROLOGUE=in_scale is not None, PROLOGUE_RELU=in_relu,
         HAS_BIAS=bias is not None, HAS_RES=residual is not None, RELU=relu, STATS=stats,
         PADDED=padding > 0,
-        UPCAST=interpreting() and x.dtype == torch.bfloat16, ACC_FP64=acc == torch.float64,
+        UPCAST=x.dtype == torch.bfloat16 and interpreting(), ACC_FP64=acc == torch.float64,
         PRECISION=input_precision(x.dtype), GROUP=STAT_ROWS,
     )
     return out, parts

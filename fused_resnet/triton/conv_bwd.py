@@ -42,6 +42,7 @@ from torch import Tensor
 
 from fused_resnet.triton.config import (
     acc_dtype,
+    cdiv,
     flat_k,
     input_precision,
     interpreting,
@@ -241,13 +242,13 @@ def conv_dgrad(dy, weight: Tensor, x_shape: torch.Size, *, stride: int, padding:
     check_pixels(x_shape, (ho, wo))
     dx = torch.empty((n, c_in, h, w), device=dy.device, dtype=dy.dtype,
                      memory_format=torch.channels_last)
-    hq, wq = triton.cdiv(h, stride), triton.cdiv(w, stride)  # pixel slots per phase
+    hq, wq = cdiv(h, stride), cdiv(w, stride)  # pixel slots per phase
     m = n * hq * wq
     w_t = dense_in(weight.permute(2, 3, 0, 1), dy.dtype).reshape(-1, c_in)  # (kh*kw*C_out, C_in)
     grid = lambda meta: (  # noqa: E731
-        triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c_in, meta["BLOCK_N"]), stride * stride)
+        cdiv(m, meta["BLOCK_M"]), cdiv(c_in, meta["BLOCK_N"]), stride * stride)
     acc = acc_dtype(dy.dtype)
-    groups = triton.cdiv(m, STAT_ROWS)  # per phase
+    groups = cdiv(m, STAT_ROWS)  # per phase
     parts = [torch.empty((stride * stride * groups, c_in), device=dy.device, dtype=acc)
              for _ in range(2)]
     r_args = (to_nhwc(reduce.y), *reduce[1:]) if reduce is not None else (dx,) * 5
@@ -371,13 +372,13 @@ def conv_wgrad(
     acc = acc_dtype(x.dtype)
     if split is None:
         split = wgrad_split(m, wgrad_tiles(c_out, c_in, kh, kw))
-    rows_per_split = triton.cdiv(m, split)
+    rows_per_split = cdiv(m, split)
     parts = torch.empty((split, c_out, kh, kw, c_in), device=x.device, dtype=acc)
     flat = flat_k(c_in)
     grid = lambda meta: (  # noqa: E731
-        triton.cdiv(c_out, meta["BLOCK_M"]),
-        triton.cdiv(kh * kw * c_in, meta["BLOCK_N"]) if flat
-        else kh * kw * triton.cdiv(c_in, meta["BLOCK_N"]), split)
+        cdiv(c_out, meta["BLOCK_M"]),
+        cdiv(kh * kw * c_in, meta["BLOCK_N"]) if flat
+        else kh * kw * cdiv(c_in, meta["BLOCK_N"]), split)
     launch(
         _conv_wgrad_kernel, grid, to_nhwc(x), grad[0], parts,
         in_scale if in_scale is not None else parts, in_shift if in_shift is not None else parts,

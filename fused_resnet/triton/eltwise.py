@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fused_resnet.triton.config import acc_dtype
+from fused_resnet.triton.config import acc_dtype, cdiv
 
 BLOCK = 1024  # elements per program: BLOCK_C channels x BLOCK // BLOCK_C rows
 MAX_BLOCK_C = 256
@@ -111,7 +111,7 @@ def bn_bwd_coefficient_rows(bn: BnBackward) -> Tensor:
     c = bn.rstd.shape[0]
     out = torch.empty((3, c), device=bn.rstd.device, dtype=bn.rstd.dtype)
     block_c = min(MAX_BLOCK_C, triton.next_power_of_2(c))
-    _bn_bwd_coefficients_kernel[(triton.cdiv(c, block_c),)](
+    _bn_bwd_coefficients_kernel[(cdiv(c, block_c),)](
         *bn_bwd_args(bn, out), out, c, ACC_FP64=bn.rstd.dtype == torch.float64,
         BLOCK_C=block_c)
     return out
@@ -131,7 +131,7 @@ def _grid(y: Tensor) -> tuple[int, int, int, int, tuple[int, int]]:
     m = y.numel() // c
     block_c = min(MAX_BLOCK_C, triton.next_power_of_2(c))
     block_r = BLOCK // block_c
-    return m, c, block_r, block_c, (triton.cdiv(m, block_r), triton.cdiv(c, block_c))
+    return m, c, block_r, block_c, (cdiv(m, block_r), cdiv(c, block_c))
 
 
 @triton.jit

@@ -6,7 +6,6 @@ inside a profiler range per kernel variant while torch's profiler records."""
 import threading
 
 import torch
-from torch import Tensor
 
 from fused_resnet.triton.config import compile_only_arch, pinned_config
 
@@ -26,15 +25,19 @@ def clear_launch_cache() -> None:
 
 
 def _tuning_key(kernel, args: tuple, kwargs: dict) -> tuple:
-    """The autotuner's key for a launch: the values of its key arguments and the dtypes of
-    the tensors (what Autotuner.run keys its cache by; tensors are passed positionally)."""
+    """A launch's key among the configs chosen: the values of the autotuner's key arguments
+    (shape and variant flags) and the dtype of the kernel's first argument (x or dy: every
+    conv kernel's operands share it, and which fp32 tensors come beside them follows from
+    the variant flags). Autotuner.run keys by the dtypes of every tensor argument as well
+    (~25 of them: ~2 us a launch); where that tells two of its keys apart that this one does
+    not (a bias given or not), the config tuned for the first serves both."""
     positions = _key_positions.get(id(kernel))
     if positions is None:
         positions = tuple(kernel.arg_names.index(name) for name in kernel.keys)
         _key_positions[id(kernel)] = positions
     n = len(args)
-    return (id(kernel), *(args[i] if i < n else kwargs[kernel.arg_names[i]] for i in positions),
-            *(a.dtype for a in args if isinstance(a, Tensor)))
+    return (id(kernel), args[0].dtype,
+            *[args[i] if i < n else kwargs[kernel.arg_names[i]] for i in positions])
 
 
 def _config_kwargs(config) -> dict:
