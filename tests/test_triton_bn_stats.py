@@ -57,6 +57,40 @@ def test_tree_merge_matches_fp64_statistics(m, tile, dtype):
                                atol=rtol * 10 * float((ref_mean * ref_scale).abs().max()))
 
 
+def _mean_shift_partials(y: torch.Tensor, rows: int):
+    """(group mean, None, M2) per group, in fp32, as the epilogue does for fp16 / bf16 y."""
+    shifts, m2s = [], []
+    for start in range(0, y.shape[0], rows):
+        grp = y[start:start + rows].float()
+        k = grp.sum(0) / grp.shape[0]
+        shifts.append(k)
+        m2s.append(((grp - k) ** 2).sum(0))
+    return torch.stack(shifts), None, torch.stack(m2s)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m, tile", [(37, 512), (32 * 200 + 31, 4)],
+                         ids=["one-level", "three-levels"])
+def test_mean_shifted_partials_of_16_bit_y(m, tile, dtype):
+    """fp16 / bf16 y: the group's fp32 mean is the shift and no mean - shift is stored. Means
+    as large against the spread as 16-bit values can still resolve (bf16 keeps 8 bits)."""
+    skip_without_triton()
+    from fused_resnet.triton.bn import bn_finalize
+
+    c, rows, eps = 5, 32, 1e-5
+    g = torch.Generator().manual_seed(m)
+    y64 = (torch.randn(m, c, generator=g, dtype=torch.float64)
+           * torch.tensor([1, 2, 0.5, 1, 30]) + torch.tensor([0.0, 100.0, -30.0, 7.0, 3e3]))
+    y = y64.to(dtype).to(DEVICE)
+    one = torch.ones(c, device=DEVICE)
+    mean, var, _ = bn_finalize(*_mean_shift_partials(y, rows), rows, m, one, one * 0, eps,
+                               tile=tile)
+    exact = y.double()
+    torch.testing.assert_close(mean.double(), exact.mean(0), rtol=1e-6,
+                               atol=1e-6 * float(exact.std(0).max()))
+    torch.testing.assert_close(var.double(), exact.var(0, unbiased=False), rtol=1e-5, atol=0)
+
+
 def test_merge_is_deterministic():
     skip_without_triton()
     from fused_resnet.triton.bn import bn_finalize

@@ -1,7 +1,8 @@
 """BatchNorm statistics: finalize the conv epilogue's partials, and backward reductions.
 
 Forward: the conv kernel leaves, per group of `rows` rows g and channel c, a shift k_g (a y
-value), lo_g = mean_g - k_g and M2_g = sum (y - mean_g)^2. `bn_finalize` takes the means
+value, or for fp16 / bf16 y the group's mean), lo_g = mean_g - k_g (None where k_g is the
+mean: lo_g = 0) and M2_g = sum (y - mean_g)^2. `bn_finalize` takes the means
 relative to K = k_0, rel_g = (k_g - K) + lo_g (small numbers: no cancellation for large
 means), and merges the groups of each tile of MERGE_TILE consecutive groups in parallel with
 the exact two-pass formula over groups
@@ -40,14 +41,17 @@ MERGE_ROWS = 64  # groups loaded per step
 
 @triton.jit
 def _group_means(shift_ptr, mean_ptr, k0, g, g_ok, offs_c, c_ok, C, SHIFTED: tl.constexpr,
-                 ACC_TY: tl.constexpr):
-    """(BLOCK_R, BLOCK_C) means of groups g relative to K = k0: mean (+ shift - K if
-    SHIFTED); 0 where masked."""
+                 HAS_LO: tl.constexpr, ACC_TY: tl.constexpr):
+    """(BLOCK_R, BLOCK_C) means of groups g relative to K = k0: mean, or with SHIFTED
+    (level 0) shift - K (+ lo = mean with HAS_LO); 0 where masked."""
     ok = g_ok[:, None] & c_ok[None, :]
     offs = g.to(tl.int64)[:, None] * C + offs_c[None, :]
-    rel = tl.load(mean_ptr + offs, mask=ok, other=0.0).to(ACC_TY)
     if SHIFTED:
-        rel += tl.where(ok, tl.load(shift_ptr + offs, mask=ok, other=0.0) - k0[None, :], 0.0)
+        rel = tl.where(ok, tl.load(shift_ptr + offs, mask=ok, other=0.0) - k0[None, :], 0.0)
+        if HAS_LO:
+            rel += tl.load(mean_ptr + offs, mask=ok, other=0.0).to(ACC_TY)
+    else:
+        rel = tl.load(mean_ptr + offs, mask=ok, other=0.0).to(ACC_TY)
     return rel
 
 
@@ -56,7 +60,8 @@ def _bn_merge_kernel(
     shift_ptr, mean_ptr, m2_ptr, k0_ptr, out_mean_ptr, out_m2_ptr,
     gamma_ptr, beta_ptr, var_ptr, affine_ptr,
     num_groups, rows, M, C, eps,
-    SHIFTED: tl.constexpr, FINAL: tl.constexpr, ACC_FP64: tl.constexpr, TILE: tl.constexpr,
+    SHIFTED: tl.constexpr, HAS_LO: tl.constexpr, FINAL: tl.constexpr, ACC_FP64: tl.constexpr,
+    TILE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     # Groups [tile * TILE, (tile + 1) * TILE) of this level, each covering `rows` rows of y
@@ -77,7 +82,8 @@ def _bn_merge_kernel(
         g = g0 + tl.arange(0, BLOCK_R)
         g_ok = g < last
         n_g = tl.where(g_ok, tl.minimum(rows, M - g * rows), 0).to(acc_ty)
-        rel = _group_means(shift_ptr, mean_ptr, k0, g, g_ok, offs_c, c_ok, C, SHIFTED, acc_ty)
+        rel = _group_means(shift_ptr, mean_ptr, k0, g, g_ok, offs_c, c_ok, C, SHIFTED, HAS_LO,
+                           acc_ty)
         n += tl.sum(n_g, axis=0)
         total += tl.sum(n_g[:, None] * rel, axis=0)
     mean = total / tl.maximum(n, 1.0)
@@ -86,7 +92,8 @@ def _bn_merge_kernel(
         g = g0 + tl.arange(0, BLOCK_R)
         g_ok = g < last
         n_g = tl.where(g_ok, tl.minimum(rows, M - g * rows), 0).to(acc_ty)
-        rel = _group_means(shift_ptr, mean_ptr, k0, g, g_ok, offs_c, c_ok, C, SHIFTED, acc_ty)
+        rel = _group_means(shift_ptr, mean_ptr, k0, g, g_ok, offs_c, c_ok, C, SHIFTED, HAS_LO,
+                           acc_ty)
         d = rel - mean[None, :]  # 0 - mean where masked, but n_g = 0 there
         ok = g_ok[:, None] & c_ok[None, :]
         m2_g = tl.load(m2_ptr + g.to(tl.int64)[:, None] * C + offs_c[None, :], mask=ok, other=0.0)
@@ -109,26 +116,26 @@ def _bn_merge_kernel(
 
 
 def bn_finalize(
-    part_shift: Tensor, part_mean: Tensor, part_m2: Tensor, rows: int, m: int, gamma: Tensor,
-    beta: Tensor, eps: float, *, tile: int = MERGE_TILE,
+    part_shift: Tensor, part_mean: Optional[Tensor], part_m2: Tensor, rows: int, m: int,
+    gamma: Tensor, beta: Tensor, eps: float, *, tile: int = MERGE_TILE,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(mean, biased var, affine), mean and var (C,) and affine (3, C) holding rstd, scale,
     shift, in the partials' dtype, of m rows whose groups of `rows` rows left the partials
-    (shift, mean - shift, M2), each (G, C); `tile` groups merge in one program (tests set it
-    small to exercise several levels)."""
-    groups, c = part_mean.shape
+    (shift, mean - shift or None (0: the shift is the group's mean), M2), each (G, C);
+    `tile` groups merge in one program (tests set it small to exercise several levels)."""
+    groups, c = part_m2.shape
     if m > MAX_PIXELS:
         raise ValueError(f"bn_finalize: m (rows of y, N*H*W) must be below 2**31, got {m}")
     if tile < 2:
         raise ValueError(f"bn_finalize: tile must be at least 2 groups, got {tile}")
-    dev, dtype = part_mean.device, part_mean.dtype
+    dev, dtype = part_m2.device, part_m2.dtype
     mean_out, var_out = (torch.empty(c, device=dev, dtype=dtype) for _ in range(2))
     affine = torch.empty((3, c), device=dev, dtype=dtype)
     block_c = min(64, triton.next_power_of_2(c))
-    common = dict(ACC_FP64=dtype == torch.float64, TILE=tile, BLOCK_R=MERGE_ROWS,
-                  BLOCK_C=block_c)
+    common = dict(HAS_LO=part_mean is not None, ACC_FP64=dtype == torch.float64, TILE=tile,
+                  BLOCK_R=MERGE_ROWS, BLOCK_C=block_c)
     k0 = part_shift[0]  # K: every level's means are relative to it
-    mean, m2, shifted = part_mean, part_m2, True
+    mean, m2, shifted = part_mean if part_mean is not None else part_shift, part_m2, True
     while groups > tile:  # one level of the tree: `tile` groups -> 1
         tiles = cdiv(groups, tile)
         level = [torch.empty((tiles, c), device=dev, dtype=dtype) for _ in range(2)]
