@@ -111,3 +111,24 @@ def test_inference_fold_is_cached_and_follows_weight_changes():
     out = block(x)
     out.sum().backward()
     assert block.bn1.weight.grad is not None and block.conv1.weight.grad is not None
+
+
+def test_fold_reads_a_parametrized_conv_weight():
+    """A weight under torch.nn.utils.parametrize is a computed attribute, not an entry of the
+    conv's parameter dict: the inference fold takes the computed one."""
+    from torch.nn.utils import parametrize
+
+    class Double(torch.nn.Module):
+        def forward(self, w):
+            return w * 2
+
+    backend = "cpu" if unavailable_reason("cpu", torch.device("cpu")) is None else "reference"
+    block = FusedBottleneck(32, 8, 1, backend=backend).eval()
+    reference = FusedBottleneck(32, 8, 1, backend="reference").eval()
+    reference.load_state_dict(block.state_dict())
+    with torch.no_grad():
+        reference.conv2.weight.mul_(2)
+    parametrize.register_parametrization(block.conv2, "weight", Double())
+    x = torch.randn(2, 32, 8, 8)
+    with torch.no_grad():
+        assert_close(block(x), reference(x))

@@ -63,7 +63,8 @@ LABELS = {**{c: f"fused {c}" for c in FUSED_COLUMNS},
 def default_columns(device: torch.device) -> tuple[str, ...]:
     """Every column that runs at full speed on `device` (Triton on CPU only interprets)."""
     if device.type == "cuda":
-        return ("triton", "cuda", "eager-nchw", "eager-cl", "compile", "compile-max-autotune")
+        return ("triton", "triton-written", "cuda", "eager-nchw", "eager-cl", "compile",
+                "compile-max-autotune")
     return ("cpu", "eager-nchw", "eager-cl")
 
 

@@ -84,8 +84,9 @@ def cached_folds(x: Tensor, pairs: list[tuple[nn.Conv2d, nn.BatchNorm2d]],
     sources = []
     for conv, bn in pairs:
         buffers, params = bn._buffers, bn._parameters
-        tensors = (conv._parameters["weight"], buffers.get("running_mean"),
-                   buffers.get("running_var"), params.get("weight"), params.get("bias"))
+        tensors = (_member(conv, conv._parameters, "weight"),
+                   _member(bn, buffers, "running_mean"), _member(bn, buffers, "running_var"),
+                   _member(bn, params, "weight"), _member(bn, params, "bias"))
         # batch statistics (as `_batchnorm_args`: training, or no running stats)
         if bn.training or (tensors[1] is None and tensors[2] is None) or conv.groups != 1:
             return None
@@ -113,6 +114,12 @@ def cached_folds(x: Tensor, pairs: list[tuple[nn.Conv2d, nn.BatchNorm2d]],
             bn._fused_resnet_fold = cached
         out.append(cached[1])
     return out
+
+
+def _member(module: nn.Module, store: dict, name: str) -> Optional[Tensor]:
+    """module.<name> read from its parameter or buffer dict `store`, or through getattr where
+    it lives elsewhere (a parametrized or weight-normed weight is a computed attribute)."""
+    return store[name] if name in store else getattr(module, name)
 
 
 def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
