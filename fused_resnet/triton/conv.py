@@ -52,8 +52,15 @@ from fused_resnet.triton.launch import launch
 # K loop cost, sm_90 bf16 SASS, a warp's instructions per step (plain 1x1 / 3x3 / with the
 # prologue) against the step's wgmma cycles: 128x128x32 w8 88 / 131 / 164-236 for 256 (8
 # warps: 2 issue cycles an instruction), 128x256x64 w8 143 / 204 / 283-431 for 1024 (README).
-# The prologue's wgmma wait for each other (DEPBAR 0) in every tile but 128x256x64. BLOCK_K 64
-# needs 96 / 144 KiB of shared memory in bf16 / fp16 (the autotuner skips what does not fit).
+# Whether a loop that transforms its operand (prologue, BN backward) keeps a wgmma group in
+# flight or waits for each (ptxas C7515: "serialized due to non wgmma instructions defining
+# accumulator registers") depends on the tile and on the Triton version (tables in
+# benchmarks/results/NVIDIA_H200-2026-12-04/NOTES.md): with Triton 3.6 every such loop of
+# ResNet-50 has an async tile here (the forward's 128x256x64 w8, the 1x1 dgrad's 64x128x32
+# and 128x128x64 w8), which the per-variant tuning can pick. 128x128x64 w4 (async for both
+# forward prologues in 3.6 and 3.8, spilling 104-432 B in 3.6) is left out until a GPU says.
+# BLOCK_K 64 needs 96 / 144 KiB of shared memory in bf16 / fp16 (the autotuner skips what
+# does not fit).
 FWD_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
     for bm, bn, bk, w, s in [
