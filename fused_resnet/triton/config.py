@@ -77,8 +77,8 @@ def wgrad_split(rows: int, tiles: int = 1) -> int:
 # backward the BN backward to each dy tile, so neither is ever written) or "written" (one
 # elementwise pass writes relu(bn(y)) / dy, which the plain conv loop then reads, and the
 # forward's is recomputed for the weight gradient). On sm_90 the transformed loops issue
-# 1.5-3x the instructions of the plain ones and their wgmma wait for each other (README,
-# "Where the time goes"); which is faster is for a GPU to say (`bench --columns triton
+# 1.5-3x the instructions of the plain ones and, in most tiles, their wgmma wait for each
+# other (README, "Benchmarks"); which is faster is for a GPU to say (`bench --columns triton
 # triton-written`). FUSED_RESNET_OPERANDS sets the default; `set_operands` overrides it.
 OPERAND_MODES = ("on_load", "written")
 OPERANDS_ENV = "FUSED_RESNET_OPERANDS"
@@ -94,8 +94,8 @@ def set_operands(mode: Optional[str]) -> None:
 
 
 def operands() -> str:
-    """The operand mode of the training chain: set_operands', else FUSED_RESNET_OPERANDS,
-    else "on_load"."""
+    """The operand mode of the training chain: the one `set_operands` set, else
+    FUSED_RESNET_OPERANDS's, else "on_load"."""
     if _operands is not None:
         return _operands
     mode = os.environ.get(OPERANDS_ENV, "on_load")

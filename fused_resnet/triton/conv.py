@@ -70,7 +70,7 @@ FWD_CONFIGS = [
 ]
 # One tuned config per shape and per loop / epilogue variant: a K loop that transforms its
 # operand on load (PROLOGUE, BN_BWD) issues 1.5-3x the instructions of the plain one and its
-# wgmma serialize in all tiles but 128x256x64 (SASS, above), so its best tile may differ from
+# wgmma wait for each other in most tiles (above), so its best tile may differ from
 # the plain loop's of the same shape (a bottleneck's conv3 and its projection: both 1x1
 # 64 -> 256 over the same pixels). Each kernel adds its variant flags (`autotune_conv`).
 CONV_TUNING_KEY = ["M", "C_in", "C_out", "KH", "KW", "stride"]
