@@ -110,7 +110,7 @@ def bottleneck_eval(x: Tensor, weights: list[Tensor], biases: list[Tensor]) -> T
     _bottleneck_eval_kernel[(cdiv(m, block_m),)](
         x, gemm_weight(w1), biases[0], gemm_weight(w2), biases[1], gemm_weight(w3), biases[2], z,
         h, w, c, c_mid, m,
-        UPCAST=interpreting() and x.dtype == torch.bfloat16,
+        UPCAST=x.dtype == torch.bfloat16 and interpreting(),
         ACC_FP64=acc_dtype(x.dtype) == torch.float64, PRECISION=input_precision(x.dtype),
         BLOCK_M=block_m, BLOCK_MID=block_mid, BLOCK_K=32, BLOCK_N=64, num_warps=4,
         num_stages=stages,

@@ -60,8 +60,8 @@ WGRAD_MAX_SPLIT = 256
 
 def wgrad_tiles(c_out: int, c_in: int, kh: int, kw: int) -> int:
     """Output tiles of a weight gradient (C_out x its columns), counted at 128x128."""
-    columns = -(-kh * kw * c_in // 128) if flat_k(c_in) else kh * kw * -(-c_in // 128)
-    return -(-c_out // 128) * columns
+    columns = cdiv(kh * kw * c_in, 128) if flat_k(c_in) else kh * kw * cdiv(c_in, 128)
+    return cdiv(c_out, 128) * columns
 
 
 def wgrad_split(rows: int, tiles: int = 1) -> int:
@@ -69,7 +69,7 @@ def wgrad_split(rows: int, tiles: int = 1) -> int:
     (`wgrad_tiles`): enough programs to fill a GPU, one when interpreting."""
     if interpreting():
         return 1
-    return max(1, min(WGRAD_MAX_SPLIT, rows // WGRAD_MIN_ROWS, -(-WGRAD_PROGRAMS // tiles)))
+    return max(1, min(WGRAD_MAX_SPLIT, rows // WGRAD_MIN_ROWS, cdiv(WGRAD_PROGRAMS, tiles)))
 
 
 # How the training chain feeds a conv an operand that a BN transforms: "on_load" (DESIGN.md:

@@ -256,7 +256,7 @@ def conv_dgrad(dy, weight: Tensor, x_shape: torch.Size, *, stride: int, padding:
         _conv_dgrad_kernel, grid, dy, w_t, dx, *grad[1:], *r_args, *parts, groups,
         h, w, c_in, ho, wo, c_out, hq, wq, m, stride, padding, KH=kh, KW=kw, **flags,
         REDUCE=reduce is not None, GROUP=STAT_ROWS,
-        UPCAST=interpreting() and dy.dtype == torch.bfloat16, ACC_FP64=acc == torch.float64,
+        UPCAST=dy.dtype == torch.bfloat16 and interpreting(), ACC_FP64=acc == torch.float64,
         PRECISION=input_precision(dy.dtype),
     )
     if reduce is None:
@@ -385,7 +385,7 @@ def conv_wgrad(
         *grad[1:], h, w, c_in, ho, wo, c_out, m, stride, padding, rows_per_split,
         KH=kh, KW=kw, FLAT=flat, PROLOGUE=in_scale is not None, PROLOGUE_RELU=in_relu, **flags,
         PADDED=padding > 0,
-        UPCAST=interpreting() and x.dtype == torch.bfloat16, ACC_FP64=acc == torch.float64,
+        UPCAST=x.dtype == torch.bfloat16 and interpreting(), ACC_FP64=acc == torch.float64,
         PRECISION=input_precision(x.dtype),
     )
     return parts.sum(0).permute(0, 3, 1, 2)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from fused_resnet.triton.config import flat_k, wgrad_split, wgrad_tiles
+from fused_resnet.triton.config import cdiv, flat_k, wgrad_split, wgrad_tiles
 
 
 class ConvShape(NamedTuple):
@@ -46,12 +46,8 @@ class ConvShape(NamedTuple):
         return self.n * ho * wo
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def _pad(a: int, b: int) -> int:
-    return _cdiv(a, b) * b
+    return cdiv(a, b) * b
 
 
 def useful_macs(s: ConvShape) -> int:
@@ -71,7 +67,7 @@ def _phase_taps(s: ConvShape, phase: int) -> int:
 
 
 def dgrad_macs(s: ConvShape, bm: int, bn: int, bk: int) -> int:
-    slots = s.n * _cdiv(s.h, s.stride) * _cdiv(s.w, s.stride)
+    slots = s.n * cdiv(s.h, s.stride) * cdiv(s.w, s.stride)
     taps = sum(_phase_taps(s, ph) * _phase_taps(s, pw)
                for ph in range(s.stride) for pw in range(s.stride))
     return _pad(slots, bm) * _pad(s.c_in, bn) * taps * _pad(s.c_out, bk)
@@ -81,8 +77,8 @@ def wgrad_macs(s: ConvShape, bm: int, bn: int, bk: int, split: int | None = None
     """split: the kernel's reduction slices (default: `config.wgrad_split`, as conv_wgrad)."""
     rows = s.rows
     split = split or wgrad_split(rows, wgrad_tiles(s.c_out, s.c_in, s.k, s.k))
-    per_split = _cdiv(rows, split)
-    steps = sum(_cdiv(max(0, min(start + per_split, rows) - start), bk)
+    per_split = cdiv(rows, split)
+    steps = sum(cdiv(max(0, min(start + per_split, rows) - start), bk)
                 for start in range(0, split * per_split, per_split))
     taps = s.k * s.k
     columns = _pad(taps * s.c_in, bn) if flat_k(s.c_in) else taps * _pad(s.c_in, bn)
