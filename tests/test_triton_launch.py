@@ -155,3 +155,47 @@ def test_launches_are_profiler_ranges_named_by_variant(monkeypatch):
 
     monkeypatch.setattr(torch.profiler, "record_function", refuse)
     conv_fwd(x, w, stride=1, padding=1)
+
+
+def test_profiled_launches_count_their_work():
+    """Under the profiler each launch adds its work to its range (`recorded_work`): a conv
+    2 * M * C_out * C_in * KH * KW FLOPs, and every kernel (an elementwise one through `run`
+    too) the bytes of its distinct tensor arguments, a tensor passed twice (a stand-in
+    pointer) once; nothing without the profiler. `variant_table` divides them by the time."""
+    skip_without_triton()
+    from torch.profiler import profile
+
+    from fused_resnet.bench.profile import _rates, variant_table
+    from fused_resnet.triton import launch
+    from fused_resnet.triton.conv import conv_fwd
+    from fused_resnet.triton.eltwise import bn_act_fwd
+
+    cl = torch.channels_last
+    x = torch.randn(2, 32, 5, 5).contiguous(memory_format=cl)
+    w = torch.randn(8, 32, 3, 3)
+    y, r = (torch.randn(2, 8, 5, 5).contiguous(memory_format=cl) for _ in range(2))
+    v = torch.rand(8)
+    launch.reset_work()
+    with profile() as prof:
+        for _ in range(2):
+            conv_fwd(x, w, stride=1, padding=1)
+        bn_act_fwd(y, v, v + 1, residual=r)
+    work = launch.recorded_work()
+    m = 2 * 5 * 5  # output pixels
+    conv_bytes = 4 * (x.numel() + w.numel() + m * 8)  # x, w read, out written; fp32
+    assert work == {"fr::conv_fwd 3x3": (2, 2 * 2 * m * 8 * 32 * 9, 2 * conv_bytes),
+                    "fr::bn_act_fwd has_res": (1, 0, 4 * (3 * y.numel() + 2 * 8))}
+    conv_fwd(x, w, stride=1, padding=1)  # no profiler: nothing recorded
+    assert launch.recorded_work() == work
+    launch.reset_work()
+    assert launch.recorded_work() == {}
+
+    table = variant_table(prof.key_averages(), "cpu", steps=1, work=work, peak=(1.0, 1.0))
+    assert "| kernel variant | launches a step | ms a step | share | TFLOP/s | GB/s | " \
+           "% roofline |" in table
+    assert "| conv_fwd 3x3 | 2 | " in table and "| bn_act_fwd has_res | 1 | " in table
+    assert table.splitlines()[-1].startswith("| all | | ")
+    # 2 GFLOP and 1 GB in 4 ms: 0.5 TFLOP/s, 250 GB/s; at 1 TFLOP/s and 1 TB/s they need
+    # max(2 ms, 1 ms): 50% of the roofline
+    assert _rates(4.0, 2e9, 1e9, (1.0, 1.0)) == " 0.5 | 250 | 50% |"
+    assert _rates(4.0, 0, 1e9, None) == " - | 250 | - |"

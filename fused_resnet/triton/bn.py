@@ -34,6 +34,7 @@ from torch import Tensor
 from fused_resnet.triton.config import acc_dtype, cdiv
 from fused_resnet.triton.conv import MAX_PIXELS
 from fused_resnet.triton.eltwise import ReluMask, relu_grad, relu_mask_args
+from fused_resnet.triton.launch import run
 
 MERGE_TILE = 512  # groups one program merges
 MERGE_ROWS = 64  # groups loaded per step
@@ -135,18 +136,20 @@ def bn_finalize(
     common = dict(HAS_LO=part_mean is not None, ACC_FP64=dtype == torch.float64, TILE=tile,
                   BLOCK_R=MERGE_ROWS, BLOCK_C=block_c)
     k0 = part_shift[0]  # K: every level's means are relative to it
+    # (levels after the first read no shifts: k0 stands in for part_shift there, so that a
+    # profile's byte count (`launch_work`) holds only what the level reads)
     mean, m2, shifted = part_mean if part_mean is not None else part_shift, part_m2, True
     while groups > tile:  # one level of the tree: `tile` groups -> 1
         tiles = cdiv(groups, tile)
         level = [torch.empty((tiles, c), device=dev, dtype=dtype) for _ in range(2)]
-        _bn_merge_kernel[(tiles, cdiv(c, block_c))](
-            part_shift, mean, m2, k0, *level, gamma, beta, var_out, affine,
+        run(_bn_merge_kernel, (tiles, cdiv(c, block_c)),
+            part_shift if shifted else k0, mean, m2, k0, *level, gamma, beta, var_out, affine,
             groups, rows, m, c, eps, SHIFTED=shifted, FINAL=False, **common)
         mean, m2, shifted = level[0], level[1], False
         groups, rows = tiles, rows * tile
-    _bn_merge_kernel[(1, cdiv(c, block_c))](
-        part_shift, mean, m2, k0, mean_out, mean_out, gamma, beta, var_out, affine,
-        groups, rows, m, c, eps, SHIFTED=shifted, FINAL=True, **common)
+    run(_bn_merge_kernel, (1, cdiv(c, block_c)),
+        part_shift if shifted else k0, mean, m2, k0, mean_out, mean_out, gamma, beta, var_out,
+        affine, groups, rows, m, c, eps, SHIFTED=shifted, FINAL=True, **common)
     return mean_out, var_out, affine
 
 
@@ -199,7 +202,7 @@ def bn_bwd_reduce(
     two = y2 is not None
     parts = [torch.empty((tiles, c), device=y.device, dtype=acc) for _ in range(3 if two else 2)]
     relu, z_arg, ms, mh = relu_mask_args(z, dz)
-    _bn_bwd_reduce_kernel[(tiles, cdiv(c, block_c))](
+    run(_bn_bwd_reduce_kernel, (tiles, cdiv(c, block_c)),
         dz, z_arg, ms, mh, y, mean, rstd,
         y2 if two else y, mean2 if two else mean, rstd2 if two else rstd,
         parts[0], parts[1], parts[2] if two else parts[1], m, c,

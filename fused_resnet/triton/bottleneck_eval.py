@@ -25,6 +25,7 @@ from fused_resnet.triton.config import (
 )
 from fused_resnet.triton.conv import check_pixels, dot_acc, gemm_weight, to_nhwc
 from fused_resnet.triton.eltwise import relu
+from fused_resnet.triton.launch import run
 
 
 @triton.jit
@@ -107,7 +108,7 @@ def bottleneck_eval(x: Tensor, weights: list[Tensor], biases: list[Tensor]) -> T
     # 163 KiB per block; 2 -> 100 KiB, over sm_86 / sm_89's 99 KiB; 1 -> 96 KiB, fits all.
     # 16-bit builds need half as much and keep 3 stages.
     stages = 1 if x.element_size() >= 4 and block_mid >= 256 else 3
-    _bottleneck_eval_kernel[(cdiv(m, block_m),)](
+    run(_bottleneck_eval_kernel, (cdiv(m, block_m),),
         x, gemm_weight(w1), biases[0], gemm_weight(w2), biases[1], gemm_weight(w3), biases[2], z,
         h, w, c, c_mid, m,
         UPCAST=x.dtype == torch.bfloat16 and interpreting(),

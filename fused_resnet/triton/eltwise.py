@@ -23,6 +23,7 @@ import triton.language as tl
 from torch import Tensor
 
 from fused_resnet.triton.config import acc_dtype, cdiv
+from fused_resnet.triton.launch import run
 
 BLOCK = 1024  # elements per program: BLOCK_C channels x BLOCK // BLOCK_C rows
 MAX_BLOCK_C = 256
@@ -111,7 +112,7 @@ def bn_bwd_coefficient_rows(bn: BnBackward) -> Tensor:
     c = bn.rstd.shape[0]
     out = torch.empty((3, c), device=bn.rstd.device, dtype=bn.rstd.dtype)
     block_c = min(MAX_BLOCK_C, triton.next_power_of_2(c))
-    _bn_bwd_coefficients_kernel[(cdiv(c, block_c),)](
+    run(_bn_bwd_coefficients_kernel, (cdiv(c, block_c),),
         *bn_bwd_args(bn, out), out, c, ACC_FP64=bn.rstd.dtype == torch.float64,
         BLOCK_C=block_c)
     return out
@@ -177,7 +178,7 @@ def bn_act_fwd(
     if y.numel() == 0:
         return z
     m, c, block_r, block_c, grid = _grid(y)
-    _bn_act_fwd_kernel[grid](
+    run(_bn_act_fwd_kernel, grid,
         y, scale, shift, residual if residual is not None else y,
         y2 if y2 is not None else y, scale2 if y2 is not None else scale,
         shift2 if y2 is not None else shift, z, m, c,
@@ -237,7 +238,7 @@ def bn_act_bwd(
         return dy, dy2, dr
     m, c, block_r, block_c, grid = _grid(y)
     relu, z_arg, ms, mh = relu_mask_args(z, dz)
-    _bn_act_bwd_kernel[grid](
+    run(_bn_act_bwd_kernel, grid,
         dz, z_arg, ms, mh, y, *bn_bwd_args(bn, dz),
         y2 if y2 is not None else y, *bn_bwd_args(bn2, dz),
         *(t if t is not None else dz for t in (dy, dy2, dr)), m, c,

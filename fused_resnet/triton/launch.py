@@ -1,7 +1,9 @@
-"""Launching the autotuned conv kernels (fwd, dgrad, wgrad): through Triton's autotuner the
-first time per tuning key, then with the config it chose, straight to the JIT function; the
-pinned config when one is set (`config.pin_config`, deterministic mode, the interpreter); and
-inside a profiler range per kernel variant while torch's profiler records."""
+"""Launching the Triton kernels. The autotuned conv kernels (fwd, dgrad, wgrad, `launch`)
+go through Triton's autotuner the first time per tuning key, then with the config it chose
+straight to the JIT function; the pinned config when one is set (`config.pin_config`,
+deterministic mode, the interpreter). Every kernel (`launch`, `run`) runs inside a profiler
+range per kernel variant while torch's profiler records, and its work (FLOPs, bytes) is
+counted per range for `bench --profile`'s achieved TFLOP/s and GB/s."""
 
 import threading
 
@@ -48,28 +50,102 @@ def _config_kwargs(config) -> dict:
     return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
 
 
-# Flags that name a conv launch's variant in the profiler (`launch`): the transformed-operand
-# loops (PROLOGUE, BN_BWD) cost 1.5-3x the plain ones in SASS, the statistics epilogue
-# (STATS) ~1600 instructions a tile; a profile should say what each costs in time.
-_VARIANT_FLAGS = ("FLAT_K", "FLAT", "PROLOGUE", "BN_BWD", "STATS", "REDUCE", "HAS_RES")
+# Flags that name a launch's variant in the profiler (`launch`, `run`): the transformed-
+# operand conv loops (PROLOGUE, BN_BWD) cost 1.5-3x the plain ones in SASS, the statistics
+# epilogue (STATS) ~1600 instructions a tile; a profile should say what each costs in time.
+_VARIANT_FLAGS = ("FLAT_K", "FLAT", "PROLOGUE", "BN_BWD", "STATS", "REDUCE", "HAS_RES",
+                  "HAS_BN2", "TWO", "WRITE_DY", "WRITE_DR", "FINAL")
+# Per profiler range, the work of the launches made in it while the profiler records:
+# [launches, useful FLOPs, bytes] (`launch_work`), for `bench --profile` to divide by the
+# ranges' device time. Cleared by `reset_work`.
+_work: dict[str, list] = {}
+
+
+def kernel_name(kernel) -> str:
+    """'conv_fwd' for _conv_fwd_kernel, whether given as its autotuner or its JIT function."""
+    fn = kernel.fn  # Autotuner.fn: the JITFunction; JITFunction.fn: the Python function
+    fn = getattr(fn, "fn", fn)
+    return fn.__name__.strip("_").removesuffix("_kernel")
 
 
 def profile_label(kernel, kwargs: dict) -> str:
-    """The profiler range of a conv launch: 'fr::conv_fwd 3x3 prologue stats'."""
-    name = kernel.fn.fn.__name__.strip("_").removesuffix("_kernel")
+    """The profiler range of a launch: 'fr::conv_fwd 3x3 prologue stats', 'fr::bn_act_fwd
+    has_res'."""
+    size = [f"{kwargs['KH']}x{kwargs['KW']}"] if "KH" in kwargs else []
     flags = [flag.lower() for flag in _VARIANT_FLAGS if kwargs.get(flag)]
-    return " ".join([f"fr::{name}", f"{kwargs['KH']}x{kwargs['KW']}", *flags])
+    return " ".join([f"fr::{kernel_name(kernel)}", *size, *flags])
+
+
+def launch_work(kernel, args: tuple, kwargs: dict) -> tuple[int, int]:
+    """(useful FLOPs, bytes) of one launch. FLOPs: a conv kernel's 2 * M * C_out * C_in *
+    KH * KW (M output pixels: the forward's, its input gradient's and its weight gradient's
+    alike), the single-launch bottleneck's three convs (its recomputed halo not counted),
+    0 for the rest. Bytes: the span of every tensor argument, each storage once (the
+    compulsory traffic where each is read or written once; an argument passed but unused,
+    e.g. a stand-in pointer, counts too, so pass one that is used)."""
+    named = dict(zip(kernel.arg_names, args), **kwargs)
+    if "KH" in named:
+        flops = 2 * named["M"] * named["C_out"] * named["C_in"] * named["KH"] * named["KW"]
+    elif "C_mid" in named:
+        c, mid = named["C"], named["C_mid"]
+        flops = 2 * named["M"] * (2 * c * mid + 9 * mid * mid)
+    else:
+        flops = 0
+    spans: dict[int, tuple[int, int]] = {}  # storage -> (first byte, end) of its views
+    for t in named.values():
+        if isinstance(t, torch.Tensor) and t.numel() > 0:
+            start = t.storage_offset() * t.element_size()
+            end = start + t.element_size() * (
+                1 + sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride())))
+            key = t.untyped_storage().data_ptr()
+            first, last = spans.get(key, (start, end))
+            spans[key] = (min(first, start), max(last, end))
+    return flops, sum(end - start for start, end in spans.values())
+
+
+def reset_work() -> None:
+    """Forget the work recorded under the profiler so far."""
+    _work.clear()
+
+
+def recorded_work() -> dict[str, tuple[int, int, int]]:
+    """Per profiler range (`profile_label`): (launches, FLOPs, bytes) made while the
+    profiler recorded, since `reset_work`."""
+    return {label: tuple(w) for label, w in _work.items()}
+
+
+def _profiling() -> bool:
+    return getattr(torch.autograd.profiler, "_is_profiler_enabled", False)
+
+
+def _recorded(kernel, args: tuple, kwargs: dict):
+    """The launch's profiler range, its work added to `_work`."""
+    label = profile_label(kernel, kwargs)
+    flops, nbytes = launch_work(kernel, args, kwargs)
+    w = _work.setdefault(label, [0, 0, 0])
+    w[0], w[1], w[2] = w[0] + 1, w[1] + flops, w[2] + nbytes
+    return torch.profiler.record_function(label)
 
 
 def launch(kernel, grid, *args, **kwargs) -> None:
     """Runs an autotuned kernel (through its autotuner the first time per tuning key, then
     with the config it chose), or its plain JIT function with the pinned config; inside a
     `profile_label` range while torch's profiler records (an attribute read otherwise)."""
-    if getattr(torch.autograd.profiler, "_is_profiler_enabled", False):
-        with torch.profiler.record_function(profile_label(kernel, kwargs)):
+    if _profiling():
+        with _recorded(kernel, args, kwargs):
             _launch(kernel, grid, *args, **kwargs)
     else:
         _launch(kernel, grid, *args, **kwargs)
+
+
+def run(kernel, grid, *args, **kwargs) -> None:
+    """kernel[grid](*args, **kwargs) for a JIT kernel that is not autotuned (BN statistics,
+    elementwise), inside a `profile_label` range while torch's profiler records."""
+    if _profiling():
+        with _recorded(kernel, args, kwargs):
+            kernel[grid](*args, **kwargs)
+    else:
+        kernel[grid](*args, **kwargs)
 
 
 def _launch(kernel, grid, *args, **kwargs) -> None:
