@@ -289,7 +289,7 @@ def test_block_end_with_a_projection_shortcut_bn():
                    shift2=b2 - m2 * g2 * r2)
     assert_close(z, z_ref.float(), name="z")
     dzf = dz.float().contiguous(memory_format=cl)
-    sum_g, sum_gy, sum_gy2 = bn_bwd_reduce(dzf, z, y, m1, r1, y2, m2, r2)
+    sum_g, sum_gy, sum_gy2, _ = bn_bwd_reduce(dzf, z, y, m1, r1, y2, m2, r2)
     n = y.numel() // 8
     dy, dy2, _ = bn_act_bwd(dzf, z, y, BnBackward(g1, m1, r1, sum_g, sum_gy, n),
                             y2=y2, bn2=BnBackward(g2, m2, r2, sum_g, sum_gy2, n))

@@ -121,3 +121,24 @@ def test_dgrad_with_many_row_blocks_per_phase():
     g_in = expected * (y_in > 0)
     torch.testing.assert_close(sum_g, g_in.sum((0, 2, 3)), rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(sum_gy, (g_in * y_in).sum((0, 2, 3)), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[7], CASES[13]], ids=_case_id)
+@pytest.mark.parametrize("res_dtype", [torch.float64, torch.float32])
+def test_dgrad_adds_a_residual_gradient_in_its_epilogue(case, res_dtype):
+    """dx = conv2d_input(dy) + residual, the residual (another path's gradient at x, in any
+    float dtype, any layout) added before dx is written: on every pixel, also those of the
+    phases that get no tap (1x1 stride 2: dx = residual there); its shape is checked."""
+    skip_without_triton()
+    from fused_resnet.triton.conv_bwd import conv_dgrad
+
+    x_shape, weight, dy = _setup(case)
+    stride, padding = case[5], case[6]
+    residual = torch.randn(x_shape, dtype=res_dtype)  # NCHW: laid out by the call
+    dx = conv_dgrad(dy, weight, x_shape, stride=stride, padding=padding, residual=residual)
+    expected = conv2d_input(x_shape, weight, dy, stride=stride, padding=padding) + residual
+    assert dx.dtype == dy.dtype and dx.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(dx, expected, rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="residual must have x's shape"):
+        conv_dgrad(dy, weight, x_shape, stride=stride, padding=padding,
+                   residual=residual[:, :1])

@@ -113,3 +113,41 @@ def test_a_tile_of_one_group_is_refused():
     one = torch.ones(2, device=DEVICE)
     with pytest.raises(ValueError, match="tile must be at least 2"):
         bn_finalize(*_group_partials(y, 32), 32, 70, one, one, 1e-5, tile=1)
+
+
+@pytest.mark.parametrize("mask", ["none", "z", "scale_shift"])
+@pytest.mark.parametrize("shape, dtype", [((2, 5, 3, 3), torch.float64),
+                                          ((3, 70, 5, 7), torch.float64),
+                                          ((2, 16, 9, 9), torch.bfloat16)], ids=str)
+def test_backward_sums_and_the_shortcut_gradient_in_one_pass(shape, dtype, mask):
+    """bn_bwd_reduce: sum g and sum g * yhat per channel (g = dz * [z > 0]), and with
+    write_g g itself, in dz's dtype and bit for bit (an identity shortcut's gradient)."""
+    skip_without_triton()
+    from fused_resnet.triton.bn import bn_bwd_reduce
+
+    gen = torch.Generator().manual_seed(shape[1])
+    cl = torch.channels_last
+    dz, y, z = (torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+                .contiguous(memory_format=cl) for _ in range(3))
+    c = shape[1]
+    mean, rstd = torch.randn(c, generator=gen, dtype=torch.float64), \
+        torch.rand(c, generator=gen, dtype=torch.float64) + 0.5
+    ms, mh = torch.randn(c, generator=gen), torch.randn(c, generator=gen)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    mean, rstd = mean.to(acc), rstd.to(acc)
+    relu_mask = {"none": None, "z": z, "scale_shift": (ms.to(acc), mh.to(acc))}[mask]
+    sum_g, sum_gy, sum_gy2, g = bn_bwd_reduce(dz, relu_mask, y, mean, rstd, write_g=True)
+
+    keep = {"none": torch.ones_like(dz, dtype=torch.bool), "z": z > 0,
+            "scale_shift": y.double() * ms.to(acc)[None, :, None, None].double()
+            + mh.to(acc)[None, :, None, None].double() > 0}[mask]
+    expected_g = dz * keep
+    assert sum_gy2 is None and g.dtype == dtype and g.is_contiguous(memory_format=cl)
+    torch.testing.assert_close(g, expected_g, rtol=0, atol=0)
+    yhat = (y.double() - mean.double()[None, :, None, None]) * rstd.double()[None, :, None, None]
+    tol = 1e-10 if dtype == torch.float64 else 1e-3
+    torch.testing.assert_close(sum_g.double(), expected_g.double().sum((0, 2, 3)),
+                               rtol=tol, atol=tol)
+    torch.testing.assert_close(sum_gy.double(), (expected_g.double() * yhat).sum((0, 2, 3)),
+                               rtol=tol, atol=tol)
+    assert bn_bwd_reduce(dz, relu_mask, y, mean, rstd)[3] is None

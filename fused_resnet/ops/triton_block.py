@@ -6,8 +6,10 @@ BN + ReLU on load (its prologue), so relu(bn(y)) is never written; one elementwi
 the block. Backward recomputes relu(bn(y)) on load (wgrad prologue) and the ReLU masks from
 y * scale + shift, takes each inner BN's backward sums from the epilogue of the dgrad that
 produces its gradient, and applies the BN backward on load in the next dgrad / wgrad (1x1
-convs). The y_i are channels_last. Without `need_dx` (x needs no gradient) the dgrads of
-conv 1 and of the projection are not launched.
+convs). An identity shortcut's gradient g = dz * [z > 0] comes from the pass that reduces the
+last BN's backward sums and is added to dx in conv 1's dgrad epilogue (a projection's dgrad
+adds conv 1's dx the same way): no separate pass. The y_i are channels_last. Without
+`need_dx` (x needs no gradient) the dgrads of conv 1 and of the projection are not launched.
 
 With `config.operands() == "written"` the transformed operands are written instead, by one
 elementwise pass each, and every conv runs its plain loop: relu(bn(y)) before the next conv
@@ -104,20 +106,21 @@ def block_train_backward(
     n = [y.numel() // y.shape[1] for y in ys]
     last = main - 1
     proj = shortcut == "projection"
-    sum_g, sum_gy, sum_gyd = bn_bwd_reduce(
+    # The shortcut's gradient g = dz * [z > 0] (identity, zero_pad) is written by the pass
+    # that reduces the last BN's backward sums, which reads dz and z anyway.
+    sum_g, sum_gy, sum_gyd, g = bn_bwd_reduce(
         dz, z, ys[last], means[last], affine[last][0],
-        *((ys[-1], means[-1], affine[-1][0]) if proj else ()))
+        *((ys[-1], means[-1], affine[-1][0]) if proj else ()),
+        write_g=need_dx and shortcut in ("identity", "zero_pad"))
     dweights, dgammas, dbetas = [None] * len(weights), [None] * len(weights), [None] * len(weights)
     dgammas[last], dbetas[last] = sum_gy, sum_g
     bn = BnBackward(gammas[last], means[last], affine[last][0], sum_g, sum_gy, n[last])
-    g = dyd = None
+    dyd = None
     bnd = BnBackward(gammas[-1], means[-1], affine[-1][0], sum_g, sum_gyd, n[-1]) if proj \
         else None
     if written and proj:  # both BNs' dy in one pass over dz and z
         dy, dyd, _ = bn_act_bwd(dz, z, ys[last], bn, y2=ys[-1], bn2=bnd)
     else:
-        if need_dx and shortcut in ("identity", "zero_pad"):  # shortcut gradient g = dz*[z>0]
-            g = bn_act_bwd(dz, z, ys[last], None, write_dy=False, write_dr=True)[2]
         dy = _dy(g if g is not None else dz, None if g is not None else z, ys[last], bn,
                  weights[last].shape[2] * weights[last].shape[3], written)
     for i in range(last, -1, -1):
@@ -131,9 +134,9 @@ def block_train_backward(
         dweights[i] = conv_wgrad(inp, dy, weights[i].shape, stride=strides[i],
                                  padding=paddings[i], **prologue)
         del inp  # a written relu(bn(y)) is freed before the dgrad
-        if i == 0:
-            dx = conv_dgrad(dy, weights[0], x.shape, stride=strides[0],
-                            padding=paddings[0]) if need_dx else None
+        if i == 0:  # an identity shortcut's g added in the dgrad's epilogue
+            dx = conv_dgrad(dy, weights[0], x.shape, stride=strides[0], padding=paddings[0],
+                            residual=g if shortcut == "identity" else None) if need_dx else None
             break
         # The gradient at relu(bn_{i-1}(y_{i-1})), with that BN's backward sums from the
         # dgrad epilogue; relu(bn(y)) > 0  <=>  y * scale + shift > 0.
@@ -146,9 +149,7 @@ def block_train_backward(
         bn = BnBackward(gammas[i - 1], means[i - 1], affine[i - 1][0], s_g, s_gy, n[i - 1])
         dy = _dy(d_inp, mask, ys[i - 1], bn, weights[i - 1].shape[2] * weights[i - 1].shape[3],
                  written)
-    if need_dx and shortcut == "identity":
-        dx = dx + g
-    elif need_dx and shortcut == "zero_pad":
+    if need_dx and shortcut == "zero_pad":
         s = shortcut_stride
         dx[:, :, ::s, ::s] += g[:, : x.shape[1]]
     elif proj:
@@ -156,8 +157,9 @@ def block_train_backward(
         if dyd is None:
             dyd = BnGrad(dz, z, ys[-1], bnd)
         dweights[-1] = conv_wgrad(x, dyd, weights[-1].shape, stride=shortcut_stride, padding=0)
-        if need_dx:
-            dx = dx + conv_dgrad(dyd, weights[-1], x.shape, stride=shortcut_stride, padding=0)
+        if need_dx:  # conv 1's dx added in the projection dgrad's epilogue
+            dx = conv_dgrad(dyd, weights[-1], x.shape, stride=shortcut_stride, padding=0,
+                            residual=dx)
     return dx, dweights, dgammas, dbetas
 
 

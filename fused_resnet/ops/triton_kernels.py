@@ -53,14 +53,17 @@ def conv_bn_train_backward(
     dz = to_nhwc(dz)
     z = to_nhwc(z) if relu else None
     rstd = torch.rsqrt(var + eps)
-    sum_g, sum_gy, _ = bn_bwd_reduce(dz, z, y, mean, rstd)
+    # the residual's gradient g = dz * [z > 0] written by the pass that reads dz and z anyway
+    sum_g, sum_gy, _, dr = bn_bwd_reduce(dz, z, y, mean, rstd, write_g=has_residual)
     bn = BnBackward(bn_weight, mean, rstd, sum_g, sum_gy, y.numel() // y.shape[1])
-    # 1x1 convs read each dy element once: apply the BN backward on load, never write dy
-    # (unless `config.operands()` says "written").
-    on_load = weight.shape[2] * weight.shape[3] == 1 and operands() == "on_load"
-    dy, _, dr = bn_act_bwd(dz, z, y, bn, write_dr=has_residual, write_dy=not on_load)
-    if on_load:  # from g itself when it was written for the residual, else from (dz, z)
-        dy = BnGrad(dr, None, y, bn) if dr is not None else BnGrad(dz, z, y, bn)
+    # dy from g itself when it was written, else from (dz, z). 1x1 convs read each dy
+    # element once: the BN backward applied on load, dy never written (unless
+    # `config.operands()` says "written").
+    g, mask = (dr, None) if dr is not None else (dz, z)
+    if weight.shape[2] * weight.shape[3] == 1 and operands() == "on_load":
+        dy = BnGrad(g, mask, y, bn)
+    else:
+        dy = bn_act_bwd(g, mask, y, bn)[0]
     dx = conv_dgrad(dy, weight, x.shape, stride=stride, padding=padding) if need_dx else None
     dw = conv_wgrad(x, dy, weight.shape, stride=stride, padding=padding)
     return dx, dw, sum_gy, sum_g, dr

@@ -21,7 +21,8 @@ all; in tiles of 512 they are 196 programs, then one.)
 Backward: for z = relu?(gamma * yhat + beta + shortcut), yhat = (y - mean) * rstd, the
 gradient at the BN output is g = dz * [z > 0]; `bn_bwd_reduce` returns sum g and
 sum g * yhat per channel (= d beta, d gamma), optionally for a second BN branch y2 that
-feeds the same sum (a projection shortcut).
+feeds the same sum (a projection shortcut), and optionally g itself (an identity shortcut's
+gradient).
 """
 
 from typing import Optional
@@ -156,9 +157,9 @@ def bn_finalize(
 @triton.jit
 def _bn_bwd_reduce_kernel(
     dz_ptr, z_ptr, ms_ptr, mh_ptr, y_ptr, mean_ptr, rstd_ptr, y2_ptr, mean2_ptr, rstd2_ptr,
-    sum_g_ptr, sum_gy_ptr, sum_gy2_ptr,
+    sum_g_ptr, sum_gy_ptr, sum_gy2_ptr, g_ptr,
     M, C,
-    RELU: tl.constexpr, TWO: tl.constexpr, ACC_FP64: tl.constexpr,
+    RELU: tl.constexpr, TWO: tl.constexpr, WRITE_G: tl.constexpr, ACC_FP64: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     acc_ty = tl.float64 if ACC_FP64 else tl.float32
@@ -173,6 +174,8 @@ def _bn_bwd_reduce_kernel(
     ms = tl.load(ms_ptr + offs_c, mask=c_ok & (RELU == 2), other=0.0)[None, :]
     mh = tl.load(mh_ptr + offs_c, mask=c_ok & (RELU == 2), other=0.0)[None, :]
     g = relu_grad(g, z_ptr, offs, ok, y, ms, mh, RELU)
+    if WRITE_G:  # dz masked: exact in dz's dtype
+        tl.store(g_ptr + offs, g.to(g_ptr.dtype.element_ty), mask=ok)
     mean = tl.load(mean_ptr + offs_c, mask=c_ok, other=0.0)
     rstd = tl.load(rstd_ptr + offs_c, mask=c_ok, other=0.0)
     yhat = (y - mean[None, :]) * rstd[None, :]
@@ -190,9 +193,12 @@ def _bn_bwd_reduce_kernel(
 def bn_bwd_reduce(
     dz: Tensor, z: ReluMask, y: Tensor, mean: Tensor, rstd: Tensor,
     y2: Optional[Tensor] = None, mean2: Optional[Tensor] = None, rstd2: Optional[Tensor] = None,
-) -> tuple[Tensor, Tensor, Optional[Tensor]]:
-    """(sum g, sum g * yhat, sum g * yhat2 or None) per channel, with g = dz * [z > 0]
-    (z a ReluMask; g = dz when it is None). Tensors (N, C, H, W) channels_last; stats (C,)."""
+    *, write_g: bool = False,
+) -> tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
+    """(sum g, sum g * yhat, sum g * yhat2 or None, g or None) per channel, with
+    g = dz * [z > 0] (z a ReluMask; g = dz when it is None), g itself written (in dz's dtype)
+    with `write_g`: the gradient of an identity shortcut, in the pass that reads dz and z
+    anyway. Tensors (N, C, H, W) channels_last; stats (C,)."""
     c = y.shape[1]
     m = y.numel() // c
     acc = acc_dtype(y.dtype)
@@ -202,12 +208,13 @@ def bn_bwd_reduce(
     two = y2 is not None
     parts = [torch.empty((tiles, c), device=y.device, dtype=acc) for _ in range(3 if two else 2)]
     relu, z_arg, ms, mh = relu_mask_args(z, dz)
+    g = torch.empty_like(dz, memory_format=torch.channels_last) if write_g else None
     run(_bn_bwd_reduce_kernel, (tiles, cdiv(c, block_c)),
         dz, z_arg, ms, mh, y, mean, rstd,
         y2 if two else y, mean2 if two else mean, rstd2 if two else rstd,
-        parts[0], parts[1], parts[2] if two else parts[1], m, c,
-        RELU=relu, TWO=two, ACC_FP64=acc == torch.float64,
+        parts[0], parts[1], parts[2] if two else parts[1], g if write_g else dz, m, c,
+        RELU=relu, TWO=two, WRITE_G=write_g, ACC_FP64=acc == torch.float64,
         BLOCK_R=block_r, BLOCK_C=block_c,
     )
     sums = [p.sum(0) for p in parts]  # fixed-order reduction of the tile partials
-    return sums[0], sums[1], sums[2] if two else None
+    return sums[0], sums[1], sums[2] if two else None, g

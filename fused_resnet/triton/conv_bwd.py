@@ -109,10 +109,10 @@ def _grad_tile(dy_ptr, z_ptr, y_ptr, offs, ok, a, b, d, ms, mh,
 def _conv_dgrad_kernel(
     dy_ptr, w_ptr, dx_ptr, z_ptr, ms_ptr, mh_ptr, y_ptr,
     coef_ptr, ry_ptr, r_scale_ptr, r_shift_ptr, r_mean_ptr, r_rstd_ptr,
-    part_g_ptr, part_gy_ptr,
+    part_g_ptr, part_gy_ptr, res_ptr,
     num_groups, H, W, C_in, Ho, Wo, C_out, Hq, Wq, M, stride, padding,
     KH: tl.constexpr, KW: tl.constexpr, BN_BWD: tl.constexpr, RELU: tl.constexpr,
-    REDUCE: tl.constexpr, GROUP: tl.constexpr,
+    REDUCE: tl.constexpr, HAS_RES: tl.constexpr, GROUP: tl.constexpr,
     UPCAST: tl.constexpr, ACC_FP64: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -182,6 +182,8 @@ def _conv_dgrad_kernel(
         i += wrap.to(tl.int32)
     out = (((img * H + ih) * W + iw) * C_in)[:, None] + offs_n[None, :]
     out_ok = m_ok[:, None] & n_ok[None, :]
+    if HAS_RES:  # dx = the conv's input gradient + another path's (a shortcut's), at x
+        acc += tl.load(res_ptr + out, mask=out_ok, other=0.0).to(acc_ty)
     dx = acc.to(dx_ptr.dtype.element_ty)
     tl.store(dx_ptr + out, dx, mask=out_ok)
     if REDUCE:
@@ -230,10 +232,15 @@ class BnReduce(NamedTuple):
 
 
 def conv_dgrad(dy, weight: Tensor, x_shape: torch.Size, *, stride: int, padding: int,
-               reduce: Optional[BnReduce] = None):
+               reduce: Optional[BnReduce] = None, residual: Optional[Tensor] = None):
     """dx (N, C_in, H, W) channels_last in dy's dtype, for dy (N, C_out, Ho, Wo) given as a
-    tensor or a BnGrad (weight in any float dtype: cast while laid out); with `reduce`,
-    (dx, (sum g, sum g * yhat)) for that BN."""
+    tensor or a BnGrad (weight in any float dtype: cast while laid out); plus `residual`
+    (x's shape: the gradient reaching x by another path, a shortcut's) added in fp32 before
+    dx is rounded, so that no separate pass adds it; with `reduce`, (dx, (sum g,
+    sum g * yhat)) for that BN, of the dx written."""
+    if residual is not None and tuple(residual.shape) != tuple(x_shape):
+        raise ValueError(f"conv_dgrad: residual must have x's shape {tuple(x_shape)}, got "
+                         f"{tuple(residual.shape)}")
     grad, flags = _grad_args(dy, coefficient_rows=True)
     dy = grad[0]
     n, c_in, h, w = x_shape
@@ -252,10 +259,11 @@ def conv_dgrad(dy, weight: Tensor, x_shape: torch.Size, *, stride: int, padding:
     parts = [torch.empty((stride * stride * groups, c_in), device=dy.device, dtype=acc)
              for _ in range(2)]
     r_args = (to_nhwc(reduce.y), *reduce[1:]) if reduce is not None else (dx,) * 5
+    res = to_nhwc(residual) if residual is not None else dx  # any float dtype: read as fp32
     launch(
-        _conv_dgrad_kernel, grid, dy, w_t, dx, *grad[1:], *r_args, *parts, groups,
+        _conv_dgrad_kernel, grid, dy, w_t, dx, *grad[1:], *r_args, *parts, res, groups,
         h, w, c_in, ho, wo, c_out, hq, wq, m, stride, padding, KH=kh, KW=kw, **flags,
-        REDUCE=reduce is not None, GROUP=STAT_ROWS,
+        REDUCE=reduce is not None, HAS_RES=residual is not None, GROUP=STAT_ROWS,
         UPCAST=dy.dtype == torch.bfloat16 and interpreting(), ACC_FP64=acc == torch.float64,
         PRECISION=input_precision(dy.dtype),
     )

@@ -78,8 +78,9 @@ def profile_label(kernel, kwargs: dict) -> str:
 
 def launch_work(kernel, args: tuple, kwargs: dict) -> tuple[int, int]:
     """(useful FLOPs, bytes) of one launch. FLOPs: a conv kernel's 2 * M * C_out * C_in *
-    KH * KW (M output pixels: the forward's, its input gradient's and its weight gradient's
-    alike), the single-launch bottleneck's three convs (its recomputed halo not counted),
+    KH * KW (M: the output pixels of fwd and wgrad; dgrad's pixel slots per stride phase, as
+    many wherever the output is the input's size over the stride, as in every ResNet conv),
+    the single-launch bottleneck's three convs (its recomputed halo not counted),
     0 for the rest. Bytes: the span of every tensor argument, each storage once (the
     compulsory traffic where each is read or written once; an argument passed but unused,
     e.g. a stand-in pointer, counts too, so pass one that is used)."""
