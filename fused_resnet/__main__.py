@@ -1,4 +1,4 @@
-"""Command line: python -m fused_resnet {flops,validate,bench,train,compile} [--help]."""
+"""Command line: python -m fused_resnet {flops,validate,bench,train,compile,traffic} [--help]."""
 
 from __future__ import annotations
 
@@ -117,6 +117,37 @@ def cmd_compile(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_traffic(args: argparse.Namespace) -> int:
+    from fused_resnet.bench.hardware import device_peak
+    from fused_resnet.traffic import roofline_rows, step_counts
+
+    peak = device_peak(args.gpu)
+    if peak is None:
+        raise ValueError(f"--gpu must name a GPU of fused_resnet/bench/hardware.py's table "
+                         f"(H100, H200, A100, ...), got {args.gpu!r}")
+    if args.rows < 1:
+        raise ValueError(f"--rows must be at least 1, got {args.rows}")
+    counts = step_counts(args.arch, args.dtype, args.batch, args.mode, args.operands,
+                         args.image_size)
+    tflops = peak.tflops_for("tf32" if args.dtype == "fp32" else args.dtype)
+    rows = roofline_rows(counts, tflops, peak.tb_per_s)
+    *kinds, total = rows
+    print(f"{args.arch} {args.mode} step, batch {args.batch}, {args.dtype}, operands "
+          f"{args.operands}: Triton launches (fr::) and ATen ops (aten::), at the {peak.name}'s "
+          f"{tflops:g} TFLOP/s and {peak.tb_per_s:g} TB/s\n")
+    print(format_table(("kernel variant / op", "calls", "GFLOP", "GB", "FLOP/B", "ms at peak"),
+                       [(k, n, f"{f:.1f}", f"{b:.2f}", f"{ai:.0f}", f"{ms:.3f}")
+                        for k, n, f, b, ai, ms in kinds[:args.rows] + [total]]))
+    if len(kinds) > args.rows:
+        print(f"({len(kinds) - args.rows} more rows: --rows)")
+    by_source = {src: sum(r[3] for r in kinds if r[0].startswith(src))
+                 for src in ("fr::", "aten::")}
+    print(f"\nfloor {total[5]:.2f} ms: {total[2] / tflops:.2f} ms of FLOPs alone, "
+          f"{total[3] / peak.tb_per_s:.2f} ms of bytes alone ({by_source['fr::']:.1f} GB Triton, "
+          f"{by_source['aten::']:.1f} GB ATen)")
+    return 0
+
+
 def _common(p: argparse.ArgumentParser, arch: str = "resnet50") -> None:
     p.add_argument("--arch", default=arch, help=f"model name: {ARCH_HELP} (default {arch})")
     p.add_argument("--variant", default="v1.5", choices=("v1", "v1.5"),
@@ -193,6 +224,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="also print every build")
     p.add_argument("--out", default=None, help="write every build to this CSV file")
     p.set_defaults(func=cmd_compile)
+
+    from fused_resnet.traffic import __doc__ as traffic_doc
+
+    p = sub.add_parser("traffic", help="FLOPs and memory traffic of a fused Triton step, "
+                       "counted without a GPU, and its roofline floor on a GPU",
+                       description=traffic_doc,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", default="resnet50", help=f"model name: {ARCH_HELP}")
+    p.add_argument("--dtype", default="bf16", choices=("fp32", "bf16", "fp16"),
+                   help="autocast dtype, or fp32 (TF32 peak) (default bf16)")
+    p.add_argument("--batch", type=int, default=256, help="images (default 256)")
+    p.add_argument("--mode", default="train", choices=("train", "infer"),
+                   help="a training step (forward + backward) or inference (default train)")
+    p.add_argument("--operands", default="on_load", choices=("on_load", "written"),
+                   help="the training chain's operand mode (default on_load)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="input height = width (default 224; 32 for CIFAR nets)")
+    p.add_argument("--gpu", default="H100", help="whose peaks make the roofline (default H100)")
+    p.add_argument("--rows", type=int, default=30, help="rows printed, most costly first")
+    p.set_defaults(func=cmd_traffic)
     return parser
 
 

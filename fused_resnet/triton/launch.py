@@ -92,8 +92,14 @@ def launch_work(kernel, args: tuple, kwargs: dict) -> tuple[int, int]:
         flops = 2 * named["M"] * (2 * c * mid + 9 * mid * mid)
     else:
         flops = 0
+    return flops, tensor_spans(named.values())
+
+
+def tensor_spans(values) -> int:
+    """Bytes spanned by the tensors among `values`, each storage once: from the first byte
+    any of its views starts at to the last byte any ends at."""
     spans: dict[int, tuple[int, int]] = {}  # storage -> (first byte, end) of its views
-    for t in named.values():
+    for t in values:
         if isinstance(t, torch.Tensor) and t.numel() > 0:
             start = t.storage_offset() * t.element_size()
             end = start + t.element_size() * (
@@ -101,7 +107,7 @@ def launch_work(kernel, args: tuple, kwargs: dict) -> tuple[int, int]:
             key = t.untyped_storage().data_ptr()
             first, last = spans.get(key, (start, end))
             spans[key] = (min(first, start), max(last, end))
-    return flops, sum(end - start for start, end in spans.values())
+    return sum(end - start for start, end in spans.values())
 
 
 def reset_work() -> None:

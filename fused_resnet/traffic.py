@@ -1,0 +1,139 @@
+"""Work and memory traffic of a fused model's step, counted without a GPU.
+
+`python -m fused_resnet traffic --arch resnet50 --dtype bf16 --batch 256` runs the fused
+Triton model's training step (forward and backward) or inference call on CPU tensors with
+every Triton launch counted instead of run (`counted_launches`): per kernel variant
+(`triton.launch.profile_label`) its launches, FLOPs and bytes (`triton.launch.launch_work`:
+useful conv FLOPs; the span of each tensor argument, each storage once, i.e. the compulsory
+traffic). Beside them, the ATen ops the step runs around the kernels (`AtenTraffic`: the
+bytes of each op's tensor arguments and results; views, allocations and the package's own
+ops, whose insides are counted, left out). With a GPU's peaks (default the H100 SXM's), each
+row gets the time its FLOPs and bytes need at those peaks, max(FLOPs / FLOP/s, bytes / B/s),
+and their sum is the step's roofline floor: what a change to the kernels' traffic is worth,
+before a GPU measures it. Nothing is computed: the values the kernels would write are
+garbage, and the shapes are real.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from fused_resnet.triton.launch import tensor_spans
+
+# label -> [launches (or calls), FLOPs, bytes]
+Counts = dict[str, list]
+
+
+def _add(counts: Counts, label: str, flops: int, nbytes: int) -> None:
+    row = counts.setdefault(label, [0, 0, 0])
+    row[0], row[1], row[2] = row[0] + 1, row[1] + flops, row[2] + nbytes
+
+
+@contextlib.contextmanager
+def counted_launches() -> Iterator[Counts]:
+    """Within the block Triton launches are counted into the yielded dict (label ->
+    [launches, FLOPs, bytes]), not run, and the fused backends take CPU tensors as they do
+    under `triton.aot.compile_only`. Needs TRITON_INTERPRET unset (the interpreter would
+    also pick the interpreter's tile sizes and splits, not a GPU's)."""
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.jit import JITFunction
+
+    from fused_resnet.triton import config
+    from fused_resnet.triton.launch import launch_work, profile_label
+
+    if config.interpreting():
+        raise RuntimeError("counting launches needs TRITON_INTERPRET unset (the interpreter "
+                           "runs its own tile sizes and splits, not a GPU's)")
+    counts: Counts = {}
+    jit_run, tuner_run = JITFunction.run, Autotuner.run
+
+    def run(self, *args, grid, warmup=False, **kwargs):
+        _add(counts, profile_label(self, kwargs), *launch_work(self, args, kwargs))
+
+    def tuned_run(self, *args, grid, warmup=False, **kwargs):
+        self.best_config = None  # chose nothing: `launch` caches no config
+        _add(counts, profile_label(self, kwargs), *launch_work(self, args, kwargs))
+
+    JITFunction.run, Autotuner.run = run, tuned_run
+    config.set_compile_only(90)  # the backends' "Triton takes CUDA tensors" check lifted
+    try:
+        yield counts
+    finally:
+        config.set_compile_only(None)
+        JITFunction.run, Autotuner.run = jit_run, tuner_run
+
+
+class AtenTraffic(TorchDispatchMode):
+    """Counts the ATen ops run inside it into `counts` ("aten::<op>" -> [calls, 0, bytes of
+    their tensor arguments and results]). Views and allocations move no data and are left
+    out, as are the package's own ops (`fused_resnet::*`), whose insides come through
+    here too."""
+
+    def __init__(self, counts: Counts):
+        super().__init__()
+        self.counts = counts
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if (getattr(func, "is_view", False) or name.startswith(("empty", "new_empty"))
+                or func.namespace != "aten" or name in ("detach", "lift_fresh", "alias")):
+            return out
+        _add(self.counts, f"aten::{name}", 0, tensor_spans(tree_flatten((args, kwargs, out))[0]))
+        return out
+
+
+def step_counts(arch: str, dtype: str, batch: int, mode: str = "train",
+                operands: str = "on_load", image_size: int | None = None) -> Counts:
+    """The counts of one step of the fused Triton `arch` (a training step's forward and
+    backward, or an inference call after the first, which folds the BNs) at `batch` images,
+    autocast to `dtype` (bf16 / fp16) or fp32, with the training chain's `operands` mode."""
+    from fused_resnet.compile_check import DTYPES
+    from fused_resnet.models import build_model, is_cifar
+    from fused_resnet.triton.config import operands_mode
+
+    if mode not in ("train", "infer"):
+        raise ValueError(f"mode must be 'train' or 'infer', got {mode!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    size = image_size or (32 if is_cifar(arch) else 224)
+    torch.manual_seed(0)
+    model = build_model(arch, backend="triton").to(memory_format=torch.channels_last)
+    x = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
+    autocast = torch.autocast("cpu", dtype=DTYPES[dtype], enabled=dtype != "fp32")
+    with counted_launches() as counts, operands_mode(operands):
+        model.train(mode == "train")
+        with AtenTraffic(counts):
+            if mode == "train":
+                with autocast:
+                    out = model(x)
+                out.float().sum().backward()
+            else:  # a second call: the first folds each BN into its conv (cached after)
+                with torch.no_grad(), autocast:
+                    model(x)
+                    counts.clear()
+                    model(x)
+    return counts
+
+
+def roofline_rows(counts: Counts, tflops: float, tb_per_s: float) -> list[tuple]:
+    """(label, launches, GFLOP, GB, FLOP a byte, roofline ms) per label, slowest first, and a
+    last row "all" whose ms is the sum: the floor at `tflops` and `tb_per_s`."""
+    rows = []
+    for label, (n, flops, nbytes) in counts.items():
+        ms = max(flops / (tflops * 1e9), nbytes / (tb_per_s * 1e9))
+        rows.append((label, n, flops / 1e9, nbytes / 1e9,
+                     flops / nbytes if nbytes else 0.0, ms))
+    rows.sort(key=lambda r: -r[-1])
+    total = [sum(r[i] for r in rows) for i in (1, 2, 3)]
+    rows.append(("all", total[0], total[1], total[2],
+                 total[1] / total[2] if total[2] else 0.0, sum(r[-1] for r in rows)))
+    return rows
+

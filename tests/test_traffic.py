@@ -1,0 +1,96 @@
+"""`python -m fused_resnet traffic`: the FLOPs and bytes of a fused Triton step, its kernels
+counted instead of run. Counting needs Triton imported without TRITON_INTERPRET (which this
+test session sets when there is no GPU), so the counts come from a child process."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytest.importorskip("triton")
+
+
+def _child(code: str) -> dict:
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_counts_every_conv_flop_and_the_exact_bytes_of_a_launch():
+    """CIFAR ResNet-20, batch 2, fp32: inference counts 2 FLOPs per multiply-add of every
+    conv (`count_flops`), a training step three times that less the stem's data gradient
+    (the image needs none: not launched); the stem's folded conv moves exactly its input,
+    weight, bias and output; the ATen ops around the kernels are counted apart."""
+    out = _child("""
+        import json, torch
+        from fused_resnet.flops import count_flops
+        from fused_resnet.models import build_model
+        from fused_resnet.traffic import step_counts
+        result = {}
+        for mode in ("infer", "train"):
+            counts = step_counts("cifar_resnet20", "fp32", 2, mode)
+            result[mode] = {k: v for k, v in counts.items()}
+        rows = count_flops(build_model("cifar_resnet20"), (2, 3, 32, 32), training=False).rows
+        convs = [r.macs for r in rows if r.kind == "conv"]
+        result["conv_macs"], result["stem_macs"] = sum(convs), convs[0]
+        print(json.dumps(result))
+    """)
+    infer, train = out["infer"], out["train"]
+    flops = {mode: sum(v[1] for k, v in c.items() if k.startswith("fr::"))
+             for mode, c in (("infer", infer), ("train", train))}
+    assert flops["infer"] == 2 * out["conv_macs"]
+    assert flops["train"] == 3 * 2 * out["conv_macs"] - 2 * out["stem_macs"]
+    # the 3x3 convs over fewer than 32 channels (flattened K) without a residual: the stem
+    # (3 -> 16 at 32x32), stage 1's three conv1 (16 -> 16) and stage 2's first (16 -> 32,
+    # stride 2); each reads x, its BN-folded weight and bias and writes its output, in fp32
+    def conv(c_in, c_out, hw_in, hw_out):
+        return 4 * (2 * c_in * hw_in + c_out * c_in * 9 + c_out + 2 * c_out * hw_out)
+
+    launches, _, nbytes = infer["fr::conv_fwd 3x3 flat_k"]
+    assert launches == 5
+    assert nbytes == conv(3, 16, 1024, 1024) + 3 * conv(16, 16, 1024, 1024) \
+        + conv(16, 32, 1024, 256)
+    assert any(k.startswith("aten::") for k in train)  # the head, the loss's sum
+    # no allocation, view or fused op (whose insides are counted) among them
+    assert not any(k[6:].startswith(("empty", "detach", "view", "block_", "conv_"))
+                   for k in train if k.startswith("aten::"))
+    assert {k for k in train if k.startswith("fr::bn_bwd_reduce")}  # training kernels
+
+
+def test_cli_prints_the_table_and_the_floor():
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    run = lambda *args: subprocess.run(  # noqa: E731
+        [sys.executable, "-m", "fused_resnet", "traffic", *args], env=env,
+        capture_output=True, text=True, timeout=600)
+    proc = run("--arch", "cifar_resnet20", "--batch", "2", "--mode", "infer", "--rows", "3",
+               "--gpu", "H200")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "H200 SXM's 989.4 TFLOP/s and 4.8 TB/s" in out
+    assert out.count("| fr::") + out.count("| aten::") == 3 and "more rows: --rows" in out
+    assert "\nfloor " in out and "GB Triton" in out
+    for args, message in ((("--gpu", "Z80"), "--gpu must name a GPU"),
+                          (("--rows", "0"), "--rows must be at least 1"),
+                          (("--batch", "0"), "batch must be >= 1")):
+        proc = run("--arch", "cifar_resnet20", *args)
+        assert proc.returncode == 2 and message in proc.stderr
+
+
+def test_counting_refuses_the_interpreter():
+    """In this session TRITON_INTERPRET=1 (no GPU): the interpreter would pick its own tiles
+    and splits, so counting refuses with the reason."""
+    from fused_resnet.traffic import counted_launches
+    from fused_resnet.triton.config import interpreting
+
+    if not interpreting():
+        pytest.skip("TRITON_INTERPRET is not set here")
+    with pytest.raises(RuntimeError, match="needs TRITON_INTERPRET unset"):
+        with counted_launches():
+            pass
