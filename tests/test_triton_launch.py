@@ -157,11 +157,12 @@ def test_launches_are_profiler_ranges_named_by_variant(monkeypatch):
     conv_fwd(x, w, stride=1, padding=1)
 
 
-def test_profiled_launches_count_their_work():
-    """Under the profiler each launch adds its work to its range (`recorded_work`): a conv
+def test_launches_count_their_work_when_asked():
+    """Inside `counting_work` each launch adds its work to its range's row: a conv
     2 * M * C_out * C_in * KH * KW FLOPs, and every kernel (an elementwise one through `run`
     too) the bytes of its distinct tensor arguments, a tensor passed twice (a stand-in
-    pointer) once; nothing without the profiler. `variant_table` divides them by the time."""
+    pointer) once; outside it (even under the profiler) nothing. `variant_table` divides
+    them by the profiled time."""
     skip_without_triton()
     from torch.profiler import profile
 
@@ -175,20 +176,24 @@ def test_profiled_launches_count_their_work():
     w = torch.randn(8, 32, 3, 3)
     y, r = (torch.randn(2, 8, 5, 5).contiguous(memory_format=cl) for _ in range(2))
     v = torch.rand(8)
-    launch.reset_work()
-    with profile() as prof:
+
+    def step():
         for _ in range(2):
             conv_fwd(x, w, stride=1, padding=1)
         bn_act_fwd(y, v, v + 1, residual=r)
-    work = launch.recorded_work()
+
+    with launch.counting_work() as counted:
+        step()
     m = 2 * 5 * 5  # output pixels
     conv_bytes = 4 * (x.numel() + w.numel() + m * 8)  # x, w read, out written; fp32
-    assert work == {"fr::conv_fwd 3x3": (2, 2 * 2 * m * 8 * 32 * 9, 2 * conv_bytes),
-                    "fr::bn_act_fwd has_res": (1, 0, 4 * (3 * y.numel() + 2 * 8))}
-    conv_fwd(x, w, stride=1, padding=1)  # no profiler: nothing recorded
-    assert launch.recorded_work() == work
-    launch.reset_work()
-    assert launch.recorded_work() == {}
+    work = {"fr::conv_fwd 3x3": [2, 2 * 2 * m * 8 * 32 * 9, 2 * conv_bytes],
+            "fr::bn_act_fwd has_res": [1, 0, 4 * (3 * y.numel() + 2 * 8)]}
+    assert counted == work
+    with profile() as prof:  # not counted
+        step()
+    assert counted == work
+    with launch.counting_work() as again:  # starts from nothing
+        assert again == {}
 
     table = variant_table(prof.key_averages(), "cpu", steps=1, work=work, peak=(1.0, 1.0))
     assert "| kernel variant | launches a step | ms a step | share | TFLOP/s | GB/s | " \

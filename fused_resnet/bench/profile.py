@@ -7,7 +7,8 @@ elsewhere): the breakdown that says which kernels to work on when a target is mi
 Below it, the Triton launches by kernel and variant (`variant_table`: the conv forward with
 the BN + ReLU prologue and statistics apart from the plain one, and so on), from the ranges
 `triton.launch` opens while the profiler records, with each variant's achieved TFLOP/s and
-GB/s and, on a GPU of `bench.hardware`'s table, its share of the roofline. With `trace`,
+GB/s (its work counted in one more, unprofiled, step) and, on a GPU of `bench.hardware`'s
+table, its share of the roofline. With `trace`,
 each setting's profile is also written as a Chrome trace (every launch with its grid and the
 op that made it), `<trace>-<dtype>-<mode>-<batch>.json.gz`.
 """
@@ -22,7 +23,7 @@ from torch.profiler import ProfilerActivity, profile
 from fused_resnet.bench.hardware import device_peak
 from fused_resnet.bench.suite import SuiteConfig, _step, build_columns, column_context
 from fused_resnet.models import build_model, is_cifar
-from fused_resnet.triton.launch import recorded_work, reset_work
+from fused_resnet.triton.launch import counting_work
 
 
 def profile_column(cfg: SuiteConfig, column: str, steps: int = 3, rows: int = 25,
@@ -50,15 +51,16 @@ def profile_column(cfg: SuiteConfig, column: str, steps: int = 3, rows: int = 25
             fn = _step(model, mode, x, target, opt)
             for _ in range(max(1, cfg.warmup)):
                 fn()
+            with counting_work() as counted:  # one more step, its launches' work counted
+                fn()
+            work = {label: tuple(w) for label, w in counted.items()}
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
-            reset_work()
             with profile(activities=activities) as prof:
                 for _ in range(steps):
                     fn()
                 if dev.type == "cuda":
                     torch.cuda.synchronize(dev)
-            work = recorded_work()
         if trace:
             prof.export_chrome_trace(f"{trace}-{dtype}-{mode}-{batch}.json.gz")
         averages = prof.key_averages()
@@ -73,11 +75,11 @@ def variant_table(averages, device: str, steps: int,
                   peak: Optional[tuple[float, float]] = None) -> str:
     """The Triton launches by kernel and variant (the `fr::` ranges of `triton.launch`), by
     time per step: the profiler's own table lists each kernel once, whatever its variant.
-    With `work` (`triton.launch.recorded_work()` of the same steps) each row also gives its
-    achieved TFLOP/s (conv FLOPs) and GB/s (bytes of its tensor arguments), and with
-    `peak` = (TFLOP/s, TB/s) of the device, "% roofline": the time those FLOPs and bytes
-    need at the peaks, max(FLOPs / peak FLOP/s, bytes / peak B/s), over the time measured.
-    Empty where no Triton kernel ran."""
+    With `work` (label -> (launches, FLOPs, bytes) of one step, `triton.launch.counting_work`)
+    each row also gives its achieved TFLOP/s (conv FLOPs) and GB/s (bytes of its tensor
+    arguments), and with `peak` = (TFLOP/s, TB/s) of the device, "% roofline": the time
+    those FLOPs and bytes need at the peaks, max(FLOPs / peak FLOP/s, bytes / peak B/s),
+    over the time measured. Empty where no Triton kernel ran."""
     # the host-side ranges, whose device time is that of the kernels launched inside them
     # (on a GPU the profiler also lists each range on the device timeline, as a separate
     # entry of the same name)
@@ -108,7 +110,6 @@ def variant_table(averages, device: str, steps: int,
         row = f"| {e.key[4:]} | {e.count / steps:g} | {t:.3f} | {100 * t / everything:.1f}% |"
         if work is not None:
             _, flops, nbytes = work.get(e.key, (0, 0, 0))
-            flops, nbytes = flops / steps, nbytes / steps
             row += _rates(t, flops, nbytes, peak)
             totals = [totals[0] + t, totals[1] + flops, totals[2] + nbytes]
         lines.append(row)

@@ -2,10 +2,12 @@
 go through Triton's autotuner the first time per tuning key, then with the config it chose
 straight to the JIT function; the pinned config when one is set (`config.pin_config`,
 deterministic mode, the interpreter). Every kernel (`launch`, `run`) runs inside a profiler
-range per kernel variant while torch's profiler records, and its work (FLOPs, bytes) is
-counted per range for `bench --profile`'s achieved TFLOP/s and GB/s."""
+range per kernel variant while torch's profiler records, and inside `counting_work` its work
+(FLOPs, bytes) is counted per range, for `bench --profile`'s achieved TFLOP/s and GB/s."""
 
+import contextlib
 import threading
+from collections.abc import Iterator
 
 import torch
 
@@ -55,10 +57,12 @@ def _config_kwargs(config) -> dict:
 # epilogue (STATS) ~1600 instructions a tile; a profile should say what each costs in time.
 _VARIANT_FLAGS = ("FLAT_K", "FLAT", "PROLOGUE", "BN_BWD", "STATS", "REDUCE", "HAS_RES",
                   "HAS_BN2", "TWO", "WRITE_DY", "WRITE_DR", "FINAL")
-# Per profiler range, the work of the launches made in it while the profiler records:
-# [launches, useful FLOPs, bytes] (`launch_work`), for `bench --profile` to divide by the
-# ranges' device time. Cleared by `reset_work`.
+# Per profiler range (`profile_label`), the work of the launches made inside
+# `counting_work`: [launches, useful FLOPs, bytes] (`launch_work`), for `bench --profile` to
+# divide by the ranges' device time. Counted in a step of its own, not in the profiled ones:
+# ~20 us of Python a launch would distort a host-bound profile (batch 1).
 _work: dict[str, list] = {}
+_counting = False
 
 
 def kernel_name(kernel) -> str:
@@ -110,36 +114,42 @@ def tensor_spans(values) -> int:
     return sum(end - start for start, end in spans.values())
 
 
-def reset_work() -> None:
-    """Forget the work recorded under the profiler so far."""
+@contextlib.contextmanager
+def counting_work() -> Iterator[dict[str, list]]:
+    """Within the block every launch (`launch`, `run`) adds its work to the yielded dict:
+    label (`profile_label`) -> [launches, FLOPs, bytes] (`launch_work`)."""
+    global _counting
     _work.clear()
+    _counting = True
+    try:
+        yield _work
+    finally:
+        _counting = False
 
 
-def recorded_work() -> dict[str, tuple[int, int, int]]:
-    """Per profiler range (`profile_label`): (launches, FLOPs, bytes) made while the
-    profiler recorded, since `reset_work`."""
-    return {label: tuple(w) for label, w in _work.items()}
-
-
-def _profiling() -> bool:
-    return getattr(torch.autograd.profiler, "_is_profiler_enabled", False)
-
-
-def _recorded(kernel, args: tuple, kwargs: dict):
-    """The launch's profiler range, its work added to `_work`."""
+def _observed(kernel, args: tuple, kwargs: dict):
+    """The launch's profiler range (or a null context), its work counted if asked."""
     label = profile_label(kernel, kwargs)
-    flops, nbytes = launch_work(kernel, args, kwargs)
-    w = _work.setdefault(label, [0, 0, 0])
-    w[0], w[1], w[2] = w[0] + 1, w[1] + flops, w[2] + nbytes
-    return torch.profiler.record_function(label)
+    if _counting:
+        flops, nbytes = launch_work(kernel, args, kwargs)
+        w = _work.setdefault(label, [0, 0, 0])
+        w[0], w[1], w[2] = w[0] + 1, w[1] + flops, w[2] + nbytes
+    if getattr(torch.autograd.profiler, "_is_profiler_enabled", False):
+        return torch.profiler.record_function(label)
+    return contextlib.nullcontext()
+
+
+def _observing() -> bool:
+    return _counting or getattr(torch.autograd.profiler, "_is_profiler_enabled", False)
 
 
 def launch(kernel, grid, *args, **kwargs) -> None:
     """Runs an autotuned kernel (through its autotuner the first time per tuning key, then
     with the config it chose), or its plain JIT function with the pinned config; inside a
-    `profile_label` range while torch's profiler records (an attribute read otherwise)."""
-    if _profiling():
-        with _recorded(kernel, args, kwargs):
+    `profile_label` range while torch's profiler records, its work counted inside
+    `counting_work` (an attribute read otherwise)."""
+    if _observing():
+        with _observed(kernel, args, kwargs):
             _launch(kernel, grid, *args, **kwargs)
     else:
         _launch(kernel, grid, *args, **kwargs)
@@ -147,9 +157,9 @@ def launch(kernel, grid, *args, **kwargs) -> None:
 
 def run(kernel, grid, *args, **kwargs) -> None:
     """kernel[grid](*args, **kwargs) for a JIT kernel that is not autotuned (BN statistics,
-    elementwise), inside a `profile_label` range while torch's profiler records."""
-    if _profiling():
-        with _recorded(kernel, args, kwargs):
+    elementwise), observed as `launch` observes its kernels."""
+    if _observing():
+        with _observed(kernel, args, kwargs):
             kernel[grid](*args, **kwargs)
     else:
         kernel[grid](*args, **kwargs)
