@@ -36,36 +36,42 @@ def _add(counts: Counts, label: str, flops: int, nbytes: int) -> None:
 
 @contextlib.contextmanager
 def counted_launches() -> Iterator[Counts]:
-    """Within the block Triton launches are counted into the yielded dict (label ->
-    [launches, FLOPs, bytes]), not run, and the fused backends take CPU tensors as they do
-    under `triton.aot.compile_only`. Needs TRITON_INTERPRET unset (the interpreter would
-    also pick the interpreter's tile sizes and splits, not a GPU's)."""
+    """Within the block Triton launches are not run but counted into the yielded dict (label
+    -> [launches, FLOPs, bytes], `triton.launch.counting_work`), and the fused backends take
+    CPU tensors as they do under `triton.aot.compile_only`. Every launch must go through
+    `triton.launch` (`launch`, `run`): one that does not is an error on leaving the block
+    (it would be missing from the counts, and from a profile's variant table). Needs
+    TRITON_INTERPRET unset (the interpreter picks its own tile sizes and splits, not a
+    GPU's)."""
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.jit import JITFunction
 
     from fused_resnet.triton import config
-    from fused_resnet.triton.launch import launch_work, profile_label
+    from fused_resnet.triton.launch import counting_work
 
     if config.interpreting():
         raise RuntimeError("counting launches needs TRITON_INTERPRET unset (the interpreter "
                            "runs its own tile sizes and splits, not a GPU's)")
-    counts: Counts = {}
+    reached = [0]  # launches that got to Triton
     jit_run, tuner_run = JITFunction.run, Autotuner.run
 
-    def run(self, *args, grid, warmup=False, **kwargs):
-        _add(counts, profile_label(self, kwargs), *launch_work(self, args, kwargs))
+    def skip(self, *args, grid, warmup=False, **kwargs):
+        reached[0] += 1
+        if isinstance(self, Autotuner):
+            self.best_config = None  # chose nothing: `launch` caches no config
 
-    def tuned_run(self, *args, grid, warmup=False, **kwargs):
-        self.best_config = None  # chose nothing: `launch` caches no config
-        _add(counts, profile_label(self, kwargs), *launch_work(self, args, kwargs))
-
-    JITFunction.run, Autotuner.run = run, tuned_run
+    JITFunction.run = Autotuner.run = skip
     config.set_compile_only(90)  # the backends' "Triton takes CUDA tensors" check lifted
     try:
-        yield counts
+        with counting_work() as counts:
+            yield counts
     finally:
         config.set_compile_only(None)
         JITFunction.run, Autotuner.run = jit_run, tuner_run
+    counted = sum(row[0] for label, row in counts.items() if label.startswith("fr::"))
+    if counted != reached[0]:
+        raise RuntimeError(f"{reached[0] - counted} Triton launches bypassed triton.launch "
+                           "(launch / run): they are not counted")
 
 
 class AtenTraffic(TorchDispatchMode):
@@ -107,20 +113,24 @@ def step_counts(arch: str, dtype: str, batch: int, mode: str = "train",
     torch.manual_seed(0)
     model = build_model(arch, backend="triton").to(memory_format=torch.channels_last)
     x = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
-    autocast = torch.autocast("cpu", dtype=DTYPES[dtype], enabled=dtype != "fp32")
-    with counted_launches() as counts, operands_mode(operands):
-        model.train(mode == "train")
-        with AtenTraffic(counts):
-            if mode == "train":
-                with autocast:
-                    out = model(x)
-                out.float().sum().backward()
-            else:  # a second call: the first folds each BN into its conv (cached after)
-                with torch.no_grad(), autocast:
-                    model(x)
-                    counts.clear()
-                    model(x)
-    return counts
+    model.train(mode == "train")
+
+    def step() -> None:
+        autocast = torch.autocast("cpu", dtype=DTYPES[dtype], enabled=dtype != "fp32")
+        if mode == "train":
+            with autocast:
+                out = model(x)
+            out.float().sum().backward()
+        else:
+            with torch.no_grad(), autocast:
+                model(x)
+
+    if mode == "infer":  # uncounted: the first call folds each BN into its conv (cached)
+        with counted_launches():
+            step()
+    with counted_launches() as counts, operands_mode(operands), AtenTraffic(counts):
+        step()
+    return dict(counts)
 
 
 def roofline_rows(counts: Counts, tflops: float, tb_per_s: float) -> list[tuple]:

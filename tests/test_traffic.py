@@ -63,6 +63,32 @@ def test_counts_every_conv_flop_and_the_exact_bytes_of_a_launch():
     assert {k for k in train if k.startswith("fr::bn_bwd_reduce")}  # training kernels
 
 
+def test_a_launch_around_triton_launch_is_an_error():
+    """A kernel launched straight through Triton, not `triton.launch.run`, would be missing
+    from the counts (and from a profile's variant table): counting says so."""
+    out = _child("""
+        import json, torch
+        from fused_resnet.traffic import counted_launches
+        from fused_resnet.triton.eltwise import _bn_act_fwd_kernel, bn_act_fwd
+        y = torch.randn(2, 8, 4, 4).contiguous(memory_format=torch.channels_last)
+        v = torch.ones(8)
+        with counted_launches() as counts:
+            bn_act_fwd(y, v, v)
+        result = {"through run": {k: c[0] for k, c in counts.items()}}
+        try:
+            with counted_launches():
+                _bn_act_fwd_kernel[(1,)](y, v, v, y, y, v, v, y, 32, 8, HAS_RES=False,
+                                         HAS_BN2=False, RELU=True, ACC_FP64=False,
+                                         BLOCK_R=4, BLOCK_C=8)
+        except RuntimeError as exc:
+            result["error"] = str(exc)
+        print(json.dumps(result))
+    """)
+    assert out["through run"] == {"fr::bn_act_fwd": 1}
+    assert out["error"] == "1 Triton launches bypassed triton.launch (launch / run): they " \
+                           "are not counted"
+
+
 def test_cli_prints_the_table_and_the_floor():
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
