@@ -106,12 +106,14 @@ def block_train_backward(
     n = [y.numel() // y.shape[1] for y in ys]
     last = main - 1
     proj = shortcut == "projection"
-    # The shortcut's gradient g = dz * [z > 0] (identity, zero_pad) is written by the pass
-    # that reduces the last BN's backward sums, which reads dz and z anyway.
+    # g = dz * [z > 0] is written by the pass that reduces the last BN's backward sums (it
+    # reads dz and z anyway) where it is the shortcut's gradient (identity, zero_pad), and
+    # where the two convs of each BN's backward then read g instead of dz and z on load (a
+    # projection with the operands on load: 4 reads of dz and z -> one write, 4 reads of g).
     sum_g, sum_gy, sum_gyd, g = bn_bwd_reduce(
         dz, z, ys[last], means[last], affine[last][0],
         *((ys[-1], means[-1], affine[-1][0]) if proj else ()),
-        write_g=need_dx and shortcut in ("identity", "zero_pad"))
+        write_g=(need_dx and shortcut in ("identity", "zero_pad")) or (proj and not written))
     dweights, dgammas, dbetas = [None] * len(weights), [None] * len(weights), [None] * len(weights)
     dgammas[last], dbetas[last] = sum_gy, sum_g
     bn = BnBackward(gammas[last], means[last], affine[last][0], sum_g, sum_gy, n[last])
@@ -155,7 +157,7 @@ def block_train_backward(
     elif proj:
         dgammas[-1], dbetas[-1] = sum_gyd, sum_g.clone()  # both BNs feed the same sum
         if dyd is None:
-            dyd = BnGrad(dz, z, ys[-1], bnd)
+            dyd = BnGrad(g, None, ys[-1], bnd)
         dweights[-1] = conv_wgrad(x, dyd, weights[-1].shape, stride=shortcut_stride, padding=0)
         if need_dx:  # conv 1's dx added in the projection dgrad's epilogue
             dx = conv_dgrad(dyd, weights[-1], x.shape, stride=shortcut_stride, padding=0,

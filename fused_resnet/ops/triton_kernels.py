@@ -53,20 +53,19 @@ def conv_bn_train_backward(
     dz = to_nhwc(dz)
     z = to_nhwc(z) if relu else None
     rstd = torch.rsqrt(var + eps)
-    # the residual's gradient g = dz * [z > 0] written by the pass that reads dz and z anyway
-    sum_g, sum_gy, _, dr = bn_bwd_reduce(dz, z, y, mean, rstd, write_g=has_residual)
+    # 1x1 convs read each dy element once: the BN backward applied on load by both the dgrad
+    # and the wgrad, dy never written (unless `config.operands()` says "written"). g =
+    # dz * [z > 0] is written by the pass that reduces the BN's sums (it reads dz and z
+    # anyway) for the residual's gradient, and for two on-load convs to read instead of dz, z.
+    on_load = weight.shape[2] * weight.shape[3] == 1 and operands() == "on_load"
+    sum_g, sum_gy, _, g = bn_bwd_reduce(dz, z, y, mean, rstd,
+                                        write_g=has_residual or (on_load and z is not None))
     bn = BnBackward(bn_weight, mean, rstd, sum_g, sum_gy, y.numel() // y.shape[1])
-    # dy from g itself when it was written, else from (dz, z). 1x1 convs read each dy
-    # element once: the BN backward applied on load, dy never written (unless
-    # `config.operands()` says "written").
-    g, mask = (dr, None) if dr is not None else (dz, z)
-    if weight.shape[2] * weight.shape[3] == 1 and operands() == "on_load":
-        dy = BnGrad(g, mask, y, bn)
-    else:
-        dy = bn_act_bwd(g, mask, y, bn)[0]
+    g_args = (g, None) if g is not None else (dz, z)
+    dy = BnGrad(*g_args, y, bn) if on_load else bn_act_bwd(*g_args, y, bn)[0]
     dx = conv_dgrad(dy, weight, x.shape, stride=stride, padding=padding) if need_dx else None
     dw = conv_wgrad(x, dy, weight.shape, stride=stride, padding=padding)
-    return dx, dw, sum_gy, sum_g, dr
+    return dx, dw, sum_gy, sum_g, g if has_residual else None
 
 
 def conv_bias_act(
