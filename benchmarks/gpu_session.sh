@@ -7,9 +7,10 @@
 #           (ResNet-50 in WARM_DTYPES, batch 256 and 1, training in both operand modes, every
 #           autotuner config) compiled in parallel into Triton's cache, so that model /
 #           blocks do not compile one by one
-#   profile torch.profiler's kernel table (and the Triton conv launches by variant) of fused
-#           Triton ResNet-50, bf16 training at batch 256 and latency at batch 1 (where the
-#           time goes), and the training step's trace
+#   profile torch.profiler's kernel table (and every Triton launch by kernel and variant,
+#           with its achieved TFLOP/s, GB/s and % of the roofline) of fused Triton ResNet-50,
+#           bf16 training at batch 256 and latency at batch 1 (where the time goes), and the
+#           training step's trace
 #   tests   pytest -m "gpu and not slow" (Triton compiled, _C CUDA, peak memory, compile),
 #           over XDIST_WORKERS (16) pytest-xdist workers where xdist is installed (compiling is
 #           the slow part); each failure is printed as it happens, so a cut-off run keeps them
