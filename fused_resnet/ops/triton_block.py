@@ -8,7 +8,8 @@ y * scale + shift, takes each inner BN's backward sums from the epilogue of the 
 produces its gradient, and applies the BN backward on load in the next dgrad / wgrad (1x1
 convs). An identity shortcut's gradient g = dz * [z > 0] comes from the pass that reduces the
 last BN's backward sums and is added to dx in conv 1's dgrad epilogue (a projection's dgrad
-adds conv 1's dx the same way): no separate pass. The y_i are channels_last. Without
+adds conv 1's dx the same way): no separate pass; with a projection that pass writes g for
+the on-load convs of both BNs to read. The y_i are channels_last. Without
 `need_dx` (x needs no gradient) the dgrads of conv 1 and of the projection are not launched.
 
 With `config.operands() == "written"` the transformed operands are written instead, by one

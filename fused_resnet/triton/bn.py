@@ -21,8 +21,8 @@ all; in tiles of 512 they are 196 programs, then one.)
 Backward: for z = relu?(gamma * yhat + beta + shortcut), yhat = (y - mean) * rstd, the
 gradient at the BN output is g = dz * [z > 0]; `bn_bwd_reduce` returns sum g and
 sum g * yhat per channel (= d beta, d gamma), optionally for a second BN branch y2 that
-feeds the same sum (a projection shortcut), and optionally g itself (an identity shortcut's
-gradient).
+feeds the same sum (a projection shortcut), and optionally g itself: a shortcut's gradient,
+or what the convs of the BN backward then read on load instead of dz and z.
 """
 
 from typing import Optional
@@ -197,8 +197,8 @@ def bn_bwd_reduce(
 ) -> tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
     """(sum g, sum g * yhat, sum g * yhat2 or None, g or None) per channel, with
     g = dz * [z > 0] (z a ReluMask; g = dz when it is None), g itself written (in dz's dtype)
-    with `write_g`: the gradient of an identity shortcut, in the pass that reads dz and z
-    anyway. Tensors (N, C, H, W) channels_last; stats (C,)."""
+    with `write_g`, in the pass that reads dz and z anyway (a shortcut's gradient; one tensor
+    for later passes to read instead of two). Tensors (N, C, H, W) channels_last; stats (C,)."""
     c = y.shape[1]
     m = y.numel() // c
     acc = acc_dtype(y.dtype)
