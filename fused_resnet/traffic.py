@@ -43,8 +43,12 @@ def counted_launches() -> Iterator[Counts]:
     (it would be missing from the counts, and from a profile's variant table). Needs
     TRITON_INTERPRET unset (the interpreter picks its own tile sizes and splits, not a
     GPU's)."""
-    from triton.runtime.autotuner import Autotuner
-    from triton.runtime.jit import JITFunction
+    try:
+        from triton.runtime.autotuner import Autotuner
+        from triton.runtime.jit import JITFunction
+    except ImportError as exc:
+        raise RuntimeError(f"counting launches needs Triton (pip install triton): {exc}") \
+            from exc
 
     from fused_resnet.triton import config
     from fused_resnet.triton.launch import counting_work

@@ -120,3 +120,12 @@ def test_counting_refuses_the_interpreter():
     with pytest.raises(RuntimeError, match="needs TRITON_INTERPRET unset"):
         with counted_launches():
             pass
+
+
+def test_without_triton_the_command_says_so():
+    code = ("import sys; sys.modules['triton'] = None; from fused_resnet.__main__ import main; "
+            "sys.exit(main(['traffic', '--arch', 'cifar_resnet20', '--batch', '1']))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2
+    assert "error: counting launches needs Triton (pip install triton)" in proc.stderr
