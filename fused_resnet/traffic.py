@@ -113,6 +113,8 @@ def step_counts(arch: str, dtype: str, batch: int, mode: str = "train",
         raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
+    if image_size is not None and image_size < 1:
+        raise ValueError(f"image_size must be >= 1, got {image_size}")
     size = image_size or (32 if is_cifar(arch) else 224)
     torch.manual_seed(0)
     model = build_model(arch, backend="triton").to(memory_format=torch.channels_last)
