@@ -23,15 +23,11 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from fused_resnet.triton.launch import tensor_spans
+from fused_resnet.bench.hardware import roofline_ms
+from fused_resnet.triton.launch import add_work, tensor_spans
 
 # label -> [launches (or calls), FLOPs, bytes]
 Counts = dict[str, list]
-
-
-def _add(counts: Counts, label: str, flops: int, nbytes: int) -> None:
-    row = counts.setdefault(label, [0, 0, 0])
-    row[0], row[1], row[2] = row[0] + 1, row[1] + flops, row[2] + nbytes
 
 
 @contextlib.contextmanager
@@ -94,7 +90,8 @@ class AtenTraffic(TorchDispatchMode):
         if (getattr(func, "is_view", False) or name.startswith(("empty", "new_empty"))
                 or func.namespace != "aten" or name in ("detach", "lift_fresh", "alias")):
             return out
-        _add(self.counts, f"aten::{name}", 0, tensor_spans(tree_flatten((args, kwargs, out))[0]))
+        add_work(self.counts, f"aten::{name}", 0,
+                 tensor_spans(tree_flatten((args, kwargs, out))[0]))
         return out
 
 
@@ -144,7 +141,7 @@ def roofline_rows(counts: Counts, tflops: float, tb_per_s: float) -> list[tuple]
     last row "all" whose ms is the sum: the floor at `tflops` and `tb_per_s`."""
     rows = []
     for label, (n, flops, nbytes) in counts.items():
-        ms = max(flops / (tflops * 1e9), nbytes / (tb_per_s * 1e9))
+        ms = roofline_ms(flops, nbytes, tflops, tb_per_s)
         rows.append((label, n, flops / 1e9, nbytes / 1e9,
                      flops / nbytes if nbytes else 0.0, ms))
     rows.sort(key=lambda r: -r[-1])

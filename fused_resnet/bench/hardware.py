@@ -64,6 +64,12 @@ def datasheet_tflops(device_name: str, dtype: str) -> Optional[float]:
     return None if peak is None else peak.tflops_for(dtype)
 
 
+def roofline_ms(flops: float, nbytes: float, tflops: float, tb_per_s: float) -> float:
+    """The least time (ms) for `flops` and `nbytes` at peaks of `tflops` TFLOP/s and
+    `tb_per_s` TB/s: max(flops / FLOP/s, bytes / B/s), the roofline's bound."""
+    return max(flops / (tflops * 1e9), nbytes / (tb_per_s * 1e9))
+
+
 def percent_of_peak(tflops: float, device_name: str, dtype: str) -> Optional[float]:
     """Achieved `tflops` as a percentage of the device's dense peak for `dtype`."""
     peak = datasheet_tflops(device_name, dtype)

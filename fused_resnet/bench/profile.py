@@ -8,9 +8,9 @@ Below it, the Triton launches by kernel and variant (`variant_table`: the conv f
 the BN + ReLU prologue and statistics apart from the plain one, and so on), from the ranges
 `triton.launch` opens while the profiler records, with each variant's achieved TFLOP/s and
 GB/s (its work counted in one more, unprofiled, step) and, on a GPU of `bench.hardware`'s
-table, its share of the roofline. With `trace`,
-each setting's profile is also written as a Chrome trace (every launch with its grid and the
-op that made it), `<trace>-<dtype>-<mode>-<batch>.json.gz`.
+table, its share of the roofline. With `trace`, each setting's profile is also written as a
+Chrome trace (every launch with its grid and the op that made it),
+`<trace>-<dtype>-<mode>-<batch>.json.gz`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from fused_resnet.bench.hardware import device_peak
+from fused_resnet.bench.hardware import device_peak, roofline_ms
 from fused_resnet.bench.suite import SuiteConfig, _step, build_columns, column_context
 from fused_resnet.models import build_model, is_cifar
 from fused_resnet.triton.launch import counting_work
@@ -125,6 +125,5 @@ def _rates(ms: float, flops: float, nbytes: float, peak: Optional[tuple[float, f
     tflops = f"{flops / ms / 1e9:.1f}" if flops else "-"
     roofline = "-"
     if peak is not None:
-        bound_ms = max(flops / (peak[0] * 1e9), nbytes / (peak[1] * 1e9))
-        roofline = f"{100 * bound_ms / ms:.0f}%"
+        roofline = f"{100 * roofline_ms(flops, nbytes, *peak) / ms:.0f}%"
     return f" {tflops} | {nbytes / ms / 1e6:.0f} | {roofline} |"

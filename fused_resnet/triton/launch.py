@@ -114,6 +114,12 @@ def tensor_spans(values) -> int:
     return sum(end - start for start, end in spans.values())
 
 
+def add_work(counts: dict[str, list], label: str, flops: int, nbytes: int) -> None:
+    """One more call of `label` doing `flops` and `nbytes`, in counts' [calls, FLOPs, bytes]."""
+    row = counts.setdefault(label, [0, 0, 0])
+    row[0], row[1], row[2] = row[0] + 1, row[1] + flops, row[2] + nbytes
+
+
 @contextlib.contextmanager
 def counting_work() -> Iterator[dict[str, list]]:
     """Within the block every launch (`launch`, `run`) adds its work to the yielded dict:
@@ -131,9 +137,7 @@ def _observed(kernel, args: tuple, kwargs: dict):
     """The launch's profiler range (or a null context), its work counted if asked."""
     label = profile_label(kernel, kwargs)
     if _counting:
-        flops, nbytes = launch_work(kernel, args, kwargs)
-        w = _work.setdefault(label, [0, 0, 0])
-        w[0], w[1], w[2] = w[0] + 1, w[1] + flops, w[2] + nbytes
+        add_work(_work, label, *launch_work(kernel, args, kwargs))
     if getattr(torch.autograd.profiler, "_is_profiler_enabled", False):
         return torch.profiler.record_function(label)
     return contextlib.nullcontext()
