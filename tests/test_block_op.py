@@ -1,6 +1,7 @@
 """The block op `fused_resnet::block_train` on both kernel sets: opcheck (schema, fake kernel,
-autograd registration, both ops), what autograd saves (x, z, the raw conv outputs and the
-statistics, never an activated tensor) and the activation memory that saves."""
+autograd registration, both ops), what autograd saves (x, z or its ReLU mask as bits, the raw
+conv outputs and the statistics, never an activated tensor) and the activation memory that
+saves."""
 
 import copy
 import os
@@ -16,6 +17,11 @@ import fused_resnet as fr
 from fused_resnet.backend import unavailable_reason
 from fused_resnet.bench.timing import activation_bytes
 from fused_resnet.testing import assert_close, compare_norm
+
+try:
+    from fused_resnet.triton.eltwise import pack_relu_bits
+except ImportError:  # no Triton: only the native kernels run
+    pack_relu_bits = None
 
 OPS = torch.ops.fused_resnet
 
@@ -59,12 +65,16 @@ def test_opcheck(name, kernels, need_dx):
     torch.library.opcheck(OPS.block_train.default, args,
                           test_utils=("test_schema", "test_faketensor",
                                       "test_autograd_registration"))
-    z, ys, means, _, affines = OPS.block_train(*args)
+    z, mask, ys, means, _, affines = OPS.block_train(*args)
+    if kernels == "triton":  # [z > 0] as bits, which backward reads instead of z
+        assert torch.equal(mask, pack_relu_bits(z.detach()))
+    else:  # the mask is read from z
+        assert mask.numel() == 0
     x, weights, gammas, betas, *rest = (a.detach() if isinstance(a, torch.Tensor) else a
                                         for a in args)
     detach = [[t.detach() for t in ts] for ts in (weights, gammas, betas)]
-    bwd_args = (torch.randn_like(z), x, z.detach(), *detach, ys, means, affines, *rest,
-                need_dx)
+    bwd_args = (torch.randn_like(z), x, mask if mask.numel() else z.detach(), *detach, ys,
+                means, affines, *rest, need_dx)
     torch.library.opcheck(OPS.block_train_backward.default, bwd_args,
                           test_utils=("test_schema", "test_faketensor"))
     dx = OPS.block_train_backward(*bwd_args)[0]
@@ -83,7 +93,8 @@ def test_eager_twin_matches_the_custom_op(kernels):
     for call in (OPS.block_train, block_train_call):
         leaves = [args[0].detach().clone().requires_grad_()] + [
             [t.detach().clone().requires_grad_() for t in ts] for ts in args[1:4]]
-        z, ys, means, variances, affines = call(*leaves, *args[4:], kernels)
+        z, *rest = call(*leaves, *args[4:], kernels)
+        ys, means, variances, affines = rest[-4:]  # the op's ReLU mask before them
         z.backward(torch.linspace(-1, 1, z.numel(), device=DEVICE).view_as(z))
         grads = [leaves[0].grad] + [t.grad for ts in leaves[1:] for t in ts]
         results.append((z, *ys, *means, *variances, *affines, *grads))
@@ -148,14 +159,17 @@ def test_block_saves_no_activated_tensor(backend):
     """Eager keeps x, y1, a1, y2, a2, y3 and z (conv inputs, BN inputs, ReLU outputs); the
     fused block keeps x, y1, y2, y3, z: exactly a1 and a2 fewer bytes. Per BN of C channels
     eager keeps the batch mean and 1 / std (2C floats), the fused block the mean and the
-    (rstd, scale, shift) its forward applied (4C)."""
+    (rstd, scale, shift) its forward applied (4C). On Triton the block keeps z's ReLU mask
+    as bits (one int32 word per pixel and 32 channels) instead of z."""
     eager, fused = _block_pair(backend)
     x = torch.randn(2, 32, 6, 6, device=DEVICE)
     a_bytes = 2 * (2 * 8 * 6 * 6 * 4)  # a1 and a2: (2, 8, 6, 6) fp32 each
     stat_bytes = 2 * (8 + 8 + 32) * 4  # 2C more fp32 per BN
+    z_bytes = 2 * 32 * 6 * 6 * 4 - 2 * 6 * 6 * 4 if backend == "triton" else 0  # z -> bits
     eager_bytes = activation_bytes(eager, lambda: eager(x))
     fused_bytes = activation_bytes(fused, lambda: fused(x))
-    assert fused_bytes == eager_bytes - a_bytes + stat_bytes, (fused_bytes, eager_bytes)
+    assert fused_bytes == eager_bytes - a_bytes + stat_bytes - z_bytes, (fused_bytes,
+                                                                         eager_bytes)
 
 
 def test_resnet50_on_the_native_backend_saves_less_activation_memory():

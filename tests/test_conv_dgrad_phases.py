@@ -142,3 +142,22 @@ def test_dgrad_adds_a_residual_gradient_in_its_epilogue(case, res_dtype):
     with pytest.raises(ValueError, match="residual must have x's shape"):
         conv_dgrad(dy, weight, x_shape, stride=stride, padding=padding,
                    residual=residual[:, :1])
+
+
+def test_the_conv_loops_refuse_a_relu_mask_given_as_bits():
+    """The conv loops read [z > 0] from z or recompute it from (scale, shift); the packed
+    bits (`eltwise.bn_act_fwd_bits`) are for the elementwise kernels: a BnGrad holding them
+    is an error naming the field, not a mask silently skipped."""
+    skip_without_triton()
+    from fused_resnet.triton.conv_bwd import BnGrad, conv_dgrad, conv_wgrad
+    from fused_resnet.triton.eltwise import BnBackward, pack_relu_bits
+
+    x_shape, weight, dy = _setup(CASES[1])
+    c = dy.shape[1]
+    ones = torch.ones(c, dtype=dy.dtype)
+    grad = BnGrad(dy, pack_relu_bits(dy), dy, BnBackward(ones, ones, ones, ones, ones, 4))
+    with pytest.raises(ValueError, match="BnGrad.z: the conv loops take the ReLU mask"):
+        conv_dgrad(grad, weight, x_shape, stride=CASES[1][5], padding=CASES[1][6])
+    with pytest.raises(ValueError, match="BnGrad.z: the conv loops take the ReLU mask"):
+        conv_wgrad(torch.randn(x_shape, dtype=dy.dtype), grad, weight.shape,
+                   stride=CASES[1][5], padding=CASES[1][6])

@@ -115,7 +115,7 @@ def test_a_tile_of_one_group_is_refused():
         bn_finalize(*_group_partials(y, 32), 32, 70, one, one, 1e-5, tile=1)
 
 
-@pytest.mark.parametrize("mask", ["none", "z", "scale_shift"])
+@pytest.mark.parametrize("mask", ["none", "z", "scale_shift", "bits"])
 @pytest.mark.parametrize("shape, dtype", [((2, 5, 3, 3), torch.float64),
                                           ((3, 70, 5, 7), torch.float64),
                                           ((2, 16, 9, 9), torch.bfloat16)], ids=str)
@@ -124,6 +124,7 @@ def test_backward_sums_and_the_shortcut_gradient_in_one_pass(shape, dtype, mask)
     write_g g itself, in dz's dtype and bit for bit (an identity shortcut's gradient)."""
     skip_without_triton()
     from fused_resnet.triton.bn import bn_bwd_reduce
+    from fused_resnet.triton.eltwise import pack_relu_bits
 
     gen = torch.Generator().manual_seed(shape[1])
     cl = torch.channels_last
@@ -135,10 +136,11 @@ def test_backward_sums_and_the_shortcut_gradient_in_one_pass(shape, dtype, mask)
     ms, mh = torch.randn(c, generator=gen), torch.randn(c, generator=gen)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     mean, rstd = mean.to(acc), rstd.to(acc)
-    relu_mask = {"none": None, "z": z, "scale_shift": (ms.to(acc), mh.to(acc))}[mask]
+    relu_mask = {"none": None, "z": z, "scale_shift": (ms.to(acc), mh.to(acc)),
+                 "bits": pack_relu_bits(z)}[mask]
     sum_g, sum_gy, sum_gy2, g = bn_bwd_reduce(dz, relu_mask, y, mean, rstd, write_g=True)
 
-    keep = {"none": torch.ones_like(dz, dtype=torch.bool), "z": z > 0,
+    keep = {"none": torch.ones_like(dz, dtype=torch.bool), "z": z > 0, "bits": z > 0,
             "scale_shift": y.double() * ms.to(acc)[None, :, None, None].double()
             + mh.to(acc)[None, :, None, None].double() > 0}[mask]
     expected_g = dz * keep

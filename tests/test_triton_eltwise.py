@@ -51,13 +51,13 @@ def test_bn_act_fwd(shape, shortcut):
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize("mask", ["none", "z", "scale_shift"])
+@pytest.mark.parametrize("mask", ["none", "z", "scale_shift", "bits"])
 def test_bn_act_bwd(shape, mask):
     """dy = a * g + b * y + d and dy2 likewise for a second BN, dr = g, with g = dz * [z > 0]
     and (a, b, d) those of `reference.bn_backward_affine`."""
     skip_without_triton()
     from fused_resnet.reference import bn_backward_affine
-    from fused_resnet.triton.eltwise import BnBackward, bn_act_bwd
+    from fused_resnet.triton.eltwise import BnBackward, bn_act_bwd, pack_relu_bits
 
     gen = torch.Generator().manual_seed(7 * shape[1])
     c = shape[1]
@@ -67,11 +67,11 @@ def test_bn_act_bwd(shape, mask):
     sums = [_vec(c, gen) * m for _ in range(3)]
     bn = BnBackward(_vec(c, gen), _vec(c, gen), _vec(c, gen, 0.5), sums[0], sums[1], m)
     bn2 = BnBackward(_vec(c, gen), _vec(c, gen), _vec(c, gen, 0.5), sums[0], sums[2], m)
-    relu_mask = {"none": None, "z": z, "scale_shift": (ms, mh)}[mask]
+    relu_mask = {"none": None, "z": z, "scale_shift": (ms, mh), "bits": pack_relu_bits(z)}[mask]
     dy, dy2, dr = bn_act_bwd(dz, relu_mask, y, bn, y2=y2, bn2=bn2, write_dr=True)
 
     g = dz
-    if mask == "z":
+    if mask in ("z", "bits"):
         g = dz * (z > 0)
     elif mask == "scale_shift":
         g = dz * (y * _per_channel(ms) + _per_channel(mh) > 0)
@@ -80,6 +80,38 @@ def test_bn_act_bwd(shape, mask):
         assert got.is_contiguous(memory_format=CL)
         torch.testing.assert_close(got, a_ * g + b_ * t + d_, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(dr, g, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("shape", SHAPES + [(2, 40, 3, 1), (1, 96, 2, 2)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16], ids=str)
+def test_bn_act_fwd_bits_packs_the_relu_mask_of_the_stored_z(shape, dtype):
+    """bn_act_fwd_bits: z as bn_act_fwd writes it, and [z > 0] of that stored z packed 32
+    channels a word (`pack_relu_bits`; channel counts below 32, ragged, over several words and
+    tiles). NaN passes, -0 and -inf do not, as threshold_backward decides at z; a shift of
+    1e-9 makes y = 0 positive in fp32 but 0 once stored in fp16: masked there."""
+    skip_without_triton()
+    from fused_resnet.triton.eltwise import bn_act_fwd, bn_act_fwd_bits, pack_relu_bits
+
+    gen = torch.Generator().manual_seed(3 * shape[1])
+    c = shape[1]
+    y = _rand(shape, gen).to(dtype)
+    flat = y.permute(0, 2, 3, 1).reshape(-1)  # a view (y is channels_last): writes land in y
+    special = [float("nan"), -0.0, float("-inf"), 0.0, 5.0, -3.0]
+    flat[0:7 * len(special):7] = torch.tensor(special, dtype=dtype, device=DEVICE)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    scale = (_vec(c, gen).abs() + 0.5).to(acc)
+    shift = torch.full((c,), 1e-9, dtype=acc, device=DEVICE)
+    z, bits = bn_act_fwd_bits(y, scale, shift)
+    torch.testing.assert_close(z, bn_act_fwd(y, scale, shift, relu=True), rtol=0, atol=0,
+                               equal_nan=True)
+    m = shape[0] * shape[2] * shape[3]
+    assert bits.shape == (m, (c + 31) // 32) and bits.dtype == torch.int32
+    assert torch.equal(bits, pack_relu_bits(z))
+    # the packing itself: unpacked, bit c % 32 of word c // 32 is [z > 0] (NaN passes)
+    words = bits.cpu().to(torch.int64) % 2**32
+    unpacked = (words[:, torch.arange(c) // 32] >> (torch.arange(c) % 32)) & 1
+    keep = ~(z.permute(0, 2, 3, 1).reshape(m, c) <= 0)
+    assert torch.equal(unpacked.bool(), keep.cpu())
 
 
 def test_bn_act_bwd_without_dy_needs_no_bn_and_checks_its_arguments():

@@ -6,10 +6,12 @@ For main-path convs w_1..w_L (L = 2 basic, 3 bottleneck) and an optional project
     y_i = conv(relu(bn_{i-1}(y_{i-1})), w_i)
     z   = relu(bn_L(y_L) + shortcut)
           shortcut = x | zero_pad(x) | bn_d(conv(x, w_d)) | nothing (plain block)
-Outputs: z (x's memory format), the raw conv outputs y_i (`activation_format(x)` of the
-kernels), each BN's batch mean and biased variance, from which the caller updates the
-running statistics, and each BN's (rstd, scale, shift) as a (3, C) tensor, as the forward
-applied it. Autograd saves only x, z, the y_i, the means and those (3, C) rows: backward
+Outputs: z (x's memory format), the kernels' encoding of its ReLU mask [z > 0] (Triton: bits,
+16x fewer bytes for backward to read than a bf16 z; native: an empty tensor, the mask is read
+from z), the raw conv outputs y_i (`activation_format(x)` of the kernels), each BN's batch
+mean and biased variance, from which the caller updates the running statistics, and each
+BN's (rstd, scale, shift) as a (3, C) tensor, as the forward applied it. Autograd saves only
+x, the mask (z where it is empty), the y_i, the means and those (3, C) rows: backward
 recomputes relu(bn(y)) where it needs it, so no normalized or activated tensor is kept, and
 it sees the forward's ReLU mask exactly (no rstd recomputed from the variance).
 The backward op takes `need_dx`: where x needs no gradient (the first trainable block after
@@ -48,15 +50,16 @@ def block_module(kernels: str) -> ModuleType:
 
 def _forward(x, weights, gammas, betas, strides, paddings, eps, shortcut, shortcut_stride,
              kernels):
-    z, ys, means, variances, affines = block_module(kernels).block_train(
+    z, mask, ys, means, variances, affines = block_module(kernels).block_train(
         x, weights, gammas, betas, strides, paddings, eps, shortcut, shortcut_stride)
-    return z.contiguous(memory_format=output_memory_format(x)), ys, means, variances, affines
+    return (z.contiguous(memory_format=output_memory_format(x)), mask, ys, means, variances,
+            affines)
 
 
-def _backward_bodies(dz, x, z, weights, gammas, betas, ys, means, affines, strides,
+def _backward_bodies(dz, x, relu_mask, weights, gammas, betas, ys, means, affines, strides,
                      paddings, eps, shortcut, shortcut_stride, kernels, need_dx):
     dx, dws, dgammas, dbetas = block_module(kernels).block_train_backward(
-        dz, x, z, weights, gammas, betas, ys, means, affines, strides, paddings, eps,
+        dz, x, relu_mask, weights, gammas, betas, ys, means, affines, strides, paddings, eps,
         shortcut, shortcut_stride, need_dx)
     return (_as_input_grad(dx, x),
             [_as_weight(dw, w) for dw, w in zip(dws, weights)],
@@ -69,7 +72,7 @@ def block_train(
     x: Tensor, weights: List[Tensor], gammas: List[Tensor], betas: List[Tensor],
     strides: List[int], paddings: List[int], eps: List[float], shortcut: str,
     shortcut_stride: int, kernels: str,
-) -> tuple[Tensor, List[Tensor], List[Tensor], List[Tensor], List[Tensor]]:
+) -> tuple[Tensor, Tensor, List[Tensor], List[Tensor], List[Tensor], List[Tensor]]:
     return _forward(x, weights, gammas, betas, strides, paddings, eps, shortcut,
                     shortcut_stride, kernels)
 
@@ -91,46 +94,49 @@ def _(x, weights, gammas, betas, strides, paddings, eps, shortcut, shortcut_stri
     stats = [torch.empty(s[1], device=x.device, dtype=stat_dtype(x.dtype)) for s in shapes]
     affines = [torch.empty((3, s[1]), device=x.device, dtype=stat_dtype(x.dtype))
                for s in shapes]
-    return z, ys, stats, [torch.empty_like(s) for s in stats], affines
+    return (z, block_module(kernels).relu_mask_like(z), ys, stats,
+            [torch.empty_like(s) for s in stats], affines)
 
 
 @torch.library.custom_op("fused_resnet::block_train_backward", mutates_args=())
 def block_train_backward(
-    dz: Tensor, x: Tensor, z: Tensor, weights: List[Tensor], gammas: List[Tensor],
+    dz: Tensor, x: Tensor, relu_mask: Tensor, weights: List[Tensor], gammas: List[Tensor],
     betas: List[Tensor], ys: List[Tensor], means: List[Tensor], affines: List[Tensor],
     strides: List[int], paddings: List[int], eps: List[float], shortcut: str,
     shortcut_stride: int, kernels: str, need_dx: bool,
 ) -> tuple[Tensor, List[Tensor], List[Tensor], List[Tensor]]:
     """(dx (empty without need_dx), d weights, d gammas, d betas), lists in the order of the
-    inputs."""
-    return _backward_bodies(dz, x, z, weights, gammas, betas, ys, means, affines, strides,
+    inputs; relu_mask: block_train's, or z where that is empty."""
+    return _backward_bodies(dz, x, relu_mask, weights, gammas, betas, ys, means, affines, strides,
                             paddings, eps, shortcut, shortcut_stride, kernels, need_dx)
 
 
 @block_train_backward.register_fake
-def _(dz, x, z, weights, gammas, betas, ys, means, affines, strides, paddings, eps, shortcut,
-      shortcut_stride, kernels, need_dx):
+def _(dz, x, relu_mask, weights, gammas, betas, ys, means, affines, strides, paddings, eps,
+      shortcut, shortcut_stride, kernels, need_dx):
     return (_dx_fake(x, need_dx), [_as_weight(None, w) for w in weights],
             [torch.empty_like(g) for g in gammas], [torch.empty_like(b) for b in betas])
 
 
 def _setup(ctx, inputs, output):
     x, weights, gammas, betas, strides, paddings, eps, shortcut, shortcut_stride, kernels = inputs
-    z, ys, means, _variances, affines = output
-    ctx.save_for_backward(x, z, *weights, *gammas, *betas, *ys, *means, *affines)
+    z, mask, ys, means, _variances, affines = output
+    ctx.save_for_backward(x, mask if mask.numel() else z, *weights, *gammas, *betas, *ys,
+                          *means, *affines)
     ctx.args = (len(weights), strides, paddings, eps, shortcut, shortcut_stride, kernels)
     ctx.set_materialize_grads(False)  # no zero gradients for the ys and statistics
 
 
-def _backward(ctx, dz, _dys, _dmeans, _dvars, _daffines, backward=None, need_dx=None):
+def _backward(ctx, dz, _dmask, _dys, _dmeans, _dvars, _daffines, backward=None,
+              need_dx=None):
     if dz is None:  # z did not reach the loss
         return (None,) * 10
     if need_dx is None:  # the custom op's autograd: x is its first input
         need_dx = ctx.needs_input_grad[0]
     k, *args = ctx.args
-    x, z, *rest = ctx.saved_tensors
+    x, mask, *rest = ctx.saved_tensors
     lists = [list(rest[i * k:(i + 1) * k]) for i in range(6)]
-    dx, dw, dg, db = (backward or block_train_backward)(dz, x, z, *lists, *args, need_dx)
+    dx, dw, dg, db = (backward or block_train_backward)(dz, x, mask, *lists, *args, need_dx)
     return dx if need_dx else None, dw, dg, db, *(None,) * 6
 
 
@@ -147,16 +153,16 @@ class _BlockTrainFunction(torch.autograd.Function):
         weights, gammas, betas = (list(flat[i * k:(i + 1) * k]) for i in range(3))
         inputs = (x, weights, gammas, betas, strides, paddings, eps, shortcut, shortcut_stride,
                   kernels)
-        z, ys, means, variances, affines = _forward(*inputs)
-        _setup(ctx, inputs, (z, ys, means, variances, affines))
-        ctx.mark_non_differentiable(*ys, *means, *variances, *affines)
-        return z, *ys, *means, *variances, *affines
+        z, mask, ys, means, variances, affines = _forward(*inputs)
+        _setup(ctx, inputs, (z, mask, ys, means, variances, affines))
+        ctx.mark_non_differentiable(mask, *ys, *means, *variances, *affines)
+        return z, mask, *ys, *means, *variances, *affines
 
     @staticmethod
     def backward(ctx, dz, *_):
         if dz is None:
             return (None,) * (8 + 3 * ctx.args[0])
-        dx, dw, dg, db, *_ = _backward(ctx, dz, None, None, None, None,
+        dx, dw, dg, db, *_ = _backward(ctx, dz, None, None, None, None, None,
                                        backward=_backward_bodies,
                                        need_dx=ctx.needs_input_grad[7])  # x after 7 non-tensors
         return (None,) * 7 + (dx, *dw, *dg, *db)
@@ -164,12 +170,14 @@ class _BlockTrainFunction(torch.autograd.Function):
 
 def block_train_call(x, weights, gammas, betas, strides, paddings, eps, shortcut,
                      shortcut_stride, kernels):
-    """block_train's (z, ys, means, variances, affines): the custom op while torch.compile
-    traces, its eager twin otherwise."""
+    """block_train's (z, ys, means, variances, affines) (its ReLU mask is for backward): the
+    custom op while torch.compile traces, its eager twin otherwise."""
     if torch.compiler.is_compiling():
-        return block_train(x, weights, gammas, betas, strides, paddings, eps, shortcut,
-                           shortcut_stride, kernels)
+        z, _mask, *rest = block_train(x, weights, gammas, betas, strides, paddings, eps,
+                                      shortcut, shortcut_stride, kernels)
+        return z, *rest
     k = len(weights)
-    z, *rest = _BlockTrainFunction.apply(k, strides, paddings, eps, shortcut, shortcut_stride,
-                                         kernels, x, *weights, *gammas, *betas)
+    z, _mask, *rest = _BlockTrainFunction.apply(k, strides, paddings, eps, shortcut,
+                                                shortcut_stride, kernels, x, *weights, *gammas,
+                                                *betas)
     return z, rest[:k], rest[k:2 * k], rest[2 * k:3 * k], rest[3 * k:]

@@ -43,9 +43,10 @@ def block_train(
     x: Tensor, weights: list[Tensor], gammas: list[Tensor], betas: list[Tensor],
     strides: list[int], paddings: list[int], eps: list[float], shortcut: str,
     shortcut_stride: int,
-) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
-    """(z, ys, means, variances, affines), affines[i] (3, C) the rstd, scale, shift rows of
-    BN i as the forward applied it."""
+) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
+    """(z, relu_mask, ys, means, variances, affines): relu_mask empty (backward reads the
+    ReLU mask from z), affines[i] (3, C) the rstd, scale, shift rows of BN i as the forward
+    applied it."""
     ys, means, variances, affines = [], [], [], []
 
     def conv_bn_stats(inp: Tensor, i: int, stride: int, padding: int):
@@ -69,7 +70,12 @@ def block_train(
         projection = (ys[-1], scale_d, shift_d)
     residual = _shortcut(x, shortcut, ys[main - 1].shape[1], shortcut_stride, projection)
     z = _C_OPS.bn_add_relu(ys[main - 1], scale, shift, residual, True)
-    return z, ys, means, variances, affines
+    return z, relu_mask_like(z), ys, means, variances, affines
+
+
+def relu_mask_like(z: Tensor) -> Tensor:
+    """`block_train`'s relu_mask for the block output z: empty (the mask is read from z)."""
+    return z.new_empty(0)
 
 
 def block_train_backward(

@@ -33,7 +33,14 @@ from fused_resnet.triton.bottleneck_eval import bottleneck_eval
 from fused_resnet.triton.config import operands
 from fused_resnet.triton.conv import STAT_ROWS, conv_fwd, to_nhwc
 from fused_resnet.triton.conv_bwd import BnGrad, BnReduce, conv_dgrad, conv_wgrad
-from fused_resnet.triton.eltwise import BnBackward, bn_act_bwd, bn_act_fwd
+from fused_resnet.triton.eltwise import (
+    BITS_DTYPE,
+    BnBackward,
+    bn_act_bwd,
+    bn_act_fwd,
+    bn_act_fwd_bits,
+    relu_bits_words,
+)
 
 
 def _shortcut_input(x: Tensor, shortcut: str, out_channels: int, stride: int):
@@ -48,9 +55,10 @@ def block_train(
     x: Tensor, weights: list[Tensor], gammas: list[Tensor], betas: list[Tensor],
     strides: list[int], paddings: list[int], eps: list[float], shortcut: str,
     shortcut_stride: int,
-) -> tuple[Tensor, list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
-    """(z, ys, means, variances, affines): affines[i] (3, C) holds BN i's rstd, scale, shift
-    as its forward applied them."""
+) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
+    """(z, relu_mask, ys, means, variances, affines): relu_mask is [z > 0] packed as bits
+    (`eltwise.bn_act_fwd_bits`), which backward reads instead of z; affines[i] (3, C) holds
+    BN i's rstd, scale, shift as its forward applied them."""
     main = len(weights) - (shortcut == "projection")
     ys, means, variances, affines = [], [], [], []
 
@@ -79,9 +87,15 @@ def block_train(
         conv_bn(x, main, shortcut_stride, 0)
         bn2 = {"y2": ys[-1], "scale2": affines[-1][1], "shift2": affines[-1][2]}
     residual = _shortcut_input(x, shortcut, ys[main - 1].shape[1], shortcut_stride)
-    z = bn_act_fwd(ys[main - 1], affines[main - 1][1], affines[main - 1][2], residual=residual,
-                   relu=True, **bn2)
-    return z, ys, means, variances, affines
+    z, bits = bn_act_fwd_bits(ys[main - 1], affines[main - 1][1], affines[main - 1][2],
+                              residual=residual, **bn2)
+    return z, bits, ys, means, variances, affines
+
+
+def relu_mask_like(z: Tensor) -> Tensor:
+    """An empty tensor shaped as `block_train`'s relu_mask for the block output z."""
+    n, c, h, w = z.shape
+    return torch.empty((n * h * w, relu_bits_words(c)), device=z.device, dtype=BITS_DTYPE)
 
 
 def _dy(dz: Tensor, mask, y: Tensor, bn: BnBackward, kernel_size: int, written: bool):
@@ -93,28 +107,32 @@ def _dy(dz: Tensor, mask, y: Tensor, bn: BnBackward, kernel_size: int, written: 
 
 
 def block_train_backward(
-    dz: Tensor, x: Tensor, z: Tensor, weights: list[Tensor], gammas: list[Tensor],
+    dz: Tensor, x: Tensor, relu_mask: Tensor, weights: list[Tensor], gammas: list[Tensor],
     betas: list[Tensor], ys: list[Tensor], means: list[Tensor], affines: list[Tensor],
     strides: list[int], paddings: list[int], eps: list[float], shortcut: str,
     shortcut_stride: int, need_dx: bool = True,
 ) -> tuple[Tensor | None, list[Tensor], list[Tensor], list[Tensor]]:
     """(dx or None without need_dx, d weights, d gammas, d betas), lists in the order of the
-    inputs; affines: the forward's (rstd, scale, shift) rows per BN."""
+    inputs; relu_mask: the forward's [z > 0] as bits (`block_train`), or z itself;
+    affines: the forward's (rstd, scale, shift) rows per BN."""
     main = len(weights) - (shortcut == "projection")
     written = operands() == "written"
     affine = [a.unbind(0) for a in affines]  # (rstd, scale, shift) views
-    dz, z = to_nhwc(dz), to_nhwc(z)
+    dz = to_nhwc(dz)
+    z = relu_mask if relu_mask.dtype == BITS_DTYPE else to_nhwc(relu_mask)
     n = [y.numel() // y.shape[1] for y in ys]
     last = main - 1
     proj = shortcut == "projection"
     # g = dz * [z > 0] is written by the pass that reduces the last BN's backward sums (it
-    # reads dz and z anyway) where it is the shortcut's gradient (identity, zero_pad), and
-    # where the two convs of each BN's backward then read g instead of dz and z on load (a
-    # projection with the operands on load: 4 reads of dz and z -> one write, 4 reads of g).
+    # reads dz and the mask anyway) where it is the shortcut's gradient (identity, zero_pad),
+    # and where convs read the BN's backward on load: they read g instead of dz and a mask
+    # (with a projection: 4 reads of dz and z -> one write, 4 reads of g; the conv loops do
+    # not take the mask as bits).
+    on_load = not written and (proj or weights[last].shape[2] * weights[last].shape[3] == 1)
     sum_g, sum_gy, sum_gyd, g = bn_bwd_reduce(
         dz, z, ys[last], means[last], affine[last][0],
         *((ys[-1], means[-1], affine[-1][0]) if proj else ()),
-        write_g=(need_dx and shortcut in ("identity", "zero_pad")) or (proj and not written))
+        write_g=(need_dx and shortcut in ("identity", "zero_pad")) or on_load)
     dweights, dgammas, dbetas = [None] * len(weights), [None] * len(weights), [None] * len(weights)
     dgammas[last], dbetas[last] = sum_gy, sum_g
     bn = BnBackward(gammas[last], means[last], affine[last][0], sum_g, sum_gy, n[last])

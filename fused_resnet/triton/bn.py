@@ -34,7 +34,7 @@ from torch import Tensor
 
 from fused_resnet.triton.config import acc_dtype, cdiv
 from fused_resnet.triton.conv import MAX_PIXELS
-from fused_resnet.triton.eltwise import ReluMask, relu_grad, relu_mask_args
+from fused_resnet.triton.eltwise import ReluMask, relu_bits_keep, relu_grad, relu_mask_args
 from fused_resnet.triton.launch import run
 
 MERGE_TILE = 512  # groups one program merges
@@ -173,7 +173,10 @@ def _bn_bwd_reduce_kernel(
     y = tl.load(y_ptr + offs, mask=ok, other=0.0).to(acc_ty)
     ms = tl.load(ms_ptr + offs_c, mask=c_ok & (RELU == 2), other=0.0)[None, :]
     mh = tl.load(mh_ptr + offs_c, mask=c_ok & (RELU == 2), other=0.0)[None, :]
-    g = relu_grad(g, z_ptr, offs, ok, y, ms, mh, RELU)
+    if RELU == 3:
+        g = tl.where(relu_bits_keep(z_ptr, offs_r, offs_c, ok, C), g, 0.0)
+    else:
+        g = relu_grad(g, z_ptr, offs, ok, y, ms, mh, RELU)
     if WRITE_G:  # dz masked: exact in dz's dtype
         tl.store(g_ptr + offs, g.to(g_ptr.dtype.element_ty), mask=ok)
     mean = tl.load(mean_ptr + offs_c, mask=c_ok, other=0.0)

@@ -60,6 +60,7 @@ from fused_resnet.triton.conv import (
 )
 from fused_resnet.triton.eltwise import (
     NO_RELU,
+    RELU_FROM_BITS,
     BnBackward,
     ReluMask,
     bn_bwd_args,
@@ -212,6 +213,9 @@ def _grad_args(dy, coefficient_rows: bool = False) -> tuple[tuple, dict]:
     if isinstance(dy, BnGrad):
         dz = to_nhwc(dy.dz)
         relu, z, ms, mh = relu_mask_args(dy.z, dz)
+        if relu == RELU_FROM_BITS:
+            raise ValueError("BnGrad.z: the conv loops take the ReLU mask as z or (scale, "
+                             "shift), not packed bits (write g = dz * [z > 0] first)")
         bn = (bn_bwd_coefficient_rows(dy.bn),) if coefficient_rows else bn_bwd_args(dy.bn, dz)
         return (dz, z, ms, mh, to_nhwc(dy.y), *bn), {"BN_BWD": True, "RELU": relu}
     dy = to_nhwc(dy)
