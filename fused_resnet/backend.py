@@ -92,8 +92,9 @@ def unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
         except ImportError:
             return "Triton is not installed (pip install triton)"
         from fused_resnet.triton.config import compile_only_arch
+        from fused_resnet.triton.config import interpreting as interpreted
 
-        interpreting = os.environ.get("TRITON_INTERPRET") == "1"
+        interpreting = interpreted()  # TRITON_INTERPRET=1 when the kernels were made
         if (device.type != "cuda" and not interpreting
                 and compile_only_arch() is None):  # aot.compile_only: CPU tensors, no launch
             return "Triton runs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1)"

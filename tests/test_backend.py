@@ -58,13 +58,15 @@ def test_interpreter_of_an_old_triton_is_named(monkeypatch, triton_version, nump
     monkeypatch.setattr(numpy, "zeros", lambda *args, **kwargs: one_element)
     monkeypatch.setattr(backend, "_interpreter_checked", False)
     monkeypatch.setattr(backend, "_interpreter_problem", None)
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from fused_resnet.triton import config
+
+    monkeypatch.setattr(config, "_INTERPRETING", True)  # TRITON_INTERPRET=1 at import
     if not broken:
         assert backend.unavailable_reason("triton", CPU) is None
         return
     with pytest.raises(RuntimeError, match=f"Triton {triton_version}.*{broken}"):
         resolve("triton", "conv_bn_act", CPU)
-    monkeypatch.delenv("TRITON_INTERPRET")  # compiled Triton is not affected
+    monkeypatch.setattr(config, "_INTERPRETING", False)  # compiled Triton is not affected
     assert backend.unavailable_reason("triton", torch.device("cuda")) is None
 
 

@@ -11,13 +11,18 @@ from tests._backends import skip_without_triton
 
 
 class _Recorder:
-    """Records launches: `tuner[grid](...)` as "tuned", `tuner.fn[grid](...)` as "direct"."""
+    """Records launches: `tuner[grid](...)` as "tuned", `tuner.fn[grid](...)` or
+    `tuner.fn.run(..., grid=, warmup=)` (JITFunction's) as "direct"."""
 
     def __init__(self, calls, how):
         self.calls, self.how = calls, how
 
     def __getitem__(self, grid):
         return lambda *args, **kwargs: self.calls.append((self.how, args, kwargs))
+
+    def run(self, *args, grid, warmup, **kwargs):
+        assert warmup is False
+        self.calls.append((self.how, args, kwargs))
 
 
 class _FakeTuner:
@@ -98,6 +103,9 @@ def test_the_real_kernels_have_what_launch_reads():
         assert list(kernel.keys) == CONV_TUNING_KEY + variant
         assert set(kernel.keys) <= set(kernel.arg_names)
     assert "self.best_config = config" in inspect.getsource(Autotuner.run)
+    # a tuned launch calls JITFunction.run(*args, grid=, warmup=False, **kwargs) directly
+    run = inspect.signature(type(_conv_fwd_kernel.fn).run).parameters
+    assert run["grid"].kind == run["warmup"].kind == inspect.Parameter.KEYWORD_ONLY
     kwargs = FWD_CONFIGS[0].all_kwargs()
     assert {"BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages"} <= set(kwargs)
 

@@ -136,8 +136,17 @@ def triton_version() -> tuple[int, int]:
     return tuple(int(part) for part in triton.__version__.split(".")[:2])
 
 
+# Whether the kernels run in Triton's interpreter: TRITON_INTERPRET=1 when this module was
+# imported, with the kernel modules (`import fused_resnet` imports them all), which is when
+# triton.jit chose interpreted or compiled for every kernel. Setting the variable later
+# changes no kernel, so it is read once here, not per launch (an os.environ lookup takes
+# ~1.5 us, and a conv launch asked up to three times).
+_INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    """Whether the kernels were made for Triton's interpreter (module comment above)."""
+    return _INTERPRETING
 
 
 def pin_config(config: Optional[TileConfig] = PINNED) -> None:
@@ -150,9 +159,9 @@ def pinned_config() -> Optional[TileConfig]:
     """The config every launch must use, or None to autotune."""
     if _pinned is not None:
         return _pinned
-    if interpreting() or os.environ.get("FUSED_RESNET_TRITON_PIN") == "1":
+    if interpreting() or torch.are_deterministic_algorithms_enabled():  # fr.set_deterministic
         return PINNED
-    if torch.are_deterministic_algorithms_enabled():  # fr.set_deterministic(True)
+    if os.environ.get("FUSED_RESNET_TRITON_PIN") == "1":
         return PINNED
     return None
 

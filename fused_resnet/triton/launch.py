@@ -178,8 +178,8 @@ def _launch(kernel, grid, *args, **kwargs) -> None:
         return
     key = _tuning_key(kernel, args, kwargs)
     chosen = _chosen.get(key)
-    if chosen is not None:
-        kernel.fn[grid](*args, **kwargs, **chosen)
+    if chosen is not None:  # JITFunction.run: what kernel.fn[grid](...) calls, without the
+        kernel.fn.run(*args, grid=grid, warmup=False, **kwargs, **chosen)  # lambda it makes
         return
     # best_config is set by Autotuner.run (None: this launch chose nothing). The lock keeps
     # another thread's first launch (nn.DataParallel's replicas) from setting it in between.
