@@ -32,6 +32,9 @@ BLOCKS = {
     "basic option A": (4, [(8, 3, 2, 1), (8, 3, 1, 1)], "zero_pad", 2),
     "bottleneck projection": (8, [(4, 1, 1, 0), (4, 3, 2, 1), (16, 1, 1, 0), (16, 1, 2, 0)],
                               "projection", 2),
+    # its last conv is 1x1: on Triton the BN backward is applied on load, from g (the loops
+    # do not read the ReLU mask as bits), with or without x's gradient
+    "bottleneck identity": (16, [(4, 1, 1, 0), (4, 3, 1, 1), (16, 1, 1, 0)], "identity", 1),
     "plain": (4, [(8, 3, 1, 1), (8, 3, 1, 1)], "none", 1),
 }
 
