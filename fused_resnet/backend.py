@@ -31,6 +31,8 @@ OP_BACKENDS: dict[str, tuple[str, ...]] = {
     "conv_bn_act": ("triton", "cuda", "cpu", "reference"),
     "residual_block": ("triton", "cuda", "cpu", "reference"),
     "bn_add_relu": ("cuda", "triton", "cpu", "reference"),
+    # ATen's max_pool2d on every backend but Triton (`_C` has no pool of its own)
+    "max_pool": ("triton", "cuda", "cpu", "reference"),
 }
 
 
@@ -87,16 +89,12 @@ def unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
     if backend == "reference":
         return None
     if backend == "triton":
-        try:
-            import triton  # noqa: F401
-        except ImportError:
+        config = _triton_config()
+        if config is None:
             return "Triton is not installed (pip install triton)"
-        from fused_resnet.triton.config import compile_only_arch
-        from fused_resnet.triton.config import interpreting as interpreted
-
-        interpreting = interpreted()  # TRITON_INTERPRET=1 when the kernels were made
+        interpreting = config.interpreting()  # TRITON_INTERPRET=1 when the kernels were made
         if (device.type != "cuda" and not interpreting
-                and compile_only_arch() is None):  # aot.compile_only: CPU tensors, no launch
+                and config.compile_only_arch() is None):  # aot.compile_only: CPU tensors
             return "Triton runs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1)"
         return interpreter_problem() if interpreting else None
     ext = load_extension()
@@ -111,6 +109,26 @@ def unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
             return ("fused_resnet._C was built without its CUDA part (needs nvcc of torch's CUDA "
                     f"major version, {torch.version.cuda}, at build time)")
     return None
+
+
+_triton_config_module: Optional[ModuleType] = None
+_triton_tried = False
+
+
+def _triton_config() -> Optional[ModuleType]:
+    """`fused_resnet.triton.config`, or None where Triton does not import (tried once: this
+    runs twice a block call, and import statements cost ~1 us each)."""
+    global _triton_config_module, _triton_tried
+    if not _triton_tried:
+        _triton_tried = True
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return None
+        from fused_resnet.triton import config
+
+        _triton_config_module = config
+    return _triton_config_module
 
 
 _interpreter_problem: Optional[str] = None

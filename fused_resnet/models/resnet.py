@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from fused_resnet.backend import check_backend_name
 from fused_resnet.models.input_check import check_image_batch
-from fused_resnet.nn import FusedBasicBlock, FusedBottleneck
+from fused_resnet.nn import FusedBasicBlock, FusedBottleneck, FusedMaxPool2d
 from fused_resnet.nn.conv_bn import conv_bn_act
 from fused_resnet.nn.shortcut import check_shortcut
 
@@ -75,6 +75,7 @@ class ResNet(nn.Module):
         self.inplanes = 64
         self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
+        self.maxpool = FusedMaxPool2d(3, stride=2, padding=1, backend=backend)
         stage_args = {"shortcut": shortcut, "backend": backend}
         if block is FusedBottleneck:
             stage_args.update(groups=groups, base_width=width_per_group, variant=variant)
@@ -97,7 +98,7 @@ class ResNet(nn.Module):
         """x: (N, 3, H, W), NCHW or channels_last -> logits (N, num_classes)."""
         check_image_batch(self, x, stride2_steps=5)  # stem conv, max-pool, layer2-4
         x = conv_bn_act(x, self.conv1, self.bn1, backend=self.backend)
-        x = F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
+        x = self.maxpool(x)
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         x = F.adaptive_avg_pool2d(x, 1).flatten(1)
         return self.fc(x)

@@ -2,6 +2,7 @@
 
 from fused_resnet.nn.blocks import FusedBasicBlock, FusedBottleneck
 from fused_resnet.nn.conv_bn import FusedConvBNAct, conv_bn_act
+from fused_resnet.nn.pool import FusedMaxPool2d
 from fused_resnet.nn.shortcut import ZeroPadShortcut, make_shortcut
 from fused_resnet.nn.sync_bn import FusedSyncBatchNorm, convert_sync_bn
 
@@ -9,6 +10,7 @@ __all__ = [
     "FusedBasicBlock",
     "FusedBottleneck",
     "FusedConvBNAct",
+    "FusedMaxPool2d",
     "FusedSyncBatchNorm",
     "ZeroPadShortcut",
     "conv_bn_act",
