@@ -217,6 +217,31 @@ def test_residual_block_eval_checks_the_whole_block_first():
         fr.ops.residual_block_eval(x.detach(), weights, [biases[0], torch.zeros(4)], **kwargs)
 
 
+def test_residual_block_eval_remembers_a_passed_check_by_what_it_reads():
+    """A block called again with the same shapes, dtypes and devices skips its check (host
+    time at batch 1); any of them changed is checked again, and still refused."""
+    import fused_resnet.ops.block as block_ops
+
+    x, weights, _, _, strides, paddings, _, shortcut, _ = _block_args("basic identity")
+    x, weights = x.detach(), [w.detach() for w in weights]
+    biases = [torch.zeros(w.shape[0], device=DEVICE) for w in weights]
+    kwargs = dict(strides=strides, paddings=paddings, shortcut=shortcut, backend="reference")
+    block_ops._EVAL_CHECKED.clear()
+    fr.ops.residual_block_eval(x, weights, biases, **kwargs)
+    assert len(block_ops._EVAL_CHECKED) == 1
+    fr.ops.residual_block_eval(x + 1, weights, biases, **kwargs)  # same signature
+    assert len(block_ops._EVAL_CHECKED) == 1
+    with pytest.raises(ValueError, match="x has 8 channels but weight expects 16"):
+        fr.ops.residual_block_eval(x, [weights[0], torch.randn(8, 16, 3, 3, device=DEVICE)],
+                                   biases, **kwargs)
+    with pytest.raises(ValueError, match="bias must have shape \\(8,\\)"):
+        fr.ops.residual_block_eval(x, weights, [biases[0], torch.zeros(4, device=DEVICE)],
+                                   **kwargs)
+    with pytest.raises(ValueError, match="weight must be 4-D"):
+        fr.ops.residual_block_eval(x, [weights[0], weights[1][..., 0]], biases, **kwargs)
+    assert len(block_ops._EVAL_CHECKED) == 1
+
+
 class _CountOps(torch.utils._python_dispatch.TorchDispatchMode):
     """Counts the ATen ops (not views or allocations) that fused_resnet's own code calls."""
 
