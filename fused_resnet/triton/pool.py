@@ -40,18 +40,21 @@ def _tiles(pixels: int, c: int) -> tuple[int, int, tuple[int, int]]:
 
 
 @triton.jit
+def _pixel_tile(M, C, H, W, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's BLOCK_P pixels of an (M = N*H*W, C) NHWC matrix (M < 2^31) and BLOCK_C
+    channels, their masks, and each pixel's (image, row, column)."""
+    pix = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    return pix, cols, pix < M, cols < C, pix // (W * H), (pix // W) % H, pix % W
+
+
+@triton.jit
 def _max_pool_fwd_kernel(
     x_ptr, out_ptr, arg_ptr, H, W, C, Ho, Wo, M,
     K: tl.constexpr, S: tl.constexpr, P: tl.constexpr, WRITE_ARG: tl.constexpr,
     ACC_FP64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    pix = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)  # output pixels (M < 2^31)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    p_ok = pix < M
-    c_ok = cols < C
-    ow = pix % Wo
-    oh = (pix // Wo) % Ho
-    img = pix // (Wo * Ho)
+    pix, cols, p_ok, c_ok, img, oh, ow = _pixel_tile(M, C, Ho, Wo, BLOCK_P, BLOCK_C)  # outputs
     h0 = oh * S - P
     w0 = ow * S - P
     # ATen's starting guess: the window's first pixel inside the input, value -inf
@@ -84,13 +87,7 @@ def _max_pool_bwd_kernel(
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     acc_ty = tl.float64 if ACC_FP64 else tl.float32
-    pix = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)  # input pixels (M < 2^31)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    p_ok = pix < M
-    c_ok = cols < C
-    w = pix % W
-    h = (pix // W) % H
-    img = pix // (W * H)
+    pix, cols, p_ok, c_ok, img, h, w = _pixel_tile(M, C, H, W, BLOCK_P, BLOCK_C)  # inputs
     acc = tl.zeros((BLOCK_P, BLOCK_C), acc_ty)
     WINDOWS: tl.constexpr = (K + S - 1) // S  # windows a pixel lies in, per dimension
     for i in tl.static_range(WINDOWS):
