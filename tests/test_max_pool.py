@@ -169,3 +169,19 @@ def test_bad_inputs_are_named():
         fr.ops.max_pool2d(torch.ones(1, 1, 5, 5, dtype=torch.int64))
     with pytest.raises(ValueError, match="smaller than the kernel"):
         fr.ops.max_pool2d(torch.randn(1, 1, 1, 1), 5, 1, 1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_the_resnet_stem_pool_compiled(dtype):
+    """The ResNet-50 stem's pool (64 channels at 112x112 -> 56x56) in compiled Triton: the
+    ReLU's zeros make ties everywhere, and with small integer dout every gradient sum is exact
+    in each dtype, so values and gradients must equal ATen's bit for bit."""
+    case = ((8, 64, 112, 112), 3, 2, 1)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(case[0], generator=gen).relu().to(DEVICE, dtype)
+    x = x.contiguous(memory_format=CL)
+    dout = torch.randint(1, 5, (8, 64, 56, 56), generator=gen).to(DEVICE, dtype)
+    (out, dx), (ref_out, ref_dx) = _pair(x, case, dout.contiguous(memory_format=CL))
+    assert torch.equal(out, ref_out)
+    assert torch.equal(dx, ref_dx)
