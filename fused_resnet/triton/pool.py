@@ -17,8 +17,6 @@ K), likewise ow; it receives dout of each such window whose arg is its own posit
 summed in fp32 (fp64 for fp64) in a fixed order.
 """
 
-from __future__ import annotations
-
 from typing import Optional
 
 import torch
