@@ -239,8 +239,8 @@ def bn_act_fwd_bits(
 
 def _bn_act_fwd(y, scale, shift, residual, y2, scale2, shift2, relu, write_bits):
     z = torch.empty_like(y, memory_format=torch.channels_last)
-    m, c = y.numel() // max(y.shape[1], 1), y.shape[1]
-    bits = torch.empty((m, relu_bits_words(c)), device=y.device, dtype=BITS_DTYPE) \
+    n, c, h, w = y.shape
+    bits = torch.empty((n * h * w, relu_bits_words(c)), device=y.device, dtype=BITS_DTYPE) \
         if write_bits else None
     if y.numel() == 0:
         return z, bits
