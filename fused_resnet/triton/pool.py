@@ -28,7 +28,7 @@ from fused_resnet.triton.config import acc_dtype, cdiv
 from fused_resnet.triton.launch import run
 
 BLOCK_C = 64
-BLOCK_P = 32  # pixels a program: BLOCK_P x BLOCK_C elements
+BLOCK_P = 32  # pixels a program at least (more where there are few channels)
 
 
 def _tiles(pixels: int, c: int) -> tuple[int, int, tuple[int, int]]:
