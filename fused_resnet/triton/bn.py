@@ -174,7 +174,8 @@ def _bn_bwd_reduce_kernel(
     ms = tl.load(ms_ptr + offs_c, mask=c_ok & (RELU == 2), other=0.0)[None, :]
     mh = tl.load(mh_ptr + offs_c, mask=c_ok & (RELU == 2), other=0.0)[None, :]
     if RELU == 3:
-        g = tl.where(relu_bits_keep(z_ptr, offs_r, offs_c, ok, C), g, 0.0)
+        g = tl.where(relu_bits_keep(z_ptr, offs_r, tl.program_id(1) * BLOCK_C, ok, M, C,
+                                    BLOCK_R, BLOCK_C), g, 0.0)
     else:
         g = relu_grad(g, z_ptr, offs, ok, y, ms, mh, RELU)
     if WRITE_G:  # dz masked: exact in dz's dtype
