@@ -68,14 +68,12 @@ def max_pool(x: Tensor, kernel_size: int, stride: int, padding: int) -> tuple[Te
     return out.contiguous(memory_format=output_memory_format(x)), arg
 
 
-def _out_shape(x: Tensor, kernel_size: int, stride: int, padding: int) -> tuple[int, ...]:
-    n, c, h, w = x.shape
-    return (n, c, *((v + 2 * padding - kernel_size) // stride + 1 for v in (h, w)))
-
-
 @max_pool.register_fake
 def _(x, kernel_size, stride, padding):
-    shape = _out_shape(x, kernel_size, stride, padding)
+    from fused_resnet.triton.pool import pool_output_size  # the op runs only on Triton
+
+    n, c, h, w = x.shape
+    shape = (n, c, *(pool_output_size(v, kernel_size, stride, padding) for v in (h, w)))
     out = torch.empty(shape, device=x.device, dtype=x.dtype,
                       memory_format=output_memory_format(x))
     arg = torch.empty(shape, device=x.device, dtype=torch.int8,
