@@ -22,7 +22,7 @@ class _Recorder:
 
     def run(self, *args, grid, warmup, **kwargs):
         assert warmup is False
-        self.calls.append((self.how, args, kwargs))
+        self.calls.append((self.how, args, dict(kwargs, grid=grid)))
 
 
 class _FakeTuner:
@@ -119,6 +119,35 @@ def test_a_launch_that_chose_no_config_caches_nothing(unpinned):
     for _ in range(2):
         unpinned.launch(tuner, None, torch.zeros(1), 500, 8, KH=3)
     assert [h for h, _, _ in tuner.calls] == ["tuned", "tuned", "tuned"]
+
+
+def test_a_prepared_launch_runs_the_config_once_known_and_asks_again(unpinned, monkeypatch):
+    from fused_resnet.triton.config import TileConfig
+
+    tuner = _FakeTuner()
+    prepared = unpinned.PreparedLaunch(tuner, lambda meta: (1000 // meta["BLOCK_M"],),
+                                       {"KH": 3})
+    x = torch.zeros(1, dtype=torch.float16)
+
+    def calls(n):
+        tuner.calls.clear()
+        for _ in range(n):
+            prepared(x, 50, 8)
+        return [(h, a[1:], k.get("KH"), k.get("BLOCK_M"), k.get("grid"))
+                for h, a, k in tuner.calls]
+
+    # the first launch tunes (through `launch`); later ones run the choice, grid evaluated
+    tuned, chosen = ("tuned", (50, 8), 3, None, None), ("direct", (50, 8), 3, 32, (31,))
+    assert calls(3) == [tuned, chosen, chosen]
+    unpinned.clear_launch_cache()  # forgotten choices: tuned again
+    assert calls(2) == [tuned, chosen]
+    monkeypatch.setattr(unpinned, "pinned_config", lambda: TileConfig(16, 64, 32))
+    assert calls(2) == [("direct", (50, 8), 3, 16, None),  # `launch`'s pinned launch
+                        ("direct", (50, 8), 3, 16, (62,))]
+    monkeypatch.setattr(unpinned, "compile_only_arch", lambda: 90)
+    unpinned.clear_launch_cache()
+    assert [h for h, *_ in calls(2)] == ["direct", "direct"]  # never prepared: no grid
+    assert all(k.get("grid") is None for _, _, k in tuner.calls)
 
 
 def test_launches_are_profiler_ranges_named_by_variant(monkeypatch):

@@ -11,6 +11,7 @@ training takes batch statistics over the group (`ops.sync_conv_bn_act`, one all_
 
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
@@ -21,9 +22,13 @@ from fused_resnet.backend import check_backend_name
 from fused_resnet.nn.conv_bn import cached_folds, conv_bn_act, fusable_block, residual_block
 from fused_resnet.nn.shortcut import ZeroPadShortcut, check_shortcut, make_shortcut
 from fused_resnet.nn.sync_bn import convert_sync_bn, sync_group
+from fused_resnet.ops.eval_plan import BlockEvalPlan, plan_block_eval
 from fused_resnet.ops.layout import conv_output_shape
 
 VARIANTS = ("v1", "v1.5")
+# Each block's inference plan (`ResidualBlock._chain_eval`), beside the module rather than on
+# it, so that copying, pickling or scripting a model never meets one.
+_EVAL_PLANS: weakref.WeakKeyDictionary[ResidualBlock, BlockEvalPlan] = weakref.WeakKeyDictionary()
 EVAL_KERNELS = ("auto", "chain", "single")
 
 
@@ -77,10 +82,7 @@ class ResidualBlock(nn.Module):
             weights, biases = [w for w, _ in folded], [b for _, b in folded]
             if self._single_launch_eval(tuned_single):
                 return ops.bottleneck_eval(x, weights, biases, backend=backend)
-            return ops.residual_block_eval(
-                x, weights, biases, strides=[c.stride[0] for c, _ in block_pairs],
-                paddings=[c.padding[0] for c, _ in block_pairs], shortcut=kind,
-                shortcut_stride=self.stride, backend=backend)
+            return self._chain_eval(x, weights, biases, block_pairs, kind, backend)
         if self.training:
             _check_chain(x, pairs, self.downsample if kind == "projection" else None)
         identity = self._shortcut(x, backend)
@@ -94,6 +96,25 @@ class ResidualBlock(nn.Module):
     def _single_launch_eval(self, tuned_single: bool = False) -> bool:
         """Whether this inference call runs as one launch (`ops.bottleneck_eval`)."""
         return False
+
+    def _chain_eval(self, x: Tensor, weights: list[Tensor], biases: list[Tensor],
+                    block_pairs: list, kind: str, backend: str) -> Tensor:
+        """`ops.residual_block_eval` of the folded convs; the plan of the last such call
+        (`ops.eval_plan`) where it matches this one: the same input signature, the same
+        folded tensors (a refold after a weight or buffer changed makes new ones)."""
+        plan = _EVAL_PLANS.get(self)
+        if plan is not None and plan.matches(x, weights, biases, backend):
+            return plan(x)
+        args = dict(strides=[c.stride[0] for c, _ in block_pairs],
+                    paddings=[c.padding[0] for c, _ in block_pairs], shortcut=kind,
+                    shortcut_stride=self.stride, backend=backend)
+        out = ops.residual_block_eval(x, weights, biases, **args)
+        plan = plan_block_eval(x, weights, biases, **args)  # the call above checked them
+        if plan is not None:
+            _EVAL_PLANS[self] = plan
+        else:
+            _EVAL_PLANS.pop(self, None)
+        return out
 
     def _shortcut(self, x: Tensor, backend: str) -> Optional[Tensor]:
         if self.shortcut is None:
@@ -145,7 +166,8 @@ class FusedBasicBlock(ResidualBlock):
             convert_sync_bn(self, process_group)
 
     def main_path(self) -> list[tuple[nn.Conv2d, nn.BatchNorm2d]]:
-        return [(self.conv1, self.bn1), (self.conv2, self.bn2)]
+        m = self._modules  # not nn.Module.__getattr__ (~0.6 us a name, every call)
+        return [(m["conv1"], m["bn1"]), (m["conv2"], m["bn2"])]
 
 
 class FusedBottleneck(ResidualBlock):
@@ -193,7 +215,8 @@ class FusedBottleneck(ResidualBlock):
             convert_sync_bn(self, process_group)
 
     def main_path(self) -> list[tuple[nn.Conv2d, nn.BatchNorm2d]]:
-        return [(self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)]
+        m = self._modules  # not nn.Module.__getattr__ (~0.6 us a name, every call)
+        return [(m["conv1"], m["bn1"]), (m["conv2"], m["bn2"]), (m["conv3"], m["bn3"])]
 
     def _single_launch_eval(self, tuned_single: bool = False) -> bool:
         wanted = self.eval_kernel == "single" or (self.eval_kernel == "auto" and tuned_single)

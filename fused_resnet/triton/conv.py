@@ -311,6 +311,25 @@ def gemm_ordered(weight: Tensor) -> Tensor:
     return ordered
 
 
+def fwd_grid(m: int, c_out: int):
+    """The forward's grid: a program per BLOCK_M x BLOCK_N tile of the (M, C_out) output."""
+    return lambda meta: (cdiv(m, meta["BLOCK_M"]), cdiv(c_out, meta["BLOCK_N"]))
+
+
+def fwd_flags(dtype: torch.dtype, kh: int, kw: int, c_in: int, padding: int, *,
+              prologue: bool, in_relu: bool, bias: bool, residual: bool, relu: bool,
+              stats: bool) -> dict:
+    """The forward kernel's constexpr arguments for x of `dtype` and a (., c_in, kh, kw)
+    weight, and which prologue / epilogue parts the launch has."""
+    return dict(
+        KH=kh, KW=kw, FLAT_K=flat_k(c_in), PROLOGUE=prologue, PROLOGUE_RELU=in_relu,
+        HAS_BIAS=bias, HAS_RES=residual, RELU=relu, STATS=stats, PADDED=padding > 0,
+        SHIFT_BY_MEAN=dtype in (torch.float16, torch.bfloat16),
+        UPCAST=dtype == torch.bfloat16 and interpreting(),
+        ACC_FP64=acc_dtype(dtype) == torch.float64, PRECISION=input_precision(dtype),
+        GROUP=STAT_ROWS)
+
+
 def conv_fwd(
     x: Tensor,
     weight: Tensor,
@@ -353,18 +372,15 @@ def conv_fwd(
         parts = (shift, lo, m2)
     dummy = out  # stands in for absent optional pointers (never read)
     res = to_nhwc(residual) if residual is not None else dummy
-    grid = lambda meta: (cdiv(m, meta["BLOCK_M"]), cdiv(c_out, meta["BLOCK_N"]))  # noqa: E731
     launch(
-        _conv_fwd_kernel, grid,
+        _conv_fwd_kernel, fwd_grid(m, c_out),
         x, gemm_weight(weight, x.dtype), out,
         in_scale if in_scale is not None else dummy, in_shift if in_shift is not None else dummy,
         bias if bias is not None else dummy, res,
         *(p if p is not None else dummy for p in parts or (None,) * 3), groups,
         h, w, c_in, ho, wo, c_out, m, stride, padding,
-        KH=kh, KW=kw, FLAT_K=flat_k(c_in), PROLOGUE=in_scale is not None, PROLOGUE_RELU=in_relu,
-        HAS_BIAS=bias is not None, HAS_RES=residual is not None, RELU=relu, STATS=stats,
-        PADDED=padding > 0, SHIFT_BY_MEAN=by_mean,
-        UPCAST=x.dtype == torch.bfloat16 and interpreting(), ACC_FP64=acc == torch.float64,
-        PRECISION=input_precision(x.dtype), GROUP=STAT_ROWS,
+        **fwd_flags(x.dtype, kh, kw, c_in, padding, prologue=in_scale is not None,
+                    in_relu=in_relu, bias=bias is not None, residual=residual is not None,
+                    relu=relu, stats=stats),
     )
     return out, parts

@@ -8,6 +8,7 @@ range per kernel variant while torch's profiler records, and inside `counting_wo
 import contextlib
 import threading
 from collections.abc import Iterator
+from typing import Optional
 
 import torch
 
@@ -20,13 +21,16 @@ from fused_resnet.triton.config import compile_only_arch, pinned_config
 # positions and one dtype (`_tuning_key`; a ResNet-50 batch-1 inference call, 53 launches:
 # 0.6 ms less host time on a 2-core VM, and ~2 us a launch more from the one dtype).
 _chosen: dict[tuple, object] = {}
+_chosen_generation = 0  # moves on when _chosen is cleared (PreparedLaunch asks again)
 _key_positions: dict[int, tuple[int, ...]] = {}
 _first_launch = threading.Lock()
 
 
 def clear_launch_cache() -> None:
     """Forget the configs `launch` took from the autotuners (they tune again on next use)."""
+    global _chosen_generation
     _chosen.clear()
+    _chosen_generation += 1
 
 
 def _tuning_key(kernel, args: tuple, kwargs: dict) -> tuple:
@@ -189,3 +193,44 @@ def _launch(kernel, grid, *args, **kwargs) -> None:
         chosen = kernel.best_config
     if chosen is not None and compile_only_arch() is None:
         _chosen[key] = _config_kwargs(chosen)
+
+
+class PreparedLaunch:
+    """`launch(kernel, grid, *args, **kwargs)` for launches that repeat with one tuning key:
+    the same shapes and flags, other tensors (`conv_prepared`). Once the config is known (the
+    autotuner chose it, or one is pinned) a call is one JITFunction.run with the grid
+    evaluated and the keyword arguments merged beforehand: no tuning key, no dict merge, no
+    grid lambda per launch. Until then, and while a profiler records or work is counted, a
+    call is `launch` itself. The config is asked again when the pinned one changes
+    (`pin_config`, deterministic mode) or the chosen ones are cleared."""
+
+    __slots__ = ("kernel", "grid", "kwargs", "_ready")
+
+    def __init__(self, kernel, grid, kwargs: dict) -> None:
+        self.kernel, self.grid, self.kwargs = kernel, grid, kwargs
+        self._ready = None  # (generation, pinned config, grid tuple, all keyword arguments)
+
+    def __call__(self, *args) -> None:
+        ready = self._ready
+        if (ready is not None and ready[0] == _chosen_generation
+                and ready[1] == pinned_config() and not _observing()):
+            self.kernel.fn.run(*args, grid=ready[2], warmup=False, **ready[3])
+            return
+        launch(self.kernel, self.grid, *args, **self.kwargs)
+        self._ready = self._resolve(args)
+
+    def _resolve(self, args: tuple) -> Optional[tuple]:
+        """What later calls launch with, once `launch` has a config for these arguments."""
+        if compile_only_arch() is not None:
+            return None
+        pinned = pinned_config()
+        if pinned is not None:
+            config = dict(BLOCK_M=pinned.block_m, BLOCK_N=pinned.block_n,
+                          BLOCK_K=pinned.block_k, num_warps=pinned.num_warps,
+                          num_stages=pinned.num_stages)
+        else:
+            config = _chosen.get(_tuning_key(self.kernel, args, self.kwargs))
+            if config is None:
+                return None
+        merged = {**self.kwargs, **config}
+        return (_chosen_generation, pinned, tuple(self.grid(merged)), merged)

@@ -1,0 +1,111 @@
+"""`residual_block_eval` prepared for the calls that repeat it with the same input signature and
+the same folded weights: a block of a model serving one input size.
+
+`plan_block_eval(...)` (after a call of `residual_block_eval` with the same arguments has
+checked them) returns a `BlockEvalPlan` holding each conv as a `PreparedConvFwd` (output shape,
+GEMM view of the weight, launch arguments and config worked out once), or None where the call
+would not run as a plan (not on Triton, x not channels_last, a cast or autograd in the way).
+`plan.matches(x, weights, biases, backend)` says whether it computes `residual_block_eval(x,
+weights, biases, ...)` for this call: x's shape, strides, dtype and device as planned, the
+very weight and bias tensors (a refold makes new ones), the same kernels resolved, no autocast
+cast of x, no autograd; then `plan(x)` equals that call's output. A ResNet-50 bf16 inference
+call at batch 1 spends ~100 us of host time a bottleneck block before Triton's launches in
+`residual_block_eval`'s chain and ~30 us as a plan (2-core VM).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fused_resnet import backend as _backend
+from fused_resnet import reference
+from fused_resnet.triton.config import input_precision
+
+
+class BlockEvalPlan:
+    """The convs of one inference block (`residual_block_eval`'s chain) prepared for x of one
+    signature: main path a_i = relu(conv(a_{i-1}, w_i) + b_i), the last with the shortcut
+    added before its ReLU, the shortcut x, zero_pad(x), conv(x, w_d) + b_d or nothing."""
+
+    def __init__(self, x: Tensor, weights: list[Tensor], biases: list[Tensor],
+                 strides: list[int], paddings: list[int], shortcut: str, shortcut_stride: int,
+                 backend: str) -> None:
+        from fused_resnet.triton.conv_prepared import PreparedConvFwd  # Triton was chosen
+
+        self.signature = (x.shape, x.stride(), x.dtype, x.device)
+        self.weights, self.biases = tuple(weights), tuple(biases)
+        self.backend, self.precision = backend, input_precision(x.dtype)
+        self.shortcut, self.shortcut_stride = shortcut, shortcut_stride
+        main = len(weights) - (shortcut == "projection")
+        self.pad_channels = weights[main - 1].shape[0]  # option A pads x to the block's width
+        self.main = []
+        shape = tuple(x.shape)
+        for i in range(main):
+            self.main.append(PreparedConvFwd(
+                shape, x.dtype, weights[i], biases[i], stride=strides[i], padding=paddings[i],
+                has_residual=i == main - 1 and shortcut != "none", relu=True))
+            shape = self.main[-1].out_shape
+        self.projection = None
+        if shortcut == "projection":
+            self.projection = PreparedConvFwd(
+                tuple(x.shape), x.dtype, weights[main], biases[main], stride=shortcut_stride,
+                padding=0, has_residual=False, relu=False)
+
+    def matches(self, x: Tensor, weights: list[Tensor], biases: list[Tensor],
+                backend: str) -> bool:
+        """Whether `self(x)` computes residual_block_eval(x, weights, biases, ...,
+        backend=backend) (module doc)."""
+        if (x.shape, x.stride(), x.dtype, x.device) != self.signature or backend != self.backend:
+            return False
+        if len(weights) != len(self.weights) or len(biases) != len(self.biases):
+            return False
+        if not all(a is b for a, b in zip(weights, self.weights)):
+            return False
+        if not all(a is b for a, b in zip(biases, self.biases)):
+            return False
+        device = x.device.type
+        if torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) != x.dtype:
+            return False  # residual_block_eval would cast x first
+        if torch.is_grad_enabled() and x.requires_grad:
+            return False  # autograd records residual_block_eval's ops
+        if torch.compiler.is_compiling() or input_precision(x.dtype) != self.precision:
+            return False
+        return _backend.resolve(backend, "residual_block", x.device) == "triton"
+
+    def __call__(self, x: Tensor) -> Tensor:
+        residual = None
+        if self.shortcut == "identity":
+            residual = x
+        elif self.shortcut == "zero_pad":
+            residual = reference.zero_pad_shortcut(x, self.pad_channels, self.shortcut_stride
+                                                   ).contiguous(memory_format=torch.channels_last)
+        elif self.shortcut == "projection":
+            residual = self.projection(x)
+        out = x
+        last = len(self.main) - 1
+        for i, conv in enumerate(self.main):
+            out = conv(out, residual if i == last else None)
+        return out
+
+
+def plan_block_eval(x: Tensor, weights: list[Tensor], biases: list[Tensor], *,
+                    strides: list[int], paddings: list[int], shortcut: str,
+                    shortcut_stride: int = 1, backend: str = "auto") -> Optional[BlockEvalPlan]:
+    """A plan of `residual_block_eval(x, weights, biases, ...)` with these arguments, which a
+    call has checked, or None where it would not run as one: kernels other than Triton's,
+    x not stored channels_last (the chain's outputs then take x's layout), a weight not in
+    x's dtype or a bias not contiguous, or a call the plan must not take (`matches`)."""
+    if torch.compiler.is_compiling() or x.dim() != 4:
+        return None
+    if not x.is_contiguous(memory_format=torch.channels_last) or x.is_contiguous():
+        return None
+    if any(w.dtype != x.dtype for w in weights) or not all(b.is_contiguous() for b in biases):
+        return None
+    if _backend.resolve(backend, "residual_block", x.device) != "triton":
+        return None
+    plan = BlockEvalPlan(x, weights, biases, strides, paddings, shortcut, shortcut_stride,
+                         backend)
+    return plan if plan.matches(x, weights, biases, backend) else None

@@ -1,0 +1,170 @@
+"""Inference plans (`ops.eval_plan`): a block's repeated eval calls with one input signature
+skip `residual_block_eval`'s per-call work and give its output bit for bit; anything that
+changes what that call would compute (weights, buffers, input shape or layout, autocast,
+autograd, the backend) makes the block take the checked path again."""
+
+import copy
+import pickle
+
+import pytest
+import torch
+
+from fused_resnet import models, ops
+from fused_resnet.backend import forced_backend
+from fused_resnet.nn import FusedBasicBlock, FusedBottleneck
+from fused_resnet.nn import blocks as block_module
+from tests._backends import skip_without_triton
+
+BLOCKS = {
+    "bottleneck identity": lambda: FusedBottleneck(32, 8, 1, backend="triton"),
+    "bottleneck projection": lambda: FusedBottleneck(16, 8, 2, backend="triton"),
+    "basic option A": lambda: FusedBasicBlock(8, 16, 2, shortcut="A", backend="triton"),
+    "basic plain": lambda: FusedBasicBlock(8, 16, 1, shortcut=None, backend="triton"),
+}
+
+
+def _eval_block(make, dtype=torch.float32):
+    torch.manual_seed(0)
+    block = make().to(dtype).eval()
+    with torch.no_grad():
+        for m in block.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+    return block
+
+
+def _input(block, size=6, dtype=torch.float32):
+    return torch.randn(2, block.conv1.in_channels, size, size, dtype=dtype).to(
+        memory_format=torch.channels_last)
+
+
+@pytest.fixture
+def checked_calls(monkeypatch):
+    """Counts the calls that take `ops.residual_block_eval` (the checked path)."""
+    skip_without_triton()
+    calls = []
+    real = ops.residual_block_eval
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ops, "residual_block_eval", counted)
+    return calls
+
+
+@pytest.mark.parametrize("name", list(BLOCKS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_repeated_calls_run_the_plan_with_the_same_output(name, dtype, checked_calls):
+    block = _eval_block(BLOCKS[name], dtype)
+    x = _input(block, dtype=dtype)
+    with torch.no_grad():
+        first = block(x)
+        assert len(checked_calls) == 1 and block in block_module._EVAL_PLANS
+        for _ in range(2):  # the plan's first call launches through `launch`, later ones not
+            again = block(x)
+            assert torch.equal(again, first)
+            assert again.stride() == first.stride() and again.dtype == first.dtype
+        assert len(checked_calls) == 1
+        with forced_backend("reference"):  # what the plan stands for, computed apart
+            reference = block(x)
+    tol = 1e-4 if dtype == torch.float32 else 0.05  # folded vs BN after the conv
+    torch.testing.assert_close(first, reference, atol=tol, rtol=tol)
+
+
+def test_changed_weights_buffers_and_inputs_take_the_checked_path(checked_calls):
+    block = _eval_block(BLOCKS["bottleneck projection"])
+    x = _input(block)
+    with torch.no_grad():
+        block(x)
+        changes = [
+            lambda: block.conv2.weight.mul_(1.5),  # an optimizer step writes in place
+            lambda: block.bn3.running_var.add_(0.5),
+            lambda: block.downsample[1].bias.sub_(0.25),
+            lambda: block.load_state_dict(_eval_block(BLOCKS["bottleneck projection"])
+                                          .state_dict()),
+        ]
+        for i, change in enumerate(changes):
+            change()
+            out = block(x)
+            with forced_backend("reference"):
+                torch.testing.assert_close(out, block(x), atol=1e-4, rtol=1e-4)
+            assert len(checked_calls) == 2 + i
+            block(x)  # planned again
+            assert len(checked_calls) == 2 + i
+        n = len(checked_calls)
+        planned = block(x)
+        out = block(x.contiguous())  # NCHW, same shape: not planned, an NCHW output
+        assert out.is_contiguous() and torch.equal(out, planned)
+        block(x.contiguous())
+        assert len(checked_calls) == n + 2
+        block(_input(block, size=8))  # another input size
+        block(x)  # the last plan was for 8x8 inputs
+        assert len(checked_calls) == n + 4
+
+
+def test_autocast_autograd_and_the_backend_are_part_of_the_plan(checked_calls):
+    block = _eval_block(BLOCKS["bottleneck identity"])
+    x = _input(block)
+    with torch.no_grad():
+        block(x)
+        block(x)
+        assert len(checked_calls) == 1
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # fp32 x is cast: checked path
+            out = block(x)
+        assert out.dtype == torch.bfloat16 and len(checked_calls) == 2
+        block(x)  # folded for fp32 again: new folded tensors, a new plan
+        block(x)
+        assert len(checked_calls) == 3
+        with forced_backend("reference"):
+            block(x)
+        block(x)
+        assert len(checked_calls) == 3  # the reference backend neither folds nor plans
+    block.requires_grad_(False)  # a frozen model under grad mode folds too
+    planned = block(x)  # and x needs no gradient: the plan still applies
+    assert len(checked_calls) == 3 and planned.grad_fn is None
+    xg = x.clone().requires_grad_()
+    out = block(xg)  # autograd records the checked path's ops
+    assert out.grad_fn is not None and len(checked_calls) == 4
+    out.sum().backward()
+    assert xg.grad is not None and torch.isfinite(xg.grad).all()
+
+
+def test_training_mode_and_model_copies_ignore_the_plan(checked_calls):
+    model = models.cifar_resnet(20, backend="triton").eval()
+    x = torch.randn(2, 3, 8, 8).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        first = model(x)
+        model(x)
+    planned = sum(1 for m in model.modules() if m in block_module._EVAL_PLANS)
+    assert planned == 9
+    clone = copy.deepcopy(model)
+    pickle.loads(pickle.dumps(model))  # plans live beside the modules, not in them
+    with torch.no_grad():
+        assert torch.equal(clone(x), first)
+    model.train()
+    model(x).sum().backward()  # the training op, not a stale plan
+    model.eval()
+    with torch.no_grad():
+        with forced_backend("reference"):
+            expected = model(x)
+        # the running stats moved: refolded, planned anew
+        torch.testing.assert_close(model(x), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_launches_are_counted_and_profiled_through_a_plan(checked_calls):
+    from fused_resnet.triton.launch import counting_work
+
+    block = _eval_block(BLOCKS["bottleneck projection"])
+    x = _input(block)
+    with torch.no_grad():
+        with counting_work() as checked:
+            block(x)
+        checked = {k: v[:] for k, v in checked.items()}
+        block(x)
+        with counting_work() as planned:
+            block(x)
+    assert planned == checked and sum(v[0] for v in planned.values()) == 4
