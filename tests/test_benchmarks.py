@@ -99,3 +99,13 @@ def test_bench_cpu_smoke(tmp_path):
     lines = (only_folder(tmp_path) / "cpu-blocks-smoke.csv").read_text().splitlines()
     assert lines[0].startswith("block,batch,dtype,layout,mode,fused_ms")
     assert len(lines) == 1 + 2 * 2 * 2  # 2 blocks x 2 layouts x 2 modes
+
+
+def test_bench_host_times_both_settings():
+    skip_without_triton()  # the script stubs the interpreter's launches
+    result = run_script("bench_host.py", "--arch", "cifar_resnet20", "--image-size", "8",
+                        "--repeat", "1")
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("cifar_resnet20 bf16 batch 1 at 8x8") and "19 launches" in lines[0]
+    assert lines[1].split()[0] == "plans" and lines[2].split()[:2] == ["no", "plans"]
+    assert all(float(line.split(" ms a call")[0].split()[-1]) > 0 for line in lines[1:3])
