@@ -168,3 +168,13 @@ def test_launches_are_counted_and_profiled_through_a_plan(checked_calls):
         with counting_work() as planned:
             block(x)
     assert planned == checked and sum(v[0] for v in planned.values()) == 4
+
+
+def test_a_planned_model_compiles_without_graph_breaks(checked_calls):
+    model = models.cifar_resnet(20, backend="triton").eval().to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 8, 8).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        model(x)
+        eager = model(x)  # planned
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+        assert torch.equal(compiled(x), eager)
