@@ -13,19 +13,21 @@ from fused_resnet import models, ops
 from fused_resnet.backend import forced_backend
 from fused_resnet.nn import FusedBasicBlock, FusedBottleneck
 from fused_resnet.nn import blocks as block_module
-from tests._backends import skip_without_triton
+from tests._backends import DEVICE, FUSED_BACKENDS, skip_without_triton
 
 BLOCKS = {
-    "bottleneck identity": lambda: FusedBottleneck(32, 8, 1, backend="triton"),
-    "bottleneck projection": lambda: FusedBottleneck(16, 8, 2, backend="triton"),
-    "basic option A": lambda: FusedBasicBlock(8, 16, 2, shortcut="A", backend="triton"),
-    "basic plain": lambda: FusedBasicBlock(8, 16, 1, shortcut=None, backend="triton"),
+    "bottleneck identity": lambda b: FusedBottleneck(32, 8, 1, backend=b),
+    "bottleneck projection": lambda b: FusedBottleneck(16, 8, 2, backend=b),
+    "basic option A": lambda b: FusedBasicBlock(8, 16, 2, shortcut="A", backend=b),
+    "basic plain": lambda b: FusedBasicBlock(8, 16, 1, shortcut=None, backend=b),
 }
+# Triton (interpreted on CPU) and the `_C` kernels of the test device
+backends = pytest.mark.parametrize("backend", FUSED_BACKENDS)
 
 
-def _eval_block(make, dtype=torch.float32):
+def _eval_block(make, backend, dtype=torch.float32):
     torch.manual_seed(0)
-    block = make().to(dtype).eval()
+    block = make(backend).to(DEVICE, dtype).eval()
     with torch.no_grad():
         for m in block.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
@@ -37,14 +39,13 @@ def _eval_block(make, dtype=torch.float32):
 
 
 def _input(block, size=6, dtype=torch.float32):
-    return torch.randn(2, block.conv1.in_channels, size, size, dtype=dtype).to(
+    return torch.randn(2, block.conv1.in_channels, size, size, dtype=dtype, device=DEVICE).to(
         memory_format=torch.channels_last)
 
 
 @pytest.fixture
 def checked_calls(monkeypatch):
     """Counts the calls that take `ops.residual_block_eval` (the checked path)."""
-    skip_without_triton()
     calls = []
     real = ops.residual_block_eval
 
@@ -56,10 +57,11 @@ def checked_calls(monkeypatch):
     return calls
 
 
+@backends
 @pytest.mark.parametrize("name", list(BLOCKS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_repeated_calls_run_the_plan_with_the_same_output(name, dtype, checked_calls):
-    block = _eval_block(BLOCKS[name], dtype)
+def test_repeated_calls_run_the_plan_with_the_same_output(name, dtype, backend, checked_calls):
+    block = _eval_block(BLOCKS[name], backend, dtype)
     x = _input(block, dtype=dtype)
     with torch.no_grad():
         first = block(x)
@@ -75,8 +77,9 @@ def test_repeated_calls_run_the_plan_with_the_same_output(name, dtype, checked_c
     torch.testing.assert_close(first, reference, atol=tol, rtol=tol)
 
 
-def test_changed_weights_buffers_and_inputs_take_the_checked_path(checked_calls):
-    block = _eval_block(BLOCKS["bottleneck projection"])
+@backends
+def test_changed_weights_buffers_and_inputs_take_the_checked_path(backend, checked_calls):
+    block = _eval_block(BLOCKS["bottleneck projection"], backend)
     x = _input(block)
     with torch.no_grad():
         block(x)
@@ -84,8 +87,8 @@ def test_changed_weights_buffers_and_inputs_take_the_checked_path(checked_calls)
             lambda: block.conv2.weight.mul_(1.5),  # an optimizer step writes in place
             lambda: block.bn3.running_var.add_(0.5),
             lambda: block.downsample[1].bias.sub_(0.25),
-            lambda: block.load_state_dict(_eval_block(BLOCKS["bottleneck projection"])
-                                          .state_dict()),
+            lambda: block.load_state_dict(_eval_block(BLOCKS["bottleneck projection"],
+                                                      backend).state_dict()),
         ]
         for i, change in enumerate(changes):
             change()
@@ -97,23 +100,25 @@ def test_changed_weights_buffers_and_inputs_take_the_checked_path(checked_calls)
             assert len(checked_calls) == 2 + i
         n = len(checked_calls)
         planned = block(x)
-        out = block(x.contiguous())  # NCHW, same shape: not planned, an NCHW output
+        out = block(x.contiguous())  # NCHW, same shape: an NCHW output, planned on `_C` only
         assert out.is_contiguous() and torch.equal(out, planned)
-        block(x.contiguous())
-        assert len(checked_calls) == n + 2
+        assert torch.equal(block(x.contiguous()), out)
+        n += 2 if backend == "triton" else 1
+        assert len(checked_calls) == n
         block(_input(block, size=8))  # another input size
         block(x)  # the last plan was for 8x8 inputs
-        assert len(checked_calls) == n + 4
+        assert len(checked_calls) == n + 2
 
 
-def test_autocast_autograd_and_the_backend_are_part_of_the_plan(checked_calls):
-    block = _eval_block(BLOCKS["bottleneck identity"])
+@backends
+def test_autocast_autograd_and_the_backend_are_part_of_the_plan(backend, checked_calls):
+    block = _eval_block(BLOCKS["bottleneck identity"], backend)
     x = _input(block)
     with torch.no_grad():
         block(x)
         block(x)
         assert len(checked_calls) == 1
-        with torch.autocast("cpu", dtype=torch.bfloat16):  # fp32 x is cast: checked path
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):  # fp32 x is cast: checked path
             out = block(x)
         assert out.dtype == torch.bfloat16 and len(checked_calls) == 2
         block(x)  # folded for fp32 again: new folded tensors, a new plan
@@ -133,9 +138,10 @@ def test_autocast_autograd_and_the_backend_are_part_of_the_plan(checked_calls):
     assert xg.grad is not None and torch.isfinite(xg.grad).all()
 
 
-def test_training_mode_and_model_copies_ignore_the_plan(checked_calls):
-    model = models.cifar_resnet(20, backend="triton").eval()
-    x = torch.randn(2, 3, 8, 8).to(memory_format=torch.channels_last)
+@backends
+def test_training_mode_and_model_copies_ignore_the_plan(backend, checked_calls):
+    model = models.cifar_resnet(20, backend=backend).to(DEVICE).eval()
+    x = torch.randn(2, 3, 8, 8, device=DEVICE).to(memory_format=torch.channels_last)
     with torch.no_grad():
         first = model(x)
         model(x)
@@ -156,9 +162,10 @@ def test_training_mode_and_model_copies_ignore_the_plan(checked_calls):
 
 
 def test_launches_are_counted_and_profiled_through_a_plan(checked_calls):
+    skip_without_triton()
     from fused_resnet.triton.launch import counting_work
 
-    block = _eval_block(BLOCKS["bottleneck projection"])
+    block = _eval_block(BLOCKS["bottleneck projection"], "triton")
     x = _input(block)
     with torch.no_grad():
         with counting_work() as checked:
@@ -170,9 +177,11 @@ def test_launches_are_counted_and_profiled_through_a_plan(checked_calls):
     assert planned == checked and sum(v[0] for v in planned.values()) == 4
 
 
-def test_a_planned_model_compiles_without_graph_breaks(checked_calls):
-    model = models.cifar_resnet(20, backend="triton").eval().to(memory_format=torch.channels_last)
-    x = torch.randn(2, 3, 8, 8).to(memory_format=torch.channels_last)
+@backends
+def test_a_planned_model_compiles_without_graph_breaks(backend, checked_calls):
+    model = models.cifar_resnet(20, backend=backend).to(DEVICE).eval().to(
+        memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 8, 8, device=DEVICE).to(memory_format=torch.channels_last)
     with torch.no_grad():
         model(x)
         eager = model(x)  # planned

@@ -2,15 +2,17 @@
 the same folded weights: a block of a model serving one input size.
 
 `plan_block_eval(...)` (after a call of `residual_block_eval` with the same arguments has
-checked them) returns a `BlockEvalPlan` holding each conv as a `PreparedConvFwd` (output shape,
-GEMM view of the weight, launch arguments and config worked out once), or None where the call
-would not run as a plan (not on Triton, x not channels_last, a cast or autograd in the way).
+checked them) returns a `BlockEvalPlan` holding each conv prepared: on Triton a
+`PreparedConvFwd` (output shape, GEMM view of the weight, launch arguments and config worked
+out once), on the `_C` kernels a `NativeConv` (ATen's conv and `bn_add_relu` with its unit
+scale made once, not a `ones_like` launch a conv); or None where the call would not run as a
+plan (the reference ops, x not channels_last on Triton, a cast or autograd in the way).
 `plan.matches(x, weights, biases, backend)` says whether it computes `residual_block_eval(x,
 weights, biases, ...)` for this call: x's shape, strides, dtype and device as planned, the
 very weight and bias tensors (a refold makes new ones), the same kernels resolved, no autocast
 cast of x, no autograd; then `plan(x)` equals that call's output. A ResNet-50 bf16 inference
-call at batch 1 spends ~100 us of host time a bottleneck block before Triton's launches in
-`residual_block_eval`'s chain and ~30 us as a plan (2-core VM).
+call at batch 1 spends ~2.2 ms of host time in our Python without plans and ~1.2 ms with them
+(Triton's launches stubbed: `benchmarks/bench_host.py`, 2-core VM).
 """
 
 from __future__ import annotations
@@ -22,7 +24,33 @@ from torch import Tensor
 
 from fused_resnet import backend as _backend
 from fused_resnet import reference
+from fused_resnet.ops import native_kernels
+from fused_resnet.ops.layout import output_memory_format
 from fused_resnet.triton.config import input_precision
+
+PLANNED_KERNELS = ("triton", "cuda", "cpu")
+
+
+class NativeConv:
+    """`native_kernels.conv_bias_act` as `conv_ops` runs it for one conv of a block:
+    relu?(conv(x, weight) + bias (+ residual)) in x's memory format, the unit scale of its
+    `bn_add_relu` made once."""
+
+    def __init__(self, x_shape: tuple, weight: Tensor, bias: Tensor, *, stride: int,
+                 padding: int, has_residual: bool, relu: bool) -> None:
+        n, _, h, w = x_shape
+        c_out, _, kh, kw = weight.shape
+        self.out_shape = (n, c_out, (h + 2 * padding - kh) // stride + 1,
+                          (w + 2 * padding - kw) // stride + 1)
+        self.weight, self.bias, self.ones = weight, bias, torch.ones_like(bias)
+        self.stride, self.padding = stride, padding
+        self.has_residual, self.relu = has_residual, relu
+
+    def __call__(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        y = native_kernels.conv(x, self.weight, self.stride, self.padding, 1)
+        z = torch.ops.fused_resnet.bn_add_relu(
+            y, self.ones, self.bias, residual if self.has_residual else None, self.relu)
+        return z.contiguous(memory_format=output_memory_format(x))
 
 
 class BlockEvalPlan:
@@ -32,27 +60,33 @@ class BlockEvalPlan:
 
     def __init__(self, x: Tensor, weights: list[Tensor], biases: list[Tensor],
                  strides: list[int], paddings: list[int], shortcut: str, shortcut_stride: int,
-                 backend: str) -> None:
-        from fused_resnet.triton.conv_prepared import PreparedConvFwd  # Triton was chosen
+                 backend: str, kernels: str) -> None:
+        if kernels == "triton":
+            from fused_resnet.triton.conv_prepared import PreparedConvFwd
 
+            def prepared(shape, weight, bias, **kwargs):
+                return PreparedConvFwd(shape, x.dtype, weight, bias, **kwargs)
+        else:
+            prepared = NativeConv
         self.signature = (x.shape, x.stride(), x.dtype, x.device)
         self.weights, self.biases = tuple(weights), tuple(biases)
-        self.backend, self.precision = backend, input_precision(x.dtype)
+        self.backend, self.kernels = backend, kernels
+        self.precision = input_precision(x.dtype)
         self.shortcut, self.shortcut_stride = shortcut, shortcut_stride
         main = len(weights) - (shortcut == "projection")
         self.pad_channels = weights[main - 1].shape[0]  # option A pads x to the block's width
         self.main = []
         shape = tuple(x.shape)
         for i in range(main):
-            self.main.append(PreparedConvFwd(
-                shape, x.dtype, weights[i], biases[i], stride=strides[i], padding=paddings[i],
+            self.main.append(prepared(
+                shape, weights[i], biases[i], stride=strides[i], padding=paddings[i],
                 has_residual=i == main - 1 and shortcut != "none", relu=True))
             shape = self.main[-1].out_shape
         self.projection = None
         if shortcut == "projection":
-            self.projection = PreparedConvFwd(
-                tuple(x.shape), x.dtype, weights[main], biases[main], stride=shortcut_stride,
-                padding=0, has_residual=False, relu=False)
+            self.projection = prepared(
+                tuple(x.shape), weights[main], biases[main], stride=shortcut_stride, padding=0,
+                has_residual=False, relu=False)
 
     def matches(self, x: Tensor, weights: list[Tensor], biases: list[Tensor],
                 backend: str) -> bool:
@@ -73,15 +107,16 @@ class BlockEvalPlan:
             return False  # autograd records residual_block_eval's ops
         if torch.compiler.is_compiling() or input_precision(x.dtype) != self.precision:
             return False
-        return _backend.resolve(backend, "residual_block", x.device) == "triton"
+        return _backend.resolve(backend, "residual_block", x.device) == self.kernels
 
     def __call__(self, x: Tensor) -> Tensor:
         residual = None
         if self.shortcut == "identity":
             residual = x
         elif self.shortcut == "zero_pad":
-            residual = reference.zero_pad_shortcut(x, self.pad_channels, self.shortcut_stride
-                                                   ).contiguous(memory_format=torch.channels_last)
+            residual = reference.zero_pad_shortcut(x, self.pad_channels, self.shortcut_stride)
+            if self.kernels == "triton":  # the conv kernel reads it as the output is laid out
+                residual = residual.contiguous(memory_format=torch.channels_last)
         elif self.shortcut == "projection":
             residual = self.projection(x)
         out = x
@@ -95,17 +130,19 @@ def plan_block_eval(x: Tensor, weights: list[Tensor], biases: list[Tensor], *,
                     strides: list[int], paddings: list[int], shortcut: str,
                     shortcut_stride: int = 1, backend: str = "auto") -> Optional[BlockEvalPlan]:
     """A plan of `residual_block_eval(x, weights, biases, ...)` with these arguments, which a
-    call has checked, or None where it would not run as one: kernels other than Triton's,
-    x not stored channels_last (the chain's outputs then take x's layout), a weight not in
-    x's dtype or a bias not contiguous, or a call the plan must not take (`matches`)."""
+    call has checked, or None where it would not run as one: the reference ops, on Triton x
+    not stored channels_last (the chain's outputs then take x's layout), a weight not in x's
+    dtype or a bias not contiguous, or a call the plan must not take (`matches`)."""
     if torch.compiler.is_compiling() or x.dim() != 4:
         return None
-    if not x.is_contiguous(memory_format=torch.channels_last) or x.is_contiguous():
+    kernels = _backend.resolve(backend, "residual_block", x.device)
+    if kernels not in PLANNED_KERNELS:
+        return None
+    if kernels == "triton" and (not x.is_contiguous(memory_format=torch.channels_last)
+                                or x.is_contiguous()):
         return None
     if any(w.dtype != x.dtype for w in weights) or not all(b.is_contiguous() for b in biases):
         return None
-    if _backend.resolve(backend, "residual_block", x.device) != "triton":
-        return None
     plan = BlockEvalPlan(x, weights, biases, strides, paddings, shortcut, shortcut_stride,
-                         backend)
+                         backend, kernels)
     return plan if plan.matches(x, weights, biases, backend) else None
