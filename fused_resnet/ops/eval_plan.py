@@ -100,12 +100,7 @@ class BlockEvalPlan:
             return False
         if not all(a is b for a, b in zip(biases, self.biases)):
             return False
-        device = x.device.type
-        if torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) != x.dtype:
-            return False  # residual_block_eval would cast x first
-        if torch.is_grad_enabled() and x.requires_grad:
-            return False  # autograd records residual_block_eval's ops
-        if torch.compiler.is_compiling() or input_precision(x.dtype) != self.precision:
+        if not _plannable_call(x) or input_precision(x.dtype) != self.precision:
             return False
         return _backend.resolve(backend, "residual_block", x.device) == self.kernels
 
@@ -126,6 +121,15 @@ class BlockEvalPlan:
         return out
 
 
+def _plannable_call(x: Tensor) -> bool:
+    """Whether residual_block_eval would run x as it is, outside autograd and tracing: no
+    autocast cast of x first, no input gradient for autograd to record, no torch.compile."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) != x.dtype:
+        return False
+    return not (torch.is_grad_enabled() and x.requires_grad) and not torch.compiler.is_compiling()
+
+
 def plan_block_eval(x: Tensor, weights: list[Tensor], biases: list[Tensor], *,
                     strides: list[int], paddings: list[int], shortcut: str,
                     shortcut_stride: int = 1, backend: str = "auto") -> Optional[BlockEvalPlan]:
@@ -133,7 +137,7 @@ def plan_block_eval(x: Tensor, weights: list[Tensor], biases: list[Tensor], *,
     call has checked, or None where it would not run as one: the reference ops, on Triton x
     not stored channels_last (the chain's outputs then take x's layout), a weight not in x's
     dtype or a bias not contiguous, or a call the plan must not take (`matches`)."""
-    if torch.compiler.is_compiling() or x.dim() != 4:
+    if x.dim() != 4 or not _plannable_call(x):
         return None
     kernels = _backend.resolve(backend, "residual_block", x.device)
     if kernels not in PLANNED_KERNELS:
