@@ -111,6 +111,20 @@ def test_changed_weights_buffers_and_inputs_take_the_checked_path(backend, check
 
 
 @backends
+def test_a_changed_conv_stride_takes_the_checked_path(backend, checked_calls):
+    block = _eval_block(BLOCKS["basic plain"], backend)
+    x = _input(block)
+    with torch.no_grad():
+        block(x)
+        block(x)
+        block.conv2.stride = (2, 2)  # a plain block may change its stride: no shortcut
+        out = block(x)
+        assert len(checked_calls) == 2 and out.shape[2:] == (3, 3)
+        with forced_backend("reference"):
+            torch.testing.assert_close(out, block(x), atol=1e-4, rtol=1e-4)
+
+
+@backends
 def test_autocast_autograd_and_the_backend_are_part_of_the_plan(backend, checked_calls):
     block = _eval_block(BLOCKS["bottleneck identity"], backend)
     x = _input(block)

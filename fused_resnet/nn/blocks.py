@@ -101,15 +101,16 @@ class ResidualBlock(nn.Module):
                     block_pairs: list, kind: str, backend: str) -> Tensor:
         """`ops.residual_block_eval` of the folded convs; the plan of the last such call
         (`ops.eval_plan`) where it matches this one: the same input signature, the same
-        folded tensors (a refold after a weight or buffer changed makes new ones)."""
-        traced = torch.compiler.is_compiling()  # no plans (nor their weak dict) in a graph
-        if not traced:
-            plan = _EVAL_PLANS.get(self)
-            if plan is not None and plan.matches(x, weights, biases, backend):
-                return plan(x)
+        folded tensors (a refold after a weight or buffer changed makes new ones), the same
+        strides, paddings and shortcut."""
         args = dict(strides=[c.stride[0] for c, _ in block_pairs],
                     paddings=[c.padding[0] for c, _ in block_pairs], shortcut=kind,
                     shortcut_stride=self.stride, backend=backend)
+        traced = torch.compiler.is_compiling()  # no plans (nor their weak dict) in a graph
+        if not traced:
+            plan = _EVAL_PLANS.get(self)
+            if plan is not None and plan.matches(x, weights, biases, **args):
+                return plan(x)
         out = ops.residual_block_eval(x, weights, biases, **args)
         if traced:
             return out

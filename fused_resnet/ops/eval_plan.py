@@ -7,10 +7,11 @@ checked them) returns a `BlockEvalPlan` holding each conv prepared: on Triton a
 out once), on the `_C` kernels a `NativeConv` (ATen's conv and `bn_add_relu` with its unit
 scale made once, not a `ones_like` launch a conv); or None where the call would not run as a
 plan (the reference ops, x not channels_last on Triton, a cast or autograd in the way).
-`plan.matches(x, weights, biases, backend)` says whether it computes `residual_block_eval(x,
-weights, biases, ...)` for this call: x's shape, strides, dtype and device as planned, the
-very weight and bias tensors (a refold makes new ones), the same kernels resolved, no autocast
-cast of x, no autograd; then `plan(x)` equals that call's output. A ResNet-50 bf16 inference
+`plan.matches(x, weights, biases, **arguments)` says whether it computes
+`residual_block_eval(x, weights, biases, **arguments)` for this call: x's shape, strides,
+dtype and device as planned, the very weight and bias tensors (a refold makes new ones), the
+same conv strides, paddings and shortcut, the same kernels resolved, no autocast cast of x,
+no autograd; then `plan(x)` equals that call's output. A ResNet-50 bf16 inference
 call at batch 1 spends ~2.2 ms of host time in our Python without plans and ~1.2 ms with them
 (Triton's launches stubbed: `benchmarks/bench_host.py`, 2-core VM).
 """
@@ -73,6 +74,7 @@ class BlockEvalPlan:
         self.backend, self.kernels = backend, kernels
         self.precision = input_precision(x.dtype)
         self.shortcut, self.shortcut_stride = shortcut, shortcut_stride
+        self.layout = (list(strides), list(paddings), shortcut, shortcut_stride)
         main = len(weights) - (shortcut == "projection")
         self.pad_channels = weights[main - 1].shape[0]  # option A pads x to the block's width
         self.main = []
@@ -88,11 +90,14 @@ class BlockEvalPlan:
                 tuple(x.shape), weights[main], biases[main], stride=shortcut_stride, padding=0,
                 has_residual=False, relu=False)
 
-    def matches(self, x: Tensor, weights: list[Tensor], biases: list[Tensor],
-                backend: str) -> bool:
-        """Whether `self(x)` computes residual_block_eval(x, weights, biases, ...,
-        backend=backend) (module doc)."""
+    def matches(self, x: Tensor, weights: list[Tensor], biases: list[Tensor], *,
+                strides: list[int], paddings: list[int], shortcut: str, shortcut_stride: int = 1,
+                backend: str = "auto") -> bool:
+        """Whether `self(x)` computes residual_block_eval(x, weights, biases, ...) with these
+        arguments (module doc)."""
         if (x.shape, x.stride(), x.dtype, x.device) != self.signature or backend != self.backend:
+            return False
+        if (strides, paddings, shortcut, shortcut_stride) != self.layout:
             return False
         if len(weights) != len(self.weights) or len(biases) != len(self.biases):
             return False
@@ -149,4 +154,6 @@ def plan_block_eval(x: Tensor, weights: list[Tensor], biases: list[Tensor], *,
         return None
     plan = BlockEvalPlan(x, weights, biases, strides, paddings, shortcut, shortcut_stride,
                          backend, kernels)
-    return plan if plan.matches(x, weights, biases, backend) else None
+    return plan if plan.matches(x, weights, biases, strides=strides, paddings=paddings,
+                                shortcut=shortcut, shortcut_stride=shortcut_stride,
+                                backend=backend) else None
