@@ -12,7 +12,7 @@ plan (the reference ops, x not channels_last on Triton, a cast or autograd in th
 dtype and device as planned, the very weight and bias tensors (a refold makes new ones), the
 same conv strides, paddings and shortcut, the same kernels resolved, no autocast cast of x,
 no autograd; then `plan(x)` equals that call's output. A ResNet-50 bf16 inference
-call at batch 1 spends ~2.2 ms of host time in our Python without plans and ~1.2 ms with them
+call at batch 1 spends ~2.1 ms of host time in our Python without plans and ~1.1 ms with them
 (Triton's launches stubbed: `benchmarks/bench_host.py`, 2-core VM).
 """
 
