@@ -43,6 +43,16 @@ def _input(block, size=6, dtype=torch.float32):
         memory_format=torch.channels_last)
 
 
+def _planned(name, backend):
+    """(block, x): a BLOCKS[name] block called twice on x under no_grad, its plan made."""
+    block = _eval_block(BLOCKS[name], backend)
+    x = _input(block)
+    with torch.no_grad():
+        block(x)
+        block(x)
+    return block, x
+
+
 @pytest.fixture
 def checked_calls(monkeypatch):
     """Counts the calls that take `ops.residual_block_eval` (the checked path)."""
@@ -79,10 +89,8 @@ def test_repeated_calls_run_the_plan_with_the_same_output(name, dtype, backend, 
 
 @backends
 def test_changed_weights_buffers_and_inputs_take_the_checked_path(backend, checked_calls):
-    block = _eval_block(BLOCKS["bottleneck projection"], backend)
-    x = _input(block)
+    block, x = _planned("bottleneck projection", backend)
     with torch.no_grad():
-        block(x)
         changes = [
             lambda: block.conv2.weight.mul_(1.5),  # an optimizer step writes in place
             lambda: block.bn3.running_var.add_(0.5),
@@ -112,11 +120,8 @@ def test_changed_weights_buffers_and_inputs_take_the_checked_path(backend, check
 
 @backends
 def test_a_changed_conv_stride_takes_the_checked_path(backend, checked_calls):
-    block = _eval_block(BLOCKS["basic plain"], backend)
-    x = _input(block)
+    block, x = _planned("basic plain", backend)
     with torch.no_grad():
-        block(x)
-        block(x)
         block.conv2.stride = (2, 2)  # a plain block may change its stride: no shortcut
         out = block(x)
         assert len(checked_calls) == 2 and out.shape[2:] == (3, 3)
@@ -126,12 +131,9 @@ def test_a_changed_conv_stride_takes_the_checked_path(backend, checked_calls):
 
 @backends
 def test_autocast_autograd_and_the_backend_are_part_of_the_plan(backend, checked_calls):
-    block = _eval_block(BLOCKS["bottleneck identity"], backend)
-    x = _input(block)
+    block, x = _planned("bottleneck identity", backend)
+    assert len(checked_calls) == 1
     with torch.no_grad():
-        block(x)
-        block(x)
-        assert len(checked_calls) == 1
         with torch.autocast(DEVICE, dtype=torch.bfloat16):  # fp32 x is cast: checked path
             out = block(x)
         assert out.dtype == torch.bfloat16 and len(checked_calls) == 2
