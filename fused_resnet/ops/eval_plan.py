@@ -26,7 +26,7 @@ from torch import Tensor
 from fused_resnet import backend as _backend
 from fused_resnet import reference
 from fused_resnet.ops import native_kernels
-from fused_resnet.ops.layout import output_memory_format
+from fused_resnet.ops.layout import conv_output_size, output_memory_format
 from fused_resnet.triton.config import input_precision
 
 PLANNED_KERNELS = ("triton", "cuda", "cpu")
@@ -39,19 +39,16 @@ class NativeConv:
 
     def __init__(self, x_shape: tuple, weight: Tensor, bias: Tensor, *, stride: int,
                  padding: int, has_residual: bool, relu: bool) -> None:
-        n, _, h, w = x_shape
-        c_out, _, kh, kw = weight.shape
-        self.out_shape = (n, c_out, (h + 2 * padding - kh) // stride + 1,
-                          (w + 2 * padding - kw) // stride + 1)
+        self.out_shape = conv_output_size(x_shape, weight.shape, stride, padding)
         self.weight, self.bias, self.ones = weight, bias, torch.ones_like(bias)
         self.stride, self.padding = stride, padding
         self.has_residual, self.relu = has_residual, relu
 
     def __call__(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
-        y = native_kernels.conv(x, self.weight, self.stride, self.padding, 1)
-        z = torch.ops.fused_resnet.bn_add_relu(
-            y, self.ones, self.bias, residual if self.has_residual else None, self.relu)
-        return z.contiguous(memory_format=output_memory_format(x))
+        z = native_kernels.conv_bias_act(
+            x, self.weight, self.bias, residual if self.has_residual else None, self.stride,
+            self.padding, 1, self.relu, ones=self.ones)
+        return z.contiguous(memory_format=output_memory_format(x))  # as conv_ops returns it
 
 
 class BlockEvalPlan:
@@ -73,8 +70,8 @@ class BlockEvalPlan:
         self.weights, self.biases = tuple(weights), tuple(biases)
         self.backend, self.kernels = backend, kernels
         self.precision = input_precision(x.dtype)
+        self.strides, self.paddings = list(strides), list(paddings)
         self.shortcut, self.shortcut_stride = shortcut, shortcut_stride
-        self.layout = (list(strides), list(paddings), shortcut, shortcut_stride)
         main = len(weights) - (shortcut == "projection")
         self.pad_channels = weights[main - 1].shape[0]  # option A pads x to the block's width
         self.main = []
@@ -97,7 +94,8 @@ class BlockEvalPlan:
         arguments (module doc)."""
         if (x.shape, x.stride(), x.dtype, x.device) != self.signature or backend != self.backend:
             return False
-        if (strides, paddings, shortcut, shortcut_stride) != self.layout:
+        if (strides, paddings, shortcut, shortcut_stride) != (
+                self.strides, self.paddings, self.shortcut, self.shortcut_stride):
             return False
         if len(weights) != len(self.weights) or len(biases) != len(self.biases):
             return False
@@ -141,7 +139,7 @@ def plan_block_eval(x: Tensor, weights: list[Tensor], biases: list[Tensor], *,
     """A plan of `residual_block_eval(x, weights, biases, ...)` with these arguments, which a
     call has checked, or None where it would not run as one: the reference ops, on Triton x
     not stored channels_last (the chain's outputs then take x's layout), a weight not in x's
-    dtype or a bias not contiguous, or a call the plan must not take (`matches`)."""
+    dtype or a bias not contiguous, or a call no plan may take (`_plannable_call`)."""
     if x.dim() != 4 or not _plannable_call(x):
         return None
     kernels = _backend.resolve(backend, "residual_block", x.device)
@@ -152,8 +150,5 @@ def plan_block_eval(x: Tensor, weights: list[Tensor], biases: list[Tensor], *,
         return None
     if any(w.dtype != x.dtype for w in weights) or not all(b.is_contiguous() for b in biases):
         return None
-    plan = BlockEvalPlan(x, weights, biases, strides, paddings, shortcut, shortcut_stride,
+    return BlockEvalPlan(x, weights, biases, strides, paddings, shortcut, shortcut_stride,
                          backend, kernels)
-    return plan if plan.matches(x, weights, biases, strides=strides, paddings=paddings,
-                                shortcut=shortcut, shortcut_stride=shortcut_stride,
-                                backend=backend) else None

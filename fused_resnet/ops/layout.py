@@ -16,8 +16,13 @@ def output_memory_format(x: Tensor) -> torch.memory_format:
 
 def conv_output_shape(x: Tensor, weight: Tensor, stride: int, padding: int) -> tuple[int, ...]:
     """(N, C_out, Ho, Wo) of a dilation-1 conv: Ho = floor((H + 2p - kh) / s) + 1."""
-    n, _, h, w = x.shape
-    c_out, _, kh, kw = weight.shape
+    return conv_output_size(x.shape, weight.shape, stride, padding)
+
+
+def conv_output_size(x_shape, weight_shape, stride: int, padding: int) -> tuple[int, ...]:
+    """`conv_output_shape` from the shapes alone."""
+    n, _, h, w = x_shape
+    c_out, _, kh, kw = weight_shape
     return (n, c_out, (h + 2 * padding - kh) // stride + 1, (w + 2 * padding - kw) // stride + 1)
 
 

@@ -87,11 +87,13 @@ def conv_bn_train_backward(
 
 def conv_bias_act(
     x: Tensor, weight: Tensor, bias: Tensor, residual: Optional[Tensor], stride: int,
-    padding: int, groups: int, relu: bool,
+    padding: int, groups: int, relu: bool, ones: Optional[Tensor] = None,
 ) -> Tensor:
-    """act(conv(x, w) + bias + residual): the bias, residual and ReLU in one pass."""
+    """act(conv(x, w) + bias + residual): the bias, residual and ReLU in one pass (`ones`:
+    bn_add_relu's unit scale, ones_like(bias), made here unless a caller keeps one)."""
     y = conv(x, weight, stride, padding, groups)
-    return torch.ops.fused_resnet.bn_add_relu(y, torch.ones_like(bias), bias, residual, relu)
+    ones = torch.ones_like(bias) if ones is None else ones
+    return torch.ops.fused_resnet.bn_add_relu(y, ones, bias, residual, relu)
 
 
 def conv_bias_act_backward(

@@ -311,6 +311,16 @@ def gemm_ordered(weight: Tensor) -> Tensor:
     return ordered
 
 
+def fwd_output(x_shape, weight_shape, stride: int, padding: int) -> tuple[int, int, int]:
+    """(Ho, Wo, M = N*Ho*Wo) of the forward conv, its pixel count checked (`check_pixels`)."""
+    n, _, h, w = x_shape
+    _, _, kh, kw = weight_shape
+    ho = (h + 2 * padding - kh) // stride + 1
+    wo = (w + 2 * padding - kw) // stride + 1
+    check_pixels(x_shape, (ho, wo))
+    return ho, wo, n * ho * wo
+
+
 def fwd_grid(m: int, c_out: int):
     """The forward's grid: a program per BLOCK_M x BLOCK_N tile of the (M, C_out) output."""
     return lambda meta: (cdiv(m, meta["BLOCK_M"]), cdiv(c_out, meta["BLOCK_N"]))
@@ -354,10 +364,7 @@ def conv_fwd(
     """
     n, c_in, h, w = x.shape
     c_out, _, kh, kw = weight.shape
-    ho = (h + 2 * padding - kh) // stride + 1
-    wo = (w + 2 * padding - kw) // stride + 1
-    m = n * ho * wo
-    check_pixels(x.shape, (ho, wo))
+    ho, wo, m = fwd_output(x.shape, weight.shape, stride, padding)
     x = to_nhwc(x)
     out = torch.empty((n, c_out, ho, wo), device=x.device, dtype=x.dtype,
                       memory_format=torch.channels_last)

@@ -16,9 +16,9 @@ from fused_resnet.triton.config import cdiv
 from fused_resnet.triton.conv import (
     STAT_ROWS,
     _conv_fwd_kernel,
-    check_pixels,
     fwd_flags,
     fwd_grid,
+    fwd_output,
     gemm_weight,
 )
 from fused_resnet.triton.launch import PreparedLaunch
@@ -40,10 +40,7 @@ class PreparedConvFwd:
                  stride: int, padding: int, has_residual: bool, relu: bool) -> None:
         n, c_in, h, w = x_shape
         c_out, _, kh, kw = weight.shape
-        ho = (h + 2 * padding - kh) // stride + 1
-        wo = (w + 2 * padding - kw) // stride + 1
-        m = n * ho * wo
-        check_pixels(x_shape, (ho, wo))
+        ho, wo, m = fwd_output(x_shape, weight.shape, stride, padding)
         self.out_shape, self.dtype = (n, c_out, ho, wo), dtype
         self.weight, self.bias = gemm_weight(weight, dtype), bias
         # conv_fwd's integer arguments: statistics groups (unused here), then the shapes

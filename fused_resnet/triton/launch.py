@@ -173,12 +173,16 @@ def run(kernel, grid, *args, **kwargs) -> None:
         kernel[grid](*args, **kwargs)
 
 
+def _pinned_kwargs(config) -> dict:
+    """A pinned TileConfig as the keyword arguments of a launch."""
+    return dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+                num_warps=config.num_warps, num_stages=config.num_stages)
+
+
 def _launch(kernel, grid, *args, **kwargs) -> None:
     config = pinned_config()
     if config is not None:
-        kernel.fn[grid](*args, **kwargs, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-                        BLOCK_K=config.block_k, num_warps=config.num_warps,
-                        num_stages=config.num_stages)
+        kernel.fn[grid](*args, **kwargs, **_pinned_kwargs(config))
         return
     key = _tuning_key(kernel, args, kwargs)
     chosen = _chosen.get(key)
@@ -225,9 +229,7 @@ class PreparedLaunch:
             return None
         pinned = pinned_config()
         if pinned is not None:
-            config = dict(BLOCK_M=pinned.block_m, BLOCK_N=pinned.block_n,
-                          BLOCK_K=pinned.block_k, num_warps=pinned.num_warps,
-                          num_stages=pinned.num_stages)
+            config = _pinned_kwargs(pinned)
         else:
             config = _chosen.get(_tuning_key(self.kernel, args, self.kwargs))
             if config is None:
