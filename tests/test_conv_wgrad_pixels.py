@@ -5,7 +5,8 @@ BLOCK_K (32 under the pinned config the interpreter uses): rows shorter than a s
 rows, or several images, per step), a row longer than a step, a row exactly one step, 1x1
 outputs, in both column layouts (per tap, flattened for C_in < 32), each reduction cut into
 several slices that start mid-row, in fp64 against torch (a wrong carry shows as a large
-error)."""
+error); the slices added in a fixed order or by atomics, and through the autotuner, which
+runs a kernel that adds into dw several times and must leave dw zeroed for the launch."""
 
 import pytest
 import torch
@@ -30,9 +31,11 @@ def _case_id(case):
     return f"n{n}-{c_in}x{h}x{w}-{c_out}-k{k}s{s}p{p}"
 
 
-@pytest.mark.parametrize("split", [1, 3, 7])
+@pytest.mark.parametrize(("split", "atomic"), [(1, False), (3, False), (7, False), (3, True),
+                                               (7, True)],
+                         ids=["1", "3", "7", "3-atomic", "7-atomic"])
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
-def test_wgrad_steps_through_every_pixel_once(case, split):
+def test_wgrad_steps_through_every_pixel_once(case, split, atomic):
     skip_without_triton()
     from fused_resnet.triton.conv_bwd import conv_wgrad
 
@@ -43,7 +46,8 @@ def test_wgrad_steps_through_every_pixel_once(case, split):
     ho, wo = (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1
     dy = torch.randn(n, c_out, ho, wo, generator=g, dtype=torch.float64).contiguous(
         memory_format=cl)
-    dw = conv_wgrad(x, dy, (c_out, c_in, k, k), stride=stride, padding=padding, split=split)
+    dw = conv_wgrad(x, dy, (c_out, c_in, k, k), stride=stride, padding=padding, split=split,
+                    atomic=atomic)
     expected = conv2d_weight(x, (c_out, c_in, k, k), dy, stride=stride, padding=padding)
     torch.testing.assert_close(dw, expected, rtol=1e-10, atol=1e-10)
 
@@ -78,7 +82,7 @@ def test_wgrad_bn_grad_on_load_across_splits(case, prologue, split):
     shift = torch.rand(c_in, generator=g, dtype=f64) + 0.5  # relu(shift) > 0: not masked by it
     pro = {"in_scale": scale, "in_shift": shift, "in_relu": True} if prologue else {}
     dw = conv_wgrad(x, BnGrad(dz, z, y, bn), (c_out, c_in, k, k), stride=stride,
-                    padding=padding, split=split, **pro)
+                    padding=padding, split=split, atomic=split > 1, **pro)
     a, b, d = (t[None, :, None, None] for t in bn_backward_affine(*bn))
     dy = a * dz * (z > 0) + b * y + d
     x_in = torch.relu(x * scale[None, :, None, None] + shift[None, :, None, None]) if prologue \
@@ -105,3 +109,84 @@ def test_wgrad_split_fills_the_gpu_for_few_output_tiles(monkeypatch):
     assert config.wgrad_split(config.WGRAD_MIN_ROWS - 1, 1) == 1
     monkeypatch.setattr(config, "interpreting", lambda: True)
     assert config.wgrad_split(256 * 112 * 112, stem) == 1
+
+
+def _wgrad_case(case, seed):
+    n, c_in, h, w, c_out, k, stride, padding = case
+    g = torch.Generator().manual_seed(seed)
+    cl = torch.channels_last
+    x = torch.randn(n, c_in, h, w, generator=g, dtype=torch.float64).contiguous(memory_format=cl)
+    ho, wo = (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1
+    dy = torch.randn(n, c_out, ho, wo, generator=g, dtype=torch.float64).contiguous(
+        memory_format=cl)
+    expected = conv2d_weight(x, (c_out, c_in, k, k), dy, stride=stride, padding=padding)
+    return x, dy, (c_out, c_in, k, k), dict(stride=stride, padding=padding), expected
+
+
+def test_wgrad_slices_added_by_atomics_only_where_launches_are_tuned(monkeypatch):
+    """Autotuned launches add the slices by atomics into one zeroed dw; where a config is
+    pinned (deterministic mode, pin_config, the interpreter) each slice writes its own dw and
+    they are summed in a fixed order: the same bits every run. Both equal torch's."""
+    skip_without_triton()
+    from fused_resnet.triton import config
+    from fused_resnet.triton.conv_bwd import conv_wgrad
+
+    monkeypatch.setattr(config, "_INTERPRETING", False)  # as compiled kernels see it
+    monkeypatch.delenv("FUSED_RESNET_TRITON_PIN", raising=False)
+    assert config.wgrad_atomic(3) and not config.wgrad_atomic(1)  # one slice: dw itself
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert not config.wgrad_atomic(3)
+    finally:
+        torch.use_deterministic_algorithms(was)
+    config.pin_config()
+    try:
+        assert not config.wgrad_atomic(3)
+    finally:
+        config.pin_config(None)
+    monkeypatch.setattr(config, "_INTERPRETING", True)
+    assert not config.wgrad_atomic(3)
+    x, dy, shape, conv, expected = _wgrad_case(CASES[6], 7)
+    dw = conv_wgrad(x, dy, shape, split=3, **conv)  # pinned here: the fixed order
+    torch.testing.assert_close(dw, expected, rtol=1e-10, atol=1e-10)
+    assert torch.equal(dw, conv_wgrad(x, dy, shape, split=3, **conv))
+
+
+def test_wgrad_launch_that_tunes_adds_into_zeros(monkeypatch):
+    """On a GPU the first launch per shape goes through Triton's autotuner, which runs the
+    kernel once per candidate and repeatedly; with atomics each run adds into dw, so the
+    autotuner must zero it before each run and after the last (`reset_to_zero`), or the
+    gradient comes out several times too large. Driven here through the autotuner itself
+    (the interpreter otherwise pins a config), with two candidates and a stand-in timer that
+    runs each three times."""
+    skip_without_triton()
+    from fused_resnet.triton import conv_bwd, launch
+
+    kernel = conv_bwd._conv_wgrad_kernel
+    if not hasattr(kernel, "_do_bench"):
+        pytest.skip("Triton < 3.3: the autotuner's timer is not replaceable")
+    runs = []
+
+    def timer(kernel_call, quantiles):
+        for _ in range(3):
+            kernel_call()
+        runs.append(3)
+        return [float(len(runs))] * len(quantiles)  # the first candidate wins
+
+    small = [c for c in kernel.configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 8192]
+    monkeypatch.setattr(kernel, "configs", small[:2])
+    monkeypatch.setattr(kernel, "_do_bench", timer)
+    monkeypatch.setattr(kernel, "cache", {})
+    monkeypatch.setattr(launch, "pinned_config", lambda: None)
+    launch.clear_launch_cache()
+    try:
+        x, dy, shape, conv, expected = _wgrad_case(CASES[2], 5)
+        dw = conv_bwd.conv_wgrad(x, dy, shape, split=3, atomic=True, **conv)
+        assert len(runs) == 2  # it tuned
+        torch.testing.assert_close(dw, expected, rtol=1e-10, atol=1e-10)
+        again = conv_bwd.conv_wgrad(x, dy, shape, split=3, atomic=True, **conv)  # as chosen
+        torch.testing.assert_close(again, expected, rtol=1e-10, atol=1e-10)
+        assert len(runs) == 2
+    finally:
+        launch.clear_launch_cache()

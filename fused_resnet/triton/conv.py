@@ -103,13 +103,16 @@ def _lazy_bench_arguments() -> dict:
     return {"do_bench": _bench_candidate}
 
 
-def autotune_conv(*variant_flags: str):
+def autotune_conv(*variant_flags: str, reset_to_zero: tuple[str, ...] = ()):
     """Every conv kernel (fwd, dgrad, wgrad) is tuned over FWD_CONFIGS per shape
-    (CONV_TUNING_KEY) and per value of its `variant_flags` (constexpr arguments)."""
+    (CONV_TUNING_KEY) and per value of its `variant_flags` (constexpr arguments).
+    `reset_to_zero`: outputs the kernel adds into (atomics), zeroed by the autotuner before
+    each timed candidate and after the last, so the launch that tuned adds into zeros."""
     def decorate(fn):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # 3.2's warmup / rep
             return triton.autotune(configs=FWD_CONFIGS, key=[*CONV_TUNING_KEY, *variant_flags],
+                                   reset_to_zero=list(reset_to_zero) or None,
                                    **_lazy_bench_arguments())(fn)
     return decorate
 

@@ -15,7 +15,9 @@ dgrad (a transposed implicit GEMM; rows = input pixels, columns = C_in, K = taps
       oh = q_h + (ph + pad - r0) / stride - j.
 
 wgrad (rows = C_out, columns = (r, s, c), reduction over the N*Ho*Wo output pixels, split
-into `split` slices whose partial sums are added in a fixed order; a program's columns are
+into `split` slices (`config.wgrad_split`) whose partial sums are added by fp32 atomics into
+one zeroed dw, or, where a config is pinned (deterministic mode), written per slice and
+added in a fixed order (`config.wgrad_atomic`); a program's columns are
 BLOCK_N channels of one tap, or, for inputs with few channels (`config.flat_k`: the stem's 3),
 BLOCK_N of the flattened (r, s, c) columns, so that 7x7x3 takes 3 column blocks of 64
 instead of 49 blocks holding 3 channels each):
@@ -46,6 +48,7 @@ from fused_resnet.triton.config import (
     flat_k,
     input_precision,
     interpreting,
+    wgrad_atomic,
     wgrad_split,
     wgrad_tiles,
 )
@@ -276,7 +279,7 @@ def conv_dgrad(dy, weight: Tensor, x_shape: torch.Size, *, stride: int, padding:
     return dx, (parts[0].sum(0), parts[1].sum(0))  # fixed-order sum of the group partials
 
 
-@autotune_conv("PROLOGUE", "BN_BWD")
+@autotune_conv("PROLOGUE", "BN_BWD", reset_to_zero=("dw_ptr",))
 @triton.jit
 def _conv_wgrad_kernel(
     x_ptr, dy_ptr, dw_ptr, in_scale_ptr, in_shift_ptr, z_ptr, ms_ptr, mh_ptr, y_ptr,
@@ -285,7 +288,7 @@ def _conv_wgrad_kernel(
     KH: tl.constexpr, KW: tl.constexpr, FLAT: tl.constexpr,
     PROLOGUE: tl.constexpr, PROLOGUE_RELU: tl.constexpr, BN_BWD: tl.constexpr,
     RELU: tl.constexpr, PADDED: tl.constexpr, UPCAST: tl.constexpr, ACC_FP64: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, ATOMIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # Tile: BLOCK_M output channels x BLOCK_N columns, the input channels offs_c of one tap
@@ -362,19 +365,26 @@ def _conv_wgrad_kernel(
         wrap_h = oh >= Ho
         oh = tl.where(wrap_h, oh - Ho, oh)
         img += step_img + wrap_h.to(tl.int32)
-    # dw partial layout: (split, C_out, KH * KW * C_in), the columns in (r, s, c) order
-    base = split.to(tl.int64) * C_out * KH * KW * C_in
-    out = base + offs_co[:, None] * (KH * KW * C_in) + col[None, :]
-    tl.store(dw_ptr + out, acc, mask=co_ok[:, None] & c_ok[None, :])
+    # dw layout: (C_out, KH * KW * C_in), the columns in (r, s, c) order; ATOMIC adds the
+    # slice's sum into it (relaxed: no ordering with other memory is needed, the launch's
+    # end orders it for the next kernel), else one such matrix per slice: (split, C_out, ...)
+    out = offs_co[:, None] * (KH * KW * C_in) + col[None, :]
+    out_ok = co_ok[:, None] & c_ok[None, :]
+    if ATOMIC:
+        tl.atomic_add(dw_ptr + out, acc, mask=out_ok, sem="relaxed")
+    else:
+        tl.store(dw_ptr + split.to(tl.int64) * C_out * KH * KW * C_in + out, acc, mask=out_ok)
 
 
 def conv_wgrad(
     x: Tensor, dy, weight_shape: torch.Size, *, stride: int, padding: int,
     in_scale: Optional[Tensor] = None, in_shift: Optional[Tensor] = None, in_relu: bool = False,
-    split: Optional[int] = None,
+    split: Optional[int] = None, atomic: Optional[bool] = None,
 ) -> Tensor:
     """dw (C_out, C_in, kh, kw) in the accumulator dtype (fp32, fp64 for fp64 inputs), for
-    dy (N, C_out, Ho, Wo) given as a tensor or a BnGrad."""
+    dy (N, C_out, Ho, Wo) given as a tensor or a BnGrad. `split` slices of the pixels
+    (default `config.wgrad_split`), added by atomics or in a fixed order (`atomic`, default
+    `config.wgrad_atomic`; one slice writes dw itself)."""
     grad, flags = _grad_args(dy)
     n, c_in, h, w = x.shape
     c_out, _, kh, kw = weight_shape
@@ -385,7 +395,9 @@ def conv_wgrad(
     if split is None:
         split = wgrad_split(m, wgrad_tiles(c_out, c_in, kh, kw))
     rows_per_split = cdiv(m, split)
-    parts = torch.empty((split, c_out, kh, kw, c_in), device=x.device, dtype=acc)
+    atomic = split > 1 and (wgrad_atomic(split) if atomic is None else atomic)
+    parts = torch.zeros((c_out, kh, kw, c_in), device=x.device, dtype=acc) if atomic \
+        else torch.empty((split, c_out, kh, kw, c_in), device=x.device, dtype=acc)
     flat = flat_k(c_in)
     grid = lambda meta: (  # noqa: E731
         cdiv(c_out, meta["BLOCK_M"]),
@@ -398,6 +410,7 @@ def conv_wgrad(
         KH=kh, KW=kw, FLAT=flat, PROLOGUE=in_scale is not None, PROLOGUE_RELU=in_relu, **flags,
         PADDED=padding > 0,
         UPCAST=x.dtype == torch.bfloat16 and interpreting(), ACC_FP64=acc == torch.float64,
-        PRECISION=input_precision(x.dtype),
+        PRECISION=input_precision(x.dtype), ATOMIC=atomic,
     )
-    return parts.sum(0).permute(0, 3, 1, 2)
+    dw = parts if atomic else parts[0] if split == 1 else parts.sum(0)  # fixed order
+    return dw.permute(0, 3, 1, 2)
