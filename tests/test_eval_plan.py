@@ -113,9 +113,44 @@ def test_changed_weights_buffers_and_inputs_take_the_checked_path(backend, check
         assert torch.equal(block(x.contiguous()), out)
         n += 2 if backend == "triton" else 1
         assert len(checked_calls) == n
-        block(_input(block, size=8))  # another input size
-        block(x)  # the last plan was for 8x8 inputs
-        assert len(checked_calls) == n + 2
+        block(_input(block, size=8))  # another input size: checked, then planned beside x's
+        block(x)
+        assert len(checked_calls) == n + 1
+
+
+@backends
+def test_a_block_keeps_a_plan_per_input_signature_of_its_current_fold(backend, checked_calls):
+    """Calls alternating between input sizes run their plans (a server's batch sizes); at most
+    PLANS_PER_BLOCK, the least recently used dropped first; a refold drops every plan of the
+    old folded tensors, even those of other sizes."""
+    block, x = _planned("bottleneck identity", backend)
+    limit = block_module.PLANS_PER_BLOCK
+    inputs = [x] + [_input(block, size=s) for s in range(7, 7 + limit)]  # one size too many
+    with torch.no_grad():
+        outputs = [block(t) for t in inputs[1:limit]]  # x's plan and limit - 1 more
+        assert len(checked_calls) == limit
+        for _ in range(2):
+            for t, out in zip(inputs[1:limit], outputs):
+                assert torch.equal(block(t), out)
+            block(x)
+        assert len(checked_calls) == limit and len(block_module._EVAL_PLANS[block]) == limit
+        block(inputs[1])  # most recently used: x, then inputs[1]; the least: inputs[2]
+        block(inputs[limit])  # a fifth size: checked, and the plan of inputs[2] dropped
+        assert len(checked_calls) == limit + 1
+        assert len(block_module._EVAL_PLANS[block]) == limit
+        block(x)
+        block(inputs[1])
+        assert len(checked_calls) == limit + 1
+        block(inputs[2])
+        assert len(checked_calls) == limit + 2
+        block.bn2.running_mean.add_(0.1)  # a refold: new folded tensors
+        changed = block(inputs[1])
+        with forced_backend("reference"):
+            torch.testing.assert_close(changed, block(inputs[1]), atol=1e-4, rtol=1e-4)
+        plans = block_module._EVAL_PLANS[block]
+        assert len(plans) == 1 and plans[0].signature[0] == inputs[1].shape
+        block(x)  # its plan went with the old fold
+        assert len(checked_calls) == limit + 4
 
 
 @backends

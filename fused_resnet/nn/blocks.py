@@ -26,9 +26,13 @@ from fused_resnet.ops.eval_plan import BlockEvalPlan, plan_block_eval
 from fused_resnet.ops.layout import conv_output_shape
 
 VARIANTS = ("v1", "v1.5")
-# Each block's inference plan (`ResidualBlock._chain_eval`), beside the module rather than on
-# it, so that copying, pickling or scripting a model never meets one.
-_EVAL_PLANS: weakref.WeakKeyDictionary[ResidualBlock, BlockEvalPlan] = weakref.WeakKeyDictionary()
+# Each block's inference plans (`ResidualBlock._chain_eval`), beside the module rather than on
+# it, so that copying, pickling or scripting a model never meets one: one per input signature
+# (batch size, image size, layout, dtype) of the current folded weights, most recently used
+# first, at most PLANS_PER_BLOCK (a server's few batch sizes, a loader's short last batch).
+_EVAL_PLANS: weakref.WeakKeyDictionary[ResidualBlock, list[BlockEvalPlan]] = \
+    weakref.WeakKeyDictionary()
+PLANS_PER_BLOCK = 4
 EVAL_KERNELS = ("auto", "chain", "single")
 
 
@@ -99,24 +103,31 @@ class ResidualBlock(nn.Module):
 
     def _chain_eval(self, x: Tensor, weights: list[Tensor], biases: list[Tensor],
                     block_pairs: list, kind: str, backend: str) -> Tensor:
-        """`ops.residual_block_eval` of the folded convs; the plan of the last such call
-        (`ops.eval_plan`) where it matches this one: the same input signature, the same
+        """`ops.residual_block_eval` of the folded convs; a plan of an earlier such call
+        (`ops.eval_plan`) where one matches this one: the same input signature, the same
         folded tensors (a refold after a weight or buffer changed makes new ones), the same
         strides, paddings and shortcut."""
         args = dict(strides=[c.stride[0] for c, _ in block_pairs],
                     paddings=[c.padding[0] for c, _ in block_pairs], shortcut=kind,
                     shortcut_stride=self.stride, backend=backend)
         traced = torch.compiler.is_compiling()  # no plans (nor their weak dict) in a graph
-        if not traced:
-            plan = _EVAL_PLANS.get(self)
-            if plan is not None and plan.matches(x, weights, biases, **args):
-                return plan(x)
+        plans = None if traced else _EVAL_PLANS.get(self)
+        if plans:
+            for i, plan in enumerate(plans):
+                if plan.matches(x, weights, biases, **args):
+                    if i:  # most recently used first
+                        plans.insert(0, plans.pop(i))
+                    return plan(x)
         out = ops.residual_block_eval(x, weights, biases, **args)
         if traced:
             return out
+        # Plans of older folds are dropped (they would keep the old folded tensors alive).
+        kept = [p for p in plans or () if p.folded_from(weights, biases)]
         plan = plan_block_eval(x, weights, biases, **args)  # the call above checked them
         if plan is not None:
-            _EVAL_PLANS[self] = plan
+            kept = [plan, *kept[:PLANS_PER_BLOCK - 1]]
+        if kept:
+            _EVAL_PLANS[self] = kept
         else:
             _EVAL_PLANS.pop(self, None)
         return out

@@ -1,5 +1,6 @@
 """`residual_block_eval` prepared for the calls that repeat it with the same input signature and
-the same folded weights: a block of a model serving one input size.
+the same folded weights: a block of a model serving a few input sizes (a block keeps a plan
+per signature, up to `nn.blocks.PLANS_PER_BLOCK`).
 
 `plan_block_eval(...)` (after a call of `residual_block_eval` with the same arguments has
 checked them) returns a `BlockEvalPlan` holding each conv prepared: on Triton a
@@ -97,15 +98,17 @@ class BlockEvalPlan:
         if (strides, paddings, shortcut, shortcut_stride) != (
                 self.strides, self.paddings, self.shortcut, self.shortcut_stride):
             return False
-        if len(weights) != len(self.weights) or len(biases) != len(self.biases):
-            return False
-        if not all(a is b for a, b in zip(weights, self.weights)):
-            return False
-        if not all(a is b for a, b in zip(biases, self.biases)):
+        if not self.folded_from(weights, biases):
             return False
         if not _plannable_call(x) or input_precision(x.dtype) != self.precision:
             return False
         return _backend.resolve(backend, "residual_block", x.device) == self.kernels
+
+    def folded_from(self, weights: list[Tensor], biases: list[Tensor]) -> bool:
+        """Whether the plan holds these very folded weight and bias tensors."""
+        return (len(weights) == len(self.weights) and len(biases) == len(self.biases)
+                and all(a is b for a, b in zip(weights, self.weights))
+                and all(a is b for a, b in zip(biases, self.biases)))
 
     def __call__(self, x: Tensor) -> Tensor:
         residual = None
