@@ -123,6 +123,47 @@ def test_dgrad_with_many_row_blocks_per_phase():
     torch.testing.assert_close(sum_gy, (g_in * y_in).sum((0, 2, 3)), rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=["fp64", "bf16"])
+def test_dgrad_reduces_the_activation_too_with_a_residual(dtype):
+    """reduce_act: beside the BN backward sums, sum relu(y * scale + shift) per channel (the
+    activation, rounded to y's dtype as the conv prologue rounds it), over several row
+    blocks, with a residual added first (the bottleneck's last BN backward without y3)."""
+    skip_without_triton()
+    from fused_resnet.triton.conv_bwd import BnReduce, conv_dgrad
+
+    g = torch.Generator().manual_seed(11)
+    cl = torch.channels_last
+    n, c_in, c_out, h, w = 3, 6, 5, 9, 7
+    weight = torch.randn(c_out, c_in, 1, 1, generator=g, dtype=torch.float64)
+    dy, res = (torch.randn(n, c, h, w, generator=g, dtype=torch.float64).to(dtype)
+               .contiguous(memory_format=cl) for c in (c_out, c_in))
+    y = torch.randn(n, c_in, h, w, generator=g, dtype=torch.float64).to(dtype).contiguous(
+        memory_format=cl)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    scale, shift, mean = (torch.randn(c_in, generator=g, dtype=torch.float64).to(acc)
+                          for _ in range(3))
+    rstd = (torch.rand(c_in, generator=g, dtype=torch.float64) + 0.5).to(acc)
+    dx, (sum_g, sum_gy, sum_act) = conv_dgrad(
+        dy, weight, y.shape, stride=1, padding=0, residual=res, reduce_act=True,
+        reduce=BnReduce(y, scale, shift, mean, rstd))
+    expected = conv2d_input(y.shape, weight, dy.double(), stride=1, padding=0) + res.double()
+    tol = 1e-10 if dtype == torch.float64 else 2e-2
+    torch.testing.assert_close(dx.double(), expected, rtol=tol, atol=tol)
+    v = y.to(acc) * scale[None, :, None, None] + shift[None, :, None, None]
+    act = torch.relu(v).to(dtype).double()
+    keep = v > 0
+    yhat = (y.double() - mean.double()[None, :, None, None]) * rstd.double()[None, :, None, None]
+    # bf16: each activation rounded (the interpreter's cast truncates: up to 2^-8 relative)
+    tol = 1e-10 if dtype == torch.float64 else 1e-2
+    torch.testing.assert_close(sum_act.double(), act.sum((0, 2, 3)), rtol=tol, atol=tol)
+    torch.testing.assert_close(sum_g.double(), (dx.double() * keep).sum((0, 2, 3)),
+                               rtol=tol, atol=tol)
+    torch.testing.assert_close(sum_gy.double(), (dx.double() * keep * yhat).sum((0, 2, 3)),
+                               rtol=tol, atol=tol)
+    with pytest.raises(ValueError, match="reduce_act needs reduce"):
+        conv_dgrad(dy, weight, y.shape, stride=1, padding=0, reduce_act=True)
+
+
 @pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[7], CASES[13]], ids=_case_id)
 @pytest.mark.parametrize("res_dtype", [torch.float64, torch.float32])
 def test_dgrad_adds_a_residual_gradient_in_its_epilogue(case, res_dtype):

@@ -190,3 +190,32 @@ def test_wgrad_launch_that_tunes_adds_into_zeros(monkeypatch):
         assert len(runs) == 2
     finally:
         launch.clear_launch_cache()
+
+
+@pytest.mark.parametrize(("split", "atomic"), [(1, False), (3, False), (3, True)],
+                         ids=["1", "3", "3-atomic"])
+@pytest.mark.parametrize("case", [(3, 40, 5, 5), (2, 7, 6, 9)], ids=str)
+def test_wgrad_of_an_activation_with_itself_is_its_gram_matrix(case, split, atomic):
+    """dy given as `Activated(y, scale, shift)` = relu(y * scale + shift) on load, x the same
+    activation through the prologue: dw = a^T a over the pixels (what the bottleneck's last
+    BN backward needs instead of its conv output); zero past a slice's end on both sides."""
+    skip_without_triton()
+    from fused_resnet.triton.conv_bwd import Activated, conv_wgrad
+
+    n, c, h, w = case
+    g = torch.Generator().manual_seed(sum(case))
+    f64 = torch.float64
+    cl = torch.channels_last
+    y = torch.randn(n, c, h, w, generator=g, dtype=f64).contiguous(memory_format=cl)
+    scale = torch.randn(c, generator=g, dtype=f64)
+    shift = torch.rand(c, generator=g, dtype=f64)  # relu(shift) > 0 past the end: masked?
+    gram = conv_wgrad(y, Activated(y, scale, shift), (c, c, 1, 1), stride=1, padding=0,
+                      in_scale=scale, in_shift=shift, in_relu=True, split=split, atomic=atomic)
+    a = torch.relu(y * scale[None, :, None, None] + shift[None, :, None, None])
+    a = a.permute(0, 2, 3, 1).reshape(-1, c)
+    torch.testing.assert_close(gram.reshape(c, c), a.T @ a, rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="Activated"):
+        from fused_resnet.triton.conv_bwd import conv_dgrad
+
+        conv_dgrad(Activated(y, scale, shift), torch.ones(c, c, 1, 1, dtype=f64), y.shape,
+                   stride=1, padding=0)

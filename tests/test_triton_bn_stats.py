@@ -153,3 +153,11 @@ def test_backward_sums_and_the_shortcut_gradient_in_one_pass(shape, dtype, mask)
     torch.testing.assert_close(sum_gy.double(), (expected_g.double() * yhat).sum((0, 2, 3)),
                                rtol=tol, atol=tol)
     assert bn_bwd_reduce(dz, relu_mask, y, mean, rstd)[3] is None
+    if mask != "scale_shift":  # without y: sum g and g only (a mask from y needs y)
+        only_g, none, none2, g_again = bn_bwd_reduce(dz, relu_mask, None, None, None,
+                                                     write_g=True)
+        assert none is None and none2 is None
+        assert torch.equal(only_g, sum_g) and torch.equal(g_again, g)
+    else:
+        with pytest.raises(ValueError, match="needs y"):
+            bn_bwd_reduce(dz, relu_mask, None, None, None)

@@ -34,7 +34,13 @@ from torch import Tensor
 
 from fused_resnet.triton.config import acc_dtype, cdiv
 from fused_resnet.triton.conv import MAX_PIXELS
-from fused_resnet.triton.eltwise import ReluMask, relu_bits_keep, relu_grad, relu_mask_args
+from fused_resnet.triton.eltwise import (
+    RELU_FROM_Y,
+    ReluMask,
+    relu_bits_keep,
+    relu_grad,
+    relu_mask_args,
+)
 from fused_resnet.triton.launch import run
 
 MERGE_TILE = 512  # groups one program merges
@@ -159,8 +165,8 @@ def _bn_bwd_reduce_kernel(
     dz_ptr, z_ptr, ms_ptr, mh_ptr, y_ptr, mean_ptr, rstd_ptr, y2_ptr, mean2_ptr, rstd2_ptr,
     sum_g_ptr, sum_gy_ptr, sum_gy2_ptr, g_ptr,
     M, C,
-    RELU: tl.constexpr, TWO: tl.constexpr, WRITE_G: tl.constexpr, ACC_FP64: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    RELU: tl.constexpr, HAS_Y: tl.constexpr, TWO: tl.constexpr, WRITE_G: tl.constexpr,
+    ACC_FP64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     acc_ty = tl.float64 if ACC_FP64 else tl.float32
     pid_r = tl.program_id(0)
@@ -170,7 +176,7 @@ def _bn_bwd_reduce_kernel(
     ok = (offs_r < M)[:, None] & c_ok[None, :]
     offs = offs_r.to(tl.int64)[:, None] * C + offs_c[None, :]
     g = tl.load(dz_ptr + offs, mask=ok, other=0.0).to(acc_ty)
-    y = tl.load(y_ptr + offs, mask=ok, other=0.0).to(acc_ty)
+    y = tl.load(y_ptr + offs, mask=ok & HAS_Y, other=0.0).to(acc_ty)
     ms = tl.load(ms_ptr + offs_c, mask=c_ok & (RELU == 2), other=0.0)[None, :]
     mh = tl.load(mh_ptr + offs_c, mask=c_ok & (RELU == 2), other=0.0)[None, :]
     if RELU == 3:
@@ -180,12 +186,13 @@ def _bn_bwd_reduce_kernel(
         g = relu_grad(g, z_ptr, offs, ok, y, ms, mh, RELU)
     if WRITE_G:  # dz masked: exact in dz's dtype
         tl.store(g_ptr + offs, g.to(g_ptr.dtype.element_ty), mask=ok)
-    mean = tl.load(mean_ptr + offs_c, mask=c_ok, other=0.0)
-    rstd = tl.load(rstd_ptr + offs_c, mask=c_ok, other=0.0)
-    yhat = (y - mean[None, :]) * rstd[None, :]
     part = pid_r * C + offs_c
     tl.store(sum_g_ptr + part, tl.sum(g, axis=0), mask=c_ok)
-    tl.store(sum_gy_ptr + part, tl.sum(tl.where(ok, g * yhat, 0.0), axis=0), mask=c_ok)
+    if HAS_Y:
+        mean = tl.load(mean_ptr + offs_c, mask=c_ok, other=0.0)
+        rstd = tl.load(rstd_ptr + offs_c, mask=c_ok, other=0.0)
+        yhat = (y - mean[None, :]) * rstd[None, :]
+        tl.store(sum_gy_ptr + part, tl.sum(tl.where(ok, g * yhat, 0.0), axis=0), mask=c_ok)
     if TWO:
         mean2 = tl.load(mean2_ptr + offs_c, mask=c_ok, other=0.0)
         rstd2 = tl.load(rstd2_ptr + offs_c, mask=c_ok, other=0.0)
@@ -195,30 +202,38 @@ def _bn_bwd_reduce_kernel(
 
 
 def bn_bwd_reduce(
-    dz: Tensor, z: ReluMask, y: Tensor, mean: Tensor, rstd: Tensor,
-    y2: Optional[Tensor] = None, mean2: Optional[Tensor] = None, rstd2: Optional[Tensor] = None,
-    *, write_g: bool = False,
-) -> tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
-    """(sum g, sum g * yhat, sum g * yhat2 or None, g or None) per channel, with
-    g = dz * [z > 0] (z a ReluMask; g = dz when it is None), g itself written (in dz's dtype)
-    with `write_g`, in the pass that reads dz and z anyway (a shortcut's gradient; one tensor
-    for later passes to read instead of two). Tensors (N, C, H, W) channels_last; stats (C,)."""
-    c = y.shape[1]
-    m = y.numel() // c
-    acc = acc_dtype(y.dtype)
+    dz: Tensor, z: ReluMask, y: Optional[Tensor], mean: Optional[Tensor],
+    rstd: Optional[Tensor], y2: Optional[Tensor] = None, mean2: Optional[Tensor] = None,
+    rstd2: Optional[Tensor] = None, *, write_g: bool = False,
+) -> tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """(sum g, sum g * yhat or None without y, sum g * yhat2 or None, g or None) per channel,
+    with g = dz * [z > 0] (z a ReluMask; g = dz when it is None), g itself written (in dz's
+    dtype) with `write_g`, in the pass that reads dz and z anyway (a shortcut's gradient; one
+    tensor for later passes to read instead of two). Tensors (N, C, H, W) channels_last;
+    stats (C,)."""
+    c = dz.shape[1]
+    m = dz.numel() // c
+    acc = acc_dtype(dz.dtype)
     block_c = min(64, triton.next_power_of_2(c))
     block_r = 64
     tiles = cdiv(m, block_r)
+    has_y = y is not None
     two = y2 is not None
-    parts = [torch.empty((tiles, c), device=y.device, dtype=acc) for _ in range(3 if two else 2)]
+    if two and not has_y:
+        raise ValueError("bn_bwd_reduce: y2 needs y")
+    parts = [torch.empty((tiles, c), device=dz.device, dtype=acc)
+             for _ in range(1 + has_y + two)]
     relu, z_arg, ms, mh = relu_mask_args(z, dz)
+    if relu == RELU_FROM_Y and not has_y:
+        raise ValueError("bn_bwd_reduce: a ReLU mask from (scale, shift) needs y")
     g = torch.empty_like(dz, memory_format=torch.channels_last) if write_g else None
+    y, mean, rstd = (y, mean, rstd) if has_y else (dz, parts[0], parts[0])
     run(_bn_bwd_reduce_kernel, (tiles, cdiv(c, block_c)),
         dz, z_arg, ms, mh, y, mean, rstd,
         y2 if two else y, mean2 if two else mean, rstd2 if two else rstd,
-        parts[0], parts[1], parts[2] if two else parts[1], g if write_g else dz, m, c,
-        RELU=relu, TWO=two, WRITE_G=write_g, ACC_FP64=acc == torch.float64,
+        parts[0], parts[-2 if two else -1], parts[-1], g if write_g else dz, m, c,
+        RELU=relu, HAS_Y=has_y, TWO=two, WRITE_G=write_g, ACC_FP64=acc == torch.float64,
         BLOCK_R=block_r, BLOCK_C=block_c,
     )
     sums = [p.sum(0) for p in parts]  # fixed-order reduction of the tile partials
-    return sums[0], sums[1], sums[2] if two else None, g
+    return (sums[0], sums[1] if has_y else None, sums[2] if two else None, g)

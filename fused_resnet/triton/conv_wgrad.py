@@ -1,0 +1,175 @@
+"""NHWC implicit-GEMM convolution weight gradient (the data gradient: `conv_bwd`).
+
+wgrad (rows = C_out, columns = (r, s, c), reduction over the N*Ho*Wo output pixels, split
+into `split` slices (`config.wgrad_split`) whose partial sums are added by fp32 atomics into
+one zeroed dw, or, where a config is pinned (deterministic mode), written per slice and
+added in a fixed order (`config.wgrad_atomic`); a program's columns are
+BLOCK_N channels of one tap, or, for inputs with few channels (`config.flat_k`: the stem's 3),
+BLOCK_N of the flattened (r, s, c) columns, so that 7x7x3 takes 3 column blocks of 64
+instead of 49 blocks holding 3 channels each):
+    dw[k, c, r, s] = sum_m dy[m, k] * pro(x[img(m), oh(m)*stride - pad + r,
+                                            ow(m)*stride - pad + s, c])
+  where pro is the forward's prologue (relu?(x * in_scale + in_shift), zero in the padding),
+  recomputed on load instead of read from a saved activation; dy a tensor or computed on
+  load (`grad_tile`: a BnGrad, an Activated).
+"""
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from fused_resnet.triton.config import (
+    acc_dtype,
+    cdiv,
+    flat_k,
+    input_precision,
+    interpreting,
+    wgrad_atomic,
+    wgrad_split,
+    wgrad_tiles,
+)
+from fused_resnet.triton.conv import autotune_conv, check_pixels, dot_acc, prologue, to_nhwc
+from fused_resnet.triton.eltwise import bn_bwd_coefficients
+from fused_resnet.triton.grad_tile import _grad_args, _grad_tile
+from fused_resnet.triton.launch import launch
+
+
+@autotune_conv("PROLOGUE", "BN_BWD", "ACT", reset_to_zero=("dw_ptr",))
+@triton.jit
+def _conv_wgrad_kernel(
+    x_ptr, dy_ptr, dw_ptr, in_scale_ptr, in_shift_ptr, z_ptr, ms_ptr, mh_ptr, y_ptr,
+    gamma_ptr, mean_ptr, rstd_ptr, sum_g_ptr, sum_gy_ptr, bn_n,
+    H, W, C_in, Ho, Wo, C_out, M, stride, padding, rows_per_split,
+    KH: tl.constexpr, KW: tl.constexpr, FLAT: tl.constexpr,
+    PROLOGUE: tl.constexpr, PROLOGUE_RELU: tl.constexpr, BN_BWD: tl.constexpr,
+    RELU: tl.constexpr, ACT: tl.constexpr, PADDED: tl.constexpr, UPCAST: tl.constexpr,
+    ACC_FP64: tl.constexpr, PRECISION: tl.constexpr, ATOMIC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # Tile: BLOCK_M output channels x BLOCK_N columns, the input channels offs_c of one tap
+    # (r, s scalars), or with FLAT the flattened columns (r, s, offs_c) = col -> (col // C_in
+    # // KW, col // C_in % KW, col % C_in) (r, s rows of a (1, BLOCK_N) tile); the reduction
+    # runs over BLOCK_K output pixels at a time within this program's split.
+    acc_ty = tl.float64 if ACC_FP64 else tl.float32
+    if FLAT:
+        col = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        c_ok = col < KH * KW * C_in
+        offs_c = col % C_in
+        r = (col // C_in // KW)[None, :]
+        s = (col // C_in % KW)[None, :]
+    else:
+        c_blocks = tl.cdiv(C_in, BLOCK_N)
+        tap = tl.program_id(1) // c_blocks
+        r = tap // KW
+        s = tap % KW
+        offs_c = (tl.program_id(1) % c_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+        c_ok = offs_c < C_in
+        col = tap * C_in + offs_c
+    if PROLOGUE:
+        sc = tl.load(in_scale_ptr + offs_c, mask=c_ok, other=0.0)[None, :]
+        sh = tl.load(in_shift_ptr + offs_c, mask=c_ok, other=0.0)[None, :]
+    offs_co = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    co_ok = offs_co < C_out
+    ca, cb, cd = bn_bwd_coefficients(gamma_ptr, mean_ptr, rstd_ptr, sum_g_ptr, sum_gy_ptr,
+                                     bn_n, offs_co, co_ok & BN_BWD, acc_ty)
+    ms = tl.load(ms_ptr + offs_co, mask=co_ok & ((RELU == 2) | ACT), other=0.0)[:, None]
+    mh = tl.load(mh_ptr + offs_co, mask=co_ok & ((RELU == 2) | ACT), other=0.0)[:, None]
+    split = tl.program_id(2)
+    start = split * rows_per_split
+    stop = tl.minimum(start + rows_per_split, M)
+    # The lanes' output pixels m = m0 + lane as (img, oh, ow): divided once here (int32, M <
+    # 2^31), then advanced by BLOCK_K = step_img * Ho*Wo + step_h * Wo + step_w per step like
+    # an odometer (each digit wraps at most once). Dividing in the loop, as this kernel first
+    # did, cost four calls of a 64-bit division routine per step: ~620 SASS instructions per
+    # warp and step against 178 after, 162 with the int32 pixel index below, for the same two
+    # wgmma (sm_90, bf16, 128x128x32 w8).
+    lanes = start + tl.arange(0, BLOCK_K)
+    ow = lanes % Wo
+    oh = (lanes // Wo) % Ho
+    img = lanes // (Wo * Ho)
+    step_w = BLOCK_K % Wo
+    step_h = (BLOCK_K // Wo) % Ho
+    step_img = BLOCK_K // (Wo * Ho)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_ty)
+    # Pixels past this split's end hold real data of the next split: one of the two tiles
+    # must be zero there. The x tile is (loaded as zero) unless an unmasked prologue makes
+    # relu?(sh) of it; only then is the dy tile masked too.
+    X_MASKED: tl.constexpr = (not PROLOGUE) or PADDED or FLAT
+    for m0 in range(start, stop, BLOCK_K):
+        offs_m = m0 + tl.arange(0, BLOCK_K)
+        m_ok = offs_m < stop
+        ih = oh[:, None] * stride - padding + r  # (BLOCK_K, 1), or (BLOCK_K, BLOCK_N) if FLAT
+        iw = ow[:, None] * stride - padding + s
+        dy_t = _grad_tile(dy_ptr, z_ptr, y_ptr,
+                          offs_m.to(tl.int64)[None, :] * C_out + offs_co[:, None],
+                          co_ok[:, None] & m_ok[None, :], ca[:, None], cb[:, None],
+                          cd[:, None], ms, mh,
+                          BN_BWD, RELU, ACC_FP64, not X_MASKED, ACT)
+        x_ok = m_ok[:, None] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W) & c_ok[None, :]
+        # the input pixel in int32 (N*H*W < 2^31, `check_pixels`; wrong only where masked),
+        # widened once for the element offset
+        x_pix = (img[:, None] * H + ih) * W + iw
+        xa = tl.load(x_ptr + x_pix.to(tl.int64) * C_in + offs_c[None, :], mask=x_ok, other=0.0)
+        if PROLOGUE:
+            xa = prologue(xa, x_ok, sc, sh, PROLOGUE_RELU, acc_ty, X_MASKED)
+        acc = dot_acc(dy_t, xa, acc, UPCAST, PRECISION)
+        ow += step_w
+        wrap_w = ow >= Wo
+        ow = tl.where(wrap_w, ow - Wo, ow)
+        oh += step_h + wrap_w.to(tl.int32)
+        wrap_h = oh >= Ho
+        oh = tl.where(wrap_h, oh - Ho, oh)
+        img += step_img + wrap_h.to(tl.int32)
+    # dw layout: (C_out, KH * KW * C_in), the columns in (r, s, c) order; ATOMIC adds the
+    # slice's sum into it (relaxed: no ordering with other memory is needed, the launch's
+    # end orders it for the next kernel), else one such matrix per slice: (split, C_out, ...)
+    out = offs_co[:, None] * (KH * KW * C_in) + col[None, :]
+    out_ok = co_ok[:, None] & c_ok[None, :]
+    if ATOMIC:
+        tl.atomic_add(dw_ptr + out, acc, mask=out_ok, sem="relaxed")
+    else:
+        tl.store(dw_ptr + split.to(tl.int64) * C_out * KH * KW * C_in + out, acc, mask=out_ok)
+
+
+def conv_wgrad(
+    x: Tensor, dy, weight_shape: torch.Size, *, stride: int, padding: int,
+    in_scale: Optional[Tensor] = None, in_shift: Optional[Tensor] = None, in_relu: bool = False,
+    split: Optional[int] = None, atomic: Optional[bool] = None,
+) -> Tensor:
+    """dw (C_out, C_in, kh, kw) in the accumulator dtype (fp32, fp64 for fp64 inputs), for
+    dy (N, C_out, Ho, Wo) given as a tensor, a BnGrad or an Activated. `split` slices of the pixels
+    (default `config.wgrad_split`), added by atomics or in a fixed order (`atomic`, default
+    `config.wgrad_atomic`; one slice writes dw itself)."""
+    grad, flags = _grad_args(dy)
+    flags.setdefault("ACT", False)
+    n, c_in, h, w = x.shape
+    c_out, _, kh, kw = weight_shape
+    ho, wo = grad[0].shape[2], grad[0].shape[3]
+    m = n * ho * wo
+    check_pixels(x.shape, (ho, wo))
+    acc = acc_dtype(x.dtype)
+    if split is None:
+        split = wgrad_split(m, wgrad_tiles(c_out, c_in, kh, kw))
+    rows_per_split = cdiv(m, split)
+    atomic = split > 1 and (wgrad_atomic(split) if atomic is None else atomic)
+    parts = torch.zeros((c_out, kh, kw, c_in), device=x.device, dtype=acc) if atomic \
+        else torch.empty((split, c_out, kh, kw, c_in), device=x.device, dtype=acc)
+    flat = flat_k(c_in)
+    grid = lambda meta: (  # noqa: E731
+        cdiv(c_out, meta["BLOCK_M"]),
+        cdiv(kh * kw * c_in, meta["BLOCK_N"]) if flat
+        else kh * kw * cdiv(c_in, meta["BLOCK_N"]), split)
+    launch(
+        _conv_wgrad_kernel, grid, to_nhwc(x), grad[0], parts,
+        in_scale if in_scale is not None else parts, in_shift if in_shift is not None else parts,
+        *grad[1:], h, w, c_in, ho, wo, c_out, m, stride, padding, rows_per_split,
+        KH=kh, KW=kw, FLAT=flat, PROLOGUE=in_scale is not None, PROLOGUE_RELU=in_relu, **flags,
+        PADDED=padding > 0,
+        UPCAST=x.dtype == torch.bfloat16 and interpreting(), ACC_FP64=acc == torch.float64,
+        PRECISION=input_precision(x.dtype), ATOMIC=atomic,
+    )
+    dw = parts if atomic else parts[0] if split == 1 else parts.sum(0)  # fixed order
+    return dw.permute(0, 3, 1, 2)
