@@ -32,8 +32,8 @@ BLOCKS = {
     "basic option A": (4, [(8, 3, 2, 1), (8, 3, 1, 1)], "zero_pad", 2),
     "bottleneck projection": (8, [(4, 1, 1, 0), (4, 3, 2, 1), (16, 1, 1, 0), (16, 1, 2, 0)],
                               "projection", 2),
-    # its last conv is 1x1: on Triton the BN backward is applied on load, from g (the loops
-    # do not read the ReLU mask as bits), with or without x's gradient
+    # its last conv is 1x1: on Triton its backward does without y3 (not kept), with or without
+    # x's gradient
     "bottleneck identity": (16, [(4, 1, 1, 0), (4, 3, 1, 1), (16, 1, 1, 0)], "identity", 1),
     "plain": (4, [(8, 3, 1, 1), (8, 3, 1, 1)], "none", 1),
 }
@@ -163,16 +163,18 @@ def test_block_saves_no_activated_tensor(backend):
     fused block keeps x, y1, y2, y3, z: exactly a1 and a2 fewer bytes. Per BN of C channels
     eager keeps the batch mean and 1 / std (2C floats), the fused block the mean and the
     (rstd, scale, shift) its forward applied (4C). On Triton the block keeps z's ReLU mask
-    as bits (one int32 word per pixel and 32 channels) instead of z."""
+    as bits (one int32 word per pixel and 32 channels) instead of z, and no y3 (its backward
+    does without it: `triton_block._last_bn_backward_without_y`)."""
     eager, fused = _block_pair(backend)
     x = torch.randn(2, 32, 6, 6, device=DEVICE)
     a_bytes = 2 * (2 * 8 * 6 * 6 * 4)  # a1 and a2: (2, 8, 6, 6) fp32 each
     stat_bytes = 2 * (8 + 8 + 32) * 4  # 2C more fp32 per BN
     z_bytes = 2 * 32 * 6 * 6 * 4 - 2 * 6 * 6 * 4 if backend == "triton" else 0  # z -> bits
+    y3_bytes = 2 * 32 * 6 * 6 * 4 if backend == "triton" else 0
     eager_bytes = activation_bytes(eager, lambda: eager(x))
     fused_bytes = activation_bytes(fused, lambda: fused(x))
-    assert fused_bytes == eager_bytes - a_bytes + stat_bytes - z_bytes, (fused_bytes,
-                                                                         eager_bytes)
+    assert fused_bytes == eager_bytes - a_bytes + stat_bytes - z_bytes - y3_bytes, (
+        fused_bytes, eager_bytes)
 
 
 def test_resnet50_on_the_native_backend_saves_less_activation_memory():
@@ -317,3 +319,41 @@ def test_under_autocast_the_triton_block_takes_the_fp32_weights_themselves():
         assert w.grad.dtype == torch.float32
         result = compare_norm(w.grad, t.grad, e.grad, kind="grad")
         assert result.ok, (tuple(w.shape), result)
+
+
+@pytest.mark.parametrize("need_dx", [True, False], ids=["dx", "no_dx"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=["fp64", "bf16"])
+def test_identity_bottleneck_backward_without_y3_equals_the_one_through_it(dtype, need_dx):
+    """The identity bottleneck's backward without y3 (G = g^T a2, Gram = a2^T a2: the last
+    BN's sums, dw3 and d a2 from them) against the chain that reads y3 (still the path of a
+    block whose y3 is kept): the same gradients to fp64 rounding, and in bf16 to y3's own
+    rounding (the chain reads y3 rounded, the other computes with a2 w3^T unrounded)."""
+    skip_without_triton()
+    from fused_resnet.ops import triton_block
+
+    torch.manual_seed(3)
+    x, weights, gammas, betas, strides, paddings, eps, shortcut, s_stride = \
+        _block_args("bottleneck identity")
+    master = torch.float64 if dtype == torch.float64 else torch.float32  # autocast's weights
+    x, weights = x.detach().to(dtype).to(memory_format=torch.channels_last), \
+        [w.detach().to(master) for w in weights]
+    gammas, betas = [g.detach().to(master) for g in gammas], [b.detach().to(master) for b in betas]
+    args = (weights, gammas, betas, strides, paddings, eps, shortcut, s_stride)
+    assert not triton_block.backward_reads_last_y(weights, strides, shortcut)
+    z, bits, ys, means, _, affines = triton_block.block_train(x, *args)
+    dz = torch.randn(z.shape, dtype=torch.float64, device=DEVICE).to(dtype).contiguous(
+        memory_format=torch.channels_last)
+    rest = (gammas, betas)
+    through = triton_block.block_train_backward(dz, x, bits, weights, *rest, ys, means, affines,
+                                                strides, paddings, eps, shortcut, s_stride,
+                                                need_dx)
+    without = triton_block.block_train_backward(
+        dz, x, bits, weights, *rest, [ys[0], ys[1], ys[2].new_empty(0)], means, affines,
+        strides, paddings, eps, shortcut, s_stride, need_dx)
+    assert (through[0] is None) == (without[0] is None) == (not need_dx)
+    tol = 1e-9 if dtype == torch.float64 else 1e-2
+    pairs = [(through[0], without[0])] if need_dx else []
+    pairs += [(a, b) for i in (1, 2, 3) for a, b in zip(through[i], without[i])]
+    for a, b in pairs:
+        torch.testing.assert_close(b.double(), a.double(), rtol=tol,
+                                   atol=tol * a.double().abs().max().item())

@@ -202,7 +202,7 @@ def test_every_kernel_of_every_block_kind_compiles_for_hopper(tmp_path):
     assert names == {"_conv_fwd_kernel", "_conv_dgrad_kernel", "_conv_wgrad_kernel",
                      "_bn_merge_kernel", "_bn_bwd_reduce_kernel", "_bn_act_fwd_kernel",
                      "_bn_act_bwd_kernel", "_bn_bwd_coefficients_kernel",
-                     "_bottleneck_eval_kernel"}
+                     "_last_bn_coefficients_kernel", "_bottleneck_eval_kernel"}
     assert all(r["error"] == "" and r["arch"] == "90" for r in rows)
     # No conv build calls a subroutine (a 64-bit integer division: int32 pixel indices, and
     # the weight gradient's pixel walk adds instead of dividing). "" where cuobjdump is absent.

@@ -39,6 +39,11 @@ def _shortcut(x: Tensor, shortcut: str, out_channels: int, stride: int, projecti
     return None
 
 
+def backward_reads_last_y(weights: list[Tensor], strides: list[int], shortcut: str) -> bool:
+    """Whether `block_train_backward` reads the last main conv's output: always here."""
+    return True
+
+
 def block_train(
     x: Tensor, weights: list[Tensor], gammas: list[Tensor], betas: list[Tensor],
     strides: list[int], paddings: list[int], eps: list[float], shortcut: str,

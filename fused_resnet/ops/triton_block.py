@@ -29,10 +29,11 @@ from torch import Tensor
 from fused_resnet import reference
 from fused_resnet.ops.layout import output_memory_format
 from fused_resnet.triton.bn import bn_bwd_reduce, bn_finalize
+from fused_resnet.triton.bn_last import last_bn_coefficients
 from fused_resnet.triton.bottleneck_eval import bottleneck_eval
 from fused_resnet.triton.config import operands
 from fused_resnet.triton.conv import STAT_ROWS, conv_fwd, to_nhwc
-from fused_resnet.triton.conv_bwd import BnGrad, BnReduce, conv_dgrad, conv_wgrad
+from fused_resnet.triton.conv_bwd import Activated, BnGrad, BnReduce, conv_dgrad, conv_wgrad
 from fused_resnet.triton.eltwise import (
     BITS_DTYPE,
     BnBackward,
@@ -92,6 +93,48 @@ def block_train(
     return z, bits, ys, means, variances, affines
 
 
+def backward_reads_last_y(weights: list[Tensor], strides: list[int], shortcut: str) -> bool:
+    """Whether `block_train_backward` reads y_L, the last main conv's output, which autograd
+    must then keep. Not for an identity bottleneck whose last conv is 1x1 with the operands on
+    load (`_last_bn_backward_without_y`): its y_3 (4x the width of y_1 or y_2) is not kept."""
+    return not (shortcut == "identity" and len(weights) == 3 and strides[2] == 1
+                and tuple(weights[2].shape[2:]) == (1, 1) and operands() == "on_load")
+
+
+def _last_bn_backward_without_y(dz, z, weights, gammas, ys, means, affine, n3):
+    """BN 3's backward and conv 3's gradients of an identity bottleneck without y3. With pixels
+    as rows, y3 = a2 w3^T for a2 = relu(bn2(y2)) (rounded to y2's dtype, as the prologue
+    rounds it) and w3 (C, K); g = dz * [z > 0]; G = g^T a2, Gram = a2^T a2, s = sum_p a2:
+        sum_p g * y3 = rowsum(w3 * G), so sum g * yhat3 = rstd3 (rowsum(w3 * G) - mean3 sum g)
+        dy3 = A g + B y3 + D                           (reference.bn_backward_affine)
+        dw3 = dy3^T a2 = A G + B (w3 Gram) + D s^T
+        d a2 = dy3 w3 = (A g) w3 + a2 M + e,  M = w3^T diag(B) w3 (K x K), e = w3^T D
+    a2 M + e is a 1x1 conv of a2 (t, K wide) added in the dgrad's epilogue, which also gives
+    s and BN 2's sums. The passes read dz and the mask once (writing g, the identity's
+    gradient too), y2 four times (a quarter of y3's width each) and never y3: per block
+    ~1.75 y3-sized reads fewer than the chain through y3, and y3 is not kept. Returns
+    (d a2, (BN 2's sum g, sum g * yhat), g, dw3, dgamma3, dbeta3)."""
+    y2 = ys[1]
+    rstd2, scale2, shift2 = affine[1]
+    c, k = weights[2].shape[:2]
+    sum_g, _, _, g = bn_bwd_reduce(dz, z, None, None, None, write_g=True)
+    pro = {"in_scale": scale2, "in_shift": shift2, "in_relu": True}
+    gg = conv_wgrad(y2, g, weights[2].shape, stride=1, padding=0, **pro)
+    gram = conv_wgrad(y2, Activated(y2, scale2, shift2), (k, k, 1, 1), stride=1, padding=0,
+                      **pro).reshape(k, k)
+    sum_gy, w3, aw, ag, bwd = last_bn_coefficients(weights[2], y2.dtype, gg, gammas[2],
+                                                   means[2], affine[2][0], sum_g, n3)
+    with torch.autocast(dz.device.type, enabled=False):  # fp32 products, whatever the caller
+        me = bwd.T @ w3  # (K + 1, K): M = w3^T diag(B) w3 (symmetric), then the row e = w3^T D
+    t, _ = conv_fwd(y2, me[:k].view(k, k, 1, 1), stride=1, padding=0, bias=me[k], **pro)
+    d_a2, (s_g, s_gy, s_a) = conv_dgrad(
+        g, aw.view(c, k, 1, 1), y2.shape, stride=1, padding=0, residual=t,
+        reduce=BnReduce(y2, scale2, shift2, means[1], rstd2), reduce_act=True)
+    with torch.autocast(dz.device.type, enabled=False):  # A G + B w3 Gram + D s^T
+        dw3 = torch.addmm(ag, bwd[:, :k], gram).addr_(bwd[:, k], s_a)
+    return d_a2, (s_g, s_gy), g, dw3.view(c, k, 1, 1), sum_gy, sum_g
+
+
 def relu_mask_like(z: Tensor) -> Tensor:
     """An empty tensor shaped as `block_train`'s relu_mask for the block output z."""
     n, c, h, w = z.shape
@@ -120,31 +163,41 @@ def block_train_backward(
     affine = [a.unbind(0) for a in affines]  # (rstd, scale, shift) views
     dz = to_nhwc(dz)
     z = relu_mask if relu_mask.dtype == BITS_DTYPE else to_nhwc(relu_mask)
-    n = [y.numel() // y.shape[1] for y in ys]
+    n = [y.numel() // y.shape[1] if y.numel() else dz.numel() // dz.shape[1] for y in ys]
     last = main - 1
     proj = shortcut == "projection"
-    # g = dz * [z > 0] is written by the pass that reduces the last BN's backward sums (it
-    # reads dz and the mask anyway) where it is the shortcut's gradient (identity, zero_pad),
-    # and where convs read the BN's backward on load: they read g instead of dz and a mask
-    # (with a projection: 4 reads of dz and z -> one write, 4 reads of g; the conv loops do
-    # not take the mask as bits).
-    on_load = not written and (proj or weights[last].shape[2] * weights[last].shape[3] == 1)
-    sum_g, sum_gy, sum_gyd, g = bn_bwd_reduce(
-        dz, z, ys[last], means[last], affine[last][0],
-        *((ys[-1], means[-1], affine[-1][0]) if proj else ()),
-        write_g=(need_dx and shortcut in ("identity", "zero_pad")) or on_load)
     dweights, dgammas, dbetas = [None] * len(weights), [None] * len(weights), [None] * len(weights)
-    dgammas[last], dbetas[last] = sum_gy, sum_g
-    bn = BnBackward(gammas[last], means[last], affine[last][0], sum_g, sum_gy, n[last])
     dyd = None
-    bnd = BnBackward(gammas[-1], means[-1], affine[-1][0], sum_g, sum_gyd, n[-1]) if proj \
-        else None
-    if written and proj:  # both BNs' dy in one pass over dz and z
-        dy, dyd, _ = bn_act_bwd(dz, z, ys[last], bn, y2=ys[-1], bn2=bnd)
+    if ys[last].numel() == 0:  # not kept (`backward_reads_last_y`): conv 3 done without it
+        d_inp, (s_g, s_gy), g, dweights[last], dgammas[last], dbetas[last] = \
+            _last_bn_backward_without_y(dz, z, weights, gammas, ys, means, affine, n[last])
+        start = last - 1
+        dgammas[start], dbetas[start] = s_gy, s_g
+        bn = BnBackward(gammas[start], means[start], affine[start][0], s_g, s_gy, n[start])
+        dy = _dy(d_inp, affine[start][1:], ys[start], bn,
+                 weights[start].shape[2] * weights[start].shape[3], written)
     else:
-        dy = _dy(g if g is not None else dz, None if g is not None else z, ys[last], bn,
-                 weights[last].shape[2] * weights[last].shape[3], written)
-    for i in range(last, -1, -1):
+        start = last
+        # g = dz * [z > 0] is written by the pass that reduces the last BN's backward sums (it
+        # reads dz and the mask anyway) where it is the shortcut's gradient (identity,
+        # zero_pad), and where convs read the BN's backward on load: they read g instead of
+        # dz and a mask (with a projection: 4 reads of dz and z -> one write, 4 reads of g;
+        # the conv loops do not take the mask as bits).
+        on_load = not written and (proj or weights[last].shape[2] * weights[last].shape[3] == 1)
+        sum_g, sum_gy, sum_gyd, g = bn_bwd_reduce(
+            dz, z, ys[last], means[last], affine[last][0],
+            *((ys[-1], means[-1], affine[-1][0]) if proj else ()),
+            write_g=(need_dx and shortcut in ("identity", "zero_pad")) or on_load)
+        dgammas[last], dbetas[last] = sum_gy, sum_g
+        bn = BnBackward(gammas[last], means[last], affine[last][0], sum_g, sum_gy, n[last])
+        bnd = BnBackward(gammas[-1], means[-1], affine[-1][0], sum_g, sum_gyd, n[-1]) if proj \
+            else None
+        if written and proj:  # both BNs' dy in one pass over dz and z
+            dy, dyd, _ = bn_act_bwd(dz, z, ys[last], bn, y2=ys[-1], bn2=bnd)
+        else:
+            dy = _dy(g if g is not None else dz, None if g is not None else z, ys[last], bn,
+                     weights[last].shape[2] * weights[last].shape[3], written)
+    for i in range(start, -1, -1):
         prologue = {}
         inp = x if i == 0 else ys[i - 1]
         if i and written:  # relu(bn(y)) recomputed, written, read by the plain wgrad loop
