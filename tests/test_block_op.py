@@ -357,3 +357,25 @@ def test_identity_bottleneck_backward_without_y3_equals_the_one_through_it(dtype
     for a, b in pairs:
         torch.testing.assert_close(b.double(), a.double(), rtol=tol,
                                    atol=tol * a.double().abs().max().item())
+
+
+@pytest.mark.parametrize("modes", [("on_load", "written"), ("written", "on_load")],
+                         ids=["fwd_on_load-bwd_written", "fwd_written-bwd_on_load"])
+def test_operand_mode_changed_between_forward_and_backward(modes):
+    """Whether y3 is kept is decided in forward (on load: not kept); a backward run under the
+    other operand mode follows what was saved and gives the same gradients."""
+    skip_without_triton()
+    from fused_resnet.triton.config import operands_mode
+
+    args = _block_args("bottleneck identity")
+    grads = []
+    for forward_mode, backward_mode in (modes, (modes[0], modes[0])):
+        leaves = [args[0].detach().clone().requires_grad_()] + [
+            [t.detach().clone().requires_grad_() for t in ts] for ts in args[1:4]]
+        with operands_mode(forward_mode):
+            z = OPS.block_train(leaves[0], *leaves[1:], *args[4:], "triton")[0]
+        with operands_mode(backward_mode):
+            z.backward(torch.linspace(-1, 1, z.numel(), device=DEVICE).view_as(z))
+        grads.append([leaves[0].grad] + [t.grad for ts in leaves[1:] for t in ts])
+    for got, expected in zip(*grads):
+        assert_close(got, expected, kind="grad")
