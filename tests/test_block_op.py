@@ -351,7 +351,7 @@ def test_identity_bottleneck_backward_without_y3_equals_the_one_through_it(dtype
         dz, x, bits, weights, *rest, [ys[0], ys[1], ys[2].new_empty(0)], means, affines,
         strides, paddings, eps, shortcut, s_stride, need_dx)
     assert (through[0] is None) == (without[0] is None) == (not need_dx)
-    tol = 1e-9 if dtype == torch.float64 else 1e-2
+    tol = 1e-9 if dtype == torch.float64 else 3e-2  # bf16: ~1e-2 seen (Triton 3.6, 3.8)
     pairs = [(through[0], without[0])] if need_dx else []
     pairs += [(a, b) for i in (1, 2, 3) for a, b in zip(through[i], without[i])]
     for a, b in pairs:
