@@ -323,8 +323,9 @@ def test_under_autocast_the_triton_block_takes_the_fp32_weights_themselves():
 
 @pytest.mark.parametrize("need_dx", [True, False], ids=["dx", "no_dx"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=["fp64", "bf16"])
-def test_identity_bottleneck_backward_without_y3_equals_the_one_through_it(dtype, need_dx):
-    """The identity bottleneck's backward without y3 (G = g^T a2, Gram = a2^T a2: the last
+@pytest.mark.parametrize("name", ["bottleneck identity", "bottleneck projection"])
+def test_bottleneck_backward_without_y3_equals_the_one_through_it(name, dtype, need_dx):
+    """A bottleneck's backward without y3 (G = g^T a2, Gram = a2^T a2: the last
     BN's sums, dw3 and d a2 from them) against the chain that reads y3 (still the path of a
     block whose y3 is kept): the same gradients to fp64 rounding, and in bf16 to y3's own
     rounding (the chain reads y3 rounded, the other computes with a2 w3^T unrounded)."""
@@ -332,8 +333,7 @@ def test_identity_bottleneck_backward_without_y3_equals_the_one_through_it(dtype
     from fused_resnet.ops import triton_block
 
     torch.manual_seed(3)
-    x, weights, gammas, betas, strides, paddings, eps, shortcut, s_stride = \
-        _block_args("bottleneck identity")
+    x, weights, gammas, betas, strides, paddings, eps, shortcut, s_stride = _block_args(name)
     master = torch.float64 if dtype == torch.float64 else torch.float32  # autocast's weights
     x, weights = x.detach().to(dtype).to(memory_format=torch.channels_last), \
         [w.detach().to(master) for w in weights]
@@ -348,8 +348,8 @@ def test_identity_bottleneck_backward_without_y3_equals_the_one_through_it(dtype
                                                 strides, paddings, eps, shortcut, s_stride,
                                                 need_dx)
     without = triton_block.block_train_backward(
-        dz, x, bits, weights, *rest, [ys[0], ys[1], ys[2].new_empty(0)], means, affines,
-        strides, paddings, eps, shortcut, s_stride, need_dx)
+        dz, x, bits, weights, *rest, [ys[0], ys[1], ys[2].new_empty(0), *ys[3:]], means,
+        affines, strides, paddings, eps, shortcut, s_stride, need_dx)
     assert (through[0] is None) == (without[0] is None) == (not need_dx)
     tol = 1e-9 if dtype == torch.float64 else 3e-2  # bf16: ~1e-2 seen (Triton 3.6, 3.8)
     pairs = [(through[0], without[0])] if need_dx else []

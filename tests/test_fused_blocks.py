@@ -19,6 +19,8 @@ BLOCKS = {
     "bottleneck projection v1.5": lambda b: FusedBottleneck(16, 8, 2, backend=b),
     "bottleneck projection v1": lambda b: FusedBottleneck(16, 8, 2, variant="v1", backend=b),
     "bottleneck option C": lambda b: FusedBottleneck(32, 8, 1, shortcut="C", backend=b),
+    "bottleneck option A": lambda b: FusedBottleneck(16, 8, 2, shortcut="A", backend=b),
+    "bottleneck plain": lambda b: FusedBottleneck(32, 8, 1, shortcut=None, backend=b),
 }
 
 

@@ -14,7 +14,7 @@ BN's (rstd, scale, shift) as a (3, C) tensor, as the forward applied it. Autogra
 x, the mask (z where it is empty), the y_i, the means and those (3, C) rows: backward
 recomputes relu(bn(y)) where it needs it, so no normalized or activated tensor is kept, and
 it sees the forward's ReLU mask exactly (no rstd recomputed from the variance). Where the
-kernels' backward does without y_L (`backward_reads_last_y`: Triton's identity bottleneck),
+kernels' backward does without y_L (`backward_reads_last_y`: Triton's bottlenecks),
 an empty tensor is saved in its place.
 The backward op takes `need_dx`: where x needs no gradient (the first trainable block after
 frozen layers) neither the first conv's nor the projection's data gradient is computed and

@@ -9,8 +9,8 @@ produces its gradient, and applies the BN backward on load in the next dgrad / w
 convs). An identity shortcut's gradient g = dz * [z > 0] comes from the pass that reduces the
 last BN's backward sums and is added to dx in conv 1's dgrad epilogue (a projection's dgrad
 adds conv 1's dx the same way): no separate pass; with a projection that pass writes g for
-the on-load convs of both BNs to read. An identity bottleneck does its last BN's backward
-without y3, from y2 and w3 (`_last_bn_backward_without_y`), so y3 is not kept for backward.
+the on-load convs of both BNs to read. A bottleneck does its last BN's backward without y3,
+from y2 and w3 (`_last_bn_backward_without_y`), so y3 is not kept for backward.
 The y_i are channels_last. Without `need_dx` (x needs no gradient) the dgrads of conv 1 and
 of the projection are not launched.
 
@@ -97,45 +97,45 @@ def block_train(
 
 def backward_reads_last_y(weights: list[Tensor], strides: list[int], shortcut: str) -> bool:
     """Whether `block_train_backward` reads y_L, the last main conv's output, which autograd
-    must then keep. Not for an identity bottleneck whose last conv is 1x1 with the operands on
+    must then keep. Not for a bottleneck whose last conv is 1x1 (stride 1) with the operands on
     load (`_last_bn_backward_without_y`): its y_3 (4x the width of y_1 or y_2) is not kept."""
-    return not (shortcut == "identity" and len(weights) == 3 and strides[2] == 1
-                and tuple(weights[2].shape[2:]) == (1, 1) and operands() == "on_load")
+    main = len(weights) - (shortcut == "projection")
+    return not (main == 3 and strides[2] == 1 and tuple(weights[2].shape[2:]) == (1, 1)
+                and operands() == "on_load")
 
 
-def _last_bn_backward_without_y(dz, z, weights, gammas, ys, means, affine, n3):
-    """BN 3's backward and conv 3's gradients of an identity bottleneck without y3. With pixels
-    as rows, y3 = a2 w3^T for a2 = relu(bn2(y2)) (rounded to y2's dtype, as the prologue
-    rounds it) and w3 (C, K); g = dz * [z > 0]; G = g^T a2, Gram = a2^T a2, s = sum_p a2:
+def _last_bn_backward_without_y(g, sum_g, weights, gammas, ys, means, affine, n3):
+    """BN 3's backward and conv 3's gradients of a bottleneck without y3, from g = dz * [z > 0]
+    and sum g (the sums pass). With pixels as rows, y3 = a2 w3^T for a2 = relu(bn2(y2))
+    (rounded to y2's dtype, as the prologue rounds it) and w3 (C, K); G = g^T a2,
+    Gram = a2^T a2, s = sum_p a2:
         sum_p g * y3 = rowsum(w3 * G), so sum g * yhat3 = rstd3 (rowsum(w3 * G) - mean3 sum g)
         dy3 = A g + B y3 + D                           (reference.bn_backward_affine)
         dw3 = dy3^T a2 = A G + B (w3 Gram) + D s^T
         d a2 = dy3 w3 = (A g) w3 + a2 M + e,  M = w3^T diag(B) w3 (K x K), e = w3^T D
     a2 M + e is a 1x1 conv of a2 (t, K wide) added in the dgrad's epilogue, which also gives
-    s and BN 2's sums. The passes read dz and the mask once (writing g, the identity's
-    gradient too), y2 five times (a quarter of y3's width) and never y3: 4.0 of a ResNet-50
-    bf16 step's 75.6 GB at batch 256 (`python -m fused_resnet traffic`), for 2.5% more
-    FLOPs, and y3 is not kept. Returns (d a2, (BN 2's sum g, sum g * yhat), g, dw3,
-    dgamma3, dbeta3)."""
+    s and BN 2's sums. These passes read g twice (as the chain through y3 did), y2 five times
+    (a quarter of y3's width) and never y3: 75.6 -> 70.1 GB a ResNet-50 bf16 step at batch 256 (`python -m
+    fused_resnet traffic`), for 3.4% more FLOPs, and y3 is not kept. Returns (d a2,
+    (BN 2's sum g, sum g * yhat), dw3, dgamma3, dbeta3)."""
     y2 = ys[1]
     rstd2, scale2, shift2 = affine[1]
     c, k = weights[2].shape[:2]
-    sum_g, _, _, g = bn_bwd_reduce(dz, z, None, None, None, write_g=True)
     pro = {"in_scale": scale2, "in_shift": shift2, "in_relu": True}
     gg = conv_wgrad(y2, g, weights[2].shape, stride=1, padding=0, **pro)
     gram = conv_wgrad(y2, Activated(y2, scale2, shift2), (k, k, 1, 1), stride=1, padding=0,
                       **pro).reshape(k, k)
     sum_gy, w3, aw, ag, bwd = last_bn_coefficients(weights[2], y2.dtype, gg, gammas[2],
                                                    means[2], affine[2][0], sum_g, n3)
-    with torch.autocast(dz.device.type, enabled=False):  # fp32 products, whatever the caller
+    with torch.autocast(g.device.type, enabled=False):  # fp32 products, whatever the caller
         me = bwd.T @ w3  # (K + 1, K): M = w3^T diag(B) w3 (symmetric), then the row e = w3^T D
     t, _ = conv_fwd(y2, me[:k].view(k, k, 1, 1), stride=1, padding=0, bias=me[k], **pro)
     d_a2, (s_g, s_gy, s_a) = conv_dgrad(
         g, aw.view(c, k, 1, 1), y2.shape, stride=1, padding=0, residual=t,
         reduce=BnReduce(y2, scale2, shift2, means[1], rstd2), reduce_act=True)
-    with torch.autocast(dz.device.type, enabled=False):  # A G + B w3 Gram + D s^T
+    with torch.autocast(g.device.type, enabled=False):  # A G + B w3 Gram + D s^T
         dw3 = torch.addmm(ag, bwd[:, :k], gram).addr_(bwd[:, k], s_a)
-    return d_a2, (s_g, s_gy), g, dw3.view(c, k, 1, 1), sum_gy, sum_g
+    return d_a2, (s_g, s_gy), dw3.view(c, k, 1, 1), sum_gy, sum_g
 
 
 def relu_mask_like(z: Tensor) -> Tensor:
@@ -172,13 +172,20 @@ def block_train_backward(
     dweights, dgammas, dbetas = [None] * len(weights), [None] * len(weights), [None] * len(weights)
     dyd = None
     if ys[last].numel() == 0:  # not kept (`backward_reads_last_y`): conv 3 done without it
-        d_inp, (s_g, s_gy), g, dweights[last], dgammas[last], dbetas[last] = \
-            _last_bn_backward_without_y(dz, z, weights, gammas, ys, means, affine, n[last])
+        # The sums pass writes g (read by conv 3's passes and the shortcut's) and, with a
+        # projection, also reduces that BN's sums.
+        sum_g, sum_gyd, _, g = bn_bwd_reduce(
+            dz, z, *((ys[-1], means[-1], affine[-1][0]) if proj else (None, None, None)),
+            write_g=True)
+        d_inp, (s_g, s_gy), dweights[last], dgammas[last], dbetas[last] = \
+            _last_bn_backward_without_y(g, sum_g, weights, gammas, ys, means, affine, n[last])
         start = last - 1
         dgammas[start], dbetas[start] = s_gy, s_g
         bn = BnBackward(gammas[start], means[start], affine[start][0], s_g, s_gy, n[start])
         dy = _dy(d_inp, affine[start][1:], ys[start], bn,
                  weights[start].shape[2] * weights[start].shape[3], written)
+        bnd = BnBackward(gammas[-1], means[-1], affine[-1][0], sum_g, sum_gyd, n[-1]) if proj \
+            else None
     else:
         start = last
         # g = dz * [z > 0] is written by the pass that reduces the last BN's backward sums (it

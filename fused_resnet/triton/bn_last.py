@@ -1,4 +1,4 @@
-"""The per-channel work of an identity bottleneck's last BN backward without its conv output
+"""The per-channel work of a bottleneck's last BN backward without its conv output
 y3 (`ops.triton_block._last_bn_backward_without_y`), in one launch.
 
 With pixels as rows, y3 = a2 w^T for the activation a2 (P x K) and the 1x1 conv weight w

@@ -10,7 +10,7 @@ cost ~70 more SASS instructions a step, sm_90 bf16 128x128x32, 2026-12-04). Wort
 it where each dy element is loaded once (1x1 convs); a 3x3 dgrad reloads it for every tap.
 
 wgrad also takes dy as an `Activated`: relu(y * scale + shift) of a BN's input (the Gram
-matrix of an activation, which the identity bottleneck's last BN backward needs).
+matrix of an activation, which a bottleneck's last BN backward needs).
 """
 
 from typing import NamedTuple
