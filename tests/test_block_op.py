@@ -331,6 +331,7 @@ def test_bottleneck_backward_without_y3_equals_the_one_through_it(name, dtype, n
     rounding (the chain reads y3 rounded, the other computes with a2 w3^T unrounded)."""
     skip_without_triton()
     from fused_resnet.ops import triton_block
+    from fused_resnet.triton.config import operands_mode
 
     torch.manual_seed(3)
     x, weights, gammas, betas, strides, paddings, eps, shortcut, s_stride = _block_args(name)
@@ -339,8 +340,12 @@ def test_bottleneck_backward_without_y3_equals_the_one_through_it(name, dtype, n
         [w.detach().to(master) for w in weights]
     gammas, betas = [g.detach().to(master) for g in gammas], [b.detach().to(master) for b in betas]
     args = (weights, gammas, betas, strides, paddings, eps, shortcut, s_stride)
-    assert not triton_block.backward_reads_last_y(weights, strides, shortcut)
-    z, bits, ys, means, _, affines = triton_block.block_train(x, *args)
+    with operands_mode("on_load"):  # whatever FUSED_RESNET_OPERANDS says
+        assert not triton_block.backward_reads_last_y(weights, strides, shortcut)
+        assert triton_block.backward_reads_last_y(weights, [1, 1, 2, 1], shortcut)
+        z, bits, ys, means, _, affines = triton_block.block_train(x, *args)
+    with operands_mode("written"):
+        assert triton_block.backward_reads_last_y(weights, strides, shortcut)
     dz = torch.randn(z.shape, dtype=torch.float64, device=DEVICE).to(dtype).contiguous(
         memory_format=torch.channels_last)
     rest = (gammas, betas)
