@@ -115,9 +115,9 @@ def _last_bn_backward_without_y(g, sum_g, weights, gammas, ys, means, affine, n3
         d a2 = dy3 w3 = (A g) w3 + a2 M + e,  M = w3^T diag(B) w3 (K x K), e = w3^T D
     a2 M + e is a 1x1 conv of a2 (t, K wide) added in the dgrad's epilogue, which also gives
     s and BN 2's sums. These passes read g twice (as the chain through y3 did), y2 five times
-    (a quarter of y3's width) and never y3: 75.6 -> 70.1 GB a ResNet-50 bf16 step at batch 256 (`python -m
-    fused_resnet traffic`), for 3.4% more FLOPs, and y3 is not kept. Returns (d a2,
-    (BN 2's sum g, sum g * yhat), dw3, dgamma3, dbeta3)."""
+    (a quarter of y3's width) and never y3: 75.6 -> 70.1 GB a ResNet-50 bf16 step at batch
+    256 (`python -m fused_resnet traffic`), for 3.4% more FLOPs, and y3 is not kept.
+    Returns (d a2, (BN 2's sum g, sum g * yhat), dw3, dgamma3, dbeta3)."""
     y2 = ys[1]
     rstd2, scale2, shift2 = affine[1]
     c, k = weights[2].shape[:2]
