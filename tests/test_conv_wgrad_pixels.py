@@ -31,6 +31,19 @@ def _case_id(case):
     return f"n{n}-{c_in}x{h}x{w}-{c_out}-k{k}s{s}p{p}"
 
 
+def _wgrad_case(case, seed):
+    """(x, dy, weight shape, conv arguments, torch's dw) in fp64, channels_last."""
+    n, c_in, h, w, c_out, k, stride, padding = case
+    g = torch.Generator().manual_seed(seed)
+    cl = torch.channels_last
+    x = torch.randn(n, c_in, h, w, generator=g, dtype=torch.float64).contiguous(memory_format=cl)
+    ho, wo = (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1
+    dy = torch.randn(n, c_out, ho, wo, generator=g, dtype=torch.float64).contiguous(
+        memory_format=cl)
+    expected = conv2d_weight(x, (c_out, c_in, k, k), dy, stride=stride, padding=padding)
+    return x, dy, (c_out, c_in, k, k), dict(stride=stride, padding=padding), expected
+
+
 @pytest.mark.parametrize(("split", "atomic"), [(1, False), (3, False), (7, False), (3, True),
                                                (7, True)],
                          ids=["1", "3", "7", "3-atomic", "7-atomic"])
@@ -39,16 +52,8 @@ def test_wgrad_steps_through_every_pixel_once(case, split, atomic):
     skip_without_triton()
     from fused_resnet.triton.conv_bwd import conv_wgrad
 
-    n, c_in, h, w, c_out, k, stride, padding = case
-    g = torch.Generator().manual_seed(sum(case))
-    cl = torch.channels_last
-    x = torch.randn(n, c_in, h, w, generator=g, dtype=torch.float64).contiguous(memory_format=cl)
-    ho, wo = (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1
-    dy = torch.randn(n, c_out, ho, wo, generator=g, dtype=torch.float64).contiguous(
-        memory_format=cl)
-    dw = conv_wgrad(x, dy, (c_out, c_in, k, k), stride=stride, padding=padding, split=split,
-                    atomic=atomic)
-    expected = conv2d_weight(x, (c_out, c_in, k, k), dy, stride=stride, padding=padding)
+    x, dy, shape, conv, expected = _wgrad_case(case, sum(case))
+    dw = conv_wgrad(x, dy, shape, split=split, atomic=atomic, **conv)
     torch.testing.assert_close(dw, expected, rtol=1e-10, atol=1e-10)
 
 
@@ -109,18 +114,6 @@ def test_wgrad_split_fills_the_gpu_for_few_output_tiles(monkeypatch):
     assert config.wgrad_split(config.WGRAD_MIN_ROWS - 1, 1) == 1
     monkeypatch.setattr(config, "interpreting", lambda: True)
     assert config.wgrad_split(256 * 112 * 112, stem) == 1
-
-
-def _wgrad_case(case, seed):
-    n, c_in, h, w, c_out, k, stride, padding = case
-    g = torch.Generator().manual_seed(seed)
-    cl = torch.channels_last
-    x = torch.randn(n, c_in, h, w, generator=g, dtype=torch.float64).contiguous(memory_format=cl)
-    ho, wo = (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1
-    dy = torch.randn(n, c_out, ho, wo, generator=g, dtype=torch.float64).contiguous(
-        memory_format=cl)
-    expected = conv2d_weight(x, (c_out, c_in, k, k), dy, stride=stride, padding=padding)
-    return x, dy, (c_out, c_in, k, k), dict(stride=stride, padding=padding), expected
 
 
 def test_wgrad_slices_added_by_atomics_only_where_launches_are_tuned(monkeypatch):
