@@ -134,7 +134,7 @@ def test_a_block_keeps_a_plan_per_input_signature_of_its_current_fold(backend, c
                 assert torch.equal(block(t), out)
             block(x)
         assert len(checked_calls) == limit and len(block_module._EVAL_PLANS[block]) == limit
-        block(inputs[1])  # most recently used: x, then inputs[1]; the least: inputs[2]
+        block(inputs[1])  # most recently used: inputs[1], then x; the least: inputs[2]
         block(inputs[limit])  # a fifth size: checked, and the plan of inputs[2] dropped
         assert len(checked_calls) == limit + 1
         assert len(block_module._EVAL_PLANS[block]) == limit
