@@ -30,8 +30,13 @@ OPS = torch.ops.fused_resnet
 BLOCKS = {
     "basic identity": (8, [(8, 3, 1, 1), (8, 3, 1, 1)], "identity", 1),
     "basic option A": (4, [(8, 3, 2, 1), (8, 3, 1, 1)], "zero_pad", 2),
+    # on Triton both backward without the projection's y_d (not kept), and the bottleneck
+    # without y3
+    "basic projection": (4, [(8, 3, 2, 1), (8, 3, 1, 1), (8, 1, 2, 0)], "projection", 2),
     "bottleneck projection": (8, [(4, 1, 1, 0), (4, 3, 2, 1), (16, 1, 1, 0), (16, 1, 2, 0)],
                               "projection", 2),
+    "bottleneck projection stride 1": (8, [(4, 1, 1, 0), (4, 3, 1, 1), (16, 1, 1, 0),
+                                           (16, 1, 1, 0)], "projection", 1),
     # its last conv is 1x1: on Triton its backward does without y3 (not kept), with or without
     # x's gradient
     "bottleneck identity": (16, [(4, 1, 1, 0), (4, 3, 1, 1), (16, 1, 1, 0)], "identity", 1),
@@ -118,9 +123,12 @@ def test_no_data_gradient_for_an_input_without_grad(name, kernels, monkeypatch):
 
     dgrads = []  # (the conv's weight, whether its data gradient was computed)
     dgrad, aten_backward = triton_block.conv_dgrad, native_block.conv_backward
+    args = _block_args(name)
 
     def recording_dgrad(dy, weight, x_shape, **kwargs):
-        dgrads.append((weight.data_ptr(), True))
+        # the projection's without y_d takes a * w_d as its weight, and a tap residual
+        dgrads.append(("w_d" if kwargs.get("tap_residual") is not None else weight.data_ptr(),
+                       True))
         return dgrad(dy, weight, x_shape, **kwargs)
 
     def recording_backward(dy, x, weight, stride, padding, groups, need_dx=True):
@@ -129,7 +137,6 @@ def test_no_data_gradient_for_an_input_without_grad(name, kernels, monkeypatch):
 
     monkeypatch.setattr(triton_block, "conv_dgrad", recording_dgrad)
     monkeypatch.setattr(native_block, "conv_backward", recording_backward)
-    args = _block_args(name)
     grads = []
     for x_grad in (True, False):
         x = args[0].detach().requires_grad_(x_grad)
@@ -140,7 +147,8 @@ def test_no_data_gradient_for_an_input_without_grad(name, kernels, monkeypatch):
             z.backward(torch.linspace(-1, 1, z.numel(), device=DEVICE).view_as(z))
         assert (x.grad is not None) == x_grad
         on_x = [leaves[0][0]] + ([leaves[0][-1]] if args[7] == "projection" else [])
-        data_grads = [need for ptr, need in dgrads if ptr in {w.data_ptr() for w in on_x}]
+        data_grads = [need for ptr, need in dgrads
+                      if ptr == "w_d" or ptr in {w.data_ptr() for w in on_x}]
         expected = 2 * len(on_x)  # conv 1 (+ projection), two calls
         assert data_grads == ([True] * expected if x_grad else
                               [] if kernels == "triton" else [False] * expected), dgrads
@@ -149,31 +157,46 @@ def test_no_data_gradient_for_an_input_without_grad(name, kernels, monkeypatch):
         assert_close(got, expected, kind="grad")
 
 
-def _block_pair(backend):
-    """A torchvision Bottleneck with an identity shortcut and its fused twin, same weights."""
-    eager = torch.nn.Sequential(torchvision.models.resnet.Bottleneck(32, 8)).to(DEVICE)
-    fused = torch.nn.Sequential(torchvision.models.resnet.Bottleneck(32, 8)).to(DEVICE)
+def _block_pair(backend, shortcut="identity"):
+    """A torchvision Bottleneck (32 -> 32 with an identity shortcut, or 16 -> 32 at stride 2
+    with a projection) and its fused twin, same weights."""
+    def block():
+        if shortcut == "identity":
+            return torchvision.models.resnet.Bottleneck(32, 8)
+        downsample = torch.nn.Sequential(torch.nn.Conv2d(16, 32, 1, 2, bias=False),
+                                         torch.nn.BatchNorm2d(32))
+        return torchvision.models.resnet.Bottleneck(16, 8, stride=2, downsample=downsample)
+
+    eager = torch.nn.Sequential(block()).to(DEVICE)
+    fused = torch.nn.Sequential(block()).to(DEVICE)
     fused.load_state_dict(eager.state_dict())
     return eager.train(), fr.convert(fused, backend=backend).train()
 
 
+@pytest.mark.parametrize("shortcut", ["identity", "projection"])
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
-def test_block_saves_no_activated_tensor(backend):
-    """Eager keeps x, y1, a1, y2, a2, y3 and z (conv inputs, BN inputs, ReLU outputs); the
-    fused block keeps x, y1, y2, y3, z: exactly a1 and a2 fewer bytes. Per BN of C channels
-    eager keeps the batch mean and 1 / std (2C floats), the fused block the mean and the
-    (rstd, scale, shift) its forward applied (4C). On Triton the block keeps z's ReLU mask
-    as bits (one int32 word per pixel and 32 channels) instead of z, and no y3 (its backward
-    does without it: `triton_block._last_bn_backward_without_y`)."""
-    eager, fused = _block_pair(backend)
-    x = torch.randn(2, 32, 6, 6, device=DEVICE)
-    a_bytes = 2 * (2 * 8 * 6 * 6 * 4)  # a1 and a2: (2, 8, 6, 6) fp32 each
-    stat_bytes = 2 * (8 + 8 + 32) * 4  # 2C more fp32 per BN
-    z_bytes = 2 * 32 * 6 * 6 * 4 - 2 * 6 * 6 * 4 if backend == "triton" else 0  # z -> bits
-    y3_bytes = 2 * 32 * 6 * 6 * 4 if backend == "triton" else 0
+def test_block_saves_no_activated_tensor(backend, shortcut):
+    """Eager keeps x, y1, a1, y2, a2, y3 (, y_d) and z (conv inputs, BN inputs, ReLU
+    outputs); the fused block keeps x, y1, y2, y3 (, y_d), z: exactly a1 and a2 fewer bytes.
+    Per BN of C channels eager keeps the batch mean and 1 / std (2C floats), the fused block
+    the mean and the (rstd, scale, shift) its forward applied (4C). On Triton the block keeps
+    z's ReLU mask as bits (one int32 word per pixel and 32 channels) instead of z, and
+    neither y3 nor y_d (its backward does without them:
+    `triton_block._last_bn_backward_without_y`, `_shortcut_bn_backward_without_y`)."""
+    eager, fused = _block_pair(backend, shortcut)
+    c_in, s = (32, 1) if shortcut == "identity" else (16, 2)
+    x = torch.randn(2, c_in, 6, 6, device=DEVICE)
+    pixels, out_pixels = 2 * 6 * 6, 2 * (6 // s) * (6 // s)
+    a_bytes = (pixels + out_pixels) * 8 * 4  # a1 and a2: 8 fp32 channels each
+    bns = [8, 8, 32] + ([32] if shortcut == "projection" else [])
+    stat_bytes = 2 * sum(bns) * 4  # 2C more fp32 per BN
+    out_bytes = out_pixels * 32 * 4  # z, y3 and y_d each
+    triton = backend == "triton"
+    z_bytes = out_bytes - out_pixels * 4 if triton else 0  # z -> bits
+    y_bytes = out_bytes * (len(bns) - 2) if triton else 0  # y3 (and y_d) not kept
     eager_bytes = activation_bytes(eager, lambda: eager(x))
     fused_bytes = activation_bytes(fused, lambda: fused(x))
-    assert fused_bytes == eager_bytes - a_bytes + stat_bytes - z_bytes - y3_bytes, (
+    assert fused_bytes == eager_bytes - a_bytes + stat_bytes - z_bytes - y_bytes, (
         fused_bytes, eager_bytes)
 
 
@@ -323,12 +346,16 @@ def test_under_autocast_the_triton_block_takes_the_fp32_weights_themselves():
 
 @pytest.mark.parametrize("need_dx", [True, False], ids=["dx", "no_dx"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=["fp64", "bf16"])
-@pytest.mark.parametrize("name", ["bottleneck identity", "bottleneck projection"])
-def test_bottleneck_backward_without_y3_equals_the_one_through_it(name, dtype, need_dx):
+@pytest.mark.parametrize("name, unkept", [
+    ("bottleneck identity", [2]), ("bottleneck projection", [2]),
+    ("bottleneck projection", [3]), ("bottleneck projection", [2, 3]),
+    ("bottleneck projection stride 1", [2, 3]), ("basic projection", [2])])
+def test_backward_without_y3_or_yd_equals_the_one_through_them(name, unkept, dtype, need_dx):
     """A bottleneck's backward without y3 (G = g^T a2, Gram = a2^T a2: the last
-    BN's sums, dw3 and d a2 from them) against the chain that reads y3 (still the path of a
-    block whose y3 is kept): the same gradients to fp64 rounding, and in bf16 to y3's own
-    rounding (the chain reads y3 rounded, the other computes with a2 w3^T unrounded)."""
+    BN's sums, dw3 and d a2 from them), and a projection's without y_d (the same with x at
+    the shortcut's stride in the place of a2), against the chain that reads them (still
+    the path where they are kept): the same gradients to fp64 rounding, and in bf16 to the
+    y's own rounding (the chain reads y rounded, the other computes with a w^T unrounded)."""
     skip_without_triton()
     from fused_resnet.ops import triton_block
     from fused_resnet.triton.config import operands_mode
@@ -340,12 +367,14 @@ def test_bottleneck_backward_without_y3_equals_the_one_through_it(name, dtype, n
         [w.detach().to(master) for w in weights]
     gammas, betas = [g.detach().to(master) for g in gammas], [b.detach().to(master) for b in betas]
     args = (weights, gammas, betas, strides, paddings, eps, shortcut, s_stride)
+    proj = [len(weights) - 1] if shortcut == "projection" else []
     with operands_mode("on_load"):  # whatever FUSED_RESNET_OPERANDS says
-        assert not triton_block.backward_reads_last_y(weights, strides, shortcut)
-        assert triton_block.backward_reads_last_y(weights, [1, 1, 2, 1], shortcut)
+        assert triton_block.unkept_ys(weights, strides, shortcut) == sorted(
+            ([2] if len(weights) - len(proj) == 3 else []) + proj)
+        assert triton_block.unkept_ys(weights, [1, 1, 2, 1], shortcut) == proj  # 3rd strided
         z, bits, ys, means, _, affines = triton_block.block_train(x, *args)
     with operands_mode("written"):
-        assert triton_block.backward_reads_last_y(weights, strides, shortcut)
+        assert triton_block.unkept_ys(weights, strides, shortcut) == []
     dz = torch.randn(z.shape, dtype=torch.float64, device=DEVICE).to(dtype).contiguous(
         memory_format=torch.channels_last)
     rest = (gammas, betas)
@@ -353,7 +382,8 @@ def test_bottleneck_backward_without_y3_equals_the_one_through_it(name, dtype, n
                                                 strides, paddings, eps, shortcut, s_stride,
                                                 need_dx)
     without = triton_block.block_train_backward(
-        dz, x, bits, weights, *rest, [ys[0], ys[1], ys[2].new_empty(0), *ys[3:]], means,
+        dz, x, bits, weights, *rest, [y.new_empty(0) if i in unkept else y
+                                      for i, y in enumerate(ys)], means,
         affines, strides, paddings, eps, shortcut, s_stride, need_dx)
     assert (through[0] is None) == (without[0] is None) == (not need_dx)
     tol = 1e-9 if dtype == torch.float64 else 3e-2  # bf16: ~1e-2 seen (Triton 3.6, 3.8)
@@ -364,15 +394,16 @@ def test_bottleneck_backward_without_y3_equals_the_one_through_it(name, dtype, n
                                    atol=tol * a.double().abs().max().item())
 
 
+@pytest.mark.parametrize("name", ["bottleneck identity", "bottleneck projection"])
 @pytest.mark.parametrize("modes", [("on_load", "written"), ("written", "on_load")],
                          ids=["fwd_on_load-bwd_written", "fwd_written-bwd_on_load"])
-def test_operand_mode_changed_between_forward_and_backward(modes):
-    """Whether y3 is kept is decided in forward (on load: not kept); a backward run under the
-    other operand mode follows what was saved and gives the same gradients."""
+def test_operand_mode_changed_between_forward_and_backward(modes, name):
+    """Whether y3 and y_d are kept is decided in forward (on load: not kept); a backward run
+    under the other operand mode follows what was saved and gives the same gradients."""
     skip_without_triton()
     from fused_resnet.triton.config import operands_mode
 
-    args = _block_args("bottleneck identity")
+    args = _block_args(name)
     grads = []
     for forward_mode, backward_mode in (modes, (modes[0], modes[0])):
         leaves = [args[0].detach().clone().requires_grad_()] + [

@@ -185,6 +185,37 @@ def test_dgrad_adds_a_residual_gradient_in_its_epilogue(case, res_dtype):
                    residual=residual[:, :1])
 
 
+@pytest.mark.parametrize("case", [CASES[3], CASES[4], CASES[13], (4, 9, 8, 3, 1, 3, 0)],
+                         ids=_case_id)
+@pytest.mark.parametrize("with_residual", [True, False], ids=["res", "no_res"])
+def test_dgrad_adds_a_tap_residual_where_the_taps_land(case, with_residual):
+    """tap_residual t (dy's pixels, x's channels; 1x1 convs without padding): dx =
+    conv2d_input(dy) (+ residual) with t added at the strided pixels only,
+    dx[:, :, ::s, ::s] += t (a projection's gradient without y_d); odd sizes, whose last
+    row and column of phase 0 still get a tap, and stride 3. Other kernels, a padding or a
+    wrong shape are refused by name."""
+    skip_without_triton()
+    from fused_resnet.triton.conv_bwd import conv_dgrad
+
+    x_shape, weight, dy = _setup(case)
+    stride = case[5]
+    g = torch.Generator().manual_seed(5)
+    t = torch.randn(dy.shape[0], x_shape[1], *dy.shape[2:], generator=g, dtype=torch.float64)
+    residual = torch.randn(x_shape, generator=g, dtype=torch.float64) if with_residual else None
+    dx = conv_dgrad(dy, weight, x_shape, stride=stride, padding=0, residual=residual,
+                    tap_residual=t)
+    expected = conv2d_input(x_shape, weight, dy, stride=stride, padding=0)
+    if with_residual:
+        expected += residual
+    expected[:, :, ::stride, ::stride] += t
+    torch.testing.assert_close(dx, expected, rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="tap_residual must have shape"):
+        conv_dgrad(dy, weight, x_shape, stride=stride, padding=0, tap_residual=t[:, 1:])
+    x3, w3, dy3 = _setup(CASES[1])
+    with pytest.raises(ValueError, match="tap_residual needs a 1x1 conv without padding"):
+        conv_dgrad(dy3, w3, x3, stride=2, padding=1, tap_residual=dy3[:, :4])
+
+
 def test_the_conv_loops_refuse_a_relu_mask_given_as_bits():
     """The conv loops read [z > 0] from z or recompute it from (scale, shift); the packed
     bits (`eltwise.bn_act_fwd_bits`) are for the elementwise kernels: a BnGrad holding them

@@ -14,8 +14,8 @@ BN's (rstd, scale, shift) as a (3, C) tensor, as the forward applied it. Autogra
 x, the mask (z where it is empty), the y_i, the means and those (3, C) rows: backward
 recomputes relu(bn(y)) where it needs it, so no normalized or activated tensor is kept, and
 it sees the forward's ReLU mask exactly (no rstd recomputed from the variance). Where the
-kernels' backward does without y_L (`backward_reads_last_y`: Triton's bottlenecks),
-an empty tensor is saved in its place.
+kernels' backward does without a y_i (`unkept_ys`: on Triton a bottleneck's y_3 and a
+projection's y_d), an empty tensor is saved in its place.
 The backward op takes `need_dx`: where x needs no gradient (the first trainable block after
 frozen layers) neither the first conv's nor the projection's data gradient is computed and
 dx is an empty tensor.
@@ -123,9 +123,8 @@ def _(dz, x, relu_mask, weights, gammas, betas, ys, means, affines, strides, pad
 def _setup(ctx, inputs, output):
     x, weights, gammas, betas, strides, paddings, eps, shortcut, shortcut_stride, kernels = inputs
     z, mask, ys, means, _variances, affines = output
-    last = len(weights) - (shortcut == "projection") - 1
-    if not block_module(kernels).backward_reads_last_y(weights, strides, shortcut):
-        ys = [*ys[:last], ys[last].new_empty(0), *ys[last + 1:]]  # not kept: backward's
+    unkept = block_module(kernels).unkept_ys(weights, strides, shortcut)
+    ys = [y.new_empty(0) if i in unkept else y for i, y in enumerate(ys)]  # empty in their place
     ctx.save_for_backward(x, mask if mask.numel() else z, *weights, *gammas, *betas, *ys,
                           *means, *affines)
     ctx.args = (len(weights), strides, paddings, eps, shortcut, shortcut_stride, kernels)

@@ -39,9 +39,9 @@ def _shortcut(x: Tensor, shortcut: str, out_channels: int, stride: int, projecti
     return None
 
 
-def backward_reads_last_y(weights: list[Tensor], strides: list[int], shortcut: str) -> bool:
-    """Whether `block_train_backward` reads the last main conv's output: always here."""
-    return True
+def unkept_ys(weights: list[Tensor], strides: list[int], shortcut: str) -> list[int]:
+    """The conv outputs `block_train_backward` does without: none here (it reads them all)."""
+    return []
 
 
 def block_train(

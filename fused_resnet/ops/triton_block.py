@@ -10,7 +10,8 @@ convs). An identity shortcut's gradient g = dz * [z > 0] comes from the pass tha
 last BN's backward sums and is added to dx in conv 1's dgrad epilogue (a projection's dgrad
 adds conv 1's dx the same way): no separate pass; with a projection that pass writes g for
 the on-load convs of both BNs to read. A bottleneck does its last BN's backward without y3,
-from y2 and w3 (`_last_bn_backward_without_y`), so y3 is not kept for backward.
+from y2 and w3 (`_last_bn_backward_without_y`), and a projection its shortcut BN's without
+y_d, from x and w_d (`_shortcut_bn_backward_without_y`): neither is kept (`unkept_ys`).
 The y_i are channels_last. Without `need_dx` (x needs no gradient) the dgrads of conv 1 and
 of the projection are not launched.
 
@@ -95,13 +96,20 @@ def block_train(
     return z, bits, ys, means, variances, affines
 
 
-def backward_reads_last_y(weights: list[Tensor], strides: list[int], shortcut: str) -> bool:
-    """Whether `block_train_backward` reads y_L, the last main conv's output, which autograd
-    must then keep. Not for a bottleneck whose last conv is 1x1 (stride 1) with the operands on
-    load (`_last_bn_backward_without_y`): its y_3 (4x the width of y_1 or y_2) is not kept."""
+def unkept_ys(weights: list[Tensor], strides: list[int], shortcut: str) -> list[int]:
+    """Indices of the conv outputs y_i that `block_train_backward` does without, which
+    autograd then need not keep: with the operands on load, a bottleneck's y_3 when its last
+    conv is 1x1 with stride 1 (`_last_bn_backward_without_y`; 4x the width of y_1 or y_2)
+    and a projection's y_d (`_shortcut_bn_backward_without_y`)."""
+    if operands() != "on_load":
+        return []
     main = len(weights) - (shortcut == "projection")
-    return not (main == 3 and strides[2] == 1 and tuple(weights[2].shape[2:]) == (1, 1)
-                and operands() == "on_load")
+    unkept = []
+    if main == 3 and strides[2] == 1 and tuple(weights[2].shape[2:]) == (1, 1):
+        unkept.append(2)
+    if shortcut == "projection":
+        unkept.append(main)
+    return unkept
 
 
 def _last_bn_backward_without_y(g, sum_g, weights, gammas, ys, means, affine, n3):
@@ -138,6 +146,39 @@ def _last_bn_backward_without_y(g, sum_g, weights, gammas, ys, means, affine, n3
     return d_a2, (s_g, s_gy), dw3.view(c, k, 1, 1), sum_gy, sum_g
 
 
+def _shortcut_bn_backward_without_y(g, sum_g, x, weight, gamma, mean, rstd, n, stride,
+                                    dx_main):
+    """A projection shortcut's BN backward and conv gradients without y_d, as
+    `_last_bn_backward_without_y` does for y3, with x_s = x[:, :, ::stride, ::stride] in the
+    place of a2: y_d = x_s w^T (w (C, K) rounded to x's dtype), G = g^T x_s,
+    Gram = x_s^T x_s, s = sum_p x_s; dy_d = A g + B y_d + D, so
+        dw = A G + B (w Gram) + D s^T,  dx_s = (A g) w + x_s M + e  (M = w^T diag(B) w,
+        e = w^T D),
+    and dx = dx_main + dx_s at the strided pixels: conv_dgrad's `residual` and
+    `tap_residual` (t = x_s M + e, a 1x1 conv). x_s is copied once where stride > 1, so
+    that the Gram (a wgrad whose dy is x_s) reads it densely. Against the chain through y_d
+    (3 reads of it: the sums pass, the wgrad and the dgrad applying the BN backward on load)
+    these passes read x_s (K wide, C / K = 2 or 4) five times, and the two BN-backward loops
+    become plain ones. Without dx_main (x needs no gradient) no dx.
+    Returns (dx or None, dw, d gamma, d beta)."""
+    c, k = weight.shape[:2]
+    x_s = to_nhwc(x if stride == 1 else x[:, :, ::stride, ::stride])
+    gg = conv_wgrad(x_s, g, weight.shape, stride=1, padding=0)
+    gram = conv_wgrad(x_s, x_s, (k, k, 1, 1), stride=1, padding=0).reshape(k, k)
+    sum_gy, w, aw, ag, bwd = last_bn_coefficients(weight, x.dtype, gg, gamma, mean, rstd,
+                                                  sum_g, n)
+    with torch.autocast(g.device.type, enabled=False):  # fp32 products, whatever the caller
+        s = x_s.sum((0, 2, 3), dtype=gram.dtype)
+        dw = torch.addmm(ag, bwd[:, :k], gram).addr_(bwd[:, k], s)
+        me = bwd.T @ w if dx_main is not None else None  # (K + 1, K): M, then the row e
+    dx = None
+    if dx_main is not None:
+        t, _ = conv_fwd(x_s, me[:k].view(k, k, 1, 1), stride=1, padding=0, bias=me[k])
+        dx = conv_dgrad(g, aw.view(c, k, 1, 1), x.shape, stride=stride, padding=0,
+                        residual=dx_main, tap_residual=t)
+    return dx, dw.view(c, k, 1, 1), sum_gy, sum_g.clone()  # both BNs feed the same sum g
+
+
 def relu_mask_like(z: Tensor) -> Tensor:
     """An empty tensor shaped as `block_train`'s relu_mask for the block output z."""
     n, c, h, w = z.shape
@@ -169,13 +210,14 @@ def block_train_backward(
     n = [y.numel() // y.shape[1] if y.numel() else dz.numel() // dz.shape[1] for y in ys]
     last = main - 1
     proj = shortcut == "projection"
+    proj_y = proj and ys[-1].numel() > 0  # y_d kept (`unkept_ys`): the chain through it
     dweights, dgammas, dbetas = [None] * len(weights), [None] * len(weights), [None] * len(weights)
     dyd = None
-    if ys[last].numel() == 0:  # not kept (`backward_reads_last_y`): conv 3 done without it
+    if ys[last].numel() == 0:  # not kept (`unkept_ys`): conv 3 done without it
         # The sums pass writes g (read by conv 3's passes and the shortcut's) and, with a
-        # projection, also reduces that BN's sums.
+        # projection's y_d kept, also reduces that BN's sums.
         sum_g, sum_gyd, _, g = bn_bwd_reduce(
-            dz, z, *((ys[-1], means[-1], affine[-1][0]) if proj else (None, None, None)),
+            dz, z, *((ys[-1], means[-1], affine[-1][0]) if proj_y else (None, None, None)),
             write_g=True)
         d_inp, (s_g, s_gy), dweights[last], dgammas[last], dbetas[last] = \
             _last_bn_backward_without_y(g, sum_g, weights, gammas, ys, means, affine, n[last])
@@ -184,8 +226,6 @@ def block_train_backward(
         bn = BnBackward(gammas[start], means[start], affine[start][0], s_g, s_gy, n[start])
         dy = _dy(d_inp, affine[start][1:], ys[start], bn,
                  weights[start].shape[2] * weights[start].shape[3], written)
-        bnd = BnBackward(gammas[-1], means[-1], affine[-1][0], sum_g, sum_gyd, n[-1]) if proj \
-            else None
     else:
         start = last
         # g = dz * [z > 0] is written by the pass that reduces the last BN's backward sums (it
@@ -196,13 +236,12 @@ def block_train_backward(
         on_load = not written and (proj or weights[last].shape[2] * weights[last].shape[3] == 1)
         sum_g, sum_gy, sum_gyd, g = bn_bwd_reduce(
             dz, z, ys[last], means[last], affine[last][0],
-            *((ys[-1], means[-1], affine[-1][0]) if proj else ()),
+            *((ys[-1], means[-1], affine[-1][0]) if proj_y else ()),
             write_g=(need_dx and shortcut in ("identity", "zero_pad")) or on_load)
         dgammas[last], dbetas[last] = sum_gy, sum_g
         bn = BnBackward(gammas[last], means[last], affine[last][0], sum_g, sum_gy, n[last])
-        bnd = BnBackward(gammas[-1], means[-1], affine[-1][0], sum_g, sum_gyd, n[-1]) if proj \
-            else None
         if written and proj:  # both BNs' dy in one pass over dz and z
+            bnd = BnBackward(gammas[-1], means[-1], affine[-1][0], sum_g, sum_gyd, n[-1])
             dy, dyd, _ = bn_act_bwd(dz, z, ys[last], bn, y2=ys[-1], bn2=bnd)
         else:
             dy = _dy(g if g is not None else dz, None if g is not None else z, ys[last], bn,
@@ -236,10 +275,15 @@ def block_train_backward(
     if need_dx and shortcut == "zero_pad":
         s = shortcut_stride
         dx[:, :, ::s, ::s] += g[:, : x.shape[1]]
+    elif proj and not proj_y:
+        dx, dweights[-1], dgammas[-1], dbetas[-1] = _shortcut_bn_backward_without_y(
+            g, sum_g, x, weights[-1], gammas[-1], means[-1], affine[-1][0], n[-1],
+            shortcut_stride, dx)
     elif proj:
         dgammas[-1], dbetas[-1] = sum_gyd, sum_g.clone()  # both BNs feed the same sum
         if dyd is None:
-            dyd = BnGrad(g, None, ys[-1], bnd)
+            dyd = BnGrad(g, None, ys[-1], BnBackward(gammas[-1], means[-1], affine[-1][0],
+                                                     sum_g, sum_gyd, n[-1]))
         dweights[-1] = conv_wgrad(x, dyd, weights[-1].shape, stride=shortcut_stride, padding=0)
         if need_dx:  # conv 1's dx added in the projection dgrad's epilogue
             dx = conv_dgrad(dyd, weights[-1], x.shape, stride=shortcut_stride, padding=0,

@@ -46,11 +46,11 @@ __all__ = ["Activated", "BnGrad", "BnReduce", "_conv_dgrad_kernel", "_conv_wgrad
 def _conv_dgrad_kernel(
     dy_ptr, w_ptr, dx_ptr, z_ptr, ms_ptr, mh_ptr, y_ptr,
     coef_ptr, ry_ptr, r_scale_ptr, r_shift_ptr, r_mean_ptr, r_rstd_ptr,
-    part_g_ptr, part_gy_ptr, part_a_ptr, res_ptr,
+    part_g_ptr, part_gy_ptr, part_a_ptr, res_ptr, tap_ptr,
     num_groups, H, W, C_in, Ho, Wo, C_out, Hq, Wq, M, stride, padding,
     KH: tl.constexpr, KW: tl.constexpr, BN_BWD: tl.constexpr, RELU: tl.constexpr,
     REDUCE: tl.constexpr, REDUCE_ACT: tl.constexpr, HAS_RES: tl.constexpr,
-    GROUP: tl.constexpr,
+    TAP_RES: tl.constexpr, GROUP: tl.constexpr,
     UPCAST: tl.constexpr, ACC_FP64: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -81,7 +81,8 @@ def _conv_dgrad_kernel(
     # dy rows as the loop-invariant dy_base minus the tap's scalar offset (i * Wo + j) * C_out.
     oh0 = qh + (ph + padding - r0) // stride  # the output row of tap i is oh0 - i
     ow0 = qw + (pw + padding - s0) // stride
-    dy_base = ((img * Ho + oh0) * Wo + ow0) * C_out  # int64
+    tap_pix = (img * Ho + oh0) * Wo + ow0  # int64: the dy pixel of tap (0, 0)
+    dy_base = tap_pix * C_out
     i = 0
     j = 0
     k0 = 0
@@ -122,6 +123,11 @@ def _conv_dgrad_kernel(
     out_ok = m_ok[:, None] & n_ok[None, :]
     if HAS_RES:  # dx = the conv's input gradient + another path's (a shortcut's), at x
         acc += tl.load(res_ptr + out, mask=out_ok, other=0.0).to(acc_ty)
+    if TAP_RES:  # 1x1, no padding: t (dy's pixels, C_in) added at the pixels with a tap,
+        # dx[:, :, ::stride, ::stride] += t (phase (0, 0); the other phases have no tap)
+        tap_ok = m_ok & (taps_h * taps_w > 0) & (oh0 < Ho) & (ow0 < Wo)
+        acc += tl.load(tap_ptr + tap_pix[:, None] * C_in + offs_n[None, :],
+                       mask=tap_ok[:, None] & n_ok[None, :], other=0.0).to(acc_ty)
     dx = acc.to(dx_ptr.dtype.element_ty)
     tl.store(dx_ptr + out, dx, mask=out_ok)
     if REDUCE:
@@ -162,13 +168,16 @@ class BnReduce(NamedTuple):
 
 def conv_dgrad(dy, weight: Tensor, x_shape: torch.Size, *, stride: int, padding: int,
                reduce: Optional[BnReduce] = None, residual: Optional[Tensor] = None,
-               reduce_act: bool = False):
+               reduce_act: bool = False, tap_residual: Optional[Tensor] = None):
     """dx (N, C_in, H, W) channels_last in dy's dtype, for dy (N, C_out, Ho, Wo) given as a
     tensor or a BnGrad (weight in any float dtype: cast while laid out); plus `residual`
     (x's shape: the gradient reaching x by another path, a shortcut's) added in fp32 before
     dx is rounded, so that no separate pass adds it; with `reduce`, (dx, (sum g,
     sum g * yhat)) for that BN, of the dx written, and with `reduce_act` a third sum, of the
-    activation relu(y * scale + shift) itself (per channel, as the prologue rounds it)."""
+    activation relu(y * scale + shift) itself (per channel, as the prologue rounds it).
+    `tap_residual` (1x1 convs without padding; (N, C_in, Ho, Wo), dy's pixels): added where
+    the conv's taps land, dx[:, :, ::stride, ::stride] += tap_residual, in the same fp32
+    sum."""
     if reduce_act and reduce is None:
         raise ValueError("conv_dgrad: reduce_act needs reduce")
     if residual is not None and tuple(residual.shape) != tuple(x_shape):
@@ -180,6 +189,13 @@ def conv_dgrad(dy, weight: Tensor, x_shape: torch.Size, *, stride: int, padding:
     c_out, _, kh, kw = weight.shape
     ho, wo = dy.shape[2], dy.shape[3]
     check_pixels(x_shape, (ho, wo))
+    if tap_residual is not None:
+        if (kh, kw, padding) != (1, 1, 0):
+            raise ValueError(f"conv_dgrad: tap_residual needs a 1x1 conv without padding, got "
+                             f"{kh}x{kw} with padding {padding}")
+        if tuple(tap_residual.shape) != (n, c_in, ho, wo):
+            raise ValueError(f"conv_dgrad: tap_residual must have shape {(n, c_in, ho, wo)} "
+                             f"(dy's pixels, x's channels), got {tuple(tap_residual.shape)}")
     dx = torch.empty((n, c_in, h, w), device=dy.device, dtype=dy.dtype,
                      memory_format=torch.channels_last)
     hq, wq = cdiv(h, stride), cdiv(w, stride)  # pixel slots per phase
@@ -193,11 +209,13 @@ def conv_dgrad(dy, weight: Tensor, x_shape: torch.Size, *, stride: int, padding:
              for _ in range(3 if reduce_act else 2)]
     r_args = (to_nhwc(reduce.y), *reduce[1:]) if reduce is not None else (dx,) * 5
     res = to_nhwc(residual) if residual is not None else dx  # any float dtype: read as fp32
+    tap = to_nhwc(tap_residual) if tap_residual is not None else dx
     launch(
         _conv_dgrad_kernel, grid, dy, w_t, dx, *grad[1:], *r_args, *parts[:2], parts[-1], res,
+        tap,
         groups, h, w, c_in, ho, wo, c_out, hq, wq, m, stride, padding, KH=kh, KW=kw, **flags,
         REDUCE=reduce is not None, REDUCE_ACT=reduce_act, HAS_RES=residual is not None,
-        GROUP=STAT_ROWS,
+        TAP_RES=tap_residual is not None, GROUP=STAT_ROWS,
         UPCAST=dy.dtype == torch.bfloat16 and interpreting(), ACC_FP64=acc == torch.float64,
         PRECISION=input_precision(dy.dtype),
     )
