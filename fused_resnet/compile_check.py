@@ -26,16 +26,36 @@ WORKLOADS: dict[str, tuple[tuple[int, int, int, int], tuple[int, ...]]] = {
     "resnet50": ((256, 3, 224, 224), (256, 1)),
     "resnet18": ((256, 3, 224, 224), (256, 1)),
     "cifar_resnet20": ((256, 3, 32, 32), (256, 1)),
-    "blocks": ((2, 32, 16, 16), (2,)),  # a small set for the test suite: see `_blocks`
+    "blocks": ((2, 3, 64, 64), (2,)),  # a small set for the test suite: see `_blocks`
 }
 
 
+class _Stem(torch.nn.Module):
+    """The ResNets' stem (7x7/2 conv, BN, ReLU, 3x3/2 max-pool), 32 channels wide."""
+
+    def __init__(self, backend: str) -> None:
+        from fused_resnet.nn import FusedMaxPool2d
+
+        super().__init__()
+        self.backend = backend
+        self.conv1 = torch.nn.Conv2d(3, 32, 7, 2, 3, bias=False)
+        self.bn1 = torch.nn.BatchNorm2d(32)
+        self.maxpool = FusedMaxPool2d(backend=backend)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from fused_resnet.nn import conv_bn_relu_pool
+
+        return conv_bn_relu_pool(x, self.conv1, self.bn1, self.maxpool, backend=self.backend)
+
+
 def _blocks(backend: str) -> torch.nn.Module:
-    """Every block kind at a small shape: projection and identity bottlenecks, identity and
-    option-A basic blocks (a grouped 3x3 is not a Triton kernel, so it is left out)."""
+    """The stem, then every block kind at a small shape: projection and identity
+    bottlenecks, identity and option-A basic blocks (a grouped 3x3 is not a Triton kernel, so
+    it is left out)."""
     from fused_resnet.nn import FusedBasicBlock, FusedBottleneck
 
     return torch.nn.Sequential(
+        _Stem(backend),  # 3 x 64 x 64 -> 32 x 16 x 16
         FusedBottleneck(32, 16, backend=backend),  # projection 32 -> 64 (1x1 conv + BN)
         FusedBottleneck(64, 16, stride=2, backend=backend),  # 3x3 and projection stride 2
         FusedBottleneck(64, 16, backend=backend),  # identity: the single-launch candidate

@@ -187,8 +187,9 @@ def test_a_kernel_only_the_compiler_rejects_is_reported_not_raised():
 
 
 def test_every_kernel_of_every_block_kind_compiles_for_hopper(tmp_path):
-    """The CLI on the small block set in bf16: training forward and backward, chained and
-    single-launch inference; fails if any build does not compile or overflows shared memory."""
+    """The CLI on the small block set (the stem, then every block kind) in bf16: training
+    forward and backward, chained and single-launch inference; fails if any build does not
+    compile or overflows shared memory."""
     path = tmp_path / "builds.csv"
     proc = subprocess.run(
         [sys.executable, "-m", "fused_resnet", "compile", "--arch", "90", "--dtype", "bf16",
@@ -202,7 +203,8 @@ def test_every_kernel_of_every_block_kind_compiles_for_hopper(tmp_path):
     assert names == {"_conv_fwd_kernel", "_conv_dgrad_kernel", "_conv_wgrad_kernel",
                      "_bn_merge_kernel", "_bn_bwd_reduce_kernel", "_bn_act_fwd_kernel",
                      "_bn_act_bwd_kernel", "_bn_bwd_coefficients_kernel",
-                     "_last_bn_coefficients_kernel", "_bottleneck_eval_kernel"}
+                     "_last_bn_coefficients_kernel", "_bottleneck_eval_kernel",
+                     "_max_pool_fwd_kernel", "_max_pool_bwd_kernel"}
     assert all(r["error"] == "" and r["arch"] == "90" for r in rows)
     # No conv build calls a subroutine (a 64-bit integer division: int32 pixel indices, and
     # the weight gradient's pixel walk adds instead of dividing). "" where cuobjdump is absent.
@@ -215,6 +217,9 @@ def test_every_kernel_of_every_block_kind_compiles_for_hopper(tmp_path):
     assert any("PROLOGUE" in r["variant"] for r in fwd)
     assert any("STATS" in r["variant"] for r in fwd)
     assert any("HAS_RES" in r["variant"] and "HAS_BIAS" in r["variant"] for r in fwd)
+    pool = {r["variant"].split(" BLOCK_P")[0] for r in rows if "_max_pool" in r["name"]}
+    assert {"K=3 S=2 P=1 PROLOGUE WRITE_ARG", "K=3 S=2 P=1 REDUCE",  # the training stem
+            "K=3 S=2 P=1 WRITE_DY", "K=3 S=2 P=1"} <= pool, pool
 
 
 def test_compile_rejects_an_unknown_workload():

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from fused_resnet.backend import check_backend_name
 from fused_resnet.models.input_check import check_image_batch
 from fused_resnet.nn import FusedBasicBlock, FusedBottleneck, FusedMaxPool2d
-from fused_resnet.nn.conv_bn import conv_bn_act
+from fused_resnet.nn.pool import conv_bn_relu_pool
 from fused_resnet.nn.shortcut import check_shortcut
 
 Block = Union[type[FusedBasicBlock], type[FusedBottleneck]]
@@ -97,8 +97,7 @@ class ResNet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """x: (N, 3, H, W), NCHW or channels_last -> logits (N, num_classes)."""
         check_image_batch(self, x, stride2_steps=5)  # stem conv, max-pool, layer2-4
-        x = conv_bn_act(x, self.conv1, self.bn1, backend=self.backend)
-        x = self.maxpool(x)
+        x = conv_bn_relu_pool(x, self.conv1, self.bn1, self.maxpool, backend=self.backend)
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         x = F.adaptive_avg_pool2d(x, 1).flatten(1)
         return self.fc(x)

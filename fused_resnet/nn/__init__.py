@@ -2,7 +2,7 @@
 
 from fused_resnet.nn.blocks import FusedBasicBlock, FusedBottleneck
 from fused_resnet.nn.conv_bn import FusedConvBNAct, conv_bn_act
-from fused_resnet.nn.pool import FusedMaxPool2d
+from fused_resnet.nn.pool import FusedMaxPool2d, conv_bn_relu_pool
 from fused_resnet.nn.shortcut import ZeroPadShortcut, make_shortcut
 from fused_resnet.nn.sync_bn import FusedSyncBatchNorm, convert_sync_bn
 
@@ -14,6 +14,7 @@ __all__ = [
     "FusedSyncBatchNorm",
     "ZeroPadShortcut",
     "conv_bn_act",
+    "conv_bn_relu_pool",
     "convert_sync_bn",
     "make_shortcut",
 ]

@@ -33,16 +33,7 @@ def conv_bn_act(
     backend: str = "auto",
 ) -> Tensor:
     """act(bn(conv(x)) + residual) with the parameters and buffers of `conv` and `bn`."""
-    if conv.bias is not None:
-        raise ValueError("conv must have bias=False (the BatchNorm shift plays its role)")
-    if conv.dilation != (1, 1) or conv.padding_mode != "zeros":
-        raise ValueError("conv must have dilation 1 and padding_mode='zeros'")
-    if conv.stride[0] != conv.stride[1] or not isinstance(conv.padding, tuple) or (
-        conv.padding[0] != conv.padding[1]
-    ):
-        raise ValueError(
-            f"conv must have square stride and padding, got {conv.stride}, {conv.padding}"
-        )
+    check_conv(conv)
     bn_args, counting = _batchnorm_args(bn)
     group = sync_group(bn)
     if group is not None:
@@ -64,6 +55,20 @@ def conv_bn_act(
     )
     _count(bn, counting)
     return out
+
+
+def check_conv(conv: nn.Conv2d) -> None:
+    """A conv the fused ops take (BN's shift as its bias, square stride and padding)."""
+    if conv.bias is not None:
+        raise ValueError("conv must have bias=False (the BatchNorm shift plays its role)")
+    if conv.dilation != (1, 1) or conv.padding_mode != "zeros":
+        raise ValueError("conv must have dilation 1 and padding_mode='zeros'")
+    if conv.stride[0] != conv.stride[1] or not isinstance(conv.padding, tuple) or (
+        conv.padding[0] != conv.padding[1]
+    ):
+        raise ValueError(
+            f"conv must have square stride and padding, got {conv.stride}, {conv.padding}"
+        )
 
 
 def cached_fold(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d,

@@ -11,11 +11,13 @@ from fused_resnet.ops import (  # noqa: F401  (registers the ops)
     conv_ops,
     max_pool,
     native_kernels,
+    stem,
 )
 from fused_resnet.ops.block import bottleneck_eval, residual_block_eval, residual_block_train
 from fused_resnet.ops.bn_add_relu import bn_add_relu
 from fused_resnet.ops.conv_bn_act import conv_bias_act, conv_bn_act
 from fused_resnet.ops.max_pool import max_pool2d
+from fused_resnet.ops.stem import conv_bn_relu_max_pool
 from fused_resnet.ops.sync_bn import sync_batch_norm, sync_conv_bn_act
 
 try:
@@ -28,6 +30,7 @@ __all__ = [
     "bottleneck_eval",
     "conv_bias_act",
     "conv_bn_act",
+    "conv_bn_relu_max_pool",
     "max_pool2d",
     "residual_block_eval",
     "residual_block_train",

@@ -81,8 +81,7 @@ def _conv_dgrad_kernel(
     # dy rows as the loop-invariant dy_base minus the tap's scalar offset (i * Wo + j) * C_out.
     oh0 = qh + (ph + padding - r0) // stride  # the output row of tap i is oh0 - i
     ow0 = qw + (pw + padding - s0) // stride
-    tap_pix = (img * Ho + oh0) * Wo + ow0  # int64: the dy pixel of tap (0, 0)
-    dy_base = tap_pix * C_out
+    dy_base = ((img * Ho + oh0) * Wo + ow0) * C_out  # int64
     i = 0
     j = 0
     k0 = 0
@@ -126,6 +125,7 @@ def _conv_dgrad_kernel(
     if TAP_RES:  # 1x1, no padding: t (dy's pixels, C_in) added at the pixels with a tap,
         # dx[:, :, ::stride, ::stride] += t (phase (0, 0); the other phases have no tap)
         tap_ok = m_ok & (taps_h * taps_w > 0) & (oh0 < Ho) & (ow0 < Wo)
+        tap_pix = (img * Ho + oh0) * Wo + ow0  # int64: the dy pixel of tap (0, 0)
         acc += tl.load(tap_ptr + tap_pix[:, None] * C_in + offs_n[None, :],
                        mask=tap_ok[:, None] & n_ok[None, :], other=0.0).to(acc_ty)
     dx = acc.to(dx_ptr.dtype.element_ty)

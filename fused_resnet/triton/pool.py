@@ -15,6 +15,14 @@ windows oh = (h + P) // S - i, i < cdiv(K, S) (those with 0 <= oh < Ho and h + P
 K), likewise ow; it receives dout of each such window whose arg is its own position there,
     dx[n, h, w, c] = sum_{windows} dout[n, oh, ow, c] * [arg[n, oh, ow, c] == r * K + s],
 summed in fp32 (fp64 for fp64) in a fixed order.
+
+The stem in training (`ops.stem`): the pool's input is x = relu(y * scale + shift) of the
+stem conv's output y, never written. The forward applies it to each loaded y (rounded to y's
+dtype, as the BN pass wrote it) before the max. The backward gathers dx as above and goes on
+through the ReLU and the BN: g = dx * [y * scale + shift > 0], in two launches, the first
+summing (sum g, sum g * yhat) per program over its pixels (`max_pool_bn_bwd_sums`), the
+second writing dy = a g + b y + d (`max_pool_bn_bwd`, (a, b, d) from those sums): dx and g
+are never written, each launch reading dout, arg and y.
 """
 
 from typing import Optional
@@ -25,6 +33,7 @@ import triton.language as tl
 from torch import Tensor
 
 from fused_resnet.triton.config import acc_dtype, cdiv
+from fused_resnet.triton.eltwise import relu
 from fused_resnet.triton.launch import run
 
 BLOCK_C = 64
@@ -48,9 +57,10 @@ def _pixel_tile(M, C, H, W, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
 
 @triton.jit
 def _max_pool_fwd_kernel(
-    x_ptr, out_ptr, arg_ptr, H, W, C, Ho, Wo, M,
-    K: tl.constexpr, S: tl.constexpr, P: tl.constexpr, WRITE_ARG: tl.constexpr,
-    ACC_FP64: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    x_ptr, sc_ptr, sh_ptr, out_ptr, arg_ptr, H, W, C, Ho, Wo, M,
+    K: tl.constexpr, S: tl.constexpr, P: tl.constexpr, PROLOGUE: tl.constexpr,
+    WRITE_ARG: tl.constexpr, ACC_FP64: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     pix, cols, p_ok, c_ok, img, oh, ow = _pixel_tile(M, C, Ho, Wo, BLOCK_P, BLOCK_C)  # outputs
     h0 = oh * S - P
@@ -60,14 +70,21 @@ def _max_pool_fwd_kernel(
     # compared in fp32 (fp64 for fp64): exact for every input dtype
     best = tl.full((BLOCK_P, BLOCK_C), float("-inf"), tl.float64 if ACC_FP64 else tl.float32)
     arg = tl.zeros((BLOCK_P, BLOCK_C), tl.int32) + first[:, None]
+    if PROLOGUE:
+        sc = tl.load(sc_ptr + cols, mask=c_ok, other=0.0)[None, :].to(best.dtype)
+        sh = tl.load(sh_ptr + cols, mask=c_ok, other=0.0)[None, :].to(best.dtype)
     for r in tl.static_range(K):
         for s in tl.static_range(K):
             h = h0 + r
             w = w0 + s
             ok = p_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
             row = ((img * H + h) * W + w).to(tl.int64) * C
-            v = tl.load(x_ptr + row[:, None] + cols[None, :], mask=ok[:, None] & c_ok[None, :],
+            v_ok = ok[:, None] & c_ok[None, :]
+            v = tl.load(x_ptr + row[:, None] + cols[None, :], mask=v_ok,
                         other=float("-inf")).to(best.dtype)
+            if PROLOGUE:  # relu(y * scale + shift) rounded as the BN pass would write it
+                v = relu(v * sc + sh).to(x_ptr.dtype.element_ty).to(best.dtype)
+                v = tl.where(v_ok, v, float("-inf"))
             take = (v > best) | (v != v)  # greater, or NaN (ATen's rule)
             best = tl.where(take, v, best)
             arg = tl.where(take, r * K + s, arg)
@@ -80,9 +97,11 @@ def _max_pool_fwd_kernel(
 
 @triton.jit
 def _max_pool_bwd_kernel(
-    dout_ptr, arg_ptr, dx_ptr, H, W, C, Ho, Wo, M,
-    K: tl.constexpr, S: tl.constexpr, P: tl.constexpr, ACC_FP64: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    dout_ptr, arg_ptr, dx_ptr, y_ptr, sc_ptr, sh_ptr, mean_ptr, rstd_ptr, coef_ptr,
+    part_g_ptr, part_gy_ptr, H, W, C, Ho, Wo, M,
+    K: tl.constexpr, S: tl.constexpr, P: tl.constexpr, REDUCE: tl.constexpr,
+    WRITE_DY: tl.constexpr, ACC_FP64: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     acc_ty = tl.float64 if ACC_FP64 else tl.float32
     pix, cols, p_ok, c_ok, img, h, w = _pixel_tile(M, C, H, W, BLOCK_P, BLOCK_C)  # inputs
@@ -101,7 +120,26 @@ def _max_pool_bwd_kernel(
             g = tl.load(dout_ptr + o, mask=o_ok, other=0.0).to(acc_ty)
             acc += tl.where(a == (r * K + s)[:, None], g, 0.0)
     out = pix.to(tl.int64)[:, None] * C + cols[None, :]
-    tl.store(dx_ptr + out, acc.to(dx_ptr.dtype.element_ty), mask=p_ok[:, None] & c_ok[None, :])
+    out_ok = p_ok[:, None] & c_ok[None, :]
+    if REDUCE or WRITE_DY:  # through relu(y * scale + shift): g = dx * [y * scale + shift > 0]
+        yv = tl.load(y_ptr + out, mask=out_ok, other=0.0).to(acc_ty)
+        sc = tl.load(sc_ptr + cols, mask=c_ok, other=0.0)[None, :]
+        sh = tl.load(sh_ptr + cols, mask=c_ok, other=0.0)[None, :]
+        g = tl.where(yv * sc + sh <= 0, 0.0, acc)  # as relu_grad: a NaN lets g through
+        if REDUCE:  # this program's (sum g, sum g * yhat), yhat = (y - mean) * rstd
+            mean = tl.load(mean_ptr + cols, mask=c_ok, other=0.0)[None, :]
+            rstd = tl.load(rstd_ptr + cols, mask=c_ok, other=0.0)[None, :]
+            part = tl.program_id(0) * C + cols
+            tl.store(part_g_ptr + part, tl.sum(g, axis=0), mask=c_ok)
+            tl.store(part_gy_ptr + part, tl.sum(g * (yv - mean) * rstd, axis=0), mask=c_ok)
+        if WRITE_DY:  # dy = a g + b y + d (`eltwise.bn_bwd_coefficient_rows`)
+            a = tl.load(coef_ptr + cols, mask=c_ok, other=0.0)[None, :]
+            b = tl.load(coef_ptr + C + cols, mask=c_ok, other=0.0)[None, :]
+            d = tl.load(coef_ptr + 2 * C + cols, mask=c_ok, other=0.0)[None, :]
+            tl.store(dx_ptr + out, (a * g + b * yv + d).to(dx_ptr.dtype.element_ty),
+                     mask=out_ok)
+    else:
+        tl.store(dx_ptr + out, acc.to(dx_ptr.dtype.element_ty), mask=out_ok)
 
 
 def pool_output_size(size: int, kernel_size: int, stride: int, padding: int) -> int:
@@ -109,10 +147,12 @@ def pool_output_size(size: int, kernel_size: int, stride: int, padding: int) -> 
     return (size + 2 * padding - kernel_size) // stride + 1
 
 
-def max_pool_fwd(x: Tensor, kernel_size: int, stride: int, padding: int,
-                 write_arg: bool) -> tuple[Tensor, Optional[Tensor]]:
+def max_pool_fwd(x: Tensor, kernel_size: int, stride: int, padding: int, write_arg: bool,
+                 scale: Optional[Tensor] = None,
+                 shift: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
     """(out (N, C, Ho, Wo) channels_last in x's dtype, arg (N, C, Ho, Wo) channels_last int8
-    or None without write_arg) for x (N, C, H, W); see the module docstring."""
+    or None without write_arg) for x (N, C, H, W); see the module docstring. With scale and
+    shift ((C,), fp32 or fp64): the max-pool of relu(x * scale + shift)."""
     n, c, h, w = x.shape
     ho, wo = (pool_output_size(v, kernel_size, stride, padding) for v in (h, w))
     x = x.contiguous(memory_format=torch.channels_last)
@@ -123,25 +163,62 @@ def max_pool_fwd(x: Tensor, kernel_size: int, stride: int, padding: int,
     if m == 0 or c == 0:
         return out, arg
     block_p, block_c, grid = _tiles(m, c)
-    run(_max_pool_fwd_kernel, grid, x, out, arg if write_arg else out, h, w, c, ho, wo, m,
-        K=kernel_size, S=stride, P=padding, WRITE_ARG=write_arg,
+    prologue = scale is not None
+    run(_max_pool_fwd_kernel, grid, x, scale if prologue else x, shift if prologue else x,
+        out, arg if write_arg else out, h, w, c, ho, wo, m,
+        K=kernel_size, S=stride, P=padding, PROLOGUE=prologue, WRITE_ARG=write_arg,
         ACC_FP64=x.dtype == torch.float64, BLOCK_P=block_p, BLOCK_C=block_c)
     return out, arg
+
+
+def _bwd(dout: Tensor, arg: Tensor, x_shape, kernel_size: int, stride: int, padding: int,
+         bn: tuple = (), coef: Optional[Tensor] = None, reduce: bool = False):
+    """The backward launch: dx (no bn), dy (bn = (y, scale, shift, ...), coef) or the
+    per-program partial sums (bn = (y, scale, shift, mean, rstd), reduce)."""
+    n, c, h, w = x_shape
+    ho, wo = dout.shape[2], dout.shape[3]
+    dout = dout.contiguous(memory_format=torch.channels_last)
+    m = n * h * w
+    block_p, block_c, grid = _tiles(m, c)
+    acc = acc_dtype(dout.dtype)
+    dx = dout if reduce else torch.empty((n, c, h, w), device=dout.device, dtype=dout.dtype,
+                                         memory_format=torch.channels_last)
+    parts = [torch.empty((grid[0], c), device=dout.device, dtype=acc) for _ in range(2)] \
+        if reduce else [dx, dx]
+    if m == 0 or c == 0:
+        return parts if reduce else dx
+    y, scale, shift, mean, rstd = (*bn, dx, dx)[:5] if bn else (dx,) * 5
+    if bn:
+        y = y.contiguous(memory_format=torch.channels_last)
+    run(_max_pool_bwd_kernel, grid, dout, arg, dx, y, scale, shift, mean, rstd,
+        coef if coef is not None else dx, *parts, h, w, c, ho, wo, m,
+        K=kernel_size, S=stride, P=padding, REDUCE=reduce, WRITE_DY=coef is not None,
+        ACC_FP64=acc == torch.float64, BLOCK_P=block_p, BLOCK_C=block_c)
+    return parts if reduce else dx
 
 
 def max_pool_bwd(dout: Tensor, arg: Tensor, x_shape, kernel_size: int, stride: int,
                  padding: int) -> Tensor:
     """dx (N, C, H, W) channels_last in dout's dtype, from dout and the forward's arg."""
-    n, c, h, w = x_shape
-    ho, wo = dout.shape[2], dout.shape[3]
-    dout = dout.contiguous(memory_format=torch.channels_last)
-    dx = torch.empty((n, c, h, w), device=dout.device, dtype=dout.dtype,
-                     memory_format=torch.channels_last)
-    m = n * h * w
-    if m == 0 or c == 0:
-        return dx
-    block_p, block_c, grid = _tiles(m, c)
-    run(_max_pool_bwd_kernel, grid, dout, arg, dx, h, w, c, ho, wo, m,
-        K=kernel_size, S=stride, P=padding,
-        ACC_FP64=acc_dtype(dout.dtype) == torch.float64, BLOCK_P=block_p, BLOCK_C=block_c)
-    return dx
+    return _bwd(dout, arg, x_shape, kernel_size, stride, padding)
+
+
+def max_pool_bn_bwd_sums(dout: Tensor, arg: Tensor, y: Tensor, scale: Tensor, shift: Tensor,
+                         mean: Tensor, rstd: Tensor, kernel_size: int, stride: int,
+                         padding: int) -> tuple[Tensor, Tensor]:
+    """(sum g, sum g * yhat), (C,) in the statistics' dtype, of g = dx * [y * scale + shift
+    > 0] for the pool's dx of dout, and yhat = (y - mean) * rstd: the backward sums of the
+    BN whose relu(y * scale + shift) the pool took (`max_pool_fwd` with scale, shift). The
+    per-program partials are summed in a fixed order."""
+    parts = _bwd(dout, arg, y.shape, kernel_size, stride, padding,
+                 bn=(y, scale, shift, mean, rstd), reduce=True)
+    return parts[0].sum(0), parts[1].sum(0)
+
+
+def max_pool_bn_bwd(dout: Tensor, arg: Tensor, y: Tensor, scale: Tensor, shift: Tensor,
+                    coef: Tensor, kernel_size: int, stride: int, padding: int) -> Tensor:
+    """dy = a g + b y + d (N, C, H, W) channels_last in dout's dtype, g as in
+    `max_pool_bn_bwd_sums`; coef: the (3, C) rows (a, b, d) of
+    `eltwise.bn_bwd_coefficient_rows`."""
+    return _bwd(dout, arg, y.shape, kernel_size, stride, padding, bn=(y, scale, shift),
+                coef=coef)
