@@ -24,21 +24,29 @@ from fused_resnet.ops.layout import output_memory_format
 MAX_KERNEL = 11  # the window position must fit an int8 (r * k + s < 128)
 
 
+def check_window(size: tuple, kernel_size: int, stride: int, padding: int, *,
+                 names: tuple[str, str, str] = ("kernel_size", "stride", "padding"),
+                 what: str = "x's spatial size") -> None:
+    """The pool's window for an input of spatial `size`, each argument named as the caller
+    names it (`names`: the kernel size's, the stride's, the padding's; `what`: the input's)."""
+    k, s, p = names
+    if not 1 <= kernel_size <= MAX_KERNEL:
+        raise ValueError(f"{k} must be in [1, {MAX_KERNEL}], got {kernel_size}")
+    if stride < 1:
+        raise ValueError(f"{s} must be >= 1, got {stride}")
+    if not 0 <= padding <= kernel_size // 2:
+        raise ValueError(f"{p} must be in [0, {k} // 2 = {kernel_size // 2}], got {padding}")
+    if min(size) + 2 * padding < kernel_size:
+        raise ValueError(f"{what} {tuple(size)} with {p} {padding} is smaller than {k} "
+                         f"({kernel_size})")
+
+
 def _check(x: Tensor, kernel_size: int, stride: int, padding: int) -> None:
     if x.dim() != 4:
         raise ValueError(f"x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         raise ValueError(f"x must be a floating-point tensor, got {x.dtype}")
-    if not 1 <= kernel_size <= MAX_KERNEL:
-        raise ValueError(f"kernel_size must be in [1, {MAX_KERNEL}], got {kernel_size}")
-    if stride < 1:
-        raise ValueError(f"stride must be >= 1, got {stride}")
-    if not 0 <= padding <= kernel_size // 2:
-        raise ValueError(f"padding must be in [0, kernel_size // 2 = {kernel_size // 2}], "
-                         f"got {padding}")
-    if min(x.shape[2], x.shape[3]) + 2 * padding < kernel_size:
-        raise ValueError(f"x's spatial size {tuple(x.shape[2:])} with padding {padding} is "
-                         f"smaller than the kernel ({kernel_size})")
+    check_window(tuple(x.shape[2:]), kernel_size, stride, padding)
 
 
 def max_pool2d(x: Tensor, kernel_size: int = 3, stride: int = 2, padding: int = 1, *,

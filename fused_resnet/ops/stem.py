@@ -31,21 +31,7 @@ from fused_resnet.ops.conv_bn_act import (
     update_running_stats,
 )
 from fused_resnet.ops.layout import conv_output_shape, output_memory_format, stat_dtype
-from fused_resnet.ops.max_pool import MAX_KERNEL, max_pool2d
-
-
-def _check_pool(size: tuple, pool_kernel: int, pool_stride: int, pool_padding: int) -> None:
-    """The pool's arguments, named, for the conv output of spatial `size`."""
-    if not 1 <= pool_kernel <= MAX_KERNEL:
-        raise ValueError(f"pool_kernel must be in [1, {MAX_KERNEL}], got {pool_kernel}")
-    if pool_stride < 1:
-        raise ValueError(f"pool_stride must be >= 1, got {pool_stride}")
-    if not 0 <= pool_padding <= pool_kernel // 2:
-        raise ValueError(f"pool_padding must be in [0, pool_kernel // 2 = {pool_kernel // 2}], "
-                         f"got {pool_padding}")
-    if min(size) + 2 * pool_padding < pool_kernel:
-        raise ValueError(f"the conv's output size {tuple(size)} with pool_padding "
-                         f"{pool_padding} is smaller than pool_kernel ({pool_kernel})")
+from fused_resnet.ops.max_pool import check_window, max_pool2d
 
 
 @torch.library.custom_op("fused_resnet::stem_train", mutates_args=())
@@ -150,8 +136,9 @@ def conv_bn_relu_max_pool(
     check_conv_bn_act_args(x, weight, bn_weight, bn_bias, running_mean, running_var,
                            stride=stride, padding=padding, groups=1, training=training,
                            residual=None, eps=eps)
-    _check_pool(conv_output_shape(x, weight, stride, padding)[2:], pool_kernel, pool_stride,
-                pool_padding)
+    check_window(conv_output_shape(x, weight, stride, padding)[2:], pool_kernel, pool_stride,
+                 pool_padding, names=("pool_kernel", "pool_stride", "pool_padding"),
+                 what="the conv's output size")
     fused = (training and select_kernels(backend, "conv_bn_act", x) == "triton"
              and _backend.resolve(backend, "max_pool", x.device) == "triton")
     if not fused:

@@ -158,8 +158,9 @@ def _shortcut_bn_backward_without_y(g, sum_g, x, weight, gamma, mean, rstd, n, s
     `tap_residual` (t = x_s M + e, a 1x1 conv). x_s is copied once where stride > 1, so
     that the Gram (a wgrad whose dy is x_s) reads it densely. Against the chain through y_d
     (3 reads of it: the sums pass, the wgrad and the dgrad applying the BN backward on load)
-    these passes read x_s (K wide, C / K = 2 or 4) five times, and the two BN-backward loops
-    become plain ones. Without dx_main (x needs no gradient) no dx.
+    these passes read x_s (K wide, C / K = 2 or 4) four times (G, the Gram, s, t) and t
+    (as wide) once, and the two BN-backward loops become plain ones. Without dx_main (x
+    needs no gradient) no dx.
     Returns (dx or None, dw, d gamma, d beta)."""
     c, k = weight.shape[:2]
     x_s = to_nhwc(x if stride == 1 else x[:, :, ::stride, ::stride])
