@@ -95,21 +95,22 @@ def test_pool_backward_through_the_bn_equals_autograd(pool):
     torch.testing.assert_close(dy, expected, rtol=1e-12, atol=1e-12)
 
 
-def _stem_args(dtype=torch.float64, c_in=3, size=20):
+def _stem_args(dtype=torch.float64, c_in=3, size=20, batch=2, c_out=8):
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(2, c_in, size, size, generator=g, dtype=dtype).to(DEVICE)
-    w = (torch.randn(8, c_in, 7, 7, generator=g, dtype=dtype) * 0.2).to(DEVICE)
-    gamma = (torch.rand(8, generator=g, dtype=dtype) + 0.5).to(DEVICE)
-    beta = torch.randn(8, generator=g, dtype=dtype).to(DEVICE)
+    x = torch.randn(batch, c_in, size, size, generator=g, dtype=dtype).to(DEVICE)
+    w = (torch.randn(c_out, c_in, 7, 7, generator=g, dtype=dtype) * 0.2).to(DEVICE)
+    gamma = (torch.rand(c_out, generator=g, dtype=dtype) + 0.5).to(DEVICE)
+    beta = torch.randn(c_out, generator=g, dtype=dtype).to(DEVICE)
     return x, w, gamma, beta
 
 
-def _run(backend, args, dtype, x_grad=True, autocast=False, **kwargs):
+def _run(backend, args, dtype, x_grad=True, autocast=False, low=torch.bfloat16, **kwargs):
     """(out, grads of x (or None), w, gamma, beta, running mean, running var) of one call."""
     leaves = [t.detach().clone().requires_grad_(i > 0 or x_grad) for i, t in enumerate(args)]
     stat = torch.float64 if dtype == torch.float64 else torch.float32
-    rm, rv = torch.zeros(8, dtype=stat, device=DEVICE), torch.ones(8, dtype=stat, device=DEVICE)
-    with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16, enabled=autocast):
+    c = args[1].shape[0]
+    rm, rv = torch.zeros(c, dtype=stat, device=DEVICE), torch.ones(c, dtype=stat, device=DEVICE)
+    with torch.autocast(torch.device(DEVICE).type, dtype=low, enabled=autocast):
         out = fr.ops.conv_bn_relu_max_pool(*leaves, rm, rv, backend=backend, **kwargs)
     out.backward(torch.linspace(-1, 1, out.numel(), device=DEVICE).view_as(out).to(out.dtype))
     return [out] + [t.grad for t in leaves] + [rm, rv]
@@ -260,3 +261,24 @@ def test_bad_arguments_are_named_and_change_no_state(kwargs, message):
                        "is smaller than pool_kernel \\(5\\)"):
         fr.ops.conv_bn_relu_max_pool(x[..., :2, :2], w, gamma, beta, rm, rv, pool_kernel=5,
                                      pool_padding=1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("low", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_the_resnet50_stem_compiled(low):
+    """ResNet-50's stem (3 -> 64 channels, 224x224 -> 112x112 -> 56x56) at batch 8 in
+    compiled Triton under autocast: output and the parameters' gradients within the
+    precision rule (2x eager autocast's error against an fp64 run); the image needs no
+    gradient, as in a model."""
+    from fused_resnet.testing import compare_norm
+
+    skip_without_triton()
+    args = _stem_args(torch.float32, size=224, batch=8, c_out=64)
+    got = _run("triton", args, torch.float32, x_grad=False, autocast=True, low=low)
+    eager = _run("reference", args, torch.float32, x_grad=False, autocast=True, low=low)
+    truth = _run("reference", [t.double() for t in args], torch.float64, x_grad=False)
+    assert got[0].dtype == low and got[1] is None
+    for kind, a, e, t in zip(["output", None, "grad", "grad", "grad"], got, eager, truth):
+        if kind is not None:
+            result = compare_norm(a.float(), t.float(), e.float(), kind=kind)
+            assert result.ok, (kind, tuple(a.shape), result)
