@@ -282,3 +282,25 @@ def test_the_resnet50_stem_compiled(low):
         if kind is not None:
             result = compare_norm(a.float(), t.float(), e.float(), kind=kind)
             assert result.ok, (kind, tuple(a.shape), result)
+
+
+def test_torch_compile_traces_the_stem_op():
+    """fullgraph torch.compile (aot_eager: the op's real kernels, its fake for tracing) of a
+    training stem: the same output, gradients and running stats as the eager call."""
+    skip_without_triton()
+    args = _stem_args(torch.float64, size=12)
+    results = []
+    for compiled in (False, True):
+        def stem(*a):
+            return fr.ops.conv_bn_relu_max_pool(*a, backend="triton")
+
+        fn = torch.compile(stem, fullgraph=True, backend="aot_eager") if compiled else stem
+        leaves = [t.detach().clone().requires_grad_() for t in args]
+        rm = torch.zeros(8, dtype=torch.float64, device=DEVICE)
+        rv = torch.ones(8, dtype=torch.float64, device=DEVICE)
+        out = fn(*leaves, rm, rv)
+        out.backward(torch.linspace(-1, 1, out.numel(), dtype=out.dtype,
+                                    device=DEVICE).view_as(out))
+        results.append([out] + [t.grad for t in leaves] + [rm, rv])
+    for got, expected in zip(*results):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
