@@ -212,3 +212,33 @@ def test_wgrad_of_an_activation_with_itself_is_its_gram_matrix(case, split, atom
 
         conv_dgrad(Activated(y, scale, shift), torch.ones(c, c, 1, 1, dtype=f64), y.shape,
                    stride=1, padding=0)
+
+
+@pytest.mark.parametrize(("split", "atomic"), [(1, False), (3, False), (3, True)],
+                         ids=["1", "3", "3-atomic"])
+@pytest.mark.parametrize("stride", [1, 2, 3])
+@pytest.mark.parametrize("case", [(3, 40, 7, 7), (2, 5, 6, 9)], ids=str)
+def test_wgrad_of_a_strided_input_with_itself_is_its_gram_matrix(case, stride, split, atomic):
+    """dy given as `Subsampled(x)`, x read at the conv's stride as the input tile is: dw =
+    x_s^T x_s for x_s = x[:, :, ::stride, ::stride] (a projection's BN backward without y_d),
+    odd sizes whose last row and column are read; x in NCHW or channels_last; a padded conv
+    or a tensor of another shape is refused by name, as is a dgrad of it."""
+    skip_without_triton()
+    from fused_resnet.triton.conv_bwd import Subsampled, conv_dgrad, conv_wgrad
+
+    n, c, h, w = case
+    g = torch.Generator().manual_seed(sum(case) + stride)
+    x = torch.randn(n, c, h, w, generator=g, dtype=torch.float64)
+    x_s = x[:, :, ::stride, ::stride].permute(0, 2, 3, 1).reshape(-1, c)
+    for layout in (torch.channels_last, torch.contiguous_format):
+        x = x.contiguous(memory_format=layout)
+        gram = conv_wgrad(x, Subsampled(x), (c, c, 1, 1), stride=stride, padding=0,
+                          split=split, atomic=atomic)
+        torch.testing.assert_close(gram.reshape(c, c), x_s.T @ x_s, rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="a Subsampled dy needs a tensor of x's shape"):
+        conv_wgrad(x, Subsampled(x), (c, c, 1, 1), stride=stride, padding=1)
+    with pytest.raises(ValueError, match="a Subsampled dy needs a tensor of x's shape"):
+        conv_wgrad(x, Subsampled(x[:, :, 1:]), (c, c, 1, 1), stride=stride, padding=0)
+    with pytest.raises(ValueError, match="not a Subsampled"):
+        conv_dgrad(Subsampled(x), torch.ones(c, c, 1, 1, dtype=torch.float64), x.shape,
+                   stride=1, padding=0)

@@ -63,6 +63,38 @@ def test_counts_every_conv_flop_and_the_exact_bytes_of_a_launch():
     assert {k for k in train if k.startswith("fr::bn_bwd_reduce")}  # training kernels
 
 
+def test_bytes_of_strided_reads_are_those_read():
+    """A strided view of a channels_last tensor (x[:, :, ::2, ::2]) moves its elements' bytes
+    where its contiguous runs (a pixel's channels) are a sector long or more, a sector per
+    run where shorter, never more than its span; a storage seen through two views counts its
+    span once; a 1x1 conv at stride 2 reads the quarter of its input its taps land on, a 3x3
+    all of it (`launch_work`)."""
+    import torch
+
+    from fused_resnet.triton.launch import launch_work, tensor_spans
+
+    x = torch.empty(2, 64, 8, 8).contiguous(memory_format=torch.channels_last)  # fp32
+    assert tensor_spans([x]) == x.numel() * 4
+    sub = x[:, :, ::2, ::2]
+    assert tensor_spans([sub]) == sub.numel() * 4  # runs of 64 channels: 256 B
+    assert tensor_spans([sub, x]) == x.numel() * 4  # two views: the span, once
+    thin = torch.empty(2, 4, 8, 8).contiguous(memory_format=torch.channels_last)[:, :, ::2, ::2]
+    assert tensor_spans([thin]) == 2 * 4 * 4 * 32  # runs of 16 B: a sector each
+    expanded = torch.empty(4, 1).expand(4, 1000)  # stride 0: its span, not 4000 elements
+    assert tensor_spans([expanded]) == 16
+
+    class Kernel:  # the argument names of a conv kernel, as launch_work reads them
+        arg_names = ["x_ptr", "out_ptr", "H", "W", "C_in", "Ho", "Wo", "C_out", "M",
+                     "stride", "KH", "KW"]
+
+    out = torch.empty(2, 32, 4, 4)
+    for k, read in ((1, sub.numel() * 4), (3, x.numel() * 4)):
+        args = (x, out, 8, 8, 64, 4, 4, 32, 2 * 16, 2)
+        flops, nbytes = launch_work(Kernel, args, {"KH": k, "KW": k})
+        assert flops == 2 * 32 * 32 * 64 * k * k
+        assert nbytes == read + out.numel() * 4
+
+
 def test_a_launch_around_triton_launch_is_an_error():
     """A kernel launched straight through Triton, not `triton.launch.run`, would be missing
     from the counts (and from a profile's variant table): counting says so."""

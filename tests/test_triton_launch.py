@@ -98,7 +98,7 @@ def test_the_real_kernels_have_what_launch_reads():
     # kernel of the same shape (a bottleneck's conv3 and its projection).
     for kernel, variant in ((_conv_fwd_kernel, ["PROLOGUE", "STATS"]),
                             (_conv_dgrad_kernel, ["BN_BWD", "REDUCE", "REDUCE_ACT"]),
-                            (_conv_wgrad_kernel, ["PROLOGUE", "BN_BWD", "ACT"])):
+                            (_conv_wgrad_kernel, ["PROLOGUE", "BN_BWD", "ACT", "SUB"])):
         assert isinstance(kernel, Autotuner) and hasattr(kernel, "fn")
         assert list(kernel.keys) == CONV_TUNING_KEY + variant
         assert set(kernel.keys) <= set(kernel.arg_names)

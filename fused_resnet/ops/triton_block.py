@@ -36,7 +36,14 @@ from fused_resnet.triton.bn_last import last_bn_coefficients
 from fused_resnet.triton.bottleneck_eval import bottleneck_eval
 from fused_resnet.triton.config import operands
 from fused_resnet.triton.conv import STAT_ROWS, conv_fwd, to_nhwc
-from fused_resnet.triton.conv_bwd import Activated, BnGrad, BnReduce, conv_dgrad, conv_wgrad
+from fused_resnet.triton.conv_bwd import (
+    Activated,
+    BnGrad,
+    BnReduce,
+    Subsampled,
+    conv_dgrad,
+    conv_wgrad,
+)
 from fused_resnet.triton.eltwise import (
     BITS_DTYPE,
     BnBackward,
@@ -155,26 +162,28 @@ def _shortcut_bn_backward_without_y(g, sum_g, x, weight, gamma, mean, rstd, n, s
         dw = A G + B (w Gram) + D s^T,  dx_s = (A g) w + x_s M + e  (M = w^T diag(B) w,
         e = w^T D),
     and dx = dx_main + dx_s at the strided pixels: conv_dgrad's `residual` and
-    `tap_residual` (t = x_s M + e, a 1x1 conv). x_s is copied once where stride > 1, so
-    that the Gram (a wgrad whose dy is x_s) reads it densely. Against the chain through y_d
+    `tap_residual` (t = x_s M + e, a 1x1 conv of x at the stride). x_s is never copied: G
+    and t read x at the stride as the conv did, the Gram reads it on both sides so
+    (`Subsampled`), s sums a strided view of it. Against the chain through y_d
     (3 reads of it: the sums pass, the wgrad and the dgrad applying the BN backward on load)
     these passes read x_s (K wide, C / K = 2 or 4) four times (G, the Gram, s, t) and t
     (as wide) once, and the two BN-backward loops become plain ones. Without dx_main (x
     needs no gradient) no dx.
     Returns (dx or None, dw, d gamma, d beta)."""
     c, k = weight.shape[:2]
-    x_s = to_nhwc(x if stride == 1 else x[:, :, ::stride, ::stride])
-    gg = conv_wgrad(x_s, g, weight.shape, stride=1, padding=0)
-    gram = conv_wgrad(x_s, x_s, (k, k, 1, 1), stride=1, padding=0).reshape(k, k)
+    x = to_nhwc(x)
+    gg = conv_wgrad(x, g, weight.shape, stride=stride, padding=0)
+    gram = conv_wgrad(x, Subsampled(x), (k, k, 1, 1), stride=stride,
+                      padding=0).reshape(k, k)
     sum_gy, w, aw, ag, bwd = last_bn_coefficients(weight, x.dtype, gg, gamma, mean, rstd,
                                                   sum_g, n)
     with torch.autocast(g.device.type, enabled=False):  # fp32 products, whatever the caller
-        s = x_s.sum((0, 2, 3), dtype=gram.dtype)
+        s = x[:, :, ::stride, ::stride].sum((0, 2, 3), dtype=gram.dtype)
         dw = torch.addmm(ag, bwd[:, :k], gram).addr_(bwd[:, k], s)
         me = bwd.T @ w if dx_main is not None else None  # (K + 1, K): M, then the row e
     dx = None
     if dx_main is not None:
-        t, _ = conv_fwd(x_s, me[:k].view(k, k, 1, 1), stride=1, padding=0, bias=me[k])
+        t, _ = conv_fwd(x, me[:k].view(k, k, 1, 1), stride=stride, padding=0, bias=me[k])
         dx = conv_dgrad(g, aw.view(c, k, 1, 1), x.shape, stride=stride, padding=0,
                         residual=dx_main, tap_residual=t)
     return dx, dw.view(c, k, 1, 1), sum_gy, sum_g.clone()  # both BNs feed the same sum g

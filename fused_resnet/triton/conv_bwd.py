@@ -34,11 +34,11 @@ from fused_resnet.triton.conv import (
     to_nhwc,
 )
 from fused_resnet.triton.conv_wgrad import _conv_wgrad_kernel, conv_wgrad
-from fused_resnet.triton.grad_tile import Activated, BnGrad, _grad_args, _grad_tile
+from fused_resnet.triton.grad_tile import Activated, BnGrad, Subsampled, _grad_args, _grad_tile
 from fused_resnet.triton.launch import launch
 
-__all__ = ["Activated", "BnGrad", "BnReduce", "_conv_dgrad_kernel", "_conv_wgrad_kernel",
-           "conv_dgrad", "conv_wgrad"]
+__all__ = ["Activated", "BnGrad", "BnReduce", "Subsampled", "_conv_dgrad_kernel",
+           "_conv_wgrad_kernel", "conv_dgrad", "conv_wgrad"]
 
 
 @autotune_conv("BN_BWD", "REDUCE", "REDUCE_ACT")

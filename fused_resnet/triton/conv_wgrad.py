@@ -37,7 +37,7 @@ from fused_resnet.triton.grad_tile import _grad_args, _grad_tile
 from fused_resnet.triton.launch import launch
 
 
-@autotune_conv("PROLOGUE", "BN_BWD", "ACT", reset_to_zero=("dw_ptr",))
+@autotune_conv("PROLOGUE", "BN_BWD", "ACT", "SUB", reset_to_zero=("dw_ptr",))
 @triton.jit
 def _conv_wgrad_kernel(
     x_ptr, dy_ptr, dw_ptr, in_scale_ptr, in_shift_ptr, z_ptr, ms_ptr, mh_ptr, y_ptr,
@@ -45,7 +45,8 @@ def _conv_wgrad_kernel(
     H, W, C_in, Ho, Wo, C_out, M, stride, padding, rows_per_split,
     KH: tl.constexpr, KW: tl.constexpr, FLAT: tl.constexpr,
     PROLOGUE: tl.constexpr, PROLOGUE_RELU: tl.constexpr, BN_BWD: tl.constexpr,
-    RELU: tl.constexpr, ACT: tl.constexpr, PADDED: tl.constexpr, UPCAST: tl.constexpr,
+    RELU: tl.constexpr, ACT: tl.constexpr, SUB: tl.constexpr, PADDED: tl.constexpr,
+    UPCAST: tl.constexpr,
     ACC_FP64: tl.constexpr, PRECISION: tl.constexpr, ATOMIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -103,8 +104,12 @@ def _conv_wgrad_kernel(
         m_ok = offs_m < stop
         ih = oh[:, None] * stride - padding + r  # (BLOCK_K, 1), or (BLOCK_K, BLOCK_N) if FLAT
         iw = ow[:, None] * stride - padding + s
+        if SUB:  # dy = x at the conv's stride (`Subsampled`): the lanes' (img, oh, ow) in x
+            dy_pix = (img * H + oh * stride) * W + ow * stride
+        else:
+            dy_pix = offs_m
         dy_t = _grad_tile(dy_ptr, z_ptr, y_ptr,
-                          offs_m.to(tl.int64)[None, :] * C_out + offs_co[:, None],
+                          dy_pix.to(tl.int64)[None, :] * C_out + offs_co[:, None],
                           co_ok[:, None] & m_ok[None, :], ca[:, None], cb[:, None],
                           cd[:, None], ms, mh,
                           BN_BWD, RELU, ACC_FP64, not X_MASKED, ACT)
@@ -140,14 +145,23 @@ def conv_wgrad(
     split: Optional[int] = None, atomic: Optional[bool] = None,
 ) -> Tensor:
     """dw (C_out, C_in, kh, kw) in the accumulator dtype (fp32, fp64 for fp64 inputs), for
-    dy (N, C_out, Ho, Wo) given as a tensor, a BnGrad or an Activated. `split` slices of the pixels
+    dy (N, C_out, Ho, Wo) given as a tensor, a BnGrad, an Activated or a Subsampled (a
+    tensor of x's shape, x itself for a Gram matrix, read at the stride; no padding).
+    `split` slices of the pixels
     (default `config.wgrad_split`), added by atomics or in a fixed order (`atomic`, default
     `config.wgrad_atomic`; one slice writes dw itself)."""
     grad, flags = _grad_args(dy)
     flags.setdefault("ACT", False)
+    flags.setdefault("SUB", False)
     n, c_in, h, w = x.shape
     c_out, _, kh, kw = weight_shape
     ho, wo = grad[0].shape[2], grad[0].shape[3]
+    if flags["SUB"]:  # dy read at the stride from a tensor of x's shape: the output grid
+        if tuple(grad[0].shape) != tuple(x.shape) or padding != 0:
+            raise ValueError(f"conv_wgrad: a Subsampled dy needs a tensor of x's shape "
+                             f"{tuple(x.shape)} and no padding, got {tuple(grad[0].shape)} "
+                             f"and padding {padding}")
+        ho, wo = (h - kh) // stride + 1, (w - kw) // stride + 1
     m = n * ho * wo
     check_pixels(x.shape, (ho, wo))
     acc = acc_dtype(x.dtype)

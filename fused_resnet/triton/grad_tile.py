@@ -10,7 +10,9 @@ cost ~70 more SASS instructions a step, sm_90 bf16 128x128x32, 2026-12-04). Wort
 it where each dy element is loaded once (1x1 convs); a 3x3 dgrad reloads it for every tap.
 
 wgrad also takes dy as an `Activated`: relu(y * scale + shift) of a BN's input (the Gram
-matrix of an activation, which a bottleneck's last BN backward needs).
+matrix of an activation, which a bottleneck's last BN backward needs), or as a `Subsampled`:
+its own input x read at the conv's stride (the Gram matrix of a strided 1x1 conv's input,
+which a projection's BN backward needs), addressed as the x tile is, so x_s is not copied.
 """
 
 from typing import NamedTuple
@@ -53,6 +55,15 @@ class Activated(NamedTuple):
     shift: Tensor
 
 
+class Subsampled(NamedTuple):
+    """wgrad's dy read at the conv's stride from a tensor of the input's shape, dy[img, oh,
+    ow] = x[img, oh * stride, ow * stride] (no padding), addressed as the input tile is:
+    `conv_wgrad(x, Subsampled(x), ...)` is the Gram matrix x_s^T x_s of a 1x1 conv's strided
+    input, without x_s copied. x: (N, C, H, W)."""
+
+    x: Tensor
+
+
 @triton.jit
 def _grad_tile(dy_ptr, z_ptr, y_ptr, offs, ok, a, b, d, ms, mh,
                BN_BWD: tl.constexpr, RELU: tl.constexpr, ACC_FP64: tl.constexpr,
@@ -81,9 +92,15 @@ def _grad_tile(dy_ptr, z_ptr, y_ptr, offs, ok, a, b, d, ms, mh,
 
 def _grad_args(dy, coefficient_rows: bool = False) -> tuple[tuple, dict]:
     """Kernel arguments (dy or dz, z, ms, mh, y, then the BN backward) and flags for a dy
-    tensor, a BnGrad or (wgrad only: not with coefficient_rows) an Activated. The BN
+    tensor, a BnGrad or (wgrad only: not with coefficient_rows) an Activated or a Subsampled. The BN
     backward: (gamma, mean, rstd, sum_g, sum_gy, n), or with coefficient_rows the (3, C_out)
     rows (a, b, d)."""
+    if isinstance(dy, Subsampled):
+        if coefficient_rows:
+            raise ValueError("conv_dgrad takes dy as a tensor or a BnGrad, not a Subsampled")
+        x = to_nhwc(dy.x)
+        return ((x,) * 5 + bn_bwd_args(None, x),
+                {"BN_BWD": False, "RELU": NO_RELU, "ACT": False, "SUB": True})
     if isinstance(dy, Activated):
         if coefficient_rows:
             raise ValueError("conv_dgrad takes dy as a tensor or a BnGrad, not an Activated")

@@ -59,7 +59,7 @@ def _config_kwargs(config) -> dict:
 # Flags that name a launch's variant in the profiler (`launch`, `run`): the transformed-
 # operand conv loops (PROLOGUE, BN_BWD) cost 1.5-3x the plain ones in SASS, the statistics
 # epilogue (STATS) ~1600 instructions a tile; a profile should say what each costs in time.
-_VARIANT_FLAGS = ("FLAT_K", "FLAT", "PROLOGUE", "BN_BWD", "ACT", "STATS", "REDUCE",
+_VARIANT_FLAGS = ("FLAT_K", "FLAT", "PROLOGUE", "BN_BWD", "ACT", "SUB", "STATS", "REDUCE",
                   "REDUCE_ACT", "HAS_RES", "TAP_RES", "HAS_BN2", "TWO", "WRITE_DY", "WRITE_DR",
                   "WRITE_BITS", "WRITE_ARG", "FINAL")
 # Per profiler range (`profile_label`), the work of the launches made inside
@@ -92,31 +92,66 @@ def launch_work(kernel, args: tuple, kwargs: dict) -> tuple[int, int]:
     the single-launch bottleneck's three convs (its recomputed halo not counted),
     0 for the rest. Bytes: the span of every tensor argument, each storage once (the
     compulsory traffic where each is read or written once; an argument passed but unused,
-    e.g. a stand-in pointer, counts too, so pass one that is used)."""
+    e.g. a stand-in pointer, counts too, so pass one that is used), except a conv's input
+    read at a stride larger than its kernel (a 1x1 stride-2 conv reads a quarter of it): the
+    rows and columns its taps land on."""
     named = dict(zip(kernel.arg_names, args), **kwargs)
+    read = {}
     if "KH" in named:
         flops = 2 * named["M"] * named["C_out"] * named["C_in"] * named["KH"] * named["KW"]
+        x = named.get("x_ptr")
+        s, kh, kw = named["stride"], named["KH"], named["KW"]
+        if isinstance(x, torch.Tensor) and x.dim() == 4 and (s > kh or s > kw):
+            rows = min(named["H"], named["Ho"] * kh) if s > kh else named["H"]
+            cols = min(named["W"], named["Wo"] * kw) if s > kw else named["W"]
+            read[x.untyped_storage().data_ptr()] = (x.shape[0] * rows * cols * named["C_in"]
+                                                    * x.element_size())
     elif "C_mid" in named:
         c, mid = named["C"], named["C_mid"]
         flops = 2 * named["M"] * (2 * c * mid + 9 * mid * mid)
     else:
         flops = 0
-    return flops, tensor_spans(named.values())
+    return flops, tensor_spans(named.values(), read)
 
 
-def tensor_spans(values) -> int:
+SECTOR = 32  # bytes: the unit a GPU reads from memory
+
+
+def tensor_spans(values, read: dict[int, int] | None = None) -> int:
     """Bytes spanned by the tensors among `values`, each storage once: from the first byte
-    any of its views starts at to the last byte any ends at."""
-    spans: dict[int, tuple[int, int]] = {}  # storage -> (first byte, end) of its views
+    any of its views starts at to the last byte any ends at; or, where a storage is seen
+    through one view only whose elements are strided with contiguous runs of at least a
+    sector (x[:, :, ::2, ::2] of a channels_last x), the bytes of its elements; or `read`'s
+    bytes for a storage (a caller that knows which part a kernel reads), where fewer."""
+    spans: dict[int, list] = {}  # storage -> [first byte, end, its views, dense bytes]
     for t in values:
         if isinstance(t, torch.Tensor) and t.numel() > 0:
             start = t.storage_offset() * t.element_size()
             end = start + t.element_size() * (
                 1 + sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride())))
             key = t.untyped_storage().data_ptr()
-            first, last = spans.get(key, (start, end))
-            spans[key] = (min(first, start), max(last, end))
-    return sum(end - start for start, end in spans.values())
+            view = (t.storage_offset(), tuple(t.shape), t.stride())
+            entry = spans.setdefault(key, [start, end, set(), _dense_bytes(t)])
+            entry[0], entry[1] = min(entry[0], start), max(entry[1], end)
+            entry[2].add(view)
+    total = 0
+    for key, (start, end, views, dense) in spans.items():
+        nbytes = min(end - start, dense) if len(views) == 1 else end - start
+        total += min(nbytes, (read or {}).get(key, nbytes))
+    return total
+
+
+def _dense_bytes(t: torch.Tensor) -> int:
+    """The bytes of t's elements where its innermost contiguous run is at least a sector
+    long (reading them moves about that much), else a sector per run."""
+    run = 1
+    for n, s in sorted(((n, s) for n, s in zip(t.shape, t.stride()) if n > 1),
+                       key=lambda d: abs(d[1])):
+        if abs(s) != run:
+            break
+        run *= n
+    nbytes = run * t.element_size()
+    return t.numel() // run * max(nbytes, SECTOR)
 
 
 def add_work(counts: dict[str, list], label: str, flops: int, nbytes: int) -> None:
