@@ -10,7 +10,7 @@ from torch import Tensor
 from fused_resnet import backend as _backend
 from fused_resnet import reference
 from fused_resnet.ops import conv_ops
-from fused_resnet.ops.layout import conv_output_shape, stat_dtype
+from fused_resnet.ops.layout import bn_params, conv_output_shape
 
 
 def _check_vector(name: str, t: Optional[Tensor], channels: int, x: Tensor) -> None:
@@ -222,8 +222,7 @@ def fused_conv_bn_act(
     updated here, running = (1 - momentum) * running + momentum * batch (var unbiased by
     n / (n - 1)). Inference: BN folded into the conv, w' = w * scale, bias = shift."""
     c_out = weight.shape[0]
-    gamma = bn_weight if bn_weight is not None else x.new_ones(c_out, dtype=stat_dtype(x.dtype))
-    beta = bn_bias if bn_bias is not None else x.new_zeros(c_out, dtype=stat_dtype(x.dtype))
+    gamma, beta = bn_params(bn_weight, bn_bias, c_out, x)
     if training:
         out, y, mean, var = conv_ops.conv_bn_train_call(
             x, weight, gamma, beta, residual, stride, padding, groups, eps, relu, kernels)

@@ -31,6 +31,15 @@ def stat_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def bn_params(bn_weight: Tensor | None, bn_bias: Tensor | None, channels: int,
+              like: Tensor) -> tuple[Tensor, Tensor]:
+    """(gamma, beta) of a BN, the identity's (ones, zeros) in `stat_dtype` on like's device
+    where it has no affine parameters."""
+    dtype = stat_dtype(like.dtype)
+    return (bn_weight if bn_weight is not None else like.new_ones(channels, dtype=dtype),
+            bn_bias if bn_bias is not None else like.new_zeros(channels, dtype=dtype))
+
+
 def inference_weight(weight: Tensor, kernels: str) -> Tensor:
     """`weight` (C_out, C_in, kh, kw) stored the way `kernels` read it, same shape and values,
     for a weight laid out once and used by many calls (a folded inference weight): for

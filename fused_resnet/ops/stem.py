@@ -30,7 +30,12 @@ from fused_resnet.ops.conv_bn_act import (
     select_kernels,
     update_running_stats,
 )
-from fused_resnet.ops.layout import conv_output_shape, output_memory_format, stat_dtype
+from fused_resnet.ops.layout import (
+    bn_params,
+    conv_output_shape,
+    output_memory_format,
+    stat_dtype,
+)
 from fused_resnet.ops.max_pool import check_window, max_pool2d
 
 
@@ -41,13 +46,11 @@ def stem_train(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(out in x's memory format, the pool's window positions (int8), y, batch mean, biased
     var, (rstd, scale, shift) as a (3, C) tensor)."""
-    from fused_resnet.triton.bn import bn_finalize
-    from fused_resnet.triton.conv import STAT_ROWS, conv_fwd
+    from fused_resnet.ops.triton_kernels import conv_batch_stats
     from fused_resnet.triton.pool import max_pool_fwd
 
-    y, parts = conv_fwd(x, weight, stride=stride, padding=padding, stats=True)
-    mean, var, affine = bn_finalize(*parts, STAT_ROWS, y.numel() // y.shape[1], gamma, beta,
-                                    eps)
+    y, mean, var, affine = conv_batch_stats(x, weight, gamma, beta, eps, stride=stride,
+                                            padding=padding)
     out, arg = max_pool_fwd(y, pool_kernel, pool_stride, pool_padding, write_arg=True,
                             scale=affine[1], shift=affine[2])
     return out.contiguous(memory_format=output_memory_format(x)), arg, y, mean, var, affine
@@ -147,8 +150,7 @@ def conv_bn_relu_max_pool(
                         eps=eps, backend=backend)
         return max_pool2d(a, pool_kernel, pool_stride, pool_padding, backend=backend)
     c = weight.shape[0]
-    gamma = bn_weight if bn_weight is not None else x.new_ones(c, dtype=stat_dtype(x.dtype))
-    beta = bn_bias if bn_bias is not None else x.new_zeros(c, dtype=stat_dtype(x.dtype))
+    gamma, beta = bn_params(bn_weight, bn_bias, c, x)
     out, _arg, y, mean, var, _affine = stem_train(x, weight, gamma, beta, stride, padding,
                                                   eps, pool_kernel, pool_stride, pool_padding)
     if running_mean is not None:

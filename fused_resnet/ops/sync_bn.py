@@ -26,7 +26,7 @@ from torch import Tensor
 
 from fused_resnet import backend as _backend
 from fused_resnet.ops.conv_bn_act import update_running_stats
-from fused_resnet.ops.layout import stat_dtype
+from fused_resnet.ops.layout import bn_params, stat_dtype
 
 
 def _native(y: Tensor) -> bool:
@@ -110,9 +110,7 @@ def sync_batch_norm(
     group must call it in the same order (one collective forward, one in backward)."""
     if y.dim() != 4:
         raise ValueError(f"y must be 4-D (N, C, H, W), got shape {tuple(y.shape)}")
-    c = y.shape[1]
-    gamma = bn_weight if bn_weight is not None else y.new_ones(c, dtype=stat_dtype(y.dtype))
-    beta = bn_bias if bn_bias is not None else y.new_zeros(c, dtype=stat_dtype(y.dtype))
+    gamma, beta = bn_params(bn_weight, bn_bias, y.shape[1], y)
     z, mean, var, n = _SyncBNAct.apply(y, gamma, beta, residual, eps, relu, group)
     if running_mean is not None:
         update_running_stats(running_mean, running_var, mean, var, int(n), momentum)

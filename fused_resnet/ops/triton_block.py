@@ -31,11 +31,12 @@ from torch import Tensor
 
 from fused_resnet import reference
 from fused_resnet.ops.layout import output_memory_format
-from fused_resnet.triton.bn import bn_bwd_reduce, bn_finalize
+from fused_resnet.ops.triton_kernels import conv_batch_stats
+from fused_resnet.triton.bn import bn_bwd_reduce
 from fused_resnet.triton.bn_last import last_bn_coefficients
 from fused_resnet.triton.bottleneck_eval import bottleneck_eval
 from fused_resnet.triton.config import operands
-from fused_resnet.triton.conv import STAT_ROWS, conv_fwd, to_nhwc
+from fused_resnet.triton.conv import conv_fwd, to_nhwc
 from fused_resnet.triton.conv_bwd import (
     Activated,
     BnGrad,
@@ -74,10 +75,8 @@ def block_train(
     ys, means, variances, affines = [], [], [], []
 
     def conv_bn(inp: Tensor, i: int, stride: int, padding: int, **prologue) -> None:
-        y, parts = conv_fwd(inp, weights[i], stride=stride, padding=padding, stats=True,
-                            **prologue)
-        mean, var, affine = bn_finalize(*parts, STAT_ROWS, y.numel() // y.shape[1],
-                                        gammas[i], betas[i], eps[i])
+        y, mean, var, affine = conv_batch_stats(inp, weights[i], gammas[i], betas[i], eps[i],
+                                                stride=stride, padding=padding, **prologue)
         ys.append(y)
         means.append(mean)
         variances.append(var)

@@ -30,14 +30,24 @@ def _check_groups(groups: int) -> None:
         raise NotImplementedError(f"the Triton conv kernels are ungrouped, got groups={groups}")
 
 
+def conv_batch_stats(x: Tensor, weight: Tensor, gamma: Tensor, beta: Tensor, eps: float, *,
+                     stride: int, padding: int, **prologue) -> tuple[Tensor, ...]:
+    """(y, batch mean, biased var, (rstd, scale, shift) as a (3, C) tensor) of y = conv(x,
+    weight), the conv applying `prologue` (in_scale, in_shift, in_relu) to x on load and
+    writing the statistics' partials in its epilogue (`bn_finalize` merges them)."""
+    y, parts = conv_fwd(x, weight, stride=stride, padding=padding, stats=True, **prologue)
+    mean, var, affine = bn_finalize(*parts, STAT_ROWS, y.numel() // y.shape[1], gamma, beta,
+                                    eps)
+    return y, mean, var, affine
+
+
 def conv_bn_train(
     x: Tensor, weight: Tensor, bn_weight: Tensor, bn_bias: Tensor, residual: Optional[Tensor],
     stride: int, padding: int, groups: int, eps: float, relu: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     _check_groups(groups)
-    y, parts = conv_fwd(x, weight, stride=stride, padding=padding, stats=True)
-    m = y.numel() // y.shape[1]
-    mean, var, affine = bn_finalize(*parts, STAT_ROWS, m, bn_weight, bn_bias, eps)
+    y, mean, var, affine = conv_batch_stats(x, weight, bn_weight, bn_bias, eps, stride=stride,
+                                            padding=padding)
     r = to_nhwc(residual) if residual is not None else None
     z = bn_act_fwd(y, affine[1], affine[2], residual=r, relu=relu)
     return z.contiguous(memory_format=output_memory_format(x)), y, mean, var

@@ -117,7 +117,7 @@ def launch_work(kernel, args: tuple, kwargs: dict) -> tuple[int, int]:
 SECTOR = 32  # bytes: the unit a GPU reads from memory
 
 
-def tensor_spans(values, read: dict[int, int] | None = None) -> int:
+def tensor_spans(values, read: Optional[dict[int, int]] = None) -> int:
     """Bytes spanned by the tensors among `values`, each storage once: from the first byte
     any of its views starts at to the last byte any ends at; or, where a storage is seen
     through one view only whose elements are strided with contiguous runs of at least a
