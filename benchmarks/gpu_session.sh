@@ -15,6 +15,8 @@
 #           over XDIST_WORKERS (16) pytest-xdist workers where xdist is installed (compiling is
 #           the slow part); each failure is printed as it happens, so a cut-off run keeps them
 #   slow    pytest -m slow: the exhaustive op grid on Triton (864 cases)
+#   fuzz    pytest tests/test_fuzz.py --fuzz-long: hypothesis, 20x the CI examples, unseeded,
+#           on CUDA tensors (the fuzz tests carry no gpu mark: `tests` does not run them)
 #   model   bench_model.py: ResNet-50 fused Triton (operands on load, and written) / _C vs
 #           eager channels_last vs compile, in MODEL_DTYPES
 #   blocks  bench_blocks.py --write-table: every distinct block, and the per-shape auto table
@@ -28,7 +30,7 @@
 #
 # Limits (seconds): BUILD_S 120 (beside WARM_S 115), TESTS_S 140, PROFILE_S 85, MODEL_S 205
 # (the default call: at most 550 s and 40 s of kill margins, inside one 600 s device call),
-# SLOW_S 500, BLOCKS_S 300. Seen on an H200 (2026-12-04): build 57-64 s, warm 56 s (bf16) /
+# SLOW_S 500, FUZZ_S 300, BLOCKS_S 300. Seen on an H200 (2026-12-04): build 57-64 s, warm 56 s (bf16) /
 # 79 s (bf16 fp16: 825 kernels) beside it with 6 autotuner configs, the gpu tests 92% done
 # in 100 s on 16 workers; the model step ran out of its 230 s in fp16. Since then 8 configs
 # and the written-operand training (bf16 alone: 681 kernels to compile, 2026-12-05), so the
@@ -39,8 +41,9 @@
 set -uo pipefail
 steps=${*:-warm tests profile model}
 for name in $steps; do
-    [[ $name =~ ^(warm|profile|tests|slow|model|blocks)$ ]] \
-        || { echo "unknown step '$name' (warm, profile, tests, slow, model, blocks)"; exit 2; }
+    [[ $name =~ ^(warm|profile|tests|slow|fuzz|model|blocks)$ ]] \
+        || { echo "unknown step '$name' (warm, profile, tests, slow, fuzz, model, blocks)"
+             exit 2; }
 done
 OUT=${OUT:-/tmp/fused_resnet_out}
 mkdir -p "$OUT"
@@ -107,6 +110,8 @@ for name in $steps; do
                    -p no:cacheprovider "${xdist[@]}" ;;
         slow) step tests_slow "${SLOW_S:-500}" python3 -m pytest -m slow -q \
                   -p no:cacheprovider "${xdist[@]}" ;;
+        fuzz) step tests_fuzz "${FUZZ_S:-300}" python3 -m pytest tests/test_fuzz.py --fuzz-long \
+                  -q -p no:cacheprovider "${xdist[@]}" ;;
         model) step bench_model "${MODEL_S:-205}" python3 benchmarks/bench_model.py \
                    --no-progress --out "$OUT" --dtypes ${MODEL_DTYPES:-bf16} \
                    --columns ${BENCH_COLUMNS:-triton triton-written cuda eager-cl compile} ;;

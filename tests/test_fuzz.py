@@ -1,8 +1,9 @@
-"""Property-based fuzzing (hypothesis) of the fused ops and blocks against the reference, on
-every backend that runs here: random shapes, kernel / stride / padding, batch, residual, ReLU,
-train / eval, dtype. Bounded example counts keep CI in time (the Triton interpreter is slow:
-shapes stay tiny); `pytest --fuzz-long` runs 20x more, unseeded, for the GPU machine. The
-number of cases tried per backend is printed in pytest's summary."""
+"""Property-based fuzzing (hypothesis) of the fused ops, the stem and the blocks against the
+reference, on every backend that runs here: random shapes, kernel / stride / padding, batch,
+residual, ReLU, train / eval, dtype, memory format, pool window. Bounded example counts keep
+CI in time (the Triton interpreter is slow: shapes stay tiny); `pytest --fuzz-long` runs 20x
+more, unseeded, for the GPU machine. The number of cases tried per backend is printed in
+pytest's summary."""
 
 import os
 from collections import Counter
@@ -19,12 +20,13 @@ from tests._report import record
 
 LONG = os.environ.get("FUSED_RESNET_FUZZ_LONG") == "1"
 EXAMPLES = {"triton": 30, "cpu": 80, "cuda": 80}
+STEM_EXAMPLES = {"triton": 20, "cpu": 60, "cuda": 60}
 BACKENDS = [backend_param("triton"), backend_param("cuda" if DEVICE == "cuda" else "cpu")]
 TRIED: Counter = Counter()
 
 
-def _settings(backend: str):
-    n = EXAMPLES[backend] * (20 if LONG else 1)
+def _settings(backend: str, examples: dict = EXAMPLES):
+    n = examples[backend] * (20 if LONG else 1)
     return settings(max_examples=n, deadline=None, derandomize=not LONG, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
@@ -105,11 +107,87 @@ def test_fuzz_conv_bn_act_against_the_reference(backend):
 
 
 @st.composite
+def stem_cases(draw, dtypes):
+    """The stem's conv -> BN -> ReLU -> max-pool with any conv and pool window (padding at
+    most half the pool's kernel, as ATen requires) on an input the pool's window fits."""
+    k, pk = draw(st.sampled_from([1, 3, 5, 7])), draw(st.integers(1, 3))
+    case = dict(
+        n=draw(st.integers(1, 2)), c_in=draw(st.integers(1, 4)), c_out=draw(st.integers(1, 9)),
+        h=draw(st.integers(1, 12)), w=draw(st.integers(1, 12)), k=k,
+        stride=draw(st.integers(1, 2)), padding=draw(st.integers(0, k // 2)),
+        pool=(pk, draw(st.integers(1, 3)), draw(st.integers(0, pk // 2))),
+        affine=draw(st.booleans()), running=draw(st.booleans()),
+        x_grad=draw(st.booleans()), training=draw(st.booleans()),
+        channels_last=draw(st.booleans()), dtype=draw(st.sampled_from(dtypes)),
+        seed=draw(st.integers(0, 2**16)))
+    assume(min(case["h"], case["w"]) + 2 * case["padding"] >= k)
+    ho, wo = ((size + 2 * case["padding"] - k) // case["stride"] + 1
+              for size in (case["h"], case["w"]))
+    assume(min(ho, wo) + 2 * case["pool"][2] >= pk)
+    assume(case["running"] or case["training"])  # inference needs the running stats
+    assume(not case["training"] or case["n"] * ho * wo > 1)
+    return case
+
+
+def _run_stem(backend, case):
+    g = torch.Generator().manual_seed(case["seed"])
+    dt, c = case["dtype"], case["c_out"]
+
+    def rand(*shape, positive=False):
+        t = torch.randn(*shape, generator=g, dtype=dt)
+        return (t.abs() + 0.5 if positive else t).to(DEVICE)
+
+    fmt = torch.channels_last if case["channels_last"] else torch.contiguous_format
+    x = rand(case["n"], case["c_in"], case["h"], case["w"]).contiguous(memory_format=fmt)
+    w = rand(c, case["c_in"], case["k"], case["k"])
+    gamma, beta = rand(c, positive=True), rand(c)
+    mean, var = rand(c), rand(c, positive=True)
+    pk, ps, pp = case["pool"]
+    results = []
+    for name in (backend, "reference"):
+        xs = x.clone().requires_grad_(case["x_grad"])
+        ws = w.clone().requires_grad_()
+        gs, bs = (t.clone().requires_grad_() if case["affine"] else None for t in (gamma, beta))
+        ms, vs = (t.clone() if case["running"] else None for t in (mean, var))
+        out = ops.conv_bn_relu_max_pool(
+            xs, ws, gs, bs, ms, vs, stride=case["stride"], padding=case["padding"],
+            training=case["training"], pool_kernel=pk, pool_stride=ps, pool_padding=pp,
+            backend=name)
+        dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=dt)
+        out.backward(dout.to(DEVICE))
+        named = {"output": out.detach(), "running_mean": ms, "running_var": vs,
+                 "dx": xs.grad, "dw": ws.grad, "dgamma": gs.grad if gs is not None else None,
+                 "dbeta": bs.grad if bs is not None else None}
+        results.append({k: v for k, v in named.items() if v is not None})
+    return results
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fuzz_stem_against_the_reference(backend):
+    """`ops.conv_bn_relu_max_pool` (on Triton in training one op: the pool applies the BN +
+    ReLU to the conv output it loads) against the reference's conv_bn_act then max_pool2d:
+    output, running stats and every gradient."""
+    @_settings(backend, STEM_EXAMPLES)
+    @given(stem_cases(_dtypes(backend)))
+    def check(case):
+        TRIED[(backend, "stem")] += 1
+        got, expected = _run_stem(backend, case)
+        assert got.keys() == expected.keys()
+        for name in got:
+            _close(got[name], expected[name], f"{name} {case}", case["dtype"],
+                   grad=name.startswith("d"))
+
+    check()
+    record("fuzz cases tried per backend", f"{backend} stem: {TRIED[(backend, 'stem')]}")
+
+
+@st.composite
 def block_cases(draw):
     kind = draw(st.sampled_from(["basic", "basic-A", "basic-proj", "bottleneck",
-                                 "bottleneck-proj", "plain"]))
+                                 "bottleneck-proj", "bottleneck-proj-s1", "plain"]))
     return dict(kind=kind, n=draw(st.integers(1, 2)), c=draw(st.sampled_from([2, 4, 8])),
-                h=draw(st.integers(2, 6)), training=draw(st.booleans()),
+                h=draw(st.integers(2, 6)), w=draw(st.integers(2, 6)),
+                channels_last=draw(st.booleans()), training=draw(st.booleans()),
                 seed=draw(st.integers(0, 2**16)))
 
 
@@ -119,6 +197,8 @@ def _block(kind, c, backend):
             "basic-proj": lambda: FusedBasicBlock(c, 2 * c, 2, backend=backend),
             "bottleneck": lambda: FusedBottleneck(4 * c, c, backend=backend),
             "bottleneck-proj": lambda: FusedBottleneck(c, c, 2, backend=backend),
+            # ResNet-50's layer1 entry: a projection to 4c channels at stride 1
+            "bottleneck-proj-s1": lambda: FusedBottleneck(c, c, backend=backend),
             "plain": lambda: FusedBasicBlock(c, c, shortcut=None, backend=backend)}[kind]()
 
 
@@ -128,15 +208,19 @@ def test_fuzz_blocks_against_the_reference(backend):
     @given(block_cases())
     def check(case):
         stride = 2 if case["kind"] in ("basic-A", "basic-proj", "bottleneck-proj") else 1
-        ho = (case["h"] - 1) // stride + 1
-        assume(not case["training"] or case["n"] * ho * ho > 1)
+        ho, wo = ((size - 1) // stride + 1 for size in (case["h"], case["w"]))
+        assume(not case["training"] or case["n"] * ho * wo > 1)
         TRIED[(backend, "blocks")] += 1
         torch.manual_seed(case["seed"])
         fused = _block(case["kind"], case["c"], backend).to(DEVICE).train(case["training"])
         ref = _block(case["kind"], case["c"], "reference").to(DEVICE).train(case["training"])
         ref.load_state_dict(fused.state_dict())
+        if case["kind"] == "bottleneck-proj-s1":
+            assert fused.downsample is not None and fused.conv1.in_channels == case["c"]
         c_in = fused.conv1.in_channels
-        x = torch.randn(case["n"], c_in, case["h"], case["h"], device=DEVICE)
+        fmt = torch.channels_last if case["channels_last"] else torch.contiguous_format
+        x = torch.randn(case["n"], c_in, case["h"], case["w"], device=DEVICE)
+        x = x.contiguous(memory_format=fmt)
         xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
         out, expected = fused(xa), ref(xb)
         dz = torch.randn_like(expected)
