@@ -165,3 +165,53 @@ def test_fold_bn_is_eval_batchnorm():
     y = torch.randn(2, 8, 4, 4)
     with torch.no_grad():
         assert_close(y * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1), bn(y))
+
+
+def _strided_1x1_case(seed=0):
+    """2 x 4 x 8 x 8 channels_last fp32 into a 1x1 conv at stride 2: oneDNN's weight gradient
+    of it (torch 2.11 - 2.14, x86-64) is wrong in ~2% of calls (`reference.strided_1x1_on_cpu`)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 4, 8, 8, generator=g).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(4, 4, 1, 1, generator=g)
+    dy = torch.randn(2, 4, 4, 4, generator=g)
+    # dw[o, i] = sum over (n, oh, ow) of dy[n, o, oh, ow] * x[n, i, 2 oh, 2 ow], in fp64
+    dw = torch.einsum("nohw,nihw->oi", dy.double(), x[:, :, ::2, ::2].double())
+    dx = torch.zeros(x.shape, dtype=torch.float64)
+    dx[:, :, ::2, ::2] = torch.einsum("nohw,oi->nihw", dy.double(), w.double().view(4, 4))
+    return x, w, dy, dw.view(4, 4, 1, 1), dx
+
+
+@pytest.mark.parametrize("path", ["reference", "cpu"])
+def test_strided_1x1_weight_gradient_on_cpu_is_right_every_call(path):
+    """300 calls (ATen's direct weight gradient fails this ~99.8% of the time): the
+    reference's conv and the `cpu` backend's backward take it from the stride-1 conv of
+    x[:, :, ::2, ::2]; dx keeps x's memory format."""
+    if path == "cpu":
+        pytest.importorskip("fused_resnet._C")
+        from fused_resnet.ops.native_kernels import conv_backward
+    x, w, dy, dw_exact, dx_exact = _strided_1x1_case()
+    wrong = 0
+    for _ in range(300):
+        if path == "reference":
+            xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+            y = reference.conv2d(xs, ws, None, 2, 0)
+            assert y.shape == dy.shape
+            y.backward(dy)
+            dx, dw = xs.grad, ws.grad
+        else:
+            dx, dw = conv_backward(dy, x, w, 2, 0, 1)
+        wrong += not torch.allclose(dw.double(), dw_exact, rtol=1e-5, atol=1e-5)
+        assert torch.allclose(dx.double(), dx_exact, rtol=1e-5, atol=1e-5)
+        assert dx.is_contiguous(memory_format=torch.channels_last)
+    assert wrong == 0, f"{wrong} of 300 weight gradients wrong"
+    if path == "cpu":
+        assert conv_backward(dy, x, w, 2, 0, 1, need_dx=False)[0] is None
+
+
+def test_strided_1x1_on_cpu_names_only_that_conv():
+    x = torch.empty(1, 4, 8, 8)
+    assert reference.strided_1x1_on_cpu(x, torch.empty(4, 4, 1, 1), 2, 0)
+    assert not reference.strided_1x1_on_cpu(x, torch.empty(4, 4, 1, 1), 1, 0)
+    assert not reference.strided_1x1_on_cpu(x, torch.empty(4, 4, 1, 1), 2, 1)
+    assert not reference.strided_1x1_on_cpu(x, torch.empty(4, 4, 3, 3), 2, 0)
+    assert not reference.strided_1x1_on_cpu(x.to("meta"), torch.empty(4, 4, 1, 1), 2, 0)

@@ -178,7 +178,7 @@ def _eval_chain(x, weights, biases, strides, paddings, shortcut, shortcut_stride
         if kernels != "reference":
             return conv_ops.conv_bias_act_call(inp, w, b, residual, stride, padding, 1, relu,
                                                kernels)
-        out = torch.nn.functional.conv2d(inp, w, b.to(inp.dtype), stride, padding)
+        out = reference.conv2d(inp, w, b.to(inp.dtype), stride, padding)
         out = out if residual is None else out + residual
         return torch.relu(out) if relu else out
 

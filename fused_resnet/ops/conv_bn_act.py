@@ -249,7 +249,7 @@ def conv_bias_act(
     if kernels != "reference":
         return conv_ops.conv_bias_act_call(x, weight, bias, residual, stride, padding,
                                                     1, relu, kernels)
-    out = torch.nn.functional.conv2d(x, weight, bias.to(x.dtype), stride, padding)
+    out = reference.conv2d(x, weight, bias.to(x.dtype), stride, padding)
     if residual is not None:
         out = out + residual
     return torch.relu(out) if relu else out

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from fused_resnet.backend import load_extension
 from fused_resnet.ops.layout import output_memory_format, stat_dtype
-from fused_resnet.reference import batch_norm_affine
+from fused_resnet.reference import batch_norm_affine, strided_1x1_on_cpu
 
 if load_extension() is not None:
 
@@ -55,7 +55,17 @@ def conv(x: Tensor, weight: Tensor, stride: int, padding: int, groups: int) -> T
 
 def conv_backward(dy: Tensor, x: Tensor, weight: Tensor, stride: int, padding: int,
                   groups: int, need_dx: bool = True) -> tuple[Optional[Tensor], Tensor]:
-    """(dx, or None without need_dx: ATen then skips the data gradient, dw)."""
+    """(dx, or None without need_dx: ATen then skips the data gradient, dw). A strided 1x1
+    conv on CPU (`reference.strided_1x1_on_cpu`: oneDNN's weight gradient of it can be
+    wrong) takes dw from the stride-1 conv of x[:, :, ::s, ::s], dx from ATen as usual."""
+    if strided_1x1_on_cpu(x, weight, stride, padding):
+        dx = (torch.ops.aten.convolution_backward(
+            dy, x, weight, None, [stride, stride], [0, 0], [1, 1], False, [0, 0], groups,
+            [True, False, False])[0] if need_dx else None)
+        dw = torch.ops.aten.convolution_backward(
+            dy, x[:, :, ::stride, ::stride], weight, None, [1, 1], [0, 0], [1, 1], False,
+            [0, 0], groups, [False, True, False])[1]
+        return dx, dw
     dx, dw, _ = torch.ops.aten.convolution_backward(
         dy, x, weight, None, [stride, stride], [padding, padding], [1, 1], False, [0, 0],
         groups, [need_dx, True, False])

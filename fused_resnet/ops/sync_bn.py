@@ -21,10 +21,10 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor
 
 from fused_resnet import backend as _backend
+from fused_resnet import reference
 from fused_resnet.ops.conv_bn_act import update_running_stats
 from fused_resnet.ops.layout import bn_params, stat_dtype
 
@@ -124,7 +124,7 @@ def sync_conv_bn_act(
     relu: bool, group,
 ) -> Tensor:
     """act(SyncBN(conv(x)) + residual) over `group` (see `sync_batch_norm`)."""
-    y = F.conv2d(x, weight, None, stride, padding, 1, groups)
+    y = reference.conv2d(x, weight, None, stride, padding, groups)
     return sync_batch_norm(y, bn_weight, bn_bias, running_mean, running_var,
                            momentum=momentum, eps=eps, residual=residual, relu=relu,
                            group=group)
