@@ -55,8 +55,10 @@ def strided_1x1_on_cpu(x: Tensor, weight: Tensor, stride: int, padding: int) -> 
     weight gradient ATen must not compute as such: oneDNN's (torch 2.11 to 2.14 on x86-64)
     is wrong in about 2% of calls for a channels_last fp32 x with a few input channels (2 to
     7 seen; 2 x 4 x 8 x 8 at stride 2, say, some entries off by their own size) and can
-    corrupt the heap ("free(): invalid next size"). At stride 1 it is right, and a 1x1 conv
-    at stride s is the stride-1 conv of x[:, :, ::s, ::s]: the same products and sums."""
+    corrupt the heap ("free(): invalid next size"): its AVX2 1x1 kernel copies the strided
+    input into a workspace sized for a whole channel block (8) and writes past it when there
+    are fewer channels (oneDNN issue 6035). At stride 1 there is no copy, and a 1x1 conv at
+    stride s is the stride-1 conv of x[:, :, ::s, ::s]: the same products and sums."""
     return (x.device.type == "cpu" and stride > 1 and padding == 0
             and tuple(weight.shape[2:]) == (1, 1))
 
