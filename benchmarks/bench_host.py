@@ -8,8 +8,9 @@ the kernel (`InterpretedFunction.run` does nothing), so everything above the ker
 `triton.launch` included; Triton's own argument binder and driver launch, which the
 interpreter replaces, are not in the figure. Nor is what would compute on CPU: the input is
 made in the compute dtype (no autocast cast), the head's average pool is a view and its fc
-an identity. Two settings, timed alternately: the blocks' inference plans (`ops.eval_plan`,
-the default) and without them (every call through `ops.residual_block_eval`).
+an identity. Two settings, timed alternately: the inference plans of the blocks and the stem
+(`ops.eval_plan`, the default) and without them (every block through
+`ops.residual_block_eval`, the stem through `ops.conv_bias_act` and `ops.max_pool2d`).
 
     python benchmarks/bench_host.py                          # ResNet-50, bf16, batch 1
     python benchmarks/bench_host.py --arch cifar_resnet20 --image-size 32 --repeat 5
@@ -28,7 +29,7 @@ import triton.runtime.interpreter as interpreter  # noqa: E402
 
 import fused_resnet as fr  # noqa: E402
 from fused_resnet.models import build_model  # noqa: E402
-from fused_resnet.nn import blocks  # noqa: E402
+from fused_resnet.nn import blocks, pool  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -56,15 +57,17 @@ def main(argv=None) -> None:
     dtype = DTYPES[args.dtype]
     x = torch.randn(args.batch, 3, args.image_size, args.image_size, dtype=dtype).to(
         memory_format=torch.channels_last)
-    planner = blocks.plan_block_eval
+    planners = blocks.plan_block_eval, pool.plan_stem_eval
 
     def call() -> None:
         with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
             model(x)
 
     def setting(plans: bool) -> None:
-        blocks.plan_block_eval = planner if plans else (lambda *a, **k: None)
+        none = lambda *a, **k: None  # noqa: E731
+        blocks.plan_block_eval, pool.plan_stem_eval = planners if plans else (none, none)
         blocks._EVAL_PLANS.clear()
+        pool._STEM_PLANS.clear()
         for _ in range(3):  # the first call checks, the second prepares, then the plan runs
             call()
 

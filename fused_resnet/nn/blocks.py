@@ -11,7 +11,6 @@ training takes batch statistics over the group (`ops.sync_conv_bn_act`, one all_
 
 from __future__ import annotations
 
-import weakref
 from typing import Optional
 
 import torch
@@ -22,17 +21,14 @@ from fused_resnet.backend import check_backend_name
 from fused_resnet.nn.conv_bn import cached_folds, conv_bn_act, fusable_block, residual_block
 from fused_resnet.nn.shortcut import ZeroPadShortcut, check_shortcut, make_shortcut
 from fused_resnet.nn.sync_bn import convert_sync_bn, sync_group
-from fused_resnet.ops.eval_plan import BlockEvalPlan, plan_block_eval
+from fused_resnet.ops.eval_plan import PLANS_PER_MODULE, PlanCache, plan_block_eval
 from fused_resnet.ops.layout import conv_output_shape
 
 VARIANTS = ("v1", "v1.5")
-# Each block's inference plans (`ResidualBlock._chain_eval`), beside the module rather than on
-# it, so that copying, pickling or scripting a model never meets one: one per input signature
-# (batch size, image size, layout, dtype) of the current folded weights, most recently used
-# first, at most PLANS_PER_BLOCK (a server's few batch sizes, a loader's short last batch).
-_EVAL_PLANS: weakref.WeakKeyDictionary[ResidualBlock, list[BlockEvalPlan]] = \
-    weakref.WeakKeyDictionary()
-PLANS_PER_BLOCK = 4
+# Each block's inference plans (`ResidualBlock._chain_eval`): one per input signature (batch
+# size, image size, layout, dtype) of the current folded weights, at most PLANS_PER_BLOCK.
+PLANS_PER_BLOCK = PLANS_PER_MODULE
+_EVAL_PLANS = PlanCache(PLANS_PER_BLOCK)
 EVAL_KERNELS = ("auto", "chain", "single")
 
 
@@ -111,25 +107,13 @@ class ResidualBlock(nn.Module):
                     paddings=[c.padding[0] for c, _ in block_pairs], shortcut=kind,
                     shortcut_stride=self.stride, backend=backend)
         traced = torch.compiler.is_compiling()  # no plans (nor their weak dict) in a graph
-        plans = None if traced else _EVAL_PLANS.get(self)
-        if plans:
-            for i, plan in enumerate(plans):
-                if plan.matches(x, weights, biases, **args):
-                    if i:  # most recently used first
-                        plans.insert(0, plans.pop(i))
-                    return plan(x)
-        out = ops.residual_block_eval(x, weights, biases, **args)
-        if traced:
-            return out
-        # Plans of older folds are dropped (they would keep the old folded tensors alive).
-        kept = [p for p in plans or () if p.folded_from(weights, biases)]
-        plan = plan_block_eval(x, weights, biases, **args)  # the call above checked them
+        plan = None if traced else _EVAL_PLANS.find(self, x, weights, biases, **args)
         if plan is not None:
-            kept = [plan, *kept[:PLANS_PER_BLOCK - 1]]
-        if kept:
-            _EVAL_PLANS[self] = kept
-        else:
-            _EVAL_PLANS.pop(self, None)
+            return plan(x)
+        out = ops.residual_block_eval(x, weights, biases, **args)
+        if not traced:  # the call above checked the arguments
+            _EVAL_PLANS.store(self, plan_block_eval(x, weights, biases, **args), weights,
+                              biases)
         return out
 
     def _shortcut(self, x: Tensor, backend: str) -> Optional[Tensor]:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from fused_resnet import ops
@@ -10,10 +11,15 @@ from fused_resnet.backend import check_backend_name
 from fused_resnet.nn.conv_bn import (
     _batchnorm_args,
     _count,
+    cached_fold,
     check_conv,
     conv_bn_act,
 )
 from fused_resnet.nn.sync_bn import sync_group
+from fused_resnet.ops.eval_plan import PlanCache, plan_stem_eval
+
+# The inference stem's plans (`_stem_eval`), per conv module: one per input signature.
+_STEM_PLANS = PlanCache()
 
 
 class FusedMaxPool2d(nn.Module):
@@ -42,11 +48,14 @@ def conv_bn_relu_pool(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, pool: nn.M
     """pool(relu(bn(conv(x)))) with the parameters and buffers of `conv` and `bn` (the
     ResNet stem). In training, where `pool` is a FusedMaxPool2d on the same backend and the
     BN normalizes with this process's batch statistics, `ops.conv_bn_relu_max_pool` (on
-    Triton one op that never writes relu(bn(y))); otherwise, inference included (BN folded
-    into the conv), `conv_bn_act` then `pool`."""
-    if (not bn.training or not isinstance(pool, FusedMaxPool2d) or pool.backend != backend
-            or conv.groups != 1 or sync_group(bn) is not None):
+    Triton one op that never writes relu(bn(y))); otherwise `conv_bn_act` then `pool`, in
+    inference with BN folded into the conv and, called again alike, as a plan
+    (`ops.eval_plan.StemEvalPlan`)."""
+    if (not isinstance(pool, FusedMaxPool2d) or pool.backend != backend or conv.groups != 1
+            or sync_group(bn) is not None):
         return pool(conv_bn_act(x, conv, bn, backend=backend))
+    if not bn.training:
+        return _stem_eval(x, conv, bn, pool, backend)
     check_conv(conv)
     bn_args, counting = _batchnorm_args(bn)
     out = ops.conv_bn_relu_max_pool(
@@ -55,4 +64,27 @@ def conv_bn_relu_pool(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, pool: nn.M
         momentum=bn_args["momentum"], eps=bn.eps, pool_kernel=pool.kernel_size,
         pool_stride=pool.stride, pool_padding=pool.padding, backend=backend)
     _count(bn, counting)
+    return out
+
+
+def _stem_eval(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, pool: FusedMaxPool2d,
+               backend: str) -> Tensor:
+    """pool(conv_bn_act(x, conv, bn)) in inference; where BN folds into the conv, a plan of
+    an earlier such call that matches this one (the same input signature and compute dtype,
+    the same folded tensors: a refold after a weight or buffer changed makes new ones)."""
+    check_conv(conv)
+    folded = cached_fold(x, conv, bn, backend)
+    if folded is None:
+        return pool(conv_bn_act(x, conv, bn, backend=backend))
+    weight, bias = folded
+    args = dict(stride=conv.stride[0], padding=conv.padding[0],
+                pool=(pool.kernel_size, pool.stride, pool.padding), backend=backend)
+    traced = torch.compiler.is_compiling()
+    plan = None if traced else _STEM_PLANS.find(conv, x, weight, bias, **args)
+    if plan is not None:
+        return plan(x)
+    out = pool(ops.conv_bias_act(x, weight, bias, stride=args["stride"],
+                                 padding=args["padding"], relu=True, backend=backend))
+    if not traced:  # the calls above checked the arguments
+        _STEM_PLANS.store(conv, plan_stem_eval(x, weight, bias, **args), [weight], [bias])
     return out

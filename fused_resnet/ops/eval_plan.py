@@ -1,6 +1,7 @@
 """`residual_block_eval` prepared for the calls that repeat it with the same input signature and
 the same folded weights: a block of a model serving a few input sizes (a block keeps a plan
-per signature, up to `nn.blocks.PLANS_PER_BLOCK`).
+per signature, up to `PLANS_PER_MODULE`, in a `PlanCache`); likewise the inference stem
+(`StemEvalPlan`: conv + folded BN + ReLU, then the max-pool).
 
 `plan_block_eval(...)` (after a call of `residual_block_eval` with the same arguments has
 checked them) returns a `BlockEvalPlan` holding each conv prepared: on Triton a
@@ -19,9 +20,11 @@ call at batch 1 spends ~2.1 ms of host time in our Python without plans and ~1.1
 
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from fused_resnet import backend as _backend
@@ -31,6 +34,47 @@ from fused_resnet.ops.layout import conv_output_size, output_memory_format
 from fused_resnet.triton.config import input_precision
 
 PLANNED_KERNELS = ("triton", "cuda", "cpu")
+PLANS_PER_MODULE = 4  # a server's few batch sizes, a loader's short last batch
+
+
+class PlanCache:
+    """Inference plans per module, beside the module rather than on it (weakly keyed), so that
+    copying, pickling or scripting a model never meets one: one per input signature of the
+    module's current folded weights, most recently used first, at most `limit`."""
+
+    def __init__(self, limit: int = PLANS_PER_MODULE) -> None:
+        self.limit = limit
+        self._plans: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def find(self, owner, *args, **kwargs):
+        """The plan of `owner` whose `matches(*args, **kwargs)`, moved to the front, or None."""
+        plans = self._plans.get(owner)
+        for i, plan in enumerate(plans or ()):
+            if plan.matches(*args, **kwargs):
+                if i:
+                    plans.insert(0, plans.pop(i))
+                return plan
+        return None
+
+    def store(self, owner, plan, weights: list[Tensor], biases: list[Tensor]) -> None:
+        """Keeps `plan` (None: none to add) first, and of the others those made from these
+        folded tensors (older folds' plans would keep their tensors alive)."""
+        kept = [p for p in self._plans.get(owner, ()) if p.folded_from(weights, biases)]
+        if plan is not None:
+            kept = [plan, *kept[:self.limit - 1]]
+        if kept:
+            self._plans[owner] = kept
+        else:
+            self._plans.pop(owner, None)
+
+    def __contains__(self, owner) -> bool:
+        return owner in self._plans
+
+    def __getitem__(self, owner) -> list:
+        return self._plans[owner]
+
+    def clear(self) -> None:
+        self._plans.clear()
 
 
 class NativeConv:
@@ -155,3 +199,103 @@ def plan_block_eval(x: Tensor, weights: list[Tensor], biases: list[Tensor], *,
         return None
     return BlockEvalPlan(x, weights, biases, strides, paddings, shortcut, shortcut_stride,
                          backend, kernels)
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """x's dtype after autocast's cast (`ops.conv_bn_act.autocast_inputs`)."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device) and x.is_floating_point():
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
+class StemEvalPlan:
+    """max_pool2d(conv_bias_act(x, weight, bias, relu=True), *pool), the ResNet stem in
+    inference (BN folded into the conv) as `nn.conv_bn_relu_pool` runs it unplanned, for x of
+    one signature and compute dtype: x cast as autocast casts it, the conv prepared as a
+    block's (Triton: `PreparedConvFwd`, x read channels_last; `_C`: `NativeConv`), the pool
+    launched with its arguments worked out (`triton.pool.PreparedMaxPoolFwd`; ATen's pool
+    beside the `_C` conv, as `ops.max_pool2d` runs it there), the output in the unplanned
+    call's layout."""
+
+    def __init__(self, x: Tensor, dtype: torch.dtype, weight: Tensor, bias: Tensor, *,
+                 stride: int, padding: int, pool: tuple, backend: str,
+                 kernels: tuple[str, str]) -> None:
+        self.signature = (x.shape, x.stride(), x.dtype, x.device, dtype)
+        self.weight, self.bias = weight, bias
+        self.arguments = (stride, padding, tuple(pool), backend)
+        self.kernels, self.precision = kernels, input_precision(dtype)
+        self.backends = _stem_backends(backend, x.device)
+        k, s, p = pool
+        if kernels[0] == "triton":
+            from fused_resnet.triton.conv_prepared import PreparedConvFwd
+            from fused_resnet.triton.pool import PreparedMaxPoolFwd
+
+            self.conv = PreparedConvFwd(tuple(x.shape), dtype, weight, bias, stride=stride,
+                                        padding=padding, has_residual=False, relu=True)
+            self.pool = PreparedMaxPoolFwd(self.conv.out_shape, dtype, k, s, p)
+        else:
+            self.conv = NativeConv(tuple(x.shape), weight, bias, stride=stride,
+                                   padding=padding, has_residual=False, relu=True)
+            self.pool = lambda a: F.max_pool2d(a, k, s, p)
+        # unplanned, the conv's output takes the cast x's layout and the pool's output its
+        # input's (meta tensors: the layouts without data)
+        cast = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="meta").to(dtype)
+        conv_out = torch.empty(self.conv.out_shape, device="meta",
+                               memory_format=output_memory_format(cast))
+        self.out_format = output_memory_format(conv_out)
+
+    def matches(self, x: Tensor, weight: Tensor, bias: Tensor, *, stride: int, padding: int,
+                pool: tuple, backend: str) -> bool:
+        """Whether `self(x)` computes the stem's unplanned call with these arguments."""
+        if (x.shape, x.stride(), x.dtype, x.device, _compute_dtype(x)) != self.signature:
+            return False
+        if weight is not self.weight or bias is not self.bias:
+            return False
+        if (stride, padding, tuple(pool), backend) != self.arguments:
+            return False
+        if (torch.is_grad_enabled() and x.requires_grad) or torch.compiler.is_compiling():
+            return False
+        if input_precision(self.signature[4]) != self.precision:
+            return False
+        # select_kernels' choice given the resolved backends depends on the dtype alone
+        return _stem_backends(backend, x.device) == self.backends
+
+    def folded_from(self, weights: list[Tensor], biases: list[Tensor]) -> bool:
+        return weights[0] is self.weight and biases[0] is self.bias
+
+    def __call__(self, x: Tensor) -> Tensor:
+        dtype = self.signature[4]
+        if self.kernels[0] == "triton":
+            x = x.to(dtype=dtype, memory_format=torch.channels_last)
+        elif x.dtype != dtype:
+            x = x.to(dtype)
+        return self.pool(self.conv(x)).contiguous(memory_format=self.out_format)
+
+
+def _stem_backends(backend: str, device: torch.device) -> tuple[str, str]:
+    """The backends `backend` resolves to for the stem's conv and pool on `device`."""
+    return (_backend.resolve(backend, "conv_bn_act", device),
+            _backend.resolve(backend, "max_pool", device))
+
+
+def plan_stem_eval(x: Tensor, weight: Tensor, bias: Tensor, *, stride: int, padding: int,
+                   pool: tuple, backend: str = "auto") -> Optional[StemEvalPlan]:
+    """A plan of the inference stem with these arguments, which a call has checked, or None
+    where it would not run as one: the reference ops, a pool on other kernels than the
+    conv's (Triton with Triton, ATen's beside `_C`), a weight not in the compute dtype or
+    a bias not contiguous, autograd or tracing."""
+    if (torch.is_grad_enabled() and x.requires_grad) or torch.compiler.is_compiling():
+        return None
+    from fused_resnet.ops.conv_bn_act import select_kernels
+
+    dtype = _compute_dtype(x)
+    probe = torch.empty(0, dtype=dtype, device=x.device)  # the cast x, as the conv sees it
+    kernels = (select_kernels(backend, "conv_bn_act", probe),
+               _backend.resolve(backend, "max_pool", x.device))
+    if kernels[0] == "reference" or (kernels[0] == "triton") != (kernels[1] == "triton"):
+        return None
+    if weight.dtype != dtype or not bias.is_contiguous():
+        return None
+    return StemEvalPlan(x, dtype, weight, bias, stride=stride, padding=padding, pool=pool,
+                        backend=backend, kernels=kernels)

@@ -41,7 +41,7 @@ BLOCK_P = 32  # pixels a program at least (more where there are few channels)
 
 
 def _tiles(pixels: int, c: int) -> tuple[int, int, tuple[int, int]]:
-    block_c = min(BLOCK_C, triton.next_power_of_2(c))
+    block_c = min(BLOCK_C, triton.next_power_of_2(max(c, 1)))  # an empty x launches nothing
     block_p = max(BLOCK_P, 2048 // block_c // 2)  # ~1-2k elements a program
     return block_p, block_c, (cdiv(pixels, block_p), cdiv(c, block_c))
 
@@ -147,28 +147,59 @@ def pool_output_size(size: int, kernel_size: int, stride: int, padding: int) -> 
     return (size + 2 * padding - kernel_size) // stride + 1
 
 
+def _fwd_launch(x_shape, dtype: torch.dtype, kernel_size: int, stride: int, padding: int,
+                prologue: bool, write_arg: bool) -> tuple:
+    """(out shape, grid, integer arguments, constexprs) of the forward launch."""
+    n, c, h, w = x_shape
+    ho, wo = (pool_output_size(v, kernel_size, stride, padding) for v in (h, w))
+    m = n * ho * wo
+    block_p, block_c, grid = _tiles(m, c)
+    constexprs = dict(K=kernel_size, S=stride, P=padding, PROLOGUE=prologue,
+                      WRITE_ARG=write_arg, ACC_FP64=dtype == torch.float64, BLOCK_P=block_p,
+                      BLOCK_C=block_c)
+    return (n, c, ho, wo), grid, (h, w, c, ho, wo, m), constexprs
+
+
 def max_pool_fwd(x: Tensor, kernel_size: int, stride: int, padding: int, write_arg: bool,
                  scale: Optional[Tensor] = None,
                  shift: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
     """(out (N, C, Ho, Wo) channels_last in x's dtype, arg (N, C, Ho, Wo) channels_last int8
     or None without write_arg) for x (N, C, H, W); see the module docstring. With scale and
     shift ((C,), fp32 or fp64): the max-pool of relu(x * scale + shift)."""
-    n, c, h, w = x.shape
-    ho, wo = (pool_output_size(v, kernel_size, stride, padding) for v in (h, w))
+    prologue = scale is not None
+    out_shape, grid, ints, constexprs = _fwd_launch(x.shape, x.dtype, kernel_size, stride,
+                                                    padding, prologue, write_arg)
     x = x.contiguous(memory_format=torch.channels_last)
-    out = torch.empty((n, c, ho, wo), device=x.device, dtype=x.dtype,
+    out = torch.empty(out_shape, device=x.device, dtype=x.dtype,
                       memory_format=torch.channels_last)
     arg = torch.empty_like(out, dtype=torch.int8) if write_arg else None
-    m = n * ho * wo
-    if m == 0 or c == 0:
-        return out, arg
-    block_p, block_c, grid = _tiles(m, c)
-    prologue = scale is not None
-    run(_max_pool_fwd_kernel, grid, x, scale if prologue else x, shift if prologue else x,
-        out, arg if write_arg else out, h, w, c, ho, wo, m,
-        K=kernel_size, S=stride, P=padding, PROLOGUE=prologue, WRITE_ARG=write_arg,
-        ACC_FP64=x.dtype == torch.float64, BLOCK_P=block_p, BLOCK_C=block_c)
+    if out.numel():
+        run(_max_pool_fwd_kernel, grid, x, scale if prologue else x, shift if prologue else x,
+            out, arg if write_arg else out, *ints, **constexprs)
     return out, arg
+
+
+class PreparedMaxPoolFwd:
+    """`max_pool_fwd(x, kernel_size, stride, padding, write_arg=False)[0]` for x of shape
+    `x_shape` and `dtype` stored channels_last (the caller keeps to that): the output shape,
+    grid and launch arguments worked out once (the inference stem's plan,
+    `ops.eval_plan.StemEvalPlan`)."""
+
+    __slots__ = ("out_shape", "dtype", "grid", "ints", "constexprs")
+
+    def __init__(self, x_shape: tuple, dtype: torch.dtype, kernel_size: int, stride: int,
+                 padding: int) -> None:
+        self.out_shape, self.grid, self.ints, self.constexprs = _fwd_launch(
+            x_shape, dtype, kernel_size, stride, padding, prologue=False, write_arg=False)
+        self.dtype = dtype
+
+    def __call__(self, x: Tensor) -> Tensor:
+        out = torch.empty(self.out_shape, device=x.device, dtype=self.dtype,
+                          memory_format=torch.channels_last)
+        if out.numel():  # x stands in for the absent scale, shift and positions (never read)
+            run(_max_pool_fwd_kernel, self.grid, x, x, x, out, out, *self.ints,
+                **self.constexprs)
+        return out
 
 
 def _bwd(dout: Tensor, arg: Tensor, x_shape, kernel_size: int, stride: int, padding: int,
