@@ -14,6 +14,7 @@ from fused_resnet.backend import forced_backend
 from fused_resnet.nn import FusedBasicBlock, FusedBottleneck
 from fused_resnet.nn import blocks as block_module
 from tests._backends import DEVICE, FUSED_BACKENDS, skip_without_triton
+from tests._calls import count_calls
 
 BLOCKS = {
     "bottleneck identity": lambda b: FusedBottleneck(32, 8, 1, backend=b),
@@ -56,15 +57,7 @@ def _planned(name, backend):
 @pytest.fixture
 def checked_calls(monkeypatch):
     """Counts the calls that take `ops.residual_block_eval` (the checked path)."""
-    calls = []
-    real = ops.residual_block_eval
-
-    def counted(*args, **kwargs):
-        calls.append(args[0].shape)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(ops, "residual_block_eval", counted)
-    return calls
+    return count_calls(monkeypatch, ops, "residual_block_eval")
 
 
 @backends

@@ -15,6 +15,7 @@ from fused_resnet.backend import forced_backend
 from fused_resnet.nn import FusedMaxPool2d, conv_bn_relu_pool
 from fused_resnet.nn import pool as pool_module
 from tests._backends import DEVICE, FUSED_BACKENDS, skip_without_triton
+from tests._calls import count_calls
 
 backends = pytest.mark.parametrize("backend", FUSED_BACKENDS)
 CL = torch.channels_last
@@ -40,15 +41,7 @@ def _call(stem, x, backend):
 @pytest.fixture
 def checked_calls(monkeypatch):
     """Counts the stem calls that take the checked path (`ops.conv_bias_act`)."""
-    calls = []
-    real = ops.conv_bias_act
-
-    def counted(*args, **kwargs):
-        calls.append(args[0].shape)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(ops, "conv_bias_act", counted)
-    return calls
+    return count_calls(monkeypatch, ops, "conv_bias_act")
 
 
 @backends
