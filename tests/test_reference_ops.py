@@ -213,5 +213,7 @@ def test_strided_1x1_on_cpu_names_only_that_conv():
     assert reference.strided_1x1_on_cpu(x, torch.empty(4, 4, 1, 1), 2, 0)
     assert not reference.strided_1x1_on_cpu(x, torch.empty(4, 4, 1, 1), 1, 0)
     assert not reference.strided_1x1_on_cpu(x, torch.empty(4, 4, 1, 1), 2, 1)
+    wide = torch.empty(1, 16, 8, 8)  # ResNet widths: ATen's conv, as torchvision runs it
+    assert not reference.strided_1x1_on_cpu(wide, torch.empty(4, 16, 1, 1), 2, 0)
     assert not reference.strided_1x1_on_cpu(x, torch.empty(4, 4, 3, 3), 2, 0)
     assert not reference.strided_1x1_on_cpu(x.to("meta"), torch.empty(4, 4, 1, 1), 2, 0)
