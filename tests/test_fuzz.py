@@ -178,10 +178,11 @@ def _run_stem(backend, case):
     pk, ps, pp = case["pool"]
     if dt == torch.float32:
         def fp64():
+            affine = (gamma, beta) if case["affine"] else (None, None)
             ops.conv_bn_relu_max_pool(
-                *(t.double() for t in (x, w, gamma, beta, mean, var)), stride=case["stride"],
-                padding=case["padding"], training=case["training"], pool_kernel=pk,
-                pool_stride=ps, pool_padding=pp, backend="reference")
+                *(t if t is None else t.double() for t in (x, w, *affine, mean, var)),
+                stride=case["stride"], padding=case["padding"], training=case["training"],
+                pool_kernel=pk, pool_stride=ps, pool_padding=pp, backend="reference")
         assume(_relu_margin(fp64) > RELU_MARGIN)
     results = []
     for name in (backend, "reference"):
