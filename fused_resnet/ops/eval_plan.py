@@ -219,15 +219,15 @@ class StemEvalPlan:
     call's layout."""
 
     def __init__(self, x: Tensor, dtype: torch.dtype, weight: Tensor, bias: Tensor, *,
-                 stride: int, padding: int, pool: tuple, backend: str,
-                 kernels: tuple[str, str]) -> None:
+                 stride: int, padding: int, pool: tuple, backend: str, triton: bool) -> None:
         self.signature = (x.shape, x.stride(), x.dtype, x.device, dtype)
+        self.dtype, self.triton = dtype, triton
         self.weight, self.bias = weight, bias
         self.arguments = (stride, padding, tuple(pool), backend)
-        self.kernels, self.precision = kernels, input_precision(dtype)
+        self.precision = input_precision(dtype)
         self.backends = _stem_backends(backend, x.device)
         k, s, p = pool
-        if kernels[0] == "triton":
+        if triton:
             from fused_resnet.triton.conv_prepared import PreparedConvFwd
             from fused_resnet.triton.pool import PreparedMaxPoolFwd
 
@@ -256,7 +256,7 @@ class StemEvalPlan:
             return False
         if (torch.is_grad_enabled() and x.requires_grad) or torch.compiler.is_compiling():
             return False
-        if input_precision(self.signature[4]) != self.precision:
+        if input_precision(self.dtype) != self.precision:
             return False
         # select_kernels' choice given the resolved backends depends on the dtype alone
         return _stem_backends(backend, x.device) == self.backends
@@ -265,11 +265,10 @@ class StemEvalPlan:
         return weights[0] is self.weight and biases[0] is self.bias
 
     def __call__(self, x: Tensor) -> Tensor:
-        dtype = self.signature[4]
-        if self.kernels[0] == "triton":
-            x = x.to(dtype=dtype, memory_format=torch.channels_last)
-        elif x.dtype != dtype:
-            x = x.to(dtype)
+        if self.triton:
+            x = x.to(dtype=self.dtype, memory_format=torch.channels_last)
+        elif x.dtype != self.dtype:
+            x = x.to(self.dtype)
         return self.pool(self.conv(x)).contiguous(memory_format=self.out_format)
 
 
@@ -298,4 +297,4 @@ def plan_stem_eval(x: Tensor, weight: Tensor, bias: Tensor, *, stride: int, padd
     if weight.dtype != dtype or not bias.is_contiguous():
         return None
     return StemEvalPlan(x, dtype, weight, bias, stride=stride, padding=padding, pool=pool,
-                        backend=backend, kernels=kernels)
+                        backend=backend, triton=kernels[0] == "triton")

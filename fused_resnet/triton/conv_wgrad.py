@@ -147,9 +147,8 @@ def conv_wgrad(
     """dw (C_out, C_in, kh, kw) in the accumulator dtype (fp32, fp64 for fp64 inputs), for
     dy (N, C_out, Ho, Wo) given as a tensor, a BnGrad, an Activated or a Subsampled (a
     tensor of x's shape, x itself for a Gram matrix, read at the stride; no padding).
-    `split` slices of the pixels
-    (default `config.wgrad_split`), added by atomics or in a fixed order (`atomic`, default
-    `config.wgrad_atomic`; one slice writes dw itself)."""
+    `split` slices of the pixels (default `config.wgrad_split`), added by atomics or in a
+    fixed order (`atomic`, default `config.wgrad_atomic`; one slice writes dw itself)."""
     grad, flags = _grad_args(dy)
     flags.setdefault("ACT", False)
     flags.setdefault("SUB", False)
