@@ -77,7 +77,7 @@ def _run(backend, case, out_shape):
                             stride=case["stride"], padding=case["padding"],
                             training=case["training"], relu=case["relu"], backend="reference",
                             residual=None if r is None else r.double())
-        assume(_relu_margin(fp64) > RELU_MARGIN)
+        assume(_decision_margin(fp64) > DECISION_MARGIN)
     results = []
     for name in (backend, "reference"):
         xs, ws, gs, bs = (t.clone().requires_grad_() for t in (x, w, gamma, beta))
@@ -90,13 +90,17 @@ def _run(backend, case, out_shape):
     return results
 
 
-def _relu_margin(run_fp64) -> float:
+def _decision_margin(run_fp64) -> float:
     """The smallest |input| / max |input| of any ReLU the reference meets in `run_fp64()` (a
-    run in fp64): where it is under ~1e-5, fp32 rounding may put that element on the other
-    side of 0 in one computation and not the other, and its gradient with it (a ReLU decision,
-    not an error: the op tests compare gradients at the fused output's decisions)."""
+    run in fp64), and the smallest gap between a max-pool window's two largest values over
+    the pool input's max |value| (windows whose max is positive): where either is under
+    ~1e-5, fp32 rounding may put that element on the other side of 0 (or make the other
+    element the window's max) in one computation and not the other, and its gradient with it
+    (a decision, not an error: the op tests compare gradients at the fused output's
+    decisions)."""
     seen = [float("inf")]
     relus = torch.nn.functional.relu, torch.relu
+    pool = torch.nn.functional.max_pool2d
 
     def spy(real):
         def relu(t, *args, **kwargs):
@@ -105,14 +109,55 @@ def _relu_margin(run_fp64) -> float:
             return real(t, *args, **kwargs)
         return relu
 
+    def pool_spy(t, kernel_size, stride=None, padding=0, *args, **kwargs):
+        seen.append(_pool_tie_margin(t, kernel_size, stride or kernel_size, padding))
+        return pool(t, kernel_size, stride, padding, *args, **kwargs)
+
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(torch.nn.functional, "relu", spy(relus[0]))
         patch.setattr(torch, "relu", spy(relus[1]))
+        patch.setattr(torch.nn.functional, "max_pool2d", pool_spy)
         run_fp64()
     return min(seen)
 
 
-RELU_MARGIN = 1e-5  # fp32 cases closer to a ReLU decision than this are not compared
+def _pool_tie_margin(t, kernel_size: int, stride: int, padding: int) -> float:
+    """min over the windows of max_pool2d(t) whose max is positive of (largest - second
+    largest) / max |t|; inf where no window has two values or a positive max."""
+    if t.numel() == 0 or kernel_size < 2:
+        return float("inf")
+    padded = torch.nn.functional.pad(t, (padding,) * 4, value=float("-inf"))
+    n, c = t.shape[:2]
+    windows = torch.nn.functional.unfold(padded, kernel_size, stride=stride)
+    top = windows.view(n, c, kernel_size * kernel_size, -1).topk(2, dim=2).values
+    gap = (top[:, :, 0] - top[:, :, 1])[top[:, :, 0] > 0]
+    if gap.numel() == 0:
+        return float("inf")
+    return (gap.min() / t.abs().max().clamp_min(1e-300)).item()
+
+
+DECISION_MARGIN = 1e-5  # fp32 cases closer to a ReLU or max-pool decision are not compared
+
+
+def test_decision_margin_sees_relu_inputs_and_pool_ties():
+    """The screening itself: a pre-activation near 0 and a pool window's near tie each give a
+    margin under DECISION_MARGIN; a plain random case does not."""
+    w = torch.ones(1, 1, 1, 1, dtype=torch.float64)
+
+    def margin(x):
+        stats = torch.zeros(1, dtype=torch.float64), torch.ones(1, dtype=torch.float64)
+        return _decision_margin(lambda: ops.conv_bn_relu_max_pool(
+            x, w, None, None, *stats, stride=1, padding=0, training=False,
+            backend="reference"))
+
+    x = torch.arange(1.0, 26.0, dtype=torch.float64).view(1, 1, 5, 5)
+    assert margin(x) > DECISION_MARGIN
+    near_zero = x.clone()
+    near_zero[0, 0, 0, 0] = 1e-8
+    tie = x.clone()
+    tie[0, 0, 4, 3] = 25 - 1e-7  # beside the last 3x3 / 2 window's max (25, the corner)
+    assert margin(near_zero) < DECISION_MARGIN
+    assert margin(tie) < DECISION_MARGIN
 
 
 def _close(a, b, what, dtype, grad=False):
@@ -183,7 +228,7 @@ def _run_stem(backend, case):
                 *(t if t is None else t.double() for t in (x, w, *affine, mean, var)),
                 stride=case["stride"], padding=case["padding"], training=case["training"],
                 pool_kernel=pk, pool_stride=ps, pool_padding=pp, backend="reference")
-        assume(_relu_margin(fp64) > RELU_MARGIN)
+        assume(_decision_margin(fp64) > DECISION_MARGIN)
     results = []
     for name in (backend, "reference"):
         xs = x.clone().requires_grad_(case["x_grad"])
@@ -262,7 +307,7 @@ def test_fuzz_blocks_against_the_reference(backend):
         fmt = torch.channels_last if case["channels_last"] else torch.contiguous_format
         x = torch.randn(case["n"], c_in, case["h"], case["w"], device=DEVICE)
         x = x.contiguous(memory_format=fmt)
-        assume(_relu_margin(lambda: copy.deepcopy(ref).double()(x.double())) > RELU_MARGIN)
+        assume(_decision_margin(lambda: copy.deepcopy(ref).double()(x.double())) > DECISION_MARGIN)
         xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
         out, expected = fused(xa), ref(xb)
         dz = torch.randn_like(expected)

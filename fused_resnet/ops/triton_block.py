@@ -179,9 +179,10 @@ def _shortcut_bn_backward_without_y(g, sum_g, x, weight, gamma, mean, rstd, n, s
     with torch.autocast(g.device.type, enabled=False):  # fp32 products, whatever the caller
         s = x[:, :, ::stride, ::stride].sum((0, 2, 3), dtype=gram.dtype)
         dw = torch.addmm(ag, bwd[:, :k], gram).addr_(bwd[:, k], s)
-        me = bwd.T @ w if dx_main is not None else None  # (K + 1, K): M, then the row e
     dx = None
     if dx_main is not None:
+        with torch.autocast(g.device.type, enabled=False):
+            me = bwd.T @ w  # (K + 1, K): M = w^T diag(B) w, then the row e = w^T D
         t, _ = conv_fwd(x, me[:k].view(k, k, 1, 1), stride=stride, padding=0, bias=me[k])
         dx = conv_dgrad(g, aw.view(c, k, 1, 1), x.shape, stride=stride, padding=0,
                         residual=dx_main, tap_residual=t)
