@@ -143,12 +143,6 @@ def conv_bn_act(
         eps=eps,
     )
     kernels = select_kernels(backend, "conv_bn_act", x, groups=groups)
-    if kernels == "reference":
-        return reference.conv_bn_act(
-            x, weight, bn_weight, bn_bias, running_mean, running_var,
-            stride=stride, padding=padding, groups=groups, training=training,
-            momentum=momentum, eps=eps, residual=residual, relu=relu,
-        )
     return fused_conv_bn_act(
         x, weight, bn_weight, bn_bias, running_mean, running_var, stride=stride, padding=padding,
         groups=groups, training=training, momentum=momentum, eps=eps, residual=residual,
@@ -218,9 +212,16 @@ def fused_conv_bn_act(
     groups: int, training: bool, momentum: float, eps: float, residual: Optional[Tensor],
     relu: bool, kernels: str,
 ) -> Tensor:
-    """Training: one fused op returning batch mean / biased var, then the running stats are
-    updated here, running = (1 - momentum) * running + momentum * batch (var unbiased by
-    n / (n - 1)). Inference: BN folded into the conv, w' = w * scale, bias = shift."""
+    """`conv_bn_act` after its casts and checks, on `kernels` (`select_kernels`'s answer;
+    "reference": `reference.conv_bn_act`). Training: one fused op returning batch mean /
+    biased var, then the running stats are updated here, running = (1 - momentum) * running
+    + momentum * batch (var unbiased by n / (n - 1)). Inference: BN folded into the conv,
+    w' = w * scale, bias = shift."""
+    if kernels == "reference":
+        return reference.conv_bn_act(
+            x, weight, bn_weight, bn_bias, running_mean, running_var, stride=stride,
+            padding=padding, groups=groups, training=training, momentum=momentum, eps=eps,
+            residual=residual, relu=relu)
     c_out = weight.shape[0]
     gamma, beta = bn_params(bn_weight, bn_bias, c_out, x)
     if training:
