@@ -143,7 +143,7 @@ def conv_bn_act(
         eps=eps,
     )
     kernels = select_kernels(backend, "conv_bn_act", x, groups=groups)
-    return fused_conv_bn_act(
+    return checked_conv_bn_act(
         x, weight, bn_weight, bn_bias, running_mean, running_var, stride=stride, padding=padding,
         groups=groups, training=training, momentum=momentum, eps=eps, residual=residual,
         relu=relu, kernels=kernels)
@@ -206,7 +206,7 @@ def select_kernels(backend: str, op: str, x: Tensor, *, groups: int = 1,
     return "reference" if name == "reference" else "native"
 
 
-def fused_conv_bn_act(
+def checked_conv_bn_act(
     x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
     running_mean: Optional[Tensor], running_var: Optional[Tensor], *, stride: int, padding: int,
     groups: int, training: bool, momentum: float, eps: float, residual: Optional[Tensor],

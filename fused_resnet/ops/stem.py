@@ -26,7 +26,7 @@ from fused_resnet.ops import conv_ops
 from fused_resnet.ops.conv_bn_act import (
     autocast_inputs,
     check_conv_bn_act_args,
-    fused_conv_bn_act,
+    checked_conv_bn_act,
     select_kernels,
     update_running_stats,
 )
@@ -134,8 +134,8 @@ def conv_bn_relu_max_pool(
     ResNet stem (defaults: torchvision's 7x7/2 conv padded 3 and 3x3/2 pool padded 1, the
     weight's kernel whatever it is). In training on Triton one op (`stem_train`); otherwise,
     and in inference, `conv_bn_act` (past the checks made here) then `max_pool2d` on the
-    same backend. Running stats
-    are updated as `conv_bn_act` updates them; a call that raises changes none."""
+    same backend. Running stats are updated as `conv_bn_act` updates them; a call that
+    raises changes none."""
     x, weight, _ = autocast_inputs(x, weight, None)
     check_conv_bn_act_args(x, weight, bn_weight, bn_bias, running_mean, running_var,
                            stride=stride, padding=padding, groups=1, training=training,
@@ -146,10 +146,10 @@ def conv_bn_relu_max_pool(
     kernels = select_kernels(backend, "conv_bn_act", x)
     if not (training and kernels == "triton"
             and _backend.resolve(backend, "max_pool", x.device) == "triton"):
-        a = fused_conv_bn_act(x, weight, bn_weight, bn_bias, running_mean, running_var,
-                              stride=stride, padding=padding, groups=1, training=training,
-                              momentum=momentum, eps=eps, residual=None, relu=True,
-                              kernels=kernels)
+        a = checked_conv_bn_act(x, weight, bn_weight, bn_bias, running_mean, running_var,
+                                stride=stride, padding=padding, groups=1, training=training,
+                                momentum=momentum, eps=eps, residual=None, relu=True,
+                                kernels=kernels)
         return max_pool2d(a, pool_kernel, pool_stride, pool_padding, backend=backend)
     c = weight.shape[0]
     gamma, beta = bn_params(bn_weight, bn_bias, c, x)
