@@ -102,7 +102,10 @@ def test_changed_weights_buffers_and_inputs_take_the_checked_path(backend, check
         n = len(checked_calls)
         planned = block(x)
         out = block(x.contiguous())  # NCHW, same shape: an NCHW output, planned on `_C` only
-        assert out.is_contiguous() and torch.equal(out, planned)
+        # another layout is another computation for ATen's convs (oneDNN in torch 2.11, cuDNN
+        # may take other algorithms): close, not bit-equal; a layout's repeats are
+        assert out.is_contiguous()
+        torch.testing.assert_close(out, planned, atol=1e-5, rtol=1e-5)
         assert torch.equal(block(x.contiguous()), out)
         n += 2 if backend == "triton" else 1
         assert len(checked_calls) == n
