@@ -1,16 +1,24 @@
-"""Inference plans on a GPU (`gpu` marker): what `test_eval_plan.py` and `test_stem_plan.py`
-check in the interpreter and on `_C` for CPU, for a whole ResNet-50 on CUDA tensors, where
+"""Inference on a GPU (`gpu` marker), where the CPU tests check it in the interpreter and on
+`_C` for CPU.
+
+Plans: what `test_eval_plan.py` and `test_stem_plan.py` check, for a whole ResNet-50 on CUDA
+tensors, where
 the plans launch compiled Triton kernels through prepared launches (`PreparedLaunch`, whose
 later calls skip `launch` once the autotuner's config is known) and cuDNN through `_C`.
 Calls after the first run the plans of the stem and of all 16 blocks; each input signature
 (batch 1 and 4: the latency and throughput rows of the benchmark) gives its own plans; every
 planned call equals the first, checked call bit for bit, and that call is within DESIGN.md's
-rule of the reference model; a weight written in place is seen by the next call."""
+rule of the reference model; a weight written in place is seen by the next call.
+
+The single-launch bottleneck (`eval_kernel="single"`, `triton/bottleneck_eval.py`: a1 and a2
+on chip), which `eval_kernel="auto"` takes where the per-shape table says so: at ResNet-50's
+four identity-bottleneck shapes, fp32 / bf16 / fp16, against the reference."""
 
 import pytest
 import torch
 
 from fused_resnet import models, ops
+from fused_resnet.nn import FusedBottleneck
 from fused_resnet.nn import blocks as block_module
 from fused_resnet.nn import pool as pool_module
 from fused_resnet.testing import assert_close
@@ -90,3 +98,41 @@ def test_planned_resnet50_inference_on_cuda(backend, autocast, layout, monkeypat
         assert not torch.equal(changed, firsts[1])
         assert torch.equal(fused(x), changed)
     _check_against_reference(changed, ref, x, autocast)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
+                         ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("channels, width, size", [(256, 64, 56), (512, 128, 28),
+                                                   (1024, 256, 14), (2048, 512, 7)],
+                         ids=["layer1", "layer2", "layer3", "layer4"])
+def test_single_launch_eval_bottleneck_on_cuda(channels, width, size, dtype, monkeypatch):
+    calls = []
+    real = ops.bottleneck_eval
+    monkeypatch.setattr(ops, "bottleneck_eval", lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch.manual_seed(0)
+    fused = FusedBottleneck(channels, width, 1, backend="triton", eval_kernel="single")
+    ref = FusedBottleneck(channels, width, 1, backend="reference")
+    with torch.no_grad():
+        for m in fused.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+    ref.load_state_dict(fused.state_dict())
+    cl = torch.channels_last
+    fused, ref = (m.cuda().eval().to(memory_format=cl) for m in (fused, ref))
+    for batch in (1, 8):
+        x = torch.randn(batch, channels, size, size, device="cuda").contiguous(memory_format=cl)
+        with torch.no_grad():
+            truth = ref.double()(x.double())
+            ref.float()
+            eager = ref.to(dtype)(x.to(dtype))  # the baseline: the reference in this dtype
+            ref.float()
+            out = fused.to(dtype)(x.to(dtype))
+            fused.float()
+        assert out.dtype == dtype and out.is_contiguous(memory_format=cl)
+        assert_close(out.float(), truth, baseline=eager.float(), compute_dtype=dtype,
+                     name=f"batch {batch}")
+    assert calls == [1, 1], "each call took the single-launch path"
