@@ -14,6 +14,7 @@ from fused_resnet.backend import forced_backend
 from fused_resnet.nn import FusedBasicBlock, FusedBottleneck
 from fused_resnet.nn import blocks as block_module
 from tests._backends import DEVICE, FUSED_BACKENDS, skip_without_triton
+from tests._bn import randomize_bn
 from tests._calls import count_calls
 
 BLOCKS = {
@@ -28,15 +29,7 @@ backends = pytest.mark.parametrize("backend", FUSED_BACKENDS)
 
 def _eval_block(make, backend, dtype=torch.float32):
     torch.manual_seed(0)
-    block = make(backend).to(DEVICE, dtype).eval()
-    with torch.no_grad():
-        for m in block.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 2.0)
-    return block
+    return randomize_bn(make(backend).to(DEVICE, dtype).eval())
 
 
 def _input(block, size=6, dtype=torch.float32):

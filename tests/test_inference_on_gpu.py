@@ -22,6 +22,7 @@ from fused_resnet.nn import FusedBottleneck
 from fused_resnet.nn import blocks as block_module
 from fused_resnet.nn import pool as pool_module
 from fused_resnet.testing import assert_close
+from tests._bn import randomize_bn
 from tests._calls import count_calls
 
 
@@ -30,14 +31,7 @@ def _models(backend):
     BN statistics and affine parameters away from their defaults so that folding them
     matters; 10 classes (the head is not what is tested)."""
     torch.manual_seed(0)
-    fused = models.resnet50(num_classes=10, backend=backend)
-    with torch.no_grad():
-        for m in fused.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 2.0)
+    fused = randomize_bn(models.resnet50(num_classes=10, backend=backend))
     ref = models.resnet50(num_classes=10, backend="reference")
     ref.load_state_dict(fused.state_dict())
     return fused.cuda().eval(), ref.cuda().eval()
@@ -111,15 +105,9 @@ def test_single_launch_eval_bottleneck_on_cuda(channels, width, size, dtype, mon
     real = ops.bottleneck_eval
     monkeypatch.setattr(ops, "bottleneck_eval", lambda *a, **k: calls.append(1) or real(*a, **k))
     torch.manual_seed(0)
-    fused = FusedBottleneck(channels, width, 1, backend="triton", eval_kernel="single")
+    fused = randomize_bn(FusedBottleneck(channels, width, 1, backend="triton",
+                                         eval_kernel="single"))
     ref = FusedBottleneck(channels, width, 1, backend="reference")
-    with torch.no_grad():
-        for m in fused.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 2.0)
     ref.load_state_dict(fused.state_dict())
     cl = torch.channels_last
     fused, ref = (m.cuda().eval().to(memory_format=cl) for m in (fused, ref))

@@ -15,6 +15,7 @@ from fused_resnet.backend import forced_backend
 from fused_resnet.nn import FusedMaxPool2d, conv_bn_relu_pool
 from fused_resnet.nn import pool as pool_module
 from tests._backends import DEVICE, FUSED_BACKENDS, skip_without_triton
+from tests._bn import randomize_bn
 from tests._calls import count_calls
 
 backends = pytest.mark.parametrize("backend", FUSED_BACKENDS)
@@ -25,12 +26,7 @@ def _stem(backend, c_out=8):
     """conv 7x7/2 (3 -> c_out) + BN (random statistics) + a 3x3/2 pool, in eval."""
     torch.manual_seed(0)
     conv = nn.Conv2d(3, c_out, 7, 2, 3, bias=False).to(DEVICE)
-    bn = nn.BatchNorm2d(c_out).to(DEVICE)
-    with torch.no_grad():
-        bn.weight.uniform_(0.5, 1.5)
-        bn.bias.uniform_(-0.5, 0.5)
-        bn.running_mean.uniform_(-0.2, 0.2)
-        bn.running_var.uniform_(0.5, 2.0)
+    bn = randomize_bn(nn.BatchNorm2d(c_out).to(DEVICE))
     return nn.ModuleList([conv, bn, FusedMaxPool2d(3, 2, 1, backend=backend)]).eval()
 
 
