@@ -15,6 +15,8 @@ The single-launch bottleneck (`eval_kernel="single"`, `triton/bottleneck_eval.py
 on chip), which `eval_kernel="auto"` takes where the per-shape table says so: at ResNet-50's
 four identity-bottleneck shapes, fp32 / bf16 / fp16, against the reference."""
 
+import copy
+
 import pytest
 import torch
 
@@ -118,17 +120,16 @@ def test_single_launch_eval_bottleneck_on_cuda(channels, width, size, dtype, mon
     ref = FusedBottleneck(channels, width, 1, backend="reference")
     ref.load_state_dict(fused.state_dict())
     cl = torch.channels_last
-    fused, ref = (m.cuda().eval().to(memory_format=cl) for m in (fused, ref))
+    fused = fused.cuda().eval().to(dtype=dtype, memory_format=cl)
+    ref = ref.cuda().eval().to(memory_format=cl)
+    eager = copy.deepcopy(ref).to(dtype)  # the baseline: the reference in this dtype
+    truth = ref.double()
     for batch in (1, 8):
         x = torch.randn(batch, channels, size, size, device="cuda").contiguous(memory_format=cl)
         with torch.no_grad():
-            truth = ref.double()(x.double())
-            ref.float()
-            eager = ref.to(dtype)(x.to(dtype))  # the baseline: the reference in this dtype
-            ref.float()
-            out = fused.to(dtype)(x.to(dtype))
-            fused.float()
+            expected, baseline = truth(x.double()), eager(x.to(dtype))
+            out = fused(x.to(dtype))
         assert out.dtype == dtype and out.is_contiguous(memory_format=cl)
-        assert_close(out.float(), truth, baseline=eager.float(), compute_dtype=dtype,
+        assert_close(out.float(), expected, baseline=baseline.float(), compute_dtype=dtype,
                      name=f"batch {batch}")
     assert calls == [1, 1], "each call took the single-launch path"
