@@ -4,7 +4,7 @@ On a GPU (the run whose results are committed and summarized in README.md), in o
   1. the model suite: ResNet-50 training step, inference at batch 256 and latency at batch 1,
      bf16 / fp16 / TF32 / fp32, every column (fused Triton, fused `_C` CUDA, eager NCHW,
      eager channels_last, torch.compile default and max-autotune);
-  2. the same inference settings replayed from CUDA graphs;
+  2. the bf16 settings (training, inference, latency) replayed from CUDA graphs;
   3. the per-stage breakdown (every distinct block, bf16 / fp16, batch 256 and 1), which writes
      each shape's fastest backend into the per-shape auto table (`--write-table`);
   4. the family table (ResNet-18 ... 152: MACs, params, latency, img/s);
@@ -47,8 +47,8 @@ def steps(smoke: bool, out: str, table: str) -> dict[str, list[str]]:
     common = ["--arch", "resnet50", "--out", out]
     return {
         "model": model + ["--dtypes", "bf16", "fp16", "tf32", "fp32"],
-        "graphs": ["bench", *common, "--dtypes", "bf16", "--modes", "infer", "latency",
-                   "--batch-sizes", "256", "--cuda-graphs"],
+        "graphs": ["bench", *common, "--dtypes", "bf16", "--batch-sizes", "256",
+                   "--cuda-graphs"],
         "stages": stages,
         "family": ["bench", "--flops-table", "--dtypes", "bf16", "--batch-sizes", "256",
                    "--out", out],

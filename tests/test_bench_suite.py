@@ -246,8 +246,8 @@ def test_gpu_suite_every_column_runs():
 
 @pytest.mark.gpu
 def test_gpu_suite_cuda_graphs():
-    cfg = SuiteConfig(arch="resnet18", image_size=64, batch_sizes=(8,), modes=("infer",
-                      "latency"), columns=("triton", "cuda", "eager-cl"), cuda_graphs=True)
+    cfg = SuiteConfig(arch="resnet18", image_size=64, batch_sizes=(8,), columns=("triton",
+                      "cuda", "eager-cl", "compile"), cuda_graphs=True)  # training too
     rows = run_suite(cfg, progress=False)
     assert all(r["cuda_graphs"] and r["error"] == "" for r in rows)
 

@@ -45,7 +45,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layout", choices=("channels_last", "nchw"), default="channels_last",
                    help="input memory format of the fused and compiled columns")
     p.add_argument("--cuda-graphs", action="store_true",
-                   help="replay inference and latency runs from CUDA graphs")
+                   help="replay every step (training too) from a CUDA graph")
     p.add_argument("--measure-peaks", action="store_true",
                    help="'%% peak' over a matrix product measured here, not the datasheet")
     p.add_argument("--warmup", type=int, default=2, help="untimed runs on CPU (default 2)")
@@ -103,7 +103,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
                f"{cfg.layout}{', CUDA graphs' if cfg.cuda_graphs else ''}")
     text = report_header("fused_resnet bench", details) + model_table(rows)
     print(text)
-    _save(args, "model", rows, text, ("dtype", "mode", "batch"), "images_per_s", "images / s")
+    # A CUDA-graph run (benchmarks/run_all.py's second step) beside the eager one, not over it.
+    _save(args, "model-graphs" if cfg.cuda_graphs else "model", rows, text,
+          ("dtype", "mode", "batch"), "images_per_s", "images / s")
     return 0 if not any(r["error"] for r in rows) else 1
 
 

@@ -12,6 +12,9 @@ the same input, in one process:
   eager channels_last twin);
 - modes: "train" (zero_grad, forward, cross-entropy, backward, SGD step), "infer" (eval
   forward under no_grad at the batch sizes) and "latency" (the same at `latency_batch`);
+  with `cuda_graphs` every column's step (the training step too: forward, backward and the
+  optimizer's update) is captured once after its warm-up runs and replayed, which takes the
+  host's launch costs out of the time (autocast then runs without its cast cache);
 - dtypes: "fp32" (TF32 off), "tf32" (fp32 tensors, TF32 convs and matmuls), "bf16" and
   "fp16" (autocast; weights, BN parameters and statistics stay fp32).
 
@@ -79,7 +82,7 @@ class SuiteConfig:
     columns: Optional[tuple[str, ...]] = None  # None: default_columns(device)
     image_size: Optional[int] = None  # None: 32 for CIFAR nets, 224 on CUDA, 64 on CPU
     layout: str = "channels_last"  # memory format of the fused and compiled columns' input
-    cuda_graphs: bool = False  # replay infer / latency from a captured CUDA graph
+    cuda_graphs: bool = False  # replay every mode's step from a captured CUDA graph
     measure_peaks: bool = False  # "% of peak" over a measured matmul rate, not the datasheet
     warmup: int = 2
     iters: int = 5
@@ -121,28 +124,34 @@ class SuiteConfig:
 
 
 @contextlib.contextmanager
-def column_context(label: str, dtype: str, device: torch.device) -> Iterator[None]:
-    """What a column's runs happen in: `precision`, and the operand mode of the Triton
-    training chain (`OPERAND_COLUMNS`; the default elsewhere)."""
+def column_context(label: str, dtype: str, device: torch.device,
+                   graphs: bool = False) -> Iterator[None]:
+    """What a column's runs happen in: `precision` (`graphs`: without autocast's cast
+    cache), and the operand mode of the Triton training chain (`OPERAND_COLUMNS`; the
+    default elsewhere)."""
     mode = {LABELS[c]: m for c, (_, m) in OPERAND_COLUMNS.items()}.get(label)
     with contextlib.ExitStack() as stack:
         if mode is not None:
             from fused_resnet.triton.config import operands_mode
 
             stack.enter_context(operands_mode(mode))
-        stack.enter_context(precision(dtype, device))
+        stack.enter_context(precision(dtype, device, cache=not graphs))
         yield
 
 
 @contextlib.contextmanager
-def precision(dtype: str, device: torch.device) -> Iterator[None]:
-    """TF32 on only for "tf32"; autocast to bf16 / fp16 for those dtypes."""
+def precision(dtype: str, device: torch.device, cache: bool = True) -> Iterator[None]:
+    """TF32 on only for "tf32"; autocast to bf16 / fp16 for those dtypes. `cache=False`
+    turns off autocast's cache of the weights' casts, as CUDA graph capture needs: a cast
+    cached by a run before the capture lives outside the graph's memory pool and is freed
+    when the autocast context closes, while the graph would go on reading it."""
     saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     tf32 = dtype == "tf32"
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = tf32
     half = DTYPES.get(dtype) if dtype in ("bf16", "fp16") else None
     try:
-        with torch.autocast(device.type, dtype=half, enabled=half is not None):
+        with torch.autocast(device.type, dtype=half, enabled=half is not None,
+                            cache_enabled=cache):
             yield
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
@@ -212,12 +221,12 @@ def run_suite(cfg: SuiteConfig, progress: bool = True) -> list[dict]:
                 model.train(mode == "train")
                 xf = x.contiguous(memory_format=fmt)
                 try:
-                    with column_context(label, dtype, dev):
+                    with column_context(label, dtype, dev, cfg.cuda_graphs):
                         fn = _step(model, mode, xf, target, opts[label])
                         fn()  # first call: compile, autotune, fold BN
-                        if cfg.cuda_graphs and mode != "train":
+                        if cfg.cuda_graphs:
                             fn = cuda_graph(fn)
-                    fns[label] = _in_context(fn, label, dtype, dev)
+                    fns[label] = _in_context(fn, label, dtype, dev, cfg.cuda_graphs)
                 except Exception as exc:  # noqa: BLE001 - one column's failure is a row, not a crash
                     failed[label] = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
             timings = _time_setting(fns, failed, dev, cfg)
@@ -225,7 +234,7 @@ def run_suite(cfg: SuiteConfig, progress: bool = True) -> list[dict]:
             for label, (model, fmt) in models.items():
                 row = {"arch": cfg.arch, "device": device_name, "dtype": dtype,
                        "mode": mode, "batch": batch, "image_size": size, "column": label,
-                       "cuda_graphs": cfg.cuda_graphs and mode != "train"}
+                       "cuda_graphs": cfg.cuda_graphs}
                 if label in failed:
                     rows.append({**dict.fromkeys(ROW_FIELDS), **row, "error": failed[label]})
                     continue
@@ -233,7 +242,7 @@ def run_suite(cfg: SuiteConfig, progress: bool = True) -> list[dict]:
                 tflops = flops / t.median / 1e9
                 act = None
                 if mode == "train":
-                    with column_context(label, dtype, dev):
+                    with column_context(label, dtype, dev, cfg.cuda_graphs):
                         xf = x.contiguous(memory_format=fmt)
                         act = activation_bytes(model, lambda m=model, xf=xf: m(xf)) / 2**20
                 pct = None if peaks[dtype] is None else 100.0 * tflops / peaks[dtype]
@@ -278,9 +287,10 @@ def _time_setting(fns: dict, failed: dict, dev: torch.device, cfg: SuiteConfig) 
     return out
 
 
-def _in_context(fn: Callable[[], None], label: str, dtype: str, dev: torch.device):
+def _in_context(fn: Callable[[], None], label: str, dtype: str, dev: torch.device,
+                graphs: bool):
     def run() -> None:
-        with column_context(label, dtype, dev):
+        with column_context(label, dtype, dev, graphs):
             fn()
     return run
 

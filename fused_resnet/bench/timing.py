@@ -70,7 +70,10 @@ def time_columns(fns: dict[str, Callable[[], object]], device: torch.device, war
 def cuda_graph(fn: Callable[[], object], warmup: int = 3) -> Callable[[], None]:
     """`fn` captured once into a CUDA graph (after `warmup` runs on a side stream, as capture
     requires); the returned function replays it. `fn` must use only fixed-address tensors
-    (true of inference on a fixed input) and must not synchronize with the host."""
+    (true of inference on a fixed input, and of a training step on one that sets the
+    gradients to None first: backward then allocates them in the graph's memory pool, and
+    the optimizer's state exists after the warm-up) and must not synchronize with the host
+    (no `.item()`; a BN with `momentum=None` reads its counter, a GradScaler its inf check)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
