@@ -16,7 +16,7 @@ from fused_resnet.backend import check_backend_name
 from fused_resnet.models.input_check import check_image_batch
 from fused_resnet.models.resnet import init_weights, resnet
 from fused_resnet.nn import FusedBasicBlock
-from fused_resnet.nn.conv_bn import conv_bn_act
+from fused_resnet.nn.conv_bn import FoldingModule, conv_bn_act
 from fused_resnet.nn.shortcut import check_shortcut
 
 CIFAR_DEPTHS = (20, 32, 44, 56, 110, 1202)  # the depths of the paper's Table 6
@@ -35,7 +35,7 @@ def _stage(inplanes: int, planes: int, stride: int, blocks: int, args: dict) -> 
                          *[FusedBasicBlock(planes, planes, 1, **args) for _ in range(blocks - 1)])
 
 
-class CifarResNet(nn.Module):
+class CifarResNet(FoldingModule):
     """The 6n+2-layer CIFAR net; `shortcut=None` gives the plain counterpart."""
 
     def __init__(

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from fused_resnet.backend import check_backend_name
 from fused_resnet.models.input_check import check_image_batch
 from fused_resnet.nn import FusedBasicBlock, FusedBottleneck, FusedMaxPool2d
+from fused_resnet.nn.conv_bn import FoldingModule
 from fused_resnet.nn.pool import conv_bn_relu_pool
 from fused_resnet.nn.shortcut import check_shortcut
 
@@ -47,7 +48,7 @@ def init_weights(model: nn.Module, zero_init_residual: bool) -> None:
                 nn.init.zeros_(m.bn2.weight)
 
 
-class ResNet(nn.Module):
+class ResNet(FoldingModule):
     """ImageNet ResNet. `shortcut` picks the paper's option (A/B/C, None for the plain net);
     `groups` / `width_per_group` give ResNeXt and Wide ResNet; `variant` places the stride
     of a bottleneck on its 3x3 ("v1.5", torchvision) or its first 1x1 ("v1", the paper)."""

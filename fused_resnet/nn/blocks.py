@@ -18,7 +18,13 @@ from torch import Tensor, nn
 
 from fused_resnet import ops, tuning
 from fused_resnet.backend import check_backend_name
-from fused_resnet.nn.conv_bn import cached_folds, conv_bn_act, fusable_block, residual_block
+from fused_resnet.nn.conv_bn import (
+    FoldingModule,
+    cached_folds,
+    conv_bn_act,
+    fusable_block,
+    residual_block,
+)
 from fused_resnet.nn.shortcut import ZeroPadShortcut, check_shortcut, make_shortcut
 from fused_resnet.nn.sync_bn import convert_sync_bn, sync_group
 from fused_resnet.ops.eval_plan import PLANS_PER_MODULE, PlanCache, plan_block_eval
@@ -32,7 +38,7 @@ _EVAL_PLANS = PlanCache(PLANS_PER_BLOCK)
 EVAL_KERNELS = ("auto", "chain", "single")
 
 
-class ResidualBlock(nn.Module):
+class ResidualBlock(FoldingModule):
     """Shared shortcut handling: `downsample` is None (identity or plain), a projection
     `Sequential(conv, bn)`, or a `ZeroPadShortcut` (option A)."""
 

@@ -71,12 +71,39 @@ def check_conv(conv: nn.Conv2d) -> None:
         )
 
 
+_FOLD = "_fused_resnet_fold"  # the fold cached on a BatchNorm module: (key, (weight, shift))
+
+
+def clear_fold_cache(module: nn.Module) -> None:
+    """Forgets the BN folds cached on every BatchNorm in `module` (itself included), and so
+    the inference plans made from them: the next eval call folds anew. The cache sees the
+    writes PyTorch counts (version counters: optimizer steps, load_state_dict, in-place ops)
+    and is dropped whenever one of this package's modules enters training mode; call this
+    after writes it cannot see while a model stays in eval mode: a CUDA graph's replay (the
+    replayed kernels move no version counter), or a write through `.data`."""
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.__dict__.pop(_FOLD, None)
+
+
+class FoldingModule(nn.Module):
+    """A module whose BNs get folded in eval mode (blocks, models, FusedConvBNAct): entering
+    training mode drops their cached folds, as training can change the weights without a
+    version counter seeing it (a captured training step replayed from a CUDA graph)."""
+
+    def train(self, mode: bool = True):
+        if mode:
+            clear_fold_cache(self)
+        return super().train(mode)
+
+
 def cached_fold(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d,
                 backend: str) -> Optional[tuple[Tensor, Tensor]]:
     """(w * scale, shift) of an inference BN folded into its conv, cached on `bn` until any of
     the tensors it came from changes (their version counters move on every in-place write:
-    optimizer steps, load_state_dict), or None where folding does not apply: training,
-    autograd needing the fold, grouped convs, or a backend that does not run folded convs."""
+    optimizer steps, load_state_dict) or a FoldingModule holding it enters training mode
+    (`clear_fold_cache`), or None where folding does not apply: training, autograd needing
+    the fold, grouped convs, or a backend that does not run folded convs."""
     folded = cached_folds(x, [(conv, bn)], backend)
     return None if folded is None else folded[0]
 
@@ -111,11 +138,11 @@ def cached_folds(x: Tensor, pairs: list[tuple[nn.Conv2d, nn.BatchNorm2d]],
         # writing to a tensor (optimizer step, load_state_dict) changes one of them.
         key = (dtype, kernels, bn.eps,
                *[(t.data_ptr(), t._version) if t is not None else None for t in tensors])
-        cached = bn.__dict__.get("_fused_resnet_fold")
+        cached = bn.__dict__.get(_FOLD)
         if cached is None or cached[0] != key:
             weight, shift = _fold(conv, bn, dtype)
             cached = (key, (inference_weight(weight, kernels), shift))  # as kernels read it
-            bn._fused_resnet_fold = cached
+            bn.__dict__[_FOLD] = cached
         out.append(cached[1])
     return out
 
@@ -202,7 +229,7 @@ def residual_block(
     return out
 
 
-class FusedConvBNAct(nn.Module):
+class FusedConvBNAct(FoldingModule):
     """`relu?(BatchNorm2d(Conv2d(x)) + residual)` as one fused op.
 
     State-dict keys are those of an `nn.Conv2d` named `conv` (bias-free) and an

@@ -1,6 +1,7 @@
 """Training: `python -m fused_resnet train` (loop.py: SGD, the paper's schedule, AMP,
-checkpoint / resume, DDP; data.py: synthetic or ImageFolder data; report.py: CSV logs and
-curves; cli.py: arguments and the plain-vs-residual degradation demo)."""
+checkpoint / resume, DDP; graphed.py: the step replayed from a CUDA graph; data.py:
+synthetic or ImageFolder data; report.py: CSV logs and curves; cli.py: arguments and the
+plain-vs-residual degradation demo)."""
 
 from fused_resnet.train.loop import TrainConfig, train
 

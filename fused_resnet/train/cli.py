@@ -3,6 +3,7 @@ degradation demo.
 
     train --arch cifar_resnet56 --data synthetic|<ImageFolder> --epochs N --batch-size B
           [--amp bf16|fp16] [--backend auto] [--resume runs/x/checkpoint.pt] [--out runs/x]
+          [--cuda-graphs]
     torchrun --nproc-per-node 2 -m fused_resnet train --ddp [--sync-bn] ...
     train --compare plain_net,cifar_resnet --depths 20,56     (the paper's degradation figure)
 """
@@ -56,6 +57,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="DistributedDataParallel over the processes torchrun started")
     p.add_argument("--sync-bn", action="store_true",
                    help="batch statistics over all processes (FusedSyncBatchNorm)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="capture the training step once and replay it from a CUDA graph "
+                        "(one GPU, amp fp32 or bf16)")
     p.add_argument("--compare", default=None, metavar="FAMILIES",
                    help=f"comma-separated families to train side by side: {', '.join(FAMILIES)}")
     p.add_argument("--depths", default="20,56", help="with --compare: comma-separated depths")
@@ -72,7 +76,7 @@ def config_from(args: argparse.Namespace, arch: str, out: str) -> TrainConfig:
         synthetic_size=args.synthetic_size, image_size=args.image_size,
         log_every=args.log_every, max_iters=args.max_iters, device=args.device,
         channels_last=not args.nchw, sync_bn=args.sync_bn, ddp=args.ddp,
-        progress=not args.no_progress)
+        cuda_graphs=args.cuda_graphs, progress=not args.no_progress)
 
 
 def cmd_train(args: argparse.Namespace) -> int:

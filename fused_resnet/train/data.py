@@ -81,9 +81,11 @@ def make_datasets(data: str, image_size: int, cifar: bool, synthetic_size: int,
 
 
 def make_loader(dataset, batch_size: int, *, train: bool, seed: int, workers: int,
-                rank: int = 0, world: int = 1, epoch: int = 0) -> DataLoader:
+                rank: int = 0, world: int = 1, epoch: int = 0,
+                pin_memory: bool = False) -> DataLoader:
     """A loader whose order depends only on (seed, epoch): the same after a resume. Training
-    loaders shuffle (each rank its share under DDP) and drop the last partial batch."""
+    loaders shuffle (each rank its share under DDP) and drop the last partial batch;
+    `pin_memory` (for a CUDA run) lets the batches' copies to the GPU be asynchronous."""
     sampler: Optional[torch.utils.data.Sampler] = None
     if world > 1:
         sampler = DistributedSampler(dataset, world, rank, shuffle=train, seed=seed,
@@ -93,5 +95,5 @@ def make_loader(dataset, batch_size: int, *, train: bool, seed: int, workers: in
         sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(
             seed * 1_000_003 + epoch))
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=train,
-                      num_workers=workers, persistent_workers=False,
+                      num_workers=workers, persistent_workers=False, pin_memory=pin_memory,
                       generator=torch.Generator().manual_seed(seed + epoch))

@@ -59,6 +59,7 @@ class TrainConfig:
     channels_last: bool = True
     sync_bn: bool = False
     ddp: bool = False
+    cuda_graphs: bool = False  # replay each step from a CUDA graph (train/graphed.py)
     progress: bool = True
 
     def check(self) -> None:
@@ -76,6 +77,11 @@ class TrainConfig:
         if any(not 0 < m < 1 for m in self.milestones):
             raise ValueError(f"milestones are fractions of the run in (0, 1), got "
                              f"{self.milestones}")
+        if self.cuda_graphs and (self.amp == "fp16" or self.ddp or self.sync_bn):
+            raise ValueError("cuda_graphs: a captured step cannot read the device on the host, "
+                             "as fp16's GradScaler, DDP's and sync BN's steps do; use amp "
+                             f"bf16 or fp32 on one GPU (got amp={self.amp!r}, ddp={self.ddp}, "
+                             f"sync_bn={self.sync_bn})")
 
 
 def lr_at(cfg: TrainConfig, iteration: int, total: int, plateau_scale: float) -> float:
@@ -113,18 +119,35 @@ def _all_sum(values: list[float], dev: torch.device, world: int) -> list[float]:
     return t.tolist()
 
 
+def _to_device(x: torch.Tensor, y: torch.Tensor, dev: torch.device,
+               fmt: torch.memory_format) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch on `dev`; from pinned memory (the loader pins on CUDA) the copies are
+    asynchronous, where a pageable one would wait for the GPU to drain its queue."""
+    return (x.to(dev, non_blocking=True).contiguous(memory_format=fmt),
+            y.to(dev, non_blocking=True))
+
+
+def _batch_sums(loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor,
+                n: int) -> torch.Tensor:
+    """[loss * n, wrong predictions] of one batch, fp64 on the batch's device: summed there
+    and read at log rows only, so that a step does not wait for the GPU (`.item()` per step
+    would: the host could not queue step k + 1 while step k runs)."""
+    return torch.stack([loss.detach().double() * n,
+                        (logits.detach().argmax(1) != y).sum(dtype=torch.float64)])
+
+
 def evaluate(model: nn.Module, loader, dev, dtype, fmt, world: int) -> tuple[float, float]:
     """(mean loss, error %) over the loader (every rank's share under DDP)."""
     model.eval()
-    loss_sum = wrong = count = 0.0
+    sums = torch.zeros(2, dtype=torch.float64, device=dev)  # loss sum, wrong: read once
+    count = 0
     with torch.no_grad(), torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
         for x, y in loader:
-            x, y = x.to(dev).contiguous(memory_format=fmt), y.to(dev)
+            x, y = _to_device(x, y, dev, fmt)
             logits = model(x).float()
-            loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-            wrong += (logits.argmax(1) != y).sum().item()
+            sums += _batch_sums(F.cross_entropy(logits, y, reduction="sum"), logits, y, 1)
             count += len(y)
-    loss_sum, wrong, count = _all_sum([loss_sum, wrong, count], dev, world)
+    loss_sum, wrong, count = _all_sum([*sums.tolist(), count], dev, world)
     model.train()
     return loss_sum / max(count, 1), 100.0 * wrong / max(count, 1)
 
@@ -153,6 +176,13 @@ def train(cfg: TrainConfig) -> dict:
                           weight_decay=cfg.weight_decay)
     dtype = DTYPES[cfg.amp] if cfg.amp != "fp32" else None
     scaler = torch.amp.GradScaler(dev.type, enabled=cfg.amp == "fp16")
+    captured = None
+    if cfg.cuda_graphs:
+        if dev.type != "cuda":
+            raise ValueError(f"cuda_graphs needs a CUDA device, got {dev}")
+        from fused_resnet.train.graphed import CapturedTrainStep
+
+        captured = CapturedTrainStep(net, opt, amp_dtype=dtype)
     state = {"epoch": 0, "iteration": 0, "plateau": {"scale": 1.0, "best": math.inf, "bad": 0},
              "iterations": [], "epochs": []}
     if cfg.resume:
@@ -171,10 +201,13 @@ def train(cfg: TrainConfig) -> dict:
         epoch = state["epoch"]
         torch.manual_seed(cfg.seed * 7919 + epoch)  # the augmentations' draws
         loader = make_loader(train_set, cfg.batch_size, train=True, seed=cfg.seed,
-                             workers=cfg.workers, rank=rank, world=world, epoch=epoch)
+                             workers=cfg.workers, rank=rank, world=world, epoch=epoch,
+                             pin_memory=dev.type == "cuda")
         bar = epoch_bar(loader, epoch, cfg.epochs, enabled=cfg.progress and rank == 0)
-        sums = [0.0, 0.0, 0.0]  # loss * n, wrong, n since the last log row
-        epoch_sums = [0.0, 0.0, 0.0]  # the same over the epoch
+        # [loss * n, wrong] since the last log row and over the epoch, on the device
+        sums = torch.zeros(2, dtype=torch.float64, device=dev)
+        epoch_sums = torch.zeros(2, dtype=torch.float64, device=dev)
+        n_since_log = n_epoch = 0
         start = time.perf_counter()
         seen = 0
         for x, y in bar:
@@ -183,33 +216,40 @@ def train(cfg: TrainConfig) -> dict:
             lr = lr_at(cfg, state["iteration"], total, state["plateau"]["scale"])
             for group in opt.param_groups:
                 group["lr"] = lr
-            x, y = x.to(dev).contiguous(memory_format=fmt), y.to(dev)
-            opt.zero_grad(set_to_none=True)
-            with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
-                logits = net(x)
-            loss = F.cross_entropy(logits.float(), y)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
+            x, y = _to_device(x, y, dev, fmt)
+            if captured is not None:
+                loss, logits = captured(x, y)
+            else:
+                opt.zero_grad(set_to_none=True)
+                with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
+                    logits = net(x)
+                loss = F.cross_entropy(logits.float(), y)
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
             state["iteration"] += 1
             seen += len(y) * world
-            batch = [loss.item() * len(y), (logits.argmax(1) != y).sum().item(), len(y)]
-            sums = [a + b for a, b in zip(sums, batch)]
-            epoch_sums = [a + b for a, b in zip(epoch_sums, batch)]
+            batch = _batch_sums(loss, logits, y, len(y))
+            sums += batch
+            epoch_sums += batch
+            n_since_log += len(y)
+            n_epoch += len(y)
             if state["iteration"] % cfg.log_every == 0:
-                loss_sum, wrong, n = _all_sum(sums, dev, world)
+                loss_sum, wrong, n = _all_sum([*sums.tolist(), n_since_log], dev, world)
                 state["iterations"].append({
                     "iteration": state["iteration"], "epoch": epoch, "lr": lr,
                     "loss": loss_sum / n, "train_err": 100.0 * wrong / n})
-                sums = [0.0, 0.0, 0.0]
+                sums.zero_()
+                n_since_log = 0
                 bar.set_postfix(loss=f"{loss_sum / n:.3f}", err=f"{100 * wrong / n:.1f}%",
                                 img_s=f"{seen / (time.perf_counter() - start):.0f}")
         seconds = time.perf_counter() - start
         val_loss, val_err = evaluate(net, make_loader(val_set, cfg.batch_size, train=False,
                                                       seed=cfg.seed, workers=cfg.workers,
-                                                      rank=rank, world=world),
+                                                      rank=rank, world=world,
+                                                      pin_memory=dev.type == "cuda"),
                                      dev, dtype, fmt, world)
-        loss_sum, wrong, n = _all_sum(epoch_sums, dev, world)
+        loss_sum, wrong, n = _all_sum([*epoch_sums.tolist(), n_epoch], dev, world)
         state["epochs"].append({
             "epoch": epoch + 1, "iteration": state["iteration"], "lr": lr,
             "train_loss": loss_sum / max(n, 1), "train_err": 100.0 * wrong / max(n, 1),
