@@ -145,6 +145,16 @@ def test_captured_step_and_loop_settings_are_named():
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(ValueError, match="model: CUDA graphs need every parameter on a CUDA"):
         CapturedTrainStep(model, opt)
+    with pytest.raises(ValueError, match="warmup must be >= 1"):
+        CapturedTrainStep(model, opt, warmup=0)
+    with pytest.raises(ValueError, match="optimizer: Adam keeps its step count"):
+        CapturedTrainStep(model, torch.optim.Adam(model.parameters()))
+    model.blocks[1].bn2.momentum = None
+    with pytest.raises(ValueError, match=r"model.blocks.1.bn2: momentum=None"):
+        CapturedTrainStep(model, opt)
+    model.blocks[1].bn2.momentum = 0.1
+    with pytest.raises(ValueError, match=r"model.bn1: a synchronized BN"):
+        CapturedTrainStep(fr.nn.convert_sync_bn(model), opt)
     for bad, message in ((dict(amp="fp16"), "fp16's GradScaler"),
                          (dict(ddp=True), "use amp bf16 or fp32 on one GPU"),
                          (dict(sync_bn=True, amp="bf16"), "sync_bn=True")):

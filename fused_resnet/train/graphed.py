@@ -46,21 +46,27 @@ class CapturedTrainStep:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                  loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy, *,
                  amp_dtype: Optional[torch.dtype] = None, warmup: int = 3):
-        params = list(model.parameters())
-        if not params or any(p.device.type != "cuda" for p in params):
-            raise ValueError("model: CUDA graphs need every parameter on a CUDA device")
-        if warmup < 1:
-            raise ValueError(f"warmup must be >= 1 (eager steps before the capture), got "
-                             f"{warmup}")
-        if optimizer.defaults.get("capturable") is False:
-            raise ValueError(f"optimizer: {type(optimizer).__name__} keeps its step count on "
-                             "the host; construct it with capturable=True")
+        from fused_resnet.nn import FusedSyncBatchNorm
+
         for name, m in model.named_modules():
+            if isinstance(m, (nn.SyncBatchNorm, FusedSyncBatchNorm)):
+                raise ValueError(f"model.{name}: a synchronized BN exchanges statistics "
+                                 "between processes, reading counts on the host; CUDA graphs "
+                                 "here take one process's BNs")
             if (isinstance(m, nn.modules.batchnorm._BatchNorm) and m.momentum is None
                     and m.track_running_stats):
                 raise ValueError(f"model.{name}: momentum=None (a cumulative average) reads "
                                  "num_batches_tracked on the host every step, which a CUDA "
                                  "graph cannot replay; give it a momentum")
+        if optimizer.defaults.get("capturable") is False:
+            raise ValueError(f"optimizer: {type(optimizer).__name__} keeps its step count on "
+                             "the host; construct it with capturable=True")
+        if warmup < 1:
+            raise ValueError(f"warmup must be >= 1 (eager steps before the capture), got "
+                             f"{warmup}")
+        params = list(model.parameters())
+        if not params or any(p.device.type != "cuda" for p in params):
+            raise ValueError("model: CUDA graphs need every parameter on a CUDA device")
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.amp_dtype, self.warmup = amp_dtype, warmup
         self.calls = 0
