@@ -80,7 +80,9 @@ def clear_fold_cache(module: nn.Module) -> None:
     writes PyTorch counts (version counters: optimizer steps, load_state_dict, in-place ops)
     and is dropped whenever one of this package's modules enters training mode; call this
     after writes it cannot see while a model stays in eval mode: a CUDA graph's replay (the
-    replayed kernels move no version counter), or a write through `.data`."""
+    replayed kernels move no version counter), or a write through `.data`. An inference
+    graph captured earlier reads the folds it was captured with: capture it again after
+    this (the old folds are freed)."""
     for m in module.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.__dict__.pop(_FOLD, None)
