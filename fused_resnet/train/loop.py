@@ -243,13 +243,14 @@ def train(cfg: TrainConfig) -> dict:
                 n_since_log = 0
                 bar.set_postfix(loss=f"{loss_sum / n:.3f}", err=f"{100 * wrong / n:.1f}%",
                                 img_s=f"{seen / (time.perf_counter() - start):.0f}")
+        epoch_values = epoch_sums.tolist()  # waits for the epoch's last step: then the clock
         seconds = time.perf_counter() - start
         val_loss, val_err = evaluate(net, make_loader(val_set, cfg.batch_size, train=False,
                                                       seed=cfg.seed, workers=cfg.workers,
                                                       rank=rank, world=world,
                                                       pin_memory=dev.type == "cuda"),
                                      dev, dtype, fmt, world)
-        loss_sum, wrong, n = _all_sum([*epoch_sums.tolist(), n_epoch], dev, world)
+        loss_sum, wrong, n = _all_sum([*epoch_values, n_epoch], dev, world)
         state["epochs"].append({
             "epoch": epoch + 1, "iteration": state["iteration"], "lr": lr,
             "train_loss": loss_sum / max(n, 1), "train_err": 100.0 * wrong / max(n, 1),
