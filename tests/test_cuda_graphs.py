@@ -28,7 +28,7 @@ from fused_resnet.nn import (
     conv_bn_relu_pool,
 )
 from fused_resnet.testing import exact_fp32
-from fused_resnet.train import TrainConfig, train
+from fused_resnet.train import CapturedTrainStep, TrainConfig, train
 
 # ATen ops whose result the host must wait for (what `.item()`, `bool(t)`, `int(t)` call)
 HOST_READS = {"_local_scalar_dense", "nonzero", "equal", "is_nonzero", "allclose"}
@@ -139,8 +139,6 @@ def test_training_mode_drops_folds_a_version_counter_cannot_see():
 
 
 def test_captured_step_and_loop_settings_are_named():
-    from fused_resnet.train.graphed import CapturedTrainStep
-
     model = TinyNet("reference")
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(ValueError, match="model: CUDA graphs need every parameter on a CUDA"):
@@ -201,8 +199,6 @@ def _eager_step(model, opt, x, y, amp):
 @pytest.mark.parametrize("backend", ["triton", "cuda", "reference"])
 @exact_fp32()
 def test_captured_step_replays_eager_training(backend, amp):
-    from fused_resnet.train.graphed import CapturedTrainStep
-
     model, opt, twin, twin_opt = _pair_on_cuda(backend)
     step = CapturedTrainStep(model, opt, amp_dtype=amp, warmup=2)
     tol = 2e-4 if amp is None else 2e-2  # atomics in the weight gradients; bf16 rounding

@@ -3,6 +3,7 @@ checkpoint / resume, DDP; graphed.py: the step replayed from a CUDA graph; data.
 synthetic or ImageFolder data; report.py: CSV logs and curves; cli.py: arguments and the
 plain-vs-residual degradation demo)."""
 
+from fused_resnet.train.graphed import CapturedTrainStep
 from fused_resnet.train.loop import TrainConfig, train
 
-__all__ = ["TrainConfig", "train"]
+__all__ = ["CapturedTrainStep", "TrainConfig", "train"]
