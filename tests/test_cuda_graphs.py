@@ -232,3 +232,46 @@ def test_train_with_cuda_graphs_matches_eager(tmp_path):
     for a, b in zip(runs[False]["epochs"], runs[True]["epochs"]):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=0.05)
         assert a["val_loss"] == pytest.approx(b["val_loss"], rel=0.05)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_captured_inference_matches_eager(backend):
+    """An eval-mode fused model captured (after its first, folding and planning, calls) and
+    replayed on new inputs gives the eager call's logits; after a training step and
+    `model.train()` / `model.eval()` a new capture gives the new weights' logits."""
+    model, opt, _, _ = _pair_on_cuda(backend)
+    (x0, y0), (x1, _), (x2, _) = _batches(3)
+    static_x = x0.clone()
+
+    def capture():
+        model.eval()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), torch.no_grad(), torch.autocast(
+                "cuda", dtype=torch.bfloat16, cache_enabled=False):
+            for _ in range(2):
+                model(static_x)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), torch.no_grad(), torch.autocast(
+                "cuda", dtype=torch.bfloat16, cache_enabled=False):
+            out = model(static_x)
+        return graph, out
+
+    def eager(x):
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            return model(x)
+
+    graph, out = capture()
+    for x in (x1, x2):
+        static_x.copy_(x)
+        graph.replay()
+        torch.testing.assert_close(out, eager(x), rtol=1e-3, atol=1e-3)
+    del graph, out
+    model.train()
+    _eager_step(model, opt, x0, y0, torch.bfloat16)
+    graph, out = capture()
+    static_x.copy_(x1)
+    graph.replay()
+    torch.testing.assert_close(out, eager(x1), rtol=1e-3, atol=1e-3)
