@@ -20,9 +20,11 @@
 #   model   bench_model.py: ResNet-50 fused Triton (operands on load, and written) / _C vs
 #           eager channels_last vs compile, in MODEL_DTYPES
 #   blocks  bench_blocks.py --write-table: every distinct block, and the per-shape auto table
-#   graphs  bench_model.py --cuda-graphs: the model step's settings with each column's step
-#           (training too) captured once and replayed (no host launch costs); beside
-#           `model`'s rows these say how much of each column's time is host-bound
+#   graphs  the CUDA-graph gpu tests (captured training and inference against eager; they
+#           may come late in `tests`), then bench_model.py --cuda-graphs: the model step's
+#           settings with each column's step (training too) captured once and replayed (no
+#           host launch costs); beside `model`'s rows these say how much of each column's
+#           time is host-bound
 # The steps' logs, the training trace and the benchmark reports (<gpu>-<date>/{model,blocks,
 # model-graphs}.
 # {csv,json,md,png}) land under $OUT, at most 8 files (what the device tool brings back); build
@@ -35,7 +37,8 @@
 #
 # Limits (seconds): BUILD_S 120 (beside WARM_S 115), TESTS_S 140, PROFILE_S 85, MODEL_S 205
 # (the default call: at most 550 s and 40 s of kill margins, inside one 600 s device call),
-# SLOW_S 500, FUZZ_S 300, BLOCKS_S 300, GRAPHS_S 240. Seen on an H200 (2026-12-04): build 57-64 s, warm 56 s (bf16) /
+# SLOW_S 500, FUZZ_S 300, BLOCKS_S 300, GRAPH_TESTS_S 120 + GRAPHS_S 240 (`warm graphs`:
+# at most 475 s). Seen on an H200 (2026-12-04): build 57-64 s, warm 56 s (bf16) /
 # 79 s (bf16 fp16: 825 kernels) beside it with 6 autotuner configs, the gpu tests 92% done
 # in 100 s on 16 workers; the model step ran out of its 230 s in fp16. Since then 8 configs
 # and the written-operand training (bf16 alone: 681 kernels to compile, 2026-12-05), so the
@@ -121,7 +124,10 @@ for name in $steps; do
         model) step bench_model "${MODEL_S:-205}" python3 benchmarks/bench_model.py \
                    --no-progress --out "$OUT" --dtypes ${MODEL_DTYPES:-bf16} \
                    --columns ${BENCH_COLUMNS:-triton triton-written cuda eager-cl compile} ;;
-        graphs) step bench_graphs "${GRAPHS_S:-240}" python3 benchmarks/bench_model.py \
+        graphs) step tests_graphs "${GRAPH_TESTS_S:-120}" python3 -m pytest -m gpu -k graphs \
+                    tests/test_cuda_graphs.py tests/test_bench_suite.py -q -p no:cacheprovider \
+                    "${xdist[@]}"
+                step bench_graphs "${GRAPHS_S:-240}" python3 benchmarks/bench_model.py \
                     --no-progress --out "$OUT" --dtypes ${MODEL_DTYPES:-bf16} --cuda-graphs \
                     --columns ${BENCH_COLUMNS:-triton cuda eager-cl compile} ;;
         blocks) step bench_blocks "${BLOCKS_S:-300}" python3 benchmarks/bench_blocks.py \

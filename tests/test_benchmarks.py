@@ -82,8 +82,9 @@ def test_gpu_session_script_parses_and_names_its_steps(tmp_path):
     script = ROOT / "benchmarks" / "gpu_session.sh"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     text = script.read_text()
-    for step in ("warm)", "profile)", "tests)", "model)", "blocks)", "fuzz)", "bench_model.py",
-                 "bench_blocks.py", "gpu and not slow", "-m slow", "test_fuzz.py --fuzz-long",
+    for step in ("warm)", "profile)", "tests)", "model)", "blocks)", "fuzz)", "graphs)",
+                 "bench_model.py", "bench_blocks.py", "gpu and not slow", "-m slow",
+                 "test_fuzz.py --fuzz-long", "tests/test_cuda_graphs.py", "--cuda-graphs",
                  "fused_resnet compile --arch 90"):
         assert step in text, step
     refused = subprocess.run(["bash", str(script), "tests", "bogus"], capture_output=True,
