@@ -69,7 +69,7 @@ class CapturedTrainStep:
             raise ValueError("model: CUDA graphs need every parameter on a CUDA device")
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.amp_dtype, self.warmup = amp_dtype, warmup
-        self.calls = 0
+        self.calls = 0  # steps taken
         self.captures = 0  # how many times the step was captured (lr changes recapture)
         self._graph: Optional[torch.cuda.CUDAGraph] = None
         self._lrs: list[float] = []
@@ -98,14 +98,14 @@ class CapturedTrainStep:
 
     def __call__(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         self._check_batch(x, y)
-        self.calls += 1
-        if self.calls <= self.warmup:
+        if self.calls < self.warmup:
             self.optimizer.zero_grad(set_to_none=True)
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 out = self._step(x, y)
             torch.cuda.current_stream().wait_stream(side)
+            self.calls += 1
             return out
         lrs = [group["lr"] for group in self.optimizer.param_groups]
         if self._graph is None or lrs != self._lrs:
@@ -115,6 +115,7 @@ class CapturedTrainStep:
         static_x.copy_(x)
         static_y.copy_(y)
         self._graph.replay()
+        self.calls += 1
         return loss, logits
 
     def _capture(self, x: Tensor, y: Tensor) -> None:
