@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fused_resnet as fr
+from fused_resnet.bench.timing import cuda_graph
 from fused_resnet.nn import (
     FusedBasicBlock,
     FusedBottleneck,
@@ -242,34 +243,27 @@ def test_captured_inference_matches_eager(backend):
     (x0, y0), (x1, _), (x2, _) = _batches(3)
     static_x = x0.clone()
 
-    def capture():
+    def capture():  # (replay, the graph's output): the bench's capture, after 2 warm-ups
         model.eval()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side), torch.no_grad(), torch.autocast(
-                "cuda", dtype=torch.bfloat16, cache_enabled=False):
-            for _ in range(2):
-                model(static_x)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph), torch.no_grad(), torch.autocast(
-                "cuda", dtype=torch.bfloat16, cache_enabled=False):
-            out = model(static_x)
-        return graph, out
+        outs = []
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16,
+                                             cache_enabled=False):
+            replay = cuda_graph(lambda: outs.append(model(static_x)), warmup=2)
+        return replay, outs[-1]  # the last call was the captured one
 
     def eager(x):
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
             return model(x)
 
-    graph, out = capture()
+    replay, out = capture()
     for x in (x1, x2):
         static_x.copy_(x)
-        graph.replay()
+        replay()
         torch.testing.assert_close(out, eager(x), rtol=1e-3, atol=1e-3)
-    del graph, out
+    del replay, out
     model.train()
     _eager_step(model, opt, x0, y0, torch.bfloat16)
-    graph, out = capture()
+    replay, out = capture()
     static_x.copy_(x1)
-    graph.replay()
+    replay()
     torch.testing.assert_close(out, eager(x1), rtol=1e-3, atol=1e-3)
