@@ -4,9 +4,12 @@ On CPU: the fused models' training and inference steps and the training loop's s
 nothing back from the device (no `.item()`, `nonzero`, ...: each would stop the host until
 the GPU drains, and none can be captured); the BN folds cached for inference are dropped
 when a module enters training mode (a graph's replay changes weights without a version
-counter seeing it); the captured step's and the loop's bad settings are named.
+counter seeing it); the captured step's and the loop's bad settings are named; the fp16
+step a graph captures (GradScaler with a fused SGD from zero momentum buffers) reads nothing
+back and takes the stock eager GradScaler steps, overflow skips included.
 On a GPU: `CapturedTrainStep` replays the same steps as eager training (Triton, `_C`, plain
-PyTorch), captures again when the learning rate changes, and `train --cuda-graphs` runs.
+PyTorch; fp32, bf16, fp16 with a scaler), captures again when the learning rate changes, and
+`train --cuda-graphs` runs.
 """
 
 import copy
@@ -29,6 +32,8 @@ from fused_resnet.nn import (
     conv_bn_relu_pool,
 )
 from fused_resnet.train import CapturedTrainStep, TrainConfig, train
+from fused_resnet.train.graphed import prime_momentum_buffers, training_step
+from fused_resnet.train.loop import load_checkpoint, save_checkpoint
 
 # ATen ops whose result the host must wait for (what `.item()`, `bool(t)`, `int(t)` call)
 HOST_READS = {"_local_scalar_dense", "nonzero", "equal", "is_nonzero", "allclose"}
@@ -102,6 +107,89 @@ def test_the_loop_reads_the_device_at_log_rows_only(tmp_path):
     assert reads.calls == []
 
 
+def _overflowing_scaler(device):
+    """Its first step overflows (the scaled loss is inf in fp32) and is skipped; the scale
+    then drops to 2^15 and doubles after every 3 finite steps."""
+    return torch.amp.GradScaler(device, init_scale=2.0 ** 127, backoff_factor=2.0 ** -112,
+                                growth_interval=3)
+
+
+def _scaled_eager_step(model, opt, scaler, x, y, amp):
+    """GradScaler's documented eager step (its host-read path with a non-fused optimizer)."""
+    opt.zero_grad(set_to_none=True)
+    with torch.autocast(x.device.type, dtype=amp):
+        logits = model(x)
+    loss = F.cross_entropy(logits.float(), y)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    return loss.detach()
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_fp16_step_with_fused_sgd_reads_nothing_back(backend):
+    """The step a captured fp16 run takes (GradScaler + fused SGD, zero momentum buffers)
+    reads nothing on the host and takes the stock eager steps: its first step's overflow
+    skipped (the weights unchanged), then the same updates and scales."""
+    torch.manual_seed(0)
+    model = TinyNet(backend).to(memory_format=torch.channels_last)
+    twin = copy.deepcopy(model)
+    start = copy.deepcopy(model.state_dict())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4,
+                          fused=True)
+    twin_opt = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    scaler, twin_scaler = _overflowing_scaler("cpu"), _overflowing_scaler("cpu")
+    prime_momentum_buffers(opt)
+    g = torch.Generator().manual_seed(1)
+    for i in range(5):
+        x = torch.randn(2, 3, 32, 32, generator=g).contiguous(memory_format=torch.channels_last)
+        y = torch.randint(0, 5, (2,), generator=g)
+        opt.zero_grad(set_to_none=True)
+        with HostReads() as reads:
+            loss, _ = training_step(model, opt, F.cross_entropy, x, y,
+                                    amp_dtype=torch.float16, scaler=scaler)
+        assert reads.calls == []
+        expected = _scaled_eager_step(twin, twin_opt, twin_scaler, x, y, torch.float16)
+        torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+        assert scaler.get_scale() == twin_scaler.get_scale() == (2.0 ** 15 if i < 3 else 2.0 ** 16)
+        if i == 0:  # skipped: weights as they were (running stats moved in the forward)
+            for name, p in model.named_parameters():
+                assert torch.equal(p, start[name]), name
+    for (name, a), b in zip(model.state_dict().items(), twin.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_primed_momentum_buffers():
+    model = nn.Linear(4, 3)
+    frozen = nn.Parameter(torch.ones(2), requires_grad=False)
+    opt = torch.optim.SGD([{"params": model.parameters(), "momentum": 0.9},
+                           {"params": [frozen], "momentum": 0.0}], lr=0.1)
+    opt.state[model.bias]["momentum_buffer"] = kept = torch.full((3,), 5.0)
+    prime_momentum_buffers(opt)
+    assert torch.equal(opt.state[model.weight]["momentum_buffer"], torch.zeros(3, 4))
+    assert opt.state[model.bias]["momentum_buffer"] is kept  # buffers it has are left
+    assert frozen not in opt.state  # no momentum: no buffer
+    damped = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, dampening=0.1)
+    with pytest.raises(ValueError, match="optimizer: param group 0 has dampening 0.1"):
+        prime_momentum_buffers(damped)
+    assert len(damped.state) == 0  # nothing made by the failed call
+
+
+def test_resume_keeps_the_runs_update_implementation(tmp_path):
+    """A checkpoint of a run with the stock SGD resumed by one that fuses it (fp16 under
+    CUDA graphs), and back: each run keeps its own `fused` flag."""
+    model = nn.Linear(4, 3)
+    for saved, resumed in ((None, True), (True, None)):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, fused=saved)
+        scaler = torch.amp.GradScaler("cpu")
+        save_checkpoint(str(tmp_path / "c.pt"), model, opt, scaler, {"epoch": 1},
+                        TrainConfig())
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, fused=resumed)
+        assert load_checkpoint(str(tmp_path / "c.pt"), model, opt, scaler,
+                               torch.device("cpu")) == {"epoch": 1}
+        assert opt.param_groups[0]["fused"] is resumed
+
+
 def test_training_mode_drops_folds_a_version_counter_cannot_see():
     """A CUDA graph's replay writes weights as `.data` does here: no version counter moves,
     so only entering training mode (or `clear_fold_cache`) tells the eval path to refold."""
@@ -147,17 +235,26 @@ def test_captured_step_and_loop_settings_are_named():
         CapturedTrainStep(model, opt, warmup=0)
     with pytest.raises(ValueError, match="optimizer: Adam keeps its step count"):
         CapturedTrainStep(model, torch.optim.Adam(model.parameters()))
+    with pytest.raises(ValueError, match="optimizer: GradScaler reads the inf check on the "
+                                         "host before stepping SGD"):
+        CapturedTrainStep(model, opt, scaler=torch.amp.GradScaler("cpu"))
+    with pytest.raises(ValueError, match="model: CUDA graphs"):  # past the scaler's check
+        CapturedTrainStep(model, torch.optim.SGD(model.parameters(), lr=0.1, fused=True),
+                          scaler=torch.amp.GradScaler("cpu"))
+    with pytest.raises(ValueError, match="model: CUDA graphs"):  # a disabled one: bf16 / fp32
+        CapturedTrainStep(model, opt, scaler=torch.amp.GradScaler("cpu", enabled=False))
     model.blocks[1].bn2.momentum = None
     with pytest.raises(ValueError, match=r"model.blocks.1.bn2: momentum=None"):
         CapturedTrainStep(model, opt)
     model.blocks[1].bn2.momentum = 0.1
     with pytest.raises(ValueError, match=r"model.bn1: a synchronized BN"):
         CapturedTrainStep(fr.nn.convert_sync_bn(model), opt)
-    for bad, message in ((dict(amp="fp16"), "fp16's GradScaler"),
-                         (dict(ddp=True), "use amp bf16 or fp32 on one GPU"),
+    for bad, message in ((dict(ddp=True), "use one GPU without sync_bn"),
                          (dict(sync_bn=True, amp="bf16"), "sync_bn=True")):
         with pytest.raises(ValueError, match=message):
             TrainConfig(cuda_graphs=True, **bad).check()
+    for amp in ("fp32", "bf16", "fp16"):  # fp16: a fused SGD takes the scaler's inf check
+        TrainConfig(cuda_graphs=True, amp=amp).check()
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="cuda_graphs needs a CUDA device"):
             train(TrainConfig(arch="cifar_resnet20", epochs=1, batch_size=16,
@@ -167,14 +264,16 @@ def test_captured_step_and_loop_settings_are_named():
 
 # --- on a GPU ---------------------------------------------------------------------------------
 
-def _pair_on_cuda(backend):
+def _pair_on_cuda(backend, fused=None):
+    """A ResNet-18 and its twin, each with SGD (the first's `fused` as given, the twin's
+    the stock one)."""
     torch.manual_seed(0)
     model = fr.models.resnet18(backend=backend, num_classes=10).cuda()
     model = model.to(memory_format=torch.channels_last)
     twin = copy.deepcopy(model)
-    make_opt = lambda m: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9,  # noqa: E731
-                                         weight_decay=1e-4)
-    return model, make_opt(model), twin, make_opt(twin)
+    make_opt = lambda m, fused: torch.optim.SGD(  # noqa: E731
+        m.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4, fused=fused)
+    return model, make_opt(model, fused), twin, make_opt(twin, None)
 
 
 def _batches(n, batch=8, size=64):
@@ -195,20 +294,34 @@ def _eager_step(model, opt, x, y, amp):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("amp", [None, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("amp", [None, torch.bfloat16, torch.float16],
+                         ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("backend", ["triton", "cuda", "reference"])
 def test_captured_step_replays_eager_training(backend, amp):
-    model, opt, twin, twin_opt = _pair_on_cuda(backend)
-    step = CapturedTrainStep(model, opt, amp_dtype=amp, warmup=2)
+    """fp16: a GradScaler with a fused SGD, against the stock eager GradScaler step; the
+    first (eager) step overflows, and so does step 5 (replayed: the scale set to 2^127)."""
+    half = amp is torch.float16
+    model, opt, twin, twin_opt = _pair_on_cuda(backend, fused=True if half else None)
+    scalers = [_overflowing_scaler("cuda") for _ in range(2)] if half else [None, None]
+    step = CapturedTrainStep(model, opt, amp_dtype=amp, scaler=scalers[0], warmup=2)
     tol = 2e-4 if amp is None else 2e-2  # atomics in the weight gradients; bf16 rounding
     for i, (x, y) in enumerate(_batches(7)):
         if i == 5:  # a new learning rate: the next call captures again
             for o in (opt, twin_opt):
                 o.param_groups[0]["lr"] = 0.01
+        if half and i == 4:
+            for scaler in scalers:
+                scaler.update(2.0 ** 127)  # in place: the graph reads the new scale
         loss, _ = step(x, y)
-        expected = _eager_step(twin, twin_opt, x, y, amp)
+        if half:
+            expected = _scaled_eager_step(twin, twin_opt, scalers[1], x, y, amp)
+            assert scalers[0].get_scale() == scalers[1].get_scale(), i
+        else:
+            expected = _eager_step(twin, twin_opt, x, y, amp)
         torch.testing.assert_close(loss, expected, rtol=tol, atol=tol)
     assert step.captures == 2 and step.calls == 7
+    if half:  # skipped at steps 0 and 4, grown after steps 1-3
+        assert scalers[0].get_scale() == 2.0 ** 15
     for (name, a), b in zip(model.state_dict().items(), twin.state_dict().values()):
         if a.is_floating_point():
             scale = max(b.abs().max().item(), 1.0)
@@ -221,12 +334,13 @@ def test_captured_step_replays_eager_training(backend, amp):
 
 
 @pytest.mark.gpu
-def test_train_with_cuda_graphs_matches_eager(tmp_path):
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_train_with_cuda_graphs_matches_eager(tmp_path, amp):
     runs = {}
     for graphs in (False, True):
         runs[graphs] = train(TrainConfig(
             arch="cifar_resnet20", backend="triton", epochs=2, batch_size=32,
-            synthetic_size=256, log_every=2, amp="bf16", progress=False,
+            synthetic_size=256, log_every=2, amp=amp, progress=False,
             cuda_graphs=graphs, out=str(tmp_path / str(graphs))))
     for a, b in zip(runs[False]["epochs"], runs[True]["epochs"]):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=0.05)

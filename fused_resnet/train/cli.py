@@ -59,7 +59,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="batch statistics over all processes (FusedSyncBatchNorm)")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="capture the training step once and replay it from a CUDA graph "
-                        "(one GPU, amp fp32 or bf16)")
+                        "(one GPU; fp16 with a fused SGD)")
     p.add_argument("--compare", default=None, metavar="FAMILIES",
                    help=f"comma-separated families to train side by side: {', '.join(FAMILIES)}")
     p.add_argument("--depths", default="20,56", help="with --compare: comma-separated depths")

@@ -8,10 +8,13 @@ the loss, backward, the optimizer's update and the BNs' running stats) is one re
 What capture needs, and `CapturedTrainStep` checks or arranges:
 - fixed shapes and addresses: the batch is copied into the graph's input tensors, so every
   call takes the first call's shapes (a loader that drops the last partial batch);
-- nothing that reads the device on the host inside the step: no GradScaler (its step reads
-  the inf check: fp16 needs it, bf16 and fp32 do not), no BN with `momentum=None` (its
-  factor 1 / num_batches_tracked is read on the host), no optimizer that keeps its step
-  count on the host (torch.optim's Adam family needs `capturable=True`; SGD has no count);
+- nothing that reads the device on the host inside the step: no BN with `momentum=None`
+  (its factor 1 / num_batches_tracked is read on the host), no optimizer that keeps its
+  step count on the host (torch.optim's Adam family needs `capturable=True`; SGD has no
+  count); fp16's GradScaler only with an optimizer that takes the inf check on the device
+  (`SGD(..., fused=True)`: GradScaler hands it the scale and the found-inf flag, the fused
+  update unscales and skips itself when the flag is set, and the scale's update is a
+  device op), else `GradScaler.step` reads the flag to decide whether to step;
 - state made before the capture: the first `warmup` calls run eagerly on a side stream
   (Triton's autotuner, the optimizer's momentum buffers, cuBLAS workspaces), and the
   gradients are set to None before capture so that backward allocates them in the
@@ -21,6 +24,13 @@ What capture needs, and `CapturedTrainStep` checks or arranges:
 - values the graph bakes in: the learning rate is a constant of the captured update, so a
   call that finds any param group's lr changed captures the step again (a schedule with a
   few milestones recaptures a few times; one that changes lr every step gains nothing).
+
+Fused SGD with a GradScaler has a hazard of its own (torch's, eager too): its first update
+makes the momentum buffers with `empty_like` and, when that step's gradients overflow, skips
+writing them, so the next update reads uninitialized memory. With a scaler this class gives
+a fused SGD zero momentum buffers before the first step: with dampening 0 the first update
+is then b = momentum * 0 + g = g, what a first step computes, and a skipped first step
+leaves the zeros.
 
 Replays move no version counter, so the BN folds cached for inference would not see the
 weights change: this package's modules drop them when they enter training mode
@@ -36,16 +46,60 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def prime_momentum_buffers(optimizer: torch.optim.Optimizer) -> None:
+    """Gives each parameter of a momentum SGD group a zero momentum buffer where it has none
+    (see the module's note on fused SGD with a GradScaler). Exact only with dampening 0:
+    raises ValueError naming the group otherwise, before any buffer is made."""
+    groups = [g for g in optimizer.param_groups if g.get("momentum", 0) != 0]
+    for i, group in enumerate(groups):
+        if group.get("dampening", 0) != 0:
+            raise ValueError(f"optimizer: param group {i} has dampening "
+                             f"{group['dampening']}; a fused SGD under a GradScaler is "
+                             "captured with zero momentum buffers, which equal its first "
+                             "step only with dampening 0")
+    for group in groups:
+        for p in group["params"]:
+            state = optimizer.state[p]
+            if p.requires_grad and state.get("momentum_buffer") is None:
+                state["momentum_buffer"] = torch.zeros_like(
+                    p, memory_format=torch.preserve_format)
+
+
+def training_step(model: nn.Module, optimizer: torch.optim.Optimizer,
+                  loss_fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, y: Tensor, *,
+                  amp_dtype: Optional[torch.dtype] = None,
+                  scaler: Optional[torch.amp.GradScaler] = None) -> tuple[Tensor, Tensor]:
+    """The step `CapturedTrainStep` runs and captures (gradients already None or zero):
+    forward under autocast on x's device without its cast cache, the loss in fp32,
+    backward, the update; with a scaler, GradScaler's scale / step / update (with a fused
+    optimizer all on the device). Returns (loss, logits), detached, the loss unscaled."""
+    with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None,
+                        cache_enabled=False):
+        logits = model(x)
+    loss = loss_fn(logits.float(), y)
+    if scaler is None:
+        loss.backward()
+        optimizer.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    return loss.detach(), logits.detach()
+
+
 class CapturedTrainStep:
     """`step(x, y)` is one training step on the batch (x, y): logits = model(x) under
     autocast to `amp_dtype` (None: no autocast), loss = loss_fn(logits.float(), y),
-    backward, optimizer.step(). Returns (loss, logits) as tensors the next call overwrites.
-    The first `warmup` calls run eagerly, the next captures the step and every call from
-    then on replays it."""
+    backward, optimizer.step(); with an enabled `scaler` (fp16) the loss is scaled before
+    backward and the scaler steps the optimizer and updates its scale, all on the device.
+    Returns (loss, logits) as tensors the next call overwrites (the loss unscaled). The first
+    `warmup` calls run eagerly, the next captures the step and every call from then on
+    replays it."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                  loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy, *,
-                 amp_dtype: Optional[torch.dtype] = None, warmup: int = 3):
+                 amp_dtype: Optional[torch.dtype] = None,
+                 scaler: Optional[torch.amp.GradScaler] = None, warmup: int = 3):
         from fused_resnet.nn import FusedSyncBatchNorm
 
         for name, m in model.named_modules():
@@ -61,13 +115,22 @@ class CapturedTrainStep:
         if optimizer.defaults.get("capturable") is False:
             raise ValueError(f"optimizer: {type(optimizer).__name__} keeps its step count on "
                              "the host; construct it with capturable=True")
+        scaling = scaler is not None and scaler.is_enabled()
+        if scaling and not getattr(optimizer, "_step_supports_amp_scaling", False):
+            raise ValueError(f"optimizer: GradScaler reads the inf check on the host before "
+                             f"stepping {type(optimizer).__name__}; give it an optimizer "
+                             "that skips overflowed steps on the device, e.g. "
+                             "torch.optim.SGD(..., fused=True)")
         if warmup < 1:
             raise ValueError(f"warmup must be >= 1 (eager steps before the capture), got "
                              f"{warmup}")
         params = list(model.parameters())
         if not params or any(p.device.type != "cuda" for p in params):
             raise ValueError("model: CUDA graphs need every parameter on a CUDA device")
+        if scaling and isinstance(optimizer, torch.optim.SGD):
+            prime_momentum_buffers(optimizer)
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
+        self.scaler = scaler if scaling else None
         self.amp_dtype, self.warmup = amp_dtype, warmup
         self.calls = 0  # steps taken
         self.captures = 0  # how many times the step was captured (lr changes recapture)
@@ -76,13 +139,8 @@ class CapturedTrainStep:
         self._static: tuple[Tensor, ...] = ()  # x, y, loss, logits of the graph
 
     def _step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        with torch.autocast("cuda", dtype=self.amp_dtype, enabled=self.amp_dtype is not None,
-                            cache_enabled=False):
-            logits = self.model(x)
-        loss = self.loss_fn(logits.float(), y)
-        loss.backward()
-        self.optimizer.step()
-        return loss.detach(), logits.detach()
+        return training_step(self.model, self.optimizer, self.loss_fn, x, y,
+                             amp_dtype=self.amp_dtype, scaler=self.scaler)
 
     def _check_batch(self, x: Tensor, y: Tensor) -> None:
         for name, t in (("x", x), ("y", y)):

@@ -77,11 +77,10 @@ class TrainConfig:
         if any(not 0 < m < 1 for m in self.milestones):
             raise ValueError(f"milestones are fractions of the run in (0, 1), got "
                              f"{self.milestones}")
-        if self.cuda_graphs and (self.amp == "fp16" or self.ddp or self.sync_bn):
+        if self.cuda_graphs and (self.ddp or self.sync_bn):
             raise ValueError("cuda_graphs: a captured step cannot read the device on the host, "
-                             "as fp16's GradScaler, DDP's and sync BN's steps do; use amp "
-                             f"bf16 or fp32 on one GPU (got amp={self.amp!r}, ddp={self.ddp}, "
-                             f"sync_bn={self.sync_bn})")
+                             "as DDP's and sync BN's steps do; use one GPU without sync_bn "
+                             f"(got ddp={self.ddp}, sync_bn={self.sync_bn})")
 
 
 def lr_at(cfg: TrainConfig, iteration: int, total: int, plateau_scale: float) -> float:
@@ -172,8 +171,10 @@ def train(cfg: TrainConfig) -> dict:
     if world > 1:
         net = nn.parallel.DistributedDataParallel(
             model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    # captured fp16 steps: the fused update takes GradScaler's inf check on the device
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                          weight_decay=cfg.weight_decay)
+                          weight_decay=cfg.weight_decay,
+                          fused=True if cfg.cuda_graphs and cfg.amp == "fp16" else None)
     dtype = DTYPES[cfg.amp] if cfg.amp != "fp32" else None
     scaler = torch.amp.GradScaler(dev.type, enabled=cfg.amp == "fp16")
     captured = None
@@ -182,7 +183,7 @@ def train(cfg: TrainConfig) -> dict:
             raise ValueError(f"cuda_graphs needs a CUDA device, got {dev}")
         from fused_resnet.train.graphed import CapturedTrainStep
 
-        captured = CapturedTrainStep(net, opt, amp_dtype=dtype)
+        captured = CapturedTrainStep(net, opt, amp_dtype=dtype, scaler=scaler)
     state = {"epoch": 0, "iteration": 0, "plateau": {"scale": 1.0, "best": math.inf, "bad": 0},
              "iterations": [], "epochs": []}
     if cfg.resume:
@@ -293,6 +294,11 @@ def load_checkpoint(path: str, model: nn.Module, opt, scaler, dev: torch.device)
         raise ValueError(f"resume: no checkpoint at {path!r}")
     payload = torch.load(path, map_location=dev, weights_only=True)
     model.load_state_dict(payload["model"])
+    # the update's implementation is this run's (fused with --cuda-graphs in fp16), not the
+    # checkpoint's: load_state_dict takes the saved groups' flags
+    chosen = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in opt.param_groups]
     opt.load_state_dict(payload["optimizer"])
+    for group, flags in zip(opt.param_groups, chosen):
+        group.update(flags)
     scaler.load_state_dict(payload["scaler"])
     return payload["state"]
