@@ -35,6 +35,24 @@ def test_bad_config_names_the_field(field, value, message):
         run_suite(SuiteConfig(**{**TINY, field: value}), progress=False)
 
 
+def test_fp16_training_steps_go_through_a_grad_scaler(monkeypatch):
+    """Every column's fp16 training step scales its loss and steps through a GradScaler
+    (fp16 training without one underflows its gradients); the other dtypes' do not. The
+    optimizer starts from zero momentum buffers (fused on CUDA)."""
+    steps = []
+    stock = torch.amp.GradScaler.step
+    monkeypatch.setattr(torch.amp.GradScaler, "step",
+                        lambda self, opt, *a, **k: steps.append(opt) or stock(self, opt, *a, **k))
+    rows = run_suite(SuiteConfig(**{**TINY, "dtypes": ("fp16", "fp32"), "modes": ("train",),
+                                    "columns": ("reference", "eager-cl")}), progress=False)
+    assert [r["error"] for r in rows] == [""] * 4
+    # fp16: the first call and warmup + iters timed calls per column; fp32: none
+    assert len(steps) == 2 * (1 + TINY["warmup"] + TINY["iters"])
+    opt = steps[0]
+    assert opt.defaults["fused"] is None  # CPU: the stock update
+    assert all("momentum_buffer" in opt.state[p] for p in opt.param_groups[0]["params"])
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA graphs run here")
 def test_cuda_graphs_need_cuda():
     with pytest.raises(ValueError, match="cuda_graphs needs a CUDA device"):

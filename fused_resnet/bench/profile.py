@@ -21,7 +21,13 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from fused_resnet.bench.hardware import device_peak, roofline_ms
-from fused_resnet.bench.suite import SuiteConfig, _step, build_columns, column_context
+from fused_resnet.bench.suite import (
+    SuiteConfig,
+    _step,
+    build_columns,
+    column_context,
+    make_optimizer,
+)
 from fused_resnet.models import build_model, is_cifar
 from fused_resnet.triton.launch import counting_work
 
@@ -33,7 +39,7 @@ def profile_column(cfg: SuiteConfig, column: str, steps: int = 3, rows: int = 25
     size = cfg.size(dev)
     base = build_model(cfg.arch, **({} if is_cifar(cfg.arch) else {"variant": cfg.variant}))
     ((label, (model, fmt)),) = build_columns(cfg, base, dev, (column,)).items()
-    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    opt = make_optimizer(model, dev)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda"
                                            else [])
     sort = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
@@ -48,7 +54,7 @@ def profile_column(cfg: SuiteConfig, column: str, steps: int = 3, rows: int = 25
         target = torch.randint(0, base.fc.out_features, (batch,), device=dev)
         model.train(mode == "train")
         with column_context(label, dtype, dev):
-            fn = _step(model, mode, x, target, opt)
+            fn = _step(model, mode, x, target, opt, dtype)
             for _ in range(max(1, cfg.warmup)):
                 fn()
             with counting_work() as counted:  # one more step, its launches' work counted

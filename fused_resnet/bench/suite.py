@@ -10,8 +10,10 @@ the same input, in one process:
   "eager channels_last" (the pure-PyTorch twin: torchvision's
   model where it has one), "compile" and "compile max-autotune" (`torch.compile` of the
   eager channels_last twin);
-- modes: "train" (zero_grad, forward, cross-entropy, backward, SGD step), "infer" (eval
-  forward under no_grad at the batch sizes) and "latency" (the same at `latency_batch`);
+- modes: "train" (zero_grad, forward, cross-entropy, backward, SGD step: fused on CUDA;
+  in fp16 through a GradScaler, whose inf check the fused step takes on the device),
+  "infer" (eval forward under no_grad at the batch sizes) and "latency" (the same at
+  `latency_batch`);
   with `cuda_graphs` every column's step (the training step too: forward, backward and the
   optimizer's update) is captured once after its warm-up runs and replayed, which takes the
   host's launch costs out of the time (autocast then runs without its cast cache);
@@ -46,6 +48,7 @@ from fused_resnet.bench.timing import activation_bytes, cuda_graph, time_columns
 from fused_resnet.flops import count_flops
 from fused_resnet.models import build_model, is_cifar, reference_twin, set_backend
 from fused_resnet.testing import DTYPES
+from fused_resnet.train.graphed import prime_momentum_buffers
 
 FUSED_COLUMNS = ("triton", "triton-written", "cuda", "cpu", "auto", "reference")
 # Fused columns that run a backend with the training chain's operands written, not on load.
@@ -180,8 +183,28 @@ def build_columns(cfg: SuiteConfig, base: nn.Module, dev: torch.device,
     return out
 
 
-def _step(model: nn.Module, mode: str, x, target, opt) -> Callable[[], None]:
+def make_optimizer(model: nn.Module, dev: torch.device) -> torch.optim.SGD:
+    """Every column's SGD (momentum 0.9): on CUDA the fused update (one multi-tensor kernel,
+    and GradScaler's inf check read on the device), from zero momentum buffers (exact for
+    dampening 0, and safe when fp16's first step overflows: `train.graphed`)."""
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9,
+                          fused=True if dev.type == "cuda" else None)
+    prime_momentum_buffers(opt)
+    return opt
+
+
+def _step(model: nn.Module, mode: str, x, target, opt, dtype: str) -> Callable[[], None]:
     if mode == "train":
+        if dtype == "fp16":  # a fresh scaler per setting: its scale made by the first call
+            scaler = torch.amp.GradScaler(x.device.type)
+
+            def train_step() -> None:
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(F.cross_entropy(model(x).float(), target)).backward()
+                scaler.step(opt)
+                scaler.update()
+            return train_step
+
         def train_step() -> None:
             opt.zero_grad(set_to_none=True)
             F.cross_entropy(model(x).float(), target).backward()
@@ -203,8 +226,7 @@ def run_suite(cfg: SuiteConfig, progress: bool = True) -> list[dict]:
     base = build_model(cfg.arch, **kwargs)
     macs_per_image = count_flops(base, (1, 3, size, size), training=False).macs
     models = build_columns(cfg, base, dev, columns)
-    opts = {label: torch.optim.SGD(m.parameters(), lr=1e-4, momentum=0.9)
-            for label, (m, _) in models.items()}
+    opts = {label: make_optimizer(m, dev) for label, (m, _) in models.items()}
     device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     settings = cfg.settings()
     peaks = {d: (measure_ceilings(dev, d, n=8192 if dev.type == "cuda" else 512)[0]
@@ -222,7 +244,7 @@ def run_suite(cfg: SuiteConfig, progress: bool = True) -> list[dict]:
                 xf = x.contiguous(memory_format=fmt)
                 try:
                     with column_context(label, dtype, dev, cfg.cuda_graphs):
-                        fn = _step(model, mode, xf, target, opts[label])
+                        fn = _step(model, mode, xf, target, opts[label], dtype)
                         fn()  # first call: compile, autotune, fold BN
                         if cfg.cuda_graphs:
                             fn = cuda_graph(fn)
