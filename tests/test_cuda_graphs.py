@@ -53,8 +53,8 @@ class HostReads(TorchDispatchMode):
         if func.__name__.split(".")[0] in HOST_READS and not any(
                 "torch/utils/data/" in f.filename for f in stack):
             ours = [f for f in stack if "/fused_resnet/" in f.filename]
-            where = f"{ours[-1].filename.split('/fused_resnet/')[-1]}:{ours[-1].lineno}" \
-                if ours else "outside fused_resnet"
+            where = (f"{ours[-1].filename.split('/fused_resnet/')[-1]}:{ours[-1].lineno} "
+                     f"({ours[-1].name})") if ours else "outside fused_resnet"
             self.calls.append(f"{func.__name__} from {where}")
         return func(*args, **(kwargs or {}))
 
@@ -100,11 +100,16 @@ def test_fused_steps_read_nothing_back(backend):
     assert reads.calls == []
 
 
-def test_the_loop_reads_the_device_at_log_rows_only(tmp_path):
+@pytest.mark.parametrize("amp", ["fp32", "fp16"])
+def test_the_loop_reads_the_device_at_log_rows_only(tmp_path, amp):
     with HostReads() as reads:
         train(TrainConfig(arch="cifar_resnet20", epochs=1, batch_size=16, synthetic_size=64,
-                          image_size=8, log_every=2, progress=False, out=str(tmp_path)))
-    assert reads.calls == []
+                          image_size=8, log_every=2, progress=False, out=str(tmp_path),
+                          amp=amp))
+    # fp16: the scaler's scale and growth count, read once an epoch for its checkpoint
+    saved = [c for c in reads.calls if c.endswith("(save_checkpoint)")]
+    assert len(saved) == (0 if amp == "fp32" else 2)
+    assert [c for c in reads.calls if c not in saved] == []
 
 
 def _overflowing_scaler(device):

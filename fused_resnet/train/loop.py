@@ -4,10 +4,11 @@ SGD with momentum 0.9 and weight decay 1e-4 (the paper's), learning rate 0.1 div
 fixed fractions of the run's iterations (the paper's CIFAR schedule: at 32k and 48k of 64k
 iterations, i.e. 0.5 and 0.75) or, with `schedule="plateau"`, when the validation loss has
 not improved for `patience` epochs; optional warm-up at lr / 10 (the paper's 110-layer net).
-Mixed precision: bf16 autocast, or fp16 autocast with a GradScaler. Everything a resumed run
-needs is in the checkpoint written after every epoch (model, optimizer, scaler, schedule,
-epoch, iteration, the log so far), and the data order depends only on (seed, epoch), so a
-run resumed from epoch k takes the very steps the uninterrupted run took.
+Mixed precision: bf16 autocast, or fp16 autocast with a GradScaler (the fused SGD update
+reads its inf check on the device, so fp16 steps read nothing back either). Everything a
+resumed run needs is in the checkpoint written after every epoch (model, optimizer, scaler,
+schedule, epoch, iteration, the log so far), and the data order depends only on (seed,
+epoch), so a run resumed from epoch k takes the very steps the uninterrupted run took.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from torch import nn
 from fused_resnet.models import build_model, is_cifar
 from fused_resnet.testing import DTYPES
 from fused_resnet.train.data import make_datasets, make_loader
+from fused_resnet.train.graphed import prime_momentum_buffers
 
 AMP = ("fp32", "bf16", "fp16")
 SCHEDULES = ("milestones", "plateau")
@@ -171,10 +173,12 @@ def train(cfg: TrainConfig) -> dict:
     if world > 1:
         net = nn.parallel.DistributedDataParallel(
             model, device_ids=[dev.index] if dev.type == "cuda" else None)
-    # captured fp16 steps: the fused update takes GradScaler's inf check on the device
+    # the fused update: one multi-tensor kernel, and in fp16 GradScaler's inf check read on
+    # the device (the stock SGD has GradScaler.step read it on the host every step); zero
+    # momentum buffers, exact for dampening 0 and safe after an overflowed first step
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                          weight_decay=cfg.weight_decay,
-                          fused=True if cfg.cuda_graphs and cfg.amp == "fp16" else None)
+                          weight_decay=cfg.weight_decay, fused=True)
+    prime_momentum_buffers(opt)
     dtype = DTYPES[cfg.amp] if cfg.amp != "fp32" else None
     scaler = torch.amp.GradScaler(dev.type, enabled=cfg.amp == "fp16")
     captured = None
@@ -294,8 +298,8 @@ def load_checkpoint(path: str, model: nn.Module, opt, scaler, dev: torch.device)
         raise ValueError(f"resume: no checkpoint at {path!r}")
     payload = torch.load(path, map_location=dev, weights_only=True)
     model.load_state_dict(payload["model"])
-    # the update's implementation is this run's (fused with --cuda-graphs in fp16), not the
-    # checkpoint's: load_state_dict takes the saved groups' flags
+    # the update's implementation is this run's, not the checkpoint's (which may predate the
+    # fused update): load_state_dict takes the saved groups' flags
     chosen = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in opt.param_groups]
     opt.load_state_dict(payload["optimizer"])
     for group, flags in zip(opt.param_groups, chosen):
