@@ -271,6 +271,16 @@ def test_gpu_suite_cuda_graphs():
 
 
 @pytest.mark.gpu
+def test_gpu_suite_fp16_training_graphs():
+    """fp16 training steps, GradScaler included (the fused SGD's inf check on the device),
+    captured and replayed."""
+    cfg = SuiteConfig(arch="resnet18", image_size=64, batch_sizes=(8,), dtypes=("fp16",),
+                      modes=("train",), columns=("triton", "eager-cl"), cuda_graphs=True)
+    rows = run_suite(cfg, progress=False)
+    assert len(rows) == 2 and all(r["error"] == "" for r in rows)
+
+
+@pytest.mark.gpu
 def test_gpu_stages_rows_and_table_entries():
     from fused_resnet.bench.blocks import bench_stages, fastest_backends
 
