@@ -54,9 +54,9 @@ def prime_momentum_buffers(optimizer: torch.optim.Optimizer) -> None:
     for i, group in enumerate(groups):
         if group.get("dampening", 0) != 0:
             raise ValueError(f"optimizer: param group {i} has dampening "
-                             f"{group['dampening']}; a fused SGD under a GradScaler is "
-                             "captured with zero momentum buffers, which equal its first "
-                             "step only with dampening 0")
+                             f"{group['dampening']}; zero momentum buffers (what a fused "
+                             "SGD under a GradScaler starts from here) give SGD's first "
+                             "update only with dampening 0")
     for group in groups:
         for p in group["params"]:
             state = optimizer.state[p]
