@@ -20,6 +20,7 @@ from fused_resnet import backend as _backend
 from fused_resnet import ops, reference
 from fused_resnet.backend import check_backend_name
 from fused_resnet.nn.sync_bn import convert_sync_bn, sync_group
+from fused_resnet.ops.conv_bn_act import compute_dtype
 from fused_resnet.ops.layout import inference_weight
 
 
@@ -130,8 +131,7 @@ def cached_folds(x: Tensor, pairs: list[tuple[nn.Conv2d, nn.BatchNorm2d]],
     kernels = _backend.resolve(backend, "conv_bn_act", x.device)
     if kernels == "reference":
         return None
-    device = x.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    dtype = compute_dtype(x)
     if torch.compiler.is_compiling():  # folded inside the graph (torch 2.5 cannot trace data_ptr)
         return [_fold(conv, bn, dtype) for conv, bn in pairs]
     out = []

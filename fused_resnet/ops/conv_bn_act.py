@@ -93,6 +93,15 @@ def check_conv_bn_act_args(
             )
 
 
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype the convs compute x in: autocast's dtype for a floating x under autocast
+    (what `autocast_inputs` casts to), else x's own."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type) and x.is_floating_point():
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
 def autocast_inputs(
     x: Tensor, weight: Optional[Tensor], residual: Optional[Tensor]
 ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:

@@ -30,6 +30,7 @@ from torch import Tensor
 from fused_resnet import backend as _backend
 from fused_resnet import reference
 from fused_resnet.ops import native_kernels
+from fused_resnet.ops.conv_bn_act import compute_dtype
 from fused_resnet.ops.layout import conv_output_size, output_memory_format
 from fused_resnet.triton.config import input_precision
 
@@ -201,14 +202,6 @@ def plan_block_eval(x: Tensor, weights: list[Tensor], biases: list[Tensor], *,
                          backend, kernels)
 
 
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    """x's dtype after autocast's cast (`ops.conv_bn_act.autocast_inputs`)."""
-    device = x.device.type
-    if torch.is_autocast_enabled(device) and x.is_floating_point():
-        return torch.get_autocast_dtype(device)
-    return x.dtype
-
-
 class StemEvalPlan:
     """max_pool2d(conv_bias_act(x, weight, bias, relu=True), *pool), the ResNet stem in
     inference (BN folded into the conv) as `nn.conv_bn_relu_pool` runs it unplanned, for x of
@@ -248,7 +241,7 @@ class StemEvalPlan:
     def matches(self, x: Tensor, weight: Tensor, bias: Tensor, *, stride: int, padding: int,
                 pool: tuple, backend: str) -> bool:
         """Whether `self(x)` computes the stem's unplanned call with these arguments."""
-        if (x.shape, x.stride(), x.dtype, x.device, _compute_dtype(x)) != self.signature:
+        if (x.shape, x.stride(), x.dtype, x.device, compute_dtype(x)) != self.signature:
             return False
         if weight is not self.weight or bias is not self.bias:
             return False
@@ -288,7 +281,7 @@ def plan_stem_eval(x: Tensor, weight: Tensor, bias: Tensor, *, stride: int, padd
         return None
     from fused_resnet.ops.conv_bn_act import select_kernels
 
-    dtype = _compute_dtype(x)
+    dtype = compute_dtype(x)
     probe = torch.empty(0, dtype=dtype, device=x.device)  # the cast x, as the conv sees it
     kernels = (select_kernels(backend, "conv_bn_act", probe),
                _backend.resolve(backend, "max_pool", x.device))
