@@ -31,8 +31,13 @@ from fused_resnet.nn import (
     clear_fold_cache,
     conv_bn_relu_pool,
 )
-from fused_resnet.train import CapturedTrainStep, TrainConfig, train
-from fused_resnet.train.graphed import prime_momentum_buffers, training_step
+from fused_resnet.train import (
+    CapturedTrainStep,
+    TrainConfig,
+    prime_momentum_buffers,
+    train,
+    training_step,
+)
 from fused_resnet.train.loop import load_checkpoint, save_checkpoint
 
 # ATen ops whose result the host must wait for (what `.item()`, `bool(t)`, `int(t)` call)
