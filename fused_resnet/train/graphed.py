@@ -69,7 +69,8 @@ def training_step(model: nn.Module, optimizer: torch.optim.Optimizer,
                   loss_fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, y: Tensor, *,
                   amp_dtype: Optional[torch.dtype] = None,
                   scaler: Optional[torch.amp.GradScaler] = None) -> tuple[Tensor, Tensor]:
-    """The step `CapturedTrainStep` runs and captures (gradients already None or zero):
+    """The step `CapturedTrainStep` runs and captures, and `train` runs eagerly without
+    graphs (gradients already None or zero):
     forward under autocast on x's device without its cast cache, the loss in fp32,
     backward, the update; with a scaler, GradScaler's scale / step / update (with a fused
     optimizer all on the device). Returns (loss, logits), detached, the loss unscaled."""

@@ -28,7 +28,7 @@ from torch import nn
 from fused_resnet.models import build_model, is_cifar
 from fused_resnet.testing import DTYPES
 from fused_resnet.train.data import make_datasets, make_loader
-from fused_resnet.train.graphed import prime_momentum_buffers
+from fused_resnet.train.graphed import prime_momentum_buffers, training_step
 
 AMP = ("fp32", "bf16", "fp16")
 SCHEDULES = ("milestones", "plateau")
@@ -224,14 +224,10 @@ def train(cfg: TrainConfig) -> dict:
             x, y = _to_device(x, y, dev, fmt)
             if captured is not None:
                 loss, logits = captured(x, y)
-            else:
+            else:  # the step a graph would capture, run eagerly (a disabled scaler passes)
                 opt.zero_grad(set_to_none=True)
-                with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
-                    logits = net(x)
-                loss = F.cross_entropy(logits.float(), y)
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
+                loss, logits = training_step(net, opt, F.cross_entropy, x, y,
+                                             amp_dtype=dtype, scaler=scaler)
             state["iteration"] += 1
             seen += len(y) * world
             batch = _batch_sums(loss, logits, y, len(y))
