@@ -60,7 +60,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     report = validate(args.arch, args.backend, args.dtype, args.steps,
                       batch_size=args.batch_size, image_size=args.image_size,
-                      device=args.device, variant=args.variant)
+                      device=args.device, variant=args.variant, weights=args.weights)
     print(f"validate {report.arch} on backend {report.backend!r} ({report.dtype}, "
           f"{report.device}, input {report.input_shape}) against {report.reference}\n")
     print(format_table(("check", "max abs err", "max rel err", "bound", "result"),
@@ -180,6 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     _runtime(p)
     p.add_argument("--steps", type=int, default=2, help="SGD steps compared (default 2)")
+    p.add_argument("--weights", default=None,
+                   help="torchvision's pretrained weights for both models (ImageNet archs: "
+                        "DEFAULT, IMAGENET1K_V1, ...; downloaded once into torch.hub's cache); "
+                        "default: random initialisation")
     p.add_argument("--no-bench", dest="bench", action="store_false",
                    help="skip the short benchmark that follows a passing run on a GPU")
     p.set_defaults(func=cmd_validate)

@@ -69,10 +69,13 @@ def validate(
     image_size: Optional[int] = None,
     device: Optional[str] = None,
     variant: str = "v1.5",
+    weights: Optional[str] = None,
     lr: float = 0.01,
     seed: int = 0,
 ) -> ValidationReport:
-    """dtype: fp32, fp64, bf16 or fp16 (autocast); None is fp32 on CUDA and fp64 on CPU."""
+    """dtype: fp32, fp64, bf16 or fp16 (autocast); None is fp32 on CUDA and fp64 on CPU.
+    weights: torchvision's pretrained weights for an ImageNet arch (a name such as
+    "DEFAULT"), loaded into both models; None compares randomly initialised ones."""
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
     if steps < 1:
@@ -86,7 +89,7 @@ def validate(
     batch = batch_size or (32 if on_gpu else 4)
     torch.manual_seed(seed)
     kwargs = {"backend": backend} if cifar else {"backend": backend, "variant": variant}
-    candidate = build_model(arch, **kwargs)
+    candidate = build_model(arch, weights=weights, **kwargs)
     reference, ref_name = reference_twin(arch, candidate, variant)
     half = DTYPES[dtype] if dtype in ("bf16", "fp16") else None
     if exact:  # the reference in fp64 is the truth

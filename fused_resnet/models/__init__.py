@@ -1,6 +1,7 @@
 """The ResNet family: ImageNet nets (torchvision layout), the paper's CIFAR nets, plain nets."""
 
 from fused_resnet.models.cifar import CIFAR_DEPTHS, CifarResNet, cifar_resnet, plain_net
+from fused_resnet.models.pretrained import with_classes
 from fused_resnet.models.registry import (
     ARCH_HELP,
     IMAGENET_ARCHS,
@@ -41,4 +42,5 @@ __all__ = [
     "resnet152",
     "resnext50_32x4d",
     "wide_resnet50_2",
+    "with_classes",
 ]

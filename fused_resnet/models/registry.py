@@ -42,9 +42,15 @@ def is_cifar(arch: str) -> bool:
 
 
 def build_model(arch: str, **kwargs) -> nn.Module:
-    """The model named `arch` (see ARCH_HELP), built with `kwargs` (backend, num_classes, ...)."""
+    """The model named `arch` (see ARCH_HELP), built with `kwargs` (backend, num_classes, ...;
+    `weights` / `progress` as torchvision's, for the ImageNet names)."""
     if arch in IMAGENET_ARCHS:
         return IMAGENET_ARCHS[arch](**kwargs)
+    if kwargs.get("weights") is not None:
+        raise ValueError(f"weights: torchvision has pretrained weights for "
+                         f"{', '.join(IMAGENET_ARCHS)}, not {arch!r}")
+    kwargs.pop("weights", None)
+    kwargs.pop("progress", None)
     match = re.fullmatch(r"(cifar_resnet|plain_cifar|plain)(\d+)", arch)
     if match is None:
         raise ValueError(f"arch must be one of {ARCH_HELP}; got {arch!r}")

@@ -6,13 +6,14 @@ stem: 7x7/2 conv (64) + BN + ReLU, 3x3/2 max-pool; four stages of residual block
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fused_resnet.backend import check_backend_name
 from fused_resnet.models.input_check import check_image_batch
+from fused_resnet.models.pretrained import load_pretrained, pretrained_kwargs, resolve_weights
 from fused_resnet.nn import FusedBasicBlock, FusedBottleneck, FusedMaxPool2d
 from fused_resnet.nn.conv_bn import FoldingModule
 from fused_resnet.nn.pool import conv_bn_relu_pool
@@ -112,31 +113,45 @@ def resnet(depth: int, **kwargs) -> ResNet:
     return ResNet(block, layers, **kwargs)
 
 
-def resnet18(**kwargs) -> ResNet:
-    return resnet(18, **kwargs)
+def _named(arch: str, depth: int, weights: Any, progress: bool, **kwargs) -> ResNet:
+    """torchvision's `arch`: the ResNet of `depth` with `kwargs`, and where `weights` is
+    given, those pretrained weights (models/pretrained.py says what is checked first)."""
+    if weights is None:
+        return resnet(depth, **kwargs)
+    weights = resolve_weights(arch, weights)
+    model = resnet(depth, **pretrained_kwargs(weights, kwargs, STAGES[depth][0] is FusedBottleneck))
+    return load_pretrained(model, arch, weights, progress)
 
 
-def resnet34(**kwargs) -> ResNet:
-    return resnet(34, **kwargs)
+# The named models take torchvision's arguments: `weights` (None, a member of torchvision's
+# enum for the model, e.g. ResNet50_Weights.IMAGENET1K_V2, or its name, "DEFAULT" among them)
+# and `progress` (a progress bar while downloading), then ResNet's keyword arguments.
+def resnet18(*, weights: Any = None, progress: bool = True, **kwargs) -> ResNet:
+    return _named("resnet18", 18, weights, progress, **kwargs)
 
 
-def resnet50(**kwargs) -> ResNet:
-    return resnet(50, **kwargs)
+def resnet34(*, weights: Any = None, progress: bool = True, **kwargs) -> ResNet:
+    return _named("resnet34", 34, weights, progress, **kwargs)
 
 
-def resnet101(**kwargs) -> ResNet:
-    return resnet(101, **kwargs)
+def resnet50(*, weights: Any = None, progress: bool = True, **kwargs) -> ResNet:
+    return _named("resnet50", 50, weights, progress, **kwargs)
 
 
-def resnet152(**kwargs) -> ResNet:
-    return resnet(152, **kwargs)
+def resnet101(*, weights: Any = None, progress: bool = True, **kwargs) -> ResNet:
+    return _named("resnet101", 101, weights, progress, **kwargs)
 
 
-def wide_resnet50_2(**kwargs) -> ResNet:
+def resnet152(*, weights: Any = None, progress: bool = True, **kwargs) -> ResNet:
+    return _named("resnet152", 152, weights, progress, **kwargs)
+
+
+def wide_resnet50_2(*, weights: Any = None, progress: bool = True, **kwargs) -> ResNet:
     """ResNet-50 with bottlenecks twice as wide (width_per_group=128)."""
-    return resnet(50, width_per_group=128, **kwargs)
+    return _named("wide_resnet50_2", 50, weights, progress, width_per_group=128, **kwargs)
 
 
-def resnext50_32x4d(**kwargs) -> ResNet:
+def resnext50_32x4d(*, weights: Any = None, progress: bool = True, **kwargs) -> ResNet:
     """ResNeXt-50 with 32 groups of width 4 in each 3x3."""
-    return resnet(50, groups=32, width_per_group=4, **kwargs)
+    return _named("resnext50_32x4d", 50, weights, progress, groups=32, width_per_group=4,
+                  **kwargs)

@@ -60,6 +60,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cuda-graphs", action="store_true",
                    help="capture the training step once and replay it from a CUDA graph "
                         "(one GPU; fp16 with a fused SGD)")
+    p.add_argument("--weights", default=None,
+                   help="fine-tune from torchvision's pretrained weights (ImageNet archs: "
+                        "DEFAULT, IMAGENET1K_V1, ...); fc is replaced where the data has "
+                        "another number of classes")
     p.add_argument("--compare", default=None, metavar="FAMILIES",
                    help=f"comma-separated families to train side by side: {', '.join(FAMILIES)}")
     p.add_argument("--depths", default="20,56", help="with --compare: comma-separated depths")
@@ -76,7 +80,7 @@ def config_from(args: argparse.Namespace, arch: str, out: str) -> TrainConfig:
         synthetic_size=args.synthetic_size, image_size=args.image_size,
         log_every=args.log_every, max_iters=args.max_iters, device=args.device,
         channels_last=not args.nchw, sync_bn=args.sync_bn, ddp=args.ddp,
-        cuda_graphs=args.cuda_graphs, progress=not args.no_progress)
+        cuda_graphs=args.cuda_graphs, weights=args.weights, progress=not args.no_progress)
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -25,7 +25,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from fused_resnet.models import build_model, is_cifar
+from fused_resnet.models import IMAGENET_ARCHS, build_model, is_cifar
+from fused_resnet.models.pretrained import resolve_weights, with_classes
 from fused_resnet.testing import DTYPES
 from fused_resnet.train.data import make_datasets, make_loader
 from fused_resnet.train.graphed import prime_momentum_buffers, training_step
@@ -62,6 +63,7 @@ class TrainConfig:
     sync_bn: bool = False
     ddp: bool = False
     cuda_graphs: bool = False  # replay each step from a CUDA graph (train/graphed.py)
+    weights: Optional[str] = None  # torchvision's pretrained weights to fine-tune from
     progress: bool = True
 
     def check(self) -> None:
@@ -79,6 +81,11 @@ class TrainConfig:
         if any(not 0 < m < 1 for m in self.milestones):
             raise ValueError(f"milestones are fractions of the run in (0, 1), got "
                              f"{self.milestones}")
+        if self.weights is not None:  # a bad name fails here, before any data is made
+            if self.arch not in IMAGENET_ARCHS:
+                raise ValueError(f"weights: torchvision has pretrained weights for "
+                                 f"{', '.join(IMAGENET_ARCHS)}, not {self.arch!r}")
+            resolve_weights(self.arch, self.weights)
         if self.cuda_graphs and (self.ddp or self.sync_bn):
             raise ValueError("cuda_graphs: a captured step cannot read the device on the host, "
                              "as DDP's and sync BN's steps do; use one GPU without sync_bn "
@@ -162,7 +169,11 @@ def train(cfg: TrainConfig) -> dict:
     train_set, val_set, classes = make_datasets(cfg.data, size, cifar, cfg.synthetic_size,
                                                 cfg.seed)
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.arch, backend=cfg.backend, num_classes=classes)
+    if cfg.weights is None:
+        model = build_model(cfg.arch, backend=cfg.backend, num_classes=classes)
+    else:  # fine-tuning: the pretrained net, with a fresh classifier for the data's classes
+        model = with_classes(build_model(cfg.arch, backend=cfg.backend, weights=cfg.weights),
+                             classes)
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(dev, memory_format=fmt)
     if cfg.sync_bn:
