@@ -1,4 +1,5 @@
 """The fused ResNet in PyTorch's machinery: torch.compile (fullgraph, train and eval),
+torch.export (train and eval, save / load),
 autocast (bf16 / fp16) with fp32 BN parameters and statistics, GradScaler, and both memory
 formats in and out. CPU tests run the `_C` backend (the reference where `_C` is not built);
 `gpu` tests run Triton."""
@@ -69,6 +70,52 @@ def test_compile_with_frozen_early_layers_matches_eager():
 @pytest.mark.gpu
 def test_compile_fullgraph_on_gpu_with_triton():
     _check_compiled_matches_eager(GPU_BACKEND, "cuda", "inductor")
+
+
+def _check_export(model, x, fused_op: bool, tmp_path):
+    """torch.export of `model` (its mode as given): the program's module computes what the
+    eager model computes (and, in training, updates the running stats alike); in eval it
+    survives torch.export.save / load, the fused ops named in the saved graph."""
+    eager = copy.deepcopy(model)
+    program = torch.export.export(model, (x,))
+    targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    if fused_op:
+        assert any(t.startswith("fused_resnet.") for t in targets), targets
+    if model.training:  # the program's module carries its own copy of the buffers
+        exported = program.module()
+        torch.testing.assert_close(exported(x), eager(x), rtol=1e-5, atol=1e-5)
+        for (name, b), (_, c) in zip(exported.named_buffers(), eager.named_buffers()):
+            torch.testing.assert_close(b, c, rtol=1e-5, atol=1e-6,
+                                       msg=lambda m, n=name: f"{n}: {m}")
+        return
+    torch.export.save(program, tmp_path / "model.pt2")
+    loaded = torch.export.load(tmp_path / "model.pt2")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.module()(x), eager(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("arch", ["cifar_resnet8", "resnet18"])
+def test_torch_export_matches_eager(arch, train, tmp_path):
+    """cifar_resnet8 (option-A shortcuts) and resnet18 (stem + pool, projections)."""
+    torch.manual_seed(0)
+    if arch == "resnet18":
+        model, size = fr.models.resnet18(num_classes=10, backend=CPU_FUSED), 32
+    else:
+        model, size = fr.models.cifar_resnet(8, backend=CPU_FUSED), 16
+    model.train(train)
+    x = torch.randn(2, 3, size, size).contiguous(memory_format=torch.channels_last)
+    _check_export(model.to(memory_format=torch.channels_last), x, CPU_FUSED != "reference",
+                  tmp_path)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_torch_export_on_gpu_with_triton(train, tmp_path):
+    torch.manual_seed(0)
+    model = fr.models.resnet18(num_classes=10, backend=GPU_BACKEND).cuda().train(train)
+    x = torch.randn(2, 3, 32, 32, device="cuda").contiguous(memory_format=torch.channels_last)
+    _check_export(model.to(memory_format=torch.channels_last), x, True, tmp_path)
 
 
 def _autocast_step(backend, device, dtype, fmt, x, y):
