@@ -72,6 +72,26 @@ def test_compile_fullgraph_on_gpu_with_triton():
     _check_compiled_matches_eager(GPU_BACKEND, "cuda", "inductor")
 
 
+@pytest.mark.gpu
+def test_compile_reduce_overhead_on_gpu_replays_eval():
+    """torch.compile(mode="reduce-overhead"), the usual way to put inference in CUDA graphs:
+    the fused eval model is captured (inductor counts no cudagraph skip: nothing in it reads
+    the host or needs CPU tensors) and its replays match eager on new inputs."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    cl = torch.channels_last
+    model = fr.models.resnet18(num_classes=10, backend=GPU_BACKEND).cuda().eval()
+    model = model.to(memory_format=cl)
+    compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+    counters.clear()
+    with torch.no_grad():
+        for _ in range(4):  # warm-up, capture, replays
+            x = torch.randn(2, 3, 32, 32, device="cuda").contiguous(memory_format=cl)
+            torch.testing.assert_close(compiled(x).clone(), model(x), rtol=1e-4, atol=1e-4)
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+
+
 def _check_export(model, x, fused_op: bool, tmp_path):
     """torch.export of `model` (its mode as given): the program's module computes what the
     eager model computes (and, in training, updates the running stats alike); in eval it
