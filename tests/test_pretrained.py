@@ -5,6 +5,7 @@ file, so the fused model and torchvision's own `resnet18(weights=...)` both read
 import os
 import sys
 import urllib.error
+from pathlib import Path
 
 import pytest
 import torch
@@ -146,3 +147,14 @@ def test_train_fine_tunes_from_weights(hub, tmp_path):
                          ({"weights": "IMAGENET1K_V9"}, "weights must name one of")):
         with pytest.raises(ValueError, match=message):
             train(TrainConfig(**{**cfg, "weights": "DEFAULT", **bad}))
+
+
+def test_torch_hub_entry_points(hub):
+    """hubconf.py: torch.hub.load from a checkout gives the package's models, weights too."""
+    state, _ = hub
+    root = str(Path(__file__).resolve().parents[1])
+    model = torch.hub.load(root, "resnet18", source="local", weights="DEFAULT", backend=BACKEND)
+    assert isinstance(model, fr.models.ResNet)
+    assert torch.equal(model.conv1.weight, state["conv1.weight"])
+    cifar = torch.hub.load(root, "cifar_resnet", 20, source="local", shortcut="B")
+    assert isinstance(cifar, fr.models.CifarResNet)
