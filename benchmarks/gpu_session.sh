@@ -25,6 +25,8 @@
 #           settings with each column's step (training too) captured once and replayed (no
 #           host launch costs); beside `model`'s rows these say how much of each column's
 #           time is host-bound
+#   replays graphs' benchmark alone (no tests): the second call of a 15-minute session, on
+#           the machine the first call warmed (Triton's and inductor's caches, the build)
 # The steps' logs, the training trace and the benchmark reports (<gpu>-<date>/{model,blocks,
 # model-graphs}.
 # {csv,json,md,png}) land under $OUT, at most 8 files (what the device tool brings back); build
@@ -34,6 +36,11 @@
 #   bash benchmarks/gpu_session.sh blocks          # the next call (the build is incremental)
 #   bash benchmarks/gpu_session.sh warm graphs     # a fresh machine: CUDA-graph replays
 #   WARM_DTYPES=fp16 MODEL_DTYPES=fp16 bash benchmarks/gpu_session.sh warm model   # fp16
+#
+# A session lent 15 minutes of device time (2026-12): the default call (timeout_s 600; with
+# the machine's start about 11 minutes), then at once, before the machine's 30 s idle
+# release, `GRAPHS_S=150 BENCH_COLUMNS="triton eager-cl compile" bash
+# benchmarks/gpu_session.sh replays` (timeout_s 180), then give_back.
 #
 # Limits (seconds): BUILD_S 120 (beside WARM_S 115), TESTS_S 140, PROFILE_S 85, MODEL_S 205
 # (the default call: at most 550 s and 40 s of kill margins, inside one 600 s device call),
@@ -50,9 +57,9 @@
 set -uo pipefail
 steps=${*:-warm tests profile model}
 for name in $steps; do
-    [[ $name =~ ^(warm|profile|tests|slow|fuzz|model|blocks|graphs)$ ]] \
+    [[ $name =~ ^(warm|profile|tests|slow|fuzz|model|blocks|graphs|replays)$ ]] \
         || { echo "unknown step '$name' (warm, profile, tests, slow, fuzz, model, blocks," \
-                  "graphs)"
+                  "graphs, replays)"
              exit 2; }
 done
 OUT=${OUT:-/tmp/fused_resnet_out}
@@ -125,9 +132,10 @@ for name in $steps; do
         model) step bench_model "${MODEL_S:-205}" python3 benchmarks/bench_model.py \
                    --no-progress --out "$OUT" --dtypes ${MODEL_DTYPES:-bf16} \
                    --columns ${BENCH_COLUMNS:-triton triton-written cuda eager-cl compile} ;;
-        graphs) step tests_graphs "${GRAPH_TESTS_S:-150}" python3 -m pytest -m gpu -k graphs \
-                    tests/test_cuda_graphs.py tests/test_bench_suite.py -q -p no:cacheprovider \
-                    "${xdist[@]}"
+        graphs|replays)
+                [[ $name == replays ]] || step tests_graphs "${GRAPH_TESTS_S:-150}" \
+                    python3 -m pytest -m gpu -k graphs tests/test_cuda_graphs.py \
+                    tests/test_bench_suite.py -q -p no:cacheprovider "${xdist[@]}"
                 step bench_graphs "${GRAPHS_S:-240}" python3 benchmarks/bench_model.py \
                     --no-progress --out "$OUT" --dtypes ${MODEL_DTYPES:-bf16} --cuda-graphs \
                     --columns ${BENCH_COLUMNS:-triton cuda eager-cl compile} ;;

@@ -82,7 +82,7 @@ def test_gpu_session_script_parses_and_names_its_steps(tmp_path):
     script = ROOT / "benchmarks" / "gpu_session.sh"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     text = script.read_text()
-    for step in ("warm)", "profile)", "tests)", "model)", "blocks)", "fuzz)", "graphs)",
+    for step in ("warm)", "profile)", "tests)", "model)", "blocks)", "fuzz)", "graphs|replays)",
                  "bench_model.py", "bench_blocks.py", "gpu and not slow", "-m slow",
                  "test_fuzz.py --fuzz-long", "tests/test_cuda_graphs.py", "--cuda-graphs",
                  "fused_resnet compile --arch 90"):
@@ -91,6 +91,34 @@ def test_gpu_session_script_parses_and_names_its_steps(tmp_path):
                              text=True, env={"PATH": "/usr/bin:/bin", "OUT": str(tmp_path / "out")})
     assert refused.returncode == 2 and "unknown step 'bogus'" in refused.stdout
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("steps,runs,skips", [
+    ("replays", ["bench_model.py", "--cuda-graphs"], ["-m pytest", "fused_resnet compile"]),
+    ("graphs", ["-m gpu -k graphs", "--cuda-graphs"], ["compile --arch"]),
+    ("warm model", ["compile --arch 90", "bench_model.py"], ["-m pytest", "--cuda-graphs"]),
+])
+def test_gpu_session_runs_the_steps_asked_for(tmp_path, steps, runs, skips):
+    """The script run here with python3 / nvidia-smi stubbed (each call's arguments logged):
+    the build, then each step's command; nothing else."""
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    calls = tmp_path / "calls.log"
+    for name in ("python3", "nvidia-smi"):
+        (stubs / name).write_text(f'#!/bin/bash\necho "$*" >> {calls}\n')
+        (stubs / name).chmod(0o755)
+    script = ROOT / "benchmarks" / "gpu_session.sh"
+    env = {"PATH": f"{stubs}:/usr/bin:/bin", "OUT": str(tmp_path / "out"),
+           "HOME": str(tmp_path), "BENCH_COLUMNS": "triton eager-cl"}
+    result = subprocess.run(["bash", str(script), *steps.split()], capture_output=True,
+                            text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    logged = calls.read_text()
+    assert "pip install --no-build-isolation --no-deps -e ." in logged
+    for text in runs + ["--columns triton eager-cl"] * ("bench_model.py" in str(runs)):
+        assert text in logged, (text, logged)
+    for text in skips:
+        assert text not in logged, (text, logged)
 
 
 def test_bench_cpu_smoke(tmp_path):
