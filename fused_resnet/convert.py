@@ -8,7 +8,7 @@ built like them. Blocks that are already fused are pointed at `backend`, so
 `convert(model, backend="reference")` turns a converted model back into the pure-PyTorch
 computation. The state dict is unchanged either way. Blocks whose convs the fused ops do not
 run (dilation, bias, padding modes, non-square stride or padding) are left as they are, with a
-warning naming them.
+warning naming them. A torchvision ResNet's stem is fused too (`_fuse_stems`).
 """
 
 from __future__ import annotations
@@ -38,23 +38,40 @@ def _block_kind(module: nn.Module):
     return FusedBottleneck if names is _BOTTLENECK else FusedBasicBlock
 
 
+def _conv_unfusable_reason(name: str, conv: nn.Conv2d) -> Optional[str]:
+    """Why the fused ops cannot run `conv` (called `name`), or None."""
+    if conv.dilation != (1, 1):
+        return f"{name} has dilation {conv.dilation} (fused convs have dilation 1)"
+    if conv.bias is not None:
+        return f"{name} has a bias (the BN shift replaces it in fused convs)"
+    if conv.padding_mode != "zeros" or not isinstance(conv.padding, tuple):
+        return f"{name} pads with {conv.padding_mode!r} / {conv.padding!r}"
+    if conv.stride[0] != conv.stride[1] or conv.padding[0] != conv.padding[1]:
+        return f"{name} has non-square stride {conv.stride} or padding {conv.padding}"
+    return None
+
+
 def _unfusable_reason(module: nn.Module, names: tuple[str, ...]) -> Optional[str]:
     """Why the convs of a torchvision-style block cannot run fused, or None."""
     convs = [(n, getattr(module, n)) for n in names if n.startswith("conv")]
     if isinstance(module.downsample, nn.Sequential) and len(module.downsample):
         convs.append(("downsample.0", module.downsample[0]))
     for name, conv in convs:
-        if not isinstance(conv, nn.Conv2d):
-            continue
-        if conv.dilation != (1, 1):
-            return f"{name} has dilation {conv.dilation} (fused convs have dilation 1)"
-        if conv.bias is not None:
-            return f"{name} has a bias (the BN shift replaces it in fused convs)"
-        if conv.padding_mode != "zeros" or not isinstance(conv.padding, tuple):
-            return f"{name} pads with {conv.padding_mode!r} / {conv.padding!r}"
-        if conv.stride[0] != conv.stride[1] or conv.padding[0] != conv.padding[1]:
-            return f"{name} has non-square stride {conv.stride} or padding {conv.padding}"
+        reason = _conv_unfusable_reason(name, conv) if isinstance(conv, nn.Conv2d) else None
+        if reason is not None:
+            return reason
     return None
+
+
+def _fuse_stems(model: nn.Module, backend: str) -> None:
+    """torchvision ResNets inside `model` (itself included) get their stem fused
+    (nn/torchvision_stem.py); nothing to do without torchvision."""
+    try:
+        from fused_resnet.nn.torchvision_stem import fuse_stem
+    except ImportError:
+        return
+    for module in list(model.modules()):
+        fuse_stem(module, backend, _conv_unfusable_reason)
 
 
 def _fused_from(module: nn.Module, cls, backend: str) -> ResidualBlock:
@@ -82,8 +99,10 @@ def _fused_from(module: nn.Module, cls, backend: str) -> ResidualBlock:
 def convert(model: nn.Module, backend: str = "auto", *, sync_bn: bool = False,
             process_group=None) -> nn.Module:
     """Replaces every torchvision-style residual block inside `model` with a fused block on
-    `backend` (in place; returns `model`). The model's own forward is kept, so for a
-    torchvision ResNet the stem and head run as before.
+    `backend` (in place; returns `model`). The model's own forward is kept, but for a
+    `torchvision.models.ResNet` (that class exactly) the stem conv1 -> bn1 -> relu ->
+    maxpool runs fused too (`nn.torchvision_stem`: the object's class swapped, its maxpool a
+    FusedMaxPool2d, no tensor or key changed); its head runs as before.
 
     sync_bn / process_group: also turn every BatchNorm2d into a FusedSyncBatchNorm over
     `process_group` (None: the world), same tensors and keys: under torch.distributed,
@@ -108,6 +127,7 @@ def convert(model: nn.Module, backend: str = "auto", *, sync_bn: bool = False,
                               f"{reason}", RuntimeWarning, stacklevel=2)
                 continue
             setattr(module, name, _fused_from(child, cls, backend))
+    _fuse_stems(model, backend)
     if sync_bn or process_group is not None:
         convert_sync_bn(model, process_group)
     return model

@@ -1,5 +1,8 @@
 """fr.convert on torchvision ResNets, and the cached inference fold of the fused blocks."""
 
+import copy
+import io
+
 import pytest
 import torch
 import torchvision
@@ -132,3 +135,90 @@ def test_fold_reads_a_parametrized_conv_weight():
     x = torch.randn(2, 32, 8, 8)
     with torch.no_grad():
         assert_close(block(x), reference(x))
+
+
+def _resnet10(**kwargs):  # torchvision's ResNet class with one basic block per stage
+    return torchvision.models.resnet.ResNet(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1],
+                                            **kwargs)
+
+
+def test_convert_fuses_a_torchvision_resnets_stem():
+    """The class swapped (still a torchvision ResNet), maxpool a FusedMaxPool2d of the same
+    window, the backend followed on every convert; the state dict as it was; the model goes
+    through deepcopy and torch.save / torch.load; training mode drops bn1's inference fold."""
+    from fused_resnet.nn import FusedMaxPool2d
+    from fused_resnet.nn.conv_bn import _FOLD
+    from fused_resnet.nn.torchvision_stem import TorchvisionResNetFusedStem
+
+    model = _resnet10()
+    keys = list(model.state_dict())
+    fr.convert(model, backend="reference")
+    assert type(model) is TorchvisionResNetFusedStem
+    assert isinstance(model, torchvision.models.ResNet) and list(model.state_dict()) == keys
+    pool = model.maxpool
+    assert isinstance(pool, FusedMaxPool2d) and (pool.kernel_size, pool.stride,
+                                                 pool.padding) == (3, 2, 1)
+    fr.convert(model, backend="auto")
+    assert model.stem_backend == model.maxpool.backend == "auto"
+    assert model.maxpool is pool  # converted once: only the backend moves
+    backend = "cpu" if unavailable_reason("cpu", torch.device("cpu")) is None else "reference"
+    fr.convert(model, backend=backend)
+    reference = _resnet10()
+    reference.load_state_dict(model.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    model.eval()
+    reference.eval()
+    with torch.no_grad():
+        assert_close(model(x), reference(x))
+        assert_close(copy.deepcopy(model)(x), reference(x))
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        loaded = torch.load(buffer, weights_only=False)
+        assert type(loaded) is TorchvisionResNetFusedStem
+        assert_close(loaded(x), reference(x))
+    if backend != "reference":  # the folded stem cached on bn1, dropped by train()
+        assert _FOLD in model.bn1.__dict__
+        model.train()
+        assert _FOLD not in model.bn1.__dict__
+
+
+def test_converted_stem_keeps_no_pool_indices_on_triton():
+    """torchvision's stem saves relu(bn(conv(x))) and ATen's int64 pool indices for
+    backward; converted, on Triton, the stem is one op that saves neither."""
+    skip_without_triton()
+
+    def saved_dtypes(model):
+        dtypes = []
+
+        def pack(t):
+            dtypes.append(t.dtype)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(torch.randn(2, 3, 32, 32))
+        return dtypes
+
+    assert torch.int64 in saved_dtypes(_resnet10().train())
+    converted = fr.convert(_resnet10(), backend="triton").train()
+    assert torch.int64 not in saved_dtypes(converted)
+
+
+def test_convert_leaves_stems_it_cannot_fuse():
+    from fused_resnet.nn.torchvision_stem import TorchvisionResNetFusedStem
+
+    model = _resnet10()
+    model.maxpool = torch.nn.MaxPool2d(3, 2, 1, ceil_mode=True)
+    with pytest.warns(RuntimeWarning, match="left the stem of ResNet unfused: maxpool"):
+        fr.convert(model, backend="reference")
+    assert type(model) is torchvision.models.ResNet
+
+    class MyResNet(torchvision.models.ResNet):  # its own forward may use the stem otherwise
+        pass
+
+    mine = MyResNet(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1])
+    fr.convert(mine, backend="reference")
+    assert type(mine) is MyResNet and isinstance(mine.layer1[0], FusedBasicBlock)
+    holder = torch.nn.Sequential(_resnet10())  # a ResNet inside another model: found
+    fr.convert(holder, backend="reference")
+    assert type(holder[0]) is TorchvisionResNetFusedStem
