@@ -6,26 +6,7 @@ the Triton kernels on a GPU, the reference ops elsewhere."""
 
 dependencies = ["torch", "torchvision"]
 
-from fused_resnet.models import (  # noqa: E402
-    cifar_resnet,
-    plain_net,
-    resnet18,
-    resnet34,
-    resnet50,
-    resnet101,
-    resnet152,
-    resnext50_32x4d,
-    wide_resnet50_2,
-)
+from fused_resnet.models import IMAGENET_ARCHS, cifar_resnet, plain_net  # noqa: E402, F401
 
-__all__ = [
-    "cifar_resnet",
-    "plain_net",
-    "resnet18",
-    "resnet34",
-    "resnet50",
-    "resnet101",
-    "resnet152",
-    "resnext50_32x4d",
-    "wide_resnet50_2",
-]
+# resnet18 ... resnet152, wide_resnet50_2, resnext50_32x4d: the package's functions by name
+globals().update(IMAGENET_ARCHS)

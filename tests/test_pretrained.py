@@ -2,6 +2,7 @@
 --weights`), without a network: a fake checkpoint is put where torch.hub looks for the real
 file, so the fused model and torchvision's own `resnet18(weights=...)` both read it."""
 
+import importlib.util
 import os
 import sys
 import urllib.error
@@ -158,3 +159,8 @@ def test_torch_hub_entry_points(hub):
     assert torch.equal(model.conv1.weight, state["conv1.weight"])
     cifar = torch.hub.load(root, "cifar_resnet", 20, source="local", shortcut="B")
     assert isinstance(cifar, fr.models.CifarResNet)
+    spec = importlib.util.spec_from_file_location("hubconf", os.path.join(root, "hubconf.py"))
+    hubconf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hubconf)
+    entry_points = {k for k in dir(hubconf) if callable(getattr(hubconf, k)) and k[0] != "_"}
+    assert entry_points == {*fr.models.IMAGENET_ARCHS, "cifar_resnet", "plain_net"}
