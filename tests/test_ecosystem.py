@@ -93,11 +93,13 @@ def test_compile_reduce_overhead_on_gpu_replays_eval():
 
 
 def _check_export(model, x, fused_op: bool, tmp_path):
-    """torch.export of `model` (its mode as given): the program's module computes what the
-    eager model computes (and, in training, updates the running stats alike); in eval it
-    survives torch.export.save / load, the fused ops named in the saved graph."""
+    """torch.export of `model` (its mode as given) with a dynamic batch size: the program's
+    module computes what the eager model computes (and, in training, updates the running
+    stats alike); in eval it survives torch.export.save / load and runs another batch size,
+    the fused ops named in the saved graph."""
     eager = copy.deepcopy(model)
-    program = torch.export.export(model, (x,))
+    batch = {"x": {0: torch.export.Dim("batch", min=2, max=1024)}}
+    program = torch.export.export(model, (x,), dynamic_shapes=batch)
     targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
     if fused_op:
         assert any(t.startswith("fused_resnet.") for t in targets), targets
@@ -110,8 +112,12 @@ def _check_export(model, x, fused_op: bool, tmp_path):
         return
     torch.export.save(program, tmp_path / "model.pt2")
     loaded = torch.export.load(tmp_path / "model.pt2")
+    other = torch.randn(3, *x.shape[1:], device=x.device).contiguous(
+        memory_format=torch.channels_last)
     with torch.no_grad():
-        torch.testing.assert_close(loaded.module()(x), eager(x), rtol=1e-5, atol=1e-5)
+        for inputs in (x, other):
+            torch.testing.assert_close(loaded.module()(inputs), eager(inputs), rtol=1e-5,
+                                       atol=1e-5)
 
 
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
