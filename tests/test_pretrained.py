@@ -115,8 +115,10 @@ def test_with_classes():
     fc = model.fc
     assert with_classes(model, 10).fc is fc
     assert with_classes(model, 7).fc.out_features == 7 and model.fc.in_features == 512
-    with pytest.raises(ValueError, match="num_classes must be >= 1"):
+    with pytest.raises(ValueError, match="num_classes must be an int >= 1"):
         with_classes(model, 0)
+    with pytest.raises(ValueError, match="model must have its classifier as an nn.Linear"):
+        with_classes(torch.nn.Sequential(), 10)
 
 
 def test_validate_with_weights(hub):

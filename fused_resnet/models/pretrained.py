@@ -122,9 +122,12 @@ def with_classes(model: nn.Module, num_classes: int) -> nn.Module:
     """`model` with a classifier for `num_classes`: its `fc` where that already has them, else
     a fresh `nn.Linear` (PyTorch's default init) on the old one's device and dtype, the
     usual start of fine-tuning pretrained weights on another label set."""
-    if num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    old = model.fc
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
+    old = getattr(model, "fc", None)
+    if not isinstance(old, nn.Linear):
+        raise ValueError(f"model must have its classifier as an nn.Linear `fc` (the ResNets' "
+                         f"head); got {type(old).__name__}")
     if old.out_features != num_classes:
         model.fc = nn.Linear(old.in_features, num_classes, device=old.weight.device,
                              dtype=old.weight.dtype)
