@@ -13,6 +13,7 @@ warning naming them. A torchvision ResNet's stem is fused too (`_fuse_stems`).
 
 from __future__ import annotations
 
+import importlib.util
 import warnings
 from typing import Optional
 
@@ -66,10 +67,10 @@ def _unfusable_reason(module: nn.Module, names: tuple[str, ...]) -> Optional[str
 def _fuse_stems(model: nn.Module, backend: str) -> None:
     """torchvision ResNets inside `model` (itself included) get their stem fused
     (nn/torchvision_stem.py); nothing to do without torchvision."""
-    try:
-        from fused_resnet.nn.torchvision_stem import fuse_stem
-    except ImportError:
+    if importlib.util.find_spec("torchvision") is None:
         return
+    from fused_resnet.nn.torchvision_stem import fuse_stem
+
     for module in list(model.modules()):
         fuse_stem(module, backend, _conv_unfusable_reason)
 
