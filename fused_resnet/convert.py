@@ -4,7 +4,14 @@ ones, in place, sharing the very same parameter and buffer tensors.
 A block is recognised by its shape, not its class: a module with `conv1, bn1, conv2, bn2`
 (and `conv3, bn3` for a bottleneck) and a `downsample` that is None or
 `Sequential(Conv2d, BatchNorm2d)` — torchvision's `BasicBlock` / `Bottleneck` and user blocks
-built like them. Blocks that are already fused are pointed at `backend`, so
+built like them. Since the fused block computes relu(bn(conv(...)) + shortcut) whatever the
+block's own forward did, a block is swapped only where that is what it computes: its forward
+is torchvision's, with plain Conv2d / BatchNorm2d / ReLU modules, or else a probe
+(`_probe_reason`: copies of the block and of its fused twin run a random batch in training
+and eval mode) finds the same outputs and running statistics. A block with a squeeze-excite,
+a drop path, another activation, a pre-activation order or a weight-standardised conv fails
+that and is left as it is, with a warning. Blocks that are already fused are pointed at
+`backend`, so
 `convert(model, backend="reference")` turns a converted model back into the pure-PyTorch
 computation. The state dict is unchanged either way. Blocks whose convs the fused ops do not
 run (dilation, bias, padding modes, non-square stride or padding) are left as they are, with a
@@ -13,10 +20,12 @@ warning naming them. A torchvision ResNet's stem is fused too (`_fuse_stems`).
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import warnings
 from typing import Optional
 
+import torch
 from torch import nn
 
 from fused_resnet.backend import check_backend_name
@@ -75,7 +84,62 @@ def _fuse_stems(model: nn.Module, backend: str) -> None:
         fuse_stem(module, backend, _conv_unfusable_reason)
 
 
-def _fused_from(module: nn.Module, cls, backend: str) -> ResidualBlock:
+def _torchvision_forward(module: nn.Module, cls) -> bool:
+    """Whether `module` runs torchvision's BasicBlock / Bottleneck forward over plain
+    Conv2d / BatchNorm2d / ReLU modules (then it computes what the fused block does)."""
+    if importlib.util.find_spec("torchvision") is None:
+        return False
+    from torchvision.models import resnet
+
+    theirs = resnet.Bottleneck if cls is FusedBottleneck else resnet.BasicBlock
+    names = _BOTTLENECK if cls is FusedBottleneck else _BASIC
+    parts = [getattr(module, n) for n in names]
+    if module.downsample is not None:
+        parts += list(module.downsample)
+    plain = (nn.Conv2d, *_BN)
+    return (type(module).forward is theirs.forward and type(getattr(module, "relu", None))
+            is nn.ReLU and all(type(p) in plain for p in parts))
+
+
+def _probe_reason(module: nn.Module, cls) -> Optional[str]:
+    """Why `module` does not compute what the fused block made from it computes, or None:
+    two copies (its BNs' affine parameters and running statistics randomised alike), one
+    converted on the reference backend, run a random fp32 batch (2 x C x 8 x 8, on CPU)
+    in training mode, then in eval mode; outputs and updated running statistics must agree
+    to 1e-4. Nothing of `module` is changed."""
+    gen = torch.Generator().manual_seed(0)
+    theirs = copy.deepcopy(module).float().cpu()
+    with torch.no_grad():
+        for m in theirs.modules():
+            if isinstance(m, _BN) and m.affine:
+                m.weight.uniform_(0.5, 1.5, generator=gen)
+                m.bias.uniform_(-0.5, 0.5, generator=gen)
+            if isinstance(m, _BN) and m.track_running_stats:
+                m.running_mean.uniform_(-0.5, 0.5, generator=gen)
+                m.running_var.uniform_(0.5, 2.0, generator=gen)
+    ours = _fused_from(copy.deepcopy(theirs), cls, "reference")
+    x = torch.randn(2, theirs.conv1.in_channels, 8, 8, generator=gen)
+    try:
+        for training in (True, False):
+            theirs.train(training)
+            ours.train(training)
+            with torch.no_grad():
+                expected, got = theirs(x), ours(x)
+            if expected.shape != got.shape or not torch.allclose(got, expected, 1e-4, 1e-4):
+                return (f"its forward ({type(module).__name__}) does not compute relu(bn(conv"
+                        f"(...)) + shortcut) as torchvision's blocks do (a probe in "
+                        f"{'training' if training else 'eval'} mode differs)")
+    except Exception as err:  # noqa: BLE001 - any failure of the user's forward: leave it
+        return f"its forward failed on a probe batch ({type(err).__name__}: {err})"
+    updated = dict(ours.named_buffers())  # the same names: the fused block keeps the modules
+    for name, a in theirs.named_buffers():
+        b = updated.get(name)
+        if a.is_floating_point() and b is not None and not torch.allclose(a, b, 1e-4, 1e-5):
+            return f"its forward updates {name} otherwise than the fused block (a probe)"
+    return None
+
+
+def _check_downsample(module: nn.Module) -> None:
     downsample = module.downsample
     if downsample is not None and not (
         isinstance(downsample, nn.Sequential) and len(downsample) == 2
@@ -83,6 +147,10 @@ def _fused_from(module: nn.Module, cls, backend: str) -> ResidualBlock:
     ):
         raise ValueError(f"cannot convert a block whose downsample is {type(downsample).__name__}"
                          "; expected None or Sequential(Conv2d, BatchNorm2d)")
+
+
+def _fused_from(module: nn.Module, cls, backend: str) -> ResidualBlock:
+    downsample = module.downsample
     block = cls.__new__(cls)
     nn.Module.__init__(block)
     for name in _BOTTLENECK if cls is FusedBottleneck else _BASIC:
@@ -114,20 +182,26 @@ def convert(model: nn.Module, backend: str = "auto", *, sync_bn: bool = False,
     check_backend_name(backend)
     if _block_kind(model) is not None:
         raise ValueError("convert() swaps blocks inside a model; pass the model that holds them")
+    swaps = []  # (parent, name, block, fused class): every check made before any change
     for path, module in list(model.named_modules()):
-        if isinstance(module, ResidualBlock):
-            module.backend = backend
-            continue
-        for name, child in list(module.named_children()):
+        for name, child in module.named_children():
             cls = _block_kind(child)
             if cls is None:
                 continue
+            _check_downsample(child)
             reason = _unfusable_reason(child, _BOTTLENECK if cls is FusedBottleneck else _BASIC)
+            if reason is None and not _torchvision_forward(child, cls):
+                reason = _probe_reason(child, cls)
             if reason is not None:
                 warnings.warn(f"convert: left {path + '.' if path else ''}{name} unfused: "
                               f"{reason}", RuntimeWarning, stacklevel=2)
                 continue
-            setattr(module, name, _fused_from(child, cls, backend))
+            swaps.append((module, name, child, cls))
+    for module in model.modules():
+        if isinstance(module, ResidualBlock):
+            module.backend = backend
+    for parent, name, child, cls in swaps:
+        setattr(parent, name, _fused_from(child, cls, backend))
     _fuse_stems(model, backend)
     if sync_bn or process_group is not None:
         convert_sync_bn(model, process_group)

@@ -222,3 +222,100 @@ def test_convert_leaves_stems_it_cannot_fuse():
     holder = torch.nn.Sequential(_resnet10())  # a ResNet inside another model: found
     fr.convert(holder, backend="reference")
     assert type(holder[0]) is TorchvisionResNetFusedStem
+
+
+class _Clone(torch.nn.Module):
+    """A user's own basic block, written like torchvision's (its own class and forward)."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn1 = torch.nn.BatchNorm2d(channels)
+        self.conv2 = torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = torch.nn.BatchNorm2d(channels)
+        self.downsample = None
+
+    def forward(self, x):
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + x)
+
+
+class _PreActivation(_Clone):
+    def forward(self, x):  # bn -> relu -> conv: the same modules, another network
+        out = self.conv1(torch.relu(self.bn1(x)))
+        return self.conv2(torch.relu(self.bn2(out))) + x
+
+
+class _SqueezeExcite(torchvision.models.resnet.BasicBlock):
+    def __init__(self, channels):
+        super().__init__(channels, channels)
+        self.gate = torch.nn.Linear(channels, channels)
+
+    def forward(self, x):
+        out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+        out = out * torch.sigmoid(self.gate(out.mean((2, 3))))[:, :, None, None]
+        return self.relu(out + x)
+
+
+class _StandardizedConv(torch.nn.Conv2d):
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5)
+        return self._conv_forward(x, w, None)
+
+
+class _TakesAMask(_Clone):
+    def forward(self, x, mask):  # not a block's call: the probe's own call fails
+        return super().forward(x) * mask
+
+
+def _silu_block(channels):
+    block = torchvision.models.resnet.BasicBlock(channels, channels)
+    block.relu = torch.nn.SiLU()  # torchvision's forward, another activation
+    return block
+
+
+def _standardized_block(channels):
+    block = torchvision.models.resnet.BasicBlock(channels, channels)
+    block.conv1 = _StandardizedConv(channels, channels, 3, padding=1, bias=False)
+    return block
+
+
+@pytest.mark.parametrize("make", [_PreActivation, _SqueezeExcite, _silu_block,
+                                  _standardized_block, _TakesAMask],
+                         ids=["pre-activation", "squeeze-excite", "silu", "standardized-conv",
+                              "takes-a-mask"])
+def test_convert_leaves_blocks_that_compute_otherwise(make):
+    """Blocks with torchvision's attribute names whose forward (or modules) compute something
+    else than the fused block are found by the probe and left, warned; the probe changes
+    nothing of them."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(make(8))
+    model[0].bn1.running_mean.normal_()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.warns(RuntimeWarning, match="left 0 unfused"):
+        fr.convert(model, backend="reference")
+    assert type(model[0]) is not FusedBasicBlock and model[0].training
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_convert_swaps_a_users_block_that_computes_the_same():
+    torch.manual_seed(0)
+    model, eager = torch.nn.Sequential(_Clone(8)), torch.nn.Sequential(_Clone(8))
+    eager.load_state_dict(model.state_dict())
+    fr.convert(model, backend="reference")
+    assert type(model[0]) is FusedBasicBlock
+    x = torch.randn(2, 8, 6, 6)
+    assert_close(model(x), eager(x))
+    assert_close(model.state_dict()["0.bn1.running_mean"], eager.state_dict()["0.bn1.running_mean"])
+
+
+def test_convert_that_fails_changes_nothing():
+    good = torchvision.models.resnet.BasicBlock(8, 8)
+    bad = torchvision.models.resnet.BasicBlock(8, 8)
+    bad.downsample = torch.nn.Identity()
+    model = torch.nn.Sequential(good, bad)
+    with pytest.raises(ValueError, match="downsample"):
+        fr.convert(model)
+    assert model[0] is good and model[1] is bad

@@ -54,8 +54,9 @@ def _unfusable_reason(model: torchvision.models.ResNet, conv_reason) -> Optional
     """Why the stem of `model` cannot run as `conv_bn_relu_pool`, or None. `conv_reason`
     (name, conv) -> reason or None is convert's check of a conv."""
     conv, bn, relu, pool = model.conv1, model.bn1, model.relu, model.maxpool
-    if not isinstance(conv, nn.Conv2d) or not isinstance(bn, _BN):
-        return "conv1 / bn1 are not a Conv2d and a BatchNorm2d"
+    if type(conv) is not nn.Conv2d or type(bn) not in _BN:  # subclasses may compute otherwise
+        return (f"conv1 / bn1 are {type(conv).__name__} / {type(bn).__name__}, not a plain "
+                "Conv2d and BatchNorm2d")
     reason = conv_reason("conv1", conv)
     if reason is not None:
         return reason
