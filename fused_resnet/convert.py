@@ -101,12 +101,9 @@ def _torchvision_forward(module: nn.Module, cls) -> bool:
             is nn.ReLU and all(type(p) in plain for p in parts))
 
 
-def _probe_reason(module: nn.Module, cls) -> Optional[str]:
-    """Why `module` does not compute what the fused block made from it computes, or None:
-    two copies (its BNs' affine parameters and running statistics randomised alike), one
-    converted on the reference backend, run a random fp32 batch (2 x C x 8 x 8, on CPU)
-    in training mode, then in eval mode; outputs and updated running statistics must agree
-    to 1e-4. Nothing of `module` is changed."""
+def _probe_copies(module: nn.Module, cls) -> tuple[nn.Module, ResidualBlock, torch.Tensor]:
+    """fp32 CPU copies of `module` (its BNs' affine parameters and running statistics
+    randomised) and of the fused block made from it, and a random probe batch."""
     gen = torch.Generator().manual_seed(0)
     theirs = copy.deepcopy(module).float().cpu()
     with torch.no_grad():
@@ -118,8 +115,17 @@ def _probe_reason(module: nn.Module, cls) -> Optional[str]:
                 m.running_mean.uniform_(-0.5, 0.5, generator=gen)
                 m.running_var.uniform_(0.5, 2.0, generator=gen)
     ours = _fused_from(copy.deepcopy(theirs), cls, "reference")
-    x = torch.randn(2, theirs.conv1.in_channels, 8, 8, generator=gen)
+    return theirs, ours, torch.randn(2, theirs.conv1.in_channels, 8, 8, generator=gen)
+
+
+def _probe_reason(module: nn.Module, cls) -> Optional[str]:
+    """Why `module` does not compute what the fused block made from it computes, or None:
+    two copies (its BNs' affine parameters and running statistics randomised alike), one
+    converted on the reference backend, run a random fp32 batch (2 x C x 8 x 8, on CPU)
+    in training mode, then in eval mode; outputs and updated running statistics must agree
+    to 1e-4. Nothing of `module` is changed."""
     try:
+        theirs, ours, x = _probe_copies(module, cls)
         for training in (True, False):
             theirs.train(training)
             ours.train(training)
@@ -129,8 +135,8 @@ def _probe_reason(module: nn.Module, cls) -> Optional[str]:
                 return (f"its forward ({type(module).__name__}) does not compute relu(bn(conv"
                         f"(...)) + shortcut) as torchvision's blocks do (a probe in "
                         f"{'training' if training else 'eval'} mode differs)")
-    except Exception as err:  # noqa: BLE001 - any failure of the user's forward: leave it
-        return f"its forward failed on a probe batch ({type(err).__name__}: {err})"
+    except Exception as err:  # noqa: BLE001 - the user's forward failing, meta tensors, ...
+        return f"a probe of it failed ({type(err).__name__}: {err})"
     updated = dict(ours.named_buffers())  # the same names: the fused block keeps the modules
     for name, a in theirs.named_buffers():
         b = updated.get(name)
