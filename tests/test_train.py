@@ -12,7 +12,7 @@ import torch
 
 from fused_resnet.train import TrainConfig, train
 from fused_resnet.train.data import SyntheticImages
-from fused_resnet.train.loop import lr_at
+from fused_resnet.train.loop import data_workers, lr_at
 
 TINY = dict(arch="cifar_resnet20", epochs=2, batch_size=16, synthetic_size=64, image_size=8,
             log_every=1, progress=False)
@@ -78,6 +78,7 @@ def test_synthetic_data_is_deterministic_and_learnable():
     ("epochs", 0, "epochs, batch_size and log_every must be >= 1"),
     ("lr", 0.0, "need lr > 0"),
     ("amp", "fp8", "amp must be one of"),
+    ("workers", -1, "workers must be >= 0"),
     ("schedule", "cosine", "schedule must be one of"),
     ("milestones", (1.5,), "milestones are fractions"),
     ("data", "/no/such/folder", "not a directory"),
@@ -87,6 +88,16 @@ def test_synthetic_data_is_deterministic_and_learnable():
 def test_bad_settings_are_named(tmp_path, field, value, message):
     with pytest.raises(ValueError, match=message):
         train(TrainConfig(**{**TINY, field: value}, out=str(tmp_path)))
+
+
+def test_data_workers():
+    cores = os.cpu_count() or 1
+    assert data_workers(TrainConfig(), 32, 1) == 0  # CIFAR-size synthetic: drawn in-process
+    assert data_workers(TrainConfig(), 224, 1) == max(1, min(8, cores))
+    assert data_workers(TrainConfig(data="/images"), 32, 1) == max(1, min(8, cores))
+    assert data_workers(TrainConfig(data="/images"), 224, 10_000) == 1
+    assert data_workers(TrainConfig(workers=3), 224, 1) == 3
+    assert data_workers(TrainConfig(workers=0), 224, 1) == 0
 
 
 def _cli(*args, cwd, env=None):

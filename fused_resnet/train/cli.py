@@ -45,7 +45,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="output folder (default runs/<arch>)")
     p.add_argument("--resume", default=None, help="a checkpoint.pt to continue from")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=0, help="data-loading processes")
+    p.add_argument("--workers", type=int, default=None,
+                   help="data-loading processes per process (default: none for synthetic "
+                        "images up to 64x64, else up to 8)")
     p.add_argument("--synthetic-size", type=int, default=2048, help="synthetic images")
     p.add_argument("--image-size", type=int, default=None,
                    help="synthetic image size (default 32 for CIFAR nets, else 224)")

@@ -53,7 +53,7 @@ class TrainConfig:
     out: str = "runs"
     resume: Optional[str] = None
     seed: int = 0
-    workers: int = 0
+    workers: Optional[int] = None  # data-loading processes; None: `data_workers` decides
     synthetic_size: int = 2048
     image_size: Optional[int] = None  # synthetic data only: 32 for CIFAR nets, else 224
     log_every: int = 10
@@ -81,6 +81,9 @@ class TrainConfig:
         if any(not 0 < m < 1 for m in self.milestones):
             raise ValueError(f"milestones are fractions of the run in (0, 1), got "
                              f"{self.milestones}")
+        if self.workers is not None and self.workers < 0:
+            raise ValueError(f"workers must be >= 0 or None (chosen for the data), got "
+                             f"{self.workers}")
         if self.weights is not None:  # a bad name fails here, before any data is made
             if self.arch not in IMAGENET_ARCHS:
                 raise ValueError(f"weights: torchvision has pretrained weights for "
@@ -90,6 +93,18 @@ class TrainConfig:
             raise ValueError("cuda_graphs: a captured step cannot read the device on the host, "
                              "as DDP's and sync BN's steps do; use one GPU without sync_bn "
                              f"(got ddp={self.ddp}, sync_bn={self.sync_bn})")
+
+
+def data_workers(cfg: TrainConfig, image_size: int, world: int) -> int:
+    """Loader processes per rank: cfg.workers where set; else none for synthetic images of
+    at most 64x64 (a batch is drawn in about a millisecond in this process), and otherwise
+    (decoded and augmented images, or large synthetic ones: 40M Gaussian draws a batch of 256
+    at 224x224, 100 ms or more on one core) up to 8, a share of this machine's cores."""
+    if cfg.workers is not None:
+        return cfg.workers
+    if cfg.data == "synthetic" and image_size <= 64:
+        return 0
+    return max(1, min(8, (os.cpu_count() or 1) // max(world, 1)))
 
 
 def lr_at(cfg: TrainConfig, iteration: int, total: int, plateau_scale: float) -> float:
@@ -168,6 +183,7 @@ def train(cfg: TrainConfig) -> dict:
     size = cfg.image_size or (32 if cifar else 224)
     train_set, val_set, classes = make_datasets(cfg.data, size, cifar, cfg.synthetic_size,
                                                 cfg.seed)
+    workers = data_workers(cfg, size, world)
     torch.manual_seed(cfg.seed)
     if cfg.weights is None:
         model = build_model(cfg.arch, backend=cfg.backend, num_classes=classes)
@@ -217,7 +233,7 @@ def train(cfg: TrainConfig) -> dict:
         epoch = state["epoch"]
         torch.manual_seed(cfg.seed * 7919 + epoch)  # the augmentations' draws
         loader = make_loader(train_set, cfg.batch_size, train=True, seed=cfg.seed,
-                             workers=cfg.workers, rank=rank, world=world, epoch=epoch,
+                             workers=workers, rank=rank, world=world, epoch=epoch,
                              pin_memory=dev.type == "cuda")
         bar = epoch_bar(loader, epoch, cfg.epochs, enabled=cfg.progress and rank == 0)
         # [loss * n, wrong] since the last log row and over the epoch, on the device
@@ -258,7 +274,7 @@ def train(cfg: TrainConfig) -> dict:
         epoch_values = epoch_sums.tolist()  # waits for the epoch's last step: then the clock
         seconds = time.perf_counter() - start
         val_loss, val_err = evaluate(net, make_loader(val_set, cfg.batch_size, train=False,
-                                                      seed=cfg.seed, workers=cfg.workers,
+                                                      seed=cfg.seed, workers=workers,
                                                       rank=rank, world=world,
                                                       pin_memory=dev.type == "cuda"),
                                      dev, dtype, fmt, world)
