@@ -11,11 +11,11 @@ is torchvision's, with plain Conv2d / BatchNorm2d / ReLU modules, or else a prob
 and eval mode) finds the same outputs and running statistics. A block with a squeeze-excite,
 a drop path, another activation, a pre-activation order or a weight-standardised conv fails
 that and is left as it is, with a warning. Blocks that are already fused are pointed at
-`backend`, so
-`convert(model, backend="reference")` turns a converted model back into the pure-PyTorch
-computation. The state dict is unchanged either way. Blocks whose convs the fused ops do not
-run (dilation, bias, padding modes, non-square stride or padding) are left as they are, with a
-warning naming them. A torchvision ResNet's stem is fused too (`_fuse_stems`).
+`backend`, so `convert(model, backend="reference")` turns a converted model back into the
+pure-PyTorch computation. The state dict is unchanged either way. Blocks whose convs the
+fused ops do not run (dilation, bias, padding modes, non-square stride or padding) are left as
+they are, with a warning naming them. A torchvision ResNet's stem is fused too
+(`_fuse_stems`).
 """
 
 from __future__ import annotations
@@ -103,11 +103,14 @@ def _torchvision_forward(module: nn.Module, cls) -> bool:
 
 def _probe_copies(module: nn.Module, cls) -> tuple[nn.Module, ResidualBlock, torch.Tensor]:
     """fp32 CPU copies of `module` (its BNs' affine parameters and running statistics
-    randomised) and of the fused block made from it, and a random probe batch."""
+    randomised, a SyncBatchNorm made a BatchNorm2d) and of the fused block made from it, and
+    a random probe batch."""
     gen = torch.Generator().manual_seed(0)
     theirs = copy.deepcopy(module).float().cpu()
     with torch.no_grad():
         for m in theirs.modules():
+            if type(m) is nn.SyncBatchNorm:  # one process, on CPU: the BatchNorm2d it is then
+                m.__class__ = nn.BatchNorm2d
             if isinstance(m, _BN) and m.affine:
                 m.weight.uniform_(0.5, 1.5, generator=gen)
                 m.bias.uniform_(-0.5, 0.5, generator=gen)

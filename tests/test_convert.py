@@ -300,12 +300,17 @@ def test_convert_leaves_blocks_that_compute_otherwise(make):
         assert torch.equal(value, before[key]), key
 
 
-def test_convert_swaps_a_users_block_that_computes_the_same():
+@pytest.mark.parametrize("sync", [False, True], ids=["bn", "sync-bn"])
+def test_convert_swaps_a_users_block_that_computes_the_same(sync):
+    """(With SyncBatchNorm modules the probe runs its copy's as BatchNorm2d: one process.)"""
     torch.manual_seed(0)
     model, eager = torch.nn.Sequential(_Clone(8)), torch.nn.Sequential(_Clone(8))
     eager.load_state_dict(model.state_dict())
+    if sync:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     fr.convert(model, backend="reference")
     assert type(model[0]) is FusedBasicBlock
+    assert type(model[0].bn1) is (torch.nn.SyncBatchNorm if sync else torch.nn.BatchNorm2d)
     x = torch.randn(2, 8, 6, 6)
     assert_close(model(x), eager(x))
     assert_close(model.state_dict()["0.bn1.running_mean"], eager.state_dict()["0.bn1.running_mean"])
