@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import sys
 import warnings
 from typing import Optional
 
@@ -33,6 +34,18 @@ from fused_resnet.nn.blocks import FusedBasicBlock, FusedBottleneck, ResidualBlo
 from fused_resnet.nn.sync_bn import convert_sync_bn
 
 _BN = (nn.BatchNorm2d, nn.SyncBatchNorm)
+
+
+def _bn_types() -> tuple[type, ...]:
+    """The BN classes a block may hold: BatchNorm2d, SyncBatchNorm and, where torchvision is
+    loaded (a model holding one has loaded it), its FrozenBatchNorm2d and this package's
+    subclass of it (nn/frozen_bn.py)."""
+    misc = sys.modules.get("torchvision.ops.misc")
+    if getattr(misc, "FrozenBatchNorm2d", None) is None:
+        return _BN
+    from fused_resnet.nn.frozen_bn import FrozenBatchNorm2d, FusedFrozenBatchNorm2d
+
+    return (*_BN, FrozenBatchNorm2d, FusedFrozenBatchNorm2d)
 _BASIC = ("conv1", "bn1", "conv2", "bn2")
 _BOTTLENECK = (*_BASIC, "conv3", "bn3")
 
@@ -42,7 +55,7 @@ def _block_kind(module: nn.Module):
     if isinstance(module, ResidualBlock) or not hasattr(module, "downsample"):
         return None
     names = _BOTTLENECK if hasattr(module, "conv3") else _BASIC
-    types = (nn.Conv2d, _BN) * (len(names) // 2)
+    types = (nn.Conv2d, _bn_types()) * (len(names) // 2)
     if not all(isinstance(getattr(module, n, None), t) for n, t in zip(names, types)):
         return None
     return FusedBottleneck if names is _BOTTLENECK else FusedBasicBlock
@@ -96,7 +109,7 @@ def _torchvision_forward(module: nn.Module, cls) -> bool:
     parts = [getattr(module, n) for n in names]
     if module.downsample is not None:
         parts += list(module.downsample)
-    plain = (nn.Conv2d, *_BN)
+    plain = (nn.Conv2d, *_bn_types())
     return (type(module).forward is theirs.forward and type(getattr(module, "relu", None))
             is nn.ReLU and all(type(p) in plain for p in parts))
 
@@ -111,10 +124,11 @@ def _probe_copies(module: nn.Module, cls) -> tuple[nn.Module, ResidualBlock, tor
         for m in theirs.modules():
             if type(m) is nn.SyncBatchNorm:  # one process, on CPU: the BatchNorm2d it is then
                 m.__class__ = nn.BatchNorm2d
-            if isinstance(m, _BN) and m.affine:
+            bn = isinstance(m, _bn_types())  # a FrozenBatchNorm2d: affine, running stats
+            if bn and getattr(m, "affine", True):
                 m.weight.uniform_(0.5, 1.5, generator=gen)
                 m.bias.uniform_(-0.5, 0.5, generator=gen)
-            if isinstance(m, _BN) and m.track_running_stats:
+            if bn and getattr(m, "track_running_stats", True):
                 m.running_mean.uniform_(-0.5, 0.5, generator=gen)
                 m.running_var.uniform_(0.5, 2.0, generator=gen)
     ours = _fused_from(copy.deepcopy(theirs), cls, "reference")
@@ -152,10 +166,20 @@ def _check_downsample(module: nn.Module) -> None:
     downsample = module.downsample
     if downsample is not None and not (
         isinstance(downsample, nn.Sequential) and len(downsample) == 2
-        and isinstance(downsample[0], nn.Conv2d) and isinstance(downsample[1], _BN)
+        and isinstance(downsample[0], nn.Conv2d) and isinstance(downsample[1], _bn_types())
     ):
         raise ValueError(f"cannot convert a block whose downsample is {type(downsample).__name__}"
                          "; expected None or Sequential(Conv2d, BatchNorm2d)")
+
+
+def _adopt_frozen_bns(module: nn.Module) -> None:
+    """FrozenBatchNorm2d modules inside `module` answer as the fused blocks read a BN."""
+    if len(_bn_types()) > len(_BN):
+        from fused_resnet.nn.frozen_bn import adopt, is_frozen_bn
+
+        for m in module.modules():
+            if is_frozen_bn(m):
+                adopt(m)
 
 
 def _fused_from(module: nn.Module, cls, backend: str) -> ResidualBlock:
@@ -165,6 +189,7 @@ def _fused_from(module: nn.Module, cls, backend: str) -> ResidualBlock:
     for name in _BOTTLENECK if cls is FusedBottleneck else _BASIC:
         setattr(block, name, getattr(module, name))  # the same modules: the same tensors
     block.downsample = downsample
+    _adopt_frozen_bns(block)
     block.shortcut = "B"
     block.stride = getattr(module, "stride", block.conv1.stride[0] * block.conv2.stride[0])
     block.backend = backend

@@ -84,9 +84,8 @@ def clear_fold_cache(module: nn.Module) -> None:
     replayed kernels move no version counter), or a write through `.data`. An inference
     graph captured earlier reads the folds it was captured with: capture it again after
     this (the old folds are freed)."""
-    for m in module.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.__dict__.pop(_FOLD, None)
+    for m in module.modules():  # BatchNorms, and torchvision's FrozenBatchNorm2d in blocks
+        m.__dict__.pop(_FOLD, None)
 
 
 class FoldingModule(nn.Module):

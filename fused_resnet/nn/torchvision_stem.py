@@ -22,9 +22,10 @@ import torchvision
 from torch import Tensor, nn
 
 from fused_resnet.nn.conv_bn import FoldingModule
+from fused_resnet.nn.frozen_bn import FrozenBatchNorm2d, FusedFrozenBatchNorm2d, adopt
 from fused_resnet.nn.pool import FusedMaxPool2d, conv_bn_relu_pool
 
-_BN = (nn.BatchNorm2d, nn.SyncBatchNorm)
+_BN = (nn.BatchNorm2d, nn.SyncBatchNorm, FrozenBatchNorm2d, FusedFrozenBatchNorm2d)
 
 
 class TorchvisionResNetFusedStem(FoldingModule, torchvision.models.ResNet):
@@ -94,5 +95,7 @@ def fuse_stem(model: nn.Module, backend: str, conv_reason) -> None:
     fused_pool = FusedMaxPool2d(kernel, stride, padding, backend=backend)
     fused_pool.train(pool.training)
     model.maxpool = fused_pool
+    if type(model.bn1) is FrozenBatchNorm2d:
+        adopt(model.bn1)
     model.stem_backend = backend
     model.__class__ = TorchvisionResNetFusedStem
