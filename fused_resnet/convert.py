@@ -182,6 +182,32 @@ def _adopt_frozen_bns(module: nn.Module) -> None:
                 adopt(m)
 
 
+def _keep_sync(model: nn.Module) -> None:
+    """torch's nn.SyncBatchNorm modules that fused code now runs (in fused blocks, in a
+    converted torchvision stem) become FusedSyncBatchNorm over the same process group, same
+    tensors: the fused ops synchronize only those, and would otherwise take this process's
+    batch statistics alone under DDP."""
+    fused_types: tuple[type, ...] = (ResidualBlock,)
+    if importlib.util.find_spec("torchvision") is not None:
+        from fused_resnet.nn.torchvision_stem import TorchvisionResNetFusedStem
+
+        fused_types += (TorchvisionResNetFusedStem,)
+    for module in list(model.modules()):
+        if isinstance(module, ResidualBlock):  # its BNs: main path and projection
+            places = [(module, name) for name, _ in module.named_children()]
+            if isinstance(module.downsample, nn.Sequential):
+                places += [(module.downsample, name) for name, _ in
+                           module.downsample.named_children()]
+        elif isinstance(module, fused_types):  # a converted torchvision stem: bn1 alone
+            places = [(module, "bn1")]
+        else:
+            continue
+        for holder, name in places:
+            child = getattr(holder, name)
+            if type(child) is nn.SyncBatchNorm:
+                setattr(holder, name, convert_sync_bn(child, child.process_group))
+
+
 def _fused_from(module: nn.Module, cls, backend: str) -> ResidualBlock:
     downsample = module.downsample
     block = cls.__new__(cls)
@@ -237,6 +263,7 @@ def convert(model: nn.Module, backend: str = "auto", *, sync_bn: bool = False,
     for parent, name, child, cls in swaps:
         setattr(parent, name, _fused_from(child, cls, backend))
     _fuse_stems(model, backend)
+    _keep_sync(model)
     if sync_bn or process_group is not None:
         convert_sync_bn(model, process_group)
     return model

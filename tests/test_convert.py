@@ -10,7 +10,7 @@ from _backends import skip_without_triton
 
 import fused_resnet as fr
 from fused_resnet.backend import unavailable_reason
-from fused_resnet.nn import FusedBasicBlock, FusedBottleneck
+from fused_resnet.nn import FusedBasicBlock, FusedBottleneck, FusedSyncBatchNorm
 from fused_resnet.testing import assert_close, assert_modules_close
 
 
@@ -310,10 +310,28 @@ def test_convert_swaps_a_users_block_that_computes_the_same(sync):
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     fr.convert(model, backend="reference")
     assert type(model[0]) is FusedBasicBlock
-    assert type(model[0].bn1) is (torch.nn.SyncBatchNorm if sync else torch.nn.BatchNorm2d)
+    assert type(model[0].bn1) is (FusedSyncBatchNorm if sync else torch.nn.BatchNorm2d)
     x = torch.randn(2, 8, 6, 6)
     assert_close(model(x), eager(x))
     assert_close(model.state_dict()["0.bn1.running_mean"], eager.state_dict()["0.bn1.running_mean"])
+
+
+def test_convert_keeps_torchs_sync_batchnorm_synchronised():
+    """A model made with torch's convert_sync_batchnorm: the BNs the fused code runs (blocks,
+    stem) become FusedSyncBatchNorm over the same process group (the fused ops synchronise
+    only those), the same tensors and keys; others stay."""
+    group = object()  # a stand-in: nothing runs distributed here
+    model = torchvision.models.resnet18()
+    model.extra = torch.nn.SyncBatchNorm(4)  # not run by fused code: left
+    model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model, process_group=group)
+    tensors = {k: v.data_ptr() for k, v in model.state_dict().items()}
+    fr.convert(model, backend="reference")
+    for name, m in model.named_modules():
+        if name == "extra":
+            assert type(m) is torch.nn.SyncBatchNorm
+        elif isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            assert type(m) is FusedSyncBatchNorm and m.process_group is group, name
+    assert {k: v.data_ptr() for k, v in model.state_dict().items()} == tensors
 
 
 def test_convert_that_fails_changes_nothing():
