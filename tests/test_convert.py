@@ -1,4 +1,5 @@
-"""fr.convert on torchvision ResNets, and the cached inference fold of the fused blocks."""
+"""fr.convert on torchvision ResNets (blocks, the stem, what is left and why, sync BN), and the
+cached inference fold of the fused blocks."""
 
 import copy
 import io
