@@ -34,20 +34,38 @@ from fused_resnet.nn.blocks import FusedBasicBlock, FusedBottleneck, ResidualBlo
 from fused_resnet.nn.sync_bn import convert_sync_bn
 
 _BN = (nn.BatchNorm2d, nn.SyncBatchNorm)
+_BASIC = ("conv1", "bn1", "conv2", "bn2")
+_BOTTLENECK = (*_BASIC, "conv3", "bn3")
+
+
+def _names(cls) -> tuple[str, ...]:
+    """The conv / BN attribute names of a FusedBottleneck or FusedBasicBlock, in order."""
+    return _BOTTLENECK if cls is FusedBottleneck else _BASIC
+
+
+def _frozen_bn_loaded() -> bool:
+    """Whether torchvision's FrozenBatchNorm2d is loaded (a model holding one has loaded it;
+    until then nn/frozen_bn.py, which imports torchvision, is not imported)."""
+    return getattr(sys.modules.get("torchvision.ops.misc"), "FrozenBatchNorm2d", None) is not None
 
 
 def _bn_types() -> tuple[type, ...]:
     """The BN classes a block may hold: BatchNorm2d, SyncBatchNorm and, where torchvision is
-    loaded (a model holding one has loaded it), its FrozenBatchNorm2d and this package's
-    subclass of it (nn/frozen_bn.py)."""
-    misc = sys.modules.get("torchvision.ops.misc")
-    if getattr(misc, "FrozenBatchNorm2d", None) is None:
+    loaded, its FrozenBatchNorm2d and this package's subclass of it (nn/frozen_bn.py)."""
+    if not _frozen_bn_loaded():
         return _BN
-    from fused_resnet.nn.frozen_bn import FrozenBatchNorm2d, FusedFrozenBatchNorm2d
+    from fused_resnet.nn.frozen_bn import BN_TYPES
 
-    return (*_BN, FrozenBatchNorm2d, FusedFrozenBatchNorm2d)
-_BASIC = ("conv1", "bn1", "conv2", "bn2")
-_BOTTLENECK = (*_BASIC, "conv3", "bn3")
+    return BN_TYPES
+
+
+def _torchvision_stem():
+    """nn/torchvision_stem.py (it imports torchvision), or None without torchvision."""
+    if importlib.util.find_spec("torchvision") is None:
+        return None
+    from fused_resnet.nn import torchvision_stem
+
+    return torchvision_stem
 
 
 def _block_kind(module: nn.Module):
@@ -89,12 +107,11 @@ def _unfusable_reason(module: nn.Module, names: tuple[str, ...]) -> Optional[str
 def _fuse_stems(model: nn.Module, backend: str) -> None:
     """torchvision ResNets inside `model` (itself included) get their stem fused
     (nn/torchvision_stem.py); nothing to do without torchvision."""
-    if importlib.util.find_spec("torchvision") is None:
+    stem = _torchvision_stem()
+    if stem is None:
         return
-    from fused_resnet.nn.torchvision_stem import fuse_stem
-
     for module in list(model.modules()):
-        fuse_stem(module, backend, _conv_unfusable_reason)
+        stem.fuse_stem(module, backend, _conv_unfusable_reason)
 
 
 def _torchvision_forward(module: nn.Module, cls) -> bool:
@@ -105,7 +122,7 @@ def _torchvision_forward(module: nn.Module, cls) -> bool:
     from torchvision.models import resnet
 
     theirs = resnet.Bottleneck if cls is FusedBottleneck else resnet.BasicBlock
-    names = _BOTTLENECK if cls is FusedBottleneck else _BASIC
+    names = _names(cls)
     parts = [getattr(module, n) for n in names]
     if module.downsample is not None:
         parts += list(module.downsample)
@@ -174,12 +191,11 @@ def _check_downsample(module: nn.Module) -> None:
 
 def _adopt_frozen_bns(module: nn.Module) -> None:
     """FrozenBatchNorm2d modules inside `module` answer as the fused blocks read a BN."""
-    if len(_bn_types()) > len(_BN):
-        from fused_resnet.nn.frozen_bn import adopt, is_frozen_bn
+    if _frozen_bn_loaded():
+        from fused_resnet.nn.frozen_bn import adopt
 
         for m in module.modules():
-            if is_frozen_bn(m):
-                adopt(m)
+            adopt(m)
 
 
 def _keep_sync(model: nn.Module) -> None:
@@ -187,11 +203,8 @@ def _keep_sync(model: nn.Module) -> None:
     converted torchvision stem) become FusedSyncBatchNorm over the same process group, same
     tensors: the fused ops synchronize only those, and would otherwise take this process's
     batch statistics alone under DDP."""
-    fused_types: tuple[type, ...] = (ResidualBlock,)
-    if importlib.util.find_spec("torchvision") is not None:
-        from fused_resnet.nn.torchvision_stem import TorchvisionResNetFusedStem
-
-        fused_types += (TorchvisionResNetFusedStem,)
+    stem = _torchvision_stem()
+    fused_types = (ResidualBlock,) + ((stem.TorchvisionResNetFusedStem,) if stem else ())
     for module in list(model.modules()):
         if isinstance(module, ResidualBlock):  # its BNs: main path and projection
             places = [(module, name) for name, _ in module.named_children()]
@@ -212,7 +225,7 @@ def _fused_from(module: nn.Module, cls, backend: str) -> ResidualBlock:
     downsample = module.downsample
     block = cls.__new__(cls)
     nn.Module.__init__(block)
-    for name in _BOTTLENECK if cls is FusedBottleneck else _BASIC:
+    for name in _names(cls):
         setattr(block, name, getattr(module, name))  # the same modules: the same tensors
     block.downsample = downsample
     _adopt_frozen_bns(block)
@@ -249,7 +262,7 @@ def convert(model: nn.Module, backend: str = "auto", *, sync_bn: bool = False,
             if cls is None:
                 continue
             _check_downsample(child)
-            reason = _unfusable_reason(child, _BOTTLENECK if cls is FusedBottleneck else _BASIC)
+            reason = _unfusable_reason(child, _names(cls))
             if reason is None and not _torchvision_forward(child, cls):
                 reason = _probe_reason(child, cls)
             if reason is not None:

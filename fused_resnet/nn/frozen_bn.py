@@ -18,7 +18,7 @@ from __future__ import annotations
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-__all__ = ["FrozenBatchNorm2d", "FusedFrozenBatchNorm2d", "adopt", "is_frozen_bn"]
+__all__ = ["BN_TYPES", "FrozenBatchNorm2d", "FusedFrozenBatchNorm2d", "adopt"]
 
 
 class FusedFrozenBatchNorm2d(FrozenBatchNorm2d):
@@ -41,12 +41,14 @@ class FusedFrozenBatchNorm2d(FrozenBatchNorm2d):
         return self
 
 
-def is_frozen_bn(module: nn.Module) -> bool:
-    return isinstance(module, FrozenBatchNorm2d)
+# The BN classes the fused code reads (where torchvision is loaded): torch's two, and
+# torchvision's FrozenBatchNorm2d with the subclass `adopt` makes of it.
+BN_TYPES = (nn.BatchNorm2d, nn.SyncBatchNorm, FrozenBatchNorm2d, FusedFrozenBatchNorm2d)
 
 
-def adopt(module: FrozenBatchNorm2d) -> None:
-    """Swaps `module`'s class for FusedFrozenBatchNorm2d (in place; idempotent)."""
+def adopt(module: nn.Module) -> None:
+    """Swaps the class of `module`, where it is a FrozenBatchNorm2d, for
+    FusedFrozenBatchNorm2d (in place; anything else, already adopted ones too, untouched)."""
     if type(module) is FrozenBatchNorm2d:
         module.__class__ = FusedFrozenBatchNorm2d
         module.training = False

@@ -22,10 +22,8 @@ import torchvision
 from torch import Tensor, nn
 
 from fused_resnet.nn.conv_bn import FoldingModule
-from fused_resnet.nn.frozen_bn import FrozenBatchNorm2d, FusedFrozenBatchNorm2d, adopt
+from fused_resnet.nn.frozen_bn import BN_TYPES, adopt
 from fused_resnet.nn.pool import FusedMaxPool2d, conv_bn_relu_pool
-
-_BN = (nn.BatchNorm2d, nn.SyncBatchNorm, FrozenBatchNorm2d, FusedFrozenBatchNorm2d)
 
 
 class TorchvisionResNetFusedStem(FoldingModule, torchvision.models.ResNet):
@@ -51,11 +49,20 @@ def _square(value) -> Optional[int]:
     return None
 
 
+def _pool_window(pool: nn.MaxPool2d) -> Optional[tuple[int, int, int]]:
+    """(kernel, stride, padding) of a square max-pool window with dilation 1, floor mode and
+    no indices (what FusedMaxPool2d runs), else None."""
+    window = tuple(_square(getattr(pool, k)) for k in ("kernel_size", "stride", "padding"))
+    if None in window or _square(pool.dilation) != 1 or pool.ceil_mode or pool.return_indices:
+        return None
+    return window
+
+
 def _unfusable_reason(model: torchvision.models.ResNet, conv_reason) -> Optional[str]:
     """Why the stem of `model` cannot run as `conv_bn_relu_pool`, or None. `conv_reason`
     (name, conv) -> reason or None is convert's check of a conv."""
     conv, bn, relu, pool = model.conv1, model.bn1, model.relu, model.maxpool
-    if type(conv) is not nn.Conv2d or type(bn) not in _BN:  # subclasses may compute otherwise
+    if type(conv) is not nn.Conv2d or type(bn) not in BN_TYPES:  # subclasses may compute otherwise
         return (f"conv1 / bn1 are {type(conv).__name__} / {type(bn).__name__}, not a plain "
                 "Conv2d and BatchNorm2d")
     reason = conv_reason("conv1", conv)
@@ -67,9 +74,7 @@ def _unfusable_reason(model: torchvision.models.ResNet, conv_reason) -> Optional
         return f"relu is {type(relu).__name__}, not nn.ReLU"
     if type(pool) is not nn.MaxPool2d:
         return f"maxpool is {type(pool).__name__}, not nn.MaxPool2d"
-    window = [_square(getattr(pool, k)) for k in ("kernel_size", "stride", "padding")]
-    if None in window or _square(pool.dilation) != 1 or pool.ceil_mode \
-            or pool.return_indices:
+    if _pool_window(pool) is None:
         return (f"maxpool is not a square window with dilation 1, floor mode and no indices "
                 f"({pool})")
     return None
@@ -89,13 +94,9 @@ def fuse_stem(model: nn.Module, backend: str, conv_reason) -> None:
         warnings.warn(f"convert: left the stem of {type(model).__name__} unfused: {reason}",
                       RuntimeWarning, stacklevel=4)
         return
-    pool = model.maxpool
-    kernel, stride, padding = (_square(getattr(pool, k)) for k in ("kernel_size", "stride",
-                                                                  "padding"))
-    fused_pool = FusedMaxPool2d(kernel, stride, padding, backend=backend)
-    fused_pool.train(pool.training)
+    fused_pool = FusedMaxPool2d(*_pool_window(model.maxpool), backend=backend)
+    fused_pool.train(model.maxpool.training)
     model.maxpool = fused_pool
-    if type(model.bn1) is FrozenBatchNorm2d:
-        adopt(model.bn1)
+    adopt(model.bn1)
     model.stem_backend = backend
     model.__class__ = TorchvisionResNetFusedStem
