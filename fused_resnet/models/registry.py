@@ -10,6 +10,7 @@ from torch import nn
 
 from fused_resnet.backend import check_backend_name
 from fused_resnet.models.cifar import CIFAR_DEPTHS, cifar_resnet, plain_net
+from fused_resnet.models.pretrained import resolve_weights
 from fused_resnet.models.resnet import (
     resnet18,
     resnet34,
@@ -46,10 +47,7 @@ def build_model(arch: str, **kwargs) -> nn.Module:
     `weights` / `progress` as torchvision's, for the ImageNet names)."""
     if arch in IMAGENET_ARCHS:
         return IMAGENET_ARCHS[arch](**kwargs)
-    if kwargs.get("weights") is not None:
-        raise ValueError(f"weights: torchvision has pretrained weights for "
-                         f"{', '.join(IMAGENET_ARCHS)}, not {arch!r}")
-    kwargs.pop("weights", None)
+    check_weights(arch, kwargs.pop("weights", None))
     kwargs.pop("progress", None)
     match = re.fullmatch(r"(cifar_resnet|plain_cifar|plain)(\d+)", arch)
     if match is None:
@@ -58,6 +56,17 @@ def build_model(arch: str, **kwargs) -> nn.Module:
     if family == "cifar_resnet":
         return cifar_resnet(depth, **kwargs)
     return plain_net(depth, dataset="cifar" if family == "plain_cifar" else "imagenet", **kwargs)
+
+
+def check_weights(arch: str, weights) -> None:
+    """Raises ValueError naming `weights` where they are not None and not torchvision's
+    weights of `arch` (a name or an enum member: `models.pretrained.resolve_weights`)."""
+    if weights is None:
+        return
+    if arch not in IMAGENET_ARCHS:
+        raise ValueError(f"weights: torchvision has pretrained weights for "
+                         f"{', '.join(IMAGENET_ARCHS)}, not {arch!r}")
+    resolve_weights(arch, weights)
 
 
 def set_backend(model: nn.Module, backend: str) -> nn.Module:

@@ -25,8 +25,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from fused_resnet.models import IMAGENET_ARCHS, build_model, is_cifar
-from fused_resnet.models.pretrained import resolve_weights, with_classes
+from fused_resnet.models import build_model, is_cifar, with_classes
+from fused_resnet.models.registry import check_weights
 from fused_resnet.testing import DTYPES
 from fused_resnet.train.data import make_datasets, make_loader
 from fused_resnet.train.graphed import prime_momentum_buffers, training_step
@@ -84,11 +84,7 @@ class TrainConfig:
         if self.workers is not None and self.workers < 0:
             raise ValueError(f"workers must be >= 0 or None (chosen for the data), got "
                              f"{self.workers}")
-        if self.weights is not None:  # a bad name fails here, before any data is made
-            if self.arch not in IMAGENET_ARCHS:
-                raise ValueError(f"weights: torchvision has pretrained weights for "
-                                 f"{', '.join(IMAGENET_ARCHS)}, not {self.arch!r}")
-            resolve_weights(self.arch, self.weights)
+        check_weights(self.arch, self.weights)  # a bad name fails here, before any data
         if self.cuda_graphs and (self.ddp or self.sync_bn):
             raise ValueError("cuda_graphs: a captured step cannot read the device on the host, "
                              "as DDP's and sync BN's steps do; use one GPU without sync_bn "
