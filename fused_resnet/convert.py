@@ -13,8 +13,9 @@ a drop path, another activation, a pre-activation order or a weight-standardised
 that and is left as it is, with a warning. Blocks that are already fused are pointed at
 `backend`, so `convert(model, backend="reference")` turns a converted model back into the
 pure-PyTorch computation. The state dict is unchanged either way. Blocks whose convs the
-fused ops do not run (dilation, bias, padding modes, non-square stride or padding) are left as
-they are, with a warning naming them. A torchvision ResNet's stem is fused too
+fused ops do not run (bias, padding modes, non-square stride, padding or dilation) are left as
+they are, with a warning naming them; dilated convs (torchvision's `replace_stride_with_dilation`,
+its segmentation backbones) run fused. A torchvision ResNet's stem is fused too
 (`_fuse_stems`).
 """
 
@@ -31,6 +32,7 @@ from torch import nn
 
 from fused_resnet.backend import check_backend_name
 from fused_resnet.nn.blocks import FusedBasicBlock, FusedBottleneck, ResidualBlock
+from fused_resnet.nn.conv_bn import square_geometry
 from fused_resnet.nn.sync_bn import convert_sync_bn
 
 _BN = (nn.BatchNorm2d, nn.SyncBatchNorm)
@@ -81,14 +83,13 @@ def _block_kind(module: nn.Module):
 
 def _conv_unfusable_reason(name: str, conv: nn.Conv2d) -> Optional[str]:
     """Why the fused ops cannot run `conv` (called `name`), or None."""
-    if conv.dilation != (1, 1):
-        return f"{name} has dilation {conv.dilation} (fused convs have dilation 1)"
     if conv.bias is not None:
         return f"{name} has a bias (the BN shift replaces it in fused convs)"
     if conv.padding_mode != "zeros" or not isinstance(conv.padding, tuple):
         return f"{name} pads with {conv.padding_mode!r} / {conv.padding!r}"
-    if conv.stride[0] != conv.stride[1] or conv.padding[0] != conv.padding[1]:
-        return f"{name} has non-square stride {conv.stride} or padding {conv.padding}"
+    if not square_geometry(conv):
+        return (f"{name} has non-square stride {conv.stride}, padding {conv.padding} or "
+                f"dilation {conv.dilation}")
     return None
 
 

@@ -30,8 +30,9 @@ def conv_bn_act(
     eps: float = 1e-5,
     residual: Optional[Tensor] = None,
     relu: bool = True,
+    dilation: int = 1,
 ) -> Tensor:
-    """out = act(BN(conv(x, weight)) + residual).
+    """out = act(BN(conv(x, weight)) + residual), the conv dilated by `dilation`.
 
     x: (N, C_in, H, W); weight: (C_out, C_in / groups, kh, kw); bn_*: (C_out,);
     residual: (N, C_out, H_out, W_out) or None; act is ReLU when `relu` else the identity.
@@ -43,7 +44,7 @@ def conv_bn_act(
     `momentum` is the averaging factor of this one update (a caller implementing
     `momentum=None` passes 1 / num_batches_tracked).
     """
-    y = conv2d(x, weight, None, stride, padding, groups)
+    y = conv2d(x, weight, None, stride, padding, groups, dilation)
     out = F.batch_norm(y, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)
     if residual is not None:
         out = out + residual
@@ -66,13 +67,13 @@ def strided_1x1_on_cpu(x: Tensor, weight: Tensor, stride: int, padding: int) -> 
 
 
 def conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: int = 1,
-           padding: int = 0, groups: int = 1) -> Tensor:
-    """F.conv2d(x, weight, bias, stride, padding, dilation 1, groups), a strided 1x1 conv on
+           padding: int = 0, groups: int = 1, dilation: int = 1) -> Tensor:
+    """F.conv2d(x, weight, bias, stride, padding, dilation, groups), a strided 1x1 conv on
     CPU computed as the stride-1 conv of the strided view of x (`strided_1x1_on_cpu`), so
     that autograd's weight gradient is right (and x's gradient keeps x's memory format)."""
     if strided_1x1_on_cpu(x, weight, stride, padding):
         x, stride = x[:, :, ::stride, ::stride], 1
-    return F.conv2d(x, weight, bias, stride, padding, 1, groups)
+    return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
 
 def bn_add_relu(

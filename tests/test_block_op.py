@@ -25,8 +25,8 @@ except ImportError:  # no Triton: only the native kernels run
 
 OPS = torch.ops.fused_resnet
 
-# (input channels, [(c_out, kernel, stride, padding) of the main path, then the projection],
-#  shortcut, shortcut stride)
+# (input channels, [(c_out, kernel, stride, padding[, dilation]) of the main path, then the
+#  projection], shortcut, shortcut stride)
 BLOCKS = {
     "basic identity": (8, [(8, 3, 1, 1), (8, 3, 1, 1)], "identity", 1),
     "basic option A": (4, [(8, 3, 2, 1), (8, 3, 1, 1)], "zero_pad", 2),
@@ -41,6 +41,11 @@ BLOCKS = {
     # x's gradient
     "bottleneck identity": (16, [(4, 1, 1, 0), (4, 3, 1, 1), (16, 1, 1, 0)], "identity", 1),
     "plain": (4, [(8, 3, 1, 1), (8, 3, 1, 1)], "none", 1),
+    # torchvision's dilated bottlenecks (replace_stride_with_dilation): the 3x3 dilated and
+    # padded by 2; the first block of a stage that follows a strided one keeps the stride
+    "bottleneck dilated": (16, [(4, 1, 1, 0), (4, 3, 1, 2, 2), (16, 1, 1, 0)], "identity", 1),
+    "bottleneck projection dilated stride 2": (
+        8, [(4, 1, 1, 0), (4, 3, 2, 2, 2), (16, 1, 1, 0), (16, 1, 2, 0)], "projection", 2),
 }
 
 
@@ -54,14 +59,15 @@ def _block_args(name):
     c_in, convs, shortcut, shortcut_stride = BLOCKS[name]
     x = torch.randn(2, c_in, 6, 6, device=DEVICE)
     weights, inp = [], c_in
-    for i, (c_out, k, _, _) in enumerate(convs):
+    for i, (c_out, k, *_) in enumerate(convs):
         source = c_in if shortcut == "projection" and i == len(convs) - 1 else inp
         weights.append((torch.randn(c_out, source, k, k, device=DEVICE) * 0.3).requires_grad_())
         inp = c_out
     gammas = [(torch.rand(w.shape[0], device=DEVICE) + 0.5).requires_grad_() for w in weights]
     betas = [torch.randn(w.shape[0], device=DEVICE).requires_grad_() for w in weights]
     return (x.requires_grad_(), weights, gammas, betas, [c[2] for c in convs],
-            [c[3] for c in convs], [1e-5] * len(convs), shortcut, shortcut_stride)
+            [c[3] for c in convs], [c[4] if len(c) > 4 else 1 for c in convs],
+            [1e-5] * len(convs), shortcut, shortcut_stride)
 
 
 @pytest.mark.parametrize("kernels", ["native", "triton"])
@@ -131,9 +137,9 @@ def test_no_data_gradient_for_an_input_without_grad(name, kernels, monkeypatch):
                        True))
         return dgrad(dy, weight, x_shape, **kwargs)
 
-    def recording_backward(dy, x, weight, stride, padding, groups, need_dx=True):
+    def recording_backward(dy, x, weight, stride, padding, dilation, groups, need_dx=True):
         dgrads.append((weight.data_ptr(), need_dx))
-        return aten_backward(dy, x, weight, stride, padding, groups, need_dx)
+        return aten_backward(dy, x, weight, stride, padding, dilation, groups, need_dx)
 
     monkeypatch.setattr(triton_block, "conv_dgrad", recording_dgrad)
     monkeypatch.setattr(native_block, "conv_backward", recording_backward)
@@ -146,7 +152,7 @@ def test_no_data_gradient_for_an_input_without_grad(name, kernels, monkeypatch):
             z = call(x, *leaves, *args[4:], kernels)[0]
             z.backward(torch.linspace(-1, 1, z.numel(), device=DEVICE).view_as(z))
         assert (x.grad is not None) == x_grad
-        on_x = [leaves[0][0]] + ([leaves[0][-1]] if args[7] == "projection" else [])
+        on_x = [leaves[0][0]] + ([leaves[0][-1]] if args[8] == "projection" else [])
         data_grads = [need for ptr, need in dgrads
                       if ptr == "w_d" or ptr in {w.data_ptr() for w in on_x}]
         expected = 2 * len(on_x)  # conv 1 (+ projection), two calls
@@ -217,12 +223,13 @@ def test_resnet50_on_the_native_backend_saves_less_activation_memory():
 def test_residual_block_eval_matches_the_reference(name, backend):
     """Inference with BN folded: z = relu(conv_L(...) + b_L + shortcut(x)), one fused conv
     + bias (+ residual) + ReLU per conv, against plain F.conv2d ops."""
-    x, weights, _, _, strides, paddings, _, shortcut, shortcut_stride = _block_args(name)
+    x, weights, _, _, strides, paddings, dilations, _, shortcut, shortcut_stride = \
+        _block_args(name)
     x = x.detach()
     weights = [w.detach() for w in weights]
     biases = [torch.randn(w.shape[0], device=DEVICE) for w in weights]
     kwargs = dict(strides=strides, paddings=paddings, shortcut=shortcut,
-                  shortcut_stride=shortcut_stride)
+                  shortcut_stride=shortcut_stride, dilations=dilations)
     expected = fr.ops.residual_block_eval(x, weights, biases, backend="reference", **kwargs)
     main = len(weights) - (shortcut == "projection")
     assert expected.shape[1] == weights[main - 1].shape[0]
@@ -232,7 +239,7 @@ def test_residual_block_eval_matches_the_reference(name, backend):
 
 
 def test_residual_block_eval_checks_the_whole_block_first():
-    x, weights, _, _, strides, paddings, _, shortcut, _ = _block_args("basic identity")
+    x, weights, _, _, strides, paddings, _, _, shortcut, _ = _block_args("basic identity")
     biases = [torch.zeros(w.shape[0]) for w in weights]
     kwargs = dict(strides=strides, paddings=paddings, shortcut=shortcut, backend=NATIVE)
     with pytest.raises(ValueError, match="x has 8 channels but weight expects 16"):
@@ -247,7 +254,7 @@ def test_residual_block_eval_remembers_a_passed_check_by_what_it_reads():
     time at batch 1); any of them changed is checked again, and still refused."""
     import fused_resnet.ops.block as block_ops
 
-    x, weights, _, _, strides, paddings, _, shortcut, _ = _block_args("basic identity")
+    x, weights, _, _, strides, paddings, _, _, shortcut, _ = _block_args("basic identity")
     x, weights = x.detach(), [w.detach() for w in weights]
     biases = [torch.zeros(w.shape[0], device=DEVICE) for w in weights]
     kwargs = dict(strides=strides, paddings=paddings, shortcut=shortcut, backend="reference")
@@ -349,7 +356,8 @@ def test_under_autocast_the_triton_block_takes_the_fp32_weights_themselves():
 @pytest.mark.parametrize("name, unkept", [
     ("bottleneck identity", [2]), ("bottleneck projection", [2]),
     ("bottleneck projection", [3]), ("bottleneck projection", [2, 3]),
-    ("bottleneck projection stride 1", [2, 3]), ("basic projection", [2])])
+    ("bottleneck projection stride 1", [2, 3]), ("basic projection", [2]),
+    ("bottleneck projection dilated stride 2", [2, 3])])
 def test_backward_without_y3_or_yd_equals_the_one_through_them(name, unkept, dtype, need_dx):
     """A bottleneck's backward without y3 (G = g^T a2, Gram = a2^T a2: the last
     BN's sums, dw3 and d a2 from them), and a projection's without y_d (the same with x at
@@ -361,12 +369,13 @@ def test_backward_without_y3_or_yd_equals_the_one_through_them(name, unkept, dty
     from fused_resnet.triton.config import operands_mode
 
     torch.manual_seed(3)
-    x, weights, gammas, betas, strides, paddings, eps, shortcut, s_stride = _block_args(name)
+    x, weights, gammas, betas, strides, paddings, dilations, eps, shortcut, s_stride = \
+        _block_args(name)
     master = torch.float64 if dtype == torch.float64 else torch.float32  # autocast's weights
     x, weights = x.detach().to(dtype).to(memory_format=torch.channels_last), \
         [w.detach().to(master) for w in weights]
     gammas, betas = [g.detach().to(master) for g in gammas], [b.detach().to(master) for b in betas]
-    args = (weights, gammas, betas, strides, paddings, eps, shortcut, s_stride)
+    args = (weights, gammas, betas, strides, paddings, dilations, eps, shortcut, s_stride)
     proj = [len(weights) - 1] if shortcut == "projection" else []
     with operands_mode("on_load"):  # whatever FUSED_RESNET_OPERANDS says
         assert triton_block.unkept_ys(weights, strides, shortcut) == sorted(
@@ -379,12 +388,12 @@ def test_backward_without_y3_or_yd_equals_the_one_through_them(name, unkept, dty
         memory_format=torch.channels_last)
     rest = (gammas, betas)
     through = triton_block.block_train_backward(dz, x, bits, weights, *rest, ys, means, affines,
-                                                strides, paddings, eps, shortcut, s_stride,
-                                                need_dx)
+                                                strides, paddings, dilations, eps, shortcut,
+                                                s_stride, need_dx)
     without = triton_block.block_train_backward(
         dz, x, bits, weights, *rest, [y.new_empty(0) if i in unkept else y
                                       for i, y in enumerate(ys)], means,
-        affines, strides, paddings, eps, shortcut, s_stride, need_dx)
+        affines, strides, paddings, dilations, eps, shortcut, s_stride, need_dx)
     assert (through[0] is None) == (without[0] is None) == (not need_dx)
     tol = 1e-9 if dtype == torch.float64 else 3e-2  # bf16: ~1e-2 seen (Triton 3.6, 3.8)
     pairs = [(through[0], without[0])] if need_dx else []

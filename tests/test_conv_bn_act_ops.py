@@ -188,16 +188,17 @@ def test_opcheck(training, kernels, need_dx):
     reason = unavailable_reason("triton" if kernels == "triton" else NATIVE, torch.device(DEVICE))
     if reason is not None:
         pytest.skip(reason)
+    # stride 1, padding 2, dilation 2 (the fake kernels' output shape of a dilated conv)
     x = torch.randn(2, 4, 5, 5, device=DEVICE)
     w = torch.randn(8, 4, 3, 3, device=DEVICE, requires_grad=True)
     gamma, beta, _, _ = _params(8)
     r = torch.randn(2, 8, 5, 5, device=DEVICE)
     if training:
         op = torch.ops.fused_resnet.conv_bn_train.default
-        args = (x, w, gamma.requires_grad_(), beta, r, 1, 1, 1, 1e-5, True, kernels)
+        args = (x, w, gamma.requires_grad_(), beta, r, 1, 2, 2, 1, 1e-5, True, kernels)
     else:
         op = torch.ops.fused_resnet.conv_bias_act.default
-        args = (x, w, beta.requires_grad_(), r, 1, 1, 1, True, kernels)
+        args = (x, w, beta.requires_grad_(), r, 1, 2, 2, 1, True, kernels)
     torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor",
                                                 "test_autograd_registration"))
     # The backward ops, called as autograd calls them.
@@ -207,12 +208,12 @@ def test_opcheck(training, kernels, need_dx):
     if training:
         _, y, mean, var = outputs
         backward = torch.ops.fused_resnet.conv_bn_train_backward.default
-        bwd_args = (dz, x, w.detach(), gamma.detach(), y, z, mean, var, 1, 1, 1, 1e-5, True,
-                    True, kernels, need_dx)
+        bwd_args = (dz, x, w.detach(), gamma.detach(), y, z, mean, var, 1, 2, 2, 1, 1e-5,
+                    True, True, kernels, need_dx)
     else:
         backward = torch.ops.fused_resnet.conv_bias_act_backward.default
-        bwd_args = (dz, x, w.detach(), z.detach(), beta.detach(), 1, 1, 1, True, True, kernels,
-                    need_dx)
+        bwd_args = (dz, x, w.detach(), z.detach(), beta.detach(), 1, 2, 2, 1, True, True,
+                    kernels, need_dx)
     torch.library.opcheck(backward, bwd_args, test_utils=("test_schema", "test_faketensor"))
     dx = backward(*bwd_args)[0]
     assert dx.shape == (x.shape if need_dx else (0,))
@@ -235,7 +236,7 @@ def test_no_data_gradient_for_an_input_without_grad(training, backend, monkeypat
     masks = []
 
     def recording_backward(*args):
-        masks.append(args[6:])
+        masks.append(args[7:])
         return aten_backward(*args)
 
     monkeypatch.setattr(native, "conv_backward", recording_backward)

@@ -9,13 +9,15 @@ import torch
 
 from tests._backends import skip_without_triton
 
-# (n, c_in, h, w, c_out, k, stride, padding)
+# (n, c_in, h, w, c_out, k, stride, padding[, dilation])
 SHAPES = [
     (2, 3, 11, 10, 8, 7, 2, 3),    # stem-like: flattened K and columns
     (1, 40, 6, 5, 70, 3, 2, 1),    # per tap, several K and column blocks, 4 phases
     (2, 16, 7, 7, 8, 1, 2, 0),     # 1x1 stride 2: 3 of 4 phases without a tap
     (1, 8, 9, 8, 4, 5, 3, 2),      # stride 3
     (3, 33, 5, 5, 65, 3, 1, 1),
+    (1, 8, 9, 8, 4, 3, 2, 2, 2),   # dilated: the phases with (ph + pad) odd take no tap
+    (2, 3, 10, 9, 4, 3, 3, 2, 2),  # dilation 2 at stride 3, flattened K
 ]
 
 
@@ -59,13 +61,13 @@ def test_counts_equal_the_interpreters_tally(shape, dot_tally):
         run()
         return dot_tally[0]
 
-    assert tallied(lambda: conv_fwd(x, weight, stride=s.stride, padding=s.padding)) \
-        == dot_work.fwd_macs(s, *tile)
-    assert tallied(lambda: conv_dgrad(dy, weight, x.shape, stride=s.stride, padding=s.padding)) \
+    geometry = {"stride": s.stride, "padding": s.padding, "dilation": s.dilation}
+    assert tallied(lambda: conv_fwd(x, weight, **geometry)) == dot_work.fwd_macs(s, *tile)
+    assert tallied(lambda: conv_dgrad(dy, weight, x.shape, **geometry)) \
         == dot_work.dgrad_macs(s, *tile)
     for split in (1, 3):
-        assert tallied(lambda split=split: conv_wgrad(x, dy, weight.shape, stride=s.stride,
-                                                      padding=s.padding, split=split)) \
+        assert tallied(lambda split=split: conv_wgrad(x, dy, weight.shape, **geometry,
+                                                      split=split)) \
             == dot_work.wgrad_macs(s, *tile, split=split)
 
 

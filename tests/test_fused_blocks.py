@@ -21,6 +21,10 @@ BLOCKS = {
     "bottleneck option C": lambda b: FusedBottleneck(32, 8, 1, shortcut="C", backend=b),
     "bottleneck option A": lambda b: FusedBottleneck(16, 8, 2, shortcut="A", backend=b),
     "bottleneck plain": lambda b: FusedBottleneck(32, 8, 1, shortcut=None, backend=b),
+    # torchvision's replace_stride_with_dilation: a dilated 3x3, and the strided first block
+    # of a stage after a dilated one (stride 2 and dilation 2 in one conv)
+    "bottleneck dilated": lambda b: FusedBottleneck(32, 8, 1, dilation=2, backend=b),
+    "bottleneck dilated stride 2": lambda b: FusedBottleneck(16, 8, 2, dilation=2, backend=b),
 }
 
 

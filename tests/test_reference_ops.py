@@ -199,13 +199,13 @@ def test_strided_1x1_weight_gradient_on_cpu_is_right_every_call(path):
             y.backward(dy)
             dx, dw = xs.grad, ws.grad
         else:
-            dx, dw = conv_backward(dy, x, w, 2, 0, 1)
+            dx, dw = conv_backward(dy, x, w, 2, 0, 1, 1)
         wrong += not torch.allclose(dw.double(), dw_exact, rtol=1e-5, atol=1e-5)
         assert torch.allclose(dx.double(), dx_exact, rtol=1e-5, atol=1e-5)
         assert dx.is_contiguous(memory_format=torch.channels_last)
     assert wrong == 0, f"{wrong} of 300 weight gradients wrong"
     if path == "cpu":
-        assert conv_backward(dy, x, w, 2, 0, 1, need_dx=False)[0] is None
+        assert conv_backward(dy, x, w, 2, 0, 1, 1, need_dx=False)[0] is None
 
 
 def test_strided_1x1_on_cpu_names_only_that_conv():

@@ -2,6 +2,8 @@
 
 stem: 7x7/2 conv (64) + BN + ReLU, 3x3/2 max-pool; four stages of residual blocks with
 64/128/256/512 planes (the first block of stages 2-4 has stride 2); global average pool; fc.
+`replace_stride_with_dilation` (torchvision's, bottlenecks only) trades the stride of stages
+2-4 for dilated 3x3 convs: the segmentation backbones' output stride 16 or 8.
 """
 
 from __future__ import annotations
@@ -52,7 +54,10 @@ def init_weights(model: nn.Module, zero_init_residual: bool) -> None:
 class ResNet(FoldingModule):
     """ImageNet ResNet. `shortcut` picks the paper's option (A/B/C, None for the plain net);
     `groups` / `width_per_group` give ResNeXt and Wide ResNet; `variant` places the stride
-    of a bottleneck on its 3x3 ("v1.5", torchvision) or its first 1x1 ("v1", the paper)."""
+    of a bottleneck on its 3x3 ("v1.5", torchvision) or its first 1x1 ("v1", the paper);
+    `replace_stride_with_dilation` (three bools, stages 2-4) as torchvision's: such a stage
+    keeps stride 1 and multiplies the dilation of the 3x3 convs by 2 from its second block on
+    (its first block takes the dilation before it)."""
 
     def __init__(
         self,
@@ -65,16 +70,27 @@ class ResNet(FoldingModule):
         groups: int = 1,
         width_per_group: int = 64,
         zero_init_residual: bool = False,
+        replace_stride_with_dilation: Optional[list[bool]] = None,
         backend: str = "auto",
     ):
         super().__init__()
         if len(layers) != 4 or any(n < 1 for n in layers):
             raise ValueError(f"layers must be four positive block counts, got {layers}")
+        dilate = [False] * 3 if replace_stride_with_dilation is None else list(
+            replace_stride_with_dilation)
+        if len(dilate) != 3:
+            raise ValueError(f"replace_stride_with_dilation must be None or three bools "
+                             f"(stages 2-4), got {replace_stride_with_dilation!r}")
+        if any(dilate) and block is not FusedBottleneck:
+            raise NotImplementedError("Dilation > 1 not supported in BasicBlock (as "
+                                      "torchvision): replace_stride_with_dilation needs a "
+                                      "bottleneck ResNet")
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.backend = check_backend_name(backend)
         check_shortcut(shortcut)
         self.inplanes = 64
+        self.dilation = 1
         self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
         self.maxpool = FusedMaxPool2d(3, stride=2, padding=1, backend=backend)
@@ -84,21 +100,30 @@ class ResNet(FoldingModule):
         elif groups != 1 or width_per_group != 64:
             raise ValueError("FusedBasicBlock supports only groups=1 and width_per_group=64")
         self.layer1 = self._make_stage(block, 64, layers[0], 1, stage_args)
-        self.layer2 = self._make_stage(block, 128, layers[1], 2, stage_args)
-        self.layer3 = self._make_stage(block, 256, layers[2], 2, stage_args)
-        self.layer4 = self._make_stage(block, 512, layers[3], 2, stage_args)
+        self.layer2 = self._make_stage(block, 128, layers[1], 2, stage_args, dilate[0])
+        self.layer3 = self._make_stage(block, 256, layers[2], 2, stage_args, dilate[1])
+        self.layer4 = self._make_stage(block, 512, layers[3], 2, stage_args, dilate[2])
         self.fc = nn.Linear(512 * block.expansion, num_classes)
         init_weights(self, zero_init_residual)
 
-    def _make_stage(self, block: Block, planes: int, blocks: int, stride: int, args: dict):
-        stage = [block(self.inplanes, planes, stride, **args)]
+    def _make_stage(self, block: Block, planes: int, blocks: int, stride: int, args: dict,
+                    dilate: bool = False):
+        first, previous = dict(args), self.dilation
+        if dilate:  # torchvision's rule: the stride becomes dilation, from the second block
+            self.dilation *= stride
+            stride = 1
+        if block is FusedBottleneck:
+            first["dilation"], args = previous, {**args, "dilation": self.dilation}
+        stage = [block(self.inplanes, planes, stride, **first)]
         self.inplanes = planes * block.expansion
         stage += [block(self.inplanes, planes, 1, **args) for _ in range(1, blocks)]
         return nn.Sequential(*stage)
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (N, 3, H, W), NCHW or channels_last -> logits (N, num_classes)."""
-        check_image_batch(self, x, stride2_steps=5)  # stem conv, max-pool, layer2-4
+        # stem conv, max-pool, and layer2-4 where their stride was not made dilation
+        strided = sum(stage[0].stride > 1 for stage in (self.layer2, self.layer3, self.layer4))
+        check_image_batch(self, x, stride2_steps=2 + strided)
         x = conv_bn_relu_pool(x, self.conv1, self.bn1, self.maxpool, backend=self.backend)
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         x = F.adaptive_avg_pool2d(x, 1).flatten(1)

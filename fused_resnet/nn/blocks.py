@@ -108,10 +108,11 @@ class ResidualBlock(FoldingModule):
         """`ops.residual_block_eval` of the folded convs; a plan of an earlier such call
         (`ops.eval_plan`) where one matches this one: the same input signature, the same
         folded tensors (a refold after a weight or buffer changed makes new ones), the same
-        strides, paddings and shortcut."""
+        strides, paddings, dilations and shortcut."""
         args = dict(strides=[c.stride[0] for c, _ in block_pairs],
                     paddings=[c.padding[0] for c, _ in block_pairs], shortcut=kind,
-                    shortcut_stride=self.stride, backend=backend)
+                    shortcut_stride=self.stride, backend=backend,
+                    dilations=[c.dilation[0] for c, _ in block_pairs])
         traced = torch.compiler.is_compiling()  # no plans (nor their weak dict) in a graph
         plan = None if traced else _EVAL_PLANS.find(self, x, weights, biases, **args)
         if plan is not None:
@@ -142,7 +143,7 @@ def _check_chain(x: Tensor, pairs: list, projection: Optional[nn.Sequential]) ->
         shape = x.shape
         for conv, bn in chain:
             shape = conv_output_shape(x.new_empty(1).expand(shape), conv.weight,
-                                      conv.stride[0], conv.padding[0])
+                                      conv.stride[0], conv.padding[0], conv.dilation[0])
             if bn.training and sync_group(bn) is None and shape[0] * shape[2] * shape[3] <= 1:
                 raise ValueError(
                     f"Expected more than 1 value per channel when training, got input of "
@@ -180,8 +181,9 @@ class FusedBottleneck(ResidualBlock):
     """out = relu(bn3(conv3(relu(bn2(conv2(relu(bn1(conv1(x)))))))) + shortcut(x)).
 
     conv1 1x1 reduce to `width = planes * base_width / 64 * groups`, conv2 3x3 (grouped for
-    ResNeXt), conv3 1x1 expand to `planes * 4`. The stride sits on conv2 in "v1.5"
-    (torchvision) and on conv1 in "v1" (the paper).
+    ResNeXt; `dilation` spaces its taps, padded by as much: torchvision's dilated blocks of
+    segmentation backbones), conv3 1x1 expand to `planes * 4`. The stride sits on conv2 in
+    "v1.5" (torchvision) and on conv1 in "v1" (the paper).
 
     eval_kernel: in inference, "chain" runs the three folded convs as three fused ops;
     "single" runs a stride-1 identity block in one launch (`ops.bottleneck_eval`, a1 and a2
@@ -195,11 +197,13 @@ class FusedBottleneck(ResidualBlock):
     def __init__(
         self, inplanes: int, planes: int, stride: int = 1, *, shortcut: Optional[str] = "B",
         groups: int = 1, base_width: int = 64, variant: str = "v1.5", backend: str = "auto",
-        eval_kernel: str = "auto", sync_bn: bool = False, process_group=None,
+        eval_kernel: str = "auto", sync_bn: bool = False, process_group=None, dilation: int = 1,
     ):
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        if dilation < 1:
+            raise ValueError(f"dilation must be >= 1, got {dilation}")
         if eval_kernel not in EVAL_KERNELS:
             raise ValueError(f"eval_kernel must be one of {EVAL_KERNELS}, got {eval_kernel!r}")
         self.eval_kernel = eval_kernel
@@ -209,9 +213,8 @@ class FusedBottleneck(ResidualBlock):
         stride1, stride2 = (stride, 1) if variant == "v1" else (1, stride)
         self.conv1 = nn.Conv2d(inplanes, width, 1, stride=stride1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = nn.Conv2d(
-            width, width, 3, stride=stride2, padding=1, groups=groups, bias=False
-        )
+        self.conv2 = nn.Conv2d(width, width, 3, stride=stride2, padding=dilation,
+                               dilation=dilation, groups=groups, bias=False)
         self.bn2 = nn.BatchNorm2d(width)
         self.conv3 = nn.Conv2d(width, planes * self.expansion, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(planes * self.expansion)
@@ -226,5 +229,6 @@ class FusedBottleneck(ResidualBlock):
 
     def _single_launch_eval(self, tuned_single: bool = False) -> bool:
         wanted = self.eval_kernel == "single" or (self.eval_kernel == "auto" and tuned_single)
-        return (wanted and self.downsample is None
-                and self.shortcut is not None and self.stride == 1 and self.conv2.groups == 1)
+        return (wanted and self.downsample is None and self.shortcut is not None
+                and self.stride == 1 and self.conv2.groups == 1
+                and self.conv2.dilation == (1, 1))

@@ -41,35 +41,44 @@ def conv_bn_act(
         out = ops.sync_conv_bn_act(
             x, conv.weight, bn.weight, bn.bias, bn_args["running_mean"], bn_args["running_var"],
             stride=conv.stride[0], padding=conv.padding[0], groups=conv.groups,
-            momentum=bn_args["momentum"], eps=bn.eps, residual=residual, relu=relu, group=group)
+            momentum=bn_args["momentum"], eps=bn.eps, residual=residual, relu=relu, group=group,
+            dilation=conv.dilation[0])
         _count(bn, counting)
         return out
     folded = cached_fold(x, conv, bn, backend)
     if folded is not None:
         return ops.conv_bias_act(x, *folded, stride=conv.stride[0], padding=conv.padding[0],
-                                 residual=residual, relu=relu, backend=backend)
+                                 residual=residual, relu=relu, backend=backend,
+                                 dilation=conv.dilation[0])
     out = ops.conv_bn_act(
         x, conv.weight, bn.weight, bn.bias, bn_args["running_mean"], bn_args["running_var"],
         stride=conv.stride[0], padding=conv.padding[0], groups=conv.groups,
         training=bn_args["training"], momentum=bn_args["momentum"], eps=bn.eps,
-        residual=residual, relu=relu, backend=backend,
+        residual=residual, relu=relu, backend=backend, dilation=conv.dilation[0],
     )
     _count(bn, counting)
     return out
 
 
 def check_conv(conv: nn.Conv2d) -> None:
-    """A conv the fused ops take (BN's shift as its bias, square stride and padding)."""
+    """A conv the fused ops take (BN's shift as its bias, square stride, padding and
+    dilation)."""
     if conv.bias is not None:
         raise ValueError("conv must have bias=False (the BatchNorm shift plays its role)")
-    if conv.dilation != (1, 1) or conv.padding_mode != "zeros":
-        raise ValueError("conv must have dilation 1 and padding_mode='zeros'")
-    if conv.stride[0] != conv.stride[1] or not isinstance(conv.padding, tuple) or (
-        conv.padding[0] != conv.padding[1]
-    ):
+    if conv.padding_mode != "zeros":
+        raise ValueError(f"conv must have padding_mode='zeros', got {conv.padding_mode!r}")
+    if not square_geometry(conv):
         raise ValueError(
-            f"conv must have square stride and padding, got {conv.stride}, {conv.padding}"
+            f"conv must have square stride, padding and dilation, got {conv.stride}, "
+            f"{conv.padding}, {conv.dilation}"
         )
+
+
+def square_geometry(conv: nn.Conv2d) -> bool:
+    """Whether `conv` has the same stride, padding and dilation along H and W (the fused
+    ops take one of each), its padding as numbers (not "same" / "valid")."""
+    return (isinstance(conv.padding, tuple) and conv.stride[0] == conv.stride[1]
+            and conv.padding[0] == conv.padding[1] and conv.dilation[0] == conv.dilation[1])
 
 
 _FOLD = "_fused_resnet_fold"  # the fold cached on a BatchNorm module: (key, (weight, shift))
@@ -200,14 +209,14 @@ def _count_all(bns: list[nn.BatchNorm2d]) -> None:
 
 def fusable_block(pairs: list[tuple[nn.Conv2d, nn.BatchNorm2d]]) -> bool:
     """Whether conv + BN pairs can run as one block op: every BN normalizes with batch
-    statistics of this process only and is affine, every conv is ungrouped with square stride
-    and padding."""
+    statistics of this process only and is affine, every conv is ungrouped with square stride,
+    padding and dilation."""
     for conv, bn in pairs:
         if not (bn.training and bn.affine) or conv.groups != 1 or conv.bias is not None:
             return False
         if sync_group(bn) is not None:
             return False
-        if conv.stride[0] != conv.stride[1] or conv.padding[0] != conv.padding[1]:
+        if not square_geometry(conv):
             return False
     return True
 
@@ -225,7 +234,7 @@ def residual_block(
         [a["running_var"] for a, _ in args], strides=[c.stride[0] for c, _ in pairs],
         paddings=[c.padding[0] for c, _ in pairs], momenta=[a["momentum"] for a, _ in args],
         eps=[bn.eps for _, bn in pairs], shortcut=shortcut, shortcut_stride=shortcut_stride,
-        backend=backend)
+        backend=backend, dilations=[c.dilation[0] for c, _ in pairs])
     _count_all([bn for (_, bn), (_, counting) in zip(pairs, args) if counting])
     return out
 
@@ -238,6 +247,8 @@ class FusedConvBNAct(FoldingModule):
     `bn.running_var`, `bn.num_batches_tracked`. BN keeps all of nn.BatchNorm2d's options
     (momentum=None, affine=False, track_running_stats=False). `sync_bn=True` (or a
     `process_group`) makes `bn` a FusedSyncBatchNorm: batch statistics over the group.
+    padding=None pads by dilation * (kernel_size - 1) // 2: "same" size at stride 1 for an odd
+    kernel, dilated or not.
     """
 
     def __init__(
@@ -245,12 +256,14 @@ class FusedConvBNAct(FoldingModule):
         padding: Optional[int] = None, *, groups: int = 1, relu: bool = True,
         eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
         track_running_stats: bool = True, backend: str = "auto", sync_bn: bool = False,
-        process_group=None,
+        process_group=None, dilation: int = 1,
     ):
         super().__init__()
-        padding = kernel_size // 2 if padding is None else padding
+        if dilation < 1:
+            raise ValueError(f"dilation must be >= 1, got {dilation}")
+        padding = dilation * (kernel_size - 1) // 2 if padding is None else padding
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding,
-                              groups=groups, bias=False)
+                              dilation=dilation, groups=groups, bias=False)
         self.bn = nn.BatchNorm2d(out_channels, eps=eps, momentum=momentum, affine=affine,
                                  track_running_stats=track_running_stats)
         self.relu = relu

@@ -50,9 +50,9 @@ def conv_bn_relu_pool(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, pool: nn.M
     BN normalizes with this process's batch statistics, `ops.conv_bn_relu_max_pool` (on
     Triton one op that never writes relu(bn(y))); otherwise `conv_bn_act` then `pool`, in
     inference with BN folded into the conv and, called again alike, as a plan
-    (`ops.eval_plan.StemEvalPlan`)."""
+    (`ops.eval_plan.StemEvalPlan`). A dilated conv takes the second way."""
     if (not isinstance(pool, FusedMaxPool2d) or pool.backend != backend or conv.groups != 1
-            or sync_group(bn) is not None):
+            or conv.dilation != (1, 1) or sync_group(bn) is not None):
         return pool(conv_bn_act(x, conv, bn, backend=backend))
     if not bn.training:
         return _stem_eval(x, conv, bn, pool, backend)

@@ -27,18 +27,37 @@ from fused_resnet.ops.layout import conv_output_shape
 from fused_resnet.triton.config import BOTTLENECK_EVAL_MAX_MID
 
 
+def _geometry(i: int, main: int, strides, paddings, dilations, shortcut_stride) -> tuple:
+    """(stride, padding, dilation) of conv i of a block: the main path's, or the projection's
+    (i == main: 1x1 at the shortcut's stride)."""
+    return (shortcut_stride, 0, 1) if i == main else (strides[i], paddings[i], dilations[i])
+
+
+def _check_lists(weights, strides, paddings, dilations) -> list[int]:
+    """`dilations` (default: all 1); raises where a per-conv list does not have one entry
+    per weight."""
+    dilations = [1] * len(weights) if dilations is None else list(dilations)
+    for name, values in (("strides", strides), ("paddings", paddings),
+                         ("dilations", dilations)):
+        if len(values) != len(weights):
+            raise ValueError(f"{name} must have one entry per weight ({len(weights)}), got "
+                             f"{len(values)}")
+    return dilations
+
+
 def _check(x, weights, bn_weights, bn_biases, running_means, running_vars, strides, paddings,
-           eps, shortcut, shortcut_stride) -> None:
+           dilations, eps, shortcut, shortcut_stride) -> None:
     main = len(weights) - (shortcut == "projection")
     inp = x
     for i, w in enumerate(weights):
         source = x if i == main else inp
-        stride, padding = (shortcut_stride, 0) if i == main else (strides[i], paddings[i])
+        stride, padding, dilation = _geometry(i, main, strides, paddings, dilations,
+                                              shortcut_stride)
         check_conv_bn_act_args(source, w, bn_weights[i], bn_biases[i], running_means[i],
                                running_vars[i], stride=stride, padding=padding, groups=1,
-                               training=True, residual=None, eps=eps[i])
+                               training=True, residual=None, eps=eps[i], dilation=dilation)
         if i < main:
-            inp = x.new_empty(1).expand(conv_output_shape(inp, w, stride, padding))
+            inp = x.new_empty(1).expand(conv_output_shape(inp, w, stride, padding, dilation))
 
 
 def residual_block_train(
@@ -56,8 +75,11 @@ def residual_block_train(
     shortcut: str,
     shortcut_stride: int = 1,
     backend: str = "auto",
+    dilations: Optional[list[int]] = None,
 ) -> Tensor:
     """Training forward of a block whose convs are `weights` (main path, then the projection).
+    strides / paddings / dilations (default 1): one per weight, the projection's ignored (a
+    1x1 conv at `shortcut_stride`).
 
     x: (N, C, H, W), either memory format (kept by the output). Weights in another dtype
     than x (fp32 under autocast) run in x's: the Triton kernels cast them in the copy that
@@ -68,25 +90,27 @@ def residual_block_train(
     # Checked as if cast (the same shape and device, x's dtype), without casting them here.
     as_cast = [w if w.dtype == x.dtype else w.new_empty(1, dtype=x.dtype).expand(w.shape)
                for w in weights]
+    dilations = _check_lists(weights, strides, paddings, dilations)
     _check(x, as_cast, bn_weights, bn_biases, running_means, running_vars, strides, paddings,
-           eps, shortcut, shortcut_stride)
+           dilations, eps, shortcut, shortcut_stride)
     kernels = select_kernels(backend, "residual_block", x)
     if kernels != "triton":
         weights = [w if w.dtype == x.dtype else w.to(x.dtype) for w in weights]
     if kernels != "reference":
         z, ys, means, variances, _ = block_train_call(
-            x, weights, bn_weights, bn_biases, strides, paddings, eps, shortcut,
-            shortcut_stride, kernels)
+            x, weights, bn_weights, bn_biases, list(strides), list(paddings), dilations, eps,
+            shortcut, shortcut_stride, kernels)
         update_block_running_stats(running_means, running_vars, means, variances,
                                    [y.numel() // y.shape[1] for y in ys], momenta)
         return z
 
-    def conv_bn(i: int, inp: Tensor, stride: int, padding: int, residual: Optional[Tensor],
-                relu: bool) -> Tensor:
+    def conv_bn(i: int, inp: Tensor, residual: Optional[Tensor], relu: bool) -> Tensor:
+        stride, padding, dilation = _geometry(i, main, strides, paddings, dilations,
+                                              shortcut_stride)
         return reference.conv_bn_act(
             inp, weights[i], bn_weights[i], bn_biases[i], running_means[i], running_vars[i],
             stride=stride, padding=padding, training=True, momentum=momenta[i], eps=eps[i],
-            residual=residual, relu=relu)
+            residual=residual, relu=relu, dilation=dilation)
 
     main = len(weights) - (shortcut == "projection")
     shortcut_out = None  # added to the last BN's output before its ReLU
@@ -95,11 +119,11 @@ def residual_block_train(
     elif shortcut == "zero_pad":
         shortcut_out = reference.zero_pad_shortcut(x, weights[main - 1].shape[0], shortcut_stride)
     elif shortcut == "projection":
-        shortcut_out = conv_bn(main, x, shortcut_stride, 0, None, relu=False)
+        shortcut_out = conv_bn(main, x, None, relu=False)
     out = x
     for i in range(main):
         last = i == main - 1
-        out = conv_bn(i, out, strides[i], paddings[i], shortcut_out if last else None, relu=True)
+        out = conv_bn(i, out, shortcut_out if last else None, relu=True)
     return out
 
 
@@ -127,7 +151,8 @@ def bottleneck_eval(x: Tensor, weights: list[Tensor], biases: list[Tensor], *,
     kernels = select_kernels(backend, "residual_block", x, reason=too_wide)
     if kernels == "triton":
         return torch.ops.fused_resnet.bottleneck_eval(x, weights, biases)
-    return _eval_chain(x, weights, biases, [1, 1, 1], [0, 1, 0], "identity", 1, kernels)
+    return _eval_chain(x, weights, biases, [1, 1, 1], [0, 1, 0], [1, 1, 1], "identity", 1,
+                       kernels)
 
 
 # Signatures (shapes, dtypes, devices of x and of every weight and bias, strides, paddings,
@@ -140,58 +165,68 @@ _EVAL_CHECKED_MAX = 4096
 
 def residual_block_eval(x: Tensor, weights: list[Tensor], biases: list[Tensor], *,
                         strides: list[int], paddings: list[int], shortcut: str,
-                        shortcut_stride: int = 1, backend: str = "auto") -> Tensor:
+                        shortcut_stride: int = 1, backend: str = "auto",
+                        dilations: Optional[list[int]] = None) -> Tensor:
     """Inference block with each BN folded into its conv as (weights[i], biases[i]), e.g. by
     `reference.fold_bn` (main path, then the projection):
         a_i = relu(conv(a_{i-1}, w_i) + b_i),  a_0 = x,
         z   = relu(conv(a_{L-1}, w_L) + b_L + shortcut(x)),
     shortcut = x | zero_pad(x) | conv(x, w_d) + b_d | nothing; one fused conv + bias
-    (+ residual) + ReLU per conv. x is checked against the whole block before anything runs,
+    (+ residual) + ReLU per conv; strides / paddings / dilations as `residual_block_train`'s.
+    x is checked against the whole block before anything runs,
     and the kernels are chosen once for the block. Biases fp32 (fp64 for fp64 x)."""
     x, _, _ = autocast_inputs(x, None, None)
     weights = [w if w.dtype == x.dtype else w.to(x.dtype) for w in weights]
     main = len(weights) - (shortcut == "projection")
-    signature = (x.shape, x.dtype, x.device, shortcut, shortcut_stride, *strides, *paddings,
+    signature = (x.shape, x.dtype, x.device, shortcut, shortcut_stride, tuple(strides),
+                 tuple(paddings), tuple(dilations or ()),
                  *[(t.shape, t.dtype, t.device) for t in (*weights, *biases)])
     if signature not in _EVAL_CHECKED:
+        _check_lists(weights, strides, paddings, dilations)
         inp = x
         for i, (w, b) in enumerate(zip(weights, biases)):
             source = x if i == main else inp
-            stride, padding = (shortcut_stride, 0) if i == main else (strides[i], paddings[i])
+            stride, padding, dilation = _geometry(i, main, strides, paddings,
+                                                  dilations or [1] * len(weights),
+                                                  shortcut_stride)
             check_conv_bn_act_args(source, w, None, b, None, None, stride=stride,
                                    padding=padding, groups=1, training=False, residual=None,
-                                   running_ok=True)
+                                   running_ok=True, dilation=dilation)
             if i < main:
-                inp = x.new_empty(1).expand(conv_output_shape(inp, w, stride, padding))
+                inp = x.new_empty(1).expand(conv_output_shape(inp, w, stride, padding,
+                                                              dilation))
         if len(_EVAL_CHECKED) >= _EVAL_CHECKED_MAX:
             _EVAL_CHECKED.clear()
         _EVAL_CHECKED[signature] = None
     kernels = select_kernels(backend, "residual_block", x)
-    return _eval_chain(x, weights, biases, strides, paddings, shortcut, shortcut_stride,
-                       kernels)
+    return _eval_chain(x, weights, biases, strides, paddings, dilations or [1] * len(weights),
+                       shortcut, shortcut_stride, kernels)
 
 
-def _eval_chain(x, weights, biases, strides, paddings, shortcut, shortcut_stride,
+def _eval_chain(x, weights, biases, strides, paddings, dilations, shortcut, shortcut_stride,
                 kernels) -> Tensor:
-    def conv_bias_act(inp, i, residual, stride, padding, relu):
+    main = len(weights) - (shortcut == "projection")
+
+    def conv_bias_act(inp, i, residual, relu):
         w, b = weights[i], biases[i]
+        stride, padding, dilation = _geometry(i, main, strides, paddings, dilations,
+                                              shortcut_stride)
         if kernels != "reference":
-            return conv_ops.conv_bias_act_call(inp, w, b, residual, stride, padding, 1, relu,
-                                               kernels)
-        out = reference.conv2d(inp, w, b.to(inp.dtype), stride, padding)
+            return conv_ops.conv_bias_act_call(inp, w, b, residual, stride, padding, dilation,
+                                               1, relu, kernels)
+        out = reference.conv2d(inp, w, b.to(inp.dtype), stride, padding, 1, dilation)
         out = out if residual is None else out + residual
         return torch.relu(out) if relu else out
 
-    main = len(weights) - (shortcut == "projection")
     residual = None
     if shortcut == "identity":
         residual = x
     elif shortcut == "zero_pad":
         residual = reference.zero_pad_shortcut(x, weights[main - 1].shape[0], shortcut_stride)
     elif shortcut == "projection":
-        residual = conv_bias_act(x, main, None, shortcut_stride, 0, relu=False)
+        residual = conv_bias_act(x, main, None, relu=False)
     out = x
     for i in range(main):
         last = i == main - 1
-        out = conv_bias_act(out, i, residual if last else None, strides[i], paddings[i], True)
+        out = conv_bias_act(out, i, residual if last else None, True)
     return out

@@ -1,7 +1,8 @@
 """A whole residual block in training as one custom op, `fused_resnet::block_train` (+ its
 backward op): one schema, fake kernel and autograd formula, whatever kernels run it.
 
-For main-path convs w_1..w_L (L = 2 basic, 3 bottleneck) and an optional projection w_d:
+For main-path convs w_1..w_L (L = 2 basic, 3 bottleneck; conv i with strides[i],
+paddings[i], dilations[i]) and an optional projection w_d (1x1, shortcut_stride):
     y_1 = conv(x, w_1)                                  + batch statistics of y_1
     y_i = conv(relu(bn_{i-1}(y_{i-1})), w_i)
     z   = relu(bn_L(y_L) + shortcut)
@@ -50,19 +51,20 @@ def block_module(kernels: str) -> ModuleType:
     return kernels_module(kernels, "block")
 
 
-def _forward(x, weights, gammas, betas, strides, paddings, eps, shortcut, shortcut_stride,
-             kernels):
+def _forward(x, weights, gammas, betas, strides, paddings, dilations, eps, shortcut,
+             shortcut_stride, kernels):
     z, mask, ys, means, variances, affines = block_module(kernels).block_train(
-        x, weights, gammas, betas, strides, paddings, eps, shortcut, shortcut_stride)
+        x, weights, gammas, betas, strides, paddings, dilations, eps, shortcut,
+        shortcut_stride)
     return (z.contiguous(memory_format=output_memory_format(x)), mask, ys, means, variances,
             affines)
 
 
 def _backward_bodies(dz, x, relu_mask, weights, gammas, betas, ys, means, affines, strides,
-                     paddings, eps, shortcut, shortcut_stride, kernels, need_dx):
+                     paddings, dilations, eps, shortcut, shortcut_stride, kernels, need_dx):
     dx, dws, dgammas, dbetas = block_module(kernels).block_train_backward(
-        dz, x, relu_mask, weights, gammas, betas, ys, means, affines, strides, paddings, eps,
-        shortcut, shortcut_stride, need_dx)
+        dz, x, relu_mask, weights, gammas, betas, ys, means, affines, strides, paddings,
+        dilations, eps, shortcut, shortcut_stride, need_dx)
     return (_as_input_grad(dx, x),
             [_as_weight(dw, w) for dw, w in zip(dws, weights)],
             [dg.to(g.dtype) for dg, g in zip(dgammas, gammas)],
@@ -72,19 +74,20 @@ def _backward_bodies(dz, x, relu_mask, weights, gammas, betas, ys, means, affine
 @torch.library.custom_op("fused_resnet::block_train", mutates_args=())
 def block_train(
     x: Tensor, weights: List[Tensor], gammas: List[Tensor], betas: List[Tensor],
-    strides: List[int], paddings: List[int], eps: List[float], shortcut: str,
-    shortcut_stride: int, kernels: str,
+    strides: List[int], paddings: List[int], dilations: List[int], eps: List[float],
+    shortcut: str, shortcut_stride: int, kernels: str,
 ) -> tuple[Tensor, Tensor, List[Tensor], List[Tensor], List[Tensor], List[Tensor]]:
-    return _forward(x, weights, gammas, betas, strides, paddings, eps, shortcut,
+    return _forward(x, weights, gammas, betas, strides, paddings, dilations, eps, shortcut,
                     shortcut_stride, kernels)
 
 
 @block_train.register_fake
-def _(x, weights, gammas, betas, strides, paddings, eps, shortcut, shortcut_stride, kernels):
+def _(x, weights, gammas, betas, strides, paddings, dilations, eps, shortcut, shortcut_stride,
+      kernels):
     main = len(weights) - (shortcut == "projection")
     shapes, inp = [], x
     for i in range(main):
-        shapes.append(conv_output_shape(inp, weights[i], strides[i], paddings[i]))
+        shapes.append(conv_output_shape(inp, weights[i], strides[i], paddings[i], dilations[i]))
         inp = torch.empty(shapes[-1], device="meta")
     if shortcut == "projection":
         shapes.append(conv_output_shape(x, weights[-1], shortcut_stride, 0))
@@ -104,44 +107,46 @@ def _(x, weights, gammas, betas, strides, paddings, eps, shortcut, shortcut_stri
 def block_train_backward(
     dz: Tensor, x: Tensor, relu_mask: Tensor, weights: List[Tensor], gammas: List[Tensor],
     betas: List[Tensor], ys: List[Tensor], means: List[Tensor], affines: List[Tensor],
-    strides: List[int], paddings: List[int], eps: List[float], shortcut: str,
-    shortcut_stride: int, kernels: str, need_dx: bool,
+    strides: List[int], paddings: List[int], dilations: List[int], eps: List[float],
+    shortcut: str, shortcut_stride: int, kernels: str, need_dx: bool,
 ) -> tuple[Tensor, List[Tensor], List[Tensor], List[Tensor]]:
     """(dx (empty without need_dx), d weights, d gammas, d betas), lists in the order of the
     inputs; relu_mask: block_train's, or z where that is empty."""
     return _backward_bodies(dz, x, relu_mask, weights, gammas, betas, ys, means, affines, strides,
-                            paddings, eps, shortcut, shortcut_stride, kernels, need_dx)
+                            paddings, dilations, eps, shortcut, shortcut_stride, kernels, need_dx)
 
 
 @block_train_backward.register_fake
-def _(dz, x, relu_mask, weights, gammas, betas, ys, means, affines, strides, paddings, eps,
-      shortcut, shortcut_stride, kernels, need_dx):
+def _(dz, x, relu_mask, weights, gammas, betas, ys, means, affines, strides, paddings,
+      dilations, eps, shortcut, shortcut_stride, kernels, need_dx):
     return (_dx_fake(x, need_dx), [_as_weight(None, w) for w in weights],
             [torch.empty_like(g) for g in gammas], [torch.empty_like(b) for b in betas])
 
 
 def _setup(ctx, inputs, output):
-    x, weights, gammas, betas, strides, paddings, eps, shortcut, shortcut_stride, kernels = inputs
+    (x, weights, gammas, betas, strides, paddings, dilations, eps, shortcut, shortcut_stride,
+     kernels) = inputs
     z, mask, ys, means, _variances, affines = output
     unkept = block_module(kernels).unkept_ys(weights, strides, shortcut)
     ys = [y.new_empty(0) if i in unkept else y for i, y in enumerate(ys)]  # empty in their place
     ctx.save_for_backward(x, mask if mask.numel() else z, *weights, *gammas, *betas, *ys,
                           *means, *affines)
-    ctx.args = (len(weights), strides, paddings, eps, shortcut, shortcut_stride, kernels)
+    ctx.args = (len(weights), strides, paddings, dilations, eps, shortcut, shortcut_stride,
+                kernels)
     ctx.set_materialize_grads(False)  # no zero gradients for the ys and statistics
 
 
 def _backward(ctx, dz, _dmask, _dys, _dmeans, _dvars, _daffines, backward=None,
               need_dx=None):
     if dz is None:  # z did not reach the loss
-        return (None,) * 10
+        return (None,) * 11
     if need_dx is None:  # the custom op's autograd: x is its first input
         need_dx = ctx.needs_input_grad[0]
     k, *args = ctx.args
     x, mask, *rest = ctx.saved_tensors
     lists = [list(rest[i * k:(i + 1) * k]) for i in range(6)]
     dx, dw, dg, db = (backward or block_train_backward)(dz, x, mask, *lists, *args, need_dx)
-    return dx if need_dx else None, dw, dg, db, *(None,) * 6
+    return dx if need_dx else None, dw, dg, db, *(None,) * 7
 
 
 block_train.register_autograd(_backward, setup_context=_setup)
@@ -153,10 +158,11 @@ class _BlockTrainFunction(torch.autograd.Function):
     arguments (autograd.Function differentiates only direct tensor arguments)."""
 
     @staticmethod
-    def forward(ctx, k, strides, paddings, eps, shortcut, shortcut_stride, kernels, x, *flat):
+    def forward(ctx, k, strides, paddings, dilations, eps, shortcut, shortcut_stride, kernels, x,
+                *flat):
         weights, gammas, betas = (list(flat[i * k:(i + 1) * k]) for i in range(3))
-        inputs = (x, weights, gammas, betas, strides, paddings, eps, shortcut, shortcut_stride,
-                  kernels)
+        inputs = (x, weights, gammas, betas, strides, paddings, dilations, eps, shortcut,
+                  shortcut_stride, kernels)
         z, mask, ys, means, variances, affines = _forward(*inputs)
         _setup(ctx, inputs, (z, mask, ys, means, variances, affines))
         ctx.mark_non_differentiable(mask, *ys, *means, *variances, *affines)
@@ -165,23 +171,23 @@ class _BlockTrainFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dz, *_):
         if dz is None:
-            return (None,) * (8 + 3 * ctx.args[0])
+            return (None,) * (9 + 3 * ctx.args[0])
         dx, dw, dg, db, *_ = _backward(ctx, dz, None, None, None, None, None,
                                        backward=_backward_bodies,
-                                       need_dx=ctx.needs_input_grad[7])  # x after 7 non-tensors
-        return (None,) * 7 + (dx, *dw, *dg, *db)
+                                       need_dx=ctx.needs_input_grad[8])  # x after 8 non-tensors
+        return (None,) * 8 + (dx, *dw, *dg, *db)
 
 
-def block_train_call(x, weights, gammas, betas, strides, paddings, eps, shortcut,
+def block_train_call(x, weights, gammas, betas, strides, paddings, dilations, eps, shortcut,
                      shortcut_stride, kernels):
     """block_train's (z, ys, means, variances, affines) (its ReLU mask is for backward): the
     custom op while torch.compile traces, its eager twin otherwise."""
     if torch.compiler.is_compiling():
-        z, _mask, *rest = block_train(x, weights, gammas, betas, strides, paddings, eps,
-                                      shortcut, shortcut_stride, kernels)
+        z, _mask, *rest = block_train(x, weights, gammas, betas, strides, paddings, dilations,
+                                      eps, shortcut, shortcut_stride, kernels)
         return z, *rest
     k = len(weights)
-    z, _mask, *rest = _BlockTrainFunction.apply(k, strides, paddings, eps, shortcut,
+    z, _mask, *rest = _BlockTrainFunction.apply(k, strides, paddings, dilations, eps, shortcut,
                                                 shortcut_stride, kernels, x, *weights, *gammas,
                                                 *betas)
     return z, rest[:k], rest[k:2 * k], rest[2 * k:3 * k], rest[3 * k:]

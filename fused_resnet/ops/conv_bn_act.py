@@ -33,7 +33,7 @@ def check_conv_bn_act_args(
     x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
     running_mean: Optional[Tensor], running_var: Optional[Tensor], *,
     stride: int, padding: int, groups: int, training: bool, residual: Optional[Tensor],
-    running_ok: bool = False, eps: float = 1e-5,
+    running_ok: bool = False, eps: float = 1e-5, dilation: int = 1,
 ) -> None:
     """Raises ValueError naming the first argument that does not fit the others.
     running_ok: inference without running stats is fine (BN already folded)."""
@@ -53,6 +53,8 @@ def check_conv_bn_act_args(
         raise ValueError(
             f"stride must be >= 1, padding >= 0 and groups >= 1, got {stride}, {padding}, {groups}"
         )
+    if dilation < 1:
+        raise ValueError(f"dilation must be >= 1, got {dilation}")
     c_out, c_in_per_group, kh, kw = weight.shape
     if x.shape[1] != c_in_per_group * groups:
         raise ValueError(
@@ -61,11 +63,12 @@ def check_conv_bn_act_args(
         )
     if c_out % groups != 0:
         raise ValueError(f"weight.shape[0] ({c_out}) must be divisible by groups ({groups})")
-    h_out, w_out = conv_output_shape(x, weight, stride, padding)[2:]
+    h_out, w_out = conv_output_shape(x, weight, stride, padding, dilation)[2:]
     if h_out < 1 or w_out < 1:
+        dilated = f" dilated by {dilation}" if dilation > 1 else ""
         raise ValueError(
-            f"x's spatial size {tuple(x.shape[2:])} is smaller than the kernel {(kh, kw)} "
-            f"with padding {padding}"
+            f"x's spatial size {tuple(x.shape[2:])} is smaller than the kernel {(kh, kw)}"
+            f"{dilated} with padding {padding}"
         )
     bias_name = "bias" if running_ok else "bn_bias"
     for name, t in (("bn_weight", bn_weight), (bias_name, bn_bias),
@@ -136,11 +139,13 @@ def conv_bn_act(
     residual: Optional[Tensor] = None,
     relu: bool = True,
     backend: str = "auto",
+    dilation: int = 1,
 ) -> Tensor:
     """out = act(BN(conv(x, weight)) + residual); see `fused_resnet.reference.conv_bn_act`.
 
     x: (N, C_in, H, W) in NCHW or channels_last; the output keeps x's memory format.
-    In training the running stats (if given) are updated in place with factor `momentum`;
+    `dilation` spaces the kernel's taps, as torch's conv2d does. In training the running
+    stats (if given) are updated in place with factor `momentum`;
     a call that raises leaves them unchanged. Under `torch.autocast` the conv runs in the
     autocast dtype (x, weight and residual are cast to it) while BN parameters and
     statistics stay fp32, as in eager PyTorch.
@@ -149,13 +154,13 @@ def conv_bn_act(
     check_conv_bn_act_args(
         x, weight, bn_weight, bn_bias, running_mean, running_var,
         stride=stride, padding=padding, groups=groups, training=training, residual=residual,
-        eps=eps,
+        eps=eps, dilation=dilation,
     )
     kernels = select_kernels(backend, "conv_bn_act", x, groups=groups)
     return checked_conv_bn_act(
         x, weight, bn_weight, bn_bias, running_mean, running_var, stride=stride, padding=padding,
         groups=groups, training=training, momentum=momentum, eps=eps, residual=residual,
-        relu=relu, kernels=kernels)
+        relu=relu, kernels=kernels, dilation=dilation)
 
 
 def update_running_stats(
@@ -219,7 +224,7 @@ def checked_conv_bn_act(
     x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
     running_mean: Optional[Tensor], running_var: Optional[Tensor], *, stride: int, padding: int,
     groups: int, training: bool, momentum: float, eps: float, residual: Optional[Tensor],
-    relu: bool, kernels: str,
+    relu: bool, kernels: str, dilation: int = 1,
 ) -> Tensor:
     """`conv_bn_act` after its casts and checks, on `kernels` (`select_kernels`'s answer;
     "reference": `reference.conv_bn_act`). Training: one fused op returning batch mean /
@@ -230,36 +235,39 @@ def checked_conv_bn_act(
         return reference.conv_bn_act(
             x, weight, bn_weight, bn_bias, running_mean, running_var, stride=stride,
             padding=padding, groups=groups, training=training, momentum=momentum, eps=eps,
-            residual=residual, relu=relu)
+            residual=residual, relu=relu, dilation=dilation)
     c_out = weight.shape[0]
     gamma, beta = bn_params(bn_weight, bn_bias, c_out, x)
     if training:
         out, y, mean, var = conv_ops.conv_bn_train_call(
-            x, weight, gamma, beta, residual, stride, padding, groups, eps, relu, kernels)
+            x, weight, gamma, beta, residual, stride, padding, dilation, groups, eps, relu,
+            kernels)
         if running_mean is not None:
             update_running_stats(running_mean, running_var, mean, var, y.numel() // c_out,
                                  momentum)
         return out
     scale, shift = reference.fold_bn(running_mean, running_var, bn_weight, bn_bias, eps)
     folded = (weight.to(scale.dtype) * scale.view(-1, 1, 1, 1)).to(x.dtype)
-    return conv_ops.conv_bias_act_call(x, folded, shift, residual, stride, padding,
-                                                groups, relu, kernels)
+    return conv_ops.conv_bias_act_call(x, folded, shift, residual, stride, padding, dilation,
+                                       groups, relu, kernels)
 
 
 def conv_bias_act(
     x: Tensor, weight: Tensor, bias: Tensor, *, stride: int = 1, padding: int = 0,
     residual: Optional[Tensor] = None, relu: bool = True, backend: str = "auto",
+    dilation: int = 1,
 ) -> Tensor:
     """out = act(conv(x, weight) + bias + residual): inference with BN already folded into
     (weight, bias), e.g. by `reference.fold_bn`. bias: (C_out,) fp32 (fp64 for fp64 x)."""
     x, weight, residual = autocast_inputs(x, weight, residual)
     check_conv_bn_act_args(x, weight, None, bias, None, None, stride=stride, padding=padding,
-                           groups=1, training=False, residual=residual, running_ok=True)
+                           groups=1, training=False, residual=residual, running_ok=True,
+                           dilation=dilation)
     kernels = select_kernels(backend, "conv_bn_act", x)
     if kernels != "reference":
         return conv_ops.conv_bias_act_call(x, weight, bias, residual, stride, padding,
-                                                    1, relu, kernels)
-    out = reference.conv2d(x, weight, bias.to(x.dtype), stride, padding)
+                                           dilation, 1, relu, kernels)
+    out = reference.conv2d(x, weight, bias.to(x.dtype), stride, padding, 1, dilation)
     if residual is not None:
         out = out + residual
     return torch.relu(out) if relu else out

@@ -1,10 +1,10 @@
 """Custom ops `fused_resnet::conv_bn_train` and `fused_resnet::conv_bias_act` (+ backward ops):
 one schema, fake kernel and autograd formula each, whatever kernels run them.
 
-- conv_bn_train(x, w, gamma, beta, residual?, stride, padding, groups, eps, relu, kernels)
+- conv_bn_train(x, w, gamma, beta, residual?, stride, padding, dilation, groups, eps, relu, kernels)
   -> (z, y, mean, var): y = conv(x, w) with its batch statistics (mean, biased var), then
   z = relu?(BN(y) + residual). Functional: the caller updates running stats from mean / var.
-- conv_bias_act(x, w, bias, residual?, stride, padding, groups, relu, kernels)
+- conv_bias_act(x, w, bias, residual?, stride, padding, dilation, groups, relu, kernels)
   -> z = relu?(conv(x, w) + bias + residual): inference with BN folded into (w, bias),
   differentiable too.
 `kernels` picks the bodies: "triton" (`ops.triton_kernels`, NHWC implicit GEMM with fused
@@ -62,10 +62,10 @@ def _as_weight(dw: Optional[Tensor], weight: Tensor) -> Tensor:
     return dw.contiguous(memory_format=fmt)
 
 
-def _train_forward(x, weight, bn_weight, bn_bias, residual, stride, padding, groups, eps, relu,
-                   kernels):
+def _train_forward(x, weight, bn_weight, bn_bias, residual, stride, padding, dilation, groups, eps,
+                   relu, kernels):
     z, y, mean, var = kernels_module(kernels).conv_bn_train(
-        x, weight, bn_weight, bn_bias, residual, stride, padding, groups, eps, relu)
+        x, weight, bn_weight, bn_bias, residual, stride, padding, dilation, groups, eps, relu)
     return z.contiguous(memory_format=output_memory_format(x)), y, mean, var
 
 
@@ -79,10 +79,10 @@ def _dx_fake(x: Tensor, need_dx: bool) -> Tensor:
     return _empty(x.shape, x, output_memory_format(x)) if need_dx else x.new_empty(0)
 
 
-def _train_backward(dz, x, weight, bn_weight, y, z, mean, var, stride, padding, groups, eps,
-                    relu, has_residual, kernels, need_dx):
+def _train_backward(dz, x, weight, bn_weight, y, z, mean, var, stride, padding, dilation, groups,
+                    eps, relu, has_residual, kernels, need_dx):
     dx, dw, dgamma, dbeta, dr = kernels_module(kernels).conv_bn_train_backward(
-        dz, x, weight, bn_weight, y, z, mean, var, stride, padding, groups, eps, relu,
+        dz, x, weight, bn_weight, y, z, mean, var, stride, padding, dilation, groups, eps, relu,
         has_residual, need_dx)
     return (_as_input_grad(dx, x), _as_weight(dw, weight),
             dgamma.to(bn_weight.dtype), dbeta.to(bn_weight.dtype),
@@ -92,15 +92,16 @@ def _train_backward(dz, x, weight, bn_weight, y, z, mean, var, stride, padding, 
 @torch.library.custom_op("fused_resnet::conv_bn_train", mutates_args=())
 def conv_bn_train(
     x: Tensor, weight: Tensor, bn_weight: Tensor, bn_bias: Tensor, residual: Optional[Tensor],
-    stride: int, padding: int, groups: int, eps: float, relu: bool, kernels: str,
+    stride: int, padding: int, dilation: int, groups: int, eps: float, relu: bool, kernels: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _train_forward(x, weight, bn_weight, bn_bias, residual, stride, padding, groups, eps,
-                          relu, kernels)
+    return _train_forward(x, weight, bn_weight, bn_bias, residual, stride, padding, dilation,
+                          groups, eps, relu, kernels)
 
 
 @conv_bn_train.register_fake
-def _(x, weight, bn_weight, bn_bias, residual, stride, padding, groups, eps, relu, kernels):
-    shape = conv_output_shape(x, weight, stride, padding)
+def _(x, weight, bn_weight, bn_bias, residual, stride, padding, dilation, groups, eps, relu,
+      kernels):
+    shape = conv_output_shape(x, weight, stride, padding, dilation)
     stat = _empty((shape[1],), x, dtype=stat_dtype(x.dtype))
     y_format = kernels_module(kernels).activation_format(x)
     return (_empty(shape, x, output_memory_format(x)), _empty(shape, x, y_format), stat,
@@ -110,17 +111,18 @@ def _(x, weight, bn_weight, bn_bias, residual, stride, padding, groups, eps, rel
 @torch.library.custom_op("fused_resnet::conv_bn_train_backward", mutates_args=())
 def conv_bn_train_backward(
     dz: Tensor, x: Tensor, weight: Tensor, bn_weight: Tensor, y: Tensor, z: Tensor,
-    mean: Tensor, var: Tensor, stride: int, padding: int, groups: int, eps: float, relu: bool,
+    mean: Tensor, var: Tensor, stride: int, padding: int, dilation: int, groups: int, eps: float,
+    relu: bool,
     has_residual: bool, kernels: str, need_dx: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx (empty without need_dx), dw, d gamma, d beta, d residual (empty without a
     residual))."""
-    return _train_backward(dz, x, weight, bn_weight, y, z, mean, var, stride, padding, groups,
-                           eps, relu, has_residual, kernels, need_dx)
+    return _train_backward(dz, x, weight, bn_weight, y, z, mean, var, stride, padding, dilation,
+                           groups, eps, relu, has_residual, kernels, need_dx)
 
 
 @conv_bn_train_backward.register_fake
-def _(dz, x, weight, bn_weight, y, z, mean, var, stride, padding, groups, eps, relu,
+def _(dz, x, weight, bn_weight, y, z, mean, var, stride, padding, dilation, groups, eps, relu,
       has_residual, kernels, need_dx):
     c = weight.shape[0]
     dr_format = kernels_module(kernels).activation_format(x)
@@ -130,10 +132,11 @@ def _(dz, x, weight, bn_weight, y, z, mean, var, stride, padding, groups, eps, r
 
 
 def _setup_train(ctx, inputs, output):
-    x, weight, bn_weight, _, residual, stride, padding, groups, eps, relu, kernels = inputs
+    (x, weight, bn_weight, _, residual, stride, padding, dilation, groups, eps, relu,
+     kernels) = inputs
     z, y, mean, var = output
     ctx.save_for_backward(x, weight, bn_weight, y, z, mean, var)
-    ctx.args = (stride, padding, groups, eps, relu, residual is not None, kernels)
+    ctx.args = (stride, padding, dilation, groups, eps, relu, residual is not None, kernels)
     # y, mean and var are outputs for the caller's bookkeeping, never differentiated: do not
     # let autograd fill a zero gradient the size of y for them.
     ctx.set_materialize_grads(False)
@@ -141,14 +144,14 @@ def _setup_train(ctx, inputs, output):
 
 def _backward_train(ctx, dz, _dy, _dmean, _dvar, backward=None):
     if dz is None:  # z did not reach the loss
-        return (None,) * 11
+        return (None,) * 12
     x, weight, bn_weight, y, z, mean, var = ctx.saved_tensors
-    has_residual = ctx.args[5]
+    has_residual = ctx.args[6]
     need_dx = ctx.needs_input_grad[0]
     dx, dw, dgamma, dbeta, dr = (backward or conv_bn_train_backward)(
         dz, x, weight, bn_weight, y, z, mean, var, *ctx.args, need_dx)
     return (dx if need_dx else None, dw, dgamma, dbeta, dr if has_residual else None,
-            *(None,) * 6)
+            *(None,) * 7)
 
 
 conv_bn_train.register_autograd(_backward_train, setup_context=_setup_train)
@@ -157,36 +160,39 @@ conv_bn_train.register_autograd(_backward_train, setup_context=_setup_train)
 @torch.library.custom_op("fused_resnet::conv_bias_act", mutates_args=())
 def conv_bias_act(
     x: Tensor, weight: Tensor, bias: Tensor, residual: Optional[Tensor], stride: int,
-    padding: int, groups: int, relu: bool, kernels: str,
+    padding: int, dilation: int, groups: int, relu: bool, kernels: str,
 ) -> Tensor:
-    return _bias_forward(x, weight, bias, residual, stride, padding, groups, relu, kernels)
+    return _bias_forward(x, weight, bias, residual, stride, padding, dilation, groups, relu,
+                         kernels)
 
 
-def _bias_forward(x, weight, bias, residual, stride, padding, groups, relu, kernels):
-    z = kernels_module(kernels).conv_bias_act(x, weight, bias, residual, stride, padding, groups,
-                                              relu)
+def _bias_forward(x, weight, bias, residual, stride, padding, dilation, groups, relu, kernels):
+    z = kernels_module(kernels).conv_bias_act(x, weight, bias, residual, stride, padding, dilation,
+                                              groups, relu)
     return z.contiguous(memory_format=output_memory_format(x))
 
 
 @conv_bias_act.register_fake
-def _(x, weight, bias, residual, stride, padding, groups, relu, kernels):
-    return _empty(conv_output_shape(x, weight, stride, padding), x, output_memory_format(x))
+def _(x, weight, bias, residual, stride, padding, dilation, groups, relu, kernels):
+    return _empty(conv_output_shape(x, weight, stride, padding, dilation), x,
+                  output_memory_format(x))
 
 
 @torch.library.custom_op("fused_resnet::conv_bias_act_backward", mutates_args=())
 def conv_bias_act_backward(
     dz: Tensor, x: Tensor, weight: Tensor, z: Tensor, bias: Tensor, stride: int, padding: int,
-    groups: int, relu: bool, has_residual: bool, kernels: str, need_dx: bool,
+    dilation: int, groups: int, relu: bool, has_residual: bool, kernels: str, need_dx: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx (empty without need_dx), dw, d bias, d residual (empty without a residual))."""
     dx, dw, dbias, dr = kernels_module(kernels).conv_bias_act_backward(
-        dz, x, weight, z, stride, padding, groups, relu, has_residual, need_dx)
+        dz, x, weight, z, stride, padding, dilation, groups, relu, has_residual, need_dx)
     return (_as_input_grad(dx, x), _as_weight(dw, weight),
             dbias.to(bias.dtype), dr if dr is not None else dz.new_empty(0))
 
 
 @conv_bias_act_backward.register_fake
-def _(dz, x, weight, z, bias, stride, padding, groups, relu, has_residual, kernels, need_dx):
+def _(dz, x, weight, z, bias, stride, padding, dilation, groups, relu, has_residual, kernels,
+      need_dx):
     dr_format = kernels_module(kernels).activation_format(x)
     return (_dx_fake(x, need_dx), _as_weight(None, weight),
             _empty(bias.shape, bias),
@@ -194,17 +200,17 @@ def _(dz, x, weight, z, bias, stride, padding, groups, relu, has_residual, kerne
 
 
 def _setup_bias(ctx, inputs, output):
-    x, weight, bias, residual, stride, padding, groups, relu, kernels = inputs
+    x, weight, bias, residual, stride, padding, dilation, groups, relu, kernels = inputs
     ctx.save_for_backward(x, weight, output, bias)
-    ctx.args = (stride, padding, groups, relu, residual is not None, kernels)
+    ctx.args = (stride, padding, dilation, groups, relu, residual is not None, kernels)
 
 
 def _backward_bias(ctx, dz):
     x, weight, z, bias = ctx.saved_tensors
-    has_residual = ctx.args[4]
+    has_residual = ctx.args[5]
     need_dx = ctx.needs_input_grad[0]
     dx, dw, dbias, dr = conv_bias_act_backward(dz, x, weight, z, bias, *ctx.args, need_dx)
-    return dx if need_dx else None, dw, dbias, dr if has_residual else None, *(None,) * 5
+    return dx if need_dx else None, dw, dbias, dr if has_residual else None, *(None,) * 6
 
 
 conv_bias_act.register_autograd(_backward_bias, setup_context=_setup_bias)
@@ -227,20 +233,21 @@ class _ConvBnTrainFunction(torch.autograd.Function):
         return _backward_train(ctx, dz, dy, dmean, dvar, backward=_train_backward)
 
 
-def conv_bn_train_call(x, weight, bn_weight, bn_bias, residual, stride, padding, groups, eps,
-                       relu, kernels):
+def conv_bn_train_call(x, weight, bn_weight, bn_bias, residual, stride, padding, dilation, groups,
+                       eps, relu, kernels):
     """conv_bn_train's (z, y, mean, var): the custom op while torch.compile traces, its eager
     twin otherwise."""
-    args = (x, weight, bn_weight, bn_bias, residual, stride, padding, groups, eps, relu, kernels)
+    args = (x, weight, bn_weight, bn_bias, residual, stride, padding, dilation, groups, eps, relu,
+            kernels)
     if torch.compiler.is_compiling():
         return conv_bn_train(*args)
     return _ConvBnTrainFunction.apply(*args)
 
 
-def conv_bias_act_call(x, weight, bias, residual, stride, padding, groups, relu, kernels):
+def conv_bias_act_call(x, weight, bias, residual, stride, padding, dilation, groups, relu, kernels):
     """conv_bias_act's z: the custom op while tracing or when autograd needs it, else its body
     called directly (inference under no_grad, the common case)."""
-    args = (x, weight, bias, residual, stride, padding, groups, relu, kernels)
+    args = (x, weight, bias, residual, stride, padding, dilation, groups, relu, kernels)
     tensors = (x, weight, bias, residual)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                                  for t in tensors)

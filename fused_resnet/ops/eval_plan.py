@@ -84,16 +84,16 @@ class NativeConv:
     `bn_add_relu` made once."""
 
     def __init__(self, x_shape: tuple, weight: Tensor, bias: Tensor, *, stride: int,
-                 padding: int, has_residual: bool, relu: bool) -> None:
-        self.out_shape = conv_output_size(x_shape, weight.shape, stride, padding)
+                 padding: int, has_residual: bool, relu: bool, dilation: int = 1) -> None:
+        self.out_shape = conv_output_size(x_shape, weight.shape, stride, padding, dilation)
         self.weight, self.bias, self.ones = weight, bias, torch.ones_like(bias)
-        self.stride, self.padding = stride, padding
+        self.stride, self.padding, self.dilation = stride, padding, dilation
         self.has_residual, self.relu = has_residual, relu
 
     def __call__(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         z = native_kernels.conv_bias_act(
             x, self.weight, self.bias, residual if self.has_residual else None, self.stride,
-            self.padding, 1, self.relu, ones=self.ones)
+            self.padding, self.dilation, 1, self.relu, ones=self.ones)
         return z.contiguous(memory_format=output_memory_format(x))  # as conv_ops returns it
 
 
@@ -103,8 +103,8 @@ class BlockEvalPlan:
     added before its ReLU, the shortcut x, zero_pad(x), conv(x, w_d) + b_d or nothing."""
 
     def __init__(self, x: Tensor, weights: list[Tensor], biases: list[Tensor],
-                 strides: list[int], paddings: list[int], shortcut: str, shortcut_stride: int,
-                 backend: str, kernels: str) -> None:
+                 strides: list[int], paddings: list[int], dilations: list[int], shortcut: str,
+                 shortcut_stride: int, backend: str, kernels: str) -> None:
         if kernels == "triton":
             from fused_resnet.triton.conv_prepared import PreparedConvFwd
 
@@ -116,7 +116,8 @@ class BlockEvalPlan:
         self.weights, self.biases = tuple(weights), tuple(biases)
         self.backend, self.kernels = backend, kernels
         self.precision = input_precision(x.dtype)
-        self.strides, self.paddings = list(strides), list(paddings)
+        self.strides, self.paddings, self.dilations = (list(strides), list(paddings),
+                                                       list(dilations))
         self.shortcut, self.shortcut_stride = shortcut, shortcut_stride
         main = len(weights) - (shortcut == "projection")
         self.pad_channels = weights[main - 1].shape[0]  # option A pads x to the block's width
@@ -125,7 +126,8 @@ class BlockEvalPlan:
         for i in range(main):
             self.main.append(prepared(
                 shape, weights[i], biases[i], stride=strides[i], padding=paddings[i],
-                has_residual=i == main - 1 and shortcut != "none", relu=True))
+                dilation=dilations[i], has_residual=i == main - 1 and shortcut != "none",
+                relu=True))
             shape = self.main[-1].out_shape
         self.projection = None
         if shortcut == "projection":
@@ -135,13 +137,14 @@ class BlockEvalPlan:
 
     def matches(self, x: Tensor, weights: list[Tensor], biases: list[Tensor], *,
                 strides: list[int], paddings: list[int], shortcut: str, shortcut_stride: int = 1,
-                backend: str = "auto") -> bool:
+                backend: str = "auto", dilations: Optional[list[int]] = None) -> bool:
         """Whether `self(x)` computes residual_block_eval(x, weights, biases, ...) with these
         arguments (module doc)."""
         if (x.shape, x.stride(), x.dtype, x.device) != self.signature or backend != self.backend:
             return False
-        if (strides, paddings, shortcut, shortcut_stride) != (
-                self.strides, self.paddings, self.shortcut, self.shortcut_stride):
+        dilations = dilations or [1] * len(weights)
+        if (strides, paddings, dilations, shortcut, shortcut_stride) != (
+                self.strides, self.paddings, self.dilations, self.shortcut, self.shortcut_stride):
             return False
         if not self.folded_from(weights, biases):
             return False
@@ -183,7 +186,8 @@ def _plannable_call(x: Tensor) -> bool:
 
 def plan_block_eval(x: Tensor, weights: list[Tensor], biases: list[Tensor], *,
                     strides: list[int], paddings: list[int], shortcut: str,
-                    shortcut_stride: int = 1, backend: str = "auto") -> Optional[BlockEvalPlan]:
+                    shortcut_stride: int = 1, backend: str = "auto",
+                    dilations: Optional[list[int]] = None) -> Optional[BlockEvalPlan]:
     """A plan of `residual_block_eval(x, weights, biases, ...)` with these arguments, which a
     call has checked, or None where it would not run as one: the reference ops, on Triton x
     not stored channels_last (the chain's outputs then take x's layout), a weight not in x's
@@ -198,8 +202,9 @@ def plan_block_eval(x: Tensor, weights: list[Tensor], biases: list[Tensor], *,
         return None
     if any(w.dtype != x.dtype for w in weights) or not all(b.is_contiguous() for b in biases):
         return None
-    return BlockEvalPlan(x, weights, biases, strides, paddings, shortcut, shortcut_stride,
-                         backend, kernels)
+    return BlockEvalPlan(x, weights, biases, strides, paddings,
+                         dilations or [1] * len(weights), shortcut, shortcut_stride, backend,
+                         kernels)
 
 
 class StemEvalPlan:

@@ -14,16 +14,19 @@ def output_memory_format(x: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def conv_output_shape(x: Tensor, weight: Tensor, stride: int, padding: int) -> tuple[int, ...]:
-    """(N, C_out, Ho, Wo) of a dilation-1 conv: Ho = floor((H + 2p - kh) / s) + 1."""
-    return conv_output_size(x.shape, weight.shape, stride, padding)
+def conv_output_shape(x: Tensor, weight: Tensor, stride: int, padding: int,
+                      dilation: int = 1) -> tuple[int, ...]:
+    """(N, C_out, Ho, Wo) of the conv: Ho = floor((H + 2p - d (kh - 1) - 1) / s) + 1."""
+    return conv_output_size(x.shape, weight.shape, stride, padding, dilation)
 
 
-def conv_output_size(x_shape, weight_shape, stride: int, padding: int) -> tuple[int, ...]:
+def conv_output_size(x_shape, weight_shape, stride: int, padding: int,
+                     dilation: int = 1) -> tuple[int, ...]:
     """`conv_output_shape` from the shapes alone."""
     n, _, h, w = x_shape
     c_out, _, kh, kw = weight_shape
-    return (n, c_out, (h + 2 * padding - kh) // stride + 1, (w + 2 * padding - kw) // stride + 1)
+    return (n, c_out, (h + 2 * padding - dilation * (kh - 1) - 1) // stride + 1,
+            (w + 2 * padding - dilation * (kw - 1) - 1) // stride + 1)
 
 
 def stat_dtype(dtype: torch.dtype) -> torch.dtype:

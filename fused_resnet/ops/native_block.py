@@ -46,16 +46,16 @@ def unkept_ys(weights: list[Tensor], strides: list[int], shortcut: str) -> list[
 
 def block_train(
     x: Tensor, weights: list[Tensor], gammas: list[Tensor], betas: list[Tensor],
-    strides: list[int], paddings: list[int], eps: list[float], shortcut: str,
-    shortcut_stride: int,
+    strides: list[int], paddings: list[int], dilations: list[int], eps: list[float],
+    shortcut: str, shortcut_stride: int,
 ) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
     """(z, relu_mask, ys, means, variances, affines): relu_mask empty (backward reads the
     ReLU mask from z), affines[i] (3, C) the rstd, scale, shift rows of BN i as the forward
     applied it."""
     ys, means, variances, affines = [], [], [], []
 
-    def conv_bn_stats(inp: Tensor, i: int, stride: int, padding: int):
-        y = conv(inp, weights[i], stride, padding, 1)
+    def conv_bn_stats(inp: Tensor, i: int, stride: int, padding: int, dilation: int = 1):
+        y = conv(inp, weights[i], stride, padding, dilation, 1)
         mean, var = _C_OPS.bn_stats(y)
         ys.append(y)
         means.append(mean)
@@ -66,7 +66,7 @@ def block_train(
     main = len(weights) - (shortcut == "projection")
     inp = x
     for i in range(main):
-        scale, shift = conv_bn_stats(inp, i, strides[i], paddings[i])
+        scale, shift = conv_bn_stats(inp, i, strides[i], paddings[i], dilations[i])
         if i < main - 1:
             inp = _C_OPS.bn_add_relu(ys[-1], scale, shift, None, True)
     projection = None
@@ -86,8 +86,8 @@ def relu_mask_like(z: Tensor) -> Tensor:
 def block_train_backward(
     dz: Tensor, x: Tensor, z: Tensor, weights: list[Tensor], gammas: list[Tensor],
     betas: list[Tensor], ys: list[Tensor], means: list[Tensor], affines: list[Tensor],
-    strides: list[int], paddings: list[int], eps: list[float], shortcut: str,
-    shortcut_stride: int, need_dx: bool = True,
+    strides: list[int], paddings: list[int], dilations: list[int], eps: list[float],
+    shortcut: str, shortcut_stride: int, need_dx: bool = True,
 ) -> tuple[Tensor | None, list[Tensor], list[Tensor], list[Tensor]]:
     """(dx or None without need_dx, d weights, d gammas, d betas), lists in the order of the
     inputs; affines: the forward's (rstd, scale, shift) rows per BN."""
@@ -109,12 +109,14 @@ def block_train_backward(
     for i in range(last, 0, -1):
         _, scale, shift = affine[i - 1]
         a = _C_OPS.bn_add_relu(ys[i - 1], scale, shift, None, True)  # conv i's input again
-        d_a, dweights[i] = conv_backward(dy, a, weights[i], strides[i], paddings[i], 1)
+        d_a, dweights[i] = conv_backward(dy, a, weights[i], strides[i], paddings[i],
+                                         dilations[i], 1)
         dy, _ = bn_backward(i - 1, d_a, a, False)
-    dx, dweights[0] = conv_backward(dy, x, weights[0], strides[0], paddings[0], 1, need_dx)
+    dx, dweights[0] = conv_backward(dy, x, weights[0], strides[0], paddings[0], dilations[0],
+                                    1, need_dx)
     if shortcut == "projection":
         dyd, _ = bn_backward(main, g, None, False)
-        dxd, dweights[main] = conv_backward(dyd, x, weights[main], shortcut_stride, 0, 1,
+        dxd, dweights[main] = conv_backward(dyd, x, weights[main], shortcut_stride, 0, 1, 1,
                                             need_dx)
     if not need_dx:
         return None, dweights, dgammas, dbetas

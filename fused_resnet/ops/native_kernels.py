@@ -46,15 +46,17 @@ def activation_format(x: Tensor) -> torch.memory_format:
     return output_memory_format(x)
 
 
-def conv(x: Tensor, weight: Tensor, stride: int, padding: int, groups: int) -> Tensor:
+def conv(x: Tensor, weight: Tensor, stride: int, padding: int, dilation: int,
+         groups: int) -> Tensor:
     y = torch.ops.aten.convolution(x, weight, None, [stride, stride], [padding, padding],
-                                   [1, 1], False, [0, 0], groups)
+                                   [dilation, dilation], False, [0, 0], groups)
     # ATen picks channels_last when x or the weight is; the saved y follows x alone.
     return y.contiguous(memory_format=output_memory_format(x))
 
 
 def conv_backward(dy: Tensor, x: Tensor, weight: Tensor, stride: int, padding: int,
-                  groups: int, need_dx: bool = True) -> tuple[Optional[Tensor], Tensor]:
+                  dilation: int, groups: int,
+                  need_dx: bool = True) -> tuple[Optional[Tensor], Tensor]:
     """(dx, or None without need_dx: ATen then skips the data gradient, dw). A strided 1x1
     conv on CPU (`reference.strided_1x1_on_cpu`: oneDNN's weight gradient of it can be
     wrong) takes dw from the stride-1 conv of x[:, :, ::s, ::s], dx from ATen as usual."""
@@ -67,16 +69,16 @@ def conv_backward(dy: Tensor, x: Tensor, weight: Tensor, stride: int, padding: i
             [0, 0], groups, [False, True, False])[1]
         return dx, dw
     dx, dw, _ = torch.ops.aten.convolution_backward(
-        dy, x, weight, None, [stride, stride], [padding, padding], [1, 1], False, [0, 0],
-        groups, [need_dx, True, False])
+        dy, x, weight, None, [stride, stride], [padding, padding], [dilation, dilation], False,
+        [0, 0], groups, [need_dx, True, False])
     return dx, dw
 
 
 def conv_bn_train(
     x: Tensor, weight: Tensor, bn_weight: Tensor, bn_bias: Tensor, residual: Optional[Tensor],
-    stride: int, padding: int, groups: int, eps: float, relu: bool,
+    stride: int, padding: int, dilation: int, groups: int, eps: float, relu: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    y = conv(x, weight, stride, padding, groups)
+    y = conv(x, weight, stride, padding, dilation, groups)
     mean, var = torch.ops.fused_resnet.bn_stats(y)
     _, scale, shift = batch_norm_affine(mean, var, bn_weight, bn_bias, eps)
     z = torch.ops.fused_resnet.bn_add_relu(y, scale, shift, residual, relu)
@@ -85,35 +87,37 @@ def conv_bn_train(
 
 def conv_bn_train_backward(
     dz: Tensor, x: Tensor, weight: Tensor, bn_weight: Tensor, y: Tensor, z: Tensor,
-    mean: Tensor, var: Tensor, stride: int, padding: int, groups: int, eps: float, relu: bool,
+    mean: Tensor, var: Tensor, stride: int, padding: int, dilation: int, groups: int, eps: float,
+    relu: bool,
     has_residual: bool, need_dx: bool = True,
 ) -> tuple[Optional[Tensor], Tensor, Tensor, Tensor, Optional[Tensor]]:
     rstd = torch.rsqrt(var + eps)
     dy, dgamma, dbeta, dr = torch.ops.fused_resnet.bn_act_backward(
         dz, z if relu else None, y, mean, rstd, bn_weight.to(rstd.dtype), has_residual)
-    dx, dw = conv_backward(dy, x, weight, stride, padding, groups, need_dx)
+    dx, dw = conv_backward(dy, x, weight, stride, padding, dilation, groups, need_dx)
     return dx, dw, dgamma, dbeta, dr if has_residual else None
 
 
 def conv_bias_act(
     x: Tensor, weight: Tensor, bias: Tensor, residual: Optional[Tensor], stride: int,
-    padding: int, groups: int, relu: bool, ones: Optional[Tensor] = None,
+    padding: int, dilation: int, groups: int, relu: bool, ones: Optional[Tensor] = None,
 ) -> Tensor:
     """act(conv(x, w) + bias + residual): the bias, residual and ReLU in one pass (`ones`:
     bn_add_relu's unit scale, ones_like(bias), made here unless a caller keeps one)."""
-    y = conv(x, weight, stride, padding, groups)
+    y = conv(x, weight, stride, padding, dilation, groups)
     ones = torch.ones_like(bias) if ones is None else ones
     return torch.ops.fused_resnet.bn_add_relu(y, ones, bias, residual, relu)
 
 
 def conv_bias_act_backward(
-    dz: Tensor, x: Tensor, weight: Tensor, z: Tensor, stride: int, padding: int, groups: int,
+    dz: Tensor, x: Tensor, weight: Tensor, z: Tensor, stride: int, padding: int, dilation: int,
+    groups: int,
     relu: bool, has_residual: bool, need_dx: bool = True,
 ) -> tuple[Optional[Tensor], Tensor, Tensor, Optional[Tensor]]:
     """(dx or None without need_dx, dw, d bias, d residual or None); g = dz * [z > 0]."""
     g = torch.where(z <= 0, 0, dz) if relu else dz  # a NaN z passes dz, as torch does
     g = g.contiguous(memory_format=output_memory_format(x))
-    dx, dw = conv_backward(g, x, weight, stride, padding, groups, need_dx)
+    dx, dw = conv_backward(g, x, weight, stride, padding, dilation, groups, need_dx)
     dr = None
     if has_residual:  # an op output must not alias its input dz
         dr = g.clone() if g.data_ptr() == dz.data_ptr() else g

@@ -121,10 +121,10 @@ def sync_conv_bn_act(
     x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
     running_mean: Optional[Tensor], running_var: Optional[Tensor], *, stride: int,
     padding: int, groups: int, momentum: float, eps: float, residual: Optional[Tensor],
-    relu: bool, group,
+    relu: bool, group, dilation: int = 1,
 ) -> Tensor:
     """act(SyncBN(conv(x)) + residual) over `group` (see `sync_batch_norm`)."""
-    y = reference.conv2d(x, weight, None, stride, padding, groups)
+    y = reference.conv2d(x, weight, None, stride, padding, groups, dilation)
     return sync_batch_norm(y, bn_weight, bn_bias, running_mean, running_var,
                            momentum=momentum, eps=eps, residual=residual, relu=relu,
                            group=group)

@@ -65,8 +65,8 @@ def _shortcut_input(x: Tensor, shortcut: str, out_channels: int, stride: int):
 
 def block_train(
     x: Tensor, weights: list[Tensor], gammas: list[Tensor], betas: list[Tensor],
-    strides: list[int], paddings: list[int], eps: list[float], shortcut: str,
-    shortcut_stride: int,
+    strides: list[int], paddings: list[int], dilations: list[int], eps: list[float],
+    shortcut: str, shortcut_stride: int,
 ) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
     """(z, relu_mask, ys, means, variances, affines): relu_mask is [z > 0] packed as bits
     (`eltwise.bn_act_fwd_bits`), which backward reads instead of z; affines[i] (3, C) holds
@@ -74,9 +74,11 @@ def block_train(
     main = len(weights) - (shortcut == "projection")
     ys, means, variances, affines = [], [], [], []
 
-    def conv_bn(inp: Tensor, i: int, stride: int, padding: int, **prologue) -> None:
+    def conv_bn(inp: Tensor, i: int, stride: int, padding: int, dilation: int = 1,
+                **prologue) -> None:
         y, mean, var, affine = conv_batch_stats(inp, weights[i], gammas[i], betas[i], eps[i],
-                                                stride=stride, padding=padding, **prologue)
+                                                stride=stride, padding=padding,
+                                                dilation=dilation, **prologue)
         ys.append(y)
         means.append(mean)
         variances.append(var)
@@ -84,14 +86,15 @@ def block_train(
 
     written = operands() == "written"
     for i in range(main):
+        geometry = (strides[i], paddings[i], dilations[i])
         if i == 0:
-            conv_bn(x, i, strides[i], paddings[i])
+            conv_bn(x, i, *geometry)
         elif written:  # relu(bn(y)) written once, then the plain loop
             inp = bn_act_fwd(ys[-1], affines[-1][1], affines[-1][2], relu=True)
-            conv_bn(inp, i, strides[i], paddings[i])
+            conv_bn(inp, i, *geometry)
         else:
-            conv_bn(ys[-1], i, strides[i], paddings[i], in_scale=affines[-1][1],
-                    in_shift=affines[-1][2], in_relu=True)
+            conv_bn(ys[-1], i, *geometry, in_scale=affines[-1][1], in_shift=affines[-1][2],
+                    in_relu=True)
     bn2 = {}
     if shortcut == "projection":
         conv_bn(x, main, shortcut_stride, 0)
@@ -206,8 +209,8 @@ def _dy(dz: Tensor, mask, y: Tensor, bn: BnBackward, kernel_size: int, written: 
 def block_train_backward(
     dz: Tensor, x: Tensor, relu_mask: Tensor, weights: list[Tensor], gammas: list[Tensor],
     betas: list[Tensor], ys: list[Tensor], means: list[Tensor], affines: list[Tensor],
-    strides: list[int], paddings: list[int], eps: list[float], shortcut: str,
-    shortcut_stride: int, need_dx: bool = True,
+    strides: list[int], paddings: list[int], dilations: list[int], eps: list[float],
+    shortcut: str, shortcut_stride: int, need_dx: bool = True,
 ) -> tuple[Tensor | None, list[Tensor], list[Tensor], list[Tensor]]:
     """(dx or None without need_dx, d weights, d gammas, d betas), lists in the order of the
     inputs; relu_mask: the forward's [z > 0] as bits (`block_train`), or z itself;
@@ -264,18 +267,18 @@ def block_train_backward(
         elif i:
             prologue = {"in_scale": affine[i - 1][1], "in_shift": affine[i - 1][2],
                         "in_relu": True}
-        dweights[i] = conv_wgrad(inp, dy, weights[i].shape, stride=strides[i],
-                                 padding=paddings[i], **prologue)
+        geometry = {"stride": strides[i], "padding": paddings[i], "dilation": dilations[i]}
+        dweights[i] = conv_wgrad(inp, dy, weights[i].shape, **geometry, **prologue)
         del inp  # a written relu(bn(y)) is freed before the dgrad
         if i == 0:  # an identity shortcut's g added in the dgrad's epilogue
-            dx = conv_dgrad(dy, weights[0], x.shape, stride=strides[0], padding=paddings[0],
+            dx = conv_dgrad(dy, weights[0], x.shape, **geometry,
                             residual=g if shortcut == "identity" else None) if need_dx else None
             break
         # The gradient at relu(bn_{i-1}(y_{i-1})), with that BN's backward sums from the
         # dgrad epilogue; relu(bn(y)) > 0  <=>  y * scale + shift > 0.
         rstd, scale, shift = affine[i - 1]
         d_inp, (s_g, s_gy) = conv_dgrad(
-            dy, weights[i], ys[i - 1].shape, stride=strides[i], padding=paddings[i],
+            dy, weights[i], ys[i - 1].shape, **geometry,
             reduce=BnReduce(ys[i - 1], scale, shift, means[i - 1], rstd))
         mask = (scale, shift)
         dgammas[i - 1], dbetas[i - 1] = s_gy, s_g

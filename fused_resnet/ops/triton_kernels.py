@@ -31,11 +31,13 @@ def _check_groups(groups: int) -> None:
 
 
 def conv_batch_stats(x: Tensor, weight: Tensor, gamma: Tensor, beta: Tensor, eps: float, *,
-                     stride: int, padding: int, **prologue) -> tuple[Tensor, ...]:
+                     stride: int, padding: int, dilation: int = 1,
+                     **prologue) -> tuple[Tensor, ...]:
     """(y, batch mean, biased var, (rstd, scale, shift) as a (3, C) tensor) of y = conv(x,
     weight), the conv applying `prologue` (in_scale, in_shift, in_relu) to x on load and
     writing the statistics' partials in its epilogue (`bn_finalize` merges them)."""
-    y, parts = conv_fwd(x, weight, stride=stride, padding=padding, stats=True, **prologue)
+    y, parts = conv_fwd(x, weight, stride=stride, padding=padding, dilation=dilation, stats=True,
+                        **prologue)
     mean, var, affine = bn_finalize(*parts, STAT_ROWS, y.numel() // y.shape[1], gamma, beta,
                                     eps)
     return y, mean, var, affine
@@ -43,11 +45,11 @@ def conv_batch_stats(x: Tensor, weight: Tensor, gamma: Tensor, beta: Tensor, eps
 
 def conv_bn_train(
     x: Tensor, weight: Tensor, bn_weight: Tensor, bn_bias: Tensor, residual: Optional[Tensor],
-    stride: int, padding: int, groups: int, eps: float, relu: bool,
+    stride: int, padding: int, dilation: int, groups: int, eps: float, relu: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     _check_groups(groups)
     y, mean, var, affine = conv_batch_stats(x, weight, bn_weight, bn_bias, eps, stride=stride,
-                                            padding=padding)
+                                            padding=padding, dilation=dilation)
     r = to_nhwc(residual) if residual is not None else None
     z = bn_act_fwd(y, affine[1], affine[2], residual=r, relu=relu)
     return z.contiguous(memory_format=output_memory_format(x)), y, mean, var
@@ -55,7 +57,8 @@ def conv_bn_train(
 
 def conv_bn_train_backward(
     dz: Tensor, x: Tensor, weight: Tensor, bn_weight: Tensor, y: Tensor, z: Tensor,
-    mean: Tensor, var: Tensor, stride: int, padding: int, groups: int, eps: float, relu: bool,
+    mean: Tensor, var: Tensor, stride: int, padding: int, dilation: int, groups: int, eps: float,
+    relu: bool,
     has_residual: bool, need_dx: bool = True,
 ) -> tuple[Optional[Tensor], Tensor, Tensor, Tensor, Optional[Tensor]]:
     """(dx or None without need_dx, dw, d gamma, d beta, d residual or None)."""
@@ -73,23 +76,25 @@ def conv_bn_train_backward(
     bn = BnBackward(bn_weight, mean, rstd, sum_g, sum_gy, y.numel() // y.shape[1])
     g_args = (g, None) if g is not None else (dz, z)
     dy = BnGrad(*g_args, y, bn) if on_load else bn_act_bwd(*g_args, y, bn)[0]
-    dx = conv_dgrad(dy, weight, x.shape, stride=stride, padding=padding) if need_dx else None
-    dw = conv_wgrad(x, dy, weight.shape, stride=stride, padding=padding)
+    geometry = {"stride": stride, "padding": padding, "dilation": dilation}
+    dx = conv_dgrad(dy, weight, x.shape, **geometry) if need_dx else None
+    dw = conv_wgrad(x, dy, weight.shape, **geometry)
     return dx, dw, sum_gy, sum_g, g if has_residual else None
 
 
 def conv_bias_act(
     x: Tensor, weight: Tensor, bias: Tensor, residual: Optional[Tensor], stride: int,
-    padding: int, groups: int, relu: bool,
+    padding: int, dilation: int, groups: int, relu: bool,
 ) -> Tensor:
     _check_groups(groups)
-    z, _ = conv_fwd(x, weight, stride=stride, padding=padding, bias=bias, residual=residual,
-                    relu=relu)
+    z, _ = conv_fwd(x, weight, stride=stride, padding=padding, dilation=dilation, bias=bias,
+                    residual=residual, relu=relu)
     return z
 
 
 def conv_bias_act_backward(
-    dz: Tensor, x: Tensor, weight: Tensor, z: Tensor, stride: int, padding: int, groups: int,
+    dz: Tensor, x: Tensor, weight: Tensor, z: Tensor, stride: int, padding: int, dilation: int,
+    groups: int,
     relu: bool, has_residual: bool, need_dx: bool = True,
 ) -> tuple[Optional[Tensor], Tensor, Tensor, Optional[Tensor]]:
     """(dx or None without need_dx, dw, d bias, d residual or None); g = dz * [z > 0]."""
@@ -101,6 +106,7 @@ def conv_bias_act_backward(
     if relu or has_residual:
         g = bn_act_bwd(dz, to_nhwc(z) if relu else None, dz, None, write_dy=False,
                        write_dr=True)[2]
-    dx = conv_dgrad(g, weight, x.shape, stride=stride, padding=padding) if need_dx else None
-    dw = conv_wgrad(x, g, weight.shape, stride=stride, padding=padding)
+    geometry = {"stride": stride, "padding": padding, "dilation": dilation}
+    dx = conv_dgrad(g, weight, x.shape, **geometry) if need_dx else None
+    dw = conv_wgrad(x, g, weight.shape, **geometry)
     return dx, dw, g.sum(dim=(0, 2, 3), dtype=acc_dtype(dz.dtype)), g if has_residual else None

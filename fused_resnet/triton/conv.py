@@ -4,8 +4,10 @@ GEMM view: M = N*Ho*Wo output pixels (rows), N = C_out (columns), K = kh*kw*C_in
 (r, s, c) so the innermost K run is a contiguous channel vector of the NHWC input.
 Each program owns a BLOCK_M x BLOCK_N tile of the output:
 
-    acc[m, n] = sum_{r, s, c} pro(x[img(m), oh(m)*stride - pad + r, ow(m)*stride - pad + s, c])
-                              * w[n, c, r, s]
+    acc[m, n] = sum_{r, s, c} pro(x[img(m), oh(m)*stride - pad + r*dil, ow(m)*stride - pad + s*dil,
+                                    c]) * w[n, c, r, s]
+
+(dil: the dilation DIL, a constexpr, so that the undilated kernels compile as without it.)
 
 - prologue (optional): pro(v) = relu?(v * in_scale[c] + in_shift[c]) on load, then zero
   where the tap falls in the padding (the previous BN + ReLU, never materialized);
@@ -73,7 +75,7 @@ FWD_CONFIGS = [
 # wgmma wait for each other in most tiles (above), so its best tile may differ from
 # the plain loop's of the same shape (a bottleneck's conv3 and its projection: both 1x1
 # 64 -> 256 over the same pixels). Each kernel adds its variant flags (`autotune_conv`).
-CONV_TUNING_KEY = ["M", "C_in", "C_out", "KH", "KW", "stride"]
+CONV_TUNING_KEY = ["M", "C_in", "C_out", "KH", "KW", "DIL", "stride"]
 STAT_ROWS = 32  # rows per statistics group; divides every BLOCK_M of the configs
 
 
@@ -149,7 +151,7 @@ def _conv_fwd_kernel(
     in_scale_ptr, in_shift_ptr, bias_ptr, res_ptr,
     part_shift_ptr, part_mean_ptr, part_m2_ptr, num_groups,
     H, W, C_in, Ho, Wo, C_out, M, stride, padding,
-    KH: tl.constexpr, KW: tl.constexpr, FLAT_K: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, DIL: tl.constexpr, FLAT_K: tl.constexpr,
     PROLOGUE: tl.constexpr, PROLOGUE_RELU: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr, STATS: tl.constexpr,
     PADDED: tl.constexpr, SHIFT_BY_MEAN: tl.constexpr, UPCAST: tl.constexpr,
@@ -176,8 +178,8 @@ def _conv_fwd_kernel(
             k_ok = k < KH * KW * C_in
             c = (k % C_in)[None, :]
             tap = k // C_in
-            ih = oh[:, None] * stride - padding + (tap // KW)[None, :]
-            iw = ow[:, None] * stride - padding + (tap % KW)[None, :]
+            ih = oh[:, None] * stride - padding + (tap // KW)[None, :] * DIL
+            iw = ow[:, None] * stride - padding + (tap % KW)[None, :] * DIL
             a_ok = (m_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0)
                     & (iw < W))
             a = tl.load(x_ptr + ((img[:, None] * H + ih) * W + iw) * C_in + c, mask=a_ok,
@@ -209,14 +211,14 @@ def _conv_fwd_kernel(
             else:
                 r = tap // KW
                 s = tap % KW
-            ih = ih0 + r
-            iw = iw0 + s
+            ih = ih0 + r * DIL
+            iw = iw0 + s * DIL
             row_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
             c = c0 + offs_k
             c_ok = c < C_in
             a_ok = row_ok[:, None] & c_ok[None, :]
-            a = tl.load(x_ptr + (x_base + (r * W + s) * C_in)[:, None] + c[None, :], mask=a_ok,
-                        other=0.0)
+            a = tl.load(x_ptr + (x_base + (r * W + s) * DIL * C_in)[:, None] + c[None, :],
+                        mask=a_ok, other=0.0)
             if PROLOGUE:
                 sc = tl.load(in_scale_ptr + c, mask=c_ok, other=0.0)[None, :]
                 sh = tl.load(in_shift_ptr + c, mask=c_ok, other=0.0)[None, :]
@@ -314,12 +316,13 @@ def gemm_ordered(weight: Tensor) -> Tensor:
     return ordered
 
 
-def fwd_output(x_shape, weight_shape, stride: int, padding: int) -> tuple[int, int, int]:
+def fwd_output(x_shape, weight_shape, stride: int, padding: int,
+               dilation: int = 1) -> tuple[int, int, int]:
     """(Ho, Wo, M = N*Ho*Wo) of the forward conv, its pixel count checked (`check_pixels`)."""
     n, _, h, w = x_shape
     _, _, kh, kw = weight_shape
-    ho = (h + 2 * padding - kh) // stride + 1
-    wo = (w + 2 * padding - kw) // stride + 1
+    ho = (h + 2 * padding - dilation * (kh - 1) - 1) // stride + 1
+    wo = (w + 2 * padding - dilation * (kw - 1) - 1) // stride + 1
     check_pixels(x_shape, (ho, wo))
     return ho, wo, n * ho * wo
 
@@ -329,13 +332,20 @@ def fwd_grid(m: int, c_out: int):
     return lambda meta: (cdiv(m, meta["BLOCK_M"]), cdiv(c_out, meta["BLOCK_N"]))
 
 
+def kernel_dilation(dilation: int, kh: int, kw: int) -> int:
+    """The DIL constexpr of a conv kernel: `dilation`, or 1 for a 1x1 kernel, which it does
+    not change (one compiled variant, the undilated one, for every 1x1 conv)."""
+    return 1 if kh == kw == 1 else dilation
+
+
 def fwd_flags(dtype: torch.dtype, kh: int, kw: int, c_in: int, padding: int, *,
               prologue: bool, in_relu: bool, bias: bool, residual: bool, relu: bool,
-              stats: bool) -> dict:
+              stats: bool, dilation: int = 1) -> dict:
     """The forward kernel's constexpr arguments for x of `dtype` and a (., c_in, kh, kw)
-    weight, and which prologue / epilogue parts the launch has."""
+    weight dilated by `dilation`, and which prologue / epilogue parts the launch has."""
     return dict(
-        KH=kh, KW=kw, FLAT_K=flat_k(c_in), PROLOGUE=prologue, PROLOGUE_RELU=in_relu,
+        KH=kh, KW=kw, DIL=kernel_dilation(dilation, kh, kw), FLAT_K=flat_k(c_in),
+        PROLOGUE=prologue, PROLOGUE_RELU=in_relu,
         HAS_BIAS=bias, HAS_RES=residual, RELU=relu, STATS=stats, PADDED=padding > 0,
         SHIFT_BY_MEAN=dtype in (torch.float16, torch.bfloat16),
         UPCAST=dtype == torch.bfloat16 and interpreting(),
@@ -349,6 +359,7 @@ def conv_fwd(
     *,
     stride: int,
     padding: int,
+    dilation: int = 1,
     in_scale: Optional[Tensor] = None,
     in_shift: Optional[Tensor] = None,
     in_relu: bool = False,
@@ -363,11 +374,12 @@ def conv_fwd(
 
     x: (N, C_in, H, W); weight: (C_out, C_in, kh, kw), any float dtype (cast to x's while
     laid out: an fp32 master weight needs no separate cast); in_scale / in_shift: (C_in,)
-    prologue; bias: (C_out,); residual: out's shape, in x's dtype.
+    prologue; bias: (C_out,); residual: out's shape, in x's dtype; dilation: the spacing of
+    the kernel's taps, as torch's conv2d takes it.
     """
     n, c_in, h, w = x.shape
     c_out, _, kh, kw = weight.shape
-    ho, wo, m = fwd_output(x.shape, weight.shape, stride, padding)
+    ho, wo, m = fwd_output(x.shape, weight.shape, stride, padding, dilation)
     x = to_nhwc(x)
     out = torch.empty((n, c_out, ho, wo), device=x.device, dtype=x.dtype,
                       memory_format=torch.channels_last)
@@ -391,6 +403,6 @@ def conv_fwd(
         h, w, c_in, ho, wo, c_out, m, stride, padding,
         **fwd_flags(x.dtype, kh, kw, c_in, padding, prologue=in_scale is not None,
                     in_relu=in_relu, bias=bias is not None, residual=residual is not None,
-                    relu=relu, stats=stats),
+                    relu=relu, stats=stats, dilation=dilation),
     )
     return out, parts

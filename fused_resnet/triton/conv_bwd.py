@@ -15,8 +15,15 @@ dgrad (a transposed implicit GEMM; rows = input pixels, columns = C_in, K = taps
   none (dx = 0) for the rest. For a pixel of phase ph, at tap r = r0 + j * stride with
   r0 = (ph + pad) % stride, the output row is exact integer arithmetic:
       oh = q_h + (ph + pad - r0) / stride - j.
+  Dilated by dil (the constexpr DIL > 1): dx[.., h, ..] takes the taps r with h + pad - r*dil
+  a multiple of the stride. With g = gcd(dil, stride), those of phase ph are r = r0 + j *
+  tap_step, tap_step = stride / g, r0 the one r in [0, tap_step) with r * dil = ph + pad
+  (mod stride) if there is one (else none: dx = 0 in that phase), at the output rows
+      oh = q_h + (ph + pad - r0 * dil) / stride - j * oh_step,  oh_step = dil / g
+  (for dil = 1: tap_step = stride, oh_step = 1, r0 = (ph + pad) mod stride, as above).
 """
 
+import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -31,6 +38,7 @@ from fused_resnet.triton.conv import (
     check_pixels,
     dense_in,
     dot_acc,
+    kernel_dilation,
     to_nhwc,
 )
 from fused_resnet.triton.conv_wgrad import _conv_wgrad_kernel, conv_wgrad
@@ -47,8 +55,9 @@ def _conv_dgrad_kernel(
     dy_ptr, w_ptr, dx_ptr, z_ptr, ms_ptr, mh_ptr, y_ptr,
     coef_ptr, ry_ptr, r_scale_ptr, r_shift_ptr, r_mean_ptr, r_rstd_ptr,
     part_g_ptr, part_gy_ptr, part_a_ptr, res_ptr, tap_ptr,
-    num_groups, H, W, C_in, Ho, Wo, C_out, Hq, Wq, M, stride, padding,
-    KH: tl.constexpr, KW: tl.constexpr, BN_BWD: tl.constexpr, RELU: tl.constexpr,
+    num_groups, H, W, C_in, Ho, Wo, C_out, Hq, Wq, M, stride, padding, tap_step, oh_step,
+    KH: tl.constexpr, KW: tl.constexpr, DIL: tl.constexpr, BN_BWD: tl.constexpr,
+    RELU: tl.constexpr,
     REDUCE: tl.constexpr, REDUCE_ACT: tl.constexpr, HAS_RES: tl.constexpr,
     TAP_RES: tl.constexpr, GROUP: tl.constexpr,
     UPCAST: tl.constexpr, ACC_FP64: tl.constexpr, PRECISION: tl.constexpr,
@@ -70,17 +79,29 @@ def _conv_dgrad_kernel(
     ih = qh * stride + ph
     iw = qw * stride + pw
     m_ok = (offs_m < M) & (ih < H) & (iw < W)
-    r0 = (ph + padding) % stride
-    s0 = (pw + padding) % stride
-    # Taps of this phase: r = r0, r0 + stride, ... < KH (none where r0 >= KH); r0 < stride.
-    taps_h = (KH - r0 + stride - 1) // stride
-    taps_w = (KW - s0 + stride - 1) // stride
+    if DIL == 1:
+        r0 = (ph + padding) % stride
+        s0 = (pw + padding) % stride
+        step = stride
+        out_step: tl.constexpr = 1
+    else:  # r0: the r in [0, tap_step) with (ph + pad - r * DIL) % stride == 0, else KH
+        r0 = ph * 0 + KH
+        s0 = pw * 0 + KW
+        for t in range(0, tap_step):
+            r0 = tl.where((r0 == KH) & ((ph + padding - t * DIL) % stride == 0), t, r0)
+            s0 = tl.where((s0 == KW) & ((pw + padding - t * DIL) % stride == 0), t, s0)
+        step = tap_step
+        out_step = oh_step
+    # Taps of this phase: r = r0, r0 + step, ... < KH (none where r0 >= KH); r0 < step.
+    taps_h = (KH - r0 + step - 1) // step
+    taps_w = (KW - s0 + step - 1) // step
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_ty)
     # One loop over (r, s, C_out slice) of this phase, as the forward does (pipelining), the
     # slice k0 and the tap (i, j) advancing like an odometer (no division per step), and the
-    # dy rows as the loop-invariant dy_base minus the tap's scalar offset (i * Wo + j) * C_out.
-    oh0 = qh + (ph + padding - r0) // stride  # the output row of tap i is oh0 - i
-    ow0 = qw + (pw + padding - s0) // stride
+    # dy rows as the loop-invariant dy_base minus the tap's scalar offset (i * Wo + j) * C_out
+    # (times out_step). Where the phase has no tap, oh0 is not an output row and is not read.
+    oh0 = qh + (ph + padding - r0 * DIL) // stride  # the output row of tap i: oh0 - i * out_step
+    ow0 = qw + (pw + padding - s0 * DIL) // stride
     dy_base = ((img * Ho + oh0) * Wo + ow0) * C_out  # int64
     i = 0
     j = 0
@@ -92,8 +113,8 @@ def _conv_dgrad_kernel(
         else:
             ti = i
             tj = j
-        oh = oh0 - ti
-        ow = ow0 - tj
+        oh = oh0 - ti * out_step
+        ow = ow0 - tj * out_step
         row_ok = m_ok & (oh >= 0) & (oh < Ho) & (ow >= 0) & (ow < Wo)
         k = k0 + offs_k
         k_ok = k < C_out
@@ -102,12 +123,12 @@ def _conv_dgrad_kernel(
         cd = tl.load(coef_ptr + 2 * C_out + k, mask=k_ok & BN_BWD, other=0.0)
         ms = tl.load(ms_ptr + k, mask=k_ok & (RELU == 2), other=0.0)[None, :]
         mh = tl.load(mh_ptr + k, mask=k_ok & (RELU == 2), other=0.0)[None, :]
-        dy_row = dy_base - (ti * Wo + tj) * C_out
+        dy_row = dy_base - (ti * Wo + tj) * out_step * C_out
         a = _grad_tile(dy_ptr, z_ptr, y_ptr, dy_row[:, None] + k[None, :],
                        row_ok[:, None] & k_ok[None, :], ca[None, :], cb[None, :],
                        cd[None, :], ms, mh,
                        BN_BWD, RELU, ACC_FP64, KH * KW > 1, False)  # a 1x1 tap is in range
-        krow = ((r0 + ti * stride) * KW + s0 + tj * stride) * C_out + k
+        krow = ((r0 + ti * step) * KW + s0 + tj * step) * C_out + k
         b = tl.load(w_ptr + krow[:, None] * C_in + offs_n[None, :],
                     mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         acc = dot_acc(a, b, acc, UPCAST, PRECISION)
@@ -167,7 +188,8 @@ class BnReduce(NamedTuple):
 
 
 def conv_dgrad(dy, weight: Tensor, x_shape: torch.Size, *, stride: int, padding: int,
-               reduce: Optional[BnReduce] = None, residual: Optional[Tensor] = None,
+               dilation: int = 1, reduce: Optional[BnReduce] = None,
+               residual: Optional[Tensor] = None,
                reduce_act: bool = False, tap_residual: Optional[Tensor] = None):
     """dx (N, C_in, H, W) channels_last in dy's dtype, for dy (N, C_out, Ho, Wo) given as a
     tensor or a BnGrad (weight in any float dtype: cast while laid out); plus `residual`
@@ -177,7 +199,7 @@ def conv_dgrad(dy, weight: Tensor, x_shape: torch.Size, *, stride: int, padding:
     activation relu(y * scale + shift) itself (per channel, as the prologue rounds it).
     `tap_residual` (1x1 convs without padding; (N, C_in, Ho, Wo), dy's pixels): added where
     the conv's taps land, dx[:, :, ::stride, ::stride] += tap_residual, in the same fp32
-    sum."""
+    sum. `dilation`: the spacing of the conv's taps, as torch's conv2d takes it."""
     if reduce_act and reduce is None:
         raise ValueError("conv_dgrad: reduce_act needs reduce")
     if residual is not None and tuple(residual.shape) != tuple(x_shape):
@@ -199,6 +221,8 @@ def conv_dgrad(dy, weight: Tensor, x_shape: torch.Size, *, stride: int, padding:
     dx = torch.empty((n, c_in, h, w), device=dy.device, dtype=dy.dtype,
                      memory_format=torch.channels_last)
     hq, wq = cdiv(h, stride), cdiv(w, stride)  # pixel slots per phase
+    dil = kernel_dilation(dilation, kh, kw)
+    g = math.gcd(dil, stride)
     m = n * hq * wq
     w_t = dense_in(weight.permute(2, 3, 0, 1), dy.dtype).reshape(-1, c_in)  # (kh*kw*C_out, C_in)
     grid = lambda meta: (  # noqa: E731
@@ -213,7 +237,8 @@ def conv_dgrad(dy, weight: Tensor, x_shape: torch.Size, *, stride: int, padding:
     launch(
         _conv_dgrad_kernel, grid, dy, w_t, dx, *grad[1:], *r_args, *parts[:2], parts[-1], res,
         tap,
-        groups, h, w, c_in, ho, wo, c_out, hq, wq, m, stride, padding, KH=kh, KW=kw, **flags,
+        groups, h, w, c_in, ho, wo, c_out, hq, wq, m, stride, padding, stride // g, dil // g,
+        KH=kh, KW=kw, DIL=dil, **flags,
         REDUCE=reduce is not None, REDUCE_ACT=reduce_act, HAS_RES=residual is not None,
         TAP_RES=tap_residual is not None, GROUP=STAT_ROWS,
         UPCAST=dy.dtype == torch.bfloat16 and interpreting(), ACC_FP64=acc == torch.float64,

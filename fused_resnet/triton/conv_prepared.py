@@ -27,7 +27,8 @@ from fused_resnet.triton.launch import PreparedLaunch
 class PreparedConvFwd:
     """out = relu?(conv(x, weight) + bias[c] (+ residual)) for x of shape `x_shape` and
     `dtype`, stored channels_last (NHWC-contiguous), as `conv_fwd(x, weight, stride=,
-    padding=, bias=, residual=, relu=)` computes it; out is a new channels_last tensor.
+    padding=, dilation=, bias=, residual=, relu=)` computes it; out is a new channels_last
+    tensor.
 
     weight: (C_out, C_in, kh, kw), kept as its GEMM view in `dtype` (a copy unless it was
     laid out by `conv.gemm_ordered`); bias: (C_out,) fp32 (fp64 for fp64 x), contiguous;
@@ -37,10 +38,11 @@ class PreparedConvFwd:
     __slots__ = ("out_shape", "dtype", "weight", "bias", "ints", "has_residual", "launch")
 
     def __init__(self, x_shape: tuple, dtype: torch.dtype, weight: Tensor, bias: Tensor, *,
-                 stride: int, padding: int, has_residual: bool, relu: bool) -> None:
+                 stride: int, padding: int, has_residual: bool, relu: bool,
+                 dilation: int = 1) -> None:
         n, c_in, h, w = x_shape
         c_out, _, kh, kw = weight.shape
-        ho, wo, m = fwd_output(x_shape, weight.shape, stride, padding)
+        ho, wo, m = fwd_output(x_shape, weight.shape, stride, padding, dilation)
         self.out_shape, self.dtype = (n, c_out, ho, wo), dtype
         self.weight, self.bias = gemm_weight(weight, dtype), bias
         # conv_fwd's integer arguments: statistics groups (unused here), then the shapes
@@ -49,7 +51,7 @@ class PreparedConvFwd:
         self.launch = PreparedLaunch(
             _conv_fwd_kernel, fwd_grid(m, c_out),
             fwd_flags(dtype, kh, kw, c_in, padding, prologue=False, in_relu=False, bias=True,
-                      residual=has_residual, relu=relu, stats=False))
+                      residual=has_residual, relu=relu, stats=False, dilation=dilation))
 
     def __call__(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         out = torch.empty(self.out_shape, device=x.device, dtype=self.dtype,

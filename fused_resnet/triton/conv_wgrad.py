@@ -7,8 +7,8 @@ added in a fixed order (`config.wgrad_atomic`); a program's columns are
 BLOCK_N channels of one tap, or, for inputs with few channels (`config.flat_k`: the stem's 3),
 BLOCK_N of the flattened (r, s, c) columns, so that 7x7x3 takes 3 column blocks of 64
 instead of 49 blocks holding 3 channels each):
-    dw[k, c, r, s] = sum_m dy[m, k] * pro(x[img(m), oh(m)*stride - pad + r,
-                                            ow(m)*stride - pad + s, c])
+    dw[k, c, r, s] = sum_m dy[m, k] * pro(x[img(m), oh(m)*stride - pad + r*dil,
+                                            ow(m)*stride - pad + s*dil, c])
   where pro is the forward's prologue (relu?(x * in_scale + in_shift), zero in the padding),
   recomputed on load instead of read from a saved activation; dy a tensor or computed on
   load (`grad_tile`: a BnGrad, an Activated).
@@ -31,7 +31,14 @@ from fused_resnet.triton.config import (
     wgrad_split,
     wgrad_tiles,
 )
-from fused_resnet.triton.conv import autotune_conv, check_pixels, dot_acc, prologue, to_nhwc
+from fused_resnet.triton.conv import (
+    autotune_conv,
+    check_pixels,
+    dot_acc,
+    kernel_dilation,
+    prologue,
+    to_nhwc,
+)
 from fused_resnet.triton.eltwise import bn_bwd_coefficients
 from fused_resnet.triton.grad_tile import _grad_args, _grad_tile
 from fused_resnet.triton.launch import launch
@@ -43,7 +50,7 @@ def _conv_wgrad_kernel(
     x_ptr, dy_ptr, dw_ptr, in_scale_ptr, in_shift_ptr, z_ptr, ms_ptr, mh_ptr, y_ptr,
     gamma_ptr, mean_ptr, rstd_ptr, sum_g_ptr, sum_gy_ptr, bn_n,
     H, W, C_in, Ho, Wo, C_out, M, stride, padding, rows_per_split,
-    KH: tl.constexpr, KW: tl.constexpr, FLAT: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, DIL: tl.constexpr, FLAT: tl.constexpr,
     PROLOGUE: tl.constexpr, PROLOGUE_RELU: tl.constexpr, BN_BWD: tl.constexpr,
     RELU: tl.constexpr, ACT: tl.constexpr, SUB: tl.constexpr, PADDED: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -102,8 +109,8 @@ def _conv_wgrad_kernel(
     for m0 in range(start, stop, BLOCK_K):
         offs_m = m0 + tl.arange(0, BLOCK_K)
         m_ok = offs_m < stop
-        ih = oh[:, None] * stride - padding + r  # (BLOCK_K, 1), or (BLOCK_K, BLOCK_N) if FLAT
-        iw = ow[:, None] * stride - padding + s
+        ih = oh[:, None] * stride - padding + r * DIL  # (BLOCK_K, 1); (BLOCK_K, BLOCK_N) if FLAT
+        iw = ow[:, None] * stride - padding + s * DIL
         if SUB:  # dy = x at the conv's stride (`Subsampled`): the lanes' (img, oh, ow) in x
             dy_pix = (img * H + oh * stride) * W + ow * stride
         else:
@@ -140,13 +147,14 @@ def _conv_wgrad_kernel(
 
 
 def conv_wgrad(
-    x: Tensor, dy, weight_shape: torch.Size, *, stride: int, padding: int,
+    x: Tensor, dy, weight_shape: torch.Size, *, stride: int, padding: int, dilation: int = 1,
     in_scale: Optional[Tensor] = None, in_shift: Optional[Tensor] = None, in_relu: bool = False,
     split: Optional[int] = None, atomic: Optional[bool] = None,
 ) -> Tensor:
     """dw (C_out, C_in, kh, kw) in the accumulator dtype (fp32, fp64 for fp64 inputs), for
     dy (N, C_out, Ho, Wo) given as a tensor, a BnGrad, an Activated or a Subsampled (a
-    tensor of x's shape, x itself for a Gram matrix, read at the stride; no padding).
+    tensor of x's shape, x itself for a Gram matrix, read at the stride; no padding);
+    `dilation`: the spacing of the kernel's taps, as torch's conv2d takes it.
     `split` slices of the pixels (default `config.wgrad_split`), added by atomics or in a
     fixed order (`atomic`, default `config.wgrad_atomic`; one slice writes dw itself)."""
     grad, flags = _grad_args(dy)
@@ -179,7 +187,8 @@ def conv_wgrad(
         _conv_wgrad_kernel, grid, to_nhwc(x), grad[0], parts,
         in_scale if in_scale is not None else parts, in_shift if in_shift is not None else parts,
         *grad[1:], h, w, c_in, ho, wo, c_out, m, stride, padding, rows_per_split,
-        KH=kh, KW=kw, FLAT=flat, PROLOGUE=in_scale is not None, PROLOGUE_RELU=in_relu, **flags,
+        KH=kh, KW=kw, DIL=kernel_dilation(dilation, kh, kw), FLAT=flat,
+        PROLOGUE=in_scale is not None, PROLOGUE_RELU=in_relu, **flags,
         PADDED=padding > 0,
         UPCAST=x.dtype == torch.bfloat16 and interpreting(), ACC_FP64=acc == torch.float64,
         PRECISION=input_precision(x.dtype), ATOMIC=atomic,

@@ -8,7 +8,8 @@ one tile config, what each kernel's grid and loops hand to tl.dot (`conv.py`, `c
     fwd    programs cdiv(M, BM) x cdiv(C_out, BN), M = N*Ho*Wo; each runs K steps of BK:
            cdiv(kh*kw*C_in, BK) flattened (`config.flat_k`), else kh*kw*cdiv(C_in, BK);
     dgrad  programs cdiv(N*Hq*Wq, BM) x cdiv(C_in, BN) x stride^2, Hq = cdiv(H, stride);
-           phase (ph, pw) visits taps_h(ph) * taps_w(pw) taps of cdiv(C_out, BK) steps;
+           phase (ph, pw) visits taps_h(ph) * taps_w(pw) taps of cdiv(C_out, BK) steps,
+           taps_h(ph) = #{r < k : (ph + pad - r * dilation) mod stride = 0};
     wgrad  programs cdiv(C_out, BM) x column blocks x split; a split's rows in steps of BK;
            column blocks cdiv(kh*kw*C_in, BN) flattened, else kh*kw*cdiv(C_in, BN);
 
@@ -33,10 +34,12 @@ class ConvShape(NamedTuple):
     k: int
     stride: int
     padding: int
+    dilation: int = 1
 
     @property
     def out_hw(self) -> tuple[int, int]:
-        return tuple((size + 2 * self.padding - self.k) // self.stride + 1
+        span = self.dilation * (self.k - 1) + 1  # the dilated kernel's extent
+        return tuple((size + 2 * self.padding - span) // self.stride + 1
                      for size in (self.h, self.w))
 
     @property
@@ -62,8 +65,9 @@ def fwd_macs(s: ConvShape, bm: int, bn: int, bk: int) -> int:
 
 
 def _phase_taps(s: ConvShape, phase: int) -> int:
-    """Taps r in [0, k) with r = (phase + pad) mod stride: those a pixel of that phase takes."""
-    return len(range((phase + s.padding) % s.stride, s.k, s.stride))
+    """Taps r in [0, k) with r * dilation = phase + pad (mod stride): those a pixel of that
+    phase takes (r = (phase + pad) mod stride, + stride, ... undilated)."""
+    return sum((phase + s.padding - r * s.dilation) % s.stride == 0 for r in range(s.k))
 
 
 def dgrad_macs(s: ConvShape, bm: int, bn: int, bk: int) -> int:
