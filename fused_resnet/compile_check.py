@@ -50,7 +50,7 @@ class _Stem(torch.nn.Module):
 
 def _blocks(backend: str) -> torch.nn.Module:
     """The stem, then every block kind at a small shape: projection and identity
-    bottlenecks, identity and option-A basic blocks, dilated bottlenecks (a grouped 3x3 is
+    bottlenecks, identity and option-A basic blocks, a dilated bottleneck (a grouped 3x3 is
     not a Triton kernel, so it is left out)."""
     from fused_resnet.nn import FusedBasicBlock, FusedBottleneck
 
@@ -59,10 +59,10 @@ def _blocks(backend: str) -> torch.nn.Module:
         FusedBottleneck(32, 16, backend=backend),  # projection 32 -> 64 (1x1 conv + BN)
         FusedBottleneck(64, 16, stride=2, backend=backend),  # 3x3 and projection stride 2
         FusedBottleneck(64, 16, backend=backend),  # identity: the single-launch candidate
-        FusedBottleneck(64, 16, dilation=2, backend=backend),  # a dilated 3x3 (DIL=2)
         FusedBasicBlock(64, 64, backend=backend),
         FusedBasicBlock(64, 128, stride=2, shortcut="A", backend=backend),  # -> 4 x 4
-        FusedBottleneck(128, 32, stride=2, dilation=2, backend=backend),  # dgrad phases, DIL=2
+        # a dilated 3x3 (DIL=2) at stride 2: the dgrad's phases without taps
+        FusedBottleneck(128, 32, stride=2, dilation=2, backend=backend),
     )
 
 

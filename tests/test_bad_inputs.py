@@ -161,8 +161,9 @@ MODULE_ERRORS = {
     "block with a frozen BN (chain path): 1 value left per channel": (
         lambda b: _frozen_bn2(FusedBottleneck(8, 4, 2, shortcut="A", backend=b)),
         lambda: torch.randn(1, 8, 2, 2), "more than 1 value per channel"),
-    "module: dilated conv": (lambda b: _dilated(FusedConvBNAct(4, 8, 3, backend=b)),
-                             lambda: torch.randn(2, 4, 6, 6), "dilation 1"),
+    "module: non-square dilation": (lambda b: _dilated(FusedConvBNAct(4, 8, 3, backend=b)),
+                                    lambda: torch.randn(2, 4, 6, 6),
+                                    "square stride, padding and dilation"),
     "model: 1-channel images": (lambda b: fr.models.cifar_resnet(20, backend=b),
                                 lambda: torch.randn(2, 1, 8, 8), "x has 1 channels"),
     "model: last stage of one value": (lambda b: fr.models.resnet18(backend=b),
@@ -183,7 +184,7 @@ def _frozen_bn2(block):
 
 
 def _dilated(module):
-    module.conv.dilation = (2, 2)
+    module.conv.dilation = (2, 1)  # the fused ops take one dilation for H and W
     return module
 
 
@@ -209,16 +210,19 @@ def test_convert_refuses_non_modules_and_skips_blocks_it_cannot_fuse():
         fr.convert(5)
     with pytest.raises(ValueError, match="backend must be one of"):
         fr.convert(torchvision.models.resnet18(), backend="tpu")
-    tv = torchvision.models.resnet50(replace_stride_with_dilation=[False, True, True]).eval()
+    tv = torchvision.models.resnet50().eval()
+    conv = tv.layer3[1].conv2
+    conv.dilation, conv.padding = (2, 1), (2, 1)  # not square: no fused conv takes it
     expected = copy.deepcopy(tv)
-    with pytest.warns(RuntimeWarning, match=r"left layer3.1 unfused: conv2 has dilation"):
+    with pytest.warns(RuntimeWarning, match=r"left layer3.1 unfused: conv2 has non-square"):
         fr.convert(tv, backend="reference")
     assert type(tv.layer2[0]).__name__ == "FusedBottleneck"
-    assert type(tv.layer4[1]).__name__ == "Bottleneck"  # dilated: left as torchvision's
+    assert type(tv.layer3[1]).__name__ == "Bottleneck"  # left as torchvision's
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(tv(x), expected(x), rtol=1e-4, atol=1e-4)
-    for case in ("convert(5)", "convert(backend='tpu')", "dilated blocks: left unfused, warned"):
+    for case in ("convert(5)", "convert(backend='tpu')",
+                 "a block with a non-square dilation: left unfused, warned"):
         record("bad inputs tried (modules and models)", f"{case}")
 
 

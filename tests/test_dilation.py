@@ -221,3 +221,13 @@ def test_dilated_resnet50_on_gpu_with_triton_trains_like_the_reference(dilate):
     ref.eval()
     with torch.no_grad():
         assert_close(fused(x), ref(x), name="eval logits")
+
+
+def test_profile_labels_name_the_dilation():
+    skip_without_triton()
+    from fused_resnet.triton.conv_bwd import _conv_dgrad_kernel
+    from fused_resnet.triton.launch import profile_label
+
+    assert profile_label(_conv_dgrad_kernel, {"KH": 3, "KW": 3, "DIL": 2, "BN_BWD": True}) \
+        == "fr::conv_dgrad 3x3d2 bn_bwd"
+    assert profile_label(_conv_dgrad_kernel, {"KH": 3, "KW": 3, "DIL": 1}) == "fr::conv_dgrad 3x3"

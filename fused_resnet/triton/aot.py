@@ -84,10 +84,11 @@ class KernelBuild:
 
     @property
     def variant(self) -> str:
-        """The non-tile constexprs, those that are set (flags) or not booleans."""
+        """The non-tile constexprs, those that are set (flags) or not booleans; a conv's
+        dilation only where it is not 1."""
         parts = []
         for k, v in self.constants.items():
-            if k in TILE_KEYS or v is False:
+            if k in TILE_KEYS or v is False or (k == "DIL" and v == 1):
                 continue
             parts.append(k if v is True else f"{k}={v}")
         return " ".join(parts)

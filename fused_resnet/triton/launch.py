@@ -78,9 +78,12 @@ def kernel_name(kernel) -> str:
 
 
 def profile_label(kernel, kwargs: dict) -> str:
-    """The profiler range of a launch: 'fr::conv_fwd 3x3 prologue stats', 'fr::bn_act_fwd
-    has_res'."""
-    size = [f"{kwargs['KH']}x{kwargs['KW']}"] if "KH" in kwargs else []
+    """The profiler range of a launch: 'fr::conv_fwd 3x3 prologue stats', 'fr::conv_dgrad
+    3x3d2' (dilated by 2), 'fr::bn_act_fwd has_res'."""
+    size = []
+    if "KH" in kwargs:
+        dilated = f"d{kwargs['DIL']}" if kwargs.get("DIL", 1) > 1 else ""
+        size = [f"{kwargs['KH']}x{kwargs['KW']}{dilated}"]
     flags = [flag.lower() for flag in _VARIANT_FLAGS if kwargs.get(flag)]
     return " ".join([f"fr::{kernel_name(kernel)}", *size, *flags])
 
