@@ -22,6 +22,7 @@ BLOCKS = {
     "bottleneck projection": lambda b: FusedBottleneck(16, 8, 2, backend=b),
     "basic option A": lambda b: FusedBasicBlock(8, 16, 2, shortcut="A", backend=b),
     "basic plain": lambda b: FusedBasicBlock(8, 16, 1, shortcut=None, backend=b),
+    "bottleneck dilated": lambda b: FusedBottleneck(16, 8, 2, dilation=2, backend=b),
 }
 # Triton (interpreted on CPU) and the `_C` kernels of the test device
 backends = pytest.mark.parametrize("backend", FUSED_BACKENDS)

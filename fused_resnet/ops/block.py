@@ -156,7 +156,7 @@ def bottleneck_eval(x: Tensor, weights: list[Tensor], biases: list[Tensor], *,
 
 
 # Signatures (shapes, dtypes, devices of x and of every weight and bias, strides, paddings,
-# shortcut) whose block check passed: what the check reads, so an inference block called
+# dilations, shortcut) whose block check passed: what the check reads, so an inference block called
 # with the same ones again (every call of a model at one input size) skips it. The check is
 # ~8 us of host time a conv, a signature ~1 us a tensor; at most _EVAL_CHECKED_MAX kept.
 _EVAL_CHECKED: dict[tuple, None] = {}
@@ -178,16 +178,16 @@ def residual_block_eval(x: Tensor, weights: list[Tensor], biases: list[Tensor], 
     x, _, _ = autocast_inputs(x, None, None)
     weights = [w if w.dtype == x.dtype else w.to(x.dtype) for w in weights]
     main = len(weights) - (shortcut == "projection")
+    dilations = [1] * len(weights) if dilations is None else dilations
     signature = (x.shape, x.dtype, x.device, shortcut, shortcut_stride, tuple(strides),
-                 tuple(paddings), tuple(dilations or ()),
+                 tuple(paddings), tuple(dilations),
                  *[(t.shape, t.dtype, t.device) for t in (*weights, *biases)])
     if signature not in _EVAL_CHECKED:
         _check_lists(weights, strides, paddings, dilations)
         inp = x
         for i, (w, b) in enumerate(zip(weights, biases)):
             source = x if i == main else inp
-            stride, padding, dilation = _geometry(i, main, strides, paddings,
-                                                  dilations or [1] * len(weights),
+            stride, padding, dilation = _geometry(i, main, strides, paddings, dilations,
                                                   shortcut_stride)
             check_conv_bn_act_args(source, w, None, b, None, None, stride=stride,
                                    padding=padding, groups=1, training=False, residual=None,
@@ -199,8 +199,8 @@ def residual_block_eval(x: Tensor, weights: list[Tensor], biases: list[Tensor], 
             _EVAL_CHECKED.clear()
         _EVAL_CHECKED[signature] = None
     kernels = select_kernels(backend, "residual_block", x)
-    return _eval_chain(x, weights, biases, strides, paddings, dilations or [1] * len(weights),
-                       shortcut, shortcut_stride, kernels)
+    return _eval_chain(x, weights, biases, strides, paddings, dilations, shortcut,
+                       shortcut_stride, kernels)
 
 
 def _eval_chain(x, weights, biases, strides, paddings, dilations, shortcut, shortcut_stride,
