@@ -98,6 +98,16 @@ def test_dilated_conv_bn_act_matches_the_reference(backend):
         assert_close(got, expected, kind="grad")
 
 
+def _assert_same_in_training_and_eval(ours, theirs, x):
+    """Both models' outputs on x in training mode (batch statistics, running stats
+    updated), then in eval mode."""
+    for training in (True, False):
+        ours.train(training)
+        theirs.train(training)
+        with torch.no_grad():
+            assert_close(ours(x), theirs(x), kind="grad", name=f"training={training}")
+
+
 def _dilation_pattern(model):
     return [(name, m.stride, m.padding, m.dilation) for name, m in model.named_modules()
             if isinstance(m, torch.nn.Conv2d)]
@@ -115,12 +125,7 @@ def test_resnet50_replace_stride_with_dilation_is_torchvisions(dilate):
     ours = fr.models.resnet50(replace_stride_with_dilation=dilate, backend=NATIVE).to(DEVICE)
     assert _dilation_pattern(ours) == _dilation_pattern(theirs)
     ours.load_state_dict(theirs.state_dict())
-    x = torch.randn(2, 3, 64, 64, device=DEVICE)
-    for training in (True, False):
-        ours.train(training)
-        theirs.train(training)
-        with torch.no_grad():
-            assert_close(ours(x), theirs(x), kind="grad", name=f"logits, training={training}")
+    _assert_same_in_training_and_eval(ours, theirs, torch.randn(2, 3, 64, 64, device=DEVICE))
     assert_close(ours.state_dict()["layer4.2.bn3.running_var"],
                  theirs.state_dict()["layer4.2.bn3.running_var"])
 
@@ -176,12 +181,7 @@ def test_convert_fuses_a_dilated_torchvision_resnet(backend):
     theirs = theirs.to(DEVICE)
     blocks = [m for m in ours.modules() if isinstance(m, fr.nn.FusedBottleneck)]
     assert len(blocks) == 16 and blocks[-1].conv2.dilation == (4, 4)
-    x = torch.randn(2, 3, 64, 64, device=DEVICE)
-    for training in (True, False):
-        ours.train(training)
-        theirs.train(training)
-        with torch.no_grad():
-            assert_close(ours(x), theirs(x), kind="grad", name=f"training={training}")
+    _assert_same_in_training_and_eval(ours, theirs, torch.randn(2, 3, 64, 64, device=DEVICE))
 
 
 def test_convert_fuses_the_backbone_of_deeplabv3():
