@@ -231,3 +231,18 @@ def test_profile_labels_name_the_dilation():
     assert profile_label(_conv_dgrad_kernel, {"KH": 3, "KW": 3, "DIL": 2, "BN_BWD": True}) \
         == "fr::conv_dgrad 3x3d2 bn_bwd"
     assert profile_label(_conv_dgrad_kernel, {"KH": 3, "KW": 3, "DIL": 1}) == "fr::conv_dgrad 3x3"
+
+
+def test_convert_runs_a_basic_block_with_dilated_convs_fused():
+    """torchvision's BasicBlock refuses dilation > 1, but a block whose conv modules are
+    dilated afterwards (as some segmentation nets make them) is swapped, and the fused block
+    reads each conv's dilation."""
+    torch.manual_seed(4)
+    block = torchvision.models.resnet.BasicBlock(8, 8)
+    for conv in (block.conv1, block.conv2):
+        conv.dilation, conv.padding = (2, 2), (2, 2)
+    theirs = torch.nn.Sequential(block)
+    ours = _no_convert_warnings(copy.deepcopy(theirs), NATIVE)
+    assert type(ours[0]) is fr.nn.FusedBasicBlock
+    _assert_same_in_training_and_eval(ours.to(DEVICE), theirs.to(DEVICE),
+                                      torch.randn(2, 8, 7, 7, device=DEVICE))
