@@ -48,7 +48,8 @@ def batch_bucket(batch: int) -> str:
 def block_key(kind: str, channels: Sequence[int], strides: Sequence[int], height: int,
               width: int, dtype: torch.dtype, training: bool, batch: int) -> str:
     """"<kind>|<c_in>><c_1>,<c_2>,...|s<s_1>,<s_2>,...|<H>x<W>|<dtype>|<train|eval>|b<bucket>":
-    kind is the block class and shortcut ("bottleneck/projection"), channels the input
+    kind is the block class and shortcut ("bottleneck/projection", "/d2" after it for a
+    block with convs dilated by 2), channels the input
     channels and each main-path conv's outputs, strides those convs' strides, H x W the
     input's size, dtype the compute dtype (autocast's when enabled)."""
     return (f"{kind}|{channels[0]}>{','.join(map(str, channels[1:]))}|"

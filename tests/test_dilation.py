@@ -246,3 +246,29 @@ def test_convert_runs_a_basic_block_with_dilated_convs_fused():
     assert type(ours[0]) is fr.nn.FusedBasicBlock
     _assert_same_in_training_and_eval(ours.to(DEVICE), theirs.to(DEVICE),
                                       torch.randn(2, 8, 7, 7, device=DEVICE))
+
+
+def test_compile_fullgraph_traces_dilated_blocks():
+    """torch.compile(fullgraph=True) of dilated blocks (the ops' fake kernels give the dilated
+    output shapes): a training step's outputs, gradients and running stats, then eval, as
+    eager's."""
+    torch.manual_seed(5)
+    eager = torch.nn.Sequential(
+        fr.nn.FusedBottleneck(16, 4, dilation=2, backend=NATIVE),
+        fr.nn.FusedBottleneck(16, 4, stride=2, dilation=2, backend=NATIVE)).to(DEVICE)
+    ours = copy.deepcopy(eager)
+    compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 16, 9, 9, device=DEVICE)
+    got, expected = compiled(x), eager(x)
+    assert got.shape == (2, 16, 5, 5)
+    got.square().sum().backward()
+    expected.square().sum().backward()
+    assert_close(got, expected)
+    for (name, a), b in zip(ours.named_parameters(), eager.parameters()):
+        assert_close(a.grad, b.grad, kind="grad", name=name)
+    for (name, a), b in zip(ours.named_buffers(), eager.buffers()):
+        assert_close(a.double(), b.double(), name=name)
+    ours.eval()
+    eager.eval()
+    with torch.no_grad():
+        assert_close(compiled(x), eager(x), name="eval")

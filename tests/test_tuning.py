@@ -47,6 +47,9 @@ def test_block_key_names_shape_dtype_mode_and_batch_bucket():
             "bottleneck/projection|256>128,128,512|s2,1,1|8x8|bfloat16|eval|b256+")
     assert FusedBasicBlock(16, 32, 2, shortcut="A").tuning_key(torch.randn(1, 16, 4, 4)) == (
         "basicblock/zero_pad|16>32,32|s2,1|4x4|float32|train|b1")
+    # a dilated block is measured apart from the undilated one of the same shape
+    assert FusedBottleneck(64, 16, dilation=2).tuning_key(torch.randn(2, 64, 8, 8)) == (
+        "bottleneck/identity/d2|64>16,16,64|s1,1,1|8x8|float32|train|b8")
     assert [tuning.batch_bucket(n) for n in (1, 2, 8, 9, 128, 129)] == [
         "1", "8", "8", "32", "128", "256+"]
 

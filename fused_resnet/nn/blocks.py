@@ -62,6 +62,9 @@ class ResidualBlock(FoldingModule):
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         kind = f"{type(self).__name__.removeprefix('Fused').lower()}/{self.shortcut_kind()}"
+        dilation = max(c.dilation[0] for c, _ in pairs)
+        if dilation > 1:  # measured apart from the undilated block of the same shape
+            kind += f"/d{dilation}"
         return tuning.block_key(kind, [x.shape[1]] + [c.out_channels for c, _ in pairs],
                                 [c.stride[0] for c, _ in pairs], x.shape[2], x.shape[3],
                                 dtype, self.training, x.shape[0])
