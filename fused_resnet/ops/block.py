@@ -23,7 +23,7 @@ from fused_resnet.ops.conv_bn_act import (
     select_kernels,
     update_block_running_stats,
 )
-from fused_resnet.ops.layout import conv_output_shape
+from fused_resnet.ops.layout import conv_dilations, conv_output_shape
 from fused_resnet.triton.config import BOTTLENECK_EVAL_MAX_MID
 
 
@@ -36,7 +36,7 @@ def _geometry(i: int, main: int, strides, paddings, dilations, shortcut_stride) 
 def _check_lists(weights, strides, paddings, dilations) -> list[int]:
     """`dilations` (default: all 1); raises where a per-conv list does not have one entry
     per weight."""
-    dilations = [1] * len(weights) if dilations is None else list(dilations)
+    dilations = conv_dilations(dilations, len(weights))
     for name, values in (("strides", strides), ("paddings", paddings),
                          ("dilations", dilations)):
         if len(values) != len(weights):
@@ -178,7 +178,7 @@ def residual_block_eval(x: Tensor, weights: list[Tensor], biases: list[Tensor], 
     x, _, _ = autocast_inputs(x, None, None)
     weights = [w if w.dtype == x.dtype else w.to(x.dtype) for w in weights]
     main = len(weights) - (shortcut == "projection")
-    dilations = [1] * len(weights) if dilations is None else dilations
+    dilations = conv_dilations(dilations, len(weights))
     signature = (x.shape, x.dtype, x.device, shortcut, shortcut_stride, tuple(strides),
                  tuple(paddings), tuple(dilations),
                  *[(t.shape, t.dtype, t.device) for t in (*weights, *biases)])

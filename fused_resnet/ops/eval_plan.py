@@ -31,7 +31,7 @@ from fused_resnet import backend as _backend
 from fused_resnet import reference
 from fused_resnet.ops import native_kernels
 from fused_resnet.ops.conv_bn_act import compute_dtype
-from fused_resnet.ops.layout import conv_output_size, output_memory_format
+from fused_resnet.ops.layout import conv_dilations, conv_output_size, output_memory_format
 from fused_resnet.triton.config import input_precision
 
 PLANNED_KERNELS = ("triton", "cuda", "cpu")
@@ -142,7 +142,7 @@ class BlockEvalPlan:
         arguments (module doc)."""
         if (x.shape, x.stride(), x.dtype, x.device) != self.signature or backend != self.backend:
             return False
-        dilations = dilations or [1] * len(weights)
+        dilations = conv_dilations(dilations, len(weights))
         if (strides, paddings, dilations, shortcut, shortcut_stride) != (
                 self.strides, self.paddings, self.dilations, self.shortcut, self.shortcut_stride):
             return False
@@ -203,8 +203,8 @@ def plan_block_eval(x: Tensor, weights: list[Tensor], biases: list[Tensor], *,
     if any(w.dtype != x.dtype for w in weights) or not all(b.is_contiguous() for b in biases):
         return None
     return BlockEvalPlan(x, weights, biases, strides, paddings,
-                         dilations or [1] * len(weights), shortcut, shortcut_stride, backend,
-                         kernels)
+                         conv_dilations(dilations, len(weights)), shortcut, shortcut_stride,
+                         backend, kernels)
 
 
 class StemEvalPlan:

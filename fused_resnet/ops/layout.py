@@ -29,6 +29,12 @@ def conv_output_size(x_shape, weight_shape, stride: int, padding: int,
             (w + 2 * padding - dilation * (kw - 1) - 1) // stride + 1)
 
 
+def conv_dilations(dilations, count: int) -> list[int]:
+    """A block's per-conv dilations as a list: `dilations`, or 1 for each of its `count`
+    convs where None is given (the block ops' default)."""
+    return [1] * count if dilations is None else list(dilations)
+
+
 def stat_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype of per-channel stats and BN math for activations of `dtype`."""
     return torch.float64 if dtype == torch.float64 else torch.float32
