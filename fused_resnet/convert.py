@@ -15,8 +15,8 @@ that and is left as it is, with a warning. Blocks that are already fused are poi
 pure-PyTorch computation. The state dict is unchanged either way. Blocks whose convs the
 fused ops do not run (bias, padding modes, non-square stride, padding or dilation) are left as
 they are, with a warning naming them; dilated convs (torchvision's `replace_stride_with_dilation`,
-its segmentation backbones) run fused. A torchvision ResNet's stem is fused too
-(`_fuse_stems`).
+its segmentation backbones) run fused. A torchvision ResNet's stem is fused too, and that
+of an IntermediateLayerGetter over a ResNet's children (`_fuse_stems`).
 """
 
 from __future__ import annotations
@@ -106,8 +106,9 @@ def _unfusable_reason(module: nn.Module, names: tuple[str, ...]) -> Optional[str
 
 
 def _fuse_stems(model: nn.Module, backend: str) -> None:
-    """torchvision ResNets inside `model` (itself included) get their stem fused
-    (nn/torchvision_stem.py); nothing to do without torchvision."""
+    """torchvision ResNets and IntermediateLayerGetters over a ResNet's children inside
+    `model` (itself included) get their stem fused (nn/torchvision_stem.py); nothing to do
+    without torchvision."""
     stem = _torchvision_stem()
     if stem is None:
         return
@@ -205,7 +206,8 @@ def _keep_sync(model: nn.Module) -> None:
     tensors: the fused ops synchronize only those, and would otherwise take this process's
     batch statistics alone under DDP."""
     stem = _torchvision_stem()
-    fused_types = (ResidualBlock,) + ((stem.TorchvisionResNetFusedStem,) if stem else ())
+    fused_types = (ResidualBlock,) + ((stem.TorchvisionResNetFusedStem, stem.GetterFusedStem)
+                                     if stem else ())
     for module in list(model.modules()):
         if isinstance(module, ResidualBlock):  # its BNs: main path and projection
             places = [(module, name) for name, _ in module.named_children()]
@@ -245,7 +247,9 @@ def convert(model: nn.Module, backend: str = "auto", *, sync_bn: bool = False,
     `backend` (in place; returns `model`). The model's own forward is kept, but for a
     `torchvision.models.ResNet` (that class exactly) the stem conv1 -> bn1 -> relu ->
     maxpool runs fused too (`nn.torchvision_stem`: the object's class swapped, its maxpool a
-    FusedMaxPool2d, no tensor or key changed); its head runs as before.
+    FusedMaxPool2d, no tensor or key changed); its head runs as before. So does the stem in
+    torchvision's `IntermediateLayerGetter` over a ResNet (DeepLabV3, FCN, detection
+    backbones), unless it returns the output of conv1, bn1 or relu.
 
     sync_bn / process_group: also turn every BatchNorm2d into a FusedSyncBatchNorm over
     `process_group` (None: the world), same tensors and keys: under torch.distributed,

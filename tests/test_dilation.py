@@ -186,7 +186,8 @@ def test_convert_fuses_a_dilated_torchvision_resnet(backend):
 
 def test_convert_fuses_the_backbone_of_deeplabv3():
     """torchvision's DeepLabV3 (ResNet-50 backbone with output stride 8, in an
-    IntermediateLayerGetter): all 16 blocks swapped, the segmentation output unchanged."""
+    IntermediateLayerGetter): all 16 blocks and the stem swapped, the segmentation output
+    unchanged."""
     from torchvision.models.segmentation import deeplabv3_resnet50
 
     torch.manual_seed(2)
@@ -194,6 +195,7 @@ def test_convert_fuses_the_backbone_of_deeplabv3():
     ours = fr.convert(copy.deepcopy(theirs), backend=NATIVE).to(DEVICE)
     theirs = theirs.to(DEVICE)
     assert sum(isinstance(m, fr.nn.FusedBottleneck) for m in ours.modules()) == 16
+    assert type(ours.backbone).__name__ == "GetterFusedStem"  # its stem fused too
     x = torch.randn(1, 3, 48, 48, device=DEVICE)
     with torch.no_grad():
         assert_close(ours(x)["out"], theirs(x)["out"], kind="grad")

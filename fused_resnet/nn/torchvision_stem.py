@@ -1,5 +1,7 @@
 """torchvision's ResNet with its stem fused: what `fr.convert` makes of a
-`torchvision.models.ResNet` (that class exactly) besides swapping its blocks.
+`torchvision.models.ResNet` (that class exactly) besides swapping its blocks, and of the
+`IntermediateLayerGetter` that holds a ResNet's children in torchvision's segmentation and
+detection backbones (DeepLabV3, FCN, `resnet_fpn_backbone`).
 
 torchvision's forward runs the stem as four modules, conv1 -> bn1 -> relu -> maxpool, so in
 training relu(bn1(conv1(x))) is written and kept for backward, and ATen's max-pool writes and
@@ -8,18 +10,23 @@ inference BN folds into the conv). `convert` swaps the object's class for
 `TorchvisionResNetFusedStem` below, whose `_forward_impl` (the method torchvision's `forward`
 calls) runs the stem as `fr.nn.conv_bn_relu_pool`, and `maxpool` for a `FusedMaxPool2d` of the
 same window (neither holds a tensor): the same object, parameters, buffers and state-dict
-keys. This module imports torchvision; `convert` imports it only where torchvision is
-installed.
+keys. An `IntermediateLayerGetter` (a ModuleDict run in order) likewise becomes
+`GetterFusedStem`, which runs its first four modules (conv1, bn1, relu, maxpool) as one
+stem where none of the first three is a returned layer. This module imports torchvision;
+`convert` imports it only where torchvision is installed.
 """
 
 from __future__ import annotations
 
+import itertools
 import warnings
+from collections import OrderedDict
 from typing import Optional
 
 import torch
 import torchvision
 from torch import Tensor, nn
+from torchvision.models._utils import IntermediateLayerGetter
 
 from fused_resnet.nn.conv_bn import FoldingModule
 from fused_resnet.nn.frozen_bn import BN_TYPES, adopt
@@ -40,6 +47,43 @@ class TorchvisionResNetFusedStem(FoldingModule, torchvision.models.ResNet):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
+STEM_NAMES = ("conv1", "bn1", "relu", "maxpool")
+
+
+class GetterFusedStem(FoldingModule, IntermediateLayerGetter):
+    """A torchvision `IntermediateLayerGetter` over a ResNet's children whose stem runs as
+    `conv_bn_relu_pool` on `stem_backend`: what its forward computes, where its first four
+    modules are still conv1, bn1, relu and maxpool and none of conv1 / bn1 / relu is a
+    returned layer (checked per call: `return_layers` and the dict may be changed);
+    otherwise the getter's own forward, module by module. Made by `fr.convert` (a class
+    swap of an existing getter), not constructed."""
+
+    stem_backend: str
+
+    def forward(self, x: Tensor):
+        if _getter_stem_reason(self) is not None:
+            return super().forward(x)
+        out = OrderedDict()
+        x = conv_bn_relu_pool(x, self.conv1, self.bn1, self.maxpool, backend=self.stem_backend)
+        for name, module in itertools.islice(self.items(), len(STEM_NAMES) - 1, None):
+            if name != "maxpool":  # run by conv_bn_relu_pool above
+                x = module(x)
+            if name in self.return_layers:
+                out[self.return_layers[name]] = x
+        return out
+
+
+def _getter_stem_reason(getter: IntermediateLayerGetter) -> Optional[str]:
+    """Why `getter` cannot run its first four modules as one stem (they are not conv1, bn1,
+    relu, maxpool, or it returns what one of the first three computes), or None."""
+    if list(itertools.islice(getter.keys(), len(STEM_NAMES))) != list(STEM_NAMES):
+        return f"its first modules are not {', '.join(STEM_NAMES)}"
+    returned = [n for n in STEM_NAMES[:-1] if n in getter.return_layers]
+    if returned:
+        return f"it returns the output of {', '.join(returned)}"
+    return None
+
+
 def _square(value) -> Optional[int]:
     """An int for an int or a pair of equal ints, else None."""
     if isinstance(value, int):
@@ -58,10 +102,11 @@ def _pool_window(pool: nn.MaxPool2d) -> Optional[tuple[int, int, int]]:
     return window
 
 
-def _unfusable_reason(model: torchvision.models.ResNet, conv_reason) -> Optional[str]:
-    """Why the stem of `model` cannot run as `conv_bn_relu_pool`, or None. `conv_reason`
-    (name, conv) -> reason or None is convert's check of a conv."""
-    conv, bn, relu, pool = model.conv1, model.bn1, model.relu, model.maxpool
+def _unfusable_reason(model: nn.Module, conv_reason) -> Optional[str]:
+    """Why the stem of `model` (a ResNet or a getter that holds conv1 ... maxpool) cannot run
+    as `conv_bn_relu_pool`, or None. `conv_reason` (name, conv) -> reason or None is
+    convert's check of a conv."""
+    conv, bn, relu, pool = (getattr(model, n) for n in STEM_NAMES)
     if type(conv) is not nn.Conv2d or type(bn) not in BN_TYPES:  # subclasses may compute otherwise
         return (f"conv1 / bn1 are {type(conv).__name__} / {type(bn).__name__}, not a plain "
                 "Conv2d and BatchNorm2d")
@@ -82,14 +127,18 @@ def _unfusable_reason(model: torchvision.models.ResNet, conv_reason) -> Optional
 
 def fuse_stem(model: nn.Module, backend: str, conv_reason) -> None:
     """Points a converted model's stem at `backend`, or converts `model` where its class is
-    exactly torchvision's ResNet and its stem can run fused (else warns why not); anything
-    else is left alone."""
-    if isinstance(model, TorchvisionResNetFusedStem):
+    exactly torchvision's ResNet or IntermediateLayerGetter (holding conv1 ... maxpool first)
+    and its stem can run fused (else warns why not); anything else is left alone."""
+    if isinstance(model, (TorchvisionResNetFusedStem, GetterFusedStem)):
         model.stem_backend = model.maxpool.backend = backend
         return
-    if type(model) is not torchvision.models.ResNet:
+    if type(model) is torchvision.models.ResNet:
+        fused_class, reason = TorchvisionResNetFusedStem, None
+    elif type(model) is IntermediateLayerGetter and "conv1" in model:
+        fused_class, reason = GetterFusedStem, _getter_stem_reason(model)
+    else:
         return
-    reason = _unfusable_reason(model, conv_reason)
+    reason = reason or _unfusable_reason(model, conv_reason)
     if reason is not None:
         warnings.warn(f"convert: left the stem of {type(model).__name__} unfused: {reason}",
                       RuntimeWarning, stacklevel=4)
@@ -99,4 +148,4 @@ def fuse_stem(model: nn.Module, backend: str, conv_reason) -> None:
     model.maxpool = fused_pool
     adopt(model.bn1)
     model.stem_backend = backend
-    model.__class__ = TorchvisionResNetFusedStem
+    model.__class__ = fused_class
