@@ -119,22 +119,48 @@ def test_inference_fold_is_cached_and_follows_weight_changes():
 
 def test_fold_reads_a_parametrized_conv_weight():
     """A weight under torch.nn.utils.parametrize is a computed attribute, not an entry of the
-    conv's parameter dict: the inference fold takes the computed one."""
+    conv's parameter dict, and a new tensor at every access (often at the address of the
+    last one, version 0): the inference fold takes the computed one, never a stale fold
+    after the parametrization's own parameter changed."""
     from torch.nn.utils import parametrize
 
-    class Double(torch.nn.Module):
+    class Scale(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.k = torch.nn.Parameter(torch.tensor(2.0))
+
         def forward(self, w):
-            return w * 2
+            return w * self.k
 
     backend = "cpu" if unavailable_reason("cpu", torch.device("cpu")) is None else "reference"
     block = FusedBottleneck(32, 8, 1, backend=backend).eval()
     reference = FusedBottleneck(32, 8, 1, backend="reference").eval()
     reference.load_state_dict(block.state_dict())
-    with torch.no_grad():
-        reference.conv2.weight.mul_(2)
-    parametrize.register_parametrization(block.conv2, "weight", Double())
+    parametrize.register_parametrization(block.conv2, "weight", Scale())
     x = torch.randn(2, 32, 8, 8)
     with torch.no_grad():
+        reference.conv2.weight.mul_(2)
+        assert_close(block(x), reference(x))
+        for k in (-1.0, 0.5, 3.0):
+            reference.conv2.weight.mul_(k / block.conv2.parametrizations.weight[0].k)
+            block.conv2.parametrizations.weight[0].k.fill_(k)
+            folded = block.bn2._fused_resnet_fold[1]
+            assert_close(block(x), reference(x), name=f"k={k}")
+            assert block.bn2._fused_resnet_fold[1] is not folded  # a new weight: refolded
+
+
+def test_fold_of_inference_tensors():
+    """Parameters made under torch.inference_mode have no version counter: the block folds
+    them at each call (no cache) instead of failing, as torch's modules run them."""
+    backend = "cpu" if unavailable_reason("cpu", torch.device("cpu")) is None else "reference"
+    with torch.inference_mode():
+        block = FusedBottleneck(32, 8, 1, backend=backend).eval()
+        reference = FusedBottleneck(32, 8, 1, backend="reference").eval()
+        reference.load_state_dict(block.state_dict())
+        x = torch.randn(2, 32, 8, 8)
+        assert_close(block(x), reference(x))
+        for model in (block, reference):
+            model.bn2.running_var.mul_(2.0)  # in place, unversioned: not cached, not stale
         assert_close(block(x), reference(x))
 
 

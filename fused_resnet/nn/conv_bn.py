@@ -81,7 +81,7 @@ def square_geometry(conv: nn.Conv2d) -> bool:
             and conv.padding[0] == conv.padding[1] and conv.dilation[0] == conv.dilation[1])
 
 
-_FOLD = "_fused_resnet_fold"  # the fold cached on a BatchNorm module: (key, (weight, shift))
+_FOLD = "_fused_resnet_fold"  # on a BatchNorm module: (key, (weight, shift), source tensors)
 
 
 def clear_fold_cache(module: nn.Module) -> None:
@@ -145,13 +145,21 @@ def cached_folds(x: Tensor, pairs: list[tuple[nn.Conv2d, nn.BatchNorm2d]],
     out = []
     for (conv, bn), tensors in zip(pairs, sources):
         # Storage address and version of each source: moving the module (.to, .cuda) or
-        # writing to a tensor (optimizer step, load_state_dict) changes one of them.
-        key = (dtype, kernels, bn.eps,
-               *[(t.data_ptr(), t._version) if t is not None else None for t in tensors])
+        # writing to a tensor (optimizer step, load_state_dict) changes one of them. The
+        # entry holds its sources, so no later tensor can take one's address while it lives
+        # (a parametrized weight is a new tensor on every access: refolded every call).
+        try:
+            key = (dtype, kernels, bn.eps,
+                   *[(t.data_ptr(), t._version) if t is not None else None for t in tensors])
+        except RuntimeError:  # an inference tensor has no version counter: fold, don't cache
+            weight, shift = _fold(conv, bn, dtype)
+            out.append((inference_weight(weight, kernels), shift))
+            continue
         cached = bn.__dict__.get(_FOLD)
         if cached is None or cached[0] != key:
             weight, shift = _fold(conv, bn, dtype)
-            cached = (key, (inference_weight(weight, kernels), shift))  # as kernels read it
+            # (key, folded as the kernels read it, the sources kept alive)
+            cached = (key, (inference_weight(weight, kernels), shift), tensors)
             bn.__dict__[_FOLD] = cached
         out.append(cached[1])
     return out
