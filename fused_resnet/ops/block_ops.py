@@ -41,6 +41,7 @@ from fused_resnet.ops.conv_ops import (
     _dx_fake,
     kernels_module,
 )
+from fused_resnet.ops.first_order import first_order
 from fused_resnet.ops.layout import conv_output_shape, output_memory_format, stat_dtype
 
 SHORTCUTS = ("identity", "zero_pad", "projection", "none")
@@ -136,6 +137,7 @@ def _setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # no zero gradients for the ys and statistics
 
 
+@first_order("fused_resnet::block_train")
 def _backward(ctx, dz, _dmask, _dys, _dmeans, _dvars, _daffines, backward=None,
               need_dx=None):
     if dz is None:  # z did not reach the loss

@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from fused_resnet.ops.first_order import first_order
 from fused_resnet.ops.layout import conv_output_shape, output_memory_format, stat_dtype
 
 KERNELS = ("triton", "native")
@@ -142,6 +143,7 @@ def _setup_train(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
+@first_order("fused_resnet::conv_bn_train")
 def _backward_train(ctx, dz, _dy, _dmean, _dvar, backward=None):
     if dz is None:  # z did not reach the loss
         return (None,) * 12
@@ -205,6 +207,7 @@ def _setup_bias(ctx, inputs, output):
     ctx.args = (stride, padding, dilation, groups, relu, residual is not None, kernels)
 
 
+@first_order("fused_resnet::conv_bias_act")
 def _backward_bias(ctx, dz):
     x, weight, z, bias = ctx.saved_tensors
     has_residual = ctx.args[5]

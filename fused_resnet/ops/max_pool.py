@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from fused_resnet import backend as _backend
+from fused_resnet.ops.first_order import first_order
 from fused_resnet.ops.layout import output_memory_format
 
 MAX_KERNEL = 11  # the window position must fit an int8 (r * k + s < 128)
@@ -114,6 +115,7 @@ def _setup(ctx, inputs, output):
                 stride, padding)
 
 
+@first_order("fused_resnet::max_pool")
 def _backward(ctx, dout, _darg):
     (arg,) = ctx.saved_tensors
     return max_pool_backward(dout, arg, *ctx.args), None, None, None

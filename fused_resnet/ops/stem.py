@@ -30,6 +30,7 @@ from fused_resnet.ops.conv_bn_act import (
     select_kernels,
     update_running_stats,
 )
+from fused_resnet.ops.first_order import first_order
 from fused_resnet.ops.layout import (
     bn_params,
     conv_output_shape,
@@ -113,6 +114,7 @@ def _setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # no zero gradients for the statistics' outputs
 
 
+@first_order("fused_resnet::stem_train")
 def _backward(ctx, dout, *_):
     if dout is None:  # the stem's output did not reach the loss
         return (None,) * 10

@@ -26,6 +26,7 @@ from torch import Tensor
 from fused_resnet import backend as _backend
 from fused_resnet import reference
 from fused_resnet.ops.conv_bn_act import update_running_stats
+from fused_resnet.ops.first_order import first_order
 from fused_resnet.ops.layout import bn_params, stat_dtype
 
 
@@ -80,6 +81,7 @@ class _SyncBNAct(torch.autograd.Function):
         return z, mean, var, torch.tensor(n)
 
     @staticmethod
+    @first_order("the synchronized BN")
     def backward(ctx, dz, _dmean, _dvar, _dn):
         y, z, gamma, mean, rstd = ctx.saved_tensors
         n, relu, has_residual, group = ctx.args
