@@ -32,8 +32,8 @@ from torch import nn
 
 from fused_resnet.backend import check_backend_name
 from fused_resnet.nn.blocks import FusedBasicBlock, FusedBottleneck, ResidualBlock
-from fused_resnet.nn.conv_bn import square_geometry
-from fused_resnet.nn.sync_bn import convert_sync_bn
+from fused_resnet.nn.conv_bn import has_call_hooks, square_geometry
+from fused_resnet.nn.sync_bn import check_process_group, convert_sync_bn
 
 _BN = (nn.BatchNorm2d, nn.SyncBatchNorm)
 _BASIC = ("conv1", "bn1", "conv2", "bn2")
@@ -181,14 +181,18 @@ def _probe_reason(module: nn.Module, cls) -> Optional[str]:
     return None
 
 
-def _check_downsample(module: nn.Module) -> None:
+def _downsample_reason(module: nn.Module) -> Optional[str]:
+    """Why a block's downsample is not one the fused block runs (None or Sequential(Conv2d,
+    BatchNorm2d): an average-pool before the conv, as ResNet-D's, is not), or None."""
     downsample = module.downsample
-    if downsample is not None and not (
+    if downsample is None or (
         isinstance(downsample, nn.Sequential) and len(downsample) == 2
         and isinstance(downsample[0], nn.Conv2d) and isinstance(downsample[1], _bn_types())
     ):
-        raise ValueError(f"cannot convert a block whose downsample is {type(downsample).__name__}"
-                         "; expected None or Sequential(Conv2d, BatchNorm2d)")
+        return None
+    parts = (", ".join(type(m).__name__ for m in downsample)
+             if isinstance(downsample, nn.Sequential) else type(downsample).__name__)
+    return f"its downsample is {parts}, not None or Sequential(Conv2d, BatchNorm2d)"
 
 
 def _adopt_frozen_bns(module: nn.Module) -> None:
@@ -224,10 +228,37 @@ def _keep_sync(model: nn.Module) -> None:
                 setattr(holder, name, convert_sync_bn(child, child.process_group))
 
 
+# The hook dicts of an nn.Module (those of this torch version: getattr with a default).
+_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+               "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks",
+               "_backward_pre_hooks", "_is_full_backward_hook", "_state_dict_hooks",
+               "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+               "_load_state_dict_post_hooks")
+
+
+def hooked_submodules(module: nn.Module) -> list[str]:
+    """The names of the modules inside `module` (not itself) with forward or backward hooks:
+    once fused, their forward is no longer called, so those hooks would not fire (convert
+    leaves such a block or stem as it is)."""
+    return [name for name, m in module.named_modules() if name and has_call_hooks(m)]
+
+
+def _carry_over(module: nn.Module, block: nn.Module) -> None:
+    """The fused `block` takes `module`'s hooks (the very dicts: their handles still remove
+    them) and the attributes a user set on it that the fused class does not define."""
+    for attr in _HOOK_DICTS:
+        if attr in module.__dict__:
+            block.__dict__[attr] = module.__dict__[attr]
+    for key, value in module.__dict__.items():
+        if not key.startswith("_") and key not in block.__dict__ and not hasattr(type(block), key):
+            block.__dict__[key] = value
+
+
 def _fused_from(module: nn.Module, cls, backend: str) -> ResidualBlock:
     downsample = module.downsample
     block = cls.__new__(cls)
     nn.Module.__init__(block)
+    _carry_over(module, block)
     for name in _names(cls):
         setattr(block, name, getattr(module, name))  # the same modules: the same tensors
     block.downsample = downsample
@@ -258,6 +289,7 @@ def convert(model: nn.Module, backend: str = "auto", *, sync_bn: bool = False,
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
     check_backend_name(backend)
+    check_process_group(process_group)
     if _block_kind(model) is not None:
         raise ValueError("convert() swaps blocks inside a model; pass the model that holds them")
     swaps = []  # (parent, name, block, fused class): every check made before any change
@@ -266,15 +298,27 @@ def convert(model: nn.Module, backend: str = "auto", *, sync_bn: bool = False,
             cls = _block_kind(child)
             if cls is None:
                 continue
-            _check_downsample(child)
-            reason = _unfusable_reason(child, _names(cls))
+            reason = _downsample_reason(child) or _unfusable_reason(child, _names(cls))
             if reason is None and not _torchvision_forward(child, cls):
                 reason = _probe_reason(child, cls)
+            hooked = hooked_submodules(child)
+            if reason is None and hooked:  # fused, their modules' forward would not be called
+                reason = f"hooks on {', '.join(hooked)} (the fused block runs them as one op)"
             if reason is not None:
                 warnings.warn(f"convert: left {path + '.' if path else ''}{name} unfused: "
                               f"{reason}", RuntimeWarning, stacklevel=2)
                 continue
             swaps.append((module, name, child, cls))
+    if backend == "triton":  # refused before any change, not at a call mid-model
+        blocks = [m for m in model.modules() if isinstance(m, ResidualBlock)]
+        for module in blocks + [child for _, _, child, _ in swaps]:
+            grouped = [c.groups for c in module.modules()
+                       if isinstance(c, nn.Conv2d) and c.groups != 1]
+            if grouped:
+                raise NotImplementedError(
+                    f"convert: backend 'triton' cannot run grouped convolutions (groups="
+                    f"{grouped[0]}); use backend='auto', which runs them on the cpu / cuda "
+                    "backend")
     for module in model.modules():
         if isinstance(module, ResidualBlock):
             module.backend = backend

@@ -86,7 +86,10 @@ class FlopsReport:
 
 
 def _storage_key(t: Tensor) -> int:
-    return t.untyped_storage().data_ptr()
+    """Which storage `t` views: its address, or on the meta device (every address 0) the
+    storage object's own handle."""
+    storage = t.untyped_storage()
+    return storage._cdata if t.device.type == "meta" else storage.data_ptr()
 
 
 class _Recorder(TorchDispatchMode):
@@ -142,8 +145,7 @@ class _Recorder(TorchDispatchMode):
         if self.report.rows:
             index = len(self.report.rows) - 1
             for t in outputs:
-                if t.device.type != "meta":
-                    self.producer[_storage_key(t)] = index
+                self.producer[_storage_key(t)] = index
         return out
 
 

@@ -54,7 +54,6 @@ ERRORS = {
                        "residual must match"),
     "H, W smaller than the kernel": (dict(x=torch.randn(2, 4, 2, 2), padding=0),
                                      "smaller than the kernel"),
-    "zero-size batch in training": (dict(x=torch.randn(0, 4, 6, 6)), "more than 1 value"),
     "one value per channel in training": (dict(x=torch.randn(1, 4, 1, 1), padding=1,
                                                weight=torch.randn(8, 4, 3, 3), stride=2),
                                           "more than 1 value per channel"),
@@ -88,13 +87,13 @@ ACCEPTED = {
     "expanded (stride 0) x": lambda: torch.randn(1, 4, 6, 6).expand(2, 4, 6, 6),
     "channels_last x": lambda: torch.randn(2, 4, 6, 6).contiguous(
         memory_format=torch.channels_last),
-    "zero-size batch in eval": lambda: torch.randn(0, 4, 6, 6),
+    "zero-size batch (torch's: an empty output, statistics unchanged)":
+        lambda: torch.randn(0, 4, 6, 6),
 }
 
 
-@pytest.mark.parametrize("case, training", [  # an empty batch in training: an error above
-    (case, training) for case in ACCEPTED for training in (True, False)
-    if training is False or "zero-size" not in case])
+@pytest.mark.parametrize("case, training", [
+    (case, training) for case in ACCEPTED for training in (True, False)])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_odd_layouts_give_the_reference_result(case, training, backend):
     x = ACCEPTED[case]()
@@ -161,6 +160,12 @@ MODULE_ERRORS = {
     "block with a frozen BN (chain path): 1 value left per channel": (
         lambda b: _frozen_bn2(FusedBottleneck(8, 4, 2, shortcut="A", backend=b)),
         lambda: torch.randn(1, 8, 2, 2), "more than 1 value per channel"),
+    "non-affine block (chain path): eps 0 in its second BN": (
+        lambda b: _non_affine(FusedBasicBlock(8, 8, backend=b)), lambda: torch.randn(2, 8, 6, 6),
+        "eps must be positive"),
+    "block with a frozen BN (chain path): output channels not the identity's": (
+        lambda b: _frozen_bn2(_widened(FusedBasicBlock(8, 8, backend=b))),
+        lambda: torch.randn(2, 8, 6, 6), "residual must have shape"),
     "module: non-square dilation": (lambda b: _dilated(FusedConvBNAct(4, 8, 3, backend=b)),
                                     lambda: torch.randn(2, 4, 6, 6),
                                     "square stride, padding and dilation"),
@@ -181,6 +186,48 @@ def _frozen_bn2(block):
     block.bn2.eval()
     block.train = lambda mode=True: block  # keep bn2 frozen through the test's .train()
     return block
+
+
+def _non_affine(block):
+    """Non-affine BNs: the block runs as a chain of ops; bn2's eps 0 fails the second."""
+    block.bn1 = torch.nn.BatchNorm2d(8, affine=False)
+    block.bn2 = torch.nn.BatchNorm2d(8, affine=False, eps=0.0)
+    return block
+
+
+def _widened(block):
+    """conv2 / bn2 with 16 outputs: the identity shortcut (8 channels) cannot be added."""
+    block.conv2 = torch.nn.Conv2d(8, 16, 3, 1, 1, bias=False)
+    block.bn2 = torch.nn.BatchNorm2d(16)
+    return block
+
+
+def test_triton_refuses_grouped_convs_before_a_model_runs():
+    """A grouped bottleneck (ResNeXt) on backend "triton" is refused where it is made or
+    converted, not at a call that has already moved the stem's running statistics."""
+    import torchvision
+
+    with pytest.raises(NotImplementedError, match="groups=32.*backend='auto'"):
+        fr.models.resnext50_32x4d(backend="triton")
+    with pytest.raises(NotImplementedError, match="groups=2"):
+        FusedBottleneck(16, 4, groups=2, backend="triton")
+    model = torchvision.models.resnext50_32x4d()
+    with pytest.raises(NotImplementedError, match="convert: .*groups=32"):
+        fr.convert(model, backend="triton")
+    assert type(model.layer1[0]) is torchvision.models.resnet.Bottleneck  # nothing swapped
+
+
+def test_process_group_must_be_one():
+    """A process group that is not one is refused where it is given (it used to make every
+    BN a synchronized one and fail at the first all_reduce)."""
+    import torchvision
+
+    model = torchvision.models.resnet18()
+    with pytest.raises(ValueError, match="process_group must be None .* got str"):
+        fr.convert(model, process_group="x")
+    assert type(model.layer1[0]) is torchvision.models.resnet.BasicBlock  # nothing swapped
+    with pytest.raises(ValueError, match="process_group"):
+        FusedBottleneck(16, 4, process_group=3)
 
 
 def _dilated(module):

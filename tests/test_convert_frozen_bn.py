@@ -123,3 +123,39 @@ def test_detection_backbone_blocks_convert():
     sum(v.square().sum() for v in expected.values()).backward()
     _grads_close(backbone, reference)
     assert body.layer1[0].conv1.weight.grad is None  # layer1 stays frozen
+
+
+def _freeze_every_bn(module):
+    """A detectron-style helper: every BatchNorm2d replaced by a FrozenBatchNorm2d holding
+    its (randomised) statistics, by hand, not through fr.convert."""
+    for name, child in list(module.named_children()):
+        if isinstance(child, torch.nn.BatchNorm2d):
+            frozen = FrozenBatchNorm2d(child.num_features).to(child.weight.dtype)
+            setattr(module, name, frozen)
+        else:
+            _freeze_every_bn(child)
+    return _randomise_frozen(module)
+
+
+@pytest.mark.parametrize("backend", ["reference", CPU_FUSED])
+def test_frozen_bns_put_into_our_model_by_hand_run_frozen(backend):
+    """fr.models.resnet18 (the stem, basic blocks, projections) with torchvision's
+    FrozenBatchNorm2d swapped in by hand computes what torchvision's resnet18 with the same
+    frozen BNs does, in training and eval; nothing moves."""
+    torch.manual_seed(0)
+    model = _freeze_every_bn(fr.models.resnet18(num_classes=10, backend=backend).double())
+    reference = torchvision.models.resnet18(num_classes=10).double()
+    reference = _freeze_every_bn(reference)
+    reference.load_state_dict(model.state_dict())
+    state = copy.deepcopy(model.state_dict())
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    out, expected = model.train()(x), reference.train()(x)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    _grads_close(model, reference)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), reference.eval()(x), rtol=1e-10,
+                                   atol=1e-10)

@@ -71,3 +71,15 @@ def test_running_stats_and_mode_are_restored():
 def test_bad_input_size_is_named():
     with pytest.raises(ValueError, match="input_size"):
         count_flops(models.cifar_resnet(20), (3, 32, 32))
+
+
+def test_count_flops_on_the_meta_device_matches_row_by_row():
+    """A model built on the meta device (no memory, every address 0) gets the report of the
+    same model on CPU: every row's name, kind, MACs, parameters and activation bytes."""
+    torch.manual_seed(0)
+    real = count_flops(torchvision.models.resnet18(), (2, 3, 64, 64))
+    with torch.device("meta"):
+        model = torchvision.models.resnet18()
+    meta = count_flops(model, (2, 3, 64, 64))
+    assert [(r.name, r.kind, r.macs, r.params, r.activation_bytes) for r in meta.rows] == \
+        [(r.name, r.kind, r.macs, r.params, r.activation_bytes) for r in real.rows]

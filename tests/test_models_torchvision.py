@@ -97,11 +97,38 @@ def test_num_classes_and_variant():
         ({"shortcut": "D"}, "shortcut"),
         ({"backend": "gpu"}, "backend"),
         ({"num_classes": 0}, "num_classes"),
+        ({"num_classes": "10"}, "num_classes must be a positive int, got '10'"),
+        ({"groups": 0}, "groups must be a positive int"),
+        ({"width_per_group": -4}, "width_per_group must be a positive int"),
+        ({"norm_layer": torch.nn.GroupNorm}, "norm_layer must be None"),
     ],
 )
-def test_bad_constructor_arguments_are_named(kwargs, message):
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_bad_constructor_arguments_are_named(arch, kwargs, message):
     with pytest.raises(ValueError, match=message):
-        models.resnet50(**kwargs)
+        getattr(models, arch)(**kwargs)
+
+
+def test_torchvisions_other_constructor_arguments():
+    """A named model's fixed values may be repeated, not changed (torchvision's rule);
+    norm_layer=FrozenBatchNorm2d builds torchvision's frozen model (same state dict, same
+    logits); the deprecated pretrained=False is weights=None, with torchvision's warning."""
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    assert models.wide_resnet50_2(width_per_group=128).layer1[0].conv1.out_channels == 128
+    with pytest.raises(ValueError, match="'groups' expected value 32 but got 8"):
+        models.resnext50_32x4d(groups=8)
+    torch.manual_seed(0)
+    ours = models.resnet18(norm_layer=FrozenBatchNorm2d, backend="reference")
+    theirs = torchvision.models.resnet18(norm_layer=FrozenBatchNorm2d)
+    assert isinstance(ours.layer1[0].bn1, FrozenBatchNorm2d)
+    theirs.load_state_dict(ours.state_dict())  # strict: the same keys
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(ours.train()(x), theirs.train()(x))
+    with pytest.warns(UserWarning, match="pretrained= is deprecated"):
+        assert models.resnet18(pretrained=False).fc.out_features == 1000
+    with pytest.raises(ValueError, match="not both"):
+        models.resnet18(weights="DEFAULT", pretrained=True)
 
 
 @pytest.mark.gpu

@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fused_resnet.backend import check_backend_name
-from fused_resnet.models.input_check import check_image_batch
 from fused_resnet.models.resnet import init_weights, resnet
 from fused_resnet.nn import FusedBasicBlock
+from fused_resnet.nn.batch_check import check_image_batch
 from fused_resnet.nn.conv_bn import FoldingModule, conv_bn_act
 from fused_resnet.nn.shortcut import check_shortcut
 
@@ -49,8 +49,8 @@ class CifarResNet(FoldingModule):
     ):
         super().__init__()
         n = blocks_per_stage(depth)
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
         check_shortcut(shortcut)
         self.backend = check_backend_name(backend)
         self.depth = depth
@@ -65,7 +65,7 @@ class CifarResNet(FoldingModule):
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (N, 3, H, W) (32x32 in the paper) -> logits (N, num_classes)."""
-        check_image_batch(self, x, stride2_steps=2)  # layer2, layer3
+        check_image_batch(self, x)
         x = conv_bn_act(x, self.conv1, self.bn1, backend=self.backend)
         x = self.layer3(self.layer2(self.layer1(x)))
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))

@@ -8,15 +8,17 @@ stem: 7x7/2 conv (64) + BN + ReLU, 3x3/2 max-pool; four stages of residual block
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Optional, Union
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fused_resnet.backend import check_backend_name
-from fused_resnet.models.input_check import check_image_batch
 from fused_resnet.models.pretrained import load_pretrained, pretrained_kwargs, resolve_weights
 from fused_resnet.nn import FusedBasicBlock, FusedBottleneck, FusedMaxPool2d
+from fused_resnet.nn.batch_check import check_image_batch
+from fused_resnet.nn.blocks import VARIANTS
 from fused_resnet.nn.conv_bn import FoldingModule
 from fused_resnet.nn.pool import conv_bn_relu_pool
 from fused_resnet.nn.shortcut import check_shortcut
@@ -71,9 +73,13 @@ class ResNet(FoldingModule):
         width_per_group: int = 64,
         zero_init_residual: bool = False,
         replace_stride_with_dilation: Optional[list[bool]] = None,
+        norm_layer: Optional[type] = None,
         backend: str = "auto",
     ):
         super().__init__()
+        _check_arguments(num_classes=num_classes, groups=groups,
+                         width_per_group=width_per_group, variant=variant)
+        frozen = _frozen_norm_layer(norm_layer)
         if len(layers) != 4 or any(n < 1 for n in layers):
             raise ValueError(f"layers must be four positive block counts, got {layers}")
         dilate = [False] * 3 if replace_stride_with_dilation is None else list(
@@ -85,8 +91,6 @@ class ResNet(FoldingModule):
             raise NotImplementedError("Dilation > 1 not supported in BasicBlock (as "
                                       "torchvision): replace_stride_with_dilation needs a "
                                       "bottleneck ResNet")
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.backend = check_backend_name(backend)
         check_shortcut(shortcut)
         self.inplanes = 64
@@ -104,6 +108,8 @@ class ResNet(FoldingModule):
         self.layer3 = self._make_stage(block, 256, layers[2], 2, stage_args, dilate[1])
         self.layer4 = self._make_stage(block, 512, layers[3], 2, stage_args, dilate[2])
         self.fc = nn.Linear(512 * block.expansion, num_classes)
+        if frozen is not None:
+            _freeze_batch_norms(self, frozen)
         init_weights(self, zero_init_residual)
 
     def _make_stage(self, block: Block, planes: int, blocks: int, stride: int, args: dict,
@@ -121,13 +127,45 @@ class ResNet(FoldingModule):
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (N, 3, H, W), NCHW or channels_last -> logits (N, num_classes)."""
-        # stem conv, max-pool, and layer2-4 where their stride was not made dilation
-        strided = sum(stage[0].stride > 1 for stage in (self.layer2, self.layer3, self.layer4))
-        check_image_batch(self, x, stride2_steps=2 + strided)
+        check_image_batch(self, x)
         x = conv_bn_relu_pool(x, self.conv1, self.bn1, self.maxpool, backend=self.backend)
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         x = F.adaptive_avg_pool2d(x, 1).flatten(1)
         return self.fc(x)
+
+
+def _check_arguments(**named) -> None:
+    """ResNet's argument values, each named: num_classes, groups and width_per_group
+    positive ints, variant one of VARIANTS (for basic blocks too, where it places nothing)."""
+    for name in ("num_classes", "groups", "width_per_group"):
+        value = named[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if named["variant"] not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {named['variant']!r}")
+
+
+def _frozen_norm_layer(norm_layer) -> Optional[type]:
+    """torchvision's FrozenBatchNorm2d where `norm_layer` is it; None for None or
+    nn.BatchNorm2d; anything else is refused (the fused blocks fuse a BatchNorm)."""
+    if norm_layer is None or norm_layer is nn.BatchNorm2d:
+        return None
+    if (getattr(norm_layer, "__name__", None) == "FrozenBatchNorm2d"
+            and getattr(norm_layer, "__module__", "").startswith("torchvision.")):
+        return norm_layer
+    raise ValueError(f"norm_layer must be None, nn.BatchNorm2d or torchvision's "
+                     f"FrozenBatchNorm2d (the fused blocks fuse a BatchNorm), got {norm_layer!r}")
+
+
+def _freeze_batch_norms(module: nn.Module, frozen: type) -> None:
+    """Every BatchNorm2d inside `module` replaced by a `frozen` (FrozenBatchNorm2d) of its
+    width, as torchvision builds a model with norm_layer=FrozenBatchNorm2d (its defaults:
+    weight 1, bias 0, mean 0, var 1)."""
+    for name, child in list(module.named_children()):
+        if type(child) is nn.BatchNorm2d:
+            setattr(module, name, frozen(child.num_features))
+        else:
+            _freeze_batch_norms(child, frozen)
 
 
 def resnet(depth: int, **kwargs) -> ResNet:
@@ -140,7 +178,15 @@ def resnet(depth: int, **kwargs) -> ResNet:
 
 def _named(arch: str, depth: int, weights: Any, progress: bool, **kwargs) -> ResNet:
     """torchvision's `arch`: the ResNet of `depth` with `kwargs`, and where `weights` is
-    given, those pretrained weights (models/pretrained.py says what is checked first)."""
+    given, those pretrained weights (models/pretrained.py says what is checked first).
+    torchvision's legacy `pretrained=True` is its IMAGENET1K_V1 weights, with its warning."""
+    if "pretrained" in kwargs:
+        pretrained = kwargs.pop("pretrained")
+        if weights is not None:
+            raise ValueError("pass weights= or the deprecated pretrained=, not both")
+        warnings.warn("pretrained= is deprecated (as in torchvision); use weights=",
+                      UserWarning, stacklevel=3)
+        weights = "IMAGENET1K_V1" if pretrained else None
     if weights is None:
         return resnet(depth, **kwargs)
     weights = resolve_weights(arch, weights)
@@ -173,10 +219,21 @@ def resnet152(*, weights: Any = None, progress: bool = True, **kwargs) -> ResNet
 
 def wide_resnet50_2(*, weights: Any = None, progress: bool = True, **kwargs) -> ResNet:
     """ResNet-50 with bottlenecks twice as wide (width_per_group=128)."""
-    return _named("wide_resnet50_2", 50, weights, progress, width_per_group=128, **kwargs)
+    return _named("wide_resnet50_2", 50, weights, progress,
+                  **_fixed(kwargs, width_per_group=128))
 
 
 def resnext50_32x4d(*, weights: Any = None, progress: bool = True, **kwargs) -> ResNet:
     """ResNeXt-50 with 32 groups of width 4 in each 3x3."""
-    return _named("resnext50_32x4d", 50, weights, progress, groups=32, width_per_group=4,
-                  **kwargs)
+    return _named("resnext50_32x4d", 50, weights, progress,
+                  **_fixed(kwargs, groups=32, width_per_group=4))
+
+
+def _fixed(kwargs: dict, **fixed) -> dict:
+    """`kwargs` with the named model's `fixed` values, which a caller may repeat but not
+    change (torchvision's rule and message)."""
+    for name, value in fixed.items():
+        if name in kwargs and kwargs[name] != value:
+            raise ValueError(f"The parameter '{name}' expected value {value} but got "
+                             f"{kwargs[name]} instead.")
+    return {**kwargs, **fixed}

@@ -20,13 +20,16 @@ from fused_resnet import ops, tuning
 from fused_resnet.backend import check_backend_name
 from fused_resnet.nn.conv_bn import (
     FoldingModule,
+    adopt_frozen_bns,
     cached_folds,
+    check_chain,
     conv_bn_act,
     fusable_block,
     residual_block,
 )
 from fused_resnet.nn.shortcut import ZeroPadShortcut, check_shortcut, make_shortcut
-from fused_resnet.nn.sync_bn import convert_sync_bn, sync_group
+from fused_resnet.nn.sync_bn import convert_sync_bn
+from fused_resnet.ops.conv_bn_act import compute_dtype
 from fused_resnet.ops.eval_plan import PLANS_PER_MODULE, PlanCache, plan_block_eval
 from fused_resnet.ops.layout import conv_output_shape
 
@@ -59,8 +62,7 @@ class ResidualBlock(FoldingModule):
     def tuning_key(self, x: Tensor) -> str:
         """This call's key in the per-shape backend table (`fused_resnet.tuning`)."""
         pairs = self.main_path()
-        device = x.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        dtype = compute_dtype(x)
         kind = f"{type(self).__name__.removeprefix('Fused').lower()}/{self.shortcut_kind()}"
         dilation = max(c.dilation[0] for c, _ in pairs)
         if dilation > 1:  # measured apart from the undilated block of the same shape
@@ -84,6 +86,7 @@ class ResidualBlock(FoldingModule):
         pairs = self.main_path()
         kind = self.shortcut_kind()
         block_pairs = pairs + [tuple(self.downsample)] if kind == "projection" else pairs
+        adopt_frozen_bns(block_pairs)
         if fusable_block(block_pairs):
             return residual_block(x, block_pairs, kind, self.stride, backend)
         folded = cached_folds(x, block_pairs, backend)
@@ -93,7 +96,7 @@ class ResidualBlock(FoldingModule):
                 return ops.bottleneck_eval(x, weights, biases, backend=backend)
             return self._chain_eval(x, weights, biases, block_pairs, kind, backend)
         if self.training:
-            _check_chain(x, pairs, self.downsample if kind == "projection" else None)
+            self._check_chain(x, pairs, kind, backend)
         identity = self._shortcut(x, backend)
         out = x
         for i, (conv, bn) in enumerate(pairs):
@@ -126,6 +129,24 @@ class ResidualBlock(FoldingModule):
                               biases)
         return out
 
+    def _check_chain(self, x: Tensor, pairs: list, kind: str, backend: str) -> None:
+        """Before the block runs conv by conv in training: every pair's arguments and
+        kernels checked (`conv_bn.check_chain`), the projection's and the main path's with
+        the shortcut's shape as its residual, so no failure follows a running-stat update."""
+        shortcut_shape = None
+        if kind == "projection":
+            check_chain(x, [tuple(self.downsample)], backend)
+            conv = self.downsample[0]
+            shortcut_shape = conv_output_shape(x, conv.weight, conv.stride[0], conv.padding[0],
+                                               conv.dilation[0])
+        elif kind == "zero_pad":
+            s = self.downsample.stride
+            shortcut_shape = (x.shape[0], self.downsample.out_channels, -(-x.shape[2] // s),
+                              -(-x.shape[3] // s))
+        elif self.shortcut is not None:
+            shortcut_shape = tuple(x.shape)
+        check_chain(x, pairs, backend, shortcut_shape)
+
     def _shortcut(self, x: Tensor, backend: str) -> Optional[Tensor]:
         if self.shortcut is None:
             return None
@@ -135,23 +156,6 @@ class ResidualBlock(FoldingModule):
             return self.downsample(x)
         conv, bn = self.downsample
         return conv_bn_act(x, conv, bn, relu=False, backend=backend)
-
-
-def _check_chain(x: Tensor, pairs: list, projection: Optional[nn.Sequential]) -> None:
-    """Before a chain of conv + BN ops runs in training: every BN that takes batch
-    statistics from this process alone gets more than one value per channel, so that no
-    failure can follow an earlier BN's running-stat update."""
-    chains = [pairs] + ([[tuple(projection)]] if projection is not None else [])
-    for chain in chains:
-        shape = x.shape
-        for conv, bn in chain:
-            shape = conv_output_shape(x.new_empty(1).expand(shape), conv.weight,
-                                      conv.stride[0], conv.padding[0], conv.dilation[0])
-            if bn.training and sync_group(bn) is None and shape[0] * shape[2] * shape[3] <= 1:
-                raise ValueError(
-                    f"Expected more than 1 value per channel when training, got input of "
-                    f"shape {tuple(x.shape)} (a {shape[2]}x{shape[3]} map after this block's "
-                    "convs)")
 
 
 class FusedBasicBlock(ResidualBlock):
@@ -212,6 +216,10 @@ class FusedBottleneck(ResidualBlock):
         self.eval_kernel = eval_kernel
         self.shortcut = check_shortcut(shortcut)
         self.backend = check_backend_name(backend)
+        if groups != 1 and backend == "triton":  # refused here, not at a call mid-model
+            raise NotImplementedError(
+                f"backend 'triton' cannot run grouped convolutions (groups={groups}); use "
+                "backend='auto', which runs them on the cpu / cuda backend")
         width = int(planes * (base_width / 64.0)) * groups
         stride1, stride2 = (stride, 1) if variant == "v1" else (1, stride)
         self.conv1 = nn.Conv2d(inplanes, width, 1, stride=stride1, bias=False)

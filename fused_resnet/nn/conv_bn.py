@@ -11,6 +11,7 @@ succeeded, so a call that raises changes no state.
 
 from __future__ import annotations
 
+import sys
 from typing import Optional
 
 import torch
@@ -20,8 +21,30 @@ from fused_resnet import backend as _backend
 from fused_resnet import ops, reference
 from fused_resnet.backend import check_backend_name
 from fused_resnet.nn.sync_bn import convert_sync_bn, sync_group
-from fused_resnet.ops.conv_bn_act import compute_dtype
-from fused_resnet.ops.layout import inference_weight
+from fused_resnet.ops.conv_bn_act import check_conv_bn_act_args, compute_dtype, select_kernels
+from fused_resnet.ops.layout import conv_output_shape, inference_weight
+
+
+def has_call_hooks(module: nn.Module) -> bool:
+    """Whether `module` has forward (pre-) or backward (pre-) hooks: a module that fused code
+    runs without calling its forward would not fire them."""
+    return any(getattr(module, attr, None) for attr in (
+        "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"))
+
+
+def adopt_frozen_bns(pairs: list[tuple[nn.Conv2d, nn.Module]]) -> None:
+    """torchvision FrozenBatchNorm2d modules among `pairs`' BNs (put into a fused module by
+    hand, as a "freeze every BN" helper does) become FusedFrozenBatchNorm2d in place
+    (`nn.frozen_bn.adopt`: the same object and buffers), which answers the BatchNorm2d
+    attributes the fused code reads. Nothing to do unless torchvision's module is loaded."""
+    frozen = getattr(sys.modules.get("torchvision.ops.misc"), "FrozenBatchNorm2d", None)
+    if frozen is None:
+        return
+    for _, bn in pairs:
+        if type(bn) is frozen:
+            from fused_resnet.nn.frozen_bn import adopt
+
+            adopt(bn)
 
 
 def conv_bn_act(
@@ -34,6 +57,7 @@ def conv_bn_act(
     backend: str = "auto",
 ) -> Tensor:
     """act(bn(conv(x)) + residual) with the parameters and buffers of `conv` and `bn`."""
+    adopt_frozen_bns([(conv, bn)])
     check_conv(conv)
     bn_args, counting = _batchnorm_args(bn)
     group = sync_group(bn)
@@ -184,6 +208,39 @@ def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype) -> tuple[Tens
         scale, shift = reference.fold_bn(bn.running_mean, bn.running_var, bn.weight, bn.bias,
                                          bn.eps)
         return (conv.weight.to(scale.dtype) * scale.view(-1, 1, 1, 1)).to(dtype), shift
+
+
+def check_chain(x: Tensor, pairs: list[tuple[nn.Conv2d, nn.BatchNorm2d]], backend: str,
+                residual_shape: Optional[tuple[int, ...]] = None) -> None:
+    """Raises what `conv_bn_act` would raise for any pair of a chain run one pair after the
+    other (each conv taking the last one's output; the last adding a residual of
+    `residual_shape`), before any of them runs, so that no failure can follow an earlier
+    BN's running-stat update: each pair's argument check on shape-only stand-ins of its
+    input (x's compute dtype, nothing allocated) and the backend's choice of kernels. A pair
+    whose BN is synchronized is left to its own op (its batch is the group's)."""
+    dtype = compute_dtype(x)
+    autocast = dtype != x.dtype
+
+    def stand_in(like: Tensor, shape) -> Tensor:  # shape only: one element, expanded
+        return like.new_empty(1, dtype=dtype).expand(shape)
+
+    shape = tuple(x.shape)
+    for i, (conv, bn) in enumerate(pairs):
+        check_conv(conv)
+        source = stand_in(x, shape)
+        last = i == len(pairs) - 1
+        if sync_group(bn) is None:
+            args, _ = _batchnorm_args(bn)
+            weight = stand_in(conv.weight, conv.weight.shape) if autocast else conv.weight
+            residual = stand_in(x, residual_shape) if last and residual_shape else None
+            check_conv_bn_act_args(
+                source, weight, bn.weight, bn.bias, args["running_mean"], args["running_var"],
+                stride=conv.stride[0], padding=conv.padding[0], groups=conv.groups,
+                training=args["training"], residual=residual, eps=bn.eps,
+                dilation=conv.dilation[0])
+            select_kernels(backend, "conv_bn_act", source, groups=conv.groups)
+        shape = conv_output_shape(source, conv.weight, conv.stride[0], conv.padding[0],
+                                  conv.dilation[0])
 
 
 def _batchnorm_args(bn: nn.BatchNorm2d) -> tuple[dict, bool]:

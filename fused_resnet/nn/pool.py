@@ -11,6 +11,7 @@ from fused_resnet.backend import check_backend_name
 from fused_resnet.nn.conv_bn import (
     _batchnorm_args,
     _count,
+    adopt_frozen_bns,
     cached_fold,
     check_conv,
     conv_bn_act,
@@ -51,6 +52,7 @@ def conv_bn_relu_pool(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, pool: nn.M
     Triton one op that never writes relu(bn(y))); otherwise `conv_bn_act` then `pool`, in
     inference with BN folded into the conv and, called again alike, as a plan
     (`ops.eval_plan.StemEvalPlan`). A dilated conv takes the second way."""
+    adopt_frozen_bns([(conv, bn)])
     if (not isinstance(pool, FusedMaxPool2d) or pool.backend != backend or conv.groups != 1
             or conv.dilation != (1, 1) or sync_group(bn) is not None):
         return pool(conv_bn_act(x, conv, bn, backend=backend))

@@ -25,7 +25,7 @@ class FusedSyncBatchNorm(nn.BatchNorm2d):
 
     def __init__(self, num_features: int, *args, process_group=None, **kwargs):
         super().__init__(num_features, *args, **kwargs)
-        self.process_group = process_group
+        self.process_group = check_process_group(process_group)
 
     def forward(self, input: Tensor) -> Tensor:
         group = sync_group(self)
@@ -58,10 +58,22 @@ def sync_group(bn: nn.Module) -> Optional[object]:
     return group if dist.get_world_size(group) > 1 else None
 
 
+def check_process_group(process_group):
+    """`process_group` where it is None (the world) or a torch.distributed ProcessGroup;
+    anything else is a ValueError naming it (it would fail only at the first all_reduce)."""
+    group_type = getattr(dist, "ProcessGroup", None) if dist.is_available() else None
+    if process_group is not None and (group_type is None
+                                      or not isinstance(process_group, group_type)):
+        raise ValueError(f"process_group must be None (the world) or a torch.distributed "
+                         f"ProcessGroup, got {type(process_group).__name__}")
+    return process_group
+
+
 def convert_sync_bn(module: nn.Module, process_group=None) -> nn.Module:
     """Replaces every BatchNorm2d (and nn.SyncBatchNorm) inside `module`, in place, by a
     FusedSyncBatchNorm over `process_group` holding the very same parameter and buffer
     tensors (same state-dict keys); returns `module` (or its replacement if it is a BN)."""
+    check_process_group(process_group)
     if isinstance(module, (nn.BatchNorm2d, nn.SyncBatchNorm)) and not isinstance(
             module, FusedSyncBatchNorm):
         new = FusedSyncBatchNorm(module.num_features, module.eps, module.momentum,

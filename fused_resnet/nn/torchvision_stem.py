@@ -28,7 +28,8 @@ import torchvision
 from torch import Tensor, nn
 from torchvision.models._utils import IntermediateLayerGetter
 
-from fused_resnet.nn.conv_bn import FoldingModule
+from fused_resnet.nn.batch_check import check_image_batch
+from fused_resnet.nn.conv_bn import FoldingModule, has_call_hooks
 from fused_resnet.nn.frozen_bn import BN_TYPES, adopt
 from fused_resnet.nn.pool import FusedMaxPool2d, conv_bn_relu_pool
 
@@ -42,6 +43,7 @@ class TorchvisionResNetFusedStem(FoldingModule, torchvision.models.ResNet):
     stem_backend: str
 
     def _forward_impl(self, x: Tensor) -> Tensor:
+        check_image_batch(self, x)  # before any layer: a failing batch moves no statistic
         x = conv_bn_relu_pool(x, self.conv1, self.bn1, self.maxpool, backend=self.stem_backend)
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.fc(torch.flatten(self.avgpool(x), 1))
@@ -63,6 +65,7 @@ class GetterFusedStem(FoldingModule, IntermediateLayerGetter):
     def forward(self, x: Tensor):
         if _getter_stem_reason(self) is not None:
             return super().forward(x)
+        check_image_batch(self, x)  # before any layer: a failing batch moves no statistic
         out = OrderedDict()
         x = conv_bn_relu_pool(x, self.conv1, self.bn1, self.maxpool, backend=self.stem_backend)
         for name, module in itertools.islice(self.items(), len(STEM_NAMES) - 1, None):
@@ -122,6 +125,9 @@ def _unfusable_reason(model: nn.Module, conv_reason) -> Optional[str]:
     if _pool_window(pool) is None:
         return (f"maxpool is not a square window with dilation 1, floor mode and no indices "
                 f"({pool})")
+    hooked = [n for n in STEM_NAMES if has_call_hooks(getattr(model, n))]
+    if hooked:  # fused, their forward would not be called
+        return f"hooks on {', '.join(hooked)} (the fused stem runs them as one op)"
     return None
 
 

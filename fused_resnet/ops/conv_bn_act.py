@@ -80,7 +80,7 @@ def check_conv_bn_act_args(
         raise ValueError("training=False needs running_mean and running_var")
     if eps < 0 or (training and eps == 0):
         raise ValueError(f"eps must be positive in training (>= 0 in eval), got {eps}")
-    if training and x.shape[0] * h_out * w_out <= 1:
+    if training and x.shape[0] * h_out * w_out == 1:  # (an empty batch: an empty output)
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input of shape "
             f"{tuple(x.shape)} (conv output {(x.shape[0], c_out, h_out, w_out)})"
@@ -96,13 +96,19 @@ def check_conv_bn_act_args(
             )
 
 
+def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The dtype autocast casts to on `device_type`, or None where it is off (or has no
+    meaning: torch's autocast does not know the meta device, and refuses to be asked)."""
+    if device_type == "meta" or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
 def compute_dtype(x: Tensor) -> torch.dtype:
     """The dtype the convs compute x in: autocast's dtype for a floating x under autocast
     (what `autocast_inputs` casts to), else x's own."""
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type) and x.is_floating_point():
-        return torch.get_autocast_dtype(device_type)
-    return x.dtype
+    dtype = autocast_dtype(x.device.type)
+    return dtype if dtype is not None and x.is_floating_point() else x.dtype
 
 
 def autocast_inputs(
@@ -111,10 +117,9 @@ def autocast_inputs(
     """Under autocast, the conv operands (and the residual added to its result) in the
     autocast dtype; otherwise the tensors unchanged. None stays None (a block casts its
     weights itself, or lets its kernels cast them)."""
-    device_type = x.device.type
-    if not torch.is_autocast_enabled(device_type) or not x.is_floating_point():
+    dtype = autocast_dtype(x.device.type)
+    if dtype is None or not x.is_floating_point():
         return x, weight, residual
-    dtype = torch.get_autocast_dtype(device_type)
 
     def cast(t: Optional[Tensor]) -> Optional[Tensor]:  # no .to() call (~2 us) where it is one
         return t if t is None or t.dtype == dtype else t.to(dtype)
@@ -205,8 +210,11 @@ def select_kernels(backend: str, op: str, x: Tensor, *, groups: int = 1,
     """Which kernels run `op` for this call: "triton", "native" (the `_C` kernels of the
     "cpu" / "cuda" backends) or "reference". Triton is ruled out by a grouped conv, fp64 on
     CUDA or the caller's `reason`; then "auto" takes the next backend that can run the call
-    and a backend named "triton" raises."""
+    and a backend named "triton" raises. An empty batch runs on the reference (torch's ops
+    give an empty output and leave the running statistics as they are)."""
     name = _backend.resolve(backend, op, x.device)
+    if x.shape[0] == 0:
+        return "reference"
     if name == "triton":
         if groups != 1:
             reason = f"grouped convolution (groups={groups}) is not implemented in Triton"

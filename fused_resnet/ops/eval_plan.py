@@ -30,7 +30,7 @@ from torch import Tensor
 from fused_resnet import backend as _backend
 from fused_resnet import reference
 from fused_resnet.ops import native_kernels
-from fused_resnet.ops.conv_bn_act import compute_dtype
+from fused_resnet.ops.conv_bn_act import autocast_dtype, compute_dtype
 from fused_resnet.ops.layout import conv_dilations, conv_output_size, output_memory_format
 from fused_resnet.triton.config import input_precision
 
@@ -178,8 +178,7 @@ class BlockEvalPlan:
 def _plannable_call(x: Tensor) -> bool:
     """Whether residual_block_eval would run x as it is, outside autograd and tracing: no
     autocast cast of x first, no input gradient for autograd to record, no torch.compile."""
-    device = x.device.type
-    if torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) != x.dtype:
+    if autocast_dtype(x.device.type) not in (None, x.dtype):
         return False
     return not (torch.is_grad_enabled() and x.requires_grad) and not torch.compiler.is_compiling()
 

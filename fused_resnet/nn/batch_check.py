@@ -1,0 +1,89 @@
+"""The input check of the model families: an image batch, and in training a batch that
+leaves every BatchNorm more than one value per channel (or none: an empty batch, as torch),
+checked before any layer runs (so a batch that would fail at the last stage cannot first
+move the running stats of the earlier ones). The feature-map sizes are worked out from the
+model's own modules (its stem conv and pool, every block's convs), so a modified stem (a
+CIFAR-style 3x3 stride-1 conv1, maxpool an Identity) is checked as it is."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import Tensor, nn
+
+from fused_resnet.nn.pool import FusedMaxPool2d
+from fused_resnet.nn.sync_bn import FusedSyncBatchNorm
+
+
+def _pair(value) -> tuple[int, int]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+
+
+def _window_out(size: tuple[int, int], kernel, stride, padding, dilation=1,
+                ceil_mode=False) -> tuple[int, int]:
+    """The output size of a conv or pool window: floor (or ceil) of
+    (h + 2p - d(k - 1) - 1) / s, plus 1, per dimension (a ceil-mode window may not start
+    in the right padding, as ATen's rule)."""
+    out = []
+    for h, k, s, p, d in zip(size, _pair(kernel), _pair(stride), _pair(padding),
+                             _pair(dilation)):
+        span = h + 2 * p - d * (k - 1) - 1
+        o = (span + (s - 1 if ceil_mode else 0)) // s + 1
+        if ceil_mode and (o - 1) * s >= h + p:
+            o -= 1
+        out.append(o)
+    return tuple(out)
+
+
+def _stage_sizes(model: nn.Module, size: tuple[int, int]) -> Optional[list[tuple[int, int]]]:
+    """The (h, w) each BN of `model` normalizes, in order, for an (H, W) = `size` input; None
+    where a module's effect on the size is unknown (a pool or block of another kind)."""
+    conv = model.conv1
+    sizes = [_window_out(size, conv.kernel_size, conv.stride, conv.padding, conv.dilation)]
+    pool = getattr(model, "maxpool", None)
+    if isinstance(pool, nn.MaxPool2d):
+        sizes.append(_window_out(sizes[-1], pool.kernel_size, pool.stride, pool.padding,
+                                 pool.dilation, pool.ceil_mode))
+    elif isinstance(pool, FusedMaxPool2d):
+        sizes.append(_window_out(sizes[-1], pool.kernel_size, pool.stride, pool.padding))
+    elif not (pool is None or isinstance(pool, nn.Identity)):
+        return None
+    for name in ("layer1", "layer2", "layer3", "layer4"):
+        for block in getattr(model, name, ()):
+            for conv_name in ("conv1", "conv2", "conv3"):
+                conv = getattr(block, conv_name, None)
+                if conv_name != "conv3" and not isinstance(conv, nn.Conv2d):
+                    return None  # not a block of this package's (or torchvision's) kind
+                if isinstance(conv, nn.Conv2d):
+                    sizes.append(_window_out(sizes[-1], conv.kernel_size, conv.stride,
+                                             conv.padding, conv.dilation))
+    return sizes
+
+
+def check_image_batch(model: nn.Module, x: Tensor) -> None:
+    """x must be (N, C, H, W) floating with the stem conv's C; in training, N * h * w at
+    every feature map a BN normalizes must not be 1, nor any map empty for a non-empty batch
+    (the model's layers are walked: `_stage_sizes`)."""
+    if x.dim() != 4:
+        raise ValueError(f"x must be an image batch (N, C, H, W), got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"x must be a floating-point tensor, got {x.dtype}")
+    if x.shape[1] != model.conv1.in_channels:
+        raise ValueError(f"x has {x.shape[1]} channels; the model takes "
+                         f"{model.conv1.in_channels}")
+    if x.shape[2] < 1 or x.shape[3] < 1:
+        raise ValueError(f"x must have H, W >= 1, got {tuple(x.shape)}")
+    if not model.training or isinstance(model.bn1, FusedSyncBatchNorm):  # (global batch)
+        return
+    sizes = _stage_sizes(model, tuple(x.shape[2:]))
+    if sizes is None:
+        return  # each layer checks its own input
+    h, w = min(sizes, key=lambda hw: hw[0] * hw[1])
+    if h < 1 or w < 1:
+        raise ValueError(f"x of shape {tuple(x.shape)} is too small for this model: a "
+                         f"feature map would be {h}x{w}; use a larger image")
+    if x.shape[0] * h * w == 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training: input of shape "
+            f"{tuple(x.shape)} leaves a {h}x{w} map per image for a batch of {x.shape[0]}; "
+            "use a larger batch or image (or eval mode)")
