@@ -13,3 +13,18 @@ def count_calls(monkeypatch, owner, name: str) -> list:
 
     monkeypatch.setattr(owner, name, counted)
     return calls
+
+
+def saved_dtypes(module, x) -> list:
+    """The dtypes of the tensors autograd saves for backward in `module(x)`."""
+    import torch
+
+    dtypes = []
+
+    def pack(t):
+        dtypes.append(t.dtype)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x)
+    return dtypes

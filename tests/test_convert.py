@@ -8,6 +8,7 @@ import pytest
 import torch
 import torchvision
 from _backends import skip_without_triton
+from _calls import saved_dtypes
 
 import fused_resnet as fr
 from fused_resnet.backend import unavailable_reason
@@ -211,21 +212,10 @@ def test_converted_stem_keeps_no_pool_indices_on_triton():
     """torchvision's stem saves relu(bn(conv(x))) and ATen's int64 pool indices for
     backward; converted, on Triton, the stem is one op that saves neither."""
     skip_without_triton()
-
-    def saved_dtypes(model):
-        dtypes = []
-
-        def pack(t):
-            dtypes.append(t.dtype)
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model(torch.randn(2, 3, 32, 32))
-        return dtypes
-
-    assert torch.int64 in saved_dtypes(_resnet10().train())
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.int64 in saved_dtypes(_resnet10().train(), x)
     converted = fr.convert(_resnet10(), backend="triton").train()
-    assert torch.int64 not in saved_dtypes(converted)
+    assert torch.int64 not in saved_dtypes(converted, x)
 
 
 def test_convert_leaves_stems_it_cannot_fuse():
