@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from typing import Optional
 
@@ -11,15 +12,82 @@ from fused_resnet.backend import BACKENDS
 from fused_resnet.models import ARCH_HELP, IMAGENET_ARCHS, build_model, is_cifar
 from fused_resnet.table import format_table
 
+DEFAULT_VARIANT = "v1.5"
+# Compute capabilities `compile` builds for: those of aot.SHARED_LIMIT (its launch check needs
+# each one's shared memory), kept here so that a bad --arch fails before Triton is imported.
+COMPILE_ARCHS = (80, 86, 87, 89, 90, 100, 120)
+# Archs whose 3x3 convs are grouped: no Triton kernel, so `traffic` cannot count them.
+GROUPED_ARCHS = ("resnext50_32x4d",)
 
-def _model_kwargs(args: argparse.Namespace) -> dict:
-    return {} if is_cifar(args.arch) else {"variant": args.variant}
+
+def flag(name: str) -> str:
+    """The command-line spelling of an argument: batch_size -> --batch-size."""
+    return "--" + name.replace("_", "-")
+
+
+def check_at_least(args: argparse.Namespace, name: str, low: int = 1) -> None:
+    """Raises ValueError naming the flag where the argument `name` is set and below `low`."""
+    value = getattr(args, name, None)
+    if value is not None and value < low:
+        raise ValueError(f"{flag(name)} must be >= {low}, got {value}")
+
+
+def check_device(value: Optional[str]) -> None:
+    """--device: cpu or cuda[:N], and a CUDA device only where one is available."""
+    if value is None:
+        return
+    import torch
+
+    try:
+        dev = torch.device(value)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device must be cpu or cuda (cuda:N), got {value!r}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu or cuda (cuda:N), got {value!r}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {value}: no CUDA device is available")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {value}: there are {torch.cuda.device_count()} CUDA "
+                             f"devices (cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+
+
+def has_bottlenecks(arch: str) -> bool:
+    """Whether `arch` is built of bottleneck blocks (ImageNet nets of depth 50 and more), the
+    only blocks `--variant` changes."""
+    match = re.fullmatch(r"(?:wide_)?res(?:net|next)(\d+)(?:_\w+)?|plain(\d+)", arch)
+    return match is not None and int(match.group(1) or match.group(2)) >= 50
+
+
+def resolve_variant(arch: str, variant: Optional[str]) -> str:
+    """--variant where given (an error for an arch without bottlenecks), else v1.5."""
+    if variant is None:
+        return DEFAULT_VARIANT
+    if not has_bottlenecks(arch):
+        raise ValueError(f"--variant places the stride of a bottleneck block; {arch} has none "
+                         "(drop --variant)")
+    return variant
+
+
+def _model_kwargs(arch: str, variant: str) -> dict:
+    return {} if is_cifar(arch) else {"variant": variant}
 
 
 def cmd_flops(args: argparse.Namespace) -> int:
     from fused_resnet.flops import PAPER_GMACS, TORCHVISION_GMACS, count_flops
 
-    size = args.image_size or (32 if is_cifar(args.arch) else 224)
+    check_at_least(args, "batch_size")
+    check_at_least(args, "image_size")
+    if args.all:
+        given = [name for name, value in (("--arch", args.arch), ("--variant", args.variant),
+                                          ("--layers", args.layers or None))
+                 if value is not None]
+        if given:
+            raise ValueError(f"--all prints every ImageNet arch in both variants, per model; "
+                             f"it does not combine with {', '.join(given)}")
+    arch = args.arch or "resnet50"
+    variant = resolve_variant(arch, args.variant)
+    size = args.image_size if args.image_size is not None else 32 if is_cifar(arch) else 224
     shape = (args.batch_size, 3, size, size)
     if args.all:
         rows = []
@@ -34,8 +102,8 @@ def cmd_flops(args: argparse.Namespace) -> int:
         print(format_table(("arch", "params (M)", "GMACs v1", "paper v1", "GMACs v1.5",
                             "torchvision v1.5", "train activations (MiB)"), rows))
         return 0
-    report = count_flops(build_model(args.arch, **_model_kwargs(args)), shape)
-    title = args.arch if is_cifar(args.arch) else f"{args.arch} ({args.variant})"
+    report = count_flops(build_model(arch, **_model_kwargs(arch, variant)), shape)
+    title = arch if is_cifar(arch) else f"{arch} ({variant})"
     print(f"{title} at input {shape}\n")
     if args.layers:
         print(format_table(
@@ -58,20 +126,26 @@ def cmd_flops(args: argparse.Namespace) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     from fused_resnet.validate import validate
 
+    for name in ("steps", "batch_size", "image_size"):
+        check_at_least(args, name)
+    variant = resolve_variant(args.arch, args.variant)
     report = validate(args.arch, args.backend, args.dtype, args.steps,
                       batch_size=args.batch_size, image_size=args.image_size,
-                      device=args.device, variant=args.variant, weights=args.weights)
+                      device=args.device, variant=variant, weights=args.weights)
     print(f"validate {report.arch} on backend {report.backend!r} ({report.dtype}, "
           f"{report.device}, input {report.input_shape}) against {report.reference}\n")
+    for warning in report.warnings:
+        print(f"warning: {warning}\n")
     print(format_table(("check", "max abs err", "max rel err", "bound", "result"),
                        [(name, f"{c.max_abs:.3e}", f"{c.max_rel:.3e}", c.bound,
                          "pass" if c.ok else "FAIL") for name, c in report.rows]))
+    note = " (see the warning above)" if report.warnings and not report.ok else ""
     print(f"\n{'PASSED' if report.ok else 'FAILED'}: {sum(c.ok for _, c in report.rows)} of "
-          f"{len(report.rows)} checks within tolerance")
+          f"{len(report.rows)} checks within tolerance{note}")
     if report.ok and args.bench and report.device.startswith("cuda") and report.dtype != "fp64":
         from fused_resnet.bench.cli import short_benchmark
 
-        print("\n" + short_benchmark(args.arch, args.variant, args.backend, report.dtype,
+        print("\n" + short_benchmark(args.arch, variant, args.backend, report.dtype,
                                      args.device))
     return 0 if report.ok else 1
 
@@ -91,6 +165,15 @@ def cmd_compile(args: argparse.Namespace) -> int:
     unknown = [w for w in args.workload if w not in WORKLOADS]
     if unknown:
         raise ValueError(f"--workload must be among {sorted(WORKLOADS)}, got {unknown}")
+    bad = [a for a in args.arch if a not in COMPILE_ARCHS]
+    if bad:
+        raise ValueError(f"--arch takes compute capabilities among "
+                         f"{', '.join(map(str, COMPILE_ARCHS))} (80: A100, 90: H100 / H200, "
+                         f"...), got {', '.join(map(str, bad))}")
+    if args.out:
+        from fused_resnet.bench.cli import check_writable_file
+
+        check_writable_file(args.out, "--out")
     reports = []
     for arch in args.arch:
         report = check(args.workload, args.dtype, arch, args.jobs,
@@ -121,19 +204,28 @@ def cmd_traffic(args: argparse.Namespace) -> int:
     from fused_resnet.bench.hardware import device_peak
     from fused_resnet.traffic import roofline_rows, step_counts
 
+    if args.arch in GROUPED_ARCHS:
+        raise ValueError(f"--arch {args.arch}: its grouped 3x3 convolutions have no Triton "
+                         f"kernel, so there is no fused Triton step to count; --arch takes "
+                         f"{TRAFFIC_ARCH_HELP}")
+    if args.mode == "infer" and args.operands is not None:
+        raise ValueError("--operands sets the training chain's operand mode; inference has "
+                         "no such choice (drop --operands or use --mode train)")
+    operands = args.operands or "on_load"
     peak = device_peak(args.gpu)
     if peak is None:
         raise ValueError(f"--gpu must name a GPU of fused_resnet/bench/hardware.py's table "
                          f"(H100, H200, A100, ...), got {args.gpu!r}")
     if args.rows < 1:
         raise ValueError(f"--rows must be at least 1, got {args.rows}")
-    counts = step_counts(args.arch, args.dtype, args.batch, args.mode, args.operands,
+    counts = step_counts(args.arch, args.dtype, args.batch, args.mode, operands,
                          args.image_size)
     tflops = peak.tflops_for("tf32" if args.dtype == "fp32" else args.dtype)
     rows = roofline_rows(counts, tflops, peak.tb_per_s)
     *kinds, total = rows
-    print(f"{args.arch} {args.mode} step, batch {args.batch}, {args.dtype}, operands "
-          f"{args.operands}: Triton launches (fr::) and ATen ops (aten::), at the {peak.name}'s "
+    chain = f", operands {operands}" if args.mode == "train" else ""
+    print(f"{args.arch} {args.mode} step, batch {args.batch}, {args.dtype}{chain}: Triton "
+          f"launches (fr::) and ATen ops (aten::), at the {peak.name}'s "
           f"{tflops:g} TFLOP/s and {peak.tb_per_s:g} TB/s\n")
     print(format_table(("kernel variant / op", "calls", "GFLOP", "GB", "FLOP/B", "ms at peak"),
                        [(k, n, f"{f:.1f}", f"{b:.2f}", f"{ai:.0f}", f"{ms:.3f}")
@@ -148,10 +240,15 @@ def cmd_traffic(args: argparse.Namespace) -> int:
     return 0
 
 
+VARIANT_HELP = ("bottleneck stride on the 3x3 (v1.5, torchvision; the default) or first 1x1 (v1, "
+                "paper); for nets with bottleneck blocks (ResNet-50 and deeper)")
+TRAFFIC_ARCH_HELP = ARCH_HELP.replace(", ".join(IMAGENET_ARCHS), ", ".join(
+    a for a in IMAGENET_ARCHS if a not in GROUPED_ARCHS))
+
+
 def _common(p: argparse.ArgumentParser, arch: str = "resnet50") -> None:
     p.add_argument("--arch", default=arch, help=f"model name: {ARCH_HELP} (default {arch})")
-    p.add_argument("--variant", default="v1.5", choices=("v1", "v1.5"),
-                   help="bottleneck stride on the 3x3 (v1.5, torchvision) or first 1x1 (v1, paper)")
+    p.add_argument("--variant", default=None, choices=("v1", "v1.5"), help=VARIANT_HELP)
     p.add_argument("--batch-size", type=int, default=None, help="batch size")
     p.add_argument("--image-size", type=int, default=None,
                    help="input height = width (default 224; 32 for CIFAR nets; 64 on CPU)")
@@ -174,7 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true",
                    help="the whole ImageNet family beside the paper's and torchvision's figures")
     p.add_argument("--layers", action="store_true", help="also print every layer's row")
-    p.set_defaults(func=cmd_flops, batch_size=1)
+    # arch and variant None: --all can tell them given (cmd_flops: resnet50, v1.5)
+    p.set_defaults(func=cmd_flops, batch_size=1, arch=None)
 
     p = sub.add_parser("validate", help="compare a model on a backend with the reference")
     _common(p)
@@ -195,8 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "throughput, latency, memory; per-block breakdown; family table",
                        description=bench_doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default="resnet50", help=f"model name: {ARCH_HELP} (default resnet50)")
-    p.add_argument("--variant", default="v1.5", choices=("v1", "v1.5"),
-                   help="bottleneck stride on the 3x3 (v1.5, torchvision) or first 1x1 (v1, paper)")
+    p.add_argument("--variant", default=None, choices=("v1", "v1.5"), help=VARIANT_HELP)
     p.add_argument("--image-size", type=int, default=None,
                    help="input height = width (default 224 on GPU, 64 on CPU; 32 for CIFAR nets)")
     add_bench_arguments(p)
@@ -218,7 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description=compile_doc,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", type=int, nargs="+", default=[90],
-                   help="compute capabilities, e.g. 80 90 (default 90: H100 / H200)")
+                   help=f"compute capabilities among {', '.join(map(str, COMPILE_ARCHS))}, "
+                        "e.g. 80 90 (default 90: H100 / H200)")
     p.add_argument("--dtype", nargs="+", default=["bf16"], choices=("fp32", "bf16", "fp16"),
                    help="fp32 (TF32 tl.dot) or autocast to bf16 / fp16 (default bf16)")
     p.add_argument("--workload", nargs="+", default=["resnet50"],
@@ -235,14 +333,16 @@ def build_parser() -> argparse.ArgumentParser:
                        "counted without a GPU, and its roofline floor on a GPU",
                        description=traffic_doc,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", default="resnet50", help=f"model name: {ARCH_HELP}")
+    p.add_argument("--arch", default="resnet50",
+                   help=f"model name: {TRAFFIC_ARCH_HELP} (grouped convolutions, as "
+                        "ResNeXt's, have no Triton kernel)")
     p.add_argument("--dtype", default="bf16", choices=("fp32", "bf16", "fp16"),
                    help="autocast dtype, or fp32 (TF32 peak) (default bf16)")
     p.add_argument("--batch", type=int, default=256, help="images (default 256)")
     p.add_argument("--mode", default="train", choices=("train", "infer"),
                    help="a training step (forward + backward) or inference (default train)")
-    p.add_argument("--operands", default="on_load", choices=("on_load", "written"),
-                   help="the training chain's operand mode (default on_load)")
+    p.add_argument("--operands", default=None, choices=("on_load", "written"),
+                   help="the training chain's operand mode (default on_load; --mode train only)")
     p.add_argument("--image-size", type=int, default=None,
                    help="input height = width (default 224; 32 for CIFAR nets)")
     p.add_argument("--gpu", default="H100", help="whose peaks make the roofline (default H100)")
@@ -252,11 +352,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
+        check_device(getattr(args, "device", None))
+        if args.command == "bench" and not args.flops_table:  # the table's archs are many
+            args.variant = resolve_variant(args.arch, args.variant)
         return args.func(args)
     except (ValueError, NotImplementedError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"{parser.prog} {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
+import os
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -34,6 +36,8 @@ class ValidationReport:
     device: str
     input_shape: tuple[int, ...]
     rows: list[tuple[str, Comparison]] = field(default_factory=list)
+    # what makes the verdict unreliable (an ill-conditioned input: `few_values_warning`)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -58,6 +62,65 @@ def _worst(items: list[tuple[str, Comparison]]) -> tuple[str, Comparison]:
     return max(items, key=lambda item: (not item[1].ok, item[1].max_rel))
 
 
+# Below this many values per channel in a BN's batch statistics (N * h * w at the last
+# stage) the statistics are so ill-conditioned that a random ResNet's gradients and eval
+# logits blow up (1e6, 1e291 after one SGD step at 2 values) and rounding alone can exceed
+# the tolerances, in fp64 too. README's CPU input (ResNet-50, 64x64, batch 4) gives 16.
+MIN_BN_VALUES = 16
+
+
+def bn_values_per_channel(model: nn.Module, batch: int, size: int) -> Optional[int]:
+    """The fewest values any BN of `model` normalizes per channel at input (batch, 3, size,
+    size), from the layers' output shapes (`count_flops` of a copy at batch 1, in eval: no
+    cache of the model's is touched); None where the model does not take that input (its
+    forward names the problem)."""
+    from fused_resnet.flops import count_flops
+
+    try:
+        with torch.random.fork_rng(devices=[]):  # the validation's draws stay the same
+            report = count_flops(copy.deepcopy(model), (1, 3, size, size), training=False)
+    except (ValueError, RuntimeError):
+        return None
+    counts = [batch * math.prod(r.output_shape[2:]) for r in report.rows
+              if r.kind == "batch_norm"]
+    return min(counts, default=None)
+
+
+def few_values_warning(model: nn.Module, batch: int, size: int) -> Optional[str]:
+    """A warning where some BN sees fewer than MIN_BN_VALUES values per channel, else None."""
+    values = bn_values_per_channel(model, batch, size)
+    if values is None or values >= MIN_BN_VALUES:
+        return None
+    return (f"at batch {batch} and {size}x{size} images the last stage's BatchNorms see only "
+            f"{values} value{'s' if values != 1 else ''} per channel: their batch statistics "
+            "are ill-conditioned, gradients and logits blow up, and the tolerance check may "
+            "fail on rounding alone (in fp64 too); use a larger --image-size or --batch-size "
+            f"(at least {MIN_BN_VALUES} values per channel)")
+
+
+def load_model(arch: str, weights: Optional[str], **kwargs) -> nn.Module:
+    """build_model(arch, weights=weights, **kwargs), with a file of torchvision's weights in
+    torch.hub's cache that cannot be loaded named (with --weights) instead of torch.load's
+    traceback."""
+    try:
+        return build_model(arch, weights=weights, **kwargs)
+    except Exception as exc:
+        if weights is None:
+            raise
+        from fused_resnet.models.pretrained import checkpoint_path, resolve_weights
+
+        try:
+            path = checkpoint_path(resolve_weights(arch, weights))
+        except Exception:  # noqa: BLE001 - a bad name: build_model's own error stands
+            raise exc from None
+        if not os.path.isfile(path) or isinstance(exc, ValueError):
+            raise
+        raise ValueError(
+            f"--weights {weights}: the cached file {path} cannot be loaded "
+            f"({type(exc).__name__}); it is damaged or not torchvision's file: delete it to "
+            "download it again") from None
+
+
 @exact_fp32()
 def validate(
     arch: str = "resnet50",
@@ -78,18 +141,21 @@ def validate(
     "DEFAULT"), loaded into both models; None compares randomly initialised ones."""
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+    for name, value in (("steps", steps), ("batch_size", batch_size),
+                        ("image_size", image_size)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     on_gpu = dev.type == "cuda"
     dtype = dtype or ("fp32" if on_gpu else "fp64")
     exact = dtype == "fp64"
     cifar = is_cifar(arch)
-    size = image_size or (32 if cifar else 224 if on_gpu else 64)
-    batch = batch_size or (32 if on_gpu else 4)
+    size = image_size if image_size is not None else 32 if cifar else 224 if on_gpu else 64
+    batch = batch_size if batch_size is not None else 32 if on_gpu else 4
     torch.manual_seed(seed)
     kwargs = {"backend": backend} if cifar else {"backend": backend, "variant": variant}
-    candidate = build_model(arch, weights=weights, **kwargs)
+    candidate = load_model(arch, weights, **kwargs)
+    warning = few_values_warning(candidate, batch, size)
     reference, ref_name = reference_twin(arch, candidate, variant)
     half = DTYPES[dtype] if dtype in ("bf16", "fp16") else None
     if exact:  # the reference in fp64 is the truth
@@ -100,6 +166,8 @@ def validate(
     x = torch.randn(batch, 3, size, size, device=dev, dtype=DTYPES[dtype] if exact else None)
     target = torch.randint(0, candidate.fc.out_features, (batch,), device=dev)
     report = ValidationReport(arch, backend, ref_name, dtype, str(dev), tuple(x.shape))
+    if warning is not None:
+        report.warnings.append(warning)
     optimizers = {
         k: torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9) for k, m in models.items()
     }

@@ -75,8 +75,8 @@ def test_synthetic_data_is_deterministic_and_learnable():
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("epochs", 0, "epochs, batch_size and log_every must be >= 1"),
-    ("lr", 0.0, "need lr > 0"),
+    ("epochs", 0, "--epochs must be an integer >= 1, got 0"),
+    ("lr", 0.0, "--lr must be > 0, got 0.0"),
     ("amp", "fp8", "amp must be one of"),
     ("workers", -1, "workers must be >= 0"),
     ("schedule", "cosine", "schedule must be one of"),

@@ -70,10 +70,82 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
 
 
+def check_writable_file(path: str, name: str) -> None:
+    """Raises ValueError naming the flag `name` where a file cannot be written at `path`
+    (checked before a long run, by creating and removing a file beside it; nothing else
+    changes)."""
+    import tempfile
+
+    if os.path.isdir(path):
+        raise ValueError(f"{name} {path!r} is a folder; it takes a file path")
+    try:
+        with tempfile.TemporaryFile(dir=os.path.dirname(os.path.abspath(path))):
+            pass
+        if os.path.exists(path):
+            with open(path, "a"):
+                pass
+    except OSError as exc:
+        raise ValueError(f"{name} {path!r} cannot be written ({exc.strerror or exc})") from None
+
+
+def check_writable_folder(path: str, name: str) -> None:
+    """Raises ValueError naming the flag `name` where `path` is not a folder files can be
+    written in; creates it (and its parents) where missing."""
+    import tempfile
+
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise ValueError(f"{name} {path!r} is not a folder files can be written in "
+                         f"({exc.strerror or exc})") from None
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Raises ValueError naming the flag: a bad number, or flags that do not combine."""
+    runs = [name for name, on in (("--stages", args.stages), ("--flops-table", args.flops_table),
+                                  ("--profile", args.profile is not None)) if on]
+    if len(runs) > 1:
+        raise ValueError(f"{' and '.join(runs)} are separate runs; give one of them")
+    if args.write_table is not None and not args.stages:
+        raise ValueError("--write-table needs --stages (the table comes from block timings)")
+    if args.trace is not None and not args.profile:
+        raise ValueError("--trace needs --profile (the trace is of the profiled column)")
+    if args.archs is not None and not args.flops_table:
+        raise ValueError("--archs needs --flops-table (the other runs take one --arch)")
+    if args.batch_sizes is not None and min(args.batch_sizes) < 1:
+        raise ValueError(f"--batch-sizes: batch sizes must be >= 1, got "
+                         f"{' '.join(map(str, args.batch_sizes))}")
+    for name, low in (("latency_batch", 1), ("image_size", 1), ("iters", 1), ("warmup", 0)):
+        value = getattr(args, name, None)
+        if value is not None and value < low:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """Raises ValueError naming the flag where an output cannot be written, before the run
+    (creates the --out folder)."""
+    if not args.no_save and not args.profile:  # first: a table may go into this folder
+        check_writable_folder(args.out, "--out")
+    if args.write_table is not None:
+        from fused_resnet import tuning
+
+        path = args.write_table or str(tuning.PACKAGED_TABLE)
+        check_writable_file(path, "--write-table")
+        if os.path.exists(path):
+            try:
+                tuning.load_table(Path(path))
+            except (ValueError, OSError) as exc:  # json's errors are ValueErrors
+                raise ValueError(f"--write-table {path!r}: {exc}") from None
+    if args.trace is not None:
+        check_writable_file(f"{args.trace}-trace.json.gz", "--trace")
+
+
 def config_from(args: argparse.Namespace) -> SuiteConfig:
     gpu = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     return SuiteConfig(
-        arch=args.arch, variant=args.variant,
+        arch=args.arch, variant=args.variant or "v1.5",
         batch_sizes=tuple(args.batch_sizes or ((256,) if gpu else (8,))),
         latency_batch=args.latency_batch,
         dtypes=tuple(args.dtypes or (("bf16",) if gpu else ("fp32",))),
@@ -84,11 +156,10 @@ def config_from(args: argparse.Namespace) -> SuiteConfig:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    check_arguments(args)
     cfg = config_from(args)
-    if args.write_table is not None and not args.stages:
-        raise ValueError("--write-table needs --stages (the table comes from block timings)")
-    if args.trace is not None and not args.profile:
-        raise ValueError("--trace needs --profile (the trace is of the profiled column)")
+    cfg.check()
+    check_outputs(args)
     if args.profile:
         from fused_resnet.bench.profile import profile_column
 

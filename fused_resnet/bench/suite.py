@@ -107,14 +107,18 @@ class SuiteConfig:
             raise ValueError(f"layout must be 'channels_last' or 'nchw', got {self.layout!r}")
         if self.cuda_graphs and dev.type != "cuda":
             raise ValueError("cuda_graphs needs a CUDA device")
+        if self.image_size is not None and self.image_size < 1:
+            raise ValueError(f"image_size must be >= 1 (or None: the default), got "
+                             f"{self.image_size}")
         if self.iters < 1 or self.warmup < 0:
             raise ValueError(f"iters must be >= 1 and warmup >= 0, got {self.iters}, "
                              f"{self.warmup}")
         return dev
 
     def size(self, dev: torch.device) -> int:
-        return self.image_size or (32 if is_cifar(self.arch) else 224 if dev.type == "cuda"
-                                   else 64)
+        if self.image_size is not None:
+            return self.image_size
+        return 32 if is_cifar(self.arch) else 224 if dev.type == "cuda" else 64
 
     def settings(self) -> list[tuple[str, str, int]]:
         """(dtype, mode, batch) in run order."""

@@ -85,15 +85,50 @@ def config_from(args: argparse.Namespace, arch: str, out: str) -> TrainConfig:
         cuda_graphs=args.cuda_graphs, weights=args.weights, progress=not args.no_progress)
 
 
+OUTPUTS = ("checkpoint.pt", "iterations.csv", "epochs.csv", "curves.png")
+
+
+def written(folder: str, names, since: float) -> list[str]:
+    """Those of `names` in `folder` written at or after `since` (time.time()): what this run
+    wrote, not what an earlier run left there."""
+    out = []
+    for name in names:
+        path = os.path.join(folder, name)
+        if os.path.isfile(path) and os.path.getmtime(path) >= since - 1:
+            out.append(name)
+    return out
+
+
+def _report_written(folder: str, names, since: float) -> None:
+    files = written(folder, names, since)
+    if files:
+        print(f"\nwrote {folder}/{files[0]}" + "".join(f", {n}" for n in files[1:]))
+    else:
+        print(f"\nwrote nothing to {folder}")
+
+
+def check_arch(arch: str) -> None:
+    """Raises ValueError where `arch` names no model (checked without building one)."""
+    import torch
+
+    from fused_resnet.models import build_model
+
+    with torch.device("meta"):
+        build_model(arch)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    import time
+
     from fused_resnet.table import format_table
     from fused_resnet.train.report import write_comparison
 
     if args.compare is None:
         out = args.out or os.path.join("runs", args.arch)
+        since = time.time()
         result = train(config_from(args, args.arch, out))
         _print_epochs(args.arch, result["epochs"], format_table)
-        print(f"\nwrote {out}/checkpoint.pt, iterations.csv, epochs.csv, curves.png")
+        _report_written(out, OUTPUTS, since)
         return 0
     if args.resume:
         raise ValueError("--resume continues one run; it does not combine with --compare")
@@ -107,18 +142,28 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ValueError(f"--depths must be comma-separated integers, got {args.depths!r}"
                          ) from None
     root = args.out or os.path.join("runs", "compare")
-    runs = {}
+    # every run's model and settings checked before the first one trains
+    configs = {}
     for family in families:
         for depth in depths:
             arch = FAMILIES[family].format(depth)
-            runs[(family, depth)] = train(config_from(args, arch, os.path.join(root, arch)))
-            _print_epochs(arch, runs[(family, depth)]["epochs"], format_table)
+            try:
+                check_arch(arch)
+            except ValueError as exc:
+                raise ValueError(f"--compare {family} --depths {depth}: {exc}") from None
+            configs[(family, depth)] = config_from(args, arch, os.path.join(root, arch))
+            configs[(family, depth)].check()
+    runs = {}
+    for (family, depth), cfg in configs.items():
+        runs[(family, depth)] = train(cfg)
+        _print_epochs(cfg.arch, runs[(family, depth)]["epochs"], format_table)
     os.makedirs(root, exist_ok=True)
+    since = time.time()
     write_comparison(root, runs)
     print(format_table(("family", "depth", "final train error %", "final validation error %"),
                        [(f, d, f"{r['epochs'][-1]['train_err']:.1f}",
                          f"{r['epochs'][-1]['val_err']:.1f}") for (f, d), r in runs.items()]))
-    print(f"\nwrote {root}/compare.csv and compare.png")
+    _report_written(root, ("compare.csv", "compare.png"), since)
     return 0
 
 

@@ -50,7 +50,7 @@ def image_folder(root: str, train: bool, cifar: bool):
     from torchvision import datasets, transforms
 
     if not os.path.isdir(root):
-        raise ValueError(f"data must be 'synthetic' or an ImageFolder directory; {root!r} is "
+        raise ValueError(f"--data must be 'synthetic' or an ImageFolder directory; {root!r} is "
                          "not a directory")
     mean, std = (CIFAR_MEAN, CIFAR_STD) if cifar else (IMAGENET_MEAN, IMAGENET_STD)
     if cifar:
@@ -60,7 +60,13 @@ def image_folder(root: str, train: bool, cifar: bool):
         aug = [transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip()]
         plain = [transforms.Resize(256), transforms.CenterCrop(224)]
     tail = [transforms.ToTensor(), transforms.Normalize(mean, std)]
-    return datasets.ImageFolder(root, transforms.Compose((aug if train else plain) + tail))
+    try:
+        return datasets.ImageFolder(root, transforms.Compose((aug if train else plain) + tail))
+    except FileNotFoundError as exc:  # no class folders, or no images in them
+        reason = str(exc).rstrip(".")
+        raise ValueError(f"--data {root!r} is not an ImageFolder: {reason}; it needs one "
+                         "subfolder of images per class (or train/ and val/ folders of "
+                         "those)") from None
 
 
 def make_datasets(data: str, image_size: int, cifar: bool, synthetic_size: int,

@@ -32,6 +32,7 @@ from fused_resnet.train.data import make_datasets, make_loader
 from fused_resnet.train.graphed import prime_momentum_buffers, training_step
 
 AMP = ("fp32", "bf16", "fp16")
+CHECKPOINT_KEYS = ("model", "optimizer", "scaler", "state")
 SCHEDULES = ("milestones", "plateau")
 
 
@@ -67,28 +68,49 @@ class TrainConfig:
     progress: bool = True
 
     def check(self) -> None:
-        """Raises ValueError naming the first bad field."""
-        if self.epochs < 1 or self.batch_size < 1 or self.log_every < 1:
-            raise ValueError(f"epochs, batch_size and log_every must be >= 1, got {self.epochs},"
-                             f" {self.batch_size}, {self.log_every}")
-        if not self.lr > 0 or not 0 <= self.momentum < 1 or self.weight_decay < 0:
-            raise ValueError(f"need lr > 0, 0 <= momentum < 1, weight_decay >= 0; got "
-                             f"{self.lr}, {self.momentum}, {self.weight_decay}")
+        """Raises ValueError naming the first bad field by its flag (--batch-size for
+        batch_size: the fields are `python -m fused_resnet train`'s arguments)."""
+        for name in ("epochs", "batch_size", "log_every", "synthetic_size"):
+            _at_least(name, getattr(self, name), 1)
+        for name in ("image_size", "max_iters"):  # None: the default / no limit
+            if getattr(self, name) is not None:
+                _at_least(name, getattr(self, name), 1)
+        for name in ("warmup_iters", "patience"):
+            _at_least(name, getattr(self, name), 0)
+        for name, value in (("lr", self.lr), ("momentum", self.momentum),
+                            ("weight_decay", self.weight_decay)):
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{_flag(name)} must be a finite number, got {value}")
+        if not self.lr > 0:
+            raise ValueError(f"--lr must be > 0, got {self.lr}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"--momentum must be in [0, 1), got {self.momentum}")
+        if self.weight_decay < 0:
+            raise ValueError(f"--weight-decay must be >= 0, got {self.weight_decay}")
         if self.amp not in AMP:
-            raise ValueError(f"amp must be one of {AMP}, got {self.amp!r}")
+            raise ValueError(f"--amp must be one of {AMP}, got {self.amp!r}")
         if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+            raise ValueError(f"--schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if any(not 0 < m < 1 for m in self.milestones):
-            raise ValueError(f"milestones are fractions of the run in (0, 1), got "
+            raise ValueError(f"--milestones are fractions of the run in (0, 1), got "
                              f"{self.milestones}")
         if self.workers is not None and self.workers < 0:
-            raise ValueError(f"workers must be >= 0 or None (chosen for the data), got "
+            raise ValueError(f"--workers must be >= 0 (or left out: chosen for the data), got "
                              f"{self.workers}")
         check_weights(self.arch, self.weights)  # a bad name fails here, before any data
         if self.cuda_graphs and (self.ddp or self.sync_bn):
             raise ValueError("cuda_graphs: a captured step cannot read the device on the host, "
                              "as DDP's and sync BN's steps do; use one GPU without sync_bn "
                              f"(got ddp={self.ddp}, sync_bn={self.sync_bn})")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _at_least(name: str, value, low: int) -> None:
+    if not isinstance(value, int) or value < low:
+        raise ValueError(f"{_flag(name)} must be an integer >= {low}, got {value!r}")
 
 
 def data_workers(cfg: TrainConfig, image_size: int, world: int) -> int:
@@ -176,7 +198,7 @@ def train(cfg: TrainConfig) -> dict:
     cfg.check()
     rank, world, dev = _setup_distributed(cfg)
     cifar = is_cifar(cfg.arch)
-    size = cfg.image_size or (32 if cifar else 224)
+    size = cfg.image_size if cfg.image_size is not None else 32 if cifar else 224
     train_set, val_set, classes = make_datasets(cfg.data, size, cifar, cfg.synthetic_size,
                                                 cfg.seed)
     workers = data_workers(cfg, size, world)
@@ -184,8 +206,9 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.weights is None:
         model = build_model(cfg.arch, backend=cfg.backend, num_classes=classes)
     else:  # fine-tuning: the pretrained net, with a fresh classifier for the data's classes
-        model = with_classes(build_model(cfg.arch, backend=cfg.backend, weights=cfg.weights),
-                             classes)
+        from fused_resnet.validate import load_model
+
+        model = with_classes(load_model(cfg.arch, cfg.weights, backend=cfg.backend), classes)
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(dev, memory_format=fmt)
     if cfg.sync_bn:
@@ -222,7 +245,18 @@ def train(cfg: TrainConfig) -> dict:
                          f"{len(train_set)} training images")
     total = cfg.epochs * per_epoch  # the schedule's length
     stop = total if cfg.max_iters is None else min(total, cfg.max_iters)
-    os.makedirs(cfg.out, exist_ok=True)
+    if cfg.resume and (state["epoch"] >= cfg.epochs or state["iteration"] >= stop):
+        limit = (f"--max-iters {cfg.max_iters}" if cfg.max_iters is not None
+                 and state["iteration"] >= cfg.max_iters else f"--epochs {cfg.epochs}")
+        epochs = f"{state['epoch']} epoch{'' if state['epoch'] == 1 else 's'}"
+        raise ValueError(f"--resume {cfg.resume!r} has already run {epochs} "
+                         f"({state['iteration']} iterations), as far as {limit} goes: nothing "
+                         f"left to train; raise {limit.split()[0]} to continue it")
+    try:
+        os.makedirs(cfg.out, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"--out {cfg.out!r}: cannot create the output folder "
+                         f"({exc.strerror or exc})") from None
     from fused_resnet.train.report import epoch_bar, write_logs
 
     while state["epoch"] < cfg.epochs and state["iteration"] < stop:
@@ -314,14 +348,39 @@ def save_checkpoint(path: str, model: nn.Module, opt, scaler, state: dict,
 def load_checkpoint(path: str, model: nn.Module, opt, scaler, dev: torch.device) -> dict:
     """Restores model, optimizer and scaler from `path`; returns the loop state."""
     if not os.path.isfile(path):
-        raise ValueError(f"resume: no checkpoint at {path!r}")
-    payload = torch.load(path, map_location=dev, weights_only=True)
-    model.load_state_dict(payload["model"])
+        raise ValueError(f"--resume: no checkpoint at {path!r}")
+    try:
+        payload = torch.load(path, map_location=dev, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - whatever the reader met, the file is unreadable
+        raise ValueError(f"--resume {path!r} is not a checkpoint torch can read "
+                         f"({type(exc).__name__}); give the checkpoint.pt a train run wrote"
+                         ) from None
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(payload, dict) or k not in payload]
+    if missing:
+        raise ValueError(f"--resume {path!r} is not a checkpoint of `train` (it lacks "
+                         f"{', '.join(missing)}); give the checkpoint.pt a train run wrote")
+    saved = payload.get("config", {}).get("arch") if isinstance(payload.get("config"), dict) \
+        else None
+    try:
+        model.load_state_dict(payload["model"])
+    except RuntimeError:
+        of = f" of {saved}" if saved else ""
+        raise ValueError(f"--resume {path!r} is a checkpoint{of} whose weights do not fit "
+                         f"this run's model; resume with the --arch it was trained with"
+                         ) from None
     # the update's implementation is this run's, not the checkpoint's (which may predate the
     # fused update): load_state_dict takes the saved groups' flags
     chosen = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in opt.param_groups]
-    opt.load_state_dict(payload["optimizer"])
+    try:
+        opt.load_state_dict(payload["optimizer"])
+        scaler.load_state_dict(payload["scaler"])
+        state = payload["state"]
+        if not all(k in state for k in ("epoch", "iteration", "plateau", "iterations",
+                                        "epochs")):
+            raise KeyError("state")
+    except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+        raise ValueError(f"--resume {path!r}: its optimizer, scaler or loop state does not "
+                         f"fit this run ({type(exc).__name__}: {exc})") from None
     for group, flags in zip(opt.param_groups, chosen):
         group.update(flags)
-    scaler.load_state_dict(payload["scaler"])
-    return payload["state"]
+    return state

@@ -270,6 +270,9 @@ def _compile_all(jobs: list[_Job], arch: int, workers: int) -> list[tuple]:
 def compile_only(arch: int = 90, workers: int = 1) -> Iterator[Builds]:
     """Within the block Triton launches are recorded, not run; on leaving it they compile
     for sm_<arch> in `workers` processes (module doc)."""
+    if arch not in SHARED_LIMIT:  # another number crashes LLVM or floods MLIR errors
+        raise ValueError(f"arch must be a compute capability among "
+                         f"{', '.join(map(str, SHARED_LIMIT))}, got {arch!r}")
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("compile_only needs TRITON_INTERPRET unset when Triton is imported "
                            "(the interpreter's kernels cannot be compiled)")
