@@ -11,6 +11,7 @@ from typing import Optional
 
 from torch import Tensor, nn
 
+from fused_resnet.nn.conv_bn import fx_tracing
 from fused_resnet.nn.pool import FusedMaxPool2d
 from fused_resnet.nn.sync_bn import FusedSyncBatchNorm
 
@@ -63,7 +64,10 @@ def _stage_sizes(model: nn.Module, size: tuple[int, int]) -> Optional[list[tuple
 def check_image_batch(model: nn.Module, x: Tensor) -> None:
     """x must be (N, C, H, W) floating with the stem conv's C; in training, N * h * w at
     every feature map a BN normalizes must not be 1, nor any map empty for a non-empty batch
-    (the model's layers are walked: `_stage_sizes`)."""
+    (the model's layers are walked: `_stage_sizes`). Nothing to check while torch.fx traces
+    (x is a proxy without a shape)."""
+    if fx_tracing():
+        return
     if x.dim() != 4:
         raise ValueError(f"x must be an image batch (N, C, H, W), got shape {tuple(x.shape)}")
     if not x.is_floating_point():

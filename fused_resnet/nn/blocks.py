@@ -25,6 +25,7 @@ from fused_resnet.nn.conv_bn import (
     check_chain,
     conv_bn_act,
     fusable_block,
+    fx_tracing,
     residual_block,
 )
 from fused_resnet.nn.shortcut import ZeroPadShortcut, check_shortcut, make_shortcut
@@ -80,6 +81,8 @@ class ResidualBlock(FoldingModule):
         return tuning.tuned_backend(x.device, self.tuning_key(x)) or "auto"
 
     def forward(self, x: Tensor) -> Tensor:
+        if fx_tracing():
+            return self._traced_forward(x)
         backend = self.call_backend(x)
         tuned_single = backend == tuning.SINGLE_LAUNCH
         backend = "triton" if tuned_single else backend
@@ -128,6 +131,22 @@ class ResidualBlock(FoldingModule):
             _EVAL_PLANS.store(self, plan_block_eval(x, weights, biases, **args), weights,
                               biases)
         return out
+
+    def _traced_forward(self, x: Tensor) -> Tensor:
+        """What the block computes, as torch.fx traces it, in torchvision's order: the main
+        path's conv / BN modules, then the shortcut (option A as a strided slice and a channel
+        pad: no shape test), the add and torch.relu."""
+        out, pairs = x, self.main_path()
+        for i, (conv, bn) in enumerate(pairs):
+            out = conv_bn_act(out, conv, bn, relu=i < len(pairs) - 1)
+        if self.shortcut is None:
+            return torch.relu(out)
+        if isinstance(self.downsample, ZeroPadShortcut):
+            s, pad = self.downsample.stride, self.downsample.out_channels - self.conv1.in_channels
+            identity = torch.nn.functional.pad(x[:, :, ::s, ::s], (0, 0, 0, 0, 0, pad))
+        else:
+            identity = self._shortcut(x, self.backend)
+        return torch.relu(out + identity)
 
     def _check_chain(self, x: Tensor, pairs: list, kind: str, backend: str) -> None:
         """Before the block runs conv by conv in training: every pair's arguments and

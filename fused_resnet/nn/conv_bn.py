@@ -15,6 +15,7 @@ import sys
 from typing import Optional
 
 import torch
+import torch.fx
 from torch import Tensor, nn
 
 from fused_resnet import backend as _backend
@@ -23,6 +24,20 @@ from fused_resnet.backend import check_backend_name
 from fused_resnet.nn.sync_bn import convert_sync_bn, sync_group
 from fused_resnet.ops.conv_bn_act import check_conv_bn_act_args, compute_dtype, select_kernels
 from fused_resnet.ops.layout import conv_output_shape, inference_weight
+
+# torch.fx's flag of a symbolic trace; newer torch sets it under torch.export too, which
+# `is_fx_symbolic_tracing` (where it exists) and the is_compiling test leave out.
+_FX_FLAG = next((getattr(torch.fx._symbolic_trace, name) for name in (
+    "is_fx_symbolic_tracing", "_get_is_fx_tracing", "is_fx_tracing")
+    if hasattr(torch.fx._symbolic_trace, name)), lambda: False)
+
+
+def fx_tracing() -> bool:
+    """Whether torch.fx symbolic tracing (torchvision's `create_feature_extractor` among its
+    users) is running, not torch.export / compile: the modules then compute with their conv /
+    BN / pool modules and torch functions, a graph of standard layers (fused ops would need
+    the input's shape and dtype, which a tracing proxy does not have)."""
+    return _FX_FLAG() and not torch.compiler.is_compiling()
 
 
 def has_call_hooks(module: nn.Module) -> bool:
@@ -57,6 +72,10 @@ def conv_bn_act(
     backend: str = "auto",
 ) -> Tensor:
     """act(bn(conv(x)) + residual) with the parameters and buffers of `conv` and `bn`."""
+    if fx_tracing():  # the modules themselves: call_module nodes named as in torchvision
+        out = bn(conv(x))
+        out = out if residual is None else out + residual
+        return torch.relu(out) if relu else out
     adopt_frozen_bns([(conv, bn)])
     check_conv(conv)
     bn_args, counting = _batchnorm_args(bn)
