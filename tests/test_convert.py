@@ -330,11 +330,22 @@ def test_convert_swaps_a_users_block_that_computes_the_same(sync):
     assert_close(model.state_dict()["0.bn1.running_mean"], eager.state_dict()["0.bn1.running_mean"])
 
 
+def _stand_in_group():
+    """A ProcessGroup object of one rank, made without init_process_group (nothing runs
+    distributed here): (store, rank, size) in newer torch, (rank, size) in torch 2.5."""
+    import torch.distributed as dist
+
+    try:
+        return dist.ProcessGroup(dist.HashStore(), 0, 1)
+    except TypeError:
+        return dist.ProcessGroup(0, 1)
+
+
 def test_convert_keeps_torchs_sync_batchnorm_synchronised():
     """A model made with torch's convert_sync_batchnorm: the BNs the fused code runs (blocks,
     stem) become FusedSyncBatchNorm over the same process group (the fused ops synchronise
     only those), the same tensors and keys; others stay."""
-    group = object()  # a stand-in: nothing runs distributed here
+    group = _stand_in_group()
     model = torchvision.models.resnet18()
     model.extra = torch.nn.SyncBatchNorm(4)  # not run by fused code: left
     model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model, process_group=group)
