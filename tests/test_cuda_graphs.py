@@ -189,14 +189,15 @@ def test_resume_keeps_the_runs_update_implementation(tmp_path):
     """A checkpoint of a run with the stock SGD resumed by one that fuses it (fp16 under
     CUDA graphs), and back: each run keeps its own `fused` flag."""
     model = nn.Linear(4, 3)
+    state = {"epoch": 1, "iteration": 8, "plateau": {"scale": 1.0, "best": 2.0, "bad": 0},
+             "iterations": [], "epochs": []}  # a loop state as `train` saves it
     for saved, resumed in ((None, True), (True, None)):
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, fused=saved)
         scaler = torch.amp.GradScaler("cpu")
-        save_checkpoint(str(tmp_path / "c.pt"), model, opt, scaler, {"epoch": 1},
-                        TrainConfig())
+        save_checkpoint(str(tmp_path / "c.pt"), model, opt, scaler, state, TrainConfig())
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, fused=resumed)
         assert load_checkpoint(str(tmp_path / "c.pt"), model, opt, scaler,
-                               torch.device("cpu")) == {"epoch": 1}
+                               torch.device("cpu")) == state
         assert opt.param_groups[0]["fused"] is resumed
 
 
