@@ -36,34 +36,49 @@ def _window_out(size: tuple[int, int], kernel, stride, padding, dilation=1,
     return tuple(out)
 
 
-def _stage_sizes(model: nn.Module, size: tuple[int, int]) -> Optional[list[tuple[int, int]]]:
-    """The (h, w) each BN of `model` normalizes, in order, for an (H, W) = `size` input; None
-    where a module's effect on the size is unknown (a pool or block of another kind)."""
+def _stage_sizes(model: nn.Module, size: tuple[int, int]) -> Optional[list[tuple]]:
+    """((h, w), BN or None) for each map of `model`, in order, for an (H, W) = `size`
+    input: the conv outputs with the BN that normalizes each (a projection's BN normalizes
+    a map of its block's output size), the pool's output with None; None where a module's
+    effect on the size is unknown (a pool or block of another kind)."""
     conv = model.conv1
-    sizes = [_window_out(size, conv.kernel_size, conv.stride, conv.padding, conv.dilation)]
+    maps = [(_window_out(size, conv.kernel_size, conv.stride, conv.padding, conv.dilation),
+             getattr(model, "bn1", None))]
     pool = getattr(model, "maxpool", None)
     if isinstance(pool, nn.MaxPool2d):
-        sizes.append(_window_out(sizes[-1], pool.kernel_size, pool.stride, pool.padding,
-                                 pool.dilation, pool.ceil_mode))
+        maps.append((_window_out(maps[-1][0], pool.kernel_size, pool.stride, pool.padding,
+                                 pool.dilation, pool.ceil_mode), None))
     elif isinstance(pool, FusedMaxPool2d):
-        sizes.append(_window_out(sizes[-1], pool.kernel_size, pool.stride, pool.padding))
+        maps.append((_window_out(maps[-1][0], pool.kernel_size, pool.stride, pool.padding),
+                     None))
     elif not (pool is None or isinstance(pool, nn.Identity)):
         return None
     for name in ("layer1", "layer2", "layer3", "layer4"):
         for block in getattr(model, name, ()):
-            for conv_name in ("conv1", "conv2", "conv3"):
-                conv = getattr(block, conv_name, None)
-                if conv_name != "conv3" and not isinstance(conv, nn.Conv2d):
+            for i in (1, 2, 3):
+                conv = getattr(block, f"conv{i}", None)
+                if i < 3 and not isinstance(conv, nn.Conv2d):
                     return None  # not a block of this package's (or torchvision's) kind
                 if isinstance(conv, nn.Conv2d):
-                    sizes.append(_window_out(sizes[-1], conv.kernel_size, conv.stride,
-                                             conv.padding, conv.dilation))
-    return sizes
+                    maps.append((_window_out(maps[-1][0], conv.kernel_size, conv.stride,
+                                             conv.padding, conv.dilation),
+                                 getattr(block, f"bn{i}", None)))
+            downsample = getattr(block, "downsample", None)
+            if isinstance(downsample, nn.Sequential) and len(downsample) > 1:
+                maps.append((maps[-1][0], downsample[-1]))
+    return maps
+
+
+def _batch_statistics(bn: Optional[nn.Module]) -> bool:
+    """Whether `bn` normalizes with this process's batch statistics (a BatchNorm2d in
+    training or without running statistics; not a frozen or synchronized one)."""
+    return (isinstance(bn, nn.BatchNorm2d) and not isinstance(bn, FusedSyncBatchNorm)
+            and (bn.training or bn.running_mean is None))
 
 
 def check_image_batch(model: nn.Module, x: Tensor) -> None:
-    """x must be (N, C, H, W) floating with the stem conv's C; in training, N * h * w at
-    every feature map a BN normalizes must not be 1, nor any map empty for a non-empty batch
+    """x must be (N, C, H, W) floating with the stem conv's C; in training no feature map
+    may be empty, and N * h * w must not be 1 at a map a BN normalizes with batch statistics
     (the model's layers are walked: `_stage_sizes`). Nothing to check while torch.fx traces
     (x is a proxy without a shape)."""
     if fx_tracing():
@@ -77,15 +92,19 @@ def check_image_batch(model: nn.Module, x: Tensor) -> None:
                          f"{model.conv1.in_channels}")
     if x.shape[2] < 1 or x.shape[3] < 1:
         raise ValueError(f"x must have H, W >= 1, got {tuple(x.shape)}")
-    if not model.training or isinstance(model.bn1, FusedSyncBatchNorm):  # (global batch)
+    if not model.training:
         return
-    sizes = _stage_sizes(model, tuple(x.shape[2:]))
-    if sizes is None:
+    maps = _stage_sizes(model, tuple(x.shape[2:]))
+    if maps is None:
         return  # each layer checks its own input
-    h, w = min(sizes, key=lambda hw: hw[0] * hw[1])
+    h, w = min((hw for hw, _ in maps), key=lambda hw: hw[0] * hw[1])
     if h < 1 or w < 1:
         raise ValueError(f"x of shape {tuple(x.shape)} is too small for this model: a "
                          f"feature map would be {h}x{w}; use a larger image")
+    normalized = [hw for hw, bn in maps if _batch_statistics(bn)]
+    if not normalized:
+        return
+    h, w = min(normalized, key=lambda hw: hw[0] * hw[1])
     if x.shape[0] * h * w == 1:
         raise ValueError(
             f"Expected more than 1 value per channel when training: input of shape "
