@@ -97,16 +97,14 @@ def check_image_batch(model: nn.Module, x: Tensor) -> None:
     maps = _stage_sizes(model, tuple(x.shape[2:]))
     if maps is None:
         return  # each layer checks its own input
-    h, w = min((hw for hw, _ in maps), key=lambda hw: hw[0] * hw[1])
-    if h < 1 or w < 1:
-        raise ValueError(f"x of shape {tuple(x.shape)} is too small for this model: a "
-                         f"feature map would be {h}x{w}; use a larger image")
-    normalized = [hw for hw, bn in maps if _batch_statistics(bn)]
-    if not normalized:
-        return
-    h, w = min(normalized, key=lambda hw: hw[0] * hw[1])
-    if x.shape[0] * h * w == 1:
-        raise ValueError(
-            f"Expected more than 1 value per channel when training: input of shape "
-            f"{tuple(x.shape)} leaves a {h}x{w} map per image for a batch of {x.shape[0]}; "
-            "use a larger batch or image (or eval mode)")
+    # plain loops, no min(key=...): torch.compile traces this check (fullgraph)
+    for (h, w), _ in maps:
+        if h < 1 or w < 1:
+            raise ValueError(f"x of shape {tuple(x.shape)} is too small for this model: a "
+                             f"feature map would be {h}x{w}; use a larger image")
+    for (h, w), bn in maps:
+        if x.shape[0] * h * w == 1 and _batch_statistics(bn):
+            raise ValueError(
+                f"Expected more than 1 value per channel when training: input of shape "
+                f"{tuple(x.shape)} leaves a {h}x{w} map per image for a batch of "
+                f"{x.shape[0]}; use a larger batch or image (or eval mode)")

@@ -213,7 +213,7 @@ def select_kernels(backend: str, op: str, x: Tensor, *, groups: int = 1,
     and a backend named "triton" raises. An empty batch runs on the reference (torch's ops
     give an empty output and leave the running statistics as they are)."""
     name = _backend.resolve(backend, op, x.device)
-    if x.shape[0] == 0:
+    if x.dim() == 4 and x.shape[0] == 0:  # (a 1-D x is a dtype / device probe)
         return "reference"
     if name == "triton":
         if groups != 1:
