@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Optional
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fused_resnet.models import build_model, is_cifar, reference_twin
+from fused_resnet.nn.batch_check import bn_map_sizes
 from fused_resnet.testing import DTYPES, Comparison, compare, compare_norm, exact_fp32
 
 
@@ -71,19 +71,11 @@ MIN_BN_VALUES = 16
 
 def bn_values_per_channel(model: nn.Module, batch: int, size: int) -> Optional[int]:
     """The fewest values any BN of `model` normalizes per channel at input (batch, 3, size,
-    size), from the layers' output shapes (`count_flops` of a copy at batch 1, in eval: no
-    cache of the model's is touched); None where the model does not take that input (its
-    forward names the problem)."""
-    from fused_resnet.flops import count_flops
-
-    try:
-        with torch.random.fork_rng(devices=[]):  # the validation's draws stay the same
-            report = count_flops(copy.deepcopy(model), (1, 3, size, size), training=False)
-    except (ValueError, RuntimeError):
-        return None
-    counts = [batch * math.prod(r.output_shape[2:]) for r in report.rows
-              if r.kind == "batch_norm"]
-    return min(counts, default=None)
+    size), from the map sizes its stem and blocks give (`nn.batch_check.bn_map_sizes`, the
+    models' own batch check: nothing runs); None where those cannot be told or a map would
+    be empty (the model's forward names the problem)."""
+    sizes = bn_map_sizes(model, (size, size))
+    return min((batch * h * w for h, w in sizes), default=None) if sizes is not None else None
 
 
 def few_values_warning(model: nn.Module, batch: int, size: int) -> Optional[str]:

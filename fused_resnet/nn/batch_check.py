@@ -69,6 +69,16 @@ def _stage_sizes(model: nn.Module, size: tuple[int, int]) -> Optional[list[tuple
     return maps
 
 
+def bn_map_sizes(model: nn.Module, size: tuple[int, int]) -> Optional[list[tuple[int, int]]]:
+    """The (h, w) of every map a BN of `model` normalizes for an (H, W) = `size` input, in
+    order; None where `_stage_sizes` cannot tell or a map would be empty (the model's
+    forward names that problem)."""
+    maps = _stage_sizes(model, size)
+    if maps is None or any(h < 1 or w < 1 for (h, w), _ in maps):
+        return None
+    return [hw for hw, bn in maps if bn is not None]
+
+
 def _batch_statistics(bn: Optional[nn.Module]) -> bool:
     """Whether `bn` normalizes with this process's batch statistics (a BatchNorm2d in
     training or without running statistics; not a frozen or synchronized one)."""
