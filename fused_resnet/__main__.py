@@ -9,6 +9,7 @@ import sys
 from typing import Optional
 
 from fused_resnet.backend import BACKENDS
+from fused_resnet.flags import check_at_least
 from fused_resnet.models import ARCH_HELP, IMAGENET_ARCHS, build_model, is_cifar
 from fused_resnet.table import format_table
 
@@ -18,18 +19,6 @@ DEFAULT_VARIANT = "v1.5"
 COMPILE_ARCHS = (80, 86, 87, 89, 90, 100, 120)
 # Archs whose 3x3 convs are grouped: no Triton kernel, so `traffic` cannot count them.
 GROUPED_ARCHS = ("resnext50_32x4d",)
-
-
-def flag(name: str) -> str:
-    """The command-line spelling of an argument: batch_size -> --batch-size."""
-    return "--" + name.replace("_", "-")
-
-
-def check_at_least(args: argparse.Namespace, name: str, low: int = 1) -> None:
-    """Raises ValueError naming the flag where the argument `name` is set and below `low`."""
-    value = getattr(args, name, None)
-    if value is not None and value < low:
-        raise ValueError(f"{flag(name)} must be >= {low}, got {value}")
 
 
 def check_device(value: Optional[str]) -> None:

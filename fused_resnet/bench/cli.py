@@ -28,6 +28,7 @@ from fused_resnet.bench.report import (
     write_report,
 )
 from fused_resnet.bench.suite import BENCH_DTYPES, COLUMNS, MODES, SuiteConfig, run_suite
+from fused_resnet.flags import check_at_least
 from fused_resnet.table import format_table
 
 
@@ -118,9 +119,7 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise ValueError(f"--batch-sizes: batch sizes must be >= 1, got "
                          f"{' '.join(map(str, args.batch_sizes))}")
     for name, low in (("latency_batch", 1), ("image_size", 1), ("iters", 1), ("warmup", 0)):
-        value = getattr(args, name, None)
-        if value is not None and value < low:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+        check_at_least(args, name, low)
 
 
 def check_outputs(args: argparse.Namespace) -> None:

@@ -25,6 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from fused_resnet.flags import flag
 from fused_resnet.models import build_model, is_cifar, with_classes
 from fused_resnet.models.registry import check_weights
 from fused_resnet.testing import DTYPES
@@ -80,7 +81,7 @@ class TrainConfig:
         for name, value in (("lr", self.lr), ("momentum", self.momentum),
                             ("weight_decay", self.weight_decay)):
             if not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"{_flag(name)} must be a finite number, got {value}")
+                raise ValueError(f"{flag(name)} must be a finite number, got {value}")
         if not self.lr > 0:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
         if not 0 <= self.momentum < 1:
@@ -104,13 +105,9 @@ class TrainConfig:
                              f"(got ddp={self.ddp}, sync_bn={self.sync_bn})")
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
 def _at_least(name: str, value, low: int) -> None:
     if not isinstance(value, int) or value < low:
-        raise ValueError(f"{_flag(name)} must be an integer >= {low}, got {value!r}")
+        raise ValueError(f"{flag(name)} must be an integer >= {low}, got {value!r}")
 
 
 def data_workers(cfg: TrainConfig, image_size: int, world: int) -> int:
