@@ -231,8 +231,7 @@ def train(cfg: TrainConfig) -> dict:
         from fused_resnet.train.graphed import CapturedTrainStep
 
         captured = CapturedTrainStep(net, opt, amp_dtype=dtype, scaler=scaler)
-    state = {"epoch": 0, "iteration": 0, "plateau": {"scale": 1.0, "best": math.inf, "bad": 0},
-             "iterations": [], "epochs": []}
+    state = new_loop_state()
     if cfg.resume:
         state = load_checkpoint(cfg.resume, model, opt, scaler, dev)
     per_epoch = len(make_loader(train_set, cfg.batch_size, train=True, seed=cfg.seed,
@@ -342,6 +341,12 @@ def save_checkpoint(path: str, model: nn.Module, opt, scaler, state: dict,
     os.replace(path + ".tmp", path)
 
 
+def new_loop_state() -> dict:
+    """The loop's state at the start of a run (a checkpoint's "state" has these keys)."""
+    return {"epoch": 0, "iteration": 0, "plateau": {"scale": 1.0, "best": math.inf, "bad": 0},
+            "iterations": [], "epochs": []}
+
+
 def load_checkpoint(path: str, model: nn.Module, opt, scaler, dev: torch.device) -> dict:
     """Restores model, optimizer and scaler from `path`; returns the loop state."""
     if not os.path.isfile(path):
@@ -372,8 +377,7 @@ def load_checkpoint(path: str, model: nn.Module, opt, scaler, dev: torch.device)
         opt.load_state_dict(payload["optimizer"])
         scaler.load_state_dict(payload["scaler"])
         state = payload["state"]
-        if not all(k in state for k in ("epoch", "iteration", "plateau", "iterations",
-                                        "epochs")):
+        if not set(new_loop_state()) <= set(state):
             raise KeyError("state")
     except (ValueError, KeyError, TypeError, RuntimeError) as exc:
         raise ValueError(f"--resume {path!r}: its optimizer, scaler or loop state does not "
