@@ -235,12 +235,13 @@ TRAFFIC_ARCH_HELP = ARCH_HELP.replace(", ".join(IMAGENET_ARCHS), ", ".join(
     a for a in IMAGENET_ARCHS if a not in GROUPED_ARCHS))
 
 
-def _common(p: argparse.ArgumentParser, arch: str = "resnet50") -> None:
+def _common(p: argparse.ArgumentParser, arch: str = "resnet50",
+            image_size_help: str = "input height = width (default 224; 32 for CIFAR nets; "
+                                   "64 on CPU)") -> None:
     p.add_argument("--arch", default=arch, help=f"model name: {ARCH_HELP} (default {arch})")
     p.add_argument("--variant", default=None, choices=("v1", "v1.5"), help=VARIANT_HELP)
     p.add_argument("--batch-size", type=int, default=None, help="batch size")
-    p.add_argument("--image-size", type=int, default=None,
-                   help="input height = width (default 224; 32 for CIFAR nets; 64 on CPU)")
+    p.add_argument("--image-size", type=int, default=None, help=image_size_help)
 
 
 def _runtime(p: argparse.ArgumentParser) -> None:
@@ -256,7 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("flops", help="MACs, parameters and activation memory per stage")
-    _common(p)
+    # counted, not run: the size does not depend on the device (cmd_flops)
+    _common(p, image_size_help="input height = width (default 224; 32 for CIFAR nets)")
     p.add_argument("--all", action="store_true",
                    help="the whole ImageNet family beside the paper's and torchvision's figures")
     p.add_argument("--layers", action="store_true", help="also print every layer's row")

@@ -9,9 +9,11 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from fused_resnet.models import build_model
 from fused_resnet.train import TrainConfig, train
-from fused_resnet.train.data import SyntheticImages
+from fused_resnet.train.data import SyntheticImages, make_datasets
 from fused_resnet.train.loop import data_workers, lr_at
 
 TINY = dict(arch="cifar_resnet20", epochs=2, batch_size=16, synthetic_size=64, image_size=8,
@@ -126,14 +128,29 @@ def test_compare_plain_and_residual_nets(tmp_path):
 @pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(
     os.path.join(os.path.dirname(sys.executable), "torchrun")), reason="torchrun not installed")
 def test_torchrun_ddp_with_sync_bn(tmp_path):
+    """2 ranks on 36 synthetic images: 2 steps of 8 per rank, and 9 validation images
+    scored once each (5 on rank 0, 4 on rank 1: no padded repeat), as one process scores
+    them with the checkpoint's model."""
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     result = subprocess.run(
         [torchrun, "--standalone", "--nproc-per-node", "2", "-m", "fused_resnet",
-         "train", "--ddp", "--sync-bn", "--arch", "cifar_resnet20", *CLI_TINY, "--out",
-         str(tmp_path), "--device", "cpu"],
+         "train", "--ddp", "--sync-bn", "--arch", "cifar_resnet20", *CLI_TINY,
+         "--synthetic-size", "36", "--out", str(tmp_path), "--device", "cpu"],
         capture_output=True, text=True, timeout=900, cwd=tmp_path,
         env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     epochs = rows(tmp_path / "epochs.csv")
-    assert int(epochs[0]["iteration"]) == 2  # 32 images / (8 per rank x 2 ranks)
-    assert (tmp_path / "checkpoint.pt").exists()
+    assert int(epochs[0]["iteration"]) == 2  # 36 images // (8 per rank x 2 ranks)
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    model = build_model("cifar_resnet20", backend="reference", num_classes=10)
+    model.load_state_dict(ckpt["model"])
+    _, val_set, _ = make_datasets("synthetic", 8, True, 36, 0)
+    x = torch.stack([val_set[i][0] for i in range(len(val_set))])
+    y = torch.tensor([val_set[i][1] for i in range(len(val_set))])
+    with torch.no_grad():
+        logits = model.eval()(x)
+    assert len(y) == 9
+    assert float(epochs[0]["val_loss"]) == pytest.approx(
+        F.cross_entropy(logits, y).item(), rel=1e-5)
+    assert float(epochs[0]["val_err"]) == pytest.approx(
+        100 * (logits.argmax(1) != y).sum().item() / 9)

@@ -43,7 +43,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--amp", choices=AMP, default="fp32", help="autocast dtype (fp16 scales)")
     p.add_argument("--backend", choices=BACKENDS, default="auto")
     p.add_argument("--out", default=None, help="output folder (default runs/<arch>)")
-    p.add_argument("--resume", default=None, help="a checkpoint.pt to continue from")
+    p.add_argument("--resume", default=None,
+                   help="a checkpoint.pt to continue from, with this command's --momentum "
+                        "and --weight-decay")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=None,
                    help="data-loading processes per process (default: none for synthetic "
@@ -51,8 +53,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--synthetic-size", type=int, default=2048, help="synthetic images")
     p.add_argument("--image-size", type=int, default=None,
                    help="synthetic image size (default 32 for CIFAR nets, else 224)")
-    p.add_argument("--log-every", type=int, default=10, help="iterations per log row")
-    p.add_argument("--max-iters", type=int, default=None, help="stop after this many steps")
+    p.add_argument("--log-every", type=int, default=10,
+                   help="iterations per iterations.csv row (each the mean of those steps)")
+    p.add_argument("--max-iters", type=int, default=None,
+                   help="stop after this many steps, with a checkpoint there (mid-epoch too)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--nchw", action="store_true", help="NCHW instead of channels_last")
     p.add_argument("--ddp", action="store_true",

@@ -3,9 +3,10 @@
 Synthetic: class k has a fixed random prototype image (drawn from `seed`); sample i is its
 class's prototype plus Gaussian noise drawn from (seed, i), so the set is the same on every
 run and every rank, learnable, and needs no download. ImageFolder: the standard augmentations
-(CIFAR-size nets: 4-pixel padded random crop + horizontal flip, as in the paper's CIFAR
-experiments; ImageNet nets: RandomResizedCrop(224) + flip; validation: resize 256, center
-crop 224), then per-channel normalization.
+(CIFAR-size nets: the image resized and center-cropped to 32x32 as for validation, then a
+4-pixel padded random crop + horizontal flip, as in the paper's CIFAR experiments; ImageNet
+nets: RandomResizedCrop(224) + flip; validation: resize 256, center crop 224), then
+per-channel normalization. Validation images take the training folder's class indices.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import os
 from typing import Optional
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -45,23 +46,77 @@ class SyntheticImages(Dataset):
         return image, label
 
 
-def image_folder(root: str, train: bool, cifar: bool):
-    """torchvision ImageFolder at `root` with the standard augmentations (module docstring)."""
+class StridedSplit(Sampler):
+    """Rank `rank`'s share of `size` items for validation under DDP: every `world`-th index
+    from `rank`, unshuffled and unpadded (DistributedSampler pads the shares to one length
+    with repeated items, which the all-reduced counts would score twice). Together the ranks
+    cover each item exactly once; shares differ in length by at most one."""
+
+    def __init__(self, size: int, rank: int, world: int):
+        if world < 1 or not 0 <= rank < world:
+            raise ValueError(f"rank must be in [0, world) with world >= 1, got rank {rank}, "
+                             f"world {world}")
+        self.size, self.rank, self.world = size, rank, world
+
+    def __iter__(self):
+        return iter(range(self.rank, self.size, self.world))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.size, self.world))
+
+
+def _class_folders(root: str) -> list[str]:
+    """The class subfolders of an ImageFolder root, sorted (ImageFolder's class order)."""
+    return sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+
+
+def _folder_with_classes(classes: list[str], class_to_idx: dict[str, int]):
+    """An ImageFolder class labelled by another folder's classes: `classes` (index -> name,
+    as `.classes` always is) and `class_to_idx` (the names this folder has, with their
+    index in `classes`) instead of its own sorted order."""
+    from torchvision import datasets
+
+    class ClassMappedFolder(datasets.ImageFolder):
+        def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+            return list(classes), dict(class_to_idx)
+
+    return ClassMappedFolder
+
+
+def image_folder(root: str, train: bool, cifar: bool,
+                 class_to_idx: Optional[dict[str, int]] = None, classes_from: str = ""):
+    """torchvision ImageFolder at `root` with the standard augmentations (module docstring).
+    With `class_to_idx` (the training folder `classes_from`'s), each class keeps that index
+    and `.classes` is that folder's list; class folders may be missing, but one the mapping
+    lacks is a ValueError naming both folders and the class."""
     from torchvision import datasets, transforms
 
     if not os.path.isdir(root):
         raise ValueError(f"--data must be 'synthetic' or an ImageFolder directory; {root!r} is "
                          "not a directory")
     mean, std = (CIFAR_MEAN, CIFAR_STD) if cifar else (IMAGENET_MEAN, IMAGENET_STD)
-    if cifar:
-        aug = [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()]
+    if cifar:  # both at the scale of the whole image at 32x32 (no-ops on 32x32 images)
         plain = [transforms.Resize(32), transforms.CenterCrop(32)]
+        aug = plain + [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()]
     else:
         aug = [transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip()]
         plain = [transforms.Resize(256), transforms.CenterCrop(224)]
     tail = [transforms.ToTensor(), transforms.Normalize(mean, std)]
+    transform = transforms.Compose((aug if train else plain) + tail)
+    folder = datasets.ImageFolder
+    if class_to_idx is not None:
+        names = _class_folders(root)
+        unknown = [name for name in names if name not in class_to_idx]
+        if unknown:
+            raise ValueError(f"--data: the validation folder {root!r} has class {unknown[0]!r}, "
+                             f"which the training folder {classes_from!r} lacks; the model "
+                             "learns the training folder's classes only (add the class to "
+                             "it, or remove the folder from validation)")
+        if names:  # none: ImageFolder's own "no class folder" error, below
+            by_index = sorted(class_to_idx, key=class_to_idx.get)
+            folder = _folder_with_classes(by_index, {n: class_to_idx[n] for n in names})
     try:
-        return datasets.ImageFolder(root, transforms.Compose((aug if train else plain) + tail))
+        return folder(root, transform)
     except FileNotFoundError as exc:  # no class folders, or no images in them
         reason = str(exc).rstrip(".")
         raise ValueError(f"--data {root!r} is not an ImageFolder: {reason}; it needs one "
@@ -83,7 +138,8 @@ def make_datasets(data: str, image_size: int, cifar: bool, synthetic_size: int,
     if not os.path.isdir(train_root):
         train_root = val_root = data
     train = image_folder(train_root, True, cifar)
-    return train, image_folder(val_root, False, cifar), len(train.classes)
+    val = image_folder(val_root, False, cifar, train.class_to_idx, train_root)
+    return train, val, len(train.classes)
 
 
 def make_loader(dataset, batch_size: int, *, train: bool, seed: int, workers: int,
@@ -91,12 +147,15 @@ def make_loader(dataset, batch_size: int, *, train: bool, seed: int, workers: in
                 pin_memory: bool = False) -> DataLoader:
     """A loader whose order depends only on (seed, epoch): the same after a resume. Training
     loaders shuffle (each rank its share under DDP) and drop the last partial batch;
+    validation loaders under DDP read each rank's `StridedSplit`, every image once;
     `pin_memory` (for a CUDA run) lets the batches' copies to the GPU be asynchronous."""
-    sampler: Optional[torch.utils.data.Sampler] = None
-    if world > 1:
-        sampler = DistributedSampler(dataset, world, rank, shuffle=train, seed=seed,
-                                     drop_last=train)
+    sampler: Optional[Sampler] = None
+    if world > 1 and train:
+        sampler = DistributedSampler(dataset, world, rank, shuffle=True, seed=seed,
+                                     drop_last=True)
         sampler.set_epoch(epoch)
+    elif world > 1:
+        sampler = StridedSplit(len(dataset), rank, world)
     elif train:
         sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(
             seed * 1_000_003 + epoch))

@@ -6,14 +6,16 @@ iterations, i.e. 0.5 and 0.75) or, with `schedule="plateau"`, when the validatio
 not improved for `patience` epochs; optional warm-up at lr / 10 (the paper's 110-layer net).
 Mixed precision: bf16 autocast, or fp16 autocast with a GradScaler (the fused SGD update
 reads its inf check on the device, so fp16 steps read nothing back either). Everything a
-resumed run needs is in the checkpoint written after every epoch (model, optimizer, scaler,
-schedule, epoch, iteration, the log so far), and the data order depends only on (seed,
-epoch), so a run resumed from epoch k takes the very steps the uninterrupted run took.
+resumed run needs is in the checkpoint (checkpoint.py) written after every epoch and where
+--max-iters stops the run inside one: model, optimizer, scaler, schedule, epoch, iteration,
+the steps done in an unfinished epoch, the running sums of the next log row and epoch row,
+the log so far. The data order and the augmentations' draws depend only on (seed, epoch),
+and a resume inside an epoch draws and drops the batches already trained on, so a resumed
+run takes the very steps the uninterrupted run takes (on CPU bit for bit).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import time
@@ -29,11 +31,18 @@ from fused_resnet.flags import flag
 from fused_resnet.models import build_model, is_cifar, with_classes
 from fused_resnet.models.registry import check_weights
 from fused_resnet.testing import DTYPES
+from fused_resnet.train.checkpoint import (
+    check_steps_left,
+    load_checkpoint,
+    new_loop_state,
+    restored_sums,
+    save_checkpoint,
+    steps_done_in_epoch,
+)
 from fused_resnet.train.data import make_datasets, make_loader
 from fused_resnet.train.graphed import prime_momentum_buffers, training_step
 
 AMP = ("fp32", "bf16", "fp16")
-CHECKPOINT_KEYS = ("model", "optimizer", "scaler", "state")
 SCHEDULES = ("milestones", "plateau")
 
 
@@ -174,8 +183,27 @@ def _batch_sums(loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor,
                         (logits.detach().argmax(1) != y).sum(dtype=torch.float64)])
 
 
+def _gather(values: list[float], dev: torch.device, world: int) -> list[list[float]]:
+    """Every rank's `values`, in rank order (a checkpoint keeps each rank's own sums)."""
+    values = [float(v) for v in values]
+    if world == 1:
+        return [values]
+    t = torch.tensor(values, dtype=torch.float64, device=dev)
+    parts = [torch.empty_like(t) for _ in range(world)]
+    dist.all_gather(parts, t)
+    return [part.tolist() for part in parts]
+
+
 def evaluate(model: nn.Module, loader, dev, dtype, fmt, world: int) -> tuple[float, float]:
-    """(mean loss, error %) over the loader (every rank's share under DDP)."""
+    """(mean loss, error %) over the loader: under DDP each rank scores its own images (an
+    unpadded split: `make_loader`) and the sums are all-reduced. `model` is the module, not
+    its DDP wrapper: the wrapper's first forward after training would broadcast buffers, a
+    collective a rank without validation images never joins; the broadcast is done here, so
+    every rank scores with rank 0's BN running statistics, those the checkpoint saves."""
+    if world > 1:
+        with torch.no_grad():
+            for buffer in model.buffers():
+                dist.broadcast(buffer, 0)
     model.eval()
     sums = torch.zeros(2, dtype=torch.float64, device=dev)  # loss sum, wrong: read once
     count = 0
@@ -233,7 +261,10 @@ def train(cfg: TrainConfig) -> dict:
         captured = CapturedTrainStep(net, opt, amp_dtype=dtype, scaler=scaler)
     state = new_loop_state()
     if cfg.resume:
+        # the optimizer keeps this run's --momentum / --weight-decay (load_checkpoint); one
+        # that saved no momentum buffers (momentum 0 then) gets zero ones, as a fresh run
         state = load_checkpoint(cfg.resume, model, opt, scaler, dev)
+        prime_momentum_buffers(opt)
     per_epoch = len(make_loader(train_set, cfg.batch_size, train=True, seed=cfg.seed,
                                 workers=0, rank=rank, world=world))
     if per_epoch == 0:
@@ -241,13 +272,10 @@ def train(cfg: TrainConfig) -> dict:
                          f"{len(train_set)} training images")
     total = cfg.epochs * per_epoch  # the schedule's length
     stop = total if cfg.max_iters is None else min(total, cfg.max_iters)
-    if cfg.resume and (state["epoch"] >= cfg.epochs or state["iteration"] >= stop):
-        limit = (f"--max-iters {cfg.max_iters}" if cfg.max_iters is not None
-                 and state["iteration"] >= cfg.max_iters else f"--epochs {cfg.epochs}")
-        epochs = f"{state['epoch']} epoch{'' if state['epoch'] == 1 else 's'}"
-        raise ValueError(f"--resume {cfg.resume!r} has already run {epochs} "
-                         f"({state['iteration']} iterations), as far as {limit} goes: nothing "
-                         f"left to train; raise {limit.split()[0]} to continue it")
+    skip = 0  # steps of state["epoch"] the checkpoint has taken
+    if cfg.resume:
+        check_steps_left(state, cfg.resume, cfg.epochs, cfg.max_iters, stop)
+        skip = steps_done_in_epoch(state, cfg.resume, cfg.batch_size, world, per_epoch)
     try:
         os.makedirs(cfg.out, exist_ok=True)
     except OSError as exc:
@@ -255,6 +283,12 @@ def train(cfg: TrainConfig) -> dict:
                          f"({exc.strerror or exc})") from None
     from fused_resnet.train.report import epoch_bar, write_logs
 
+    # this rank's running sums, on the device: row 0 over the epoch so far, row 1 since the
+    # last iterations.csv row (kept across epochs: a row averages every step since the one
+    # before), each [loss * n, wrong]; their image counts on the host
+    restored = restored_sums(state, rank, world)
+    sums = torch.tensor([restored[0:2], restored[3:5]], dtype=torch.float64, device=dev)
+    images = [int(restored[2]), int(restored[5])]
     while state["epoch"] < cfg.epochs and state["iteration"] < stop:
         epoch = state["epoch"]
         torch.manual_seed(cfg.seed * 7919 + epoch)  # the augmentations' draws
@@ -262,15 +296,22 @@ def train(cfg: TrainConfig) -> dict:
                              workers=workers, rank=rank, world=world, epoch=epoch,
                              pin_memory=dev.type == "cuda")
         bar = epoch_bar(loader, epoch, cfg.epochs, enabled=cfg.progress and rank == 0)
-        # [loss * n, wrong] since the last log row and over the epoch, on the device
-        sums = torch.zeros(2, dtype=torch.float64, device=dev)
-        epoch_sums = torch.zeros(2, dtype=torch.float64, device=dev)
-        n_since_log = n_epoch = 0
+        batches = iter(bar)
+        # images and seconds of the epoch before a stop inside it, for its img/s
+        seen_before, seconds_before = 0, 0.0
+        if skip:
+            # resumed inside the epoch: the batches the stopped run trained on are drawn
+            # again and dropped, which leaves the sampler's order and the augmentations'
+            # random draws exactly where that run had them. It costs loading and augmenting
+            # `skip` batches (no forward or backward), at most one epoch's data loading.
+            for _ in range(skip):
+                next(batches)
+            seen_before = state["in_epoch"]["images"]
+            seconds_before = state["in_epoch"]["seconds"]
+        step_in_epoch, skip = skip, 0
         start = time.perf_counter()
         seen = 0
-        for x, y in bar:
-            if state["iteration"] >= stop:
-                break
+        for x, y in batches:
             lr = lr_at(cfg, state["iteration"], total, state["plateau"]["scale"])
             for group in opt.param_groups:
                 group["lr"] = lr
@@ -282,36 +323,48 @@ def train(cfg: TrainConfig) -> dict:
                 loss, logits = training_step(net, opt, F.cross_entropy, x, y,
                                              amp_dtype=dtype, scaler=scaler)
             state["iteration"] += 1
+            step_in_epoch += 1
             seen += len(y) * world
-            batch = _batch_sums(loss, logits, y, len(y))
-            sums += batch
-            epoch_sums += batch
-            n_since_log += len(y)
-            n_epoch += len(y)
+            sums += _batch_sums(loss, logits, y, len(y))  # both rows
+            images[0] += len(y)
+            images[1] += len(y)
+            # a row every log_every steps of the run, each the mean of those steps
             if state["iteration"] % cfg.log_every == 0:
-                loss_sum, wrong, n = _all_sum([*sums.tolist(), n_since_log], dev, world)
+                loss_sum, wrong, n = _all_sum([*sums[1].tolist(), images[1]], dev, world)
                 state["iterations"].append({
                     "iteration": state["iteration"], "epoch": epoch, "lr": lr,
                     "loss": loss_sum / n, "train_err": 100.0 * wrong / n})
-                sums.zero_()
-                n_since_log = 0
+                sums[1].zero_()
+                images[1] = 0
                 bar.set_postfix(loss=f"{loss_sum / n:.3f}", err=f"{100 * wrong / n:.1f}%",
                                 img_s=f"{seen / (time.perf_counter() - start):.0f}")
-        epoch_values = epoch_sums.tolist()  # waits for the epoch's last step: then the clock
-        seconds = time.perf_counter() - start
-        val_loss, val_err = evaluate(net, make_loader(val_set, cfg.batch_size, train=False,
-                                                      seed=cfg.seed, workers=workers,
-                                                      rank=rank, world=world,
-                                                      pin_memory=dev.type == "cuda"),
-                                     dev, dtype, fmt, world)
-        loss_sum, wrong, n = _all_sum([*epoch_values, n_epoch], dev, world)
-        state["epochs"].append({
-            "epoch": epoch + 1, "iteration": state["iteration"], "lr": lr,
-            "train_loss": loss_sum / max(n, 1), "train_err": 100.0 * wrong / max(n, 1),
-            "val_loss": val_loss, "val_err": val_err,
-            "images_per_s": seen / seconds, "seconds": seconds})
-        _plateau_step(cfg, state["plateau"], val_loss)
-        state["epoch"] = epoch + 1
+            if state["iteration"] >= stop:
+                break
+        epoch_values = sums[0].tolist()  # waits for the epoch's last step: then the clock
+        seconds = seconds_before + time.perf_counter() - start
+        if step_in_epoch < per_epoch:
+            # --max-iters stopped the run inside the epoch: no epoch row, no validation; the
+            # checkpoint says how far the epoch got (steps_done_in_epoch reads it back)
+            state["in_epoch"] = {"steps": step_in_epoch, "batch_size": cfg.batch_size,
+                                 "world": world, "images": seen_before + seen,
+                                 "seconds": seconds}
+        else:
+            val_loss, val_err = evaluate(model, make_loader(
+                val_set, cfg.batch_size, train=False, seed=cfg.seed, workers=workers,
+                rank=rank, world=world, pin_memory=dev.type == "cuda"), dev, dtype, fmt, world)
+            loss_sum, wrong, n = _all_sum([*epoch_values, images[0]], dev, world)
+            state["epochs"].append({
+                "epoch": epoch + 1, "iteration": state["iteration"], "lr": lr,
+                "train_loss": loss_sum / max(n, 1), "train_err": 100.0 * wrong / max(n, 1),
+                "val_loss": val_loss, "val_err": val_err,
+                "images_per_s": (seen_before + seen) / seconds, "seconds": seconds})
+            _plateau_step(cfg, state["plateau"], val_loss)
+            state["epoch"] = epoch + 1
+            state["in_epoch"] = None
+            sums[0].zero_()
+            images[0] = 0
+        state["rank_sums"] = _gather([*sums[0].tolist(), images[0], *sums[1].tolist(),
+                                      images[1]], dev, world)
         if rank == 0:
             save_checkpoint(os.path.join(cfg.out, "checkpoint.pt"), model, opt, scaler, state,
                             cfg)
@@ -330,58 +383,3 @@ def _plateau_step(cfg: TrainConfig, plateau: dict, val_loss: float) -> None:
     if cfg.schedule == "plateau" and plateau["bad"] >= cfg.patience:
         plateau["scale"] *= 0.1
         plateau["bad"] = 0
-
-
-def save_checkpoint(path: str, model: nn.Module, opt, scaler, state: dict,
-                    cfg: TrainConfig) -> None:
-    """Everything a resumed run needs, written atomically (temp file, then rename)."""
-    payload = {"model": model.state_dict(), "optimizer": opt.state_dict(),
-               "scaler": scaler.state_dict(), "state": state, "config": dataclasses.asdict(cfg)}
-    torch.save(payload, path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
-def new_loop_state() -> dict:
-    """The loop's state at the start of a run (a checkpoint's "state" has these keys)."""
-    return {"epoch": 0, "iteration": 0, "plateau": {"scale": 1.0, "best": math.inf, "bad": 0},
-            "iterations": [], "epochs": []}
-
-
-def load_checkpoint(path: str, model: nn.Module, opt, scaler, dev: torch.device) -> dict:
-    """Restores model, optimizer and scaler from `path`; returns the loop state."""
-    if not os.path.isfile(path):
-        raise ValueError(f"--resume: no checkpoint at {path!r}")
-    try:
-        payload = torch.load(path, map_location=dev, weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - whatever the reader met, the file is unreadable
-        raise ValueError(f"--resume {path!r} is not a checkpoint torch can read "
-                         f"({type(exc).__name__}); give the checkpoint.pt a train run wrote"
-                         ) from None
-    missing = [k for k in CHECKPOINT_KEYS if not isinstance(payload, dict) or k not in payload]
-    if missing:
-        raise ValueError(f"--resume {path!r} is not a checkpoint of `train` (it lacks "
-                         f"{', '.join(missing)}); give the checkpoint.pt a train run wrote")
-    saved = payload.get("config", {}).get("arch") if isinstance(payload.get("config"), dict) \
-        else None
-    try:
-        model.load_state_dict(payload["model"])
-    except RuntimeError:
-        of = f" of {saved}" if saved else ""
-        raise ValueError(f"--resume {path!r} is a checkpoint{of} whose weights do not fit "
-                         f"this run's model; resume with the --arch it was trained with"
-                         ) from None
-    # the update's implementation is this run's, not the checkpoint's (which may predate the
-    # fused update): load_state_dict takes the saved groups' flags
-    chosen = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in opt.param_groups]
-    try:
-        opt.load_state_dict(payload["optimizer"])
-        scaler.load_state_dict(payload["scaler"])
-        state = payload["state"]
-        if not set(new_loop_state()) <= set(state):
-            raise KeyError("state")
-    except (ValueError, KeyError, TypeError, RuntimeError) as exc:
-        raise ValueError(f"--resume {path!r}: its optimizer, scaler or loop state does not "
-                         f"fit this run ({type(exc).__name__}: {exc})") from None
-    for group, flags in zip(opt.param_groups, chosen):
-        group.update(flags)
-    return state
