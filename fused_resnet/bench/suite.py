@@ -25,15 +25,18 @@ forward); "% of peak" divides by the GPU's dense datasheet peak for the dtype
 (`hardware.py`), or with `measure_peaks` by the rate of a large matrix product measured on the
 card in this run ("peak_tflops" holds the divisor).
 "activation MiB" is what autograd keeps for backward in one training forward (measured with
-saved-tensor hooks, on every device); "peak MiB" is `torch.cuda.max_memory_allocated` over the
-timed runs (CUDA only). A column that fails in a setting gets a row with its error instead
-of stopping the run.
+saved-tensor hooks, on every device); "peak MiB" is what the timed runs allocate at their peak
+(`torch.cuda.max_memory_allocated`) above what was allocated when they began ("held_mib":
+every column's model, optimizer state and gradients, the inputs), so columns compare alike
+whatever another column keeps (CUDA only). A column that fails in a setting gets a row with
+its error instead of stopping the run.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -58,7 +61,8 @@ COLUMNS = FUSED_COLUMNS + OTHER_COLUMNS
 MODES = ("train", "infer", "latency")
 ROW_FIELDS = ("arch", "device", "dtype", "mode", "batch", "image_size", "column", "cuda_graphs",
               "ms", "ms_p20", "ms_p80", "ms_p90", "images_per_s", "tflops", "peak_tflops",
-              "pct_peak", "peak_mib", "activation_mib", "error", "vs_eager_cl", "vs_compile")
+              "pct_peak", "peak_mib", "held_mib", "activation_mib", "error", "vs_eager_cl",
+              "vs_compile")
 BENCH_DTYPES = ("fp32", "tf32", "bf16", "fp16")
 LABELS = {**{c: f"fused {c}" for c in FUSED_COLUMNS},
           "triton-written": "fused triton, written operands", "eager-nchw": "eager NCHW",
@@ -264,7 +268,7 @@ def run_suite(cfg: SuiteConfig, progress: bool = True) -> list[dict]:
                 if label in failed:
                     rows.append({**dict.fromkeys(ROW_FIELDS), **row, "error": failed[label]})
                     continue
-                t, peak = timings[label]
+                t, peak, held = timings[label]
                 tflops = flops / t.median / 1e9
                 act = None
                 if mode == "train":
@@ -275,7 +279,8 @@ def run_suite(cfg: SuiteConfig, progress: bool = True) -> list[dict]:
                 rows.append({**row, "ms": t.median, "ms_p20": t.p20, "ms_p80": t.p80,
                              "ms_p90": t.p90, "images_per_s": batch / t.median * 1e3,
                              "tflops": tflops, "peak_tflops": peaks[dtype], "pct_peak": pct,
-                             "peak_mib": peak, "activation_mib": act, "error": ""})
+                             "peak_mib": peak, "held_mib": held, "activation_mib": act,
+                             "error": ""})
             bar.update(1)
     except KeyboardInterrupt:
         # A time limit's SIGINT (benchmarks/gpu_session.sh) keeps the settings that finished.
@@ -290,26 +295,30 @@ def run_suite(cfg: SuiteConfig, progress: bool = True) -> list[dict]:
 
 
 def _time_setting(fns: dict, failed: dict, dev: torch.device, cfg: SuiteConfig) -> dict:
-    """{label: (Timing, peak MiB or None)} of the columns that ran; a column whose timed runs
-    raise moves to `failed`. On CUDA one column at a time (each gets its own peak memory);
+    """{label: (Timing, peak MiB, held MiB; None, None elsewhere than CUDA)} of the columns
+    that ran; a column whose timed runs raise moves to `failed`. On CUDA one column at a time,
+    each with its own peak (above what is allocated as it starts: the module docstring);
     elsewhere interleaved, so that load on the machine hits every column alike."""
     if dev.type != "cuda":
         try:
-            return {k: (t, None) for k, t in time_columns(fns, dev, cfg.warmup,
-                                                            cfg.iters).items()}
+            return {k: (t, None, None) for k, t in time_columns(fns, dev, cfg.warmup,
+                                                                  cfg.iters).items()}
         except Exception as exc:  # noqa: BLE001
             failed.update(dict.fromkeys(fns, f"{type(exc).__name__}: {exc}"[:200]))
             return {}
     out = {}
     for label, fn in fns.items():
+        gc.collect()  # garbage of an earlier column (autograd graphs in reference cycles)
         torch.cuda.synchronize(dev)
+        held = torch.cuda.memory_allocated(dev)
         torch.cuda.reset_peak_memory_stats(dev)
         try:
             timing = time_columns({label: fn}, dev)[label]
         except Exception as exc:  # noqa: BLE001
             failed[label] = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
             continue
-        out[label] = (timing, torch.cuda.max_memory_allocated(dev) / 2**20)
+        peak = torch.cuda.max_memory_allocated(dev) - held
+        out[label] = (timing, peak / 2**20, held / 2**20)
     return out
 
 
