@@ -32,7 +32,7 @@ from torch import nn
 
 from fused_resnet.backend import check_backend_name
 from fused_resnet.nn.blocks import FusedBasicBlock, FusedBottleneck, ResidualBlock
-from fused_resnet.nn.conv_bn import has_call_hooks, square_geometry
+from fused_resnet.nn.conv_bn import classes_reason, has_call_hooks, square_geometry
 from fused_resnet.nn.sync_bn import check_process_group, convert_sync_bn
 
 _BN = (nn.BatchNorm2d, nn.SyncBatchNorm)
@@ -131,6 +131,23 @@ def _torchvision_forward(module: nn.Module, cls) -> bool:
     plain = (nn.Conv2d, *_bn_types())
     return (type(module).forward is theirs.forward and type(getattr(module, "relu", None))
             is nn.ReLU and all(type(p) in plain for p in parts))
+
+
+def _classes_reason(module: nn.Module, cls) -> Optional[str]:
+    """Why the fused block could not run the conv / BN modules of `module` fused (a norm
+    layer other than a BatchNorm, a conv class with its own forward: it would call them as
+    torch does), or None. torch's SyncBatchNorm counts as the FusedSyncBatchNorm that
+    convert makes of it."""
+    names = _names(cls)
+    pairs = [(getattr(module, c), getattr(module, b)) for c, b in zip(names[::2], names[1::2])]
+    if isinstance(module.downsample, nn.Sequential) and len(module.downsample) == 2:
+        pairs.append(tuple(module.downsample))
+    for conv, bn in pairs:
+        bn_class = nn.BatchNorm2d if type(bn) is nn.SyncBatchNorm else type(bn)
+        reason = classes_reason(type(conv), bn_class)
+        if reason is not None:
+            return reason
+    return None
 
 
 def _probe_copies(module: nn.Module, cls) -> tuple[nn.Module, ResidualBlock, torch.Tensor]:
@@ -298,7 +315,8 @@ def convert(model: nn.Module, backend: str = "auto", *, sync_bn: bool = False,
             cls = _block_kind(child)
             if cls is None:
                 continue
-            reason = _downsample_reason(child) or _unfusable_reason(child, _names(cls))
+            reason = (_downsample_reason(child) or _unfusable_reason(child, _names(cls))
+                      or _classes_reason(child, cls))
             if reason is None and not _torchvision_forward(child, cls):
                 reason = _probe_reason(child, cls)
             hooked = hooked_submodules(child)

@@ -57,8 +57,12 @@ ERRORS = {
     "one value per channel in training": (dict(x=torch.randn(1, 4, 1, 1), padding=1,
                                                weight=torch.randn(8, 4, 3, 3), stride=2),
                                           "more than 1 value per channel"),
-    "stride 0": (dict(stride=0), "stride must be >= 1"),
-    "negative padding": (dict(padding=-1), "padding >= 0"),
+    "stride 0": (dict(stride=0), "stride must be an int >= 1, got 0"),
+    "negative padding": (dict(padding=-1), "padding must be an int >= 0, got -1"),
+    "padding as a pair": (dict(padding=(1, 1)), r"padding must be an int >= 0, got \(1, 1\)"),
+    "fractional stride": (dict(stride=1.5), "stride must be an int >= 1, got 1.5"),
+    "stride as a bool": (dict(stride=True), "stride must be an int >= 1, got True"),
+    "dilation as a str": (dict(dilation="2"), "dilation must be an int >= 1, got '2'"),
     "groups not dividing channels": (dict(groups=3, weight=torch.randn(8, 2, 3, 3)),
                                      "channels"),
     "eps 0 in training": (dict(eps=0.0), "eps must be positive"),
@@ -166,6 +170,12 @@ MODULE_ERRORS = {
     "block with a frozen BN (chain path): output channels not the identity's": (
         lambda b: _frozen_bn2(_widened(FusedBasicBlock(8, 8, backend=b))),
         lambda: torch.randn(2, 8, 6, 6), "residual must have shape"),
+    "block in eval, two BNs training (chain path): 1 value left per channel": (
+        lambda b: _eval_but_bns(FusedBottleneck(16, 4, 2, backend=b)),
+        lambda: torch.randn(1, 16, 2, 2), "more than 1 value per channel"),
+    "block in training: fp16 input, fp32 weights, no autocast": (
+        lambda b: FusedBasicBlock(8, 8, backend=b), lambda: torch.randn(2, 8, 6, 6).half(),
+        r"weights\[0\] dtype torch.float32 differs from x's dtype torch.float16"),
     "module: non-square dilation": (lambda b: _dilated(FusedConvBNAct(4, 8, 3, backend=b)),
                                     lambda: torch.randn(2, 4, 6, 6),
                                     "square stride, padding and dilation"),
@@ -185,6 +195,15 @@ def _frozen_bn2(block):
     block.train()
     block.bn2.eval()
     block.train = lambda mode=True: block  # keep bn2 frozen through the test's .train()
+    return block
+
+
+def _eval_but_bns(block):
+    """The block in eval mode, bn1 and bn2 training (test-time adaptation of some BNs): a
+    chain of ops whose second BN sees one value per channel."""
+    block.eval()
+    block.bn1.train(), block.bn2.train()
+    block.train = lambda mode=True: block  # kept so through the test's .train()
     return block
 
 

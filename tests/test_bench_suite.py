@@ -260,6 +260,11 @@ def test_gpu_suite_every_column_runs():
     assert [r["error"] for r in rows] == [""] * len(rows)
     assert all(r["peak_mib"] > 0 and r["pct_peak"] is not None for r in rows
                if "H100" in r["device"] or "H200" in r["device"])
+    # each column's peak above what it found held (every column's model and state): a
+    # column's own inference peak is below its training step's
+    assert all(r["held_mib"] > 0 for r in rows)
+    peaks = {(r["dtype"], r["mode"], r["column"]): r["peak_mib"] for r in rows}
+    assert all(peaks[(d, "infer", c)] < peaks[(d, "train", c)] for d, m, c in peaks)
 
 
 @pytest.mark.gpu

@@ -141,7 +141,7 @@ def test_replace_stride_with_dilation_is_checked():
         fr.nn.FusedConvBNAct(4, 4, 3, dilation=0)
     x, w = torch.randn(1, 4, 5, 5), torch.randn(4, 4, 3, 3)
     mean, var = torch.zeros(4), torch.ones(4)
-    with pytest.raises(ValueError, match="dilation must be >= 1, got 0"):
+    with pytest.raises(ValueError, match="dilation must be an int >= 1, got 0"):
         fr.ops.conv_bn_act(x, w, None, None, mean, var, dilation=0, backend="reference")
     # 3x3 dilated by 3 spans 7 pixels: more than 5 + 2 * 0
     with pytest.raises(ValueError, match=r"smaller than the kernel \(3, 3\) dilated by 3"):

@@ -243,10 +243,11 @@ def test_the_custom_ops_pass_opcheck():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"pool_kernel": 0}, "pool_kernel must be in \\[1, 11\\], got 0"),
-    ({"pool_stride": 0}, "pool_stride must be >= 1, got 0"),
+    ({"pool_kernel": 0}, "pool_kernel must be an int >= 1, got 0"),
+    ({"pool_kernel": 13}, "pool_kernel must be in \\[1, 11\\], got 13"),
+    ({"pool_stride": 0}, "pool_stride must be an int >= 1, got 0"),
     ({"pool_padding": 2}, "pool_padding must be in \\[0, pool_kernel // 2 = 1\\], got 2"),
-    ({"padding": -1}, "stride must be >= 1, padding >= 0"),
+    ({"padding": -1}, "padding must be an int >= 0, got -1"),
     ({"eps": 0.0}, "eps must be positive in training"),
     ({"backend": "gpu"}, "backend must be one of"),
 ])

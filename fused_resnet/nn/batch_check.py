@@ -11,7 +11,7 @@ from typing import Optional
 
 from torch import Tensor, nn
 
-from fused_resnet.nn.conv_bn import fx_tracing
+from fused_resnet.nn.conv_bn import tracing_layers
 from fused_resnet.nn.pool import FusedMaxPool2d
 from fused_resnet.nn.sync_bn import FusedSyncBatchNorm
 
@@ -91,7 +91,7 @@ def check_image_batch(model: nn.Module, x: Tensor) -> None:
     may be empty, and N * h * w must not be 1 at a map a BN normalizes with batch statistics
     (the model's layers are walked: `_stage_sizes`). Nothing to check while torch.fx traces
     (x is a proxy without a shape)."""
-    if fx_tracing():
+    if tracing_layers():
         return
     if x.dim() != 4:
         raise ValueError(f"x must be an image batch (N, C, H, W), got shape {tuple(x.shape)}")

@@ -25,8 +25,10 @@ from fused_resnet.nn.conv_bn import (
     check_chain,
     conv_bn_act,
     fusable_block,
-    fx_tracing,
+    module_call_reason,
     residual_block,
+    tracing_layers,
+    warn_module_calls,
 )
 from fused_resnet.nn.shortcut import ZeroPadShortcut, check_shortcut, make_shortcut
 from fused_resnet.nn.sync_bn import convert_sync_bn
@@ -81,14 +83,18 @@ class ResidualBlock(FoldingModule):
         return tuning.tuned_backend(x.device, self.tuning_key(x)) or "auto"
 
     def forward(self, x: Tensor) -> Tensor:
-        if fx_tracing():
-            return self._traced_forward(x)
-        backend = self.call_backend(x)
-        tuned_single = backend == tuning.SINGLE_LAUNCH
-        backend = "triton" if tuned_single else backend
         pairs = self.main_path()
         kind = self.shortcut_kind()
         block_pairs = pairs + [tuple(self.downsample)] if kind == "projection" else pairs
+        if tracing_layers():
+            return self._module_forward(x)
+        reason = module_call_reason(block_pairs, self._other_modules(kind))
+        if reason is not None:
+            warn_module_calls(type(self).__name__, reason)
+            return self._module_forward(x)
+        backend = self.call_backend(x)
+        tuned_single = backend == tuning.SINGLE_LAUNCH
+        backend = "triton" if tuned_single else backend
         adopt_frozen_bns(block_pairs)
         if fusable_block(block_pairs):
             return residual_block(x, block_pairs, kind, self.stride, backend)
@@ -98,7 +104,7 @@ class ResidualBlock(FoldingModule):
             if self._single_launch_eval(tuned_single):
                 return ops.bottleneck_eval(x, weights, biases, backend=backend)
             return self._chain_eval(x, weights, biases, block_pairs, kind, backend)
-        if self.training:
+        if any(bn.training for _, bn in block_pairs):  # a BN that updates its running stats
             self._check_chain(x, pairs, kind, backend)
         identity = self._shortcut(x, backend)
         out = x
@@ -132,20 +138,26 @@ class ResidualBlock(FoldingModule):
                               biases)
         return out
 
-    def _traced_forward(self, x: Tensor) -> Tensor:
-        """What the block computes, as torch.fx traces it, in torchvision's order: the main
-        path's conv / BN modules, then the shortcut (option A as a strided slice and a channel
-        pad: no shape test), the add and torch.relu."""
+    def _other_modules(self, kind: str) -> tuple[nn.Module, ...]:
+        """The block's modules besides its conv / BN pairs whose hooks fused calls skip."""
+        return (self.downsample,) if kind in ("projection", "zero_pad") else ()
+
+    def _module_forward(self, x: Tensor) -> Tensor:
+        """What the block computes, by calling its modules in torchvision's order (as torch.fx
+        traces it, and where hooks or replaced modules need their calls): the main path's
+        conv / BN modules, then the shortcut (option A as a strided slice and a channel pad:
+        no shape test), the add and torch.relu."""
         out, pairs = x, self.main_path()
         for i, (conv, bn) in enumerate(pairs):
-            out = conv_bn_act(out, conv, bn, relu=i < len(pairs) - 1)
+            out = bn(conv(out))
+            out = torch.relu(out) if i < len(pairs) - 1 else out
         if self.shortcut is None:
             return torch.relu(out)
-        if isinstance(self.downsample, ZeroPadShortcut):
+        if isinstance(self.downsample, ZeroPadShortcut) and tracing_layers():
             s, pad = self.downsample.stride, self.downsample.out_channels - self.conv1.in_channels
             identity = torch.nn.functional.pad(x[:, :, ::s, ::s], (0, 0, 0, 0, 0, pad))
         else:
-            identity = self._shortcut(x, self.backend)
+            identity = x if self.downsample is None else self.downsample(x)
         return torch.relu(out + identity)
 
     def _check_chain(self, x: Tensor, pairs: list, kind: str, backend: str) -> None:

@@ -15,7 +15,9 @@ from fused_resnet.nn.conv_bn import (
     cached_fold,
     check_conv,
     conv_bn_act,
-    fx_tracing,
+    module_call_reason,
+    tracing_layers,
+    warn_module_calls,
 )
 from fused_resnet.nn.sync_bn import sync_group
 from fused_resnet.ops.eval_plan import PlanCache, plan_stem_eval
@@ -37,7 +39,7 @@ class FusedMaxPool2d(nn.Module):
         self.backend = check_backend_name(backend)
 
     def forward(self, x: Tensor) -> Tensor:
-        if fx_tracing():  # torch's pool in the traced graph (the same values)
+        if tracing_layers():  # torch's pool in the traced graph (the same values)
             return torch.nn.functional.max_pool2d(x, self.kernel_size, self.stride,
                                                   self.padding)
         return ops.max_pool2d(x, self.kernel_size, self.stride, self.padding,
@@ -56,8 +58,12 @@ def conv_bn_relu_pool(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, pool: nn.M
     Triton one op that never writes relu(bn(y))); otherwise `conv_bn_act` then `pool`, in
     inference with BN folded into the conv and, called again alike, as a plan
     (`ops.eval_plan.StemEvalPlan`). A dilated conv takes the second way."""
-    if fx_tracing():
-        return pool(conv_bn_act(x, conv, bn))
+    tracing = tracing_layers()
+    reason = None if tracing else module_call_reason([(conv, bn)], (pool,))
+    if reason is not None:
+        warn_module_calls("the stem", reason)
+    if tracing or reason is not None:  # the modules called, as torchvision's stem does
+        return pool(torch.relu(bn(conv(x))))
     adopt_frozen_bns([(conv, bn)])
     if (not isinstance(pool, FusedMaxPool2d) or pool.backend != backend or conv.groups != 1
             or conv.dilation != (1, 1) or sync_group(bn) is not None):

@@ -18,6 +18,7 @@ from fused_resnet import reference
 from fused_resnet.ops import conv_ops
 from fused_resnet.ops.block_ops import block_train_call
 from fused_resnet.ops.conv_bn_act import (
+    autocast_dtype,
     autocast_inputs,
     check_conv_bn_act_args,
     select_kernels,
@@ -82,10 +83,16 @@ def residual_block_train(
     1x1 conv at `shortcut_stride`).
 
     x: (N, C, H, W), either memory format (kept by the output). Weights in another dtype
-    than x (fp32 under autocast) run in x's: the Triton kernels cast them in the copy that
-    lays them out as their GEMM operand, and return their gradients in the weights' own dtype
-    (no cast node, no bf16 rounding of dw); the other kernels take a cast copy.
+    than x (fp32 under autocast; outside autocast an error, as in torch's conv) run in x's:
+    the Triton kernels cast them in the copy that lays them out as their GEMM operand, and
+    return their gradients in the weights' own dtype (no cast node, no bf16 rounding of dw);
+    the other kernels take a cast copy.
     """
+    if x.is_floating_point() and autocast_dtype(x.device.type) is None:
+        for i, w in enumerate(weights):  # only autocast casts weights, as in torch's conv
+            if w.dtype != x.dtype:
+                raise ValueError(f"weights[{i}] dtype {w.dtype} differs from x's dtype "
+                                 f"{x.dtype} (outside autocast they must match)")
     x, _, _ = autocast_inputs(x, None, None)
     # Checked as if cast (the same shape and device, x's dtype), without casting them here.
     as_cast = [w if w.dtype == x.dtype else w.new_empty(1, dtype=x.dtype).expand(w.shape)

@@ -10,7 +10,7 @@ from torch import Tensor
 from fused_resnet import backend as _backend
 from fused_resnet import reference
 from fused_resnet.ops import conv_ops
-from fused_resnet.ops.layout import bn_params, conv_output_shape
+from fused_resnet.ops.layout import bn_params, check_int, conv_output_shape
 
 
 def _check_vector(name: str, t: Optional[Tensor], channels: int, x: Tensor) -> None:
@@ -49,12 +49,9 @@ def check_conv_bn_act_args(
         raise ValueError(f"weight dtype {weight.dtype} differs from x's dtype {x.dtype}")
     if weight.device != x.device:
         raise ValueError(f"weight is on {weight.device} but x is on {x.device}")
-    if stride < 1 or padding < 0 or groups < 1:
-        raise ValueError(
-            f"stride must be >= 1, padding >= 0 and groups >= 1, got {stride}, {padding}, {groups}"
-        )
-    if dilation < 1:
-        raise ValueError(f"dilation must be >= 1, got {dilation}")
+    for name, value, minimum in (("stride", stride, 1), ("padding", padding, 0),
+                                 ("groups", groups, 1), ("dilation", dilation, 1)):
+        check_int(name, value, minimum)
     c_out, c_in_per_group, kh, kw = weight.shape
     if x.shape[1] != c_in_per_group * groups:
         raise ValueError(

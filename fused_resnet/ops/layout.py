@@ -7,6 +7,13 @@ import torch
 from torch import Tensor
 
 
+def check_int(name: str, value, minimum: int) -> None:
+    """An int argument (a bool or a float, a tuple or a tensor is not one) of at least
+    `minimum`; else a ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
 def output_memory_format(x: Tensor) -> torch.memory_format:
     """channels_last iff x is stored NHWC and not (also) NCHW-contiguous."""
     if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from fused_resnet import backend as _backend
 from fused_resnet.ops.first_order import first_order
-from fused_resnet.ops.layout import output_memory_format
+from fused_resnet.ops.layout import check_int, output_memory_format
 
 MAX_KERNEL = 11  # the window position must fit an int8 (r * k + s < 128)
 
@@ -31,6 +31,8 @@ def check_window(size: tuple, kernel_size: int, stride: int, padding: int, *,
     """The pool's window for an input of spatial `size`, each argument named as the caller
     names it (`names`: the kernel size's, the stride's, the padding's; `what`: the input's)."""
     k, s, p = names
+    for name, value, minimum in ((k, kernel_size, 1), (s, stride, 1), (p, padding, 0)):
+        check_int(name, value, minimum)
     if not 1 <= kernel_size <= MAX_KERNEL:
         raise ValueError(f"{k} must be in [1, {MAX_KERNEL}], got {kernel_size}")
     if stride < 1:
