@@ -7,7 +7,8 @@
   Triton only for CUDA tensors (TRITON_INTERPRET=1 runs it on CPU tensors, but only when
   asked for by name).
 
-`FUSED_RESNET_BACKEND`, when set, replaces "auto" (an explicitly named backend wins over it).
+`FUSED_RESNET_BACKEND`, when set and not empty, replaces "auto" (an explicitly named backend
+wins over it).
 Each op declares which backends implement it; asking for one that does not, or that cannot
 run here, raises an error that names what is missing.
 """
@@ -175,7 +176,7 @@ def resolve(backend: str, op: str, device: torch.device, exclude: tuple[str, ...
     if _forced is not None:
         backend = _forced
     if backend == "auto":
-        backend = check_backend_name(os.environ.get(ENV_VAR, "auto"), argument=ENV_VAR)
+        backend = check_backend_name(os.environ.get(ENV_VAR) or "auto", argument=ENV_VAR)
     implemented = OP_BACKENDS[op]
     if backend == "auto":
         for candidate in implemented:

@@ -100,7 +100,7 @@ def entries_for(device: torch.device) -> dict[str, str]:
     """{key: backend} measured for `device` in the table in use ({} when there is none, or
     when `FUSED_RESNET_BACKEND` names a backend)."""
     path = table_path()
-    if path is None or os.environ.get(_backend.ENV_VAR, "auto") != "auto":
+    if path is None or (os.environ.get(_backend.ENV_VAR) or "auto") != "auto":
         return {}
     return load_table(path).get(device_key(device), {})
 

@@ -28,6 +28,10 @@ def test_env_var_replaces_auto_but_not_an_explicit_name(monkeypatch):
     monkeypatch.setenv(backend.ENV_VAR, "fastest")
     with pytest.raises(ValueError, match=backend.ENV_VAR):
         resolve("auto", "bn_add_relu", CPU)
+    monkeypatch.delenv(backend.ENV_VAR)
+    unset = resolve("auto", "bn_add_relu", CPU)
+    monkeypatch.setenv(backend.ENV_VAR, "")  # `FUSED_RESNET_BACKEND= cmd`: as if unset
+    assert resolve("auto", "bn_add_relu", CPU) == unset
 
 
 def test_unknown_and_unimplemented_and_unavailable_backends_say_why(monkeypatch):
