@@ -132,3 +132,26 @@ def test_ddp_validation_loaders_score_each_image_once():
 def test_strided_split_names_a_bad_rank(rank, world):
     with pytest.raises(ValueError, match=f"got rank {rank}, world {world}"):
         StridedSplit(4, rank, world)
+
+
+def test_training_draws_do_not_depend_on_loader_workers(tmp_path):
+    """Augmented batches of an epoch are the same with 0 and 2 loader processes (each item's
+    draws seeded by (seed, epoch, index): `SeededDraws`), differ between epochs, and leave
+    the caller's generator as it was."""
+    os.makedirs(tmp_path / "x")
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(
+            tmp_path / "x" / f"{i}.png")
+    train_set, _, _ = make_datasets(str(tmp_path), 32, True, 0, seed=3)
+
+    def epoch_batches(workers, epoch):
+        loader = make_loader(train_set, 4, train=True, seed=3, workers=workers, epoch=epoch)
+        return torch.cat([x for x, _ in loader])
+
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    in_process = epoch_batches(0, epoch=1)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(epoch_batches(2, epoch=1), in_process)
+    assert not torch.equal(epoch_batches(0, epoch=2), in_process)

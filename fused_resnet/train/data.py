@@ -6,7 +6,9 @@ run and every rank, learnable, and needs no download. ImageFolder: the standard 
 (CIFAR-size nets: the image resized and center-cropped to 32x32 as for validation, then a
 4-pixel padded random crop + horizontal flip, as in the paper's CIFAR experiments; ImageNet
 nets: RandomResizedCrop(224) + flip; validation: resize 256, center crop 224), then
-per-channel normalization. Validation images take the training folder's class indices.
+per-channel normalization; each training item's random draws come from (seed, epoch, index)
+(`SeededDraws`), whatever the number of loader workers. Validation images take the training
+folder's class indices.
 """
 
 from __future__ import annotations
@@ -63,6 +65,35 @@ class StridedSplit(Sampler):
 
     def __len__(self) -> int:
         return len(range(self.rank, self.size, self.world))
+
+
+class SeededDraws(Dataset):
+    """`dataset` (a training ImageFolder) whose item i takes its random draws (the
+    augmentations': torch's CPU generator) from a seed of (seed, epoch, i) alone, in the
+    training process and in any loader worker alike: a run's batches do not depend on
+    --workers (nor on the core count that picks its default), and a resume gets them back.
+    `make_loader` sets `epoch` before it makes each epoch's loader (workers copy the dataset
+    as they start). Other attributes are the dataset's (classes, class_to_idx, ...)."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        # fork_rng: the caller's generator state is left as it was (~10 us an item, beside
+        # an image's decoding)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(((self.seed * 1_000_003 + self.epoch) * 1_000_000_007 + index)
+                              % 2**63)
+            return self.dataset[index]
+
+    def __getattr__(self, name: str):
+        dataset = self.__dict__.get("dataset")  # (absent while unpickling in a worker)
+        if dataset is None:
+            raise AttributeError(name)
+        return getattr(dataset, name)
 
 
 def _class_folders(root: str) -> list[str]:
@@ -139,7 +170,7 @@ def make_datasets(data: str, image_size: int, cifar: bool, synthetic_size: int,
         train_root = val_root = data
     train = image_folder(train_root, True, cifar)
     val = image_folder(val_root, False, cifar, train.class_to_idx, train_root)
-    return train, val, len(train.classes)
+    return SeededDraws(train, seed), val, len(train.classes)
 
 
 def make_loader(dataset, batch_size: int, *, train: bool, seed: int, workers: int,
@@ -149,6 +180,8 @@ def make_loader(dataset, batch_size: int, *, train: bool, seed: int, workers: in
     loaders shuffle (each rank its share under DDP) and drop the last partial batch;
     validation loaders under DDP read each rank's `StridedSplit`, every image once;
     `pin_memory` (for a CUDA run) lets the batches' copies to the GPU be asynchronous."""
+    if isinstance(dataset, SeededDraws):
+        dataset.epoch = epoch  # its items' draws: this epoch's
     sampler: Optional[Sampler] = None
     if world > 1 and train:
         sampler = DistributedSampler(dataset, world, rank, shuffle=True, seed=seed,
