@@ -21,8 +21,8 @@ def write_logs(out: str, state: dict, title: str) -> None:
     write_csv(os.path.join(out, "iterations.csv"), state["iterations"])
     write_csv(os.path.join(out, "epochs.csv"), state["epochs"])
     plt = pyplot()
-    if plt is None or not state["iterations"]:
-        return
+    if plt is None or not (state["iterations"] or state["epochs"]):
+        return  # (a run shorter than --log-every still draws its validation points)
     its = state["iterations"]
     fig, (ax_loss, ax_err) = plt.subplots(1, 2, figsize=(10, 4))
     ax_loss.plot([r["iteration"] for r in its], [r["loss"] for r in its], label="train")
