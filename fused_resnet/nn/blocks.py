@@ -7,6 +7,10 @@ otherwise (eval, frozen or non-affine BN, grouped convs) each conv + BN (+ short
 runs through `ops.conv_bn_act`, with BN folded into the conv on Triton. With `sync_bn=True`
 (or a `process_group`) the BNs are FusedSyncBatchNorm modules and, under torch.distributed,
 training takes batch statistics over the group (`ops.sync_conv_bn_act`, one all_reduce per BN).
+A block holding modules the fused ops cannot stand for (hooks on an inner module, another
+norm layer in a BN's place, a conv class with its own forward: `conv_bn.module_call_reason`)
+calls its modules as torchvision's block does, warned; so does it while torch.fx traces or
+torch.onnx exports (`conv_bn.tracing_layers`).
 """
 
 from __future__ import annotations
