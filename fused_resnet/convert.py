@@ -150,6 +150,19 @@ def _classes_reason(module: nn.Module, cls) -> Optional[str]:
     return None
 
 
+def _children_reason(module: nn.Module, cls) -> Optional[str]:
+    """Why `module` holds a child the fused block would drop: any child besides its convs,
+    BNs and downsample that is not an nn.ReLU or an nn.Identity (an attention module, another
+    activation such as ReLU6 that a probe's small values do not reach, a DropBlock that a
+    probe's small map does not trigger, a layer with parameters), or None."""
+    kept = set(_names(cls)) | {"downsample"}
+    for name, child in module.named_children():
+        if name not in kept and type(child) not in (nn.ReLU, nn.Identity):
+            return (f"its {name} is a {type(child).__name__}, which the fused block does not "
+                    f"run (it keeps convs, BNs, the downsample, and ReLU / Identity only)")
+    return None
+
+
 def _probe_copies(module: nn.Module, cls) -> tuple[nn.Module, ResidualBlock, torch.Tensor]:
     """fp32 CPU copies of `module` (its BNs' affine parameters and running statistics
     randomised, a SyncBatchNorm made a BatchNorm2d) and of the fused block made from it, and
@@ -176,7 +189,13 @@ def _probe_reason(module: nn.Module, cls) -> Optional[str]:
     two copies (its BNs' affine parameters and running statistics randomised alike), one
     converted on the reference backend, run a random fp32 batch (2 x C x 8 x 8, on CPU)
     in training mode, then in eval mode; outputs and updated running statistics must agree
-    to 1e-4. Nothing of `module` is changed."""
+    to 1e-4. Nothing of `module` is changed, nor torch's random state (a block drawing random
+    numbers, dropout-like, would advance it)."""
+    with torch.random.fork_rng(devices=[]):
+        return _probe_in_copies(module, cls)
+
+
+def _probe_in_copies(module: nn.Module, cls) -> Optional[str]:
     try:
         theirs, ours, x = _probe_copies(module, cls)
         for training in (True, False):
@@ -316,7 +335,7 @@ def convert(model: nn.Module, backend: str = "auto", *, sync_bn: bool = False,
             if cls is None:
                 continue
             reason = (_downsample_reason(child) or _unfusable_reason(child, _names(cls))
-                      or _classes_reason(child, cls))
+                      or _classes_reason(child, cls) or _children_reason(child, cls))
             if reason is None and not _torchvision_forward(child, cls):
                 reason = _probe_reason(child, cls)
             hooked = hooked_submodules(child)

@@ -295,23 +295,84 @@ def _standardized_block(channels):
     return block
 
 
+class _RandomDrop(torch.nn.Module):
+    """Zeroes a whole map with probability 1/100 in training (DropBlock-like): a probe's
+    single call almost always sees the identity."""
+
+    def forward(self, x):
+        keep = torch.rand(()) >= 0.01 if self.training else True
+        return x if keep else torch.zeros_like(x)
+
+
+class _UnitScale(torch.nn.Module):
+    """A per-channel scale with a parameter, initialised to 1 (layer scale, a gate)."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(channels, 1, 1))
+
+    def forward(self, x):
+        return x * self.scale
+
+
+class _ClippedBlock(torchvision.models.resnet.BasicBlock):
+    """timm's layout: named children act1 / drop_block / se / act2 around torchvision's
+    convs and BNs, the forward torchvision's with them in place."""
+
+    def __init__(self, channels, act=torch.nn.ReLU, drop=torch.nn.Identity,
+                 se=torch.nn.Identity):
+        super().__init__(channels, channels)
+        del self.relu
+        self.act1, self.drop_block, self.se, self.act2 = act(), drop(), se(), act()
+
+    def forward(self, x):
+        out = self.drop_block(self.bn1(self.conv1(x)))
+        out = self.se(self.bn2(self.conv2(self.act1(out))))
+        return self.act2(out + x)
+
+
+def _block_with(**parts):
+    return lambda channels: _ClippedBlock(channels, **{k: (lambda p=p: p(channels))
+                                                       if p is _UnitScale else p
+                                                       for k, p in parts.items()})
+
+
 @pytest.mark.parametrize("make", [_PreActivation, _SqueezeExcite, _silu_block,
-                                  _standardized_block, _TakesAMask],
+                                  _standardized_block, _TakesAMask,
+                                  _block_with(act=torch.nn.ReLU6),
+                                  _block_with(drop=_RandomDrop), _block_with(se=_UnitScale)],
                          ids=["pre-activation", "squeeze-excite", "silu", "standardized-conv",
-                              "takes-a-mask"])
+                              "takes-a-mask", "relu6", "random-drop", "unit-scale-parameter"])
 def test_convert_leaves_blocks_that_compute_otherwise(make):
     """Blocks with torchvision's attribute names whose forward (or modules) compute something
-    else than the fused block are found by the probe and left, warned; the probe changes
-    nothing of them."""
+    else than the fused block are found (a child other than ReLU / Identity; else the probe)
+    and left, warned: ReLU6, a random drop and a unit scale all look like the identity to a
+    probe's small random batch. Nothing of them changes, nor torch's random state."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(make(8))
     model[0].bn1.running_mean.normal_()
     before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
     with pytest.warns(RuntimeWarning, match="left 0 unfused"):
         fr.convert(model, backend="reference")
+    assert torch.equal(torch.get_rng_state(), rng)
     assert type(model[0]) is not FusedBasicBlock and model[0].training
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
+
+
+def test_convert_swaps_timm_style_blocks_of_relus_and_identities():
+    """The same layout with nn.ReLU / nn.Identity children (timm's plain blocks) is fused,
+    and the fused block answers timm's `zero_init_last`."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(_block_with()(8))
+    reference = copy.deepcopy(model)
+    fr.convert(model, backend="reference")
+    assert type(model[0]) is FusedBasicBlock
+    x = torch.randn(2, 8, 6, 6)
+    torch.testing.assert_close(model(x), reference(x))
+    model[0].zero_init_last()
+    assert not model[0].bn2.weight.any()
 
 
 @pytest.mark.parametrize("sync", [False, True], ids=["bn", "sync-bn"])

@@ -47,10 +47,8 @@ def init_weights(model: nn.Module, zero_init_residual: bool) -> None:
             nn.init.zeros_(m.bias)
     if zero_init_residual:
         for m in model.modules():
-            if isinstance(m, FusedBottleneck):
-                nn.init.zeros_(m.bn3.weight)
-            elif isinstance(m, FusedBasicBlock):
-                nn.init.zeros_(m.bn2.weight)
+            if isinstance(m, (FusedBottleneck, FusedBasicBlock)):
+                m.zero_init_last()
 
 
 class ResNet(FoldingModule):

@@ -118,6 +118,14 @@ class ResidualBlock(FoldingModule):
                               backend=backend)
         return out
 
+    def zero_init_last(self) -> None:
+        """The last BN of the residual branch to gamma = 0, so the block starts as its
+        shortcut (torchvision's zero_init_residual; timm's `init_weights` calls this method
+        on the blocks it finds)."""
+        bn = self.main_path()[-1][1]
+        if getattr(bn, "weight", None) is not None:
+            nn.init.zeros_(bn.weight)
+
     def _single_launch_eval(self, tuned_single: bool = False) -> bool:
         """Whether this inference call runs as one launch (`ops.bottleneck_eval`)."""
         return False
