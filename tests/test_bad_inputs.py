@@ -353,3 +353,22 @@ def test_more_pixels_than_int32_indices_is_refused_before_any_launch():
            torch.empty(4, 2, 1, 1, device="meta")]
     with pytest.raises(ValueError, match="at most 2"):
         bottleneck_eval(x, mid, [torch.empty(c, device="meta") for c in (2, 2, 4)])
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_chain_path_block_trains_under_autocast_after_a_bf16_layer(backend):
+    """A grouped bottleneck (ResNeXt; it runs conv by conv) whose input is already bf16, as
+    after a model's stem under autocast: its fp32 weights are autocast's to cast (its
+    up-front check compared them with x's dtype and refused). As torchvision's block."""
+    if backend == "cpu":
+        pytest.importorskip("fused_resnet._C")
+    torch.manual_seed(0)
+    ours = FusedBottleneck(16, 4, groups=2, backend=backend).train()
+    theirs = torchvision.models.resnet.Bottleneck(16, 4, groups=2).train()
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 16, 6, 6).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, expected = ours(x), theirs(x)
+    torch.testing.assert_close(out.float(), expected.float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(ours.bn1.running_mean, theirs.bn1.running_mean, rtol=1e-2,
+                               atol=1e-3)

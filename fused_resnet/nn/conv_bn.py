@@ -23,7 +23,12 @@ from fused_resnet import backend as _backend
 from fused_resnet import ops, reference
 from fused_resnet.backend import check_backend_name
 from fused_resnet.nn.sync_bn import FusedSyncBatchNorm, convert_sync_bn, sync_group
-from fused_resnet.ops.conv_bn_act import check_conv_bn_act_args, compute_dtype, select_kernels
+from fused_resnet.ops.conv_bn_act import (
+    autocast_dtype,
+    check_conv_bn_act_args,
+    compute_dtype,
+    select_kernels,
+)
 from fused_resnet.ops.layout import conv_output_shape, inference_weight
 
 # torch.fx's flag of a symbolic trace; newer torch sets it under torch.export too, which
@@ -316,7 +321,9 @@ def check_chain(x: Tensor, pairs: list[tuple[nn.Conv2d, nn.BatchNorm2d]], backen
     input (x's compute dtype, nothing allocated) and the backend's choice of kernels. A pair
     whose BN is synchronized is left to its own op (its batch is the group's)."""
     dtype = compute_dtype(x)
-    autocast = dtype != x.dtype
+    # under autocast the weights run in its dtype, whatever x's (a block's input is already
+    # in it after the stem: comparing x's dtype with the compute dtype would miss that)
+    autocast = x.is_floating_point() and autocast_dtype(x.device.type) is not None
 
     def stand_in(like: Tensor, shape) -> Tensor:  # shape only: one element, expanded
         return like.new_empty(1, dtype=dtype).expand(shape)
