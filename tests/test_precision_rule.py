@@ -27,3 +27,19 @@ def test_norm_rule_takes_the_error_of_the_whole_tensor():
     assert not compare(spike, truth, baseline=eager, compute_dtype=torch.float32).ok
     assert compare_norm(spike, truth, eager).ok
     assert not compare_norm(truth.float() + 3e-2, truth, eager).ok
+
+
+def test_low_precision_candidate_must_beat_zeros():
+    """A tensor of small values (a gradient, a running mean) wholly wrong - all zeros, or
+    of the wrong sign - fails where eager is closer, though its error is below the absolute
+    floor; half its size off, as bf16 noise on tiny inputs can be, passes."""
+    truth = torch.linspace(-6e-3, 6e-3, 100, dtype=torch.float64)
+    eager = truth.bfloat16()
+    assert not compare(torch.zeros(100, dtype=torch.bfloat16), truth, baseline=eager).ok
+    assert not compare((-truth).bfloat16(), truth, baseline=eager).ok
+    assert compare((truth * 1.5).bfloat16(), truth, baseline=eager).ok
+    assert compare(torch.zeros(3, dtype=torch.bfloat16), torch.zeros(3, dtype=torch.float64),
+                   baseline=torch.zeros(3, dtype=torch.bfloat16)).ok
+    # where eager itself is no closer than zeros (ill-conditioned noise), neither need be ours
+    assert compare(torch.zeros(100, dtype=torch.bfloat16), truth,
+                   baseline=(-truth).bfloat16()).ok
