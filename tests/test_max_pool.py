@@ -151,9 +151,11 @@ def test_the_module_and_the_model_use_it():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"kernel_size": 0}, "kernel_size must be in \\[1, 11\\], got 0"),
+    ({"kernel_size": 0}, "kernel_size must be an int >= 1, got 0"),
     ({"kernel_size": 12}, "kernel_size must be in \\[1, 11\\], got 12"),
-    ({"stride": 0}, "stride must be >= 1, got 0"),
+    ({"kernel_size": (3, 3)}, r"kernel_size must be an int >= 1, got \(3, 3\)"),
+    ({"stride": 0}, "stride must be an int >= 1, got 0"),
+    ({"stride": 1.5}, "stride must be an int >= 1, got 1.5"),
     ({"padding": 2}, "padding must be in \\[0, kernel_size // 2 = 1\\], got 2"),
     ({"backend": "gpu"}, "backend must be one of"),
 ])
