@@ -1,8 +1,8 @@
 """torch.fx symbolic tracing of the fused modules (torchvision's `create_feature_extractor`,
 `get_graph_node_names`, `torch.fx.symbolic_trace`): while tracing, a module computes with its
-conv / BN modules and torch functions (`nn.conv_bn.tracing_layers`), so the graph is torchvision's
-graph of standard layers, with its node names, and gives its values. torch.export keeps the
-fused ops (tests/test_ecosystem.py)."""
+conv / BN modules and torch functions (`nn.module_calls.tracing_layers`), so the graph is
+torchvision's graph of standard layers, with its node names, and gives its values.
+torch.export keeps the fused ops (tests/test_ecosystem.py)."""
 
 import copy
 

@@ -1,5 +1,5 @@
 """torch.onnx.export of fused models (both exporters): while exporting, blocks, stems and the
-pool compute with their conv / BN / pool modules (`nn.conv_bn.tracing_layers`), so the ONNX
+pool compute with their conv / BN / pool modules (`nn.module_calls.tracing_layers`), so the ONNX
 graph holds standard Conv / Relu / MaxPool / Add nodes, no fused_resnet op, and onnxruntime
 gives the model's eval output."""
 

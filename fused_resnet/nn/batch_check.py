@@ -11,7 +11,7 @@ from typing import Optional
 
 from torch import Tensor, nn
 
-from fused_resnet.nn.conv_bn import tracing_layers
+from fused_resnet.nn.module_calls import tracing_layers
 from fused_resnet.nn.pool import FusedMaxPool2d
 from fused_resnet.nn.sync_bn import FusedSyncBatchNorm
 

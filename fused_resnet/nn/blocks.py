@@ -8,9 +8,9 @@ runs through `ops.conv_bn_act`, with BN folded into the conv on Triton. With `sy
 (or a `process_group`) the BNs are FusedSyncBatchNorm modules and, under torch.distributed,
 training takes batch statistics over the group (`ops.sync_conv_bn_act`, one all_reduce per BN).
 A block holding modules the fused ops cannot stand for (hooks on an inner module, another
-norm layer in a BN's place, a conv class with its own forward: `conv_bn.module_call_reason`)
+norm layer in a BN's place, a conv class with its own forward: `module_calls.module_call_reason`)
 calls its modules as torchvision's block does, warned; so does it while torch.fx traces or
-torch.onnx exports (`conv_bn.tracing_layers`).
+torch.onnx exports (`module_calls.tracing_layers`).
 """
 
 from __future__ import annotations
@@ -29,11 +29,9 @@ from fused_resnet.nn.conv_bn import (
     check_chain,
     conv_bn_act,
     fusable_block,
-    module_call_reason,
     residual_block,
-    tracing_layers,
-    warn_module_calls,
 )
+from fused_resnet.nn.module_calls import module_call_reason, tracing_layers, warn_module_calls
 from fused_resnet.nn.shortcut import ZeroPadShortcut, check_shortcut, make_shortcut
 from fused_resnet.nn.sync_bn import convert_sync_bn
 from fused_resnet.ops.conv_bn_act import compute_dtype

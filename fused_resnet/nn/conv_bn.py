@@ -12,17 +12,16 @@ succeeded, so a call that raises changes no state.
 from __future__ import annotations
 
 import sys
-import warnings
 from typing import Optional
 
 import torch
-import torch.fx
 from torch import Tensor, nn
 
 from fused_resnet import backend as _backend
 from fused_resnet import ops, reference
 from fused_resnet.backend import check_backend_name
-from fused_resnet.nn.sync_bn import FusedSyncBatchNorm, convert_sync_bn, sync_group
+from fused_resnet.nn.module_calls import module_call_reason, tracing_layers, warn_module_calls
+from fused_resnet.nn.sync_bn import convert_sync_bn, sync_group
 from fused_resnet.ops.conv_bn_act import (
     autocast_dtype,
     check_conv_bn_act_args,
@@ -30,98 +29,6 @@ from fused_resnet.ops.conv_bn_act import (
     select_kernels,
 )
 from fused_resnet.ops.layout import conv_output_shape, inference_weight
-
-# torch.fx's flag of a symbolic trace; newer torch sets it under torch.export too, which
-# `is_fx_symbolic_tracing` (where it exists) and the is_compiling test leave out.
-_FX_FLAG = next((getattr(torch.fx._symbolic_trace, name) for name in (
-    "is_fx_symbolic_tracing", "_get_is_fx_tracing", "is_fx_tracing")
-    if hasattr(torch.fx._symbolic_trace, name)), lambda: False)
-
-
-def tracing_layers() -> bool:
-    """Whether a tracer that wants a graph of standard layers is running: the modules then
-    compute with their conv / BN / pool modules and torch functions. torch.fx symbolic
-    tracing (torchvision's `create_feature_extractor` among its users; not torch.export /
-    compile, which keep the fused ops): fused ops would need the input's shape and dtype,
-    which a tracing proxy does not have. torch.onnx export (either exporter): ONNX has no
-    fused_resnet ops, and its Conv / BatchNormalization / Relu nodes are what ONNX runtimes
-    fuse themselves (asked only while torch.jit traces or dynamo compiles, as the exporters
-    do: the question costs ~3 us, against ~0.5 us for the rest, on every module call)."""
-    compiling = torch.compiler.is_compiling()
-    if _FX_FLAG() and not compiling:
-        return True
-    return (compiling or torch.jit.is_tracing()) and torch.onnx.is_in_onnx_export()
-
-
-def has_call_hooks(module: nn.Module) -> bool:
-    """Whether `module` has forward (pre-) or backward (pre-) hooks: a module that fused code
-    runs without calling its forward would not fire them (read from the instance's dict: a
-    few ns, as fused modules ask on every call)."""
-    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or module._backward_pre_hooks)
-
-
-def _classes_reason(conv_class: type, bn_class: type) -> Optional[str]:
-    """Why fused ops cannot stand for modules of these classes: the BN must be a BatchNorm2d
-    (this package's FusedSyncBatchNorm included) or torchvision's FrozenBatchNorm2d, the conv
-    a Conv2d, each with its class's own forward; None where they can."""
-    bn_forward = bn_class.forward
-    if issubclass(bn_class, nn.BatchNorm2d):
-        plain_bn = bn_forward in (nn.BatchNorm2d.forward, FusedSyncBatchNorm.forward)
-    else:
-        frozen = getattr(sys.modules.get("torchvision.ops.misc"), "FrozenBatchNorm2d", None)
-        plain_bn = frozen is not None and issubclass(bn_class, frozen) and (
-            bn_forward is frozen.forward)
-    if not plain_bn:
-        advice = (" (fr.nn.convert_sync_bn makes it a FusedSyncBatchNorm, which fused ops "
-                  "synchronize)" if issubclass(bn_class, nn.SyncBatchNorm) else "")
-        return f"{bn_class.__name__} in a BatchNorm2d's place{advice}"
-    if not issubclass(conv_class, nn.Conv2d) or (conv_class.forward, conv_class._conv_forward
-                                                 ) != (nn.Conv2d.forward,
-                                                       nn.Conv2d._conv_forward):
-        return f"{conv_class.__name__} in a Conv2d's place (its own forward)"
-    return None
-
-
-_CLASS_REASONS: dict[tuple[type, type], Optional[str]] = {}  # memo of classes_reason
-
-
-def classes_reason(conv_class: type, bn_class: type) -> Optional[str]:
-    """Why fused ops cannot stand for a conv and a BN of these classes (module_call_reason's
-    test of the classes, remembered per pair of classes), or None."""
-    key = conv_class, bn_class
-    if key not in _CLASS_REASONS:
-        _CLASS_REASONS[key] = _classes_reason(*key)
-    return _CLASS_REASONS[key]
-
-
-def module_call_reason(pairs: list[tuple[nn.Module, nn.Module]],
-                       others: tuple[nn.Module, ...] = ()) -> Optional[str]:
-    """Why the conv / BN modules of `pairs` (and the modules `others`) must be called as
-    themselves rather than run by the fused ops, which only read their tensors: hooks on one
-    (pruning's and the old weight_norm's forward pre-hooks compute the weight; forward hooks
-    read outputs), a norm layer other than a BatchNorm2d put in a BN's place (InstanceNorm2d,
-    GroupNorm, Identity, nn.SyncBatchNorm, a subclass with its own forward), or a conv class
-    with its own forward (weight standardisation). None where the fused ops compute what the
-    modules would. ~1 us a block: asked on every call."""
-    for module in others:
-        if has_call_hooks(module):
-            return f"hooks on its {type(module).__name__}"
-    for conv, bn in pairs:
-        if has_call_hooks(conv) or has_call_hooks(bn):
-            hooked = conv if has_call_hooks(conv) else bn
-            return f"hooks on its {type(hooked).__name__}"
-        reason = classes_reason(type(conv), type(bn))
-        if reason is not None:
-            return reason
-    return None
-
-
-def warn_module_calls(what: str, reason: str) -> None:
-    """The warning of fused code that calls modules as themselves (`what` runs unfused): once
-    per message and place, Python's default filter."""
-    warnings.warn(f"{what} runs unfused, calling its modules as torch does: {reason}",
-                  stacklevel=2)
 
 
 def adopt_frozen_bns(pairs: list[tuple[nn.Conv2d, nn.Module]]) -> None:

@@ -15,10 +15,8 @@ from fused_resnet.nn.conv_bn import (
     cached_fold,
     check_conv,
     conv_bn_act,
-    module_call_reason,
-    tracing_layers,
-    warn_module_calls,
 )
+from fused_resnet.nn.module_calls import module_call_reason, tracing_layers, warn_module_calls
 from fused_resnet.nn.sync_bn import sync_group
 from fused_resnet.ops.eval_plan import PlanCache, plan_stem_eval
 
