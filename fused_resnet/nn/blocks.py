@@ -27,8 +27,8 @@ from fused_resnet.nn.conv_bn import (
     adopt_frozen_bns,
     cached_folds,
     check_chain,
-    conv_bn_act,
     fusable_block,
+    fused_conv_bn_act,
     residual_block,
 )
 from fused_resnet.nn.module_calls import module_call_reason, tracing_layers, warn_module_calls
@@ -112,8 +112,8 @@ class ResidualBlock(FoldingModule):
         out = x
         for i, (conv, bn) in enumerate(pairs):
             last = i == len(pairs) - 1
-            out = conv_bn_act(out, conv, bn, residual=identity if last else None,
-                              backend=backend)
+            out = fused_conv_bn_act(out, conv, bn, residual=identity if last else None,
+                                    backend=backend)
         return out
 
     def zero_init_last(self) -> None:
@@ -196,7 +196,7 @@ class ResidualBlock(FoldingModule):
         if isinstance(self.downsample, ZeroPadShortcut):
             return self.downsample(x)
         conv, bn = self.downsample
-        return conv_bn_act(x, conv, bn, relu=False, backend=backend)
+        return fused_conv_bn_act(x, conv, bn, relu=False, backend=backend)
 
 
 class FusedBasicBlock(ResidualBlock):

@@ -66,6 +66,20 @@ def conv_bn_act(
         out = bn(conv(x))
         out = out if residual is None else out + residual
         return torch.relu(out) if relu else out
+    return fused_conv_bn_act(x, conv, bn, residual=residual, relu=relu, backend=backend)
+
+
+def fused_conv_bn_act(
+    x: Tensor,
+    conv: nn.Conv2d,
+    bn: nn.BatchNorm2d,
+    *,
+    residual: Optional[Tensor] = None,
+    relu: bool = True,
+    backend: str = "auto",
+) -> Tensor:
+    """`conv_bn_act` through the fused ops, without its question whether the modules must be
+    called instead: for a block or stem that has asked it of all its modules this call."""
     adopt_frozen_bns([(conv, bn)])
     check_conv(conv)
     bn_args, counting = _batchnorm_args(bn)

@@ -14,7 +14,7 @@ from fused_resnet.nn.conv_bn import (
     adopt_frozen_bns,
     cached_fold,
     check_conv,
-    conv_bn_act,
+    fused_conv_bn_act,
 )
 from fused_resnet.nn.module_calls import module_call_reason, tracing_layers, warn_module_calls
 from fused_resnet.nn.sync_bn import sync_group
@@ -65,7 +65,7 @@ def conv_bn_relu_pool(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, pool: nn.M
     adopt_frozen_bns([(conv, bn)])
     if (not isinstance(pool, FusedMaxPool2d) or pool.backend != backend or conv.groups != 1
             or conv.dilation != (1, 1) or sync_group(bn) is not None):
-        return pool(conv_bn_act(x, conv, bn, backend=backend))
+        return pool(fused_conv_bn_act(x, conv, bn, backend=backend))
     if not bn.training:
         return _stem_eval(x, conv, bn, pool, backend)
     check_conv(conv)
@@ -87,7 +87,7 @@ def _stem_eval(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, pool: FusedMaxPoo
     check_conv(conv)
     folded = cached_fold(x, conv, bn, backend)
     if folded is None:
-        return pool(conv_bn_act(x, conv, bn, backend=backend))
+        return pool(fused_conv_bn_act(x, conv, bn, backend=backend))
     weight, bias = folded
     args = dict(stride=conv.stride[0], padding=conv.padding[0],
                 pool=(pool.kernel_size, pool.stride, pool.padding), backend=backend)
