@@ -296,8 +296,12 @@ def _fused_from(module: nn.Module, cls, backend: str) -> ResidualBlock:
     block = cls.__new__(cls)
     nn.Module.__init__(block)
     _carry_over(module, block)
+    relu = module._modules.get("relu")  # the block's own nn.ReLU kept, in torchvision's place
+    relu = relu if type(relu) is nn.ReLU else nn.ReLU(inplace=True)
     for name in _names(cls):
         setattr(block, name, getattr(module, name))  # the same modules: the same tensors
+        if name == ("bn3" if cls is FusedBottleneck else "bn1"):
+            block.relu = relu
     block.downsample = downsample
     _adopt_frozen_bns(block)
     block.shortcut = "B"

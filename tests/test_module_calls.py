@@ -152,7 +152,7 @@ def test_plain_modules_stay_fused_and_unwarned(backend, monkeypatch):
     def called(module, *args):
         raise AssertionError(f"{type(module).__name__}.forward called")
 
-    for cls in (nn.Conv2d, nn.BatchNorm2d):  # (the eval stem calls its pool module)
+    for cls in (nn.Conv2d, nn.BatchNorm2d, nn.ReLU):  # (the eval stem calls its pool module)
         monkeypatch.setattr(cls, "forward", called)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)

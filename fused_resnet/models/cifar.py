@@ -9,14 +9,15 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch.nn.functional as F
+import torch
 from torch import Tensor, nn
 
 from fused_resnet.backend import check_backend_name
 from fused_resnet.models.resnet import init_weights, resnet
 from fused_resnet.nn import FusedBasicBlock
 from fused_resnet.nn.batch_check import check_image_batch
-from fused_resnet.nn.conv_bn import FoldingModule, conv_bn_act
+from fused_resnet.nn.conv_bn import FoldingModule
+from fused_resnet.nn.pool import conv_bn_relu_pool
 from fused_resnet.nn.shortcut import check_shortcut
 
 CIFAR_DEPTHS = (20, 32, 44, 56, 110, 1202)  # the depths of the paper's Table 6
@@ -56,19 +57,22 @@ class CifarResNet(FoldingModule):
         self.depth = depth
         self.conv1 = nn.Conv2d(3, 16, 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
+        self.relu = nn.ReLU(inplace=True)  # no state, as the ImageNet nets' relu / avgpool
         args = {"shortcut": shortcut, "backend": backend}
         self.layer1 = _stage(16, 16, 1, n, args)
         self.layer2 = _stage(16, 32, 2, n, args)
         self.layer3 = _stage(32, 64, 2, n, args)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(64, num_classes)
         init_weights(self, zero_init_residual)
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (N, 3, H, W) (32x32 in the paper) -> logits (N, num_classes)."""
         check_image_batch(self, x)
-        x = conv_bn_act(x, self.conv1, self.bn1, backend=self.backend)
+        x = conv_bn_relu_pool(x, self.conv1, self.bn1, None, backend=self.backend,
+                              relu=self.relu)
         x = self.layer3(self.layer2(self.layer1(x)))
-        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
 def cifar_resnet(depth: int = 56, shortcut: Optional[str] = "A", **kwargs) -> CifarResNet:

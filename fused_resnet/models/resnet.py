@@ -11,7 +11,7 @@ from __future__ import annotations
 import warnings
 from typing import Any, Optional, Union
 
-import torch.nn.functional as F
+import torch
 from torch import Tensor, nn
 
 from fused_resnet.backend import check_backend_name
@@ -95,6 +95,9 @@ class ResNet(FoldingModule):
         self.dilation = 1
         self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
+        # relu and avgpool hold no state: torchvision's module tree, as tools that walk or
+        # edit it (activation swaps, feature extractors) expect
+        self.relu = nn.ReLU(inplace=True)
         self.maxpool = FusedMaxPool2d(3, stride=2, padding=1, backend=backend)
         stage_args = {"shortcut": shortcut, "backend": backend}
         if block is FusedBottleneck:
@@ -105,6 +108,7 @@ class ResNet(FoldingModule):
         self.layer2 = self._make_stage(block, 128, layers[1], 2, stage_args, dilate[0])
         self.layer3 = self._make_stage(block, 256, layers[2], 2, stage_args, dilate[1])
         self.layer4 = self._make_stage(block, 512, layers[3], 2, stage_args, dilate[2])
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(512 * block.expansion, num_classes)
         if frozen is not None:
             _freeze_batch_norms(self, frozen)
@@ -126,10 +130,10 @@ class ResNet(FoldingModule):
     def forward(self, x: Tensor) -> Tensor:
         """x: (N, 3, H, W), NCHW or channels_last -> logits (N, num_classes)."""
         check_image_batch(self, x)
-        x = conv_bn_relu_pool(x, self.conv1, self.bn1, self.maxpool, backend=self.backend)
+        x = conv_bn_relu_pool(x, self.conv1, self.bn1, self.maxpool, backend=self.backend,
+                              relu=self.relu)
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        x = F.adaptive_avg_pool2d(x, 1).flatten(1)
-        return self.fc(x)
+        return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
 def _check_arguments(**named) -> None:

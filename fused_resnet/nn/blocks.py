@@ -7,10 +7,12 @@ otherwise (eval, frozen or non-affine BN, grouped convs) each conv + BN (+ short
 runs through `ops.conv_bn_act`, with BN folded into the conv on Triton. With `sync_bn=True`
 (or a `process_group`) the BNs are FusedSyncBatchNorm modules and, under torch.distributed,
 training takes batch statistics over the group (`ops.sync_conv_bn_act`, one all_reduce per BN).
-A block holding modules the fused ops cannot stand for (hooks on an inner module, another
-norm layer in a BN's place, a conv class with its own forward: `module_calls.module_call_reason`)
-calls its modules as torchvision's block does, warned; so does it while torch.fx traces or
-torch.onnx exports (`module_calls.tracing_layers`).
+Like torchvision's, a block holds a stateless `relu` module, an nn.ReLU that the fused ops
+stand for. A block holding modules the fused ops cannot stand for (hooks on an inner module,
+another norm layer in a BN's place, a conv class with its own forward, another activation in
+`relu`'s place: `module_calls.module_call_reason`) calls its modules as torchvision's block
+does (`relu` for each of its ReLUs), warned; so does it while torch.fx traces or torch.onnx
+exports (`module_calls.tracing_layers`).
 """
 
 from __future__ import annotations
@@ -90,7 +92,8 @@ class ResidualBlock(FoldingModule):
         block_pairs = pairs + [tuple(self.downsample)] if kind == "projection" else pairs
         if tracing_layers():
             return self._module_forward(x)
-        reason = module_call_reason(block_pairs, self._other_modules(kind))
+        reason = module_call_reason(block_pairs, self._other_modules(kind),
+                                    self._modules.get("relu"))
         if reason is not None:
             warn_module_calls(type(self).__name__, reason)
             return self._module_forward(x)
@@ -155,20 +158,23 @@ class ResidualBlock(FoldingModule):
     def _module_forward(self, x: Tensor) -> Tensor:
         """What the block computes, by calling its modules in torchvision's order (as torch.fx
         traces it, and where hooks or replaced modules need their calls): the main path's
-        conv / BN modules, then the shortcut (option A as a strided slice and a channel pad:
-        no shape test), the add and torch.relu."""
+        conv / BN modules and `relu` between them, then the shortcut (option A as a strided
+        slice and a channel pad: no shape test), the add and `relu` again (torch.relu for a
+        block pickled without one)."""
         out, pairs = x, self.main_path()
+        act = self._modules.get("relu")
+        act = torch.relu if act is None else act
         for i, (conv, bn) in enumerate(pairs):
             out = bn(conv(out))
-            out = torch.relu(out) if i < len(pairs) - 1 else out
+            out = act(out) if i < len(pairs) - 1 else out
         if self.shortcut is None:
-            return torch.relu(out)
+            return act(out)
         if isinstance(self.downsample, ZeroPadShortcut) and tracing_layers():
             s, pad = self.downsample.stride, self.downsample.out_channels - self.conv1.in_channels
             identity = torch.nn.functional.pad(x[:, :, ::s, ::s], (0, 0, 0, 0, 0, pad))
         else:
             identity = x if self.downsample is None else self.downsample(x)
-        return torch.relu(out + identity)
+        return act(out + identity)
 
     def _check_chain(self, x: Tensor, pairs: list, kind: str, backend: str) -> None:
         """Before the block runs conv by conv in training: every pair's arguments and
@@ -213,6 +219,7 @@ class FusedBasicBlock(ResidualBlock):
         self.backend = check_backend_name(backend)
         self.conv1 = nn.Conv2d(inplanes, planes, 3, stride=stride, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)  # torchvision's module order and names
         self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
         self.downsample = make_shortcut(shortcut, inplanes, planes, stride)
@@ -270,6 +277,7 @@ class FusedBottleneck(ResidualBlock):
         self.bn2 = nn.BatchNorm2d(width)
         self.conv3 = nn.Conv2d(width, planes * self.expansion, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)  # torchvision's module order and names
         self.downsample = make_shortcut(shortcut, inplanes, planes * self.expansion, stride)
         self.stride = stride
         if sync_bn or process_group is not None:

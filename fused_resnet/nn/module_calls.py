@@ -2,7 +2,8 @@
 fused ops that only read those modules' tensors: while a tracer wants a graph of standard
 layers (`tracing_layers`: torch.fx symbolic tracing, torch.onnx export), and where the
 modules hold what fused ops cannot stand for (`module_call_reason`: hooks, another norm
-layer in a BN's place, a conv class with its own forward), warned (`warn_module_calls`).
+layer in a BN's place, a conv class with its own forward, an activation other than ReLU in
+the `relu` module's place), warned (`warn_module_calls`).
 """
 
 from __future__ import annotations
@@ -81,15 +82,32 @@ def classes_reason(conv_class: type, bn_class: type) -> Optional[str]:
     return _CLASS_REASONS[key]
 
 
+def activation_reason(relu: Optional[nn.Module]) -> Optional[str]:
+    """Why the module in a ReLU's place (torchvision's `relu` of a block or of the stem) must
+    be called as itself: another class there (an activation swapped in: SiLU, ReLU6, a
+    subclass of ReLU) or hooks on it. None for a plain nn.ReLU without hooks, or for none at
+    all (a block pickled before blocks held a `relu` module computes torch.relu)."""
+    if relu is None:
+        return None
+    if type(relu) is not nn.ReLU:
+        return f"relu is {type(relu).__name__}, not nn.ReLU"
+    return "hooks on its ReLU" if has_call_hooks(relu) else None
+
+
 def module_call_reason(pairs: list[tuple[nn.Module, nn.Module]],
-                       others: tuple[nn.Module, ...] = ()) -> Optional[str]:
+                       others: tuple[nn.Module, ...] = (),
+                       relu: Optional[nn.Module] = None) -> Optional[str]:
     """Why the conv / BN modules of `pairs` (and the modules `others`) must be called as
     themselves rather than run by the fused ops, which only read their tensors: hooks on one
     (pruning's and the old weight_norm's forward pre-hooks compute the weight; forward hooks
     read outputs), a norm layer other than a BatchNorm2d put in a BN's place (InstanceNorm2d,
     GroupNorm, Identity, nn.SyncBatchNorm, a subclass with its own forward), or a conv class
-    with its own forward (weight standardisation). None where the fused ops compute what the
-    modules would. ~1 us a block: asked on every call."""
+    with its own forward (weight standardisation), or a `relu` module that is not a plain
+    nn.ReLU (`activation_reason`). None where the fused ops compute what the modules would.
+    ~1 us a block: asked on every call."""
+    reason = activation_reason(relu)
+    if reason is not None:
+        return reason
     for module in others:
         if has_call_hooks(module):
             return f"hooks on its {type(module).__name__}"

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor, nn
 
@@ -48,21 +50,29 @@ class FusedMaxPool2d(nn.Module):
                 f"padding={self.padding}, backend={self.backend!r}")
 
 
-def conv_bn_relu_pool(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, pool: nn.Module, *,
-                      backend: str = "auto") -> Tensor:
+def conv_bn_relu_pool(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d,
+                      pool: Optional[nn.Module], *, backend: str = "auto",
+                      relu: Optional[nn.Module] = None) -> Tensor:
     """pool(relu(bn(conv(x)))) with the parameters and buffers of `conv` and `bn` (the
-    ResNet stem). In training, where `pool` is a FusedMaxPool2d on the same backend and the
-    BN normalizes with this process's batch statistics, `ops.conv_bn_relu_max_pool` (on
-    Triton one op that never writes relu(bn(y))); otherwise `conv_bn_act` then `pool`, in
-    inference with BN folded into the conv and, called again alike, as a plan
-    (`ops.eval_plan.StemEvalPlan`). A dilated conv takes the second way."""
+    ResNet stem; pool=None: no pool, the CIFAR nets' stem, `conv_bn_act`). `relu`: the
+    stem's ReLU module (torchvision's `model.relu`), called as itself, with the others, where
+    it is not a plain nn.ReLU or has hooks; None is torch.relu. In training, where `pool` is
+    a FusedMaxPool2d on the same backend and the BN normalizes with this process's batch
+    statistics, `ops.conv_bn_relu_max_pool` (on Triton one op that never writes
+    relu(bn(y))); otherwise `conv_bn_act` then `pool`, in inference with BN folded into the
+    conv and, called again alike, as a plan (`ops.eval_plan.StemEvalPlan`). A dilated conv
+    takes the second way."""
     tracing = tracing_layers()
-    reason = None if tracing else module_call_reason([(conv, bn)], (pool,))
+    others = () if pool is None else (pool,)
+    reason = None if tracing else module_call_reason([(conv, bn)], others, relu)
     if reason is not None:
         warn_module_calls("the stem", reason)
     if tracing or reason is not None:  # the modules called, as torchvision's stem does
-        return pool(torch.relu(bn(conv(x))))
+        out = (torch.relu if relu is None else relu)(bn(conv(x)))
+        return out if pool is None else pool(out)
     adopt_frozen_bns([(conv, bn)])
+    if pool is None:
+        return fused_conv_bn_act(x, conv, bn, backend=backend)
     if (not isinstance(pool, FusedMaxPool2d) or pool.backend != backend or conv.groups != 1
             or conv.dilation != (1, 1) or sync_group(bn) is not None):
         return pool(fused_conv_bn_act(x, conv, bn, backend=backend))

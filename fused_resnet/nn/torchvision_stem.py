@@ -45,7 +45,8 @@ class TorchvisionResNetFusedStem(FoldingModule, torchvision.models.ResNet):
 
     def _forward_impl(self, x: Tensor) -> Tensor:
         check_image_batch(self, x)  # before any layer: a failing batch moves no statistic
-        x = conv_bn_relu_pool(x, self.conv1, self.bn1, self.maxpool, backend=self.stem_backend)
+        x = conv_bn_relu_pool(x, self.conv1, self.bn1, self.maxpool, backend=self.stem_backend,
+                              relu=self.relu)
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
@@ -68,7 +69,8 @@ class GetterFusedStem(FoldingModule, IntermediateLayerGetter):
             return super().forward(x)
         check_image_batch(self, x)  # before any layer: a failing batch moves no statistic
         out = OrderedDict()
-        x = conv_bn_relu_pool(x, self.conv1, self.bn1, self.maxpool, backend=self.stem_backend)
+        x = conv_bn_relu_pool(x, self.conv1, self.bn1, self.maxpool, backend=self.stem_backend,
+                              relu=self.relu)
         for name, module in itertools.islice(self.items(), len(STEM_NAMES) - 1, None):
             if name != "maxpool":  # run by conv_bn_relu_pool above
                 x = module(x)
