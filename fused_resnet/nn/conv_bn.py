@@ -23,7 +23,7 @@ from fused_resnet.backend import check_backend_name
 from fused_resnet.nn.module_calls import module_call_reason, tracing_layers, warn_module_calls
 from fused_resnet.nn.sync_bn import convert_sync_bn, sync_group
 from fused_resnet.ops.conv_bn_act import (
-    autocast_dtype,
+    autocasting,
     check_conv_bn_act_args,
     compute_dtype,
     select_kernels,
@@ -244,7 +244,7 @@ def check_chain(x: Tensor, pairs: list[tuple[nn.Conv2d, nn.BatchNorm2d]], backen
     dtype = compute_dtype(x)
     # under autocast the weights run in its dtype, whatever x's (a block's input is already
     # in it after the stem: comparing x's dtype with the compute dtype would miss that)
-    autocast = x.is_floating_point() and autocast_dtype(x.device.type) is not None
+    autocast = autocasting(x) is not None
 
     def stand_in(like: Tensor, shape) -> Tensor:  # shape only: one element, expanded
         return like.new_empty(1, dtype=dtype).expand(shape)

@@ -18,8 +18,8 @@ from fused_resnet import reference
 from fused_resnet.ops import conv_ops
 from fused_resnet.ops.block_ops import block_train_call
 from fused_resnet.ops.conv_bn_act import (
-    autocast_dtype,
     autocast_inputs,
+    autocasting,
     check_conv_bn_act_args,
     select_kernels,
     update_block_running_stats,
@@ -88,7 +88,7 @@ def residual_block_train(
     return their gradients in the weights' own dtype (no cast node, no bf16 rounding of dw);
     the other kernels take a cast copy.
     """
-    if x.is_floating_point() and autocast_dtype(x.device.type) is None:
+    if x.is_floating_point() and autocasting(x) is None:
         for i, w in enumerate(weights):  # only autocast casts weights, as in torch's conv
             if w.dtype != x.dtype:
                 raise ValueError(f"weights[{i}] dtype {w.dtype} differs from x's dtype "

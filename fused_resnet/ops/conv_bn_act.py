@@ -101,11 +101,16 @@ def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     return torch.get_autocast_dtype(device_type)
 
 
+def autocasting(x: Tensor) -> Optional[torch.dtype]:
+    """The dtype autocast casts x to (x floating, autocast on for its device), else None."""
+    return autocast_dtype(x.device.type) if x.is_floating_point() else None
+
+
 def compute_dtype(x: Tensor) -> torch.dtype:
     """The dtype the convs compute x in: autocast's dtype for a floating x under autocast
     (what `autocast_inputs` casts to), else x's own."""
-    dtype = autocast_dtype(x.device.type)
-    return dtype if dtype is not None and x.is_floating_point() else x.dtype
+    dtype = autocasting(x)
+    return x.dtype if dtype is None else dtype
 
 
 def autocast_inputs(
@@ -114,8 +119,8 @@ def autocast_inputs(
     """Under autocast, the conv operands (and the residual added to its result) in the
     autocast dtype; otherwise the tensors unchanged. None stays None (a block casts its
     weights itself, or lets its kernels cast them)."""
-    dtype = autocast_dtype(x.device.type)
-    if dtype is None or not x.is_floating_point():
+    dtype = autocasting(x)
+    if dtype is None:
         return x, weight, residual
 
     def cast(t: Optional[Tensor]) -> Optional[Tensor]:  # no .to() call (~2 us) where it is one
