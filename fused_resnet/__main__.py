@@ -112,17 +112,42 @@ def cmd_flops(args: argparse.Namespace) -> int:
     return 0
 
 
+# validate's exit status (VALIDATE_EPILOG); every command's argument errors exit
+# EXIT_USAGE, argparse's own too
+EXIT_PASSED, EXIT_FAILED, EXIT_USAGE, EXIT_RAISED = 0, 1, 2, 3
+VALIDATE_EPILOG = """exit status:
+  0  PASSED: every check within its tolerance
+  1  FAILED: some check outside its tolerance (the table marks it FAIL)
+  2  bad arguments, or a --backend that does not implement the model: one error line
+  3  a model raised while it ran (a kernel error, ...): its traceback, then an error line
+     naming the model (the candidate or the reference) and the phase (step N: training
+     forward / backward / SGD update, or eval forward)"""
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
-    from fused_resnet.validate import validate
+    import traceback
+
+    from fused_resnet.validate import ModelRunError, check_model_flags, validate
 
     for name in ("steps", "batch_size", "image_size"):
         check_at_least(args, name)
     variant = resolve_variant(args.arch, args.variant)
-    report = validate(args.arch, args.backend, args.dtype, args.steps,
-                      batch_size=args.batch_size, image_size=args.image_size,
-                      device=args.device, variant=variant, weights=args.weights)
-    print(f"validate {report.arch} on backend {report.backend!r} ({report.dtype}, "
-          f"{report.device}, input {report.input_shape}) against {report.reference}\n")
+    check_model_flags(args.arch, args.weights, args.shortcut)
+    try:
+        report = validate(args.arch, args.backend, args.dtype, args.steps,
+                          batch_size=args.batch_size, image_size=args.image_size,
+                          device=args.device, variant=variant, weights=args.weights,
+                          seed=args.seed, shortcut=args.shortcut)
+    except ModelRunError as exc:
+        cause = exc.__cause__
+        traceback.print_exception(type(cause), cause, cause.__traceback__, file=sys.stderr)
+        print(f"\npython -m fused_resnet validate: error: {exc} (traceback above)",
+              file=sys.stderr)
+        return EXIT_RAISED
+    shortcut = f", shortcut {args.shortcut}" if args.shortcut else ""
+    print(f"validate {report.arch}{shortcut} on backend {report.resolved} ({report.dtype}, "
+          f"{report.device}, input {report.input_shape}, seed {args.seed}) against "
+          f"{report.reference}\n")
     for warning in report.warnings:
         print(f"warning: {warning}\n")
     print(format_table(("check", "max abs err", "max rel err", "bound", "result"),
@@ -136,7 +161,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
         print("\n" + short_benchmark(args.arch, variant, args.backend, report.dtype,
                                      args.device))
-    return 0 if report.ok else 1
+    return EXIT_PASSED if report.ok else EXIT_FAILED
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
@@ -265,10 +290,19 @@ def build_parser() -> argparse.ArgumentParser:
     # arch and variant None: --all can tell them given (cmd_flops: resnet50, v1.5)
     p.set_defaults(func=cmd_flops, batch_size=1, arch=None)
 
-    p = sub.add_parser("validate", help="compare a model on a backend with the reference")
+    p = sub.add_parser("validate", help="compare a model on a backend with the reference",
+                       epilog=VALIDATE_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     _common(p)
     _runtime(p)
     p.add_argument("--steps", type=int, default=2, help="SGD steps compared (default 2)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the random weights, the input batch and its labels (default 0)")
+    p.add_argument("--shortcut", default=None, choices=("A", "B", "C"),
+                   help="the paper's shortcut option: A (identity, zero-padded channels), B "
+                        "(projection where the shape changes), C (projection everywhere); "
+                        "default A for CIFAR nets, B for ImageNet nets; not for plain nets. "
+                        "Other than B the reference is this package's reference backend")
     p.add_argument("--weights", default=None,
                    help="torchvision's pretrained weights for both models (ImageNet archs: "
                         "DEFAULT, IMAGENET1K_V1, ...; downloaded once into torch.hub's cache); "
@@ -352,7 +386,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return args.func(args)
     except (ValueError, NotImplementedError, RuntimeError) as exc:
         print(f"{parser.prog} {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

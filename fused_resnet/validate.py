@@ -12,10 +12,12 @@ where fp32 cannot be judged tightly (see `judge`).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -23,9 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fused_resnet.backend import unavailable_reason
-from fused_resnet.models import build_model, is_cifar, reference_twin
-from fused_resnet.nn.batch_check import bn_map_sizes
+from fused_resnet.backend import ENV_VAR, OP_BACKENDS, resolve, unavailable_reason
+from fused_resnet.models import ARCH_HELP, IMAGENET_ARCHS, build_model, is_cifar, reference_twin
+from fused_resnet.models.registry import check_weights, set_backend
+from fused_resnet.nn.batch_check import bn_map_sizes, check_image_batch
 from fused_resnet.testing import (
     DTYPES,
     TOLERANCES,
@@ -47,21 +50,49 @@ class ValidationReport:
     rows: list[tuple[str, Comparison]] = field(default_factory=list)
     # what makes the verdict unreliable (an ill-conditioned input: `few_values_warning`)
     warnings: list[str] = field(default_factory=list)
+    resolved: str = ""  # the backend the candidate's ops run on (`resolved_backend`)
 
     @property
     def ok(self) -> bool:
         return all(c.ok for _, c in self.rows)
 
 
-def _step(model: nn.Module, x, target, autocast_dtype, device_type):
-    """One forward + backward: returns (logits in fp64, loss, {param name: grad})."""
+class ModelRunError(RuntimeError):
+    """An exception one of validate's models raised while it ran (the original is the
+    `__cause__`): `model` says which (the candidate or a reference), `phase` when."""
+
+    def __init__(self, model: str, phase: str, cause: BaseException):
+        lines = str(cause).strip().splitlines()
+        super().__init__(f"{model} raised {type(cause).__name__} during {phase}"
+                         + (f": {lines[0]}" if lines else ""))
+        self.model, self.phase = model, phase
+
+
+@contextlib.contextmanager
+def _running(who: tuple[str, bool], phase: str):
+    """Any exception inside becomes a ModelRunError naming the model (`who`: its name and
+    whether it is the candidate) and `phase`, but the candidate's NotImplementedError: its
+    backend does not run this model, an argument error (--backend)."""
+    try:
+        yield
+    except Exception as exc:
+        if isinstance(exc, ModelRunError) or (who[1] and isinstance(exc, NotImplementedError)):
+            raise
+        raise ModelRunError(who[0], phase, exc) from exc
+
+
+def _step(model: nn.Module, x, target, autocast_dtype, device_type, who: tuple[str, bool],
+          step: int):
+    """One forward + backward of `who` (`_running`'s): returns (logits in fp64, loss,
+    {param name: grad})."""
     model.zero_grad(set_to_none=True)
     ctx = (torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype is not None
            else contextlib.nullcontext())
-    with ctx:
+    with ctx, _running(who, f"step {step}: training forward"):
         logits = model(x)
     loss = F.cross_entropy(logits.float() if logits.dtype != torch.float64 else logits, target)
-    loss.backward()
+    with _running(who, f"step {step}: backward"):
+        loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
     return logits.detach(), loss.detach(), grads
 
@@ -122,6 +153,55 @@ def load_model(arch: str, weights: Optional[str], **kwargs) -> nn.Module:
             "download it again") from None
 
 
+def check_model_flags(arch: str, weights: Optional[str] = None,
+                      shortcut: Optional[str] = None) -> None:
+    """Raises ValueError naming the flag where --arch, --shortcut or --weights names no model
+    of `ARCH_HELP` (checked by building it on the meta device: no memory, no init cost)."""
+    try:
+        with torch.device("meta"):
+            build_model(arch)
+    except ValueError as exc:
+        if arch in IMAGENET_ARCHS or re.fullmatch(r"(cifar_resnet|plain_cifar|plain)\d+", arch):
+            raise ValueError(f"--arch {arch}: {exc}") from None  # a depth the family lacks
+        raise ValueError(f"--arch: unknown model {arch!r}; expected one of {ARCH_HELP}"
+                         ) from None
+    if shortcut is not None:
+        if arch.startswith("plain"):
+            raise ValueError(f"--shortcut: {arch} is a plain net, without shortcuts (drop "
+                             "--shortcut, or take the residual net of that depth)")
+        if weights is not None and shortcut != "B":
+            raise ValueError(f"--shortcut {shortcut} does not fit --weights {weights}: "
+                             "torchvision's weights have projection shortcuts (B)")
+    try:
+        check_weights(arch, weights)
+    except (ValueError, ImportError) as exc:
+        message = str(exc)
+        raise ValueError(f"--{message}" if message.startswith("weights")
+                         else f"--weights {weights}: {message}") from None
+
+
+def resolved_backend(backend: str, dev: torch.device, dtype: str) -> str:
+    """`backend` as validate's header shows it: a backend named, or for "auto" (which
+    FUSED_RESNET_BACKEND may replace) the one its ops resolve to on `dev` and any op that
+    resolves to another, e.g. "auto -> triton (bn_add_relu: cuda)". As the ops choose
+    (`ops.conv_bn_act.select_kernels`): no Triton for fp64 on CUDA under "auto"."""
+    if backend != "auto":
+        return backend
+    names = {}
+    for op in OP_BACKENDS:
+        try:
+            names[op] = resolve(backend, op, dev)
+        except (RuntimeError, NotImplementedError) as exc:  # FUSED_RESNET_BACKEND's choice
+            raise ValueError(f"{ENV_VAR}={os.environ.get(ENV_VAR)}: {exc}") from None
+        if names[op] == "triton" and dtype == "fp64" and dev.type == "cuda":
+            names[op] = resolve(backend, op, dev, exclude=("triton",))
+    main = collections.Counter(names.values()).most_common(1)[0][0]
+    notes = [f"{op}: {name}" for op, name in names.items() if name != main]
+    if os.environ.get(ENV_VAR):
+        notes.append(f"from {ENV_VAR}={os.environ[ENV_VAR]}")
+    return f"auto -> {main}" + (f" ({', '.join(notes)})" if notes else "")
+
+
 @exact_fp32()
 def validate(
     arch: str = "resnet50",
@@ -136,10 +216,15 @@ def validate(
     weights: Optional[str] = None,
     lr: float = 0.01,
     seed: int = 0,
+    shortcut: Optional[str] = None,
 ) -> ValidationReport:
     """dtype: fp32, fp64, bf16 or fp16 (autocast); None is fp32 on CUDA and fp64 on CPU.
     weights: torchvision's pretrained weights for an ImageNet arch (a name such as
-    "DEFAULT"), loaded into both models; None compares randomly initialised ones."""
+    "DEFAULT"), loaded into both models; None compares randomly initialised ones.
+    seed: of the weights (random ones), the input batch and its labels. shortcut: the
+    paper's option A / B / C (None: the arch's default); where it is not torchvision's (B),
+    the reference is this package's reference backend. An exception a model raises while
+    it runs is a ModelRunError (the candidate's NotImplementedError excepted)."""
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
     for name, value in (("steps", steps), ("batch_size", batch_size),
@@ -157,15 +242,29 @@ def validate(
     cifar = is_cifar(arch)
     size = image_size if image_size is not None else 32 if cifar else 224 if on_gpu else 64
     batch = batch_size if batch_size is not None else 32 if on_gpu else 4
+    resolved = resolved_backend(backend, dev, dtype)
     torch.manual_seed(seed)
     kwargs = {"backend": backend} if cifar else {"backend": backend, "variant": variant}
+    if shortcut is not None:
+        kwargs["shortcut"] = shortcut
     candidate = load_model(arch, weights, **kwargs)
+    try:  # an input the model refuses is an argument error, found before any layer runs
+        check_image_batch(candidate.train(), torch.empty(batch, 3, size, size, device="meta"))
+    except ValueError as exc:
+        raise ValueError(f"--image-size {size} / --batch-size {batch}: {exc}") from None
     notes = [few_values_warning(candidate, batch, size)]
-    reference, ref_name = reference_twin(arch, candidate, variant)
+    if shortcut in (None, "B"):  # torchvision's layout where it has the arch
+        reference, ref_name = reference_twin(arch, candidate, variant)
+    else:
+        reference = set_backend(copy.deepcopy(candidate), "reference")
+        ref_name = "fused_resnet reference backend"
     if backend == "reference" and ref_name.startswith("fused_resnet"):
         notes.append(f"{arch} has no torchvision twin here, so its reference is this package's "
                      "reference backend: with --backend reference the model is compared with "
                      "a copy of itself (every error 0); validate a fused backend against it")
+    labels = {"candidate": (f"the candidate model ({arch}, backend {resolved})", True),
+              "reference": (f"the reference ({ref_name})", False),
+              "truth": (f"the fp64 truth (a copy of the reference, {ref_name})", False)}
     half = DTYPES[dtype] if dtype in ("bf16", "fp16") else None
     if exact:  # the reference in fp64 is the truth
         models = {"candidate": candidate.to(dev).double(), "reference": reference.to(dev).double()}
@@ -174,7 +273,8 @@ def validate(
                   "truth": copy.deepcopy(reference).to(dev).double()}
     x = torch.randn(batch, 3, size, size, device=dev, dtype=DTYPES[dtype] if exact else None)
     target = torch.randint(0, candidate.fc.out_features, (batch,), device=dev)
-    report = ValidationReport(arch, backend, ref_name, dtype, str(dev), tuple(x.shape))
+    report = ValidationReport(arch, backend, ref_name, dtype, str(dev), tuple(x.shape),
+                              resolved=resolved)
     report.warnings += [note for note in notes if note is not None]
     optimizers = {
         k: torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9) for k, m in models.items()
@@ -207,7 +307,8 @@ def validate(
         for key, model in models.items():
             model.train()
             inp = x.double() if key == "truth" else x
-            out[key] = _step(model, inp, target, None if key == "truth" else half, dev.type)
+            out[key] = _step(model, inp, target, None if key == "truth" else half, dev.type,
+                             labels[key], step)
         check(f"step {step}: training logits", {k: v[0] for k, v in out.items()})
         check(f"step {step}: loss", {k: v[1] for k, v in out.items()})
         grads = [(name, _missing(name, [v[2] for v in out.values()])
@@ -216,8 +317,9 @@ def validate(
                                     [v[2] for v in out.values()])]
         worst_name, worst = _worst(grads)
         report.rows.append((f"step {step}: gradients ({len(grads)}; worst {worst_name})", worst))
-        for opt in optimizers.values():
-            opt.step()
+        for key, opt in optimizers.items():
+            with _running(labels[key], f"step {step}: SGD update"):
+                opt.step()
     stats = []
     buffers = {k: dict(m.named_buffers()) for k, m in models.items()}
     for name in _names(models["reference"].named_buffers(), buffers.values()):
@@ -239,7 +341,7 @@ def validate(
             inp = x.double() if key == "truth" else x
             ctx = (torch.autocast(dev.type, dtype=half) if half is not None and key != "truth"
                    else contextlib.nullcontext())
-            with ctx:
+            with ctx, _running(labels[key], "eval forward"):
                 out[key] = model(inp)
     scale = out["reference"].abs().max().item()
     if half is None and scale > EXPLODED_LOGITS:

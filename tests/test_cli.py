@@ -71,7 +71,8 @@ def test_readme_main_job_validates_resnet50_in_fp64_on_cpu():
     # README's main command as written: ResNet-50 at 64x64, batch 4, 2 SGD steps, fp64, every
     # row at the fixed tolerance (no 2x-eager fallback in fp64)
     out = run("validate").stdout
-    assert "validate resnet50 on backend 'auto' (fp64, cpu, input (4, 3, 64, 64))" in out
+    assert "validate resnet50 on backend auto -> " in out
+    assert "(fp64, cpu, input (4, 3, 64, 64), seed 0)" in out
     assert "PASSED: 8 of 8" in out and "2x eager" not in out
 
 

@@ -9,7 +9,8 @@ stops a run inside an epoch: then "epoch" is still the unfinished epoch and "in_
 how many of its steps are done, with the batch size and number of processes that define a
 step, and the images and seconds the epoch's img/s needs. At an epoch boundary "in_epoch" is
 None. Checkpoints written before "in_epoch" and "rank_sums" existed load as boundaries with
-empty sums.
+empty sums. A resume with another --amp, --epochs or --batch-size (the last at a boundary
+only) than the checkpoint's run goes on, with a ResumeWarning saying what that changes.
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
+
+from fused_resnet.flags import flag
 
 CHECKPOINT_KEYS = ("model", "optimizer", "scaler", "state")
 # the loop state's keys every checkpoint has; newer ones add "in_epoch" and "rank_sums"
@@ -45,13 +48,9 @@ def save_checkpoint(path: str, model: nn.Module, opt, scaler, state: dict, cfg) 
     os.replace(path + ".tmp", path)
 
 
-def load_checkpoint(path: str, model: nn.Module, opt, scaler, dev: torch.device) -> dict:
-    """Restores model, optimizer and scaler from `path`; returns the loop state as saved.
-
-    The optimizer keeps this run's hyperparameters (momentum, weight decay, dampening,
-    nesterov, the update's implementation: what the command line asked for) and takes only
-    the checkpoint's per-parameter state, the momentum buffers: `load_state_dict` alone would
-    bring back the saved run's settings while this run's config records its own."""
+def read_checkpoint(path: str, dev: torch.device) -> dict:
+    """The checkpoint at `path` (tensors on `dev`), with the keys every one has; a
+    ValueError naming --resume and the file where it is none."""
     if not os.path.isfile(path):
         raise ValueError(f"--resume: no checkpoint at {path!r}")
     try:
@@ -64,11 +63,31 @@ def load_checkpoint(path: str, model: nn.Module, opt, scaler, dev: torch.device)
     if missing:
         raise ValueError(f"--resume {path!r} is not a checkpoint of `train` (it lacks "
                          f"{', '.join(missing)}); give the checkpoint.pt a train run wrote")
-    saved = payload.get("config", {}).get("arch") if isinstance(payload.get("config"), dict) \
-        else None
+    return payload
+
+
+def saved_config(payload: dict) -> dict:
+    """The config of the run that wrote `payload` ({} in checkpoints without one)."""
+    config = payload.get("config")
+    return config if isinstance(config, dict) else {}
+
+
+def restore_checkpoint(payload: dict, path: str, model: nn.Module, opt, scaler) -> dict:
+    """Restores model, optimizer and scaler from a `read_checkpoint`; returns the loop state
+    as saved.
+
+    The optimizer keeps this run's hyperparameters (momentum, weight decay, dampening,
+    nesterov, the update's implementation: what the command line asked for) and takes only
+    the checkpoint's per-parameter state, the momentum buffers: `load_state_dict` alone would
+    bring back the saved run's settings while this run's config records its own. An fp16
+    run (its scaler enabled) resuming a checkpoint without loss-scaler state (an fp32 or
+    bf16 run's: a disabled GradScaler saves {}) keeps its fresh scaler, as a new fp16 run
+    starts: the state is only the dynamic loss scale, which the scaler finds again within
+    its first steps (`amp_change` says so). A disabled scaler ignores a saved state."""
     try:
         model.load_state_dict(payload["model"])
     except RuntimeError:
+        saved = saved_config(payload).get("arch")
         of = f" of {saved}" if saved else ""
         raise ValueError(f"--resume {path!r} is a checkpoint{of} whose weights do not fit "
                          f"this run's model; resume with the --arch it was trained with"
@@ -77,7 +96,8 @@ def load_checkpoint(path: str, model: nn.Module, opt, scaler, dev: torch.device)
     chosen = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
     try:
         opt.load_state_dict(payload["optimizer"])
-        scaler.load_state_dict(payload["scaler"])
+        if payload["scaler"]:  # {} (no fp16 run's): this run's scaler stays as it is
+            scaler.load_state_dict(payload["scaler"])
         state = payload["state"]
         if not isinstance(state, dict) or not set(STATE_KEYS) <= set(state):
             raise KeyError("state")
@@ -87,6 +107,82 @@ def load_checkpoint(path: str, model: nn.Module, opt, scaler, dev: torch.device)
     for group, settings in zip(opt.param_groups, chosen):
         group.update(settings)
     return state
+
+
+def load_checkpoint(path: str, model: nn.Module, opt, scaler, dev: torch.device) -> dict:
+    """`restore_checkpoint` of `read_checkpoint(path, dev)`: the loop state as saved."""
+    return restore_checkpoint(read_checkpoint(path, dev), path, model, opt, scaler)
+
+
+class ResumeWarning(UserWarning):
+    """A resume whose command line changes what the checkpoint's run would have done next
+    (`train` continues as asked; `python -m fused_resnet train` prints it as one line)."""
+
+
+def amp_change(payload: dict, amp: str) -> Optional[str]:
+    """A warning where this run's --amp is not the checkpoint's (its config's; in a
+    checkpoint without one, fp16 where it holds a loss scale), else None."""
+    saved = saved_config(payload).get("amp") or ("fp16" if payload["scaler"] else None)
+    if saved == amp or (saved is None and amp != "fp16"):
+        return None
+    run = f"an --amp {saved} run" if saved else "a run without fp16"
+    text = f"--amp {amp} resumes the checkpoint of {run}: the steps from here compute in {amp}"
+    if amp == "fp16" and not payload["scaler"]:
+        text += (", and, as the checkpoint holds no loss-scaler state, with a fresh "
+                 "GradScaler (as a new fp16 run: it skips the first steps whose scaled "
+                 "gradients overflow while it finds its scale)")
+    elif saved == "fp16":
+        text += ", and the checkpoint's loss scale (its GradScaler state) is dropped"
+    return text
+
+
+def schedule_change(saved: dict, cfg, state: dict, skip: int, steps: Callable[[int], int],
+                    lr: Callable[[int, int], float]) -> Optional[str]:
+    """A warning where this run's --epochs or --batch-size is not the checkpoint's config's
+    (`saved`), saying what that changes: the schedule counts steps (the lr milestones are
+    fractions of epochs x steps per epoch), the steps done count as they are, so the lr
+    milestones move and the lr can jump, and the run can end at a step other than the
+    schedule's last. `steps(batch_size)`: steps per epoch of this run's data; `lr(step,
+    total)`: this run's lr at a step of a schedule `total` steps long; `skip`: steps done
+    in the unfinished epoch. None where both flags are as saved (or not saved)."""
+    changed = [(name, saved[name], getattr(cfg, name)) for name in ("epochs", "batch_size")
+               if name in saved and saved[name] != getattr(cfg, name)]
+    if not changed:
+        return None
+    per_epoch = steps(cfg.batch_size)
+    saved_per_epoch = steps(saved.get("batch_size", cfg.batch_size))
+    total, saved_total = cfg.epochs * per_epoch, saved.get("epochs", cfg.epochs) * saved_per_epoch
+    done = state["iteration"]
+    given = " and ".join(f"{flag(n)} {new} (the checkpoint's run: {old})"
+                         for n, old, new in changed)
+    text = [f"--resume with {given}: the schedule is {total} steps long, not {saved_total}"]
+    if per_epoch != saved_per_epoch:
+        text.append(f"an epoch is {per_epoch} steps, not {saved_per_epoch}, and the schedule "
+                    f"counts on from the {done} steps done")
+    if cfg.schedule == "milestones":
+        text.append("the lr drops 10x after steps " + _drops(cfg.milestones, total)
+                    + f" (the checkpoint's run: {_drops(cfg.milestones, saved_total)})")
+    if lr(done, total) != lr(done, saved_total):
+        text.append(f"the next step's lr is {lr(done, total):g}, not "
+                    f"{lr(done, saved_total):g}")
+    step, epoch = done, state["epoch"]  # where this run's loop stops
+    stop = total if cfg.max_iters is None else min(total, cfg.max_iters)
+    while epoch < cfg.epochs and step < stop:
+        taken = min(per_epoch - skip, stop - step)
+        step, skip = step + taken, skip + taken
+        if skip < per_epoch:
+            break
+        epoch, skip = epoch + 1, 0
+    if step < stop or (epoch < cfg.epochs and step < (cfg.max_iters or math.inf)):
+        text.append(f"the run ends at step {step} of the schedule's {total}, with {epoch} "
+                    f"of --epochs {cfg.epochs} finished")
+    return "; ".join(text)
+
+
+def _drops(milestones, total: int) -> str:
+    """The steps after which `lr_at` divides the lr by 10 (it does from the 0-based step
+    at or after each fraction of `total`: after that many steps)."""
+    return ", ".join(str(math.ceil(m * total)) for m in milestones)
 
 
 def check_steps_left(state: dict, path: str, epochs: int, max_iters: Optional[int],

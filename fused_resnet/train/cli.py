@@ -11,10 +11,14 @@ degradation demo.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import sys
+import warnings
 
 from fused_resnet.backend import BACKENDS
 from fused_resnet.models import ARCH_HELP
+from fused_resnet.train.checkpoint import ResumeWarning
 from fused_resnet.train.loop import AMP, SCHEDULES, TrainConfig, train
 
 # --compare family names -> model name patterns (`{}` is the depth)
@@ -45,7 +49,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="output folder (default runs/<arch>)")
     p.add_argument("--resume", default=None,
                    help="a checkpoint.pt to continue from, with this command's --momentum "
-                        "and --weight-decay")
+                        "and --weight-decay; a warning says what another --epochs, "
+                        "--batch-size (at an epoch boundary only) or --amp changes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=None,
                    help="data-loading processes per process (default: none for synthetic "
@@ -121,6 +126,24 @@ def check_arch(arch: str) -> None:
         build_model(arch)
 
 
+@contextlib.contextmanager
+def resume_warnings_as_lines():
+    """Inside, a ResumeWarning prints as one line on stderr ("python -m fused_resnet
+    train: warning: ..."), not as Python's file:line report; other warnings as before."""
+    with warnings.catch_warnings():
+        show = warnings.showwarning
+
+        def showwarning(message, category, *args, **kwargs):
+            if issubclass(category, ResumeWarning):
+                print(f"python -m fused_resnet train: warning: {message}", file=sys.stderr,
+                      flush=True)
+            else:
+                show(message, category, *args, **kwargs)
+
+        warnings.showwarning = showwarning
+        yield
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     import time
 
@@ -130,7 +153,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.compare is None:
         out = args.out or os.path.join("runs", args.arch)
         since = time.time()
-        result = train(config_from(args, args.arch, out))
+        with resume_warnings_as_lines():
+            result = train(config_from(args, args.arch, out))
         _print_epochs(args.arch, result["epochs"], format_table)
         _report_written(out, OUTPUTS, since)
         return 0

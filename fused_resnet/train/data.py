@@ -14,10 +14,13 @@ folder's class indices.
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler
+
+if TYPE_CHECKING:
+    from fused_resnet.train.loop import TrainConfig
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -153,6 +156,18 @@ def image_folder(root: str, train: bool, cifar: bool,
         raise ValueError(f"--data {root!r} is not an ImageFolder: {reason}; it needs one "
                          "subfolder of images per class (or train/ and val/ folders of "
                          "those)") from None
+
+
+def data_workers(cfg: TrainConfig, image_size: int, world: int) -> int:
+    """Loader processes per rank: cfg.workers where set; else none for synthetic images of
+    at most 64x64 (a batch is drawn in about a millisecond in this process), and otherwise
+    (decoded and augmented images, or large synthetic ones: 40M Gaussian draws a batch of 256
+    at 224x224, 100 ms or more on one core) up to 8, a share of this machine's cores."""
+    if cfg.workers is not None:
+        return cfg.workers
+    if cfg.data == "synthetic" and image_size <= 64:
+        return 0
+    return max(1, min(8, (os.cpu_count() or 1) // max(world, 1)))
 
 
 def make_datasets(data: str, image_size: int, cifar: bool, synthetic_size: int,

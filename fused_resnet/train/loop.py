@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -29,17 +30,22 @@ from torch import nn
 
 from fused_resnet.flags import flag
 from fused_resnet.models import build_model, is_cifar, with_classes
-from fused_resnet.models.registry import check_weights
 from fused_resnet.testing import DTYPES
 from fused_resnet.train.checkpoint import (
+    ResumeWarning,
+    amp_change,
     check_steps_left,
-    load_checkpoint,
+    load_checkpoint,  # noqa: F401 - re-exported: tests import it from here
     new_loop_state,
+    read_checkpoint,
+    restore_checkpoint,
     restored_sums,
     save_checkpoint,
+    saved_config,
+    schedule_change,
     steps_done_in_epoch,
 )
-from fused_resnet.train.data import make_datasets, make_loader
+from fused_resnet.train.data import data_workers, make_datasets, make_loader
 from fused_resnet.train.graphed import prime_momentum_buffers, training_step
 
 AMP = ("fp32", "bf16", "fp16")
@@ -64,7 +70,7 @@ class TrainConfig:
     out: str = "runs"
     resume: Optional[str] = None
     seed: int = 0
-    workers: Optional[int] = None  # data-loading processes; None: `data_workers` decides
+    workers: Optional[int] = None  # data-loading processes; None: `data.data_workers` decides
     synthetic_size: int = 2048
     image_size: Optional[int] = None  # synthetic data only: 32 for CIFAR nets, else 224
     log_every: int = 10
@@ -107,7 +113,9 @@ class TrainConfig:
         if self.workers is not None and self.workers < 0:
             raise ValueError(f"--workers must be >= 0 (or left out: chosen for the data), got "
                              f"{self.workers}")
-        check_weights(self.arch, self.weights)  # a bad name fails here, before any data
+        from fused_resnet.validate import check_model_flags
+
+        check_model_flags(self.arch, self.weights)  # a bad name fails here, before any data
         if self.cuda_graphs and (self.ddp or self.sync_bn):
             raise ValueError("cuda_graphs: a captured step cannot read the device on the host, "
                              "as DDP's and sync BN's steps do; use one GPU without sync_bn "
@@ -117,18 +125,6 @@ class TrainConfig:
 def _at_least(name: str, value, low: int) -> None:
     if not isinstance(value, int) or value < low:
         raise ValueError(f"{flag(name)} must be an integer >= {low}, got {value!r}")
-
-
-def data_workers(cfg: TrainConfig, image_size: int, world: int) -> int:
-    """Loader processes per rank: cfg.workers where set; else none for synthetic images of
-    at most 64x64 (a batch is drawn in about a millisecond in this process), and otherwise
-    (decoded and augmented images, or large synthetic ones: 40M Gaussian draws a batch of 256
-    at 224x224, 100 ms or more on one core) up to 8, a share of this machine's cores."""
-    if cfg.workers is not None:
-        return cfg.workers
-    if cfg.data == "synthetic" and image_size <= 64:
-        return 0
-    return max(1, min(8, (os.cpu_count() or 1) // max(world, 1)))
 
 
 def lr_at(cfg: TrainConfig, iteration: int, total: int, plateau_scale: float) -> float:
@@ -261,12 +257,19 @@ def train(cfg: TrainConfig) -> dict:
         captured = CapturedTrainStep(net, opt, amp_dtype=dtype, scaler=scaler)
     state = new_loop_state()
     if cfg.resume:
-        # the optimizer keeps this run's --momentum / --weight-decay (load_checkpoint); one
-        # that saved no momentum buffers (momentum 0 then) gets zero ones, as a fresh run
-        state = load_checkpoint(cfg.resume, model, opt, scaler, dev)
+        # the optimizer keeps this run's --momentum / --weight-decay (restore_checkpoint);
+        # one that saved no momentum buffers (momentum 0 then) gets zero ones, as a fresh run
+        payload = read_checkpoint(cfg.resume, dev)
+        saved, notes = saved_config(payload), [amp_change(payload, cfg.amp)]
+        state = restore_checkpoint(payload, cfg.resume, model, opt, scaler)
+        del payload  # (the saved weights: a second copy on the device)
         prime_momentum_buffers(opt)
-    per_epoch = len(make_loader(train_set, cfg.batch_size, train=True, seed=cfg.seed,
-                                workers=0, rank=rank, world=world))
+
+    def steps(batch_size: int) -> int:  # per epoch, on each rank
+        return len(make_loader(train_set, batch_size, train=True, seed=cfg.seed, workers=0,
+                               rank=rank, world=world))
+
+    per_epoch = steps(cfg.batch_size)
     if per_epoch == 0:
         raise ValueError(f"batch_size {cfg.batch_size} x {world} ranks exceeds the "
                          f"{len(train_set)} training images")
@@ -276,6 +279,10 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.resume:
         check_steps_left(state, cfg.resume, cfg.epochs, cfg.max_iters, stop)
         skip = steps_done_in_epoch(state, cfg.resume, cfg.batch_size, world, per_epoch)
+        notes.append(schedule_change(saved, cfg, state, skip, steps, lambda step, length:
+                                     lr_at(cfg, step, length, state["plateau"]["scale"])))
+        for note in filter(None, notes if rank == 0 else ()):
+            warnings.warn(note, ResumeWarning, stacklevel=2)
     try:
         os.makedirs(cfg.out, exist_ok=True)
     except OSError as exc:
