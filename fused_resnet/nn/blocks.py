@@ -17,7 +17,7 @@ exports (`module_calls.tracing_layers`).
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -34,7 +34,12 @@ from fused_resnet.nn.conv_bn import (
     residual_block,
 )
 from fused_resnet.nn.module_calls import module_call_reason, tracing_layers, warn_module_calls
-from fused_resnet.nn.shortcut import ZeroPadShortcut, check_shortcut, make_shortcut
+from fused_resnet.nn.shortcut import (
+    ZeroPadShortcut,
+    check_shortcut,
+    given_projection,
+    make_shortcut,
+)
 from fused_resnet.nn.sync_bn import convert_sync_bn
 from fused_resnet.ops.conv_bn_act import compute_dtype
 from fused_resnet.ops.eval_plan import PLANS_PER_MODULE, PlanCache, plan_block_eval
@@ -118,6 +123,16 @@ class ResidualBlock(FoldingModule):
             out = fused_conv_bn_act(out, conv, bn, residual=identity if last else None,
                                     backend=backend)
         return out
+
+    def _set_shortcut(self, downsample: Optional[nn.Module], shortcut: Optional[str],
+                      inplanes: int, out_channels: int, stride: int, norm) -> None:
+        """`shortcut` and `downsample`: the given projection (torchvision's blocks' argument)
+        or the option's own (`make_shortcut`), with `norm` for its BN."""
+        self.shortcut = check_shortcut(shortcut)
+        self.downsample = (make_shortcut(shortcut, inplanes, out_channels, stride, norm)
+                           if downsample is None else
+                           given_projection(downsample, shortcut, inplanes, out_channels, stride))
+        self.stride = stride
 
     def zero_init_last(self) -> None:
         """The last BN of the residual branch to gamma = 0, so the block starts as its
@@ -206,24 +221,38 @@ class ResidualBlock(FoldingModule):
 
 
 class FusedBasicBlock(ResidualBlock):
-    """out = relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x)); conv1 is 3x3 stride s."""
+    """out = relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x)); conv1 is 3x3 stride s.
+
+    The positional arguments are torchvision's BasicBlock's, so `torchvision.models.ResNet(
+    FusedBasicBlock, [2, 2, 2, 2])` builds a ResNet-18 of fused blocks: `downsample`, where
+    given, is the projection `Sequential(conv 1x1, norm)` (otherwise `shortcut` makes the
+    block's own), `norm_layer` makes the BNs (nn.BatchNorm2d by default).
+    """
 
     expansion = 1
 
     def __init__(
-        self, inplanes: int, planes: int, stride: int = 1, *, shortcut: Optional[str] = "B",
-        backend: str = "auto", sync_bn: bool = False, process_group=None,
+        self, inplanes: int, planes: int, stride: int = 1,
+        downsample: Optional[nn.Module] = None, groups: int = 1, base_width: int = 64,
+        dilation: int = 1, norm_layer: Optional[Callable[[int], nn.Module]] = None, *,
+        shortcut: Optional[str] = "B", backend: str = "auto", sync_bn: bool = False,
+        process_group=None,
     ):
         super().__init__()
-        self.shortcut = check_shortcut(shortcut)
+        if groups != 1 or base_width != 64:
+            raise ValueError(f"FusedBasicBlock supports only groups=1 and base_width=64 (as "
+                             f"torchvision's BasicBlock), got {groups} and {base_width}")
+        if dilation != 1:
+            raise NotImplementedError(f"dilation > 1 not supported in FusedBasicBlock (as "
+                                      f"torchvision's BasicBlock), got {dilation}")
+        norm = nn.BatchNorm2d if norm_layer is None else norm_layer
         self.backend = check_backend_name(backend)
         self.conv1 = nn.Conv2d(inplanes, planes, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
+        self.bn1 = norm(planes)
         self.relu = nn.ReLU(inplace=True)  # torchvision's module order and names
         self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.downsample = make_shortcut(shortcut, inplanes, planes, stride)
-        self.stride = stride
+        self.bn2 = norm(planes)
+        self._set_shortcut(downsample, shortcut, inplanes, planes, stride, norm)
         if sync_bn or process_group is not None:
             convert_sync_bn(self, process_group)
 
@@ -240,6 +269,10 @@ class FusedBottleneck(ResidualBlock):
     segmentation backbones), conv3 1x1 expand to `planes * 4`. The stride sits on conv2 in
     "v1.5" (torchvision) and on conv1 in "v1" (the paper).
 
+    The positional arguments are torchvision's Bottleneck's (`torchvision.models.ResNet(
+    FusedBottleneck, [3, 4, 6, 3])` builds a ResNet-50 of fused blocks; `downsample` and
+    `norm_layer` as in FusedBasicBlock).
+
     eval_kernel: in inference, "chain" runs the three folded convs as three fused ops;
     "single" runs a stride-1 identity block in one launch (`ops.bottleneck_eval`, a1 and a2
     never leave the chip, conv1 recomputed for the 3x3 halo); "auto" (default) chains unless
@@ -250,9 +283,11 @@ class FusedBottleneck(ResidualBlock):
     expansion = 4
 
     def __init__(
-        self, inplanes: int, planes: int, stride: int = 1, *, shortcut: Optional[str] = "B",
-        groups: int = 1, base_width: int = 64, variant: str = "v1.5", backend: str = "auto",
-        eval_kernel: str = "auto", sync_bn: bool = False, process_group=None, dilation: int = 1,
+        self, inplanes: int, planes: int, stride: int = 1,
+        downsample: Optional[nn.Module] = None, groups: int = 1, base_width: int = 64,
+        dilation: int = 1, norm_layer: Optional[Callable[[int], nn.Module]] = None, *,
+        shortcut: Optional[str] = "B", variant: str = "v1.5", backend: str = "auto",
+        eval_kernel: str = "auto", sync_bn: bool = False, process_group=None,
     ):
         super().__init__()
         if variant not in VARIANTS:
@@ -262,24 +297,24 @@ class FusedBottleneck(ResidualBlock):
         if eval_kernel not in EVAL_KERNELS:
             raise ValueError(f"eval_kernel must be one of {EVAL_KERNELS}, got {eval_kernel!r}")
         self.eval_kernel = eval_kernel
-        self.shortcut = check_shortcut(shortcut)
         self.backend = check_backend_name(backend)
         if groups != 1 and backend == "triton":  # refused here, not at a call mid-model
             raise NotImplementedError(
                 f"backend 'triton' cannot run grouped convolutions (groups={groups}); use "
                 "backend='auto', which runs them on the cpu / cuda backend")
+        norm = nn.BatchNorm2d if norm_layer is None else norm_layer
         width = int(planes * (base_width / 64.0)) * groups
         stride1, stride2 = (stride, 1) if variant == "v1" else (1, stride)
         self.conv1 = nn.Conv2d(inplanes, width, 1, stride=stride1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
+        self.bn1 = norm(width)
         self.conv2 = nn.Conv2d(width, width, 3, stride=stride2, padding=dilation,
                                dilation=dilation, groups=groups, bias=False)
-        self.bn2 = nn.BatchNorm2d(width)
+        self.bn2 = norm(width)
         self.conv3 = nn.Conv2d(width, planes * self.expansion, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.bn3 = norm(planes * self.expansion)
         self.relu = nn.ReLU(inplace=True)  # torchvision's module order and names
-        self.downsample = make_shortcut(shortcut, inplanes, planes * self.expansion, stride)
-        self.stride = stride
+        self._set_shortcut(downsample, shortcut, inplanes, planes * self.expansion, stride,
+                           norm)
         if sync_bn or process_group is not None:
             convert_sync_bn(self, process_group)
 

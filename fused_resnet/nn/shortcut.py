@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 from torch import Tensor, nn
 
@@ -41,11 +41,12 @@ class ZeroPadShortcut(nn.Module):
 
 
 def make_shortcut(
-    shortcut: Optional[str], in_channels: int, out_channels: int, stride: int
+    shortcut: Optional[str], in_channels: int, out_channels: int, stride: int,
+    norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d,
 ) -> Union[nn.Sequential, ZeroPadShortcut, None]:
     """The block's `downsample` module for an option, or None for identity / no shortcut.
 
-    A projection is `Sequential(Conv2d 1x1 stride s, BatchNorm2d)` so its state-dict keys are
+    A projection is `Sequential(Conv2d 1x1 stride s, norm_layer)` so its state-dict keys are
     torchvision's `downsample.0.weight`, `downsample.1.running_mean`, ...
     """
     check_shortcut(shortcut)
@@ -53,8 +54,29 @@ def make_shortcut(
     if shortcut == "C" or (shortcut == "B" and reshapes):
         return nn.Sequential(
             nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
-            nn.BatchNorm2d(out_channels),
+            norm_layer(out_channels),
         )
     if shortcut == "A" and reshapes:
         return ZeroPadShortcut(out_channels, stride)
     return None
+
+
+def given_projection(downsample: nn.Module, shortcut: Optional[str], in_channels: int,
+                     out_channels: int, stride: int) -> nn.Sequential:
+    """A `downsample` passed to a block as torchvision's blocks take it (ResNet._make_layer
+    makes `Sequential(conv1x1(in, out, stride), norm_layer(out))`), checked to be that
+    projection: the block keeps the very module."""
+    if shortcut not in ("B", "C"):
+        raise ValueError(f"downsample is a projection, which needs shortcut 'B' or 'C', got "
+                         f"shortcut={shortcut!r}")
+    if not (isinstance(downsample, nn.Sequential) and len(downsample) == 2
+            and isinstance(downsample[0], nn.Conv2d)):
+        raise ValueError("downsample must be None or Sequential(Conv2d 1x1, norm layer), as "
+                         f"torchvision's ResNet makes it; got {downsample!r}")
+    conv = downsample[0]
+    if (conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups,
+            conv.in_channels, conv.out_channels, conv.bias is None) != (
+            (1, 1), (stride, stride), (0, 0), (1, 1), 1, in_channels, out_channels, True):
+        raise ValueError(f"downsample's conv must be Conv2d({in_channels}, {out_channels}, "
+                         f"kernel_size=1, stride={stride}, bias=False), got {conv}")
+    return downsample
