@@ -2,10 +2,11 @@
 ones, in place, sharing the very same parameter and buffer tensors.
 
 A block is recognised by its shape, not its class: a module with `conv1, bn1, conv2, bn2`
-(and `conv3, bn3` for a bottleneck) and a `downsample` that is None or
-`Sequential(Conv2d, BatchNorm2d)` — torchvision's `BasicBlock` / `Bottleneck` and user blocks
-built like them. Since the fused block computes relu(bn(conv(...)) + shortcut) whatever the
-block's own forward did, a block is swapped only where that is what it computes: its forward
+(and `conv3, bn3` for a bottleneck) and a `downsample` that is None,
+`Sequential(Conv2d, BatchNorm2d)` or ResNet-D's `Sequential(pool, Conv2d, BatchNorm2d)` —
+torchvision's `BasicBlock` / `Bottleneck`, timm's, and user blocks built like them. Since
+the fused block computes relu(bn(conv(...)) + shortcut) whatever the block's own forward
+did, a block is swapped only where that is what it computes: its forward
 is torchvision's, with plain Conv2d / BatchNorm2d / ReLU modules, or else a probe
 (`_probe_reason`: copies of the block and of its fused twin run a random batch in training
 and eval mode) finds the same outputs and running statistics. A block with a squeeze-excite,
@@ -97,8 +98,9 @@ def _conv_unfusable_reason(name: str, conv: nn.Conv2d) -> Optional[str]:
 def _unfusable_reason(module: nn.Module, names: tuple[str, ...]) -> Optional[str]:
     """Why the convs of a torchvision-style block cannot run fused, or None."""
     convs = [(n, getattr(module, n)) for n in names if n.startswith("conv")]
-    if isinstance(module.downsample, nn.Sequential) and len(module.downsample):
-        convs.append(("downsample.0", module.downsample[0]))
+    if isinstance(module.downsample, nn.Sequential) and len(module.downsample) >= 2:
+        index = len(module.downsample) - 2  # the projection's conv (after ResNet-D's pool)
+        convs.append((f"downsample.{index}", module.downsample[index]))
     for name, conv in convs:
         reason = _conv_unfusable_reason(name, conv) if isinstance(conv, nn.Conv2d) else None
         if reason is not None:
@@ -141,8 +143,8 @@ def _classes_reason(module: nn.Module, cls) -> Optional[str]:
     convert makes of it."""
     names = _names(cls)
     pairs = [(getattr(module, c), getattr(module, b)) for c, b in zip(names[::2], names[1::2])]
-    if isinstance(module.downsample, nn.Sequential) and len(module.downsample) == 2:
-        pairs.append(tuple(module.downsample))
+    if isinstance(module.downsample, nn.Sequential) and len(module.downsample) in (2, 3):
+        pairs.append(tuple(module.downsample)[-2:])
     for conv, bn in pairs:
         bn_class = nn.BatchNorm2d if type(bn) is nn.SyncBatchNorm else type(bn)
         reason = classes_reason(type(conv), bn_class)
@@ -219,17 +221,19 @@ def _probe_in_copies(module: nn.Module, cls) -> Optional[str]:
 
 
 def _downsample_reason(module: nn.Module) -> Optional[str]:
-    """Why a block's downsample is not one the fused block runs (None or Sequential(Conv2d,
-    BatchNorm2d): an average-pool before the conv, as ResNet-D's, is not), or None."""
+    """Why a block's downsample is not one the fused block runs, or None: it runs None,
+    Sequential(Conv2d, BatchNorm2d), and ResNet-D's Sequential(pool, Conv2d, BatchNorm2d)
+    (timm's resnet50d ...: an average pool, or an Identity, that the block calls as itself)."""
     downsample = module.downsample
     if downsample is None or (
-        isinstance(downsample, nn.Sequential) and len(downsample) == 2
-        and isinstance(downsample[0], nn.Conv2d) and isinstance(downsample[1], _bn_types())
+        isinstance(downsample, nn.Sequential) and len(downsample) in (2, 3)
+        and isinstance(downsample[-2], nn.Conv2d) and isinstance(downsample[-1], _bn_types())
     ):
         return None
     parts = (", ".join(type(m).__name__ for m in downsample)
              if isinstance(downsample, nn.Sequential) else type(downsample).__name__)
-    return f"its downsample is {parts}, not None or Sequential(Conv2d, BatchNorm2d)"
+    return (f"its downsample is {parts}, not None, Sequential(Conv2d, BatchNorm2d) or "
+            "Sequential(pool, Conv2d, BatchNorm2d)")
 
 
 def _adopt_frozen_bns(module: nn.Module) -> None:

@@ -268,22 +268,22 @@ def test_convert_keeps_torchs_sync_batchnorm_synchronised():
 
 
 def test_convert_leaves_blocks_with_other_downsamples():
-    """A downsample other than Sequential(Conv2d, BatchNorm2d) (ResNet-D's average-pool
-    before the projection, an Identity) leaves that block as it is, warned and named; the
-    model's other blocks are swapped (convert used to refuse the whole model)."""
+    """A downsample other than Sequential(Conv2d, BatchNorm2d) or ResNet-D's Sequential(pool,
+    Conv2d, BatchNorm2d) (test_pooled_projection.py) leaves that block as it is, warned and
+    named; the model's other blocks are swapped (convert used to refuse the whole model)."""
     good = torchvision.models.resnet.BasicBlock(8, 8)
-    resnet_d = torchvision.models.resnet.BasicBlock(8, 16, 2, downsample=torch.nn.Sequential(
-        torch.nn.AvgPool2d(2, 2), torch.nn.Conv2d(8, 16, 1, bias=False),
+    pooled_twice = torchvision.models.resnet.BasicBlock(8, 16, 2, downsample=torch.nn.Sequential(
+        torch.nn.AvgPool2d(2, 2), torch.nn.AvgPool2d(1, 1), torch.nn.Conv2d(8, 16, 1, bias=False),
         torch.nn.BatchNorm2d(16)))
     other = torchvision.models.resnet.BasicBlock(16, 16)
     other.downsample = torch.nn.Identity()
-    model = torch.nn.Sequential(good, resnet_d, other)
+    model = torch.nn.Sequential(good, pooled_twice, other)
     x = torch.randn(2, 8, 8, 8)
     expected = copy.deepcopy(model).eval()(x)
     with pytest.warns(RuntimeWarning, match="left 1 unfused: its downsample is AvgPool2d, "
-                                            "Conv2d, BatchNorm2d") as record:
+                                            "AvgPool2d, Conv2d, BatchNorm2d") as record:
         fr.convert(model, backend="reference")
     assert any("left 2 unfused: its downsample is Identity" in str(w.message) for w in record)
     assert type(model[0]) is FusedBasicBlock
-    assert model[1] is resnet_d and model[2] is other
+    assert model[1] is pooled_twice and model[2] is other
     torch.testing.assert_close(model.eval()(x), expected)

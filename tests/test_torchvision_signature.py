@@ -109,7 +109,7 @@ def test_norm_layer_makes_every_bn():
 
 @pytest.mark.parametrize("make, error, match", [
     (lambda: FusedBottleneck(8, 4, 2, nn.Conv2d(8, 16, 1, 2)), ValueError,
-     r"downsample must be None or Sequential\(Conv2d 1x1, norm layer\)"),
+     r"downsample must be None, Sequential\(Conv2d 1x1, norm layer\)"),
     (lambda: FusedBottleneck(8, 4, 2, nn.Sequential(nn.Conv2d(8, 16, 3, 2), nn.BatchNorm2d(16))),
      ValueError, r"downsample's conv must be Conv2d\(8, 16, kernel_size=1, stride=2"),
     (lambda: FusedBasicBlock(8, 16, 2, nn.Sequential(conv1x1(8, 16, 1), nn.BatchNorm2d(16))),

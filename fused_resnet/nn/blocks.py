@@ -51,6 +51,7 @@ VARIANTS = ("v1", "v1.5")
 PLANS_PER_BLOCK = PLANS_PER_MODULE
 _EVAL_PLANS = PlanCache(PLANS_PER_BLOCK)
 EVAL_KERNELS = ("auto", "chain", "single")
+PROJECTIONS = ("projection", "pooled_projection")
 
 
 class ResidualBlock(FoldingModule):
@@ -64,12 +65,18 @@ class ResidualBlock(FoldingModule):
         raise NotImplementedError
 
     def shortcut_kind(self) -> str:
-        """"none" (plain block), "identity", "zero_pad" (option A) or "projection"."""
+        """"none" (plain block), "identity", "zero_pad" (option A), "projection" (conv + BN)
+        or "pooled_projection" (ResNet-D's: a module, an average pool, before conv + BN)."""
         if self.shortcut is None:
             return "none"
         if isinstance(self.downsample, nn.Sequential):
-            return "projection"
+            return "pooled_projection" if len(self.downsample) == 3 else "projection"
         return "identity" if self.downsample is None else "zero_pad"
+
+    def _projection(self) -> tuple[nn.Conv2d, nn.BatchNorm2d]:
+        """The conv and BN of a projection shortcut (the last two modules of `downsample`)."""
+        conv, bn = list(self.downsample._modules.values())[-2:]
+        return conv, bn
 
     def tuning_key(self, x: Tensor) -> str:
         """This call's key in the per-shape backend table (`fused_resnet.tuning`)."""
@@ -94,7 +101,8 @@ class ResidualBlock(FoldingModule):
     def forward(self, x: Tensor) -> Tensor:
         pairs = self.main_path()
         kind = self.shortcut_kind()
-        block_pairs = pairs + [tuple(self.downsample)] if kind == "projection" else pairs
+        pooled = kind == "pooled_projection"  # run conv by conv: the block ops have no pool
+        block_pairs = pairs + [self._projection()] if kind in PROJECTIONS else pairs
         if tracing_layers():
             return self._module_forward(x)
         reason = module_call_reason(block_pairs, self._other_modules(kind),
@@ -106,17 +114,18 @@ class ResidualBlock(FoldingModule):
         tuned_single = backend == tuning.SINGLE_LAUNCH
         backend = "triton" if tuned_single else backend
         adopt_frozen_bns(block_pairs)
-        if fusable_block(block_pairs):
+        if not pooled and fusable_block(block_pairs):
             return residual_block(x, block_pairs, kind, self.stride, backend)
-        folded = cached_folds(x, block_pairs, backend)
+        folded = None if pooled else cached_folds(x, block_pairs, backend)
         if folded is not None:  # inference, every BN folded into its conv
             weights, biases = [w for w, _ in folded], [b for _, b in folded]
             if self._single_launch_eval(tuned_single):
                 return ops.bottleneck_eval(x, weights, biases, backend=backend)
             return self._chain_eval(x, weights, biases, block_pairs, kind, backend)
+        shortcut_in = self.downsample[0](x) if pooled else x  # the pool module, called
         if any(bn.training for _, bn in block_pairs):  # a BN that updates its running stats
-            self._check_chain(x, pairs, kind, backend)
-        identity = self._shortcut(x, backend)
+            self._check_chain(x, pairs, kind, backend, shortcut_in)
+        identity = self._shortcut(shortcut_in, backend)
         out = x
         for i, (conv, bn) in enumerate(pairs):
             last = i == len(pairs) - 1
@@ -168,7 +177,7 @@ class ResidualBlock(FoldingModule):
 
     def _other_modules(self, kind: str) -> tuple[nn.Module, ...]:
         """The block's modules besides its conv / BN pairs whose hooks fused calls skip."""
-        return (self.downsample,) if kind in ("projection", "zero_pad") else ()
+        return (self.downsample,) if kind in (*PROJECTIONS, "zero_pad") else ()
 
     def _module_forward(self, x: Tensor) -> Tensor:
         """What the block computes, by calling its modules in torchvision's order (as torch.fx
@@ -191,16 +200,18 @@ class ResidualBlock(FoldingModule):
             identity = x if self.downsample is None else self.downsample(x)
         return act(out + identity)
 
-    def _check_chain(self, x: Tensor, pairs: list, kind: str, backend: str) -> None:
+    def _check_chain(self, x: Tensor, pairs: list, kind: str, backend: str,
+                     shortcut_in: Tensor) -> None:
         """Before the block runs conv by conv in training: every pair's arguments and
-        kernels checked (`conv_bn.check_chain`), the projection's and the main path's with
-        the shortcut's shape as its residual, so no failure follows a running-stat update."""
+        kernels checked (`conv_bn.check_chain`), the projection's (on `shortcut_in`, x or
+        its pool) and the main path's with the shortcut's shape as its residual, so no
+        failure follows a running-stat update."""
         shortcut_shape = None
-        if kind == "projection":
-            check_chain(x, [tuple(self.downsample)], backend)
-            conv = self.downsample[0]
-            shortcut_shape = conv_output_shape(x, conv.weight, conv.stride[0], conv.padding[0],
-                                               conv.dilation[0])
+        if kind in PROJECTIONS:
+            check_chain(shortcut_in, [self._projection()], backend)
+            conv = self._projection()[0]
+            shortcut_shape = conv_output_shape(shortcut_in, conv.weight, conv.stride[0],
+                                               conv.padding[0], conv.dilation[0])
         elif kind == "zero_pad":
             s = self.downsample.stride
             shortcut_shape = (x.shape[0], self.downsample.out_channels, -(-x.shape[2] // s),
@@ -210,13 +221,14 @@ class ResidualBlock(FoldingModule):
         check_chain(x, pairs, backend, shortcut_shape)
 
     def _shortcut(self, x: Tensor, backend: str) -> Optional[Tensor]:
+        """The shortcut of x (for a pooled projection, x is already pooled)."""
         if self.shortcut is None:
             return None
         if self.downsample is None:
             return x
         if isinstance(self.downsample, ZeroPadShortcut):
             return self.downsample(x)
-        conv, bn = self.downsample
+        conv, bn = self._projection()
         return fused_conv_bn_act(x, conv, bn, relu=False, backend=backend)
 
 

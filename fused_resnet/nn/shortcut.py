@@ -64,19 +64,24 @@ def make_shortcut(
 def given_projection(downsample: nn.Module, shortcut: Optional[str], in_channels: int,
                      out_channels: int, stride: int) -> nn.Sequential:
     """A `downsample` passed to a block as torchvision's blocks take it (ResNet._make_layer
-    makes `Sequential(conv1x1(in, out, stride), norm_layer(out))`), checked to be that
-    projection: the block keeps the very module."""
+    makes `Sequential(conv1x1(in, out, stride), norm_layer(out))`), or ResNet-D's
+    `Sequential(pool, conv1x1(in, out), norm_layer(out))` (an average pool, or any module,
+    called as itself, then a 1x1 conv whose stride with the pool's makes the block's), checked
+    to be such a projection: the block keeps the very module."""
     if shortcut not in ("B", "C"):
         raise ValueError(f"downsample is a projection, which needs shortcut 'B' or 'C', got "
                          f"shortcut={shortcut!r}")
-    if not (isinstance(downsample, nn.Sequential) and len(downsample) == 2
-            and isinstance(downsample[0], nn.Conv2d)):
-        raise ValueError("downsample must be None or Sequential(Conv2d 1x1, norm layer), as "
-                         f"torchvision's ResNet makes it; got {downsample!r}")
-    conv = downsample[0]
-    if (conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups,
-            conv.in_channels, conv.out_channels, conv.bias is None) != (
-            (1, 1), (stride, stride), (0, 0), (1, 1), 1, in_channels, out_channels, True):
+    if not (isinstance(downsample, nn.Sequential) and len(downsample) in (2, 3)
+            and isinstance(downsample[-2], nn.Conv2d)):
+        raise ValueError("downsample must be None, Sequential(Conv2d 1x1, norm layer) as "
+                         "torchvision's ResNet makes it, or Sequential(pool, Conv2d 1x1, norm "
+                         f"layer) as ResNet-D's; got {downsample!r}")
+    conv, pooled = downsample[-2], len(downsample) == 3
+    if (conv.kernel_size, conv.padding, conv.dilation, conv.groups, conv.in_channels,
+            conv.out_channels, conv.bias is None) != ((1, 1), (0, 0), (1, 1), 1, in_channels,
+                                                      out_channels, True) or (
+            not pooled and conv.stride != (stride, stride)):
+        strided = "" if pooled else f", stride={stride}"
         raise ValueError(f"downsample's conv must be Conv2d({in_channels}, {out_channels}, "
-                         f"kernel_size=1, stride={stride}, bias=False), got {conv}")
+                         f"kernel_size=1{strided}, bias=False), got {conv}")
     return downsample
