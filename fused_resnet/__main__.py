@@ -230,8 +230,8 @@ def cmd_traffic(args: argparse.Namespace) -> int:
     if peak is None:
         raise ValueError(f"--gpu must name a GPU of fused_resnet/bench/hardware.py's table "
                          f"(H100, H200, A100, ...), got {args.gpu!r}")
-    if args.rows < 1:
-        raise ValueError(f"--rows must be at least 1, got {args.rows}")
+    for name in ("batch", "image_size", "rows"):
+        check_at_least(args, name)
     counts = step_counts(args.arch, args.dtype, args.batch, args.mode, operands,
                          args.image_size)
     tflops = peak.tflops_for("tf32" if args.dtype == "fp32" else args.dtype)

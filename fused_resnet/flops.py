@@ -1,9 +1,12 @@
 """MACs / parameters / activation-memory counter for any model built from torch ops.
 
 `count_flops(model, input_size)` runs one forward pass on a zero input and records, per op:
-- conv and fc rows: multiply-accumulates (MACs) = output elements x (C_in / groups) x kh x kw
-  for a conv, M x K x N for a matrix product. These are the "FLOPs" of the ResNet paper's
-  Table 1 and the "GFLOPS" torchvision lists (both count multiply-adds);
+- conv and fc rows: multiply-accumulates (MACs) = output elements x (C_in / groups) x kernel
+  elements for a conv (1-D, 2-D or 3-D; transposed: input elements x C_out / groups x kernel
+  elements), M x K x N for a matrix product (B x M x K x N batched: `bmm`, 3-D `matmul`,
+  `einsum`; attention's two products in torch's fused attention ops). These are the "FLOPs"
+  of the ResNet paper's Table 1 and the "GFLOPS" torchvision lists (both count
+  multiply-adds); of the whole batch (per image at N = 1);
 - BatchNorm, ReLU, residual add and pooling rows: their elementwise work (`elementwise`:
   output elements for BN/ReLU/add, input elements for pooling), reported apart from MACs;
 - for every row, the bytes of its outputs that autograd keeps for the backward pass of a
@@ -14,8 +17,9 @@
 Rows are named after the module owning the op's weight (`layer1.0.conv1`), so they are
 named alike for torchvision models and for this package's functional blocks; ReLU / add rows
 take the name of the BN they follow (`layer1.0.bn2.add`), pooling rows are `maxpool` /
-`avgpool`. Running statistics changed by
-the training-mode pass are restored afterwards.
+`avgpool`; batched products `<last named>.matmul`. Under torch.autocast the weights' cast
+copies count as the weights (named rows; not activations). Running statistics changed by
+the training-mode pass, and every module's train / eval mode, are restored afterwards.
 """
 
 from __future__ import annotations
@@ -34,6 +38,12 @@ aten = torch.ops.aten
 _RELU = {aten.relu.default, aten.relu_.default}
 _ADD = {aten.add.Tensor, aten.add_.Tensor}
 _MATMUL = {aten.addmm.default, aten.mm.default}
+_BATCHED_MATMUL = {aten.bmm.default, aten.baddbmm.default}
+# torch's fused attention kernels (q, k, v first): B x H x L x S x (E + Ev) MACs
+_ATTENTION = {getattr(aten, name).default for name in (
+    "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention")
+    if hasattr(aten, name)}
 _POOL = {aten.max_pool2d_with_indices.default, aten.max_pool2d.default,
          aten._adaptive_avg_pool2d.default, aten.avg_pool2d.default, aten.mean.dim}
 
@@ -41,7 +51,7 @@ _POOL = {aten.max_pool2d_with_indices.default, aten.max_pool2d.default,
 @dataclass
 class LayerRow:
     name: str
-    kind: str  # conv | linear | batch_norm | relu | add | pool | input
+    kind: str  # conv | linear | matmul | batch_norm | relu | add | pool | input
     output_shape: tuple[int, ...]
     macs: int = 0
     params: int = 0
@@ -95,9 +105,10 @@ def _storage_key(t: Tensor) -> int:
 class _Recorder(TorchDispatchMode):
     """Records one LayerRow per counted aten op; remembers which row produced each storage."""
 
-    def __init__(self, param_owner: dict[int, tuple[str, int]]):
+    def __init__(self, param_owner: dict[int, tuple[str, int]], not_activations: set[int]):
         super().__init__()
         self.param_owner = param_owner
+        self.not_activations = not_activations  # grows by autocast's weight copies
         self.report = FlopsReport()
         self.producer: dict[int, int] = {}
         self.last_named = ""
@@ -111,14 +122,25 @@ class _Recorder(TorchDispatchMode):
         shape = tuple(out.shape)
         if func is aten.convolution.default:
             name, params = self._owner(args[1]) or ("conv", 0)
-            w = args[1]
-            macs = out.numel() * w.shape[1] * w.shape[2] * w.shape[3]
+            # weight (C_out, C_in / g, *k), or transposed (C_in, C_out / g, *k): each output
+            # (input, transposed) element takes one MAC per weight of its group's slice
+            per_element = args[1][0].numel()
+            macs = (args[0].numel() if args[6] else out.numel()) * per_element
             return LayerRow(name, "conv", shape, macs=macs, params=params)
         if func in _MATMUL:
             a, b = (args[1], args[2]) if func is aten.addmm.default else (args[0], args[1])
             name, params = self._owner(b) or ("linear", 0)
             return LayerRow(name, "linear", shape, macs=a.shape[0] * a.shape[1] * b.shape[1],
                             params=params)
+        if func in _BATCHED_MATMUL:  # (B, M, K) @ (B, K, N)
+            a = args[1] if func is aten.baddbmm.default else args[0]
+            return LayerRow(self.last_named + ".matmul", "matmul", shape,
+                            macs=a.numel() * shape[-1])
+        if func in _ATTENTION:  # softmax(q k^T) v: (B, H, L, E) x (B, H, S, E), (B, H, S, Ev)
+            q, k, v = args[:3]
+            return LayerRow(self.last_named + ".attention", "matmul", shape,
+                            macs=q.numel() // q.shape[-1] * k.shape[-2] * (
+                                q.shape[-1] + v.shape[-1]))
         op_name = func.__name__ if hasattr(func, "__name__") else str(func)
         if "batch_norm" in op_name and "backward" not in op_name:
             name, params = self._owner(args[1]) or (self.last_named + ".bn", 0)
@@ -136,6 +158,11 @@ class _Recorder(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         outputs = [t for t in tree_flatten(out)[0] if isinstance(t, Tensor)]
         if not outputs:
+            return out
+        if func is aten._to_copy.default and self._owner(args[0]) is not None:
+            key = _storage_key(outputs[0])  # autocast's cast of a weight: still the weight
+            self.param_owner[key] = self._owner(args[0])
+            self.not_activations.add(key)
             return out
         row = self._row(func, args, outputs[0])
         if row is not None:
@@ -175,7 +202,8 @@ def count_flops(
     not_activations = set(owner) | {_storage_key(b) for b in model.buffers()}
     buffers = {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, Tensor)}
     was_training = model.training
-    recorder = _Recorder(owner)
+    modes = [(m, m.training) for m in model.modules()]  # each module's own: a frozen part too
+    recorder = _Recorder(owner, not_activations)
     input_row = LayerRow("input", "input", tuple(input_size))
     saved: set[int] = set()
 
@@ -196,7 +224,9 @@ def count_flops(
         ), forced_backend("reference"), recorder:
             model(x)
     finally:
-        model.train(was_training)
+        model.train(was_training)  # (what a module does on train / eval: FoldingModule's)
+        for module, mode in modes:
+            module.training = mode
         with torch.no_grad():
             state = model.state_dict()
             for key, value in buffers.items():

@@ -191,6 +191,12 @@ def test_bench_unwritable_table_fails_before_the_benchmark(capsys, tmp_path, mon
                  "--write-table", str(table))
 
 
+def test_bench_flops_table_checks_every_arch_before_timing_any(capsys, monkeypatch):
+    monkeypatch.setattr("fused_resnet.bench.family.run_suite", must_not_run)
+    bench = ("bench", "--flops-table", "--no-save", "--archs", "resnet18", "bogus")
+    assert_error(capsys, bench, "--archs bogus")
+
+
 def test_bench_corrupt_table_fails_before_the_benchmark(capsys, tmp_path, monkeypatch):
     monkeypatch.setattr("fused_resnet.bench.blocks.bench_stages", must_not_run)
     table = tmp_path / "table.json"

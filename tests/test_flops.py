@@ -1,9 +1,13 @@
 """count_flops against the paper's Table 1, torchvision's figures, and its own bookkeeping."""
 
+import math
+
 import pytest
 import torch
 import torchvision
+from torch import nn
 
+import fused_resnet as fr
 from fused_resnet import count_flops, models
 from fused_resnet.flops import PAPER_GMACS, TORCHVISION_GMACS
 
@@ -83,3 +87,64 @@ def test_count_flops_on_the_meta_device_matches_row_by_row():
     meta = count_flops(model, (2, 3, 64, 64))
     assert [(r.name, r.kind, r.macs, r.params, r.activation_bytes) for r in meta.rows] == \
         [(r.name, r.kind, r.macs, r.params, r.activation_bytes) for r in real.rows]
+
+
+def test_each_modules_mode_is_restored():
+    """A model with a part in the other mode (BNs frozen for fine-tuning) gets every module's
+    own mode back, whichever mode count_flops ran in."""
+    model = fr.models.resnet18(num_classes=4, backend="reference")
+    model.layer1.eval()
+    model.eval().fc.train()
+    modes = {name: m.training for name, m in model.named_modules()}
+    for training in (True, False):
+        fr.count_flops(model, (2, 3, 32, 32), training=training)
+        assert {name: m.training for name, m in model.named_modules()} == modes
+
+
+@pytest.mark.parametrize("layer, shape, macs", [
+    (nn.Conv1d(4, 8, 3, padding=1), (2, 4, 16), 2 * 8 * 16 * 4 * 3),
+    (nn.Conv3d(4, 8, 3, padding=1), (1, 4, 4, 4, 4), 8 * 64 * 4 * 27),
+    (nn.ConvTranspose2d(8, 4, 2, stride=2), (1, 8, 8, 8), 8 * 64 * 4 * 4),  # input elements
+    (nn.ConvTranspose2d(4, 8, 2, stride=2, groups=2), (1, 4, 8, 8), 4 * 64 * 4 * 4),
+])
+def test_other_convolutions_count_their_kernels(layer, shape, macs):
+    class Net(nn.Module):  # count_flops feeds (N, C, H, W): the layer's input reshaped
+        def __init__(self):
+            super().__init__()
+            self.layer = layer
+
+        def forward(self, x):
+            return self.layer(x.reshape(shape))
+
+    report = fr.count_flops(Net(), (1, 1, 1, math.prod(shape)))
+    assert [(r.name, r.macs) for r in report.rows if r.kind == "conv"] == [("layer", macs)]
+
+
+def test_batched_products_and_attention_are_counted():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+
+        def forward(self, x):
+            t = x.flatten(2).transpose(1, 2)  # (1, 64 tokens, 8)
+            gram = torch.bmm(t.transpose(1, 2), t)  # (1, 8, 8): 8 * 64 * 8 MACs
+            return self.attn(t, t, t)[0].sum() + gram.sum()
+
+    report = fr.count_flops(Net(), (1, 8, 8, 8))
+    projections = 64 * 8 * 24 + 64 * 8 * 8  # in_proj (q, k, v), out_proj
+    products = 2 * (2 * 64 * 4 * 64)  # q k^T and attn v, 2 heads of 4
+    assert report.macs == projections + products + 8 * 64 * 8
+
+
+def test_autocast_weight_copies_count_as_the_weights():
+    model = fr.models.resnet18(num_classes=4, backend="reference")
+    plain = fr.count_flops(model, (2, 3, 32, 32))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        amp = fr.count_flops(model, (2, 3, 32, 32))
+    named = lambda report: [(r.name, r.kind, r.macs, r.params) for r in report.rows  # noqa: E731
+                            if r.kind in ("conv", "linear")]
+    assert named(amp) == named(plain)
+    assert amp.by_stage().keys() == plain.by_stage().keys()
+    # bf16 activations (the fc's fp32 output and the fp32 input aside): about half
+    assert 0.4 < amp.activation_bytes / plain.activation_bytes < 0.6

@@ -135,9 +135,9 @@ def test_cli_prints_the_table_and_the_floor():
     assert out.count("| fr::") + out.count("| aten::") == 3 and "more rows: --rows" in out
     assert "\nfloor " in out and "GB Triton" in out
     for args, message in ((("--gpu", "Z80"), "--gpu must name a GPU"),
-                          (("--rows", "0"), "--rows must be at least 1"),
-                          (("--batch", "0"), "batch must be >= 1"),
-                          (("--image-size", "0"), "image_size must be >= 1")):
+                          (("--rows", "0"), "--rows must be >= 1"),
+                          (("--batch", "0"), "--batch must be >= 1"),
+                          (("--image-size", "0"), "--image-size must be >= 1")):
         proc = run("--arch", "cifar_resnet20", *args)
         assert proc.returncode == 2 and message in proc.stderr
 

@@ -29,6 +29,7 @@ from fused_resnet.bench.report import (
 )
 from fused_resnet.bench.suite import BENCH_DTYPES, COLUMNS, MODES, SuiteConfig, run_suite
 from fused_resnet.flags import check_at_least
+from fused_resnet.models import build_model
 from fused_resnet.table import format_table
 
 
@@ -229,6 +230,12 @@ def _flops_table(args: argparse.Namespace, cfg: SuiteConfig) -> int:
     from fused_resnet.bench.family import FAMILY, family_text, flops_table
 
     columns = cfg.columns or ("auto", "eager-cl")
+    for arch in args.archs or ():  # every name before the first arch is timed
+        try:
+            with torch.device("meta"):
+                build_model(arch)
+        except ValueError as exc:
+            raise ValueError(f"--archs {arch}: {exc}") from None
     rows = flops_table(tuple(args.archs or FAMILY), batch=cfg.batch_sizes[0],
                        dtype=cfg.dtypes[0], columns=columns, image_size=cfg.image_size,
                        variant=cfg.variant, latency_batch=cfg.latency_batch,
