@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from fused_resnet import ops
+from fused_resnet.ops.sync_bn import check_process_group
 
 
 class FusedSyncBatchNorm(nn.BatchNorm2d):
@@ -56,17 +57,6 @@ def sync_group(bn: nn.Module) -> Optional[object]:
         return None
     group = bn.process_group or dist.group.WORLD
     return group if dist.get_world_size(group) > 1 else None
-
-
-def check_process_group(process_group):
-    """`process_group` where it is None (the world) or a torch.distributed ProcessGroup;
-    anything else is a ValueError naming it (it would fail only at the first all_reduce)."""
-    group_type = getattr(dist, "ProcessGroup", None) if dist.is_available() else None
-    if process_group is not None and (group_type is None
-                                      or not isinstance(process_group, group_type)):
-        raise ValueError(f"process_group must be None (the world) or a torch.distributed "
-                         f"ProcessGroup, got {type(process_group).__name__}")
-    return process_group
 
 
 def convert_sync_bn(module: nn.Module, process_group=None) -> nn.Module:

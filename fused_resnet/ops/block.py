@@ -21,10 +21,11 @@ from fused_resnet.ops.conv_bn_act import (
     autocast_inputs,
     autocasting,
     check_conv_bn_act_args,
+    check_momentum,
     select_kernels,
     update_block_running_stats,
 )
-from fused_resnet.ops.layout import conv_dilations, conv_output_shape
+from fused_resnet.ops.layout import bn_params, check_int, conv_dilations, conv_output_shape
 from fused_resnet.triton.config import BOTTLENECK_EVAL_MAX_MID
 
 
@@ -34,31 +35,83 @@ def _geometry(i: int, main: int, strides, paddings, dilations, shortcut_stride) 
     return (shortcut_stride, 0, 1) if i == main else (strides[i], paddings[i], dilations[i])
 
 
-def _check_lists(weights, strides, paddings, dilations) -> list[int]:
-    """`dilations` (default: all 1); raises where a per-conv list does not have one entry
-    per weight."""
+SHORTCUTS = ("identity", "zero_pad", "projection", "none")
+
+
+def _check_lists(weights, dilations, **lists) -> list[int]:
+    """`dilations` (default: all 1); raises where `weights` is not a non-empty list or a
+    per-conv list (`lists`, by name) does not have one entry per weight."""
+    if not isinstance(weights, (list, tuple)) or not weights:
+        raise ValueError(f"weights must be a non-empty list of conv weights, got {weights!r}")
     dilations = conv_dilations(dilations, len(weights))
-    for name, values in (("strides", strides), ("paddings", paddings),
-                         ("dilations", dilations)):
-        if len(values) != len(weights):
-            raise ValueError(f"{name} must have one entry per weight ({len(weights)}), got "
-                             f"{len(values)}")
+    for name, values in (*lists.items(), ("dilations", dilations)):
+        if not isinstance(values, (list, tuple)) or len(values) != len(weights):
+            got = len(values) if isinstance(values, (list, tuple)) else repr(values)
+            raise ValueError(f"{name} must be a list with one entry per weight "
+                             f"({len(weights)}), got {got}")
     return dilations
 
 
-def _check(x, weights, bn_weights, bn_biases, running_means, running_vars, strides, paddings,
-           dilations, eps, shortcut, shortcut_stride) -> None:
+def _check_weight_dtypes(x: Tensor, weights) -> None:
+    """Weights are floating; outside autocast (which casts them, as in torch's conv) they
+    must have x's dtype."""
+    autocast = autocasting(x) is not None
+    for i, w in enumerate(weights):
+        if not isinstance(w, Tensor) or not w.is_floating_point():
+            raise ValueError(f"weights[{i}] must be a floating-point tensor, got "
+                             f"{getattr(w, 'dtype', type(w).__name__)}")
+        if x.is_floating_point() and not autocast and w.dtype != x.dtype:
+            raise ValueError(f"weights[{i}] dtype {w.dtype} differs from x's dtype {x.dtype} "
+                             "(outside autocast they must match)")
+
+
+def _check_block(x, weights, strides, paddings, dilations, shortcut, shortcut_stride,
+                 check_conv) -> None:
+    """The block's geometry: `check_conv(i, source, stride, padding, dilation)` checks conv
+    i's own arguments on its input (a shape-only stand-in after the first); then the
+    shortcut must give the main path's output shape (identity: x's; zero_pad: x subsampled
+    by shortcut_stride, channels padded up; projection: its 1x1 conv at shortcut_stride)."""
+    if shortcut not in SHORTCUTS:
+        raise ValueError(f"shortcut must be one of {SHORTCUTS}, got {shortcut!r}")
+    check_int("shortcut_stride", shortcut_stride, 1)
     main = len(weights) - (shortcut == "projection")
-    inp = x
+    if main < 1:
+        raise ValueError("shortcut 'projection' takes the projection's weight last, after "
+                         "the main path's: weights needs at least 2 entries")
+    inp, shapes = x, []
     for i, w in enumerate(weights):
         source = x if i == main else inp
         stride, padding, dilation = _geometry(i, main, strides, paddings, dilations,
                                               shortcut_stride)
-        check_conv_bn_act_args(source, w, bn_weights[i], bn_biases[i], running_means[i],
-                               running_vars[i], stride=stride, padding=padding, groups=1,
-                               training=True, residual=None, eps=eps[i], dilation=dilation)
+        check_conv(i, source, stride, padding, dilation)
+        shapes.append(tuple(conv_output_shape(source, w, stride, padding, dilation)))
         if i < main:
-            inp = x.new_empty(1).expand(conv_output_shape(inp, w, stride, padding, dilation))
+            inp = x.new_empty(1).expand(shapes[-1])
+    out, n, c, h, w = shapes[main - 1], *x.shape
+    s = shortcut_stride
+    expected = {"identity": (n, c, h, w), "zero_pad": (n, out[1], -(-h // s), -(-w // s)),
+                "projection": shapes[-1], "none": out}[shortcut]
+    if shortcut == "zero_pad" and out[1] < c:
+        raise ValueError(f"shortcut 'zero_pad' pads x's {c} channels up to the main path's "
+                         f"{out[1]}, which has fewer")
+    if expected != out:
+        stride_note = "" if shortcut == "identity" else f" at shortcut_stride {s}"
+        raise ValueError(f"shortcut {shortcut!r}{stride_note} gives shape {expected}, but the "
+                         f"main path's output (strides {list(strides[:main])}) has {out}")
+
+
+def _check(x, weights, bn_weights, bn_biases, running_means, running_vars, strides, paddings,
+           dilations, eps, momenta, shortcut, shortcut_stride) -> None:
+    def check_conv(i, source, stride, padding, dilation):
+        check_conv_bn_act_args(source, weights[i], bn_weights[i], bn_biases[i],
+                               running_means[i], running_vars[i], stride=stride,
+                               padding=padding, groups=1, training=True, residual=None,
+                               eps=eps[i], dilation=dilation)
+        if running_means[i] is not None:
+            check_momentum(momenta[i], f"momenta[{i}]")
+
+    _check_block(x, weights, strides, paddings, dilations, shortcut, shortcut_stride,
+                 check_conv)
 
 
 def residual_block_train(
@@ -88,25 +141,27 @@ def residual_block_train(
     return their gradients in the weights' own dtype (no cast node, no bf16 rounding of dw);
     the other kernels take a cast copy.
     """
-    if x.is_floating_point() and autocasting(x) is None:
-        for i, w in enumerate(weights):  # only autocast casts weights, as in torch's conv
-            if w.dtype != x.dtype:
-                raise ValueError(f"weights[{i}] dtype {w.dtype} differs from x's dtype "
-                                 f"{x.dtype} (outside autocast they must match)")
+    dilations = _check_lists(weights, dilations, strides=strides, paddings=paddings,
+                             bn_weights=bn_weights, bn_biases=bn_biases,
+                             running_means=running_means, running_vars=running_vars,
+                             momenta=momenta, eps=eps)
+    _check_weight_dtypes(x, weights)  # only autocast casts weights, as in torch's conv
     x, _, _ = autocast_inputs(x, None, None)
     # Checked as if cast (the same shape and device, x's dtype), without casting them here.
     as_cast = [w if w.dtype == x.dtype else w.new_empty(1, dtype=x.dtype).expand(w.shape)
                for w in weights]
-    dilations = _check_lists(weights, strides, paddings, dilations)
     _check(x, as_cast, bn_weights, bn_biases, running_means, running_vars, strides, paddings,
-           dilations, eps, shortcut, shortcut_stride)
+           dilations, eps, momenta, shortcut, shortcut_stride)
     kernels = select_kernels(backend, "residual_block", x)
     if kernels != "triton":
         weights = [w if w.dtype == x.dtype else w.to(x.dtype) for w in weights]
     if kernels != "reference":
+        # a BN without affine parameters: the identity's (ones, zeros), no gradient
+        gammas, betas = zip(*(bn_params(g, b, w.shape[0], x)
+                              for g, b, w in zip(bn_weights, bn_biases, weights)))
         z, ys, means, variances, _ = block_train_call(
-            x, weights, bn_weights, bn_biases, list(strides), list(paddings), dilations, eps,
-            shortcut, shortcut_stride, kernels)
+            x, weights, list(gammas), list(betas), list(strides), list(paddings), dilations,
+            eps, shortcut, shortcut_stride, kernels)
         update_block_running_stats(running_means, running_vars, means, variances,
                                    [y.numel() // y.shape[1] for y in ys], momenta)
         return z
@@ -140,9 +195,15 @@ def bottleneck_eval(x: Tensor, weights: list[Tensor], biases: list[Tensor], *,
     z = relu(conv3(relu(conv2(relu(conv1(x) + b1)) + b2)) + b3 + x), one launch on Triton
     (`triton.bottleneck_eval`), three convs (each with its bias, residual and ReLU fused
     into one pass) on the `_C` kernels, three convs on the reference. weights: 1x1, 3x3,
-    1x1 in the (autocast) dtype of x; biases fp32."""
+    1x1 in the (autocast) dtype of x; biases fp32. Where autograd needs a gradient, Triton
+    runs the three fused convs (the single launch has no backward)."""
+    _check_lists(weights, None, biases=biases)
+    if len(weights) != 3:
+        raise ValueError(f"weights must be the bottleneck's 3 convs (1x1, 3x3, 1x1), got "
+                         f"{len(weights)}")
+    _check_weight_dtypes(x, weights)
     x, _, _ = autocast_inputs(x, None, None)
-    weights = [w.to(x.dtype) for w in weights]
+    weights = [w if w.dtype == x.dtype else w.to(x.dtype) for w in weights]
     w1, w2, w3 = weights
     check_conv_bn_act_args(x, w1, None, biases[0], None, None, stride=1, padding=0, groups=1,
                            training=False, residual=None, running_ok=True)
@@ -153,10 +214,12 @@ def bottleneck_eval(x: Tensor, weights: list[Tensor], biases: list[Tensor], *,
             raise ValueError(f"{name} must have shape {shape} (bias ({shape[0]},)) for a "
                              f"stride-1 identity bottleneck, got {tuple(w.shape)}, "
                              f"{tuple(b.shape)}")
+    _check_eval_block(x, weights, biases, [1, 1, 1], [0, 1, 0], [1, 1, 1], "identity", 1)
     too_wide = (f"the single-launch kernel takes at most {BOTTLENECK_EVAL_MAX_MID} mid "
                 f"channels, got {w1.shape[0]}" if w1.shape[0] > BOTTLENECK_EVAL_MAX_MID else None)
     kernels = select_kernels(backend, "residual_block", x, reason=too_wide)
-    if kernels == "triton":
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *weights, *biases))
+    if kernels == "triton" and not grad:
         return torch.ops.fused_resnet.bottleneck_eval(x, weights, biases)
     return _eval_chain(x, weights, biases, [1, 1, 1], [0, 1, 0], [1, 1, 1], "identity", 1,
                        kernels)
@@ -182,32 +245,42 @@ def residual_block_eval(x: Tensor, weights: list[Tensor], biases: list[Tensor], 
     (+ residual) + ReLU per conv; strides / paddings / dilations as `residual_block_train`'s.
     x is checked against the whole block before anything runs,
     and the kernels are chosen once for the block. Biases fp32 (fp64 for fp64 x)."""
-    x, _, _ = autocast_inputs(x, None, None)
-    weights = [w if w.dtype == x.dtype else w.to(x.dtype) for w in weights]
-    main = len(weights) - (shortcut == "projection")
-    dilations = conv_dilations(dilations, len(weights))
-    signature = (x.shape, x.dtype, x.device, shortcut, shortcut_stride, tuple(strides),
-                 tuple(paddings), tuple(dilations),
+    dilations = _check_lists(weights, dilations, strides=strides, paddings=paddings,
+                             biases=biases)
+    _check_weight_dtypes(x, weights)
+    for i, b in enumerate(biases):
+        if not isinstance(b, Tensor):
+            raise ValueError(f"biases[{i}] must be a (C_out,) tensor, got {type(b).__name__}")
+    # exact values: True == 1 == 1.0 would let a refused stride share a checked signature
+    exact = tuple((type(v), v) for v in (*strides, *paddings, *dilations, shortcut_stride))
+    signature = (x.shape, x.dtype, x.device, shortcut, autocasting(x), exact,
                  *[(t.shape, t.dtype, t.device) for t in (*weights, *biases)])
     if signature not in _EVAL_CHECKED:
-        _check_lists(weights, strides, paddings, dilations)
-        inp = x
-        for i, (w, b) in enumerate(zip(weights, biases)):
-            source = x if i == main else inp
-            stride, padding, dilation = _geometry(i, main, strides, paddings, dilations,
-                                                  shortcut_stride)
-            check_conv_bn_act_args(source, w, None, b, None, None, stride=stride,
-                                   padding=padding, groups=1, training=False, residual=None,
-                                   running_ok=True, dilation=dilation)
-            if i < main:
-                inp = x.new_empty(1).expand(conv_output_shape(inp, w, stride, padding,
-                                                              dilation))
+        cast_x, _, _ = autocast_inputs(x, None, None)
+        as_cast = [w if w.dtype == cast_x.dtype else w.new_empty(1, dtype=cast_x.dtype).expand(
+            w.shape) for w in weights]
+        _check_eval_block(cast_x, as_cast, biases, strides, paddings, dilations, shortcut,
+                          shortcut_stride)
         if len(_EVAL_CHECKED) >= _EVAL_CHECKED_MAX:
             _EVAL_CHECKED.clear()
         _EVAL_CHECKED[signature] = None
+    x, _, _ = autocast_inputs(x, None, None)
+    weights = [w if w.dtype == x.dtype else w.to(x.dtype) for w in weights]
     kernels = select_kernels(backend, "residual_block", x)
     return _eval_chain(x, weights, biases, strides, paddings, dilations, shortcut,
                        shortcut_stride, kernels)
+
+
+def _check_eval_block(x, weights, biases, strides, paddings, dilations, shortcut,
+                      shortcut_stride) -> None:
+    """`_check_block` of an inference block: each conv with its folded bias."""
+    def check_conv(i, source, stride, padding, dilation):
+        check_conv_bn_act_args(source, weights[i], None, biases[i], None, None, stride=stride,
+                               padding=padding, groups=1, training=False, residual=None,
+                               running_ok=True, dilation=dilation)
+
+    _check_block(x, weights, strides, paddings, dilations, shortcut, shortcut_stride,
+                 check_conv)
 
 
 def _eval_chain(x, weights, biases, strides, paddings, dilations, shortcut, shortcut_stride,

@@ -13,20 +13,35 @@ from fused_resnet.ops import conv_ops
 from fused_resnet.ops.layout import bn_params, check_int, conv_output_shape
 
 
-def _check_vector(name: str, t: Optional[Tensor], channels: int, x: Tensor) -> None:
+def check_vector(name: str, t: Optional[Tensor], channels: int, x: Tensor,
+                 x_name: str = "x") -> None:
     """A per-channel BN tensor: shape (channels,), x's device, and x's dtype or fp32 (fp32
-    parameters and statistics beside fp16 / bf16 activations, as eager BatchNorm allows)."""
+    parameters and statistics beside fp16 / bf16 activations, as eager BatchNorm allows);
+    `x_name`: what the messages call x."""
     if t is None:
         return
     if t.dim() != 1 or t.shape[0] != channels:
         raise ValueError(f"{name} must have shape ({channels},), got {tuple(t.shape)}")
     if t.device != x.device:
-        raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+        raise ValueError(f"{name} is on {t.device} but {x_name} is on {x.device}")
     allowed = {x.dtype, torch.float32} if x.dtype in (torch.float16, torch.bfloat16) else {
         x.dtype}
     if t.dtype not in allowed:
-        raise ValueError(f"{name} must be {' or '.join(sorted(map(str, allowed)))} for x of "
-                         f"{x.dtype}, got {t.dtype}")
+        raise ValueError(f"{name} must be {' or '.join(sorted(map(str, allowed)))} for "
+                         f"{x_name} of {x.dtype}, got {t.dtype}")
+
+
+def check_momentum(momentum, name: str = "momentum") -> None:
+    """A BN's running-statistics factor: a number in [0, 1] (running = (1 - m) * running +
+    m * batch). nn.BatchNorm2d's momentum=None (a cumulative average) is its module's
+    bookkeeping: the factor of its n-th training call is 1 / n."""
+    if momentum is None:
+        raise ValueError(f"{name} must be a number in [0, 1], got None (nn.BatchNorm2d's "
+                         "momentum=None, a cumulative average, is the factor 1 / n at its n-th "
+                         "training call: pass that)")
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not (
+            0 <= momentum <= 1):
+        raise ValueError(f"{name} must be a number in [0, 1], got {momentum!r}")
 
 
 def check_conv_bn_act_args(
@@ -70,9 +85,22 @@ def check_conv_bn_act_args(
     bias_name = "bias" if running_ok else "bn_bias"
     for name, t in (("bn_weight", bn_weight), (bias_name, bn_bias),
                     ("running_mean", running_mean), ("running_var", running_var)):
-        _check_vector(name, t, c_out, x)
+        check_vector(name, t, c_out, x)
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must both be tensors or both be None")
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        if not training or t is None:
+            continue
+        if t.requires_grad:
+            raise ValueError(f"{name} requires grad: training updates it in place, which "
+                             "autograd forbids for such a tensor (pass a buffer, or detach it)")
+        if t.shape[0] > 1 and t.stride(0) == 0:
+            raise ValueError(f"{name} is expanded (stride 0): training updates it in place, "
+                             "which needs one element per channel in memory")
+        if (not torch.compiler.is_compiling() and t.is_inference()  # (dynamo has no is_inference)
+                and not torch.is_inference_mode_enabled()):
+            raise ValueError(f"{name} was made in inference mode: outside it, torch forbids "
+                             "the in-place update training makes (clone it)")
     if not training and running_mean is None and not running_ok:
         raise ValueError("training=False needs running_mean and running_var")
     if eps < 0 or (training and eps == 0):
@@ -163,6 +191,8 @@ def conv_bn_act(
         stride=stride, padding=padding, groups=groups, training=training, residual=residual,
         eps=eps, dilation=dilation,
     )
+    if training:
+        check_momentum(momentum)
     kernels = select_kernels(backend, "conv_bn_act", x, groups=groups)
     return checked_conv_bn_act(
         x, weight, bn_weight, bn_bias, running_mean, running_var, stride=stride, padding=padding,
@@ -263,13 +293,17 @@ def checked_conv_bn_act(
 
 
 def conv_bias_act(
-    x: Tensor, weight: Tensor, bias: Tensor, *, stride: int = 1, padding: int = 0,
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], *, stride: int = 1, padding: int = 0,
     residual: Optional[Tensor] = None, relu: bool = True, backend: str = "auto",
     dilation: int = 1,
 ) -> Tensor:
     """out = act(conv(x, weight) + bias + residual): inference with BN already folded into
-    (weight, bias), e.g. by `reference.fold_bn`. bias: (C_out,) fp32 (fp64 for fp64 x)."""
+    (weight, bias), e.g. by `reference.fold_bn`. bias: (C_out,) fp32 (fp64 for fp64 x), or
+    None for none (as torch's conv2d)."""
     x, weight, residual = autocast_inputs(x, weight, residual)
+    if bias is None and weight.dim() == 4:
+        bias = x.new_zeros(weight.shape[0], dtype=torch.float64 if x.dtype == torch.float64
+                           else torch.float32)
     check_conv_bn_act_args(x, weight, None, bias, None, None, stride=stride, padding=padding,
                            groups=1, training=False, residual=residual, running_ok=True,
                            dilation=dilation)

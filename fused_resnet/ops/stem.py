@@ -26,6 +26,7 @@ from fused_resnet.ops import conv_ops
 from fused_resnet.ops.conv_bn_act import (
     autocast_inputs,
     check_conv_bn_act_args,
+    check_momentum,
     checked_conv_bn_act,
     select_kernels,
     update_running_stats,
@@ -142,6 +143,8 @@ def conv_bn_relu_max_pool(
     check_conv_bn_act_args(x, weight, bn_weight, bn_bias, running_mean, running_var,
                            stride=stride, padding=padding, groups=1, training=training,
                            residual=None, eps=eps)
+    if training:
+        check_momentum(momentum)
     check_window(conv_output_shape(x, weight, stride, padding)[2:], pool_kernel, pool_stride,
                  pool_padding, names=("pool_kernel", "pool_stride", "pool_padding"),
                  what="the conv's output size")
