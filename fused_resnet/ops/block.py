@@ -245,17 +245,16 @@ def residual_block_eval(x: Tensor, weights: list[Tensor], biases: list[Tensor], 
     (+ residual) + ReLU per conv; strides / paddings / dilations as `residual_block_train`'s.
     x is checked against the whole block before anything runs,
     and the kernels are chosen once for the block. Biases fp32 (fp64 for fp64 x)."""
-    dilations = _check_lists(weights, dilations, strides=strides, paddings=paddings,
-                             biases=biases)
-    _check_weight_dtypes(x, weights)
-    for i, b in enumerate(biases):
-        if not isinstance(b, Tensor):
-            raise ValueError(f"biases[{i}] must be a (C_out,) tensor, got {type(b).__name__}")
-    # exact values: True == 1 == 1.0 would let a refused stride share a checked signature
-    exact = tuple((type(v), v) for v in (*strides, *paddings, *dilations, shortcut_stride))
-    signature = (x.shape, x.dtype, x.device, shortcut, autocasting(x), exact,
-                 *[(t.shape, t.dtype, t.device) for t in (*weights, *biases)])
-    if signature not in _EVAL_CHECKED:
+    signature = _eval_signature(x, weights, biases, strides, paddings, dilations, shortcut,
+                                shortcut_stride)
+    if signature is None or signature not in _EVAL_CHECKED:
+        dilations = _check_lists(weights, dilations, strides=strides, paddings=paddings,
+                                 biases=biases)
+        _check_weight_dtypes(x, weights)
+        for i, b in enumerate(biases):
+            if not isinstance(b, Tensor):
+                raise ValueError(f"biases[{i}] must be a (C_out,) tensor, got "
+                                 f"{type(b).__name__}")
         cast_x, _, _ = autocast_inputs(x, None, None)
         as_cast = [w if w.dtype == cast_x.dtype else w.new_empty(1, dtype=cast_x.dtype).expand(
             w.shape) for w in weights]
@@ -263,12 +262,31 @@ def residual_block_eval(x: Tensor, weights: list[Tensor], biases: list[Tensor], 
                           shortcut_stride)
         if len(_EVAL_CHECKED) >= _EVAL_CHECKED_MAX:
             _EVAL_CHECKED.clear()
-        _EVAL_CHECKED[signature] = None
+        if signature is not None:
+            _EVAL_CHECKED[signature] = None
+    dilations = conv_dilations(dilations, len(weights))
     x, _, _ = autocast_inputs(x, None, None)
     weights = [w if w.dtype == x.dtype else w.to(x.dtype) for w in weights]
     kernels = select_kernels(backend, "residual_block", x)
     return _eval_chain(x, weights, biases, strides, paddings, dilations, shortcut,
                        shortcut_stride, kernels)
+
+
+def _eval_signature(x, weights, biases, strides, paddings, dilations, shortcut,
+                    shortcut_stride) -> Optional[tuple]:
+    """What `residual_block_eval`'s check reads, or None where the arguments are not even
+    lists of tensors (the check then says which): x's and every weight's and bias's shape,
+    dtype and device, the autocast dtype, the lists' lengths and their exact values (True ==
+    1 == 1.0 would otherwise let a refused stride share a checked signature)."""
+    try:
+        geometry = (len(weights), len(biases), len(strides), len(paddings),
+                    None if dilations is None else len(dilations),
+                    *[(type(v), v) for v in (*strides, *paddings, *(dilations or ()),
+                                             shortcut_stride)])
+        return (x.shape, x.dtype, x.device, shortcut, autocasting(x), geometry,
+                *[(t.shape, t.dtype, t.device) for t in (*weights, *biases)])
+    except (TypeError, AttributeError):
+        return None
 
 
 def _check_eval_block(x, weights, biases, strides, paddings, dilations, shortcut,
