@@ -262,10 +262,11 @@ TRAFFIC_ARCH_HELP = ARCH_HELP.replace(", ".join(IMAGENET_ARCHS), ", ".join(
 
 def _common(p: argparse.ArgumentParser, arch: str = "resnet50",
             image_size_help: str = "input height = width (default 224; 32 for CIFAR nets; "
-                                   "64 on CPU)") -> None:
+                                   "64 on CPU)",
+            batch_help: str = "batch size (default 32 on a GPU, 4 on CPU)") -> None:
     p.add_argument("--arch", default=arch, help=f"model name: {ARCH_HELP} (default {arch})")
     p.add_argument("--variant", default=None, choices=("v1", "v1.5"), help=VARIANT_HELP)
-    p.add_argument("--batch-size", type=int, default=None, help="batch size")
+    p.add_argument("--batch-size", type=int, default=None, help=batch_help)
     p.add_argument("--image-size", type=int, default=None, help=image_size_help)
 
 
@@ -283,7 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("flops", help="MACs, parameters and activation memory per stage")
     # counted, not run: the size does not depend on the device (cmd_flops)
-    _common(p, image_size_help="input height = width (default 224; 32 for CIFAR nets)")
+    _common(p, image_size_help="input height = width (default 224; 32 for CIFAR nets)",
+            batch_help="batch size (default 1; MACs and activation bytes are the whole "
+                       "batch's)")
     p.add_argument("--all", action="store_true",
                    help="the whole ImageNet family beside the paper's and torchvision's figures")
     p.add_argument("--layers", action="store_true", help="also print every layer's row")
@@ -371,7 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=None,
                    help="input height = width (default 224; 32 for CIFAR nets)")
     p.add_argument("--gpu", default="H100", help="whose peaks make the roofline (default H100)")
-    p.add_argument("--rows", type=int, default=30, help="rows printed, most costly first")
+    p.add_argument("--rows", type=int, default=30,
+                   help="rows printed, most costly first (default 30)")
     p.set_defaults(func=cmd_traffic)
     return parser
 

@@ -162,3 +162,11 @@ def test_without_triton_the_command_says_so():
                           timeout=300)
     assert proc.returncode == 2
     assert "error: counting launches needs Triton (pip install triton)" in proc.stderr
+
+
+def test_gpu_names_match_in_any_case():
+    from fused_resnet.bench.hardware import device_peak
+
+    assert device_peak("h200").name == device_peak("NVIDIA H200").name == "H200 SXM"
+    assert device_peak("h100 pcie").name == "H100 PCIe"
+    assert device_peak("z80") is None

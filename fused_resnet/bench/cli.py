@@ -40,12 +40,14 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtypes", "--dtype", dest="dtypes", nargs="+", choices=BENCH_DTYPES,
                    default=None, help="fp32 (TF32 off), tf32, or bf16 / fp16 autocast "
                    "(default bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
+                   help=f"what to time (default: all of {' '.join(MODES)})")
     p.add_argument("--columns", nargs="+", choices=COLUMNS, default=None,
                    help="fused backends and baselines to time (default: all that run at full "
                         "speed here)")
     p.add_argument("--layout", choices=("channels_last", "nchw"), default="channels_last",
-                   help="input memory format of the fused and compiled columns")
+                   help="input memory format of the fused and compiled columns (default "
+                        "channels_last)")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="replay every step (training too) from a CUDA graph")
     p.add_argument("--measure-peaks", action="store_true",

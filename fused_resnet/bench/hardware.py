@@ -51,9 +51,11 @@ KNOWN_PEAKS: list[tuple[str, DevicePeak]] = [
 
 
 def device_peak(device_name: str) -> Optional[DevicePeak]:
-    """The peaks of the GPU called `device_name`, or None when it is not in KNOWN_PEAKS."""
+    """The peaks of the GPU called `device_name` (torch's device name, or a name such as
+    "h100 pcie": any case), or None when it is not in KNOWN_PEAKS."""
+    name = device_name.upper()
     for key, peak in KNOWN_PEAKS:
-        if key in device_name:
+        if key.upper() in name:
             return peak
     return None
 
