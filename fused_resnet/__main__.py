@@ -91,7 +91,15 @@ def cmd_flops(args: argparse.Namespace) -> int:
         print(format_table(("arch", "params (M)", "GMACs v1", "paper v1", "GMACs v1.5",
                             "torchvision v1.5", "train activations (MiB)"), rows))
         return 0
-    report = count_flops(build_model(arch, **_model_kwargs(arch, variant)), shape)
+    try:
+        report = count_flops(build_model(arch, **_model_kwargs(arch, variant)), shape)
+    except ValueError as exc:
+        if "value per channel" not in str(exc):
+            raise
+        raise ValueError(f"--image-size {size} at --batch-size {args.batch_size}: the "
+                         "training pass whose saved activations flops counts leaves one value "
+                         "per channel at a BN; pass --batch-size 2 or a larger --image-size"
+                         ) from None
     title = arch if is_cifar(arch) else f"{arch} ({variant})"
     print(f"{title} at input {shape}\n")
     if args.layers:

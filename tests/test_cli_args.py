@@ -65,6 +65,11 @@ def test_zero_and_negative_sizes_name_the_flag(capsys, tmp_path, args, message):
     assert_error(capsys, args, message)
 
 
+def test_flops_input_too_small_for_a_training_pass_names_the_flags(capsys):
+    assert_error(capsys, ("flops", "--arch", "resnet50", "--image-size", "32"),
+                 "--image-size 32 at --batch-size 1", "pass --batch-size 2")
+
+
 def test_zero_sizes_are_not_the_default_in_the_python_api():
     from fused_resnet.bench.suite import SuiteConfig
     from fused_resnet.train import TrainConfig
