@@ -210,3 +210,29 @@ def test_running_stats_training_cannot_write_are_refused(backend):
         args["running_means"] = [torch.zeros(8, device=DEVICE), running_mean]
         _refused(lambda: OPS.residual_block_train(x, **args, backend=backend),
                  f"running_mean {match}", args)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_flags_that_are_not_bools_are_refused(backend):
+    """training=None or relu=0 would read as False in a fused kernel; torch refuses None."""
+    x, args = _train_args(c_in=8)
+    w, g, b, m, v = (args[k][0] for k in ("weights", "bn_weights", "bn_biases",
+                                          "running_means", "running_vars"))
+    calls = [
+        (lambda: OPS.conv_bn_act(x, w, g, b, m, v, padding=1, training=None, backend=backend),
+         "training must be True or False, got None"),
+        (lambda: OPS.conv_bn_act(x, w, g, b, m, v, padding=1, relu=0, backend=backend),
+         "relu must be True or False, got 0"),
+        (lambda: OPS.conv_bias_act(x, w, b, padding=1, relu=None, backend=backend),
+         "relu must be True or False, got None"),
+        (lambda: OPS.conv_bn_relu_max_pool(x, w, g, b, m, v, stride=1, padding=1,
+                                           training=1, backend=backend),
+         "training must be True or False, got 1"),
+        (lambda: OPS.bn_add_relu(x, torch.ones(8, device=DEVICE), torch.zeros(8, device=DEVICE),
+                                 relu=None, backend=backend),
+         "relu must be True or False, got None"),
+    ]
+    for call, match in calls:
+        with pytest.raises(ValueError, match=match):
+            call()
+    assert torch.equal(m, torch.zeros_like(m)) and torch.equal(v, torch.ones_like(v))

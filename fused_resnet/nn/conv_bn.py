@@ -28,7 +28,7 @@ from fused_resnet.ops.conv_bn_act import (
     compute_dtype,
     select_kernels,
 )
-from fused_resnet.ops.layout import conv_output_shape, inference_weight
+from fused_resnet.ops.layout import check_flags, conv_output_shape, inference_weight
 
 
 def adopt_frozen_bns(pairs: list[tuple[nn.Conv2d, nn.Module]]) -> None:
@@ -351,6 +351,7 @@ class FusedConvBNAct(FoldingModule):
         super().__init__()
         if dilation < 1:
             raise ValueError(f"dilation must be >= 1, got {dilation}")
+        check_flags(relu=relu)
         padding = dilation * (kernel_size - 1) // 2 if padding is None else padding
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding,
                               dilation=dilation, groups=groups, bias=False)

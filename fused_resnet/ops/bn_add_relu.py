@@ -13,7 +13,7 @@ from torch import Tensor
 
 from fused_resnet import backend as _backend
 from fused_resnet import reference
-from fused_resnet.ops.layout import output_memory_format
+from fused_resnet.ops.layout import check_flags, output_memory_format
 
 
 def _records_grad(*tensors: Optional[Tensor]) -> bool:
@@ -41,6 +41,7 @@ def bn_add_relu(
     ops whatever `backend` says, so that every backend gives the same gradients (higher
     orders included); inference (no_grad, or nothing requiring grad) runs on `backend`.
     """
+    check_flags(relu=relu)
     if y.dim() != 4:
         raise ValueError(f"y must be 4-D (N, C, H, W), got shape {tuple(y.shape)}")
     if not y.is_floating_point():

@@ -10,7 +10,7 @@ from torch import Tensor
 from fused_resnet import backend as _backend
 from fused_resnet import reference
 from fused_resnet.ops import conv_ops
-from fused_resnet.ops.layout import bn_params, check_int, conv_output_shape
+from fused_resnet.ops.layout import bn_params, check_flags, check_int, conv_output_shape
 
 
 def check_vector(name: str, t: Optional[Tensor], channels: int, x: Tensor,
@@ -185,6 +185,7 @@ def conv_bn_act(
     autocast dtype (x, weight and residual are cast to it) while BN parameters and
     statistics stay fp32, as in eager PyTorch.
     """
+    check_flags(training=training, relu=relu)
     x, weight, residual = autocast_inputs(x, weight, residual)
     check_conv_bn_act_args(
         x, weight, bn_weight, bn_bias, running_mean, running_var,
@@ -300,6 +301,7 @@ def conv_bias_act(
     """out = act(conv(x, weight) + bias + residual): inference with BN already folded into
     (weight, bias), e.g. by `reference.fold_bn`. bias: (C_out,) fp32 (fp64 for fp64 x), or
     None for none (as torch's conv2d)."""
+    check_flags(relu=relu)
     x, weight, residual = autocast_inputs(x, weight, residual)
     if bias is None and weight.dim() == 4:
         bias = x.new_zeros(weight.shape[0], dtype=torch.float64 if x.dtype == torch.float64

@@ -14,6 +14,15 @@ def check_int(name: str, value, minimum: int) -> None:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
+def check_flags(**flags) -> None:
+    """Bool arguments (`relu`, `training`): True or False, not None or 0 (which a fused
+    kernel would read as False, where torch's batch_norm refuses None); else a ValueError
+    naming the first that is not."""
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
 def output_memory_format(x: Tensor) -> torch.memory_format:
     """channels_last iff x is stored NHWC and not (also) NCHW-contiguous."""
     if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():

@@ -34,6 +34,7 @@ from fused_resnet.ops.conv_bn_act import (
 from fused_resnet.ops.first_order import first_order
 from fused_resnet.ops.layout import (
     bn_params,
+    check_flags,
     conv_output_shape,
     output_memory_format,
     stat_dtype,
@@ -139,6 +140,7 @@ def conv_bn_relu_max_pool(
     and in inference, `conv_bn_act` (past the checks made here) then `max_pool2d` on the
     same backend. Running stats are updated as `conv_bn_act` updates them; a call that
     raises changes none."""
+    check_flags(training=training)
     x, weight, _ = autocast_inputs(x, weight, None)
     check_conv_bn_act_args(x, weight, bn_weight, bn_bias, running_mean, running_var,
                            stride=stride, padding=padding, groups=1, training=training,
