@@ -65,6 +65,13 @@ def _check_weight_dtypes(x: Tensor, weights) -> None:
                              "(outside autocast they must match)")
 
 
+def _as_cast(weights, dtype: torch.dtype) -> list[Tensor]:
+    """The weights as the checks see them once cast to `dtype`: the same shape and device,
+    shape-only stand-ins (one element, expanded) where the dtype differs, nothing cast."""
+    return [w if w.dtype == dtype else w.new_empty(1, dtype=dtype).expand(w.shape)
+            for w in weights]
+
+
 def _check_block(x, weights, strides, paddings, dilations, shortcut, shortcut_stride,
                  check_conv) -> None:
     """The block's geometry: `check_conv(i, source, stride, padding, dilation)` checks conv
@@ -147,11 +154,8 @@ def residual_block_train(
                              momenta=momenta, eps=eps)
     _check_weight_dtypes(x, weights)  # only autocast casts weights, as in torch's conv
     x, _, _ = autocast_inputs(x, None, None)
-    # Checked as if cast (the same shape and device, x's dtype), without casting them here.
-    as_cast = [w if w.dtype == x.dtype else w.new_empty(1, dtype=x.dtype).expand(w.shape)
-               for w in weights]
-    _check(x, as_cast, bn_weights, bn_biases, running_means, running_vars, strides, paddings,
-           dilations, eps, momenta, shortcut, shortcut_stride)
+    _check(x, _as_cast(weights, x.dtype), bn_weights, bn_biases, running_means, running_vars,
+           strides, paddings, dilations, eps, momenta, shortcut, shortcut_stride)
     kernels = select_kernels(backend, "residual_block", x)
     if kernels != "triton":
         weights = [w if w.dtype == x.dtype else w.to(x.dtype) for w in weights]
@@ -256,10 +260,8 @@ def residual_block_eval(x: Tensor, weights: list[Tensor], biases: list[Tensor], 
                 raise ValueError(f"biases[{i}] must be a (C_out,) tensor, got "
                                  f"{type(b).__name__}")
         cast_x, _, _ = autocast_inputs(x, None, None)
-        as_cast = [w if w.dtype == cast_x.dtype else w.new_empty(1, dtype=cast_x.dtype).expand(
-            w.shape) for w in weights]
-        _check_eval_block(cast_x, as_cast, biases, strides, paddings, dilations, shortcut,
-                          shortcut_stride)
+        _check_eval_block(cast_x, _as_cast(weights, cast_x.dtype), biases, strides, paddings,
+                          dilations, shortcut, shortcut_stride)
         if len(_EVAL_CHECKED) >= _EVAL_CHECKED_MAX:
             _EVAL_CHECKED.clear()
         if signature is not None:

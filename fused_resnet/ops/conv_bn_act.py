@@ -44,6 +44,28 @@ def check_momentum(momentum, name: str = "momentum") -> None:
         raise ValueError(f"{name} must be a number in [0, 1], got {momentum!r}")
 
 
+def check_running_stats(running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                        training: bool) -> None:
+    """Running stats as a pair (both tensors or both None) and, in training, tensors the
+    in-place update can write: not requiring grad, not expanded, not inference tensors
+    outside inference mode."""
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must both be tensors or both be None")
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        if not training or t is None:
+            continue
+        if t.requires_grad:
+            raise ValueError(f"{name} requires grad: training updates it in place, which "
+                             "autograd forbids for such a tensor (pass a buffer, or detach it)")
+        if t.shape[0] > 1 and t.stride(0) == 0:
+            raise ValueError(f"{name} is expanded (stride 0): training updates it in place, "
+                             "which needs one element per channel in memory")
+        if (not torch.compiler.is_compiling() and t.is_inference()  # (dynamo has no is_inference)
+                and not torch.is_inference_mode_enabled()):
+            raise ValueError(f"{name} was made in inference mode: outside it, torch forbids "
+                             "the in-place update training makes (clone it)")
+
+
 def check_conv_bn_act_args(
     x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
     running_mean: Optional[Tensor], running_var: Optional[Tensor], *,
@@ -86,21 +108,7 @@ def check_conv_bn_act_args(
     for name, t in (("bn_weight", bn_weight), (bias_name, bn_bias),
                     ("running_mean", running_mean), ("running_var", running_var)):
         check_vector(name, t, c_out, x)
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must both be tensors or both be None")
-    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
-        if not training or t is None:
-            continue
-        if t.requires_grad:
-            raise ValueError(f"{name} requires grad: training updates it in place, which "
-                             "autograd forbids for such a tensor (pass a buffer, or detach it)")
-        if t.shape[0] > 1 and t.stride(0) == 0:
-            raise ValueError(f"{name} is expanded (stride 0): training updates it in place, "
-                             "which needs one element per channel in memory")
-        if (not torch.compiler.is_compiling() and t.is_inference()  # (dynamo has no is_inference)
-                and not torch.is_inference_mode_enabled()):
-            raise ValueError(f"{name} was made in inference mode: outside it, torch forbids "
-                             "the in-place update training makes (clone it)")
+    check_running_stats(running_mean, running_var, training)
     if not training and running_mean is None and not running_ok:
         raise ValueError("training=False needs running_mean and running_var")
     if eps < 0 or (training and eps == 0):

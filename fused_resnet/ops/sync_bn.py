@@ -34,6 +34,7 @@ from fused_resnet import reference
 from fused_resnet.ops.conv_bn_act import (
     check_conv_bn_act_args,
     check_momentum,
+    check_running_stats,
     check_vector,
     update_running_stats,
 )
@@ -143,12 +144,7 @@ def _check_sync_args(
                          "torch.distributed.init_process_group first); the synchronized BN "
                          "takes batch statistics over a process group (one process's batch: "
                          "ops.conv_bn_act, or nn.BatchNorm2d)")
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must both be tensors or both be None")
-    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
-        if t is not None and t.requires_grad:
-            raise ValueError(f"{name} requires grad: training updates it in place, which "
-                             "autograd forbids for such a tensor (pass a buffer, or detach it)")
+    check_running_stats(running_mean, running_var, training=True)
     check_momentum(momentum)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (
             0 < eps < math.inf):
