@@ -1,9 +1,10 @@
 """When fused modules call their conv / BN / pool modules as torch does instead of running
 fused ops that only read those modules' tensors: while a tracer wants a graph of standard
-layers (`tracing_layers`: torch.fx symbolic tracing, torch.onnx export), and where the
-modules hold what fused ops cannot stand for (`module_call_reason`: hooks, another norm
-layer in a BN's place, a conv class with its own forward, an activation other than ReLU in
-the `relu` module's place), warned (`warn_module_calls`).
+layers (`tracing_layers`: torch.fx symbolic tracing, torch.jit.trace, torch.onnx export),
+and where the modules hold what fused ops cannot stand for or a transform runs that they do
+not support (`module_call_reason`: hooks, another norm layer in a BN's place, a conv class
+with its own forward, an activation other than ReLU in the `relu` module's place, a
+torch.func transform), warned (`warn_module_calls`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import warnings
 from typing import Optional
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 import torch.fx
 from torch import nn
 
@@ -25,19 +27,45 @@ _FX_FLAG = next((getattr(torch.fx._symbolic_trace, name) for name in (
     if hasattr(torch.fx._symbolic_trace, name)), lambda: False)
 
 
+# torch.func's stack of transforms (grad, vmap, jvp, jacrev, ...): an interpreter object
+# while one runs around the call, None otherwise (~30 ns a question).
+_FUNCTORCH_TOP = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack",
+                         lambda: None)
+
+
 def tracing_layers() -> bool:
     """Whether a tracer that wants a graph of standard layers is running: the modules then
     compute with their conv / BN / pool modules and torch functions. torch.fx symbolic
     tracing (torchvision's `create_feature_extractor` among its users; not torch.export /
     compile, which keep the fused ops): fused ops would need the input's shape and dtype,
-    which a tracing proxy does not have. torch.onnx export (either exporter): ONNX has no
-    fused_resnet ops, and its Conv / BatchNormalization / Relu nodes are what ONNX runtimes
-    fuse themselves (asked only while torch.jit traces or dynamo compiles, as the exporters
-    do: the question costs ~3 us, against ~0.5 us for the rest, on every module call)."""
+    which a tracing proxy does not have. torch.jit.trace (a TorchScript module of aten
+    convs, batch norms and ReLUs, which runs anywhere; fused ops' Python checks and Triton
+    launches are not recorded by its tracer, and folded weights would become constants).
+    torch.onnx export (either exporter): ONNX has no fused_resnet ops, and its Conv /
+    BatchNormalization / Relu nodes are what ONNX runtimes fuse themselves (asked only
+    while dynamo compiles, as the new exporter does: the question costs ~3 us, against
+    ~0.5 us for the rest, on every module call)."""
     compiling = torch.compiler.is_compiling()
-    if _FX_FLAG() and not compiling:
-        return True
-    return (compiling or torch.jit.is_tracing()) and torch.onnx.is_in_onnx_export()
+    if compiling:
+        return torch.onnx.is_in_onnx_export()
+    return _FX_FLAG() or torch.jit.is_tracing()
+
+
+def transform_reason() -> Optional[str]:
+    """Why fused ops cannot run here: a torch.func transform (grad, vmap, jvp, jacrev,
+    functional per-sample gradients) runs around the call, or forward-mode AD's dual level
+    (`torch.autograd.forward_ad.dual_level`) is open. The fused ops are autograd Functions
+    without functorch rules or a jvp and Triton launches that read raw pointers, so the
+    modules are called as torch does (the same values; torch.func.functional_call alone is
+    not a transform and keeps the fused ops). None otherwise, and always while dynamo
+    compiles (it traces transforms itself)."""
+    if torch.compiler.is_compiling():
+        return None
+    if _FUNCTORCH_TOP() is not None:
+        return "a torch.func transform (grad, vmap, jvp, ...) runs around it"
+    if getattr(_forward_ad, "_current_level", -1) >= 0:
+        return "forward-mode AD (a torch.autograd.forward_ad.dual_level) is open"
+    return None
 
 
 def has_call_hooks(module: nn.Module) -> bool:
@@ -103,9 +131,10 @@ def module_call_reason(pairs: list[tuple[nn.Module, nn.Module]],
     read outputs), a norm layer other than a BatchNorm2d put in a BN's place (InstanceNorm2d,
     GroupNorm, Identity, nn.SyncBatchNorm, a subclass with its own forward), or a conv class
     with its own forward (weight standardisation), or a `relu` module that is not a plain
-    nn.ReLU (`activation_reason`). None where the fused ops compute what the modules would.
-    ~1 us a block: asked on every call."""
-    reason = activation_reason(relu)
+    nn.ReLU (`activation_reason`), or while a torch.func transform runs (`transform_reason`).
+    None where the fused ops compute what the modules would. ~1 us a block: asked on every
+    call."""
+    reason = transform_reason() or activation_reason(relu)
     if reason is not None:
         return reason
     for module in others:

@@ -18,7 +18,12 @@ from fused_resnet.nn.conv_bn import (
     check_conv,
     fused_conv_bn_act,
 )
-from fused_resnet.nn.module_calls import module_call_reason, tracing_layers, warn_module_calls
+from fused_resnet.nn.module_calls import (
+    module_call_reason,
+    tracing_layers,
+    transform_reason,
+    warn_module_calls,
+)
 from fused_resnet.nn.sync_bn import sync_group
 from fused_resnet.ops.eval_plan import PlanCache, plan_stem_eval
 
@@ -39,7 +44,8 @@ class FusedMaxPool2d(nn.Module):
         self.backend = check_backend_name(backend)
 
     def forward(self, x: Tensor) -> Tensor:
-        if tracing_layers():  # torch's pool in the traced graph (the same values)
+        # torch's pool in a traced graph or under a torch.func transform (the same values)
+        if tracing_layers() or transform_reason() is not None:
             return torch.nn.functional.max_pool2d(x, self.kernel_size, self.stride,
                                                   self.padding)
         return ops.max_pool2d(x, self.kernel_size, self.stride, self.padding,
