@@ -8,5 +8,6 @@ dependencies = ["torch", "torchvision"]
 
 from fused_resnet.models import IMAGENET_ARCHS, cifar_resnet, plain_net  # noqa: E402, F401
 
-# resnet18 ... resnet152, wide_resnet50_2, resnext50_32x4d: the package's functions by name
+# resnet18 ... resnet152, wide_resnet50_2 / 101_2, resnext50_32x4d / 101_32x8d / 101_64x4d:
+# the package's functions by name
 globals().update(IMAGENET_ARCHS)

@@ -18,7 +18,7 @@ DEFAULT_VARIANT = "v1.5"
 # each one's shared memory), kept here so that a bad --arch fails before Triton is imported.
 COMPILE_ARCHS = (80, 86, 87, 89, 90, 100, 120)
 # Archs whose 3x3 convs are grouped: no Triton kernel, so `traffic` cannot count them.
-GROUPED_ARCHS = ("resnext50_32x4d",)
+GROUPED_ARCHS = ("resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d")
 
 
 def check_device(value: Optional[str]) -> None:

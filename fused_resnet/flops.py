@@ -242,6 +242,8 @@ def count_flops(
 PAPER_GMACS = {"resnet18": 1.8, "resnet34": 3.6, "resnet50": 3.8, "resnet101": 7.6,
                "resnet152": 11.3}
 TORCHVISION_GMACS = {"resnet18": 1.81, "resnet34": 3.66, "resnet50": 4.09, "resnet101": 7.80,
-                     "resnet152": 11.51, "wide_resnet50_2": 11.40, "resnext50_32x4d": 4.23}
+                     "resnet152": 11.51, "wide_resnet50_2": 11.40, "resnext50_32x4d": 4.23,
+                     "wide_resnet101_2": 22.75, "resnext101_32x8d": 16.41,
+                     "resnext101_64x4d": 15.46}
 # The ResNet paper's Table 6: parameters of the CIFAR-10 nets, in millions.
 PAPER_CIFAR_PARAMS_M = {20: 0.27, 32: 0.46, 44: 0.66, 56: 0.85, 110: 1.7, 1202: 19.4}

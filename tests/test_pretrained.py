@@ -26,8 +26,9 @@ def hub(tmp_path, monkeypatch):
     """torch.hub's folder moved to tmp_path, holding a ResNet-18 'IMAGENET1K_V1' file (a
     random torchvision ResNet-18 with non-trivial BN statistics); downloads recorded, and
     answered with no network. Yields (state dict in the file, list of download URLs)."""
-    old = torch.hub.get_dir()
-    torch.hub.set_dir(str(tmp_path))
+    # torch.hub's own variable, restored as it was (None: TORCH_HOME is read again), where
+    # set_dir(old get_dir()) would pin the folder for every later test
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path))
     downloads = []
 
     def no_network(url, dst, *args, **kwargs):
@@ -47,7 +48,6 @@ def hub(tmp_path, monkeypatch):
     os.makedirs(os.path.dirname(path))
     torch.save(state, path)
     yield state, downloads
-    torch.hub.set_dir(old)
 
 
 @pytest.mark.parametrize("weights", ["DEFAULT", "IMAGENET1K_V1", "ResNet18_Weights.IMAGENET1K_V1",
@@ -101,6 +101,18 @@ def test_a_failed_download_says_where_the_file_goes(hub):
     with pytest.raises(RuntimeError, match="put that file at " + path):
         fr.models.resnet50(weights="DEFAULT")
     assert downloads == [W50.IMAGENET1K_V2.url] and not os.path.exists(path)
+
+
+@pytest.mark.parametrize("arch", ["wide_resnet101_2", "resnext101_32x8d", "resnext101_64x4d"])
+def test_larger_family_checks_pass_up_to_the_download(hub, arch):
+    """The 101-layer wide / ResNeXt nets: the weights resolve against torchvision's enum and
+    the state dict's keys and shapes against torchvision's model; only the download (no
+    network here) is left, for the file torchvision's own model reads."""
+    _, downloads = hub
+    weights = torchvision.models.get_model_weights(arch).DEFAULT
+    with pytest.raises(RuntimeError, match="put that file at " + checkpoint_path(weights)):
+        getattr(fr.models, arch)(weights="DEFAULT", progress=False)
+    assert downloads == [weights.url]
 
 
 def test_weights_without_torchvision(monkeypatch):

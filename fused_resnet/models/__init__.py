@@ -19,7 +19,10 @@ from fused_resnet.models.resnet import (
     resnet101,
     resnet152,
     resnext50_32x4d,
+    resnext101_32x8d,
+    resnext101_64x4d,
     wide_resnet50_2,
+    wide_resnet101_2,
 )
 
 __all__ = [
@@ -41,6 +44,9 @@ __all__ = [
     "resnet101",
     "resnet152",
     "resnext50_32x4d",
+    "resnext101_32x8d",
+    "resnext101_64x4d",
     "wide_resnet50_2",
+    "wide_resnet101_2",
     "with_classes",
 ]

@@ -18,7 +18,10 @@ from fused_resnet.models.resnet import (
     resnet101,
     resnet152,
     resnext50_32x4d,
+    resnext101_32x8d,
+    resnext101_64x4d,
     wide_resnet50_2,
+    wide_resnet101_2,
 )
 
 IMAGENET_ARCHS = {
@@ -29,6 +32,9 @@ IMAGENET_ARCHS = {
     "resnet152": resnet152,
     "wide_resnet50_2": wide_resnet50_2,
     "resnext50_32x4d": resnext50_32x4d,
+    "wide_resnet101_2": wide_resnet101_2,
+    "resnext101_32x8d": resnext101_32x8d,
+    "resnext101_64x4d": resnext101_64x4d,
 }
 
 ARCH_HELP = (

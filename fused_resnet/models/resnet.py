@@ -231,6 +231,24 @@ def resnext50_32x4d(*, weights: Any = None, progress: bool = True, **kwargs) -> 
                   **_fixed(kwargs, groups=32, width_per_group=4))
 
 
+def resnext101_32x8d(*, weights: Any = None, progress: bool = True, **kwargs) -> ResNet:
+    """ResNeXt-101 with 32 groups of width 8 in each 3x3."""
+    return _named("resnext101_32x8d", 101, weights, progress,
+                  **_fixed(kwargs, groups=32, width_per_group=8))
+
+
+def resnext101_64x4d(*, weights: Any = None, progress: bool = True, **kwargs) -> ResNet:
+    """ResNeXt-101 with 64 groups of width 4 in each 3x3."""
+    return _named("resnext101_64x4d", 101, weights, progress,
+                  **_fixed(kwargs, groups=64, width_per_group=4))
+
+
+def wide_resnet101_2(*, weights: Any = None, progress: bool = True, **kwargs) -> ResNet:
+    """ResNet-101 with bottlenecks twice as wide (width_per_group=128)."""
+    return _named("wide_resnet101_2", 101, weights, progress,
+                  **_fixed(kwargs, width_per_group=128))
+
+
 def _fixed(kwargs: dict, **fixed) -> dict:
     """`kwargs` with the named model's `fixed` values, which a caller may repeat but not
     change (torchvision's rule and message)."""
