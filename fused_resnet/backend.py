@@ -8,7 +8,8 @@
   asked for by name).
 
 `FUSED_RESNET_BACKEND`, when set and not empty, replaces "auto" (an explicitly named backend
-wins over it).
+wins over it). Under a torch.func transform or in a forward-mode AD dual level
+(`transform_reason`) every op runs on "reference", whatever was asked for, warned.
 Each op declares which backends implement it; asking for one that does not, or that cannot
 run here, raises an error that names what is missing.
 """
@@ -23,6 +24,7 @@ from types import ModuleType
 from typing import Optional
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 BACKENDS = ("auto", "triton", "cuda", "cpu", "reference")
 ENV_VAR = "FUSED_RESNET_BACKEND"
@@ -38,6 +40,28 @@ OP_BACKENDS: dict[str, tuple[str, ...]] = {
 
 
 _forced: Optional[str] = None
+
+# torch.func's stack of transforms (grad, vmap, jvp, jacrev, ...): an interpreter object
+# while one runs around the call, None otherwise (~30 ns a question).
+_FUNCTORCH_TOP = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack",
+                         lambda: None)
+
+
+def transform_reason() -> Optional[str]:
+    """Why fused kernels cannot run here: a torch.func transform (grad, vmap, jvp, jacrev,
+    functional per-sample gradients) runs around the call, or forward-mode AD's dual level
+    (`torch.autograd.forward_ad.dual_level`) is open. The fused ops are autograd Functions
+    and custom ops without functorch rules or a jvp, and Triton launches that read raw
+    pointers; the reference ops (torch functions) support both. torch.func.functional_call
+    alone is no transform. None otherwise, and always while dynamo compiles (it traces
+    transforms itself)."""
+    if torch.compiler.is_compiling():
+        return None
+    if _FUNCTORCH_TOP() is not None:
+        return "a torch.func transform (grad, vmap, jvp, ...) runs around it"
+    if getattr(_forward_ad, "_current_level", -1) >= 0:
+        return "forward-mode AD (a torch.autograd.forward_ad.dual_level) is open"
+    return None
 
 
 @contextlib.contextmanager
@@ -171,8 +195,14 @@ def interpreter_problem() -> Optional[str]:
 
 def resolve(backend: str, op: str, device: torch.device, exclude: tuple[str, ...] = ()) -> str:
     """The concrete backend that runs `op` on `device` for the requested `backend` name;
-    "auto" skips the backends in `exclude` (those that cannot run this particular call)."""
+    "auto" skips the backends in `exclude` (those that cannot run this particular call).
+    "reference" under a torch.func transform or forward-mode AD (`transform_reason`)."""
     check_backend_name(backend)
+    transform = transform_reason()
+    if transform is not None:
+        warnings.warn(f"fused_resnet's {op} runs on the reference ops: {transform}",
+                      stacklevel=3)
+        return "reference"
     if _forced is not None:
         backend = _forced
     if backend == "auto":

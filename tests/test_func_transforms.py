@@ -176,3 +176,99 @@ def test_forward_mode_ad_equals_the_reference(backend):
     out, jvp = torch.func.jvp(model, (x,), (tangent,))
     _close(out, expected.primal)
     _close(jvp, expected.tangent)
+
+
+def _op_calls():
+    """fr.ops calls of (x, p: a dict of tensors, backend): training ones without running
+    stats (a transform refuses in-place updates of captured tensors, as for torch's BN)."""
+    bn = ("bn_w", "bn_b")
+    return {
+        "conv_bn_act train": lambda x, p, b: fr.ops.conv_bn_act(
+            x, p["w"], p["bn_w"], p["bn_b"], None, None, padding=1, backend=b),
+        "conv_bn_act eval": lambda x, p, b: fr.ops.conv_bn_act(
+            x, p["w"], p["bn_w"], p["bn_b"], p["mean"], p["var"], padding=1,
+            training=False, backend=b),
+        "conv_bias_act": lambda x, p, b: fr.ops.conv_bias_act(
+            x, p["w"], p["bn_b"], padding=1, residual=x, backend=b),
+        "bn_add_relu": lambda x, p, b: fr.ops.bn_add_relu(x, *(p[k] for k in bn), x, backend=b),
+        "max_pool2d": lambda x, p, b: fr.ops.max_pool2d(x * p["bn_w"][:, None, None],
+                                                        backend=b),
+        "conv_bn_relu_max_pool": lambda x, p, b: fr.ops.conv_bn_relu_max_pool(
+            x, p["w"], p["bn_w"], p["bn_b"], None, None, stride=1, padding=1, backend=b),
+        "residual_block_train": lambda x, p, b: fr.ops.residual_block_train(
+            x, [p["w"], p["w2"]], [p["bn_w"]] * 2, [p["bn_b"]] * 2, [None] * 2, [None] * 2,
+            strides=[1, 1], paddings=[1, 1], momenta=[0.1] * 2, eps=[1e-5] * 2,
+            shortcut="identity", backend=b),
+        "residual_block_eval": lambda x, p, b: fr.ops.residual_block_eval(
+            x, [p["w"], p["w2"]], [p["bn_b"]] * 2, strides=[1, 1], paddings=[1, 1],
+            shortcut="identity", backend=b),
+        "bottleneck_eval": lambda x, p, b: fr.ops.bottleneck_eval(
+            x, [p["w1"], p["w"], p["w3"]], [p["bn_b"], p["bn_b"], p["b3"]], backend=b),
+    }
+
+
+def _op_tensors():
+    torch.manual_seed(2)
+    d = dict(dtype=torch.float64, device=DEVICE)
+    x = torch.randn(2, 4, 6, 6, **d)
+    p = {"w": torch.randn(4, 4, 3, 3, **d) / 6, "w2": torch.randn(4, 4, 3, 3, **d) / 6,
+         "w1": torch.randn(4, 4, 1, 1, **d) / 2, "w3": torch.randn(4, 4, 1, 1, **d) / 2,
+         "bn_w": torch.rand(4, **d) + 0.5, "bn_b": torch.randn(4, **d) / 4,
+         "b3": torch.randn(4, **d) / 4, "mean": torch.randn(4, **d) / 4,
+         "var": torch.rand(4, **d) + 0.5}
+    return x, p
+
+
+@pytest.mark.parametrize("op", list(_op_calls()))
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_functional_ops_run_the_reference_under_transforms(backend, op):
+    """fr.ops under torch.func.grad and forward-mode AD: the reference ops run (warned),
+    whatever backend is named, and give the reference's autograd results."""
+    call = _op_calls()[op]
+    x, p = _op_tensors()
+    grads = {k for k in p if k not in ("mean", "var")}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = torch.func.grad(lambda xx, pp: call(xx, p | pp, backend).square().sum(),
+                              argnums=(0, 1))(x, {k: p[k] for k in grads})
+    assert any("runs on the reference ops" in str(w.message) for w in caught)
+    leaves = {k: v.clone().requires_grad_(k in grads) for k, v in p.items()}
+    xr = x.clone().requires_grad_()
+    expected = torch.autograd.grad(call(xr, leaves, "reference").square().sum(),
+                                   [xr] + [leaves[k] for k in sorted(grads)], allow_unused=True)
+    _close(got[0], expected[0])
+    for k, e in zip(sorted(grads), expected[1:]):
+        _close(got[1][k], torch.zeros_like(p[k]) if e is None else e)
+    tangent = torch.randn_like(x)
+    out, jvp = torch.func.jvp(lambda xx: call(xx, p, backend), (x,), (tangent,))
+    ref_out, ref_jvp = torch.func.jvp(lambda xx: call(xx, p, "reference"), (x,), (tangent,))
+    _close(out, ref_out)
+    _close(jvp, ref_jvp)
+
+
+def test_sync_ops_refuse_transforms_and_change_nothing():
+    """The synchronized BN's all_reduces have no functorch rules (nor have torch's
+    nn.SyncBatchNorm's): refused by name before anything runs."""
+    x, p = _op_tensors()
+    mean, var = p["mean"].clone(), p["var"].clone()
+    calls = {
+        "sync_batch_norm": lambda xx: fr.ops.sync_batch_norm(
+            xx, p["bn_w"], p["bn_b"], mean, var, momentum=0.1, eps=1e-5, group=None),
+        "sync_conv_bn_act": lambda xx: fr.ops.sync_conv_bn_act(
+            xx, p["w"], p["bn_w"], p["bn_b"], mean, var, stride=1, padding=1, groups=1,
+            momentum=0.1, eps=1e-5, residual=None, relu=True, group=None),
+    }
+    for call in calls.values():
+        with pytest.raises(NotImplementedError, match="torch.func transform"):
+            torch.func.grad(lambda xx, f=call: f(xx).sum())(x)
+        with pytest.raises(NotImplementedError, match="forward-mode AD"):
+            _dual_call(call, x)
+    torch.testing.assert_close(mean, p["mean"], rtol=0, atol=0)
+    torch.testing.assert_close(var, p["var"], rtol=0, atol=0)
+
+
+def _dual_call(call, x):
+    import torch.autograd.forward_ad as fwad
+
+    with fwad.dual_level():
+        return call(fwad.make_dual(x, torch.ones_like(x)))

@@ -14,10 +14,10 @@ import warnings
 from typing import Optional
 
 import torch
-import torch.autograd.forward_ad as _forward_ad
 import torch.fx
 from torch import nn
 
+from fused_resnet.backend import transform_reason
 from fused_resnet.nn.sync_bn import FusedSyncBatchNorm
 
 # torch.fx's flag of a symbolic trace; newer torch sets it under torch.export too, which
@@ -25,12 +25,6 @@ from fused_resnet.nn.sync_bn import FusedSyncBatchNorm
 _FX_FLAG = next((getattr(torch.fx._symbolic_trace, name) for name in (
     "is_fx_symbolic_tracing", "_get_is_fx_tracing", "is_fx_tracing")
     if hasattr(torch.fx._symbolic_trace, name)), lambda: False)
-
-
-# torch.func's stack of transforms (grad, vmap, jvp, jacrev, ...): an interpreter object
-# while one runs around the call, None otherwise (~30 ns a question).
-_FUNCTORCH_TOP = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack",
-                         lambda: None)
 
 
 def tracing_layers() -> bool:
@@ -49,23 +43,6 @@ def tracing_layers() -> bool:
     if compiling:
         return torch.onnx.is_in_onnx_export()
     return _FX_FLAG() or torch.jit.is_tracing()
-
-
-def transform_reason() -> Optional[str]:
-    """Why fused ops cannot run here: a torch.func transform (grad, vmap, jvp, jacrev,
-    functional per-sample gradients) runs around the call, or forward-mode AD's dual level
-    (`torch.autograd.forward_ad.dual_level`) is open. The fused ops are autograd Functions
-    without functorch rules or a jvp and Triton launches that read raw pointers, so the
-    modules are called as torch does (the same values; torch.func.functional_call alone is
-    not a transform and keeps the fused ops). None otherwise, and always while dynamo
-    compiles (it traces transforms itself)."""
-    if torch.compiler.is_compiling():
-        return None
-    if _FUNCTORCH_TOP() is not None:
-        return "a torch.func transform (grad, vmap, jvp, ...) runs around it"
-    if getattr(_forward_ad, "_current_level", -1) >= 0:
-        return "forward-mode AD (a torch.autograd.forward_ad.dual_level) is open"
-    return None
 
 
 def has_call_hooks(module: nn.Module) -> bool:

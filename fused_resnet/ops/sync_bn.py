@@ -137,7 +137,15 @@ def _check_sync_args(
     """The checks of a synchronized training BN beyond its tensors' shapes: the process
     group, the running stats as a pair that autograd lets it update, momentum and eps. (Not
     "more than 1 value per channel": that is the group's count, known after the all_reduce,
-    and a rank that raised before it would leave the others waiting in it.)"""
+    and a rank that raised before it would leave the others waiting in it.) Not under a
+    torch.func transform or forward-mode AD: its all_reduces sit in an autograd Function
+    without functorch rules or a jvp (as torch's nn.SyncBatchNorm's do), and a reference
+    op without them would take this rank's batch statistics alone."""
+    transform = _backend.transform_reason()
+    if transform is not None:
+        raise NotImplementedError(
+            f"the synchronized BN cannot run while {transform}: its all_reduces have no "
+            "functorch rules or jvp (nor have torch's nn.SyncBatchNorm's)")
     check_process_group(group, "group")
     if not (dist.is_available() and dist.is_initialized()):
         raise ValueError("group: torch.distributed is not initialized (call "
