@@ -17,7 +17,7 @@ pure-PyTorch computation. The state dict is unchanged either way. Blocks whose c
 fused ops do not run (bias, padding modes, non-square stride, padding or dilation) are left as
 they are, with a warning naming them; dilated convs (torchvision's `replace_stride_with_dilation`,
 its segmentation backbones) run fused. A torchvision ResNet's stem is fused too, and that
-of an IntermediateLayerGetter over a ResNet's children (`_fuse_stems`).
+of an IntermediateLayerGetter over a ResNet's children, and a timm ResNet's (`_fuse_stems`).
 """
 
 from __future__ import annotations
@@ -108,15 +108,24 @@ def _unfusable_reason(module: nn.Module, names: tuple[str, ...]) -> Optional[str
     return None
 
 
+def _timm_stem():
+    """nn/timm_stem.py where timm's ResNet module is imported (a timm model exists only
+    then: convert never imports timm itself), else None."""
+    if "timm.models.resnet" not in sys.modules:
+        return None
+    from fused_resnet.nn import timm_stem
+
+    return timm_stem
+
+
 def _fuse_stems(model: nn.Module, backend: str) -> None:
-    """torchvision ResNets and IntermediateLayerGetters over a ResNet's children inside
-    `model` (itself included) get their stem fused (nn/torchvision_stem.py); nothing to do
-    without torchvision."""
-    stem = _torchvision_stem()
-    if stem is None:
-        return
+    """torchvision ResNets, IntermediateLayerGetters over a ResNet's children and timm
+    ResNets inside `model` (itself included) get their stem fused (nn/torchvision_stem.py,
+    nn/timm_stem.py); nothing to do without torchvision."""
+    stems = [m for m in (_torchvision_stem(), _timm_stem()) if m is not None]
     for module in list(model.modules()):
-        stem.fuse_stem(module, backend, _conv_unfusable_reason)
+        for stem in stems:
+            stem.fuse_stem(module, backend, _conv_unfusable_reason)
 
 
 def _torchvision_forward(module: nn.Module, cls) -> bool:
@@ -250,17 +259,20 @@ def _keep_sync(model: nn.Module) -> None:
     converted torchvision stem) become FusedSyncBatchNorm over the same process group, same
     tensors: the fused ops synchronize only those, and would otherwise take this process's
     batch statistics alone under DDP."""
-    stem = _torchvision_stem()
+    stem, timm = _torchvision_stem(), _timm_stem()
     fused_types = (ResidualBlock,) + ((stem.TorchvisionResNetFusedStem, stem.GetterFusedStem)
-                                     if stem else ())
+                                     if stem else ()) + (
+                                         (timm.TimmResNetFusedStem,) if timm else ())
     for module in list(model.modules()):
         if isinstance(module, ResidualBlock):  # its BNs: main path and projection
             places = [(module, name) for name, _ in module.named_children()]
             if isinstance(module.downsample, nn.Sequential):
                 places += [(module.downsample, name) for name, _ in
                            module.downsample.named_children()]
-        elif isinstance(module, fused_types):  # a converted torchvision stem: bn1 alone
-            places = [(module, "bn1")]
+        elif isinstance(module, fused_types):  # a converted torchvision / timm stem: bn1,
+            places = [(module, "bn1")]          # and a deep stem's BNs
+            if isinstance(getattr(module, "conv1", None), nn.Sequential):
+                places += [(module.conv1, name) for name, _ in module.conv1.named_children()]
         else:
             continue
         for holder, name in places:
@@ -325,7 +337,9 @@ def convert(model: nn.Module, backend: str = "auto", *, sync_bn: bool = False,
     maxpool runs fused too (`nn.torchvision_stem`: the object's class swapped, its maxpool a
     FusedMaxPool2d, no tensor or key changed); its head runs as before. So does the stem in
     torchvision's `IntermediateLayerGetter` over a ResNet (DeepLabV3, FCN, detection
-    backbones), unless it returns the output of conv1, bn1 or relu.
+    backbones), unless it returns the output of conv1, bn1 or relu, and in a timm ResNet
+    (`nn.timm_stem`: its forward_features, where the stem is conv1 -> bn1 -> act1 ->
+    maxpool of plain modules).
 
     sync_bn / process_group: also turn every BatchNorm2d into a FusedSyncBatchNorm over
     `process_group` (None: the world), same tensors and keys: under torch.distributed,

@@ -3,8 +3,9 @@ conv1x1, BN)`, a 2x2 average pool (ceil mode, padding not counted) doing the str
 Identity where there is none. A fused block runs it conv by conv, calling the pool module as
 itself; `fr.convert` swaps such blocks, and a block built with one takes it. Compared with
 the same block run by torch in fp64 (training: outputs, input and parameter gradients,
-running statistics; eval), odd map sizes included (where ceil mode matters). timm is not a
-test dependency: the blocks are torchvision's with ResNet-D's downsample, as timm builds."""
+running statistics; eval), odd map sizes included (where ceil mode matters). The blocks
+here are torchvision's with ResNet-D's downsample, as timm builds them; timm's own resnet26d
+and resnet50d, converted whole, are in test_timm_stem.py."""
 
 import copy
 import warnings

@@ -36,14 +36,31 @@ def _window_out(size: tuple[int, int], kernel, stride, padding, dilation=1,
     return tuple(out)
 
 
+def _stem_pairs(model: nn.Module) -> Optional[list[tuple[nn.Conv2d, Optional[nn.Module]]]]:
+    """(conv, the module after it) for each conv of the stem: conv1 and bn1, or in a deep
+    stem (ResNet-D: conv1 a Sequential of conv, BN, ReLU, ..., conv) each conv and the
+    module after it, the last conv with bn1; None for a conv1 of another kind."""
+    conv1, bn1 = model.conv1, getattr(model, "bn1", None)
+    if isinstance(conv1, nn.Conv2d):
+        return [(conv1, bn1)]
+    if not isinstance(conv1, nn.Sequential) or not isinstance(conv1[0], nn.Conv2d):
+        return None
+    mods = list(conv1) + [bn1]
+    return [(m, mods[i + 1]) for i, m in enumerate(mods[:-1]) if isinstance(m, nn.Conv2d)]
+
+
 def _stage_sizes(model: nn.Module, size: tuple[int, int]) -> Optional[list[tuple]]:
     """((h, w), BN or None) for each map of `model`, in order, for an (H, W) = `size`
     input: the conv outputs with the BN that normalizes each (a projection's BN normalizes
     a map of its block's output size), the pool's output with None; None where a module's
     effect on the size is unknown (a pool or block of another kind)."""
-    conv = model.conv1
-    maps = [(_window_out(size, conv.kernel_size, conv.stride, conv.padding, conv.dilation),
-             getattr(model, "bn1", None))]
+    pairs = _stem_pairs(model)
+    if pairs is None:
+        return None
+    maps = []
+    for conv, bn in pairs:
+        maps.append((_window_out(maps[-1][0] if maps else size, conv.kernel_size, conv.stride,
+                                 conv.padding, conv.dilation), bn))
     pool = getattr(model, "maxpool", None)
     if isinstance(pool, nn.MaxPool2d):
         maps.append((_window_out(maps[-1][0], pool.kernel_size, pool.stride, pool.padding,
@@ -97,9 +114,10 @@ def check_image_batch(model: nn.Module, x: Tensor) -> None:
         raise ValueError(f"x must be an image batch (N, C, H, W), got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         raise ValueError(f"x must be a floating-point tensor, got {x.dtype}")
-    if x.shape[1] != model.conv1.in_channels:
-        raise ValueError(f"x has {x.shape[1]} channels; the model takes "
-                         f"{model.conv1.in_channels}")
+    pairs = _stem_pairs(model)
+    in_channels = pairs[0][0].in_channels if pairs else x.shape[1]
+    if x.shape[1] != in_channels:
+        raise ValueError(f"x has {x.shape[1]} channels; the model takes {in_channels}")
     if x.shape[2] < 1 or x.shape[3] < 1:
         raise ValueError(f"x must have H, W >= 1, got {tuple(x.shape)}")
     if not model.training:

@@ -99,7 +99,7 @@ def _square(value) -> Optional[int]:
     return None
 
 
-def _pool_window(pool: nn.MaxPool2d) -> Optional[tuple[int, int, int]]:
+def pool_window(pool: nn.MaxPool2d) -> Optional[tuple[int, int, int]]:
     """(kernel, stride, padding) of a square max-pool window with dilation 1, floor mode and
     no indices (what FusedMaxPool2d runs), else None."""
     window = tuple(_square(getattr(pool, k)) for k in ("kernel_size", "stride", "padding"))
@@ -108,27 +108,35 @@ def _pool_window(pool: nn.MaxPool2d) -> Optional[tuple[int, int, int]]:
     return window
 
 
-def _unfusable_reason(model: nn.Module, conv_reason) -> Optional[str]:
-    """Why the stem of `model` (a ResNet or a getter that holds conv1 ... maxpool) cannot run
-    as `conv_bn_relu_pool`, or None. `conv_reason` (name, conv) -> reason or None is
-    convert's check of a conv."""
-    conv, bn, relu, pool = (getattr(model, n) for n in STEM_NAMES)
+def stem_unfusable_reason(model: nn.Module, conv_reason,
+                          names: tuple[str, ...] = STEM_NAMES) -> Optional[str]:
+    """Why the stem of `model` (a ResNet or a getter that holds conv1 ... maxpool; `names`:
+    its conv, BN, ReLU and pool attributes, torchvision's by default) cannot run as
+    `conv_bn_relu_pool`, or None. `conv_reason` (name, conv) -> reason or None is convert's
+    check of a conv."""
+    return stem_modules_reason([getattr(model, n) for n in names], names, conv_reason)
+
+
+def stem_modules_reason(modules: list[nn.Module], names: tuple[str, ...],
+                        conv_reason) -> Optional[str]:
+    """`stem_unfusable_reason` of the conv, BN, ReLU and pool `modules`, called `names`."""
+    conv, bn, relu, pool = modules
     if type(conv) is not nn.Conv2d or type(bn) not in BN_TYPES:  # subclasses may compute otherwise
-        return (f"conv1 / bn1 are {type(conv).__name__} / {type(bn).__name__}, not a plain "
-                "Conv2d and BatchNorm2d")
-    reason = conv_reason("conv1", conv)
+        return (f"{names[0]} / {names[1]} are {type(conv).__name__} / {type(bn).__name__}, "
+                "not a plain Conv2d and BatchNorm2d")
+    reason = conv_reason(names[0], conv)
     if reason is not None:
         return reason
     if conv.groups != 1:
-        return f"conv1 has groups={conv.groups}"
+        return f"{names[0]} has groups={conv.groups}"
     if type(relu) is not nn.ReLU:
-        return f"relu is {type(relu).__name__}, not nn.ReLU"
+        return f"{names[2]} is {type(relu).__name__}, not nn.ReLU"
     if type(pool) is not nn.MaxPool2d:
-        return f"maxpool is {type(pool).__name__}, not nn.MaxPool2d"
-    if _pool_window(pool) is None:
-        return (f"maxpool is not a square window with dilation 1, floor mode and no indices "
-                f"({pool})")
-    hooked = [n for n in STEM_NAMES if has_call_hooks(getattr(model, n))]
+        return f"{names[3]} is {type(pool).__name__}, not nn.MaxPool2d"
+    if pool_window(pool) is None:
+        return (f"{names[3]} is not a square window with dilation 1, floor mode and no "
+                f"indices ({pool})")
+    hooked = [n for n, m in zip(names, modules) if has_call_hooks(m)]
     if hooked:  # fused, their forward would not be called
         return f"hooks on {', '.join(hooked)} (the fused stem runs them as one op)"
     return None
@@ -147,12 +155,12 @@ def fuse_stem(model: nn.Module, backend: str, conv_reason) -> None:
         fused_class, reason = GetterFusedStem, _getter_stem_reason(model)
     else:
         return
-    reason = reason or _unfusable_reason(model, conv_reason)
+    reason = reason or stem_unfusable_reason(model, conv_reason)
     if reason is not None:
         warnings.warn(f"convert: left the stem of {type(model).__name__} unfused: {reason}",
                       RuntimeWarning, stacklevel=4)
         return
-    fused_pool = FusedMaxPool2d(*_pool_window(model.maxpool), backend=backend)
+    fused_pool = FusedMaxPool2d(*pool_window(model.maxpool), backend=backend)
     fused_pool.train(model.maxpool.training)
     model.maxpool = fused_pool
     adopt(model.bn1)
