@@ -1,9 +1,10 @@
-"""`fr.convert` on timm's ResNets fuses the stem too (`nn/timm_stem.py`): conv1 -> bn1 ->
-act1 -> maxpool as one op, and ResNet-D's deep stem (resnet*d: conv1 a Sequential of three
-convs) with its first two conv -> BN -> ReLU fused each. Against a copy of the timm model in
-fp64: logits, the input's and every parameter's gradient, the running stats, in training and
-eval; the same object and state-dict keys. Stems fused ops cannot stand for are left, warned;
-hooks or another activation set later make a call run timm's own forward_features."""
+"""`fr.convert` on timm's ResNets swaps every block and fuses the stem too
+(`nn/timm_stem.py`): conv1 -> bn1 -> act1 -> maxpool as one op, and ResNet-D's deep stem
+(resnet*d: conv1 a Sequential of three convs) with its first two conv -> BN -> ReLU fused
+each. Against a copy of the timm model in fp64: logits, the input's and every parameter's
+gradient, the running stats, in training and eval; the same object and state-dict keys.
+Stems fused ops cannot stand for are left, warned; hooks or another activation set later
+make a call run timm's own forward_features."""
 
 import copy
 import pickle
@@ -85,6 +86,9 @@ def _assert_same(model: nn.Module, reference: nn.Module, size: int,
 def test_named_timm_resnets_run_a_fused_stem(arch, backend):
     model, reference = _converted(_named(arch), backend)
     assert type(model) is TimmResNetFusedStem and type(model.maxpool) is fr.nn.FusedMaxPool2d
+    blocks = [b for stage in (model.layer1, model.layer2, model.layer3, model.layer4)
+              for b in stage]
+    assert all(type(b) in (fr.nn.FusedBasicBlock, fr.nn.FusedBottleneck) for b in blocks)
     assert list(model.state_dict()) == list(reference.state_dict())
     _assert_same(model, reference, 37)  # odd sizes: the pools' floor mode matters
 
