@@ -47,17 +47,24 @@ _FUNCTORCH_TOP = getattr(getattr(torch._C, "_functorch", None), "peek_interprete
                          lambda: None)
 
 
+@getattr(torch.compiler, "assume_constant_result", lambda fn: fn)
+def _functorch_active() -> bool:
+    """Whether a torch.func transform runs around the call. While dynamo traces, it runs
+    this once and takes the answer as a constant of the graph (its guards on torch.func's
+    stack recompile where that changes); it would judge `peek_interpreter_stack() is None`
+    wrongly itself (torch 2.14: always "a transform")."""
+    return _FUNCTORCH_TOP() is not None
+
+
 def transform_reason() -> Optional[str]:
     """Why fused kernels cannot run here: a torch.func transform (grad, vmap, jvp, jacrev,
     functional per-sample gradients) runs around the call, or forward-mode AD's dual level
     (`torch.autograd.forward_ad.dual_level`) is open. The fused ops are autograd Functions
     and custom ops without functorch rules or a jvp, and Triton launches that read raw
     pointers; the reference ops (torch functions) support both. torch.func.functional_call
-    alone is no transform. None otherwise, and always while dynamo compiles (it traces
-    transforms itself)."""
-    if torch.compiler.is_compiling():
-        return None
-    if _FUNCTORCH_TOP() is not None:
+    alone is no transform. None otherwise. Under torch.compile too: a compiled function
+    that calls torch.func.grad or jvp over fused code traces the reference ops."""
+    if _functorch_active():
         return "a torch.func transform (grad, vmap, jvp, ...) runs around it"
     if getattr(_forward_ad, "_current_level", -1) >= 0:
         return "forward-mode AD (a torch.autograd.forward_ad.dual_level) is open"
@@ -200,6 +207,8 @@ def resolve(backend: str, op: str, device: torch.device, exclude: tuple[str, ...
     check_backend_name(backend)
     transform = transform_reason()
     if transform is not None:
+        # (while dynamo compiles, the warning breaks the graph: the transform then runs
+        # eagerly, where torch 2.14's traced jvp over a BN fails)
         warnings.warn(f"fused_resnet's {op} runs on the reference ops: {transform}",
                       stacklevel=3)
         return "reference"

@@ -123,3 +123,23 @@ def test_models_run_on_the_meta_device(backend):
         for training in (True, False):
             out = model.train(training)(x)
             assert out.shape == (2, 10) and out.device.type == "meta"
+
+
+@pytest.mark.parametrize("cut", [("layer4",), ("layer3", "layer4")], ids=["layer4", "layer3-4"])
+def test_stages_cut_off_as_identity_train_as_torchvisions(cut):
+    """A backbone truncated the usual way (a stage set to nn.Identity): the batch check
+    skips it, and a training step matches torchvision's model cut alike (fp64)."""
+    torch.manual_seed(0)
+    ours = fr.models.resnet18(num_classes=10, backend="reference").double()
+    theirs = torchvision.models.resnet18(num_classes=10).double()
+    theirs.load_state_dict(ours.state_dict())
+    width = {1: 256, 2: 128}[len(cut)]
+    for model in (ours, theirs):
+        for name in cut:
+            setattr(model, name, nn.Identity())
+        model.fc = nn.Linear(width, 10).double()
+    theirs.fc.load_state_dict(ours.fc.state_dict())
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    torch.testing.assert_close(ours.train()(x), theirs.train()(x), rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        ours(torch.randn(1, 3, 4, 4, dtype=torch.float64))  # the check still runs

@@ -272,3 +272,40 @@ def _dual_call(call, x):
 
     with fwad.dual_level():
         return call(fwad.make_dual(x, torch.ones_like(x)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compiled_transforms_equal_eager_torchvision(backend):
+    """torch.compile around torch.func.grad / jvp over a fused block (and over fr.ops):
+    the transform is seen while dynamo traces, and the results are torch's (they were
+    zeros when the fused ops ran inside the traced transform)."""
+    import torchvision
+
+    torch.manual_seed(0)
+    block = fr.nn.FusedBasicBlock(4, 4, backend=backend).double().to(DEVICE).eval()
+    with torch.no_grad():
+        block.bn1.weight.uniform_(0.5, 1.5), block.bn2.bias.uniform_(-0.5, 0.5)
+    twin = torchvision.models.resnet.BasicBlock(4, 4).double().to(DEVICE).eval()
+    twin.load_state_dict(block.state_dict())
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64, device=DEVICE)
+    params = {k: v.detach() for k, v in block.named_parameters()}
+
+    def loss(p, module, xx):
+        return torch.func.functional_call(module, p, (xx,)).square().sum()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "runs unfused" (it breaks the compiled graph)
+        got = torch.compile(lambda p, xx: torch.func.grad(loss)(p, block, xx),
+                            backend="aot_eager")(params, x)
+        tangent = torch.compile(lambda xx: torch.func.jvp(block, (xx,), (xx,))[1],
+                                backend="aot_eager")(x)
+        _, op_p = _op_tensors()
+        op = _op_calls()["conv_bn_act eval"]
+        op_x = torch.randn(2, 4, 6, 6, dtype=torch.float64, device=DEVICE)
+        op_tangent = torch.compile(lambda xx: torch.func.jvp(
+            lambda t: op(t, op_p, backend), (xx,), (xx,))[1], backend="aot_eager")(op_x)
+    expected = torch.func.grad(loss)(params, twin, x)
+    for name in expected:
+        _close(got[name], expected[name])
+    _close(tangent, torch.func.jvp(twin, (x,), (x,))[1])
+    _close(op_tangent, torch.func.jvp(lambda t: op(t, op_p, "reference"), (op_x,), (op_x,))[1])

@@ -176,3 +176,18 @@ def test_sync_batch_norms_of_a_deep_stem_are_kept_synchronized():
         fr.convert(model, backend="reference")
     for bn in (model.conv1[1], model.conv1[4], model.bn1):
         assert type(bn) is fr.nn.FusedSyncBatchNorm
+
+
+def test_fx_graph_of_a_deep_stem_has_timms_node_names():
+    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+    model, reference = _converted(_tiny(True), "reference")
+    model.eval(), reference.eval()
+    stem = ("conv1", "bn1", "act1")
+    names = [n for n in get_graph_node_names(model)[1] if n.startswith(stem)]
+    assert names == [n for n in get_graph_node_names(reference)[1] if n.startswith(stem)]
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64, device=DEVICE)
+    got = create_feature_extractor(model, ["conv1.2", "conv1.5", "act1"])(x)
+    expected = create_feature_extractor(reference, ["conv1.2", "conv1.5", "act1"])(x)
+    for name in expected:
+        _close(got[name], expected[name], name)

@@ -71,7 +71,12 @@ def _stage_sizes(model: nn.Module, size: tuple[int, int]) -> Optional[list[tuple
     elif not (pool is None or isinstance(pool, nn.Identity)):
         return None
     for name in ("layer1", "layer2", "layer3", "layer4"):
-        for block in getattr(model, name, ()):
+        stage = getattr(model, name, None)
+        if stage is None or isinstance(stage, nn.Identity):  # a stage cut off: no map
+            continue
+        if not isinstance(stage, nn.Sequential):
+            return None
+        for block in stage:
             for i in (1, 2, 3):
                 conv = getattr(block, f"conv{i}", None)
                 if i < 3 and not isinstance(conv, nn.Conv2d):

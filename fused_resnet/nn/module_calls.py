@@ -129,6 +129,8 @@ def module_call_reason(pairs: list[tuple[nn.Module, nn.Module]],
 
 def warn_module_calls(what: str, reason: str) -> None:
     """The warning of fused code that calls modules as themselves (`what` runs unfused): once
-    per message and place, Python's default filter."""
+    per message and place, Python's default filter. While dynamo compiles, the warning
+    breaks the graph (fullgraph=True: fails, naming it): the modules, or the torch.func
+    transform around them, then run eagerly (a traced jvp over a BN fails in torch 2.14)."""
     warnings.warn(f"{what} runs unfused, calling its modules as torch does: {reason}",
                   stacklevel=2)

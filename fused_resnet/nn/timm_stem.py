@@ -20,8 +20,8 @@ timm whose `forward_features` reads other attributes than it read when this was 
 (`TIMM_FEATURE_NAMES`): it would compute something this class does not know of. convert
 warns why it leaves a stem. Hooks on a deep stem's Sequential or ReLUs, or an activation
 swapped in for one of them after the conversion, make the call run timm's own
-`forward_features`. This module imports timm; `convert` imports it only where timm is
-already imported.
+`forward_features`, and so does a deep stem while torch.fx traces (timm's node names).
+This module imports timm; `convert` imports it only where timm is already imported.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from fused_resnet.nn.batch_check import check_image_batch
 from fused_resnet.nn.conv_bn import FoldingModule, conv_bn_act
 from fused_resnet.nn.frozen_bn import BN_TYPES, adopt
-from fused_resnet.nn.module_calls import activation_reason, has_call_hooks
+from fused_resnet.nn.module_calls import activation_reason, has_call_hooks, tracing_layers
 from fused_resnet.nn.pool import FusedMaxPool2d, conv_bn_relu_pool
 from fused_resnet.nn.torchvision_stem import pool_window, stem_modules_reason
 
@@ -59,8 +59,9 @@ class TimmResNetFusedStem(FoldingModule, TimmResNet):
 
     def forward_features(self, x: Tensor) -> Tensor:
         deep = isinstance(self.conv1, nn.Sequential)
-        if deep and _deep_call_reason(self.conv1) is not None:
-            return TimmResNet.forward_features(self, x)  # its modules, as timm calls them
+        if deep and (tracing_layers() or _deep_call_reason(self.conv1) is not None):
+            # its modules, as timm calls them (fx: timm's node names, conv1.2 ...)
+            return TimmResNet.forward_features(self, x)
         check_image_batch(self, x)  # before any layer: a failing batch moves no statistic
         conv = self.conv1
         if deep:  # conv -> BN -> ReLU twice, each one fused op, then the last conv below
