@@ -176,3 +176,20 @@ def test_feature_extractor_takes_torchvisions_node_names():
     expected = create_feature_extractor(tv.eval(), nodes)(x)
     for name in nodes.values():
         torch.testing.assert_close(got[name], expected[name], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("backend", MODEL_BACKENDS)
+def test_stem_conv_swapped_in_with_a_bias_runs_as_torchvision(backend):
+    """A grayscale model's new stem conv with nn.Conv2d's default bias=True: the stem runs
+    as torchvision's, warned, rather than raising (fp64, training then eval)."""
+    fused, tv = _twins(18, backend)
+    torch.manual_seed(3)
+    fused.conv1 = nn.Conv2d(1, 64, 7, 2, 3).double().to(DEVICE)
+    tv.conv1 = nn.Conv2d(1, 64, 7, 2, 3).double().to(DEVICE)
+    tv.conv1.load_state_dict(fused.conv1.state_dict())
+    x = _x(1, 32)
+    for training in (True, False):
+        fused.train(training), tv.train(training)
+        with pytest.warns(UserWarning, match="the stem runs unfused.*bias=False"):
+            out = fused(x)
+        torch.testing.assert_close(out, tv(x), rtol=1e-10, atol=1e-10)

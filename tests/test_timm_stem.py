@@ -191,3 +191,21 @@ def test_fx_graph_of_a_deep_stem_has_timms_node_names():
     expected = create_feature_extractor(reference, ["conv1.2", "conv1.5", "act1"])(x)
     for name in expected:
         _close(got[name], expected[name], name)
+
+
+@pytest.mark.parametrize("where", ["conv1.0", "conv1.6", "plain conv1"])
+def test_a_stem_conv_swapped_in_with_a_bias_runs_as_timm(where):
+    """nn.Conv2d's default bias=True (a grayscale input's new stem conv): the stem runs as
+    timm's, warned, rather than raising."""
+    model, reference = _converted(_tiny(where != "plain conv1"), "reference")
+    for m in (model, reference):
+        torch.manual_seed(3)
+        old = m.conv1 if where == "plain conv1" else m.conv1[int(where[-1])]
+        new = nn.Conv2d(old.in_channels, old.out_channels, old.kernel_size, old.stride,
+                        old.padding).double().to(DEVICE)
+        if where == "plain conv1":
+            m.conv1 = new
+        else:
+            m.conv1[int(where[-1])] = new
+    with pytest.warns(UserWarning, match="the stem runs unfused.*bias=False"):
+        _assert_same(model, reference, 16)

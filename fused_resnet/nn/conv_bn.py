@@ -107,18 +107,24 @@ def fused_conv_bn_act(
     return out
 
 
-def check_conv(conv: nn.Conv2d) -> None:
-    """A conv the fused ops take (BN's shift as its bias, square stride, padding and
-    dilation)."""
+def conv_reason(conv: nn.Conv2d) -> Optional[str]:
+    """Why the fused ops cannot take `conv` (they take BN's shift as its bias, zero padding,
+    a square stride, padding and dilation), or None."""
     if conv.bias is not None:
-        raise ValueError("conv must have bias=False (the BatchNorm shift plays its role)")
+        return "conv must have bias=False (the BatchNorm shift plays its role)"
     if conv.padding_mode != "zeros":
-        raise ValueError(f"conv must have padding_mode='zeros', got {conv.padding_mode!r}")
+        return f"conv must have padding_mode='zeros', got {conv.padding_mode!r}"
     if not square_geometry(conv):
-        raise ValueError(
-            f"conv must have square stride, padding and dilation, got {conv.stride}, "
-            f"{conv.padding}, {conv.dilation}"
-        )
+        return (f"conv must have square stride, padding and dilation, got {conv.stride}, "
+                f"{conv.padding}, {conv.dilation}")
+    return None
+
+
+def check_conv(conv: nn.Conv2d) -> None:
+    """A conv the fused ops take (`conv_reason`), else ValueError."""
+    reason = conv_reason(conv)
+    if reason is not None:
+        raise ValueError(reason)
 
 
 def square_geometry(conv: nn.Conv2d) -> bool:

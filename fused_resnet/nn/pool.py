@@ -16,6 +16,7 @@ from fused_resnet.nn.conv_bn import (
     adopt_frozen_bns,
     cached_fold,
     check_conv,
+    conv_reason,
     fused_conv_bn_act,
 )
 from fused_resnet.nn.module_calls import (
@@ -71,6 +72,10 @@ def conv_bn_relu_pool(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d,
     tracing = tracing_layers()
     others = () if pool is None else (pool,)
     reason = None if tracing else module_call_reason([(conv, bn)], others, relu)
+    if reason is None and not tracing and isinstance(conv, nn.Conv2d):
+        # a stem conv swapped in that fused ops cannot take (nn.Conv2d's default bias=True
+        # for grayscale input, a reflect padding): torch's computation, not an error
+        reason = conv_reason(conv)
     if reason is not None:
         warn_module_calls("the stem", reason)
     if tracing or reason is not None:  # the modules called, as torchvision's stem does

@@ -34,9 +34,14 @@ from timm.models.resnet import ResNet as TimmResNet
 from torch import Tensor, nn
 
 from fused_resnet.nn.batch_check import check_image_batch
-from fused_resnet.nn.conv_bn import FoldingModule, conv_bn_act
+from fused_resnet.nn.conv_bn import FoldingModule, conv_bn_act, conv_reason
 from fused_resnet.nn.frozen_bn import BN_TYPES, adopt
-from fused_resnet.nn.module_calls import activation_reason, has_call_hooks, tracing_layers
+from fused_resnet.nn.module_calls import (
+    activation_reason,
+    has_call_hooks,
+    tracing_layers,
+    warn_module_calls,
+)
 from fused_resnet.nn.pool import FusedMaxPool2d, conv_bn_relu_pool
 from fused_resnet.nn.torchvision_stem import pool_window, stem_modules_reason
 
@@ -59,9 +64,13 @@ class TimmResNetFusedStem(FoldingModule, TimmResNet):
 
     def forward_features(self, x: Tensor) -> Tensor:
         deep = isinstance(self.conv1, nn.Sequential)
-        if deep and (tracing_layers() or _deep_call_reason(self.conv1) is not None):
-            # its modules, as timm calls them (fx: timm's node names, conv1.2 ...)
-            return TimmResNet.forward_features(self, x)
+        if deep:  # its modules, as timm calls them (fx: timm's node names, conv1.2 ...)
+            if tracing_layers():
+                return TimmResNet.forward_features(self, x)
+            reason = _deep_call_reason(self.conv1)
+            if reason is not None:
+                warn_module_calls("the stem", reason)
+                return TimmResNet.forward_features(self, x)
         check_image_batch(self, x)  # before any layer: a failing batch moves no statistic
         conv = self.conv1
         if deep:  # conv -> BN -> ReLU twice, each one fused op, then the last conv below
@@ -115,14 +124,21 @@ def _deep_stem_reason(stem: nn.Sequential, conv_reason) -> Optional[str]:
 
 def _deep_call_reason(stem: nn.Sequential) -> Optional[str]:
     """Per call: why a converted deep stem must run as timm runs it (hooks on the Sequential,
-    modules added or removed, another activation or hooks on its ReLUs, set since the
-    conversion), or None. Hooks on its convs and BNs, or other classes there, are
-    `conv_bn_act`'s to see."""
+    modules added or removed, another activation or hooks on its ReLUs, a conv the fused
+    ops cannot take, set since the conversion), or None. Hooks on its convs and BNs, or
+    other classes there, are `conv_bn_act`'s to see."""
     if has_call_hooks(stem):
         return "hooks on conv1"
     if len(stem) != len(DEEP_STEM):
         return f"conv1 holds {len(stem)} modules, not a deep stem's {len(DEEP_STEM)}"
-    return activation_reason(stem[2]) or activation_reason(stem[5])
+    return (activation_reason(stem[2]) or activation_reason(stem[5]) or
+            _swapped_conv_reason(stem[0]) or _swapped_conv_reason(stem[3]))
+
+
+def _swapped_conv_reason(conv: nn.Module) -> Optional[str]:
+    """Why a deep stem's conv, swapped since the conversion, cannot run fused (a bias, a
+    padding mode: `conv_reason`), or None (other classes are conv_bn_act's to see)."""
+    return conv_reason(conv) if isinstance(conv, nn.Conv2d) else None
 
 
 def fuse_stem(model: nn.Module, backend: str, conv_reason) -> None:
