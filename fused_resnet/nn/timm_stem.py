@@ -26,24 +26,24 @@ This module imports timm; `convert` imports it only where timm is already import
 
 from __future__ import annotations
 
-import warnings
 from typing import Optional
 
 import torch
 from timm.models.resnet import ResNet as TimmResNet
 from torch import Tensor, nn
 
+from fused_resnet.nn import conv_bn
 from fused_resnet.nn.batch_check import check_image_batch
-from fused_resnet.nn.conv_bn import FoldingModule, conv_bn_act, conv_reason
-from fused_resnet.nn.frozen_bn import BN_TYPES, adopt
+from fused_resnet.nn.conv_bn import FoldingModule, conv_bn_act
+from fused_resnet.nn.frozen_bn import BN_TYPES
 from fused_resnet.nn.module_calls import (
     activation_reason,
     has_call_hooks,
     tracing_layers,
     warn_module_calls,
 )
-from fused_resnet.nn.pool import FusedMaxPool2d, conv_bn_relu_pool
-from fused_resnet.nn.torchvision_stem import pool_window, stem_modules_reason
+from fused_resnet.nn.pool import conv_bn_relu_pool
+from fused_resnet.nn.torchvision_stem import stem_modules_reason, swap_stem
 
 STEM_NAMES = ("conv1", "bn1", "act1", "maxpool")
 # What timm's ResNet.forward_features reads (timm 1.0.x): its stem, its stages, the
@@ -138,7 +138,7 @@ def _deep_call_reason(stem: nn.Sequential) -> Optional[str]:
 def _swapped_conv_reason(conv: nn.Module) -> Optional[str]:
     """Why a deep stem's conv, swapped since the conversion, cannot run fused (a bias, a
     padding mode: `conv_reason`), or None (other classes are conv_bn_act's to see)."""
-    return conv_reason(conv) if isinstance(conv, nn.Conv2d) else None
+    return conv_bn.conv_reason(conv) if isinstance(conv, nn.Conv2d) else None
 
 
 def fuse_stem(model: nn.Module, backend: str, conv_reason) -> None:
@@ -157,15 +157,5 @@ def fuse_stem(model: nn.Module, backend: str, conv_reason) -> None:
         reason = _deep_stem_reason(model.conv1, conv_reason)
         modules[0], names = model.conv1[-1], ("conv1.6",) + STEM_NAMES[1:]
     reason = reason or stem_modules_reason(modules, names, conv_reason)
-    if reason is not None:
-        warnings.warn(f"convert: left the stem of timm's ResNet unfused: {reason}",
-                      RuntimeWarning, stacklevel=4)
-        return
-    fused_pool = FusedMaxPool2d(*pool_window(model.maxpool), backend=backend)
-    fused_pool.train(model.maxpool.training)
-    model.maxpool = fused_pool
-    for m in model.conv1.modules() if isinstance(model.conv1, nn.Sequential) else ():
-        adopt(m)
-    adopt(model.bn1)
-    model.stem_backend = backend
-    model.__class__ = TimmResNetFusedStem
+    deep = tuple(model.conv1) if isinstance(model.conv1, nn.Sequential) else ()
+    swap_stem(model, TimmResNetFusedStem, backend, reason, "timm's ResNet", deep)

@@ -156,13 +156,23 @@ def fuse_stem(model: nn.Module, backend: str, conv_reason) -> None:
     else:
         return
     reason = reason or stem_unfusable_reason(model, conv_reason)
+    swap_stem(model, fused_class, backend, reason, type(model).__name__)
+
+
+def swap_stem(model: nn.Module, fused_class: type, backend: str, reason: Optional[str],
+              label: str, norms: tuple[nn.Module, ...] = ()) -> None:
+    """convert's last step on a stem (`fuse_stem` here and in nn/timm_stem.py): where
+    `reason` says why it cannot run fused, a warning naming `label`; otherwise `model`'s
+    class becomes `fused_class` on `backend`, its maxpool a FusedMaxPool2d of the same
+    window, its bn1 (and the modules `norms`: a deep stem's) adopted where frozen."""
     if reason is not None:
-        warnings.warn(f"convert: left the stem of {type(model).__name__} unfused: {reason}",
-                      RuntimeWarning, stacklevel=4)
+        warnings.warn(f"convert: left the stem of {label} unfused: {reason}",
+                      RuntimeWarning, stacklevel=5)
         return
     fused_pool = FusedMaxPool2d(*pool_window(model.maxpool), backend=backend)
     fused_pool.train(model.maxpool.training)
     model.maxpool = fused_pool
-    adopt(model.bn1)
+    for module in (*norms, model.bn1):
+        adopt(module)
     model.stem_backend = backend
     model.__class__ = fused_class
