@@ -75,7 +75,8 @@ def conv_bn_relu_pool(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d,
     if reason is None and not tracing and isinstance(conv, nn.Conv2d):
         # a stem conv swapped in that fused ops cannot take (nn.Conv2d's default bias=True
         # for grayscale input, a reflect padding): torch's computation, not an error
-        reason = conv_reason(conv)
+        unfit = conv_reason(conv)
+        reason = None if unfit is None else f"its conv is not one fused ops take ({unfit})"
     if reason is not None:
         warn_module_calls("the stem", reason)
     if tracing or reason is not None:  # the modules called, as torchvision's stem does

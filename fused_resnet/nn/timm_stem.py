@@ -138,7 +138,8 @@ def _deep_call_reason(stem: nn.Sequential) -> Optional[str]:
 def _swapped_conv_reason(conv: nn.Module) -> Optional[str]:
     """Why a deep stem's conv, swapped since the conversion, cannot run fused (a bias, a
     padding mode: `conv_reason`), or None (other classes are conv_bn_act's to see)."""
-    return conv_bn.conv_reason(conv) if isinstance(conv, nn.Conv2d) else None
+    unfit = conv_bn.conv_reason(conv) if isinstance(conv, nn.Conv2d) else None
+    return None if unfit is None else f"a conv of conv1 is not one fused ops take ({unfit})"
 
 
 def fuse_stem(model: nn.Module, backend: str, conv_reason) -> None:
