@@ -260,9 +260,11 @@ def _keep_sync(model: nn.Module) -> None:
     tensors: the fused ops synchronize only those, and would otherwise take this process's
     batch statistics alone under DDP."""
     stem, timm = _torchvision_stem(), _timm_stem()
-    fused_types = (ResidualBlock,) + ((stem.TorchvisionResNetFusedStem, stem.GetterFusedStem)
-                                     if stem else ()) + (
-                                         (timm.TimmResNetFusedStem,) if timm else ())
+    fused_types: tuple[type, ...] = (ResidualBlock,)
+    if stem is not None:
+        fused_types += (stem.TorchvisionResNetFusedStem, stem.GetterFusedStem)
+    if timm is not None:
+        fused_types += (timm.TimmResNetFusedStem,)
     for module in list(model.modules()):
         if isinstance(module, ResidualBlock):  # its BNs: main path and projection
             places = [(module, name) for name, _ in module.named_children()]

@@ -49,12 +49,14 @@ def _stem_pairs(model: nn.Module) -> Optional[list[tuple[nn.Conv2d, Optional[nn.
     return [(m, mods[i + 1]) for i, m in enumerate(mods[:-1]) if isinstance(m, nn.Conv2d)]
 
 
-def _stage_sizes(model: nn.Module, size: tuple[int, int]) -> Optional[list[tuple]]:
+def _stage_sizes(model: nn.Module, size: tuple[int, int],
+                 pairs: Optional[list[tuple]] = None) -> Optional[list[tuple]]:
     """((h, w), BN or None) for each map of `model`, in order, for an (H, W) = `size`
     input: the conv outputs with the BN that normalizes each (a projection's BN normalizes
     a map of its block's output size), the pool's output with None; None where a module's
-    effect on the size is unknown (a pool or block of another kind)."""
-    pairs = _stem_pairs(model)
+    effect on the size is unknown (a pool or block of another kind). `pairs`: the stem's
+    `_stem_pairs`, where the caller has them."""
+    pairs = _stem_pairs(model) if pairs is None else pairs
     if pairs is None:
         return None
     maps = []
@@ -127,7 +129,7 @@ def check_image_batch(model: nn.Module, x: Tensor) -> None:
         raise ValueError(f"x must have H, W >= 1, got {tuple(x.shape)}")
     if not model.training:
         return
-    maps = _stage_sizes(model, tuple(x.shape[2:]))
+    maps = _stage_sizes(model, tuple(x.shape[2:]), pairs)
     if maps is None:
         return  # each layer checks its own input
     # plain loops, no min(key=...): torch.compile traces this check (fullgraph)

@@ -15,7 +15,6 @@ from fused_resnet.nn.conv_bn import (
     _count,
     adopt_frozen_bns,
     cached_fold,
-    check_conv,
     conv_reason,
     fused_conv_bn_act,
 )
@@ -72,9 +71,10 @@ def conv_bn_relu_pool(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d,
     tracing = tracing_layers()
     others = () if pool is None else (pool,)
     reason = None if tracing else module_call_reason([(conv, bn)], others, relu)
-    if reason is None and not tracing and isinstance(conv, nn.Conv2d):
+    if reason is None and not tracing:  # (module_call_reason found a plain Conv2d)
         # a stem conv swapped in that fused ops cannot take (nn.Conv2d's default bias=True
-        # for grayscale input, a reflect padding): torch's computation, not an error
+        # for grayscale input, a reflect padding): torch's computation, not an error; the
+        # fused paths below need not check the conv again
         unfit = conv_reason(conv)
         reason = None if unfit is None else f"its conv is not one fused ops take ({unfit})"
     if reason is not None:
@@ -90,7 +90,6 @@ def conv_bn_relu_pool(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d,
         return pool(fused_conv_bn_act(x, conv, bn, backend=backend))
     if not bn.training:
         return _stem_eval(x, conv, bn, pool, backend)
-    check_conv(conv)
     bn_args, counting = _batchnorm_args(bn)
     out = ops.conv_bn_relu_max_pool(
         x, conv.weight, bn.weight, bn.bias, bn_args["running_mean"], bn_args["running_var"],
@@ -105,8 +104,8 @@ def _stem_eval(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, pool: FusedMaxPoo
                backend: str) -> Tensor:
     """pool(conv_bn_act(x, conv, bn)) in inference; where BN folds into the conv, a plan of
     an earlier such call that matches this one (the same input signature and compute dtype,
-    the same folded tensors: a refold after a weight or buffer changed makes new ones)."""
-    check_conv(conv)
+    the same folded tensors: a refold after a weight or buffer changed makes new ones).
+    `conv` is one the fused ops take (`conv_bn_relu_pool` asked `conv_reason`)."""
     folded = cached_fold(x, conv, bn, backend)
     if folded is None:
         return pool(fused_conv_bn_act(x, conv, bn, backend=backend))

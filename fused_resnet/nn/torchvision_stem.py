@@ -108,13 +108,12 @@ def pool_window(pool: nn.MaxPool2d) -> Optional[tuple[int, int, int]]:
     return window
 
 
-def stem_unfusable_reason(model: nn.Module, conv_reason,
-                          names: tuple[str, ...] = STEM_NAMES) -> Optional[str]:
-    """Why the stem of `model` (a ResNet or a getter that holds conv1 ... maxpool; `names`:
-    its conv, BN, ReLU and pool attributes, torchvision's by default) cannot run as
-    `conv_bn_relu_pool`, or None. `conv_reason` (name, conv) -> reason or None is convert's
-    check of a conv."""
-    return stem_modules_reason([getattr(model, n) for n in names], names, conv_reason)
+def stem_unfusable_reason(model: nn.Module, conv_reason) -> Optional[str]:
+    """Why the stem of `model` (a ResNet or a getter that holds conv1 ... maxpool) cannot run
+    as `conv_bn_relu_pool`, or None. `conv_reason` (name, conv) -> reason or None is
+    convert's check of a conv."""
+    return stem_modules_reason([getattr(model, n) for n in STEM_NAMES], STEM_NAMES,
+                               conv_reason)
 
 
 def stem_modules_reason(modules: list[nn.Module], names: tuple[str, ...],
