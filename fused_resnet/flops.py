@@ -118,6 +118,20 @@ class _Recorder(TorchDispatchMode):
             return self.param_owner.get(_storage_key(t))
         return None
 
+    def _follows(self, t) -> str:
+        """The name a ReLU / add row of input `t` takes, before its suffix: the BN whose output
+        `t` is (a residual add reads its main path's last BN first), that of the add whose
+        output `t` is, else the last named row. So a projection block's add and ReLU are
+        `bn3.add` / `bn3.relu` whether its shortcut ran before its main path (the fused blocks)
+        or after it (torchvision's)."""
+        index = self.producer.get(_storage_key(t)) if isinstance(t, Tensor) else None
+        row = None if index is None else self.report.rows[index]
+        if row is not None and row.kind == "batch_norm":
+            return row.name
+        if row is not None and row.kind == "add":
+            return row.name.removesuffix(".add")
+        return self.last_named
+
     def _row(self, func, args, out: Tensor) -> Optional[LayerRow]:
         shape = tuple(out.shape)
         if func is aten.convolution.default:
@@ -146,9 +160,11 @@ class _Recorder(TorchDispatchMode):
             name, params = self._owner(args[1]) or (self.last_named + ".bn", 0)
             return LayerRow(name, "batch_norm", shape, params=params, elementwise=out.numel())
         if func in _RELU:
-            return LayerRow(self.last_named + ".relu", "relu", shape, elementwise=out.numel())
+            return LayerRow(self._follows(args[0]) + ".relu", "relu", shape,
+                            elementwise=out.numel())
         if func in _ADD and all(isinstance(a, Tensor) and a.dim() == 4 for a in args[:2]):
-            return LayerRow(self.last_named + ".add", "add", shape, elementwise=out.numel())
+            return LayerRow(self._follows(args[0]) + ".add", "add", shape,
+                            elementwise=out.numel())
         if func in _POOL and isinstance(args[0], Tensor) and args[0].dim() == 4:
             name = "maxpool" if "max" in str(func) else "avgpool"  # torchvision's module names
             return LayerRow(name, "pool", shape, elementwise=args[0].numel())

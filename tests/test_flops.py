@@ -49,6 +49,12 @@ def test_counts_agree_with_torchvision_model_and_scale_with_batch():
     assert ours.macs == theirs.macs and ours.params == theirs.params
     # Same ops, same saved tensors (torchvision's in-place ReLU keeps the same storages).
     assert ours.activation_bytes == theirs.activation_bytes
+    # row by row under the same names, though a fused projection block runs its shortcut
+    # first: its add and ReLU rows are bn3.add / bn3.relu in both
+    def rows(report):
+        return {r.name: (r.kind, r.macs, r.elementwise, r.activation_bytes) for r in report.rows}
+    assert len(rows(ours)) == len(ours.rows) and rows(ours) == rows(theirs)
+    assert {"layer1.0.bn3.add", "layer1.0.bn3.relu", "layer1.1.bn3.add"} <= rows(ours).keys()
     double = count_flops(models.resnet50(), (2, 3, 64, 64))
     assert double.macs == 2 * ours.macs
 
