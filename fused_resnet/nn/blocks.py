@@ -99,6 +99,8 @@ class ResidualBlock(FoldingModule):
         return tuning.tuned_backend(x.device, self.tuning_key(x)) or "auto"
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting():  # TorchScript compiles only this branch
+            return self._scripted_forward(x)
         pairs = self.main_path()
         kind = self.shortcut_kind()
         pooled = kind == "pooled_projection"  # run conv by conv: the block ops have no pool
@@ -200,6 +202,19 @@ class ResidualBlock(FoldingModule):
             identity = x if self.downsample is None else self.downsample(x)
         return act(out + identity)
 
+    def _main_layers(self, x: Tensor) -> Tensor:
+        """The residual branch as torch's layers, before the add (TorchScript compiles it)."""
+        raise NotImplementedError
+
+    def _scripted_forward(self, x: Tensor) -> Tensor:
+        """What torch.jit.script makes of the block: torchvision's forward, module by module
+        (aten convs and batch norms that read the parameters and buffers)."""
+        out = self._main_layers(x)
+        if self.shortcut is None:
+            return self.relu(out)
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.relu(out + identity)
+
     def _check_chain(self, x: Tensor, pairs: list, kind: str, backend: str,
                      shortcut_in: Tensor) -> None:
         """Before the block runs conv by conv in training: every pair's arguments and
@@ -272,6 +287,9 @@ class FusedBasicBlock(ResidualBlock):
         m = self._modules  # not nn.Module.__getattr__ (~0.6 us a name, every call)
         return [(m["conv1"], m["bn1"]), (m["conv2"], m["bn2"])]
 
+    def _main_layers(self, x: Tensor) -> Tensor:
+        return self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+
 
 class FusedBottleneck(ResidualBlock):
     """out = relu(bn3(conv3(relu(bn2(conv2(relu(bn1(conv1(x)))))))) + shortcut(x)).
@@ -333,6 +351,10 @@ class FusedBottleneck(ResidualBlock):
     def main_path(self) -> list[tuple[nn.Conv2d, nn.BatchNorm2d]]:
         m = self._modules  # not nn.Module.__getattr__ (~0.6 us a name, every call)
         return [(m["conv1"], m["bn1"]), (m["conv2"], m["bn2"]), (m["conv3"], m["bn3"])]
+
+    def _main_layers(self, x: Tensor) -> Tensor:
+        out = self.relu(self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x))))))
+        return self.bn3(self.conv3(out))
 
     def _single_launch_eval(self, tuned_single: bool = False) -> bool:
         wanted = self.eval_kernel == "single" or (self.eval_kernel == "auto" and tuned_single)

@@ -370,6 +370,10 @@ class FusedConvBNAct(FoldingModule):
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         """x: (N, C_in, H, W); residual: (N, C_out, H_out, W_out) or None."""
+        if torch.jit.is_scripting():  # TorchScript compiles only this branch: torch's layers
+            y = self.bn(self.conv(x))
+            y = y if residual is None else y + residual
+            return torch.relu(y) if self.relu else y
         return conv_bn_act(x, self.conv, self.bn, residual=residual, relu=self.relu,
                            backend=self.backend)
 

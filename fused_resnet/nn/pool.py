@@ -44,12 +44,16 @@ class FusedMaxPool2d(nn.Module):
         self.backend = check_backend_name(backend)
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting():  # TorchScript compiles only this branch
+            return self._torch_pool(x)
         # torch's pool in a traced graph or under a torch.func transform (the same values)
         if tracing_layers() or transform_reason() is not None:
-            return torch.nn.functional.max_pool2d(x, self.kernel_size, self.stride,
-                                                  self.padding)
+            return self._torch_pool(x)
         return ops.max_pool2d(x, self.kernel_size, self.stride, self.padding,
                               backend=self.backend)
+
+    def _torch_pool(self, x: Tensor) -> Tensor:
+        return torch.nn.functional.max_pool2d(x, self.kernel_size, self.stride, self.padding)
 
     def extra_repr(self) -> str:
         return (f"kernel_size={self.kernel_size}, stride={self.stride}, "

@@ -28,6 +28,14 @@ class FusedSyncBatchNorm(nn.BatchNorm2d):
         super().__init__(num_features, *args, **kwargs)
         self.process_group = check_process_group(process_group)
 
+    def __prepare_scriptable__(self):
+        # torch.jit.script asks every module this first: refuse by name, not in TorchScript's
+        # parser (nn.SyncBatchNorm does not compile either)
+        raise NotImplementedError(
+            "torch.jit.script cannot compile FusedSyncBatchNorm (nor torch's nn.SyncBatchNorm): "
+            "script a model built without sync_bn / process_group, or use torch.jit.trace or "
+            "torch.export")
+
     def forward(self, input: Tensor) -> Tensor:
         group = sync_group(self)
         if group is None:

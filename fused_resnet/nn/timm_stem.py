@@ -60,9 +60,12 @@ class TimmResNetFusedStem(FoldingModule, TimmResNet):
     existing model), not constructed. Entering training mode drops the cached inference
     folds of every BN in it, bn1 included (`FoldingModule`)."""
 
-    stem_backend: str
+    # `stem_backend` (a str) is set by fr.convert: no annotation here (TorchScript would read it)
 
     def forward_features(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting():  # TorchScript compiles only this branch: timm's layers
+            x = self.maxpool(self.act1(self.bn1(self.conv1(x))))
+            return self.layer4(self.layer3(self.layer2(self.layer1(x))))
         deep = isinstance(self.conv1, nn.Sequential)
         if deep:  # its modules, as timm calls them (fx: timm's node names, conv1.2 ...)
             if tracing_layers():

@@ -41,12 +41,15 @@ class TorchvisionResNetFusedStem(FoldingModule, torchvision.models.ResNet):
     an existing model), not constructed. Entering training mode drops the cached inference
     folds of every BN in it, bn1 included (`FoldingModule`)."""
 
-    stem_backend: str
+    # `stem_backend` (a str) is set by fr.convert: no annotation here (TorchScript would read it)
 
     def _forward_impl(self, x: Tensor) -> Tensor:
-        check_image_batch(self, x)  # before any layer: a failing batch moves no statistic
-        x = conv_bn_relu_pool(x, self.conv1, self.bn1, self.maxpool, backend=self.stem_backend,
-                              relu=self.relu)
+        if torch.jit.is_scripting():  # TorchScript compiles only this branch: torch's layers
+            x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        else:
+            check_image_batch(self, x)  # before any layer: a failing batch moves no statistic
+            x = conv_bn_relu_pool(x, self.conv1, self.bn1, self.maxpool,
+                                  backend=self.stem_backend, relu=self.relu)
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
@@ -62,9 +65,16 @@ class GetterFusedStem(FoldingModule, IntermediateLayerGetter):
     otherwise the getter's own forward, module by module. Made by `fr.convert` (a class
     swap of an existing getter), not constructed."""
 
-    stem_backend: str
+    # `stem_backend` (a str) is set by fr.convert: no annotation here (TorchScript would read it)
 
-    def forward(self, x: Tensor):
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        if torch.jit.is_scripting():  # TorchScript compiles only this branch: torch's layers
+            out = OrderedDict()
+            for name, module in self.items():
+                x = module(x)
+                if name in self.return_layers:
+                    out[self.return_layers[name]] = x
+            return out
         if _getter_stem_reason(self) is not None:
             return super().forward(x)
         check_image_batch(self, x)  # before any layer: a failing batch moves no statistic
