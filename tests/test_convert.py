@@ -172,7 +172,7 @@ def test_convert_fuses_a_torchvision_resnets_stem():
     window, the backend followed on every convert; the state dict as it was; the model goes
     through deepcopy and torch.save / torch.load; training mode drops bn1's inference fold."""
     from fused_resnet.nn import FusedMaxPool2d
-    from fused_resnet.nn.conv_bn import _FOLD
+    from fused_resnet.nn.fold_cache import _FOLD
     from fused_resnet.nn.torchvision_stem import TorchvisionResNetFusedStem
 
     model = _resnet10()

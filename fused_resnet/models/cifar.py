@@ -16,7 +16,7 @@ from fused_resnet.backend import check_backend_name
 from fused_resnet.models.resnet import init_weights, resnet
 from fused_resnet.nn import FusedBasicBlock
 from fused_resnet.nn.batch_check import check_image_batch
-from fused_resnet.nn.conv_bn import FoldingModule
+from fused_resnet.nn.fold_cache import FoldingModule
 from fused_resnet.nn.pool import conv_bn_relu_pool
 from fused_resnet.nn.shortcut import check_shortcut
 

@@ -19,7 +19,7 @@ from fused_resnet.models.pretrained import load_pretrained, pretrained_kwargs, r
 from fused_resnet.nn import FusedBasicBlock, FusedBottleneck, FusedMaxPool2d
 from fused_resnet.nn.batch_check import check_image_batch
 from fused_resnet.nn.blocks import VARIANTS
-from fused_resnet.nn.conv_bn import FoldingModule
+from fused_resnet.nn.fold_cache import FoldingModule
 from fused_resnet.nn.pool import conv_bn_relu_pool
 from fused_resnet.nn.shortcut import check_shortcut
 

@@ -25,14 +25,13 @@ from torch import Tensor, nn
 from fused_resnet import ops, tuning
 from fused_resnet.backend import check_backend_name
 from fused_resnet.nn.conv_bn import (
-    FoldingModule,
     adopt_frozen_bns,
-    cached_folds,
     check_chain,
     fusable_block,
     fused_conv_bn_act,
     residual_block,
 )
+from fused_resnet.nn.fold_cache import FoldingModule, cached_folds
 from fused_resnet.nn.module_calls import module_call_reason, tracing_layers, warn_module_calls
 from fused_resnet.nn.shortcut import (
     ZeroPadShortcut,

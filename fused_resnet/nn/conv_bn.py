@@ -17,9 +17,9 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from fused_resnet import backend as _backend
-from fused_resnet import ops, reference
+from fused_resnet import ops
 from fused_resnet.backend import check_backend_name
+from fused_resnet.nn.fold_cache import FoldingModule, cached_fold
 from fused_resnet.nn.module_calls import module_call_reason, tracing_layers, warn_module_calls
 from fused_resnet.nn.sync_bn import convert_sync_bn, sync_group
 from fused_resnet.ops.conv_bn_act import (
@@ -28,7 +28,7 @@ from fused_resnet.ops.conv_bn_act import (
     compute_dtype,
     select_kernels,
 )
-from fused_resnet.ops.layout import check_flags, conv_output_shape, inference_weight
+from fused_resnet.ops.layout import check_flags, conv_output_shape
 
 
 def adopt_frozen_bns(pairs: list[tuple[nn.Conv2d, nn.Module]]) -> None:
@@ -132,111 +132,6 @@ def square_geometry(conv: nn.Conv2d) -> bool:
     ops take one of each), its padding as numbers (not "same" / "valid")."""
     return (isinstance(conv.padding, tuple) and conv.stride[0] == conv.stride[1]
             and conv.padding[0] == conv.padding[1] and conv.dilation[0] == conv.dilation[1])
-
-
-_FOLD = "_fused_resnet_fold"  # on a BatchNorm module: (key, (weight, shift), source tensors)
-
-
-def clear_fold_cache(module: nn.Module) -> None:
-    """Forgets the BN folds cached on every BatchNorm in `module` (itself included), and so
-    the inference plans made from them: the next eval call folds anew. The cache sees the
-    writes PyTorch counts (version counters: optimizer steps, load_state_dict, in-place ops)
-    and is dropped whenever one of this package's modules enters training mode; call this
-    after writes it cannot see while a model stays in eval mode: a CUDA graph's replay (the
-    replayed kernels move no version counter), or a write through `.data`. An inference
-    graph captured earlier reads the folds it was captured with: capture it again after
-    this (the old folds are freed)."""
-    for m in module.modules():  # BatchNorms, and torchvision's FrozenBatchNorm2d in blocks
-        m.__dict__.pop(_FOLD, None)
-
-
-class FoldingModule(nn.Module):
-    """A module whose BNs get folded in eval mode (blocks, models, FusedConvBNAct): entering
-    training mode drops their cached folds, as training can change the weights without a
-    version counter seeing it (a captured training step replayed from a CUDA graph)."""
-
-    def train(self, mode: bool = True):
-        if mode:
-            clear_fold_cache(self)
-        return super().train(mode)
-
-
-def cached_fold(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d,
-                backend: str) -> Optional[tuple[Tensor, Tensor]]:
-    """(w * scale, shift) of an inference BN folded into its conv, cached on `bn` until any of
-    the tensors it came from changes (their version counters move on every in-place write:
-    optimizer steps, load_state_dict) or a FoldingModule holding it enters training mode
-    (`clear_fold_cache`), or None where folding does not apply: training, autograd needing
-    the fold, grouped convs, or a backend that does not run folded convs."""
-    folded = cached_folds(x, [(conv, bn)], backend)
-    return None if folded is None else folded[0]
-
-
-def cached_folds(x: Tensor, pairs: list[tuple[nn.Conv2d, nn.BatchNorm2d]],
-                 backend: str) -> Optional[list[tuple[Tensor, Tensor]]]:
-    """`cached_fold` of every pair of a block (the backend resolved once), or None unless
-    all of them fold. Run on every inference call of every block: the tensors come from the
-    modules' parameter / buffer dicts (nn.Module.__getattr__ takes ~0.6 us each)."""
-    sources = []
-    for conv, bn in pairs:
-        # batch statistics (as `_batchnorm_args`: training, or no running stats)
-        if bn.training or conv.groups != 1:
-            return None
-        tensors = _fold_sources(conv, bn)
-        if tensors[1] is None and tensors[2] is None:
-            return None
-        sources.append(tensors)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                       for tensors in sources for t in tensors):
-        return None
-    kernels = _backend.resolve(backend, "conv_bn_act", x.device)
-    if kernels == "reference":
-        return None
-    dtype = compute_dtype(x)
-    if torch.compiler.is_compiling():  # folded inside the graph (torch 2.5 cannot trace data_ptr)
-        return [_fold(conv, bn, dtype) for conv, bn in pairs]
-    out = []
-    for (conv, bn), tensors in zip(pairs, sources):
-        # Storage address and version of each source: moving the module (.to, .cuda) or
-        # writing to a tensor (optimizer step, load_state_dict) changes one of them. The
-        # entry holds its sources, so no later tensor can take one's address while it lives
-        # (a parametrized weight is a new tensor on every access: refolded every call).
-        try:
-            key = (dtype, kernels, bn.eps,
-                   *[(t.data_ptr(), t._version) if t is not None else None for t in tensors])
-        except RuntimeError:  # an inference tensor has no version counter: fold, don't cache
-            weight, shift = _fold(conv, bn, dtype)
-            out.append((inference_weight(weight, kernels), shift))
-            continue
-        cached = bn.__dict__.get(_FOLD)
-        if cached is None or cached[0] != key:
-            weight, shift = _fold(conv, bn, dtype)
-            # (key, folded as the kernels read it, the sources kept alive)
-            cached = (key, (inference_weight(weight, kernels), shift), tensors)
-            bn.__dict__[_FOLD] = cached
-        out.append(cached[1])
-    return out
-
-
-def _fold_sources(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Optional[Tensor], ...]:
-    """(conv.weight, bn.running_mean, bn.running_var, bn.weight, bn.bias), read from the
-    modules' parameter and buffer dicts (nn.Module.__getattr__ takes ~0.6 us a name), or
-    through getattr where one lives elsewhere (a parametrized or weight-normed weight is a
-    computed attribute)."""
-    buffers, params = bn._buffers, bn._parameters
-    try:
-        return (conv._parameters["weight"], buffers["running_mean"], buffers["running_var"],
-                params["weight"], params["bias"])
-    except KeyError:
-        return (conv.weight, bn.running_mean, bn.running_var, bn.weight, bn.bias)
-
-
-def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """(w * scale in `dtype`, shift) with scale = gamma / sqrt(running_var + eps)."""
-    with torch.no_grad():
-        scale, shift = reference.fold_bn(bn.running_mean, bn.running_var, bn.weight, bn.bias,
-                                         bn.eps)
-        return (conv.weight.to(scale.dtype) * scale.view(-1, 1, 1, 1)).to(dtype), shift
 
 
 def check_chain(x: Tensor, pairs: list[tuple[nn.Conv2d, nn.BatchNorm2d]], backend: str,

@@ -14,10 +14,10 @@ from fused_resnet.nn.conv_bn import (
     _batchnorm_args,
     _count,
     adopt_frozen_bns,
-    cached_fold,
     conv_reason,
     fused_conv_bn_act,
 )
+from fused_resnet.nn.fold_cache import cached_fold
 from fused_resnet.nn.module_calls import (
     module_call_reason,
     tracing_layers,

@@ -34,7 +34,8 @@ from torch import Tensor, nn
 
 from fused_resnet.nn import conv_bn
 from fused_resnet.nn.batch_check import check_image_batch
-from fused_resnet.nn.conv_bn import FoldingModule, conv_bn_act
+from fused_resnet.nn.conv_bn import conv_bn_act
+from fused_resnet.nn.fold_cache import FoldingModule
 from fused_resnet.nn.frozen_bn import BN_TYPES
 from fused_resnet.nn.module_calls import (
     activation_reason,

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torchvision.models._utils import IntermediateLayerGetter
 
 from fused_resnet.nn.batch_check import check_image_batch
-from fused_resnet.nn.conv_bn import FoldingModule
+from fused_resnet.nn.fold_cache import FoldingModule
 from fused_resnet.nn.frozen_bn import BN_TYPES, adopt
 from fused_resnet.nn.module_calls import has_call_hooks
 from fused_resnet.nn.pool import FusedMaxPool2d, conv_bn_relu_pool
