@@ -14,6 +14,7 @@ import warnings
 import pytest
 import torch
 from _backends import DEVICE, FUSED_BACKENDS
+from _bn import randomize_bn
 from torch import nn
 
 import fused_resnet as fr
@@ -45,14 +46,7 @@ def _block(backend: str, cls=FusedBottleneck, channels: int = 16) -> nn.Module:
     torch.manual_seed(0)
     block = cls(channels, channels // 4 if cls is FusedBottleneck else channels,
                 backend=backend).double().to(DEVICE)
-    with torch.no_grad():
-        for m in block.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 2.0)
-    return block.eval()
+    return randomize_bn(block).eval()
 
 
 def _x(channels: int = 16, size: int = 6) -> torch.Tensor:

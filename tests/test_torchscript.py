@@ -12,6 +12,7 @@ import warnings
 import pytest
 import torch
 import torchvision
+from _bn import randomize_bn
 from torch import nn
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.ops.misc import FrozenBatchNorm2d
@@ -29,14 +30,7 @@ def _script(module: nn.Module) -> torch.jit.ScriptModule:
 def _randomize_bns(model: nn.Module) -> nn.Module:
     """BN affines and running statistics away from their initial 1 / 0 (so a mix-up shows)."""
     torch.manual_seed(3)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, (nn.BatchNorm2d, FrozenBatchNorm2d)):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 2.0)
-    return model
+    return randomize_bn(model)
 
 
 def _image(n: int = 2, size: int = 32, channels: int = 3) -> torch.Tensor:
