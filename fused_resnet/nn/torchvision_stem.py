@@ -67,7 +67,7 @@ class GetterFusedStem(FoldingModule, IntermediateLayerGetter):
 
     # `stem_backend` (a str) is set by fr.convert: no annotation here (TorchScript would read it)
 
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
+    def forward(self, x: Tensor):  # a dict of the returned layers (TorchScript infers it)
         if torch.jit.is_scripting():  # TorchScript compiles only this branch: torch's layers
             out = OrderedDict()
             for name, module in self.items():
