@@ -12,7 +12,8 @@ stand for. A block holding modules the fused ops cannot stand for (hooks on an i
 another norm layer in a BN's place, a conv class with its own forward, another activation in
 `relu`'s place: `module_calls.module_call_reason`) calls its modules as torchvision's block
 does (`relu` for each of its ReLUs), warned; so does it while torch.fx traces or torch.onnx
-exports (`module_calls.tracing_layers`).
+exports (`module_calls.tracing_layers`). torch.jit.script compiles only the forward's
+`torch.jit.is_scripting()` branch: torchvision's forward, module by module.
 """
 
 from __future__ import annotations
