@@ -168,3 +168,35 @@ def test_a_bn_of_another_dtype_is_named():
         with pytest.raises(ValueError, match="BatchNorm running_mean must be"):
             model(torch.randn(2, 3, 8, 8))
     assert all(_FOLD not in m.__dict__ for m in model.modules())
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_folds_made_in_inference_mode_serve_input_gradients(backend):
+    """A frozen model first called under torch.inference_mode, then asked for the gradient
+    of its input (saliency maps, adversarial examples): the folds cached by the first call
+    are normal tensors, which the second saves for backward."""
+    block = _block(backend).requires_grad_(False)
+    x = _x()
+    with torch.inference_mode():
+        block(x)
+    xg = x.clone().requires_grad_()
+    (got,) = torch.autograd.grad(block(xg).square().sum(), xg)
+    xg = x.clone().requires_grad_()
+    (want,) = torch.autograd.grad(_torch_forward(block, xg).square().sum(), xg)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_input_to_a_float_block_outside_autocast_is_refused(dtype):
+    """torch's conv refuses an input of another dtype than its weight outside autocast; so
+    does the folded path (which would otherwise fold in the input's dtype and run in it)."""
+    if fr.backend.unavailable_reason("cpu", torch.device("cpu")):
+        pytest.skip("the reference backend folds nothing (torch's conv refuses)")
+    for module in (FusedBottleneck(16, 4, backend="cpu"), fr.models.cifar_resnet(8, backend="cpu")):
+        module.eval()
+        channels = 16 if isinstance(module, FusedBottleneck) else 3
+        x = torch.randn(2, channels, 8, 8, dtype=dtype)
+        with torch.no_grad(), pytest.raises(
+                ValueError, match=f"weight dtype torch.float32 differs from x's dtype {dtype}"):
+            module(x)
+        assert all(_FOLD not in m.__dict__ for m in module.modules())

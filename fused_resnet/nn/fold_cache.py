@@ -18,7 +18,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from fused_resnet import backend as _backend
 from fused_resnet import reference
-from fused_resnet.ops.conv_bn_act import compute_dtype
+from fused_resnet.ops.conv_bn_act import autocasting, compute_dtype
 from fused_resnet.ops.layout import inference_weight
 
 _FOLD = "_fused_resnet_fold"  # on a BatchNorm module: its _Fold
@@ -146,19 +146,26 @@ def cached_folds(x: Tensor, pairs: list[tuple[nn.Conv2d, nn.BatchNorm2d]],
             continue
         cached = bn.__dict__.get(_FOLD)
         if cached is None or cached[0] != key:
-            _check_bn_dtypes(bn, dtype)
-            weight, shift = _fold(conv, bn, dtype)
-            cached = _Fold((key, (inference_weight(weight, kernels), shift),
-                            [(t, t.detach()) for t in tensors if t is not None]))
+            _check_fold_dtypes(x, conv, bn, dtype)
+            # normal tensors, even in inference mode: a later call may save them for backward
+            with torch.inference_mode(False):
+                weight, shift = _fold(conv, bn, dtype)
+                folded = (inference_weight(weight, kernels), shift)
+            cached = _Fold((key, folded, [(t, t.detach()) for t in tensors if t is not None]))
             bn.__dict__[_FOLD] = cached
         out.append(cached[1])
     return out
 
 
-def _check_bn_dtypes(bn: nn.BatchNorm2d, dtype: torch.dtype) -> None:
-    """A BN folded for a conv computing in `dtype` holds tensors of that dtype, or fp32
-    beside fp16 / bf16 (as eager BatchNorm takes them), else ValueError naming the tensor (not
-    the folded shift the fused conv would name)."""
+def _check_fold_dtypes(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d,
+                       dtype: torch.dtype) -> None:
+    """Outside autocast the conv weight has x's dtype (torch's conv requires it; the fold,
+    made in x's dtype, would hide it); a BN folded for a conv computing in `dtype` holds
+    tensors of that dtype, or fp32 beside fp16 / bf16 (as eager BatchNorm takes them). Else
+    ValueError naming the tensor (not the folded shift the fused conv would name)."""
+    if autocasting(x) is None and conv.weight.dtype != x.dtype:
+        raise ValueError(f"weight dtype {conv.weight.dtype} differs from x's dtype {x.dtype} "
+                         "(outside autocast they must match)")
     allowed = {dtype, torch.float32} if dtype in (torch.float16, torch.bfloat16) else {dtype}
     for name in ("running_mean", "running_var", "weight", "bias"):
         t = getattr(bn, name, None)
