@@ -33,8 +33,7 @@ from torch import nn
 
 from fused_resnet.backend import check_backend_name
 from fused_resnet.nn.blocks import FusedBasicBlock, FusedBottleneck, ResidualBlock
-from fused_resnet.nn.conv_bn import square_geometry
-from fused_resnet.nn.module_calls import classes_reason, has_call_hooks
+from fused_resnet.nn.module_calls import classes_reason, has_call_hooks, square_geometry
 from fused_resnet.nn.sync_bn import check_process_group, convert_sync_bn
 
 _BN = (nn.BatchNorm2d, nn.SyncBatchNorm)

@@ -10,7 +10,7 @@ import torchvision
 
 import fused_resnet as fr
 from fused_resnet import ops
-from fused_resnet.nn import FusedBasicBlock, FusedBottleneck, FusedConvBNAct
+from fused_resnet.nn import FusedBasicBlock, FusedBottleneck
 from tests._backends import backend_param
 from tests._report import record
 
@@ -176,9 +176,6 @@ MODULE_ERRORS = {
     "block in training: fp16 input, fp32 weights, no autocast": (
         lambda b: FusedBasicBlock(8, 8, backend=b), lambda: torch.randn(2, 8, 6, 6).half(),
         r"weights\[0\] dtype torch.float32 differs from x's dtype torch.float16"),
-    "module: non-square dilation": (lambda b: _dilated(FusedConvBNAct(4, 8, 3, backend=b)),
-                                    lambda: torch.randn(2, 4, 6, 6),
-                                    "square stride, padding and dilation"),
     "model: 1-channel images": (lambda b: fr.models.cifar_resnet(20, backend=b),
                                 lambda: torch.randn(2, 1, 8, 8), "x has 1 channels"),
     "model: last stage of one value": (lambda b: fr.models.resnet18(backend=b),
@@ -247,11 +244,6 @@ def test_process_group_must_be_one():
     assert type(model.layer1[0]) is torchvision.models.resnet.BasicBlock  # nothing swapped
     with pytest.raises(ValueError, match="process_group"):
         FusedBottleneck(16, 4, process_group=3)
-
-
-def _dilated(module):
-    module.conv.dilation = (2, 1)  # the fused ops take one dilation for H and W
-    return module
 
 
 @pytest.mark.parametrize("case", list(MODULE_ERRORS))

@@ -161,3 +161,75 @@ def test_plain_modules_stay_fused_and_unwarned(backend, monkeypatch):
                 model.train(training)(_x(3, 16)).sum().backward()
             layer.train(training)(_x(3))
             block.train(training)(_x(8).requires_grad_()).sum().backward()
+
+
+def _bias(conv):
+    conv.bias = nn.Parameter(torch.linspace(-1, 1, conv.out_channels, dtype=conv.weight.dtype,
+                                            device=conv.weight.device))
+
+
+# Conv settings the fused ops cannot take, set after construction; each keeps a 3x3 stride-1
+# conv's output shape (so a block's identity add still fits).
+CONV_EDITS = {
+    "bias": (_bias, "bias=False"),
+    "reflect padding": (lambda c: setattr(c, "padding_mode", "reflect"), "padding_mode"),
+    "padding 'same'": (lambda c: setattr(c, "padding", "same"), "square stride, padding"),
+    "dilation (1, 2)": (lambda c: (setattr(c, "dilation", (1, 2)), setattr(c, "padding", (1, 2))),
+                        "square stride, padding and dilation"),
+}
+
+
+@pytest.mark.parametrize("edit", list(CONV_EDITS))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_conv_settings_fused_ops_cannot_take_run_as_torch(backend, edit):
+    """A block's conv given a bias, another padding mode or unequal geometry after
+    construction: the block calls its modules (warned), in training and in eval (whose
+    folded path read none of these before), with torchvision's results and running stats."""
+    change, message = CONV_EDITS[edit]
+    fused, tv = _twins(FusedBottleneck, torchvision.models.resnet.Bottleneck, backend, 16, 4)
+    for block in (fused, tv):
+        change(block.conv2)
+    tv.conv2.load_state_dict(fused.conv2.state_dict())
+    x = _x(16)
+    for training in (True, False):
+        fused.train(training), tv.train(training)
+        with pytest.warns(UserWarning, match=f"its conv is not one fused ops take.*{message}"):
+            out = fused(x)
+        _assert_same(out, tv(x))
+        _assert_same(fused.bn2.running_var, tv.bn2.running_var)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unequal_stride_and_padding_of_a_conv_bn_act_run_as_torch(backend):
+    torch.manual_seed(0)
+    layer = FusedConvBNAct(4, 8, 3, backend=backend).double().to(DEVICE)
+    layer.conv.stride, layer.conv.padding = (1, 2), (1, 0)
+    x = _x(4)
+    for training in (True, False):
+        layer.train(training)
+        want = torch.relu(layer.bn(layer.conv(x)))  # (a training call moves the stats once)
+        if training:
+            layer.bn.running_mean.zero_(), layer.bn.running_var.fill_(1)
+            layer.bn.num_batches_tracked.zero_()
+        with pytest.warns(UserWarning, match="square stride, padding and dilation"):
+            out = layer(x)
+        assert out.shape == (2, 8, 6, 2)
+        _assert_same(out, want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_projection_conv_of_other_geometry_runs_as_torch(backend):
+    """A projection shortcut's conv replaced by a 3x3, padding-1 one (valid in torch; the block
+    ops run a 1x1 of the block's stride without padding): the block calls its modules."""
+    fused, tv = _twins(FusedBasicBlock, torchvision.models.resnet.BasicBlock, backend, 8, 16, 2)
+    torch.manual_seed(5)
+    conv = nn.Conv2d(8, 16, 3, 2, 1, bias=False).double().to(DEVICE)
+    fused.downsample[0] = conv
+    tv.downsample[0] = nn.Conv2d(8, 16, 3, 2, 1, bias=False).double().to(DEVICE)
+    tv.downsample[0].load_state_dict(conv.state_dict())
+    x = _x(8)
+    for training in (True, False):
+        fused.train(training), tv.train(training)
+        with pytest.warns(UserWarning, match="projection conv is not 1x1 with stride 2"):
+            out = fused(x)
+        _assert_same(out, tv(x))

@@ -108,7 +108,7 @@ class ResidualBlock(FoldingModule):
         if tracing_layers():
             return self._module_forward(x)
         reason = module_call_reason(block_pairs, self._other_modules(kind),
-                                    self._modules.get("relu"))
+                                    self._modules.get("relu")) or self._projection_reason(kind)
         if reason is not None:
             warn_module_calls(type(self).__name__, reason)
             return self._module_forward(x)
@@ -176,6 +176,16 @@ class ResidualBlock(FoldingModule):
             _EVAL_PLANS.store(self, plan_block_eval(x, weights, biases, **args), weights,
                               biases)
         return out
+
+    def _projection_reason(self, kind: str) -> Optional[str]:
+        """Why a projection shortcut's conv is not the one the block ops run (1x1, the block's
+        stride, no padding: its settings changed after construction), or None."""
+        if kind != "projection":
+            return None
+        conv, s = self._projection()[0], self.stride
+        if conv.kernel_size != (1, 1) or conv.padding != (0, 0) or conv.stride != (s, s):
+            return f"its projection conv is not 1x1 with stride {s} and no padding ({conv})"
+        return None
 
     def _other_modules(self, kind: str) -> tuple[nn.Module, ...]:
         """The block's modules besides its conv / BN pairs whose hooks fused calls skip."""

@@ -20,7 +20,13 @@ from torch import Tensor, nn
 from fused_resnet import ops
 from fused_resnet.backend import check_backend_name
 from fused_resnet.nn.fold_cache import FoldingModule, cached_fold
-from fused_resnet.nn.module_calls import module_call_reason, tracing_layers, warn_module_calls
+from fused_resnet.nn.module_calls import (
+    conv_reason,
+    module_call_reason,
+    square_geometry,
+    tracing_layers,
+    warn_module_calls,
+)
 from fused_resnet.nn.sync_bn import convert_sync_bn, sync_group
 from fused_resnet.ops.conv_bn_act import (
     autocasting,
@@ -107,31 +113,11 @@ def fused_conv_bn_act(
     return out
 
 
-def conv_reason(conv: nn.Conv2d) -> Optional[str]:
-    """Why the fused ops cannot take `conv` (they take BN's shift as its bias, zero padding,
-    a square stride, padding and dilation), or None."""
-    if conv.bias is not None:
-        return "conv must have bias=False (the BatchNorm shift plays its role)"
-    if conv.padding_mode != "zeros":
-        return f"conv must have padding_mode='zeros', got {conv.padding_mode!r}"
-    if not square_geometry(conv):
-        return (f"conv must have square stride, padding and dilation, got {conv.stride}, "
-                f"{conv.padding}, {conv.dilation}")
-    return None
-
-
 def check_conv(conv: nn.Conv2d) -> None:
     """A conv the fused ops take (`conv_reason`), else ValueError."""
     reason = conv_reason(conv)
     if reason is not None:
         raise ValueError(reason)
-
-
-def square_geometry(conv: nn.Conv2d) -> bool:
-    """Whether `conv` has the same stride, padding and dilation along H and W (the fused
-    ops take one of each), its padding as numbers (not "same" / "valid")."""
-    return (isinstance(conv.padding, tuple) and conv.stride[0] == conv.stride[1]
-            and conv.padding[0] == conv.padding[1] and conv.dilation[0] == conv.dilation[1])
 
 
 def check_chain(x: Tensor, pairs: list[tuple[nn.Conv2d, nn.BatchNorm2d]], backend: str,

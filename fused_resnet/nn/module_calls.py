@@ -3,8 +3,8 @@ fused ops that only read those modules' tensors: while a tracer wants a graph of
 layers (`tracing_layers`: torch.fx symbolic tracing, torch.jit.trace, torch.onnx export),
 and where the modules hold what fused ops cannot stand for or a transform runs that they do
 not support (`module_call_reason`: hooks, another norm layer in a BN's place, a conv class
-with its own forward, an activation other than ReLU in the `relu` module's place, a
-torch.func transform), warned (`warn_module_calls`).
+with its own forward or settings fused ops cannot take, an activation other than ReLU in the
+`relu` module's place, a torch.func transform), warned (`warn_module_calls`).
 """
 
 from __future__ import annotations
@@ -108,7 +108,9 @@ def module_call_reason(pairs: list[tuple[nn.Module, nn.Module]],
     read outputs), a norm layer other than a BatchNorm2d put in a BN's place (InstanceNorm2d,
     GroupNorm, Identity, nn.SyncBatchNorm, a subclass with its own forward), or a conv class
     with its own forward (weight standardisation), or a `relu` module that is not a plain
-    nn.ReLU (`activation_reason`), or while a torch.func transform runs (`transform_reason`).
+    nn.ReLU (`activation_reason`), a conv the fused ops cannot take (`conv_reason`: a bias,
+    another padding mode, unequal stride / padding / dilation along H and W), or while a
+    torch.func transform runs (`transform_reason`).
     None where the fused ops compute what the modules would. ~1 us a block: asked on every
     call."""
     reason = transform_reason() or activation_reason(relu)
@@ -124,7 +126,32 @@ def module_call_reason(pairs: list[tuple[nn.Module, nn.Module]],
         reason = classes_reason(type(conv), type(bn))
         if reason is not None:
             return reason
+        unfit = conv_reason(conv)
+        if unfit is not None:
+            return f"its conv is not one fused ops take ({unfit})"
     return None
+
+
+def conv_reason(conv: nn.Conv2d) -> Optional[str]:
+    """Why the fused ops cannot take `conv` (they take BN's shift as its bias, zero padding,
+    a square stride, padding and dilation), or None."""
+    params = conv._parameters  # not nn.Module.__getattr__: asked on every fused call
+    bias = params["bias"] if "bias" in params else getattr(conv, "bias", None)
+    if bias is not None:
+        return "conv must have bias=False (the BatchNorm shift plays its role)"
+    if conv.padding_mode != "zeros":
+        return f"conv must have padding_mode='zeros', got {conv.padding_mode!r}"
+    if not square_geometry(conv):
+        return (f"conv must have square stride, padding and dilation, got {conv.stride}, "
+                f"{conv.padding}, {conv.dilation}")
+    return None
+
+
+def square_geometry(conv: nn.Conv2d) -> bool:
+    """Whether `conv` has the same stride, padding and dilation along H and W (the fused
+    ops take one of each), its padding as numbers (not "same" / "valid")."""
+    return (isinstance(conv.padding, tuple) and conv.stride[0] == conv.stride[1]
+            and conv.padding[0] == conv.padding[1] and conv.dilation[0] == conv.dilation[1])
 
 
 def warn_module_calls(what: str, reason: str) -> None:

@@ -14,7 +14,6 @@ from fused_resnet.nn.conv_bn import (
     _batchnorm_args,
     _count,
     adopt_frozen_bns,
-    conv_reason,
     fused_conv_bn_act,
 )
 from fused_resnet.nn.fold_cache import cached_fold
@@ -74,13 +73,9 @@ def conv_bn_relu_pool(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d,
     takes the second way."""
     tracing = tracing_layers()
     others = () if pool is None else (pool,)
+    # (a stem conv swapped in that fused ops cannot take, as nn.Conv2d's default bias=True for
+    # grayscale input, is one reason: torch's computation, not an error)
     reason = None if tracing else module_call_reason([(conv, bn)], others, relu)
-    if reason is None and not tracing:  # (module_call_reason found a plain Conv2d)
-        # a stem conv swapped in that fused ops cannot take (nn.Conv2d's default bias=True
-        # for grayscale input, a reflect padding): torch's computation, not an error; the
-        # fused paths below need not check the conv again
-        unfit = conv_reason(conv)
-        reason = None if unfit is None else f"its conv is not one fused ops take ({unfit})"
     if reason is not None:
         warn_module_calls("the stem", reason)
     if tracing or reason is not None:  # the modules called, as torchvision's stem does
@@ -109,7 +104,7 @@ def _stem_eval(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, pool: FusedMaxPoo
     """pool(conv_bn_act(x, conv, bn)) in inference; where BN folds into the conv, a plan of
     an earlier such call that matches this one (the same input signature and compute dtype,
     the same folded tensors: a refold after a weight or buffer changed makes new ones).
-    `conv` is one the fused ops take (`conv_bn_relu_pool` asked `conv_reason`)."""
+    `conv` is one the fused ops take (`conv_bn_relu_pool` asked `module_call_reason`)."""
     folded = cached_fold(x, conv, bn, backend)
     if folded is None:
         return pool(fused_conv_bn_act(x, conv, bn, backend=backend))
