@@ -33,7 +33,9 @@ from torch import nn
 
 from fused_resnet.backend import check_backend_name
 from fused_resnet.nn.blocks import FusedBasicBlock, FusedBottleneck, ResidualBlock
+from fused_resnet.nn.fold_cache import FoldingModule
 from fused_resnet.nn.module_calls import classes_reason, has_call_hooks, square_geometry
+from fused_resnet.nn.pool import FusedMaxPool2d
 from fused_resnet.nn.sync_bn import check_process_group, convert_sync_bn
 
 _BN = (nn.BatchNorm2d, nn.SyncBatchNorm)
@@ -380,8 +382,8 @@ def convert(model: nn.Module, backend: str = "auto", *, sync_bn: bool = False,
                     f"convert: backend 'triton' cannot run grouped convolutions (groups="
                     f"{grouped[0]}); use backend='auto', which runs them on the cpu / cuda "
                     "backend")
-    for module in model.modules():
-        if isinstance(module, ResidualBlock):
+    for module in model.modules():  # fused modules already there follow, fr's nets' stems too
+        if isinstance(module, (FoldingModule, FusedMaxPool2d)) and "backend" in module.__dict__:
             module.backend = backend
     for parent, name, child, cls in swaps:
         setattr(parent, name, _fused_from(child, cls, backend))

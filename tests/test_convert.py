@@ -287,3 +287,15 @@ def test_convert_leaves_blocks_with_other_downsamples():
     assert type(model[0]) is FusedBasicBlock
     assert model[1] is pooled_twice and model[2] is other
     torch.testing.assert_close(model.eval()(x), expected)
+
+
+def test_convert_retargets_every_fused_module_of_a_fused_net():
+    """fr.convert(model, backend) on one of this package's nets: its blocks, its stem (the
+    net's own `backend`), its pool and any FusedConvBNAct follow, not the blocks alone."""
+    model = fr.models.resnet18(num_classes=4, backend="cpu")
+    model.head = fr.nn.FusedConvBNAct(512, 8, 1, backend="cpu")
+    fr.convert(model, backend="reference")
+    left = {name: m.backend for name, m in model.named_modules()
+            if "backend" in m.__dict__ and m.backend != "reference"}
+    assert left == {}
+    assert model.backend == model.maxpool.backend == model.head.backend == "reference"
