@@ -94,11 +94,10 @@ class FoldingModule(nn.Module):
 
 def cached_fold(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d,
                 backend: str) -> Optional[tuple[Tensor, Tensor]]:
-    """(w * scale, shift) of an inference BN folded into its conv, cached on `bn` until any of
-    the tensors it came from changes (their version counters move on every in-place write:
-    optimizer steps, load_state_dict) or a FoldingModule holding it enters training mode
-    (`clear_fold_cache`), or None where folding does not apply: training, autograd needing
-    the fold, grouped convs, or a backend that does not run folded convs."""
+    """(w * scale, shift) of an inference BN folded into its conv, cached on `bn` until what
+    it came from changes (this module's docstring says what is seen), or None where folding
+    does not apply: training, autograd needing the fold, grouped convs, or a backend that
+    does not run folded convs."""
     folded = cached_folds(x, [(conv, bn)], backend)
     return None if folded is None else folded[0]
 
