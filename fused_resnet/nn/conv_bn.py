@@ -21,9 +21,7 @@ from fused_resnet import ops
 from fused_resnet.backend import check_backend_name
 from fused_resnet.nn.fold_cache import FoldingModule, cached_fold
 from fused_resnet.nn.module_calls import (
-    conv_reason,
     module_call_reason,
-    square_geometry,
     tracing_layers,
     warn_module_calls,
 )
@@ -85,9 +83,9 @@ def fused_conv_bn_act(
     backend: str = "auto",
 ) -> Tensor:
     """`conv_bn_act` through the fused ops, without its question whether the modules must be
-    called instead: for a block or stem that has asked it of all its modules this call."""
+    called instead (`module_call_reason`, which also asks whether the fused ops take the conv):
+    for a block or stem that has asked it of all its modules this call."""
     adopt_frozen_bns([(conv, bn)])
-    check_conv(conv)
     bn_args, counting = _batchnorm_args(bn)
     group = sync_group(bn)
     if group is not None:
@@ -113,13 +111,6 @@ def fused_conv_bn_act(
     return out
 
 
-def check_conv(conv: nn.Conv2d) -> None:
-    """A conv the fused ops take (`conv_reason`), else ValueError."""
-    reason = conv_reason(conv)
-    if reason is not None:
-        raise ValueError(reason)
-
-
 def check_chain(x: Tensor, pairs: list[tuple[nn.Conv2d, nn.BatchNorm2d]], backend: str,
                 residual_shape: Optional[tuple[int, ...]] = None) -> None:
     """Raises what `conv_bn_act` would raise for any pair of a chain run one pair after the
@@ -127,7 +118,8 @@ def check_chain(x: Tensor, pairs: list[tuple[nn.Conv2d, nn.BatchNorm2d]], backen
     `residual_shape`), before any of them runs, so that no failure can follow an earlier
     BN's running-stat update: each pair's argument check on shape-only stand-ins of its
     input (x's compute dtype, nothing allocated) and the backend's choice of kernels. A pair
-    whose BN is synchronized is left to its own op (its batch is the group's)."""
+    whose BN is synchronized is left to its own op (its batch is the group's). The convs are
+    ones the fused ops take (the caller asked `module_call_reason`)."""
     dtype = compute_dtype(x)
     # under autocast the weights run in its dtype, whatever x's (a block's input is already
     # in it after the stem: comparing x's dtype with the compute dtype would miss that)
@@ -138,7 +130,6 @@ def check_chain(x: Tensor, pairs: list[tuple[nn.Conv2d, nn.BatchNorm2d]], backen
 
     shape = tuple(x.shape)
     for i, (conv, bn) in enumerate(pairs):
-        check_conv(conv)
         source = stand_in(x, shape)
         last = i == len(pairs) - 1
         if sync_group(bn) is None:
@@ -186,14 +177,12 @@ def _count_all(bns: list[nn.BatchNorm2d]) -> None:
 
 def fusable_block(pairs: list[tuple[nn.Conv2d, nn.BatchNorm2d]]) -> bool:
     """Whether conv + BN pairs can run as one block op: every BN normalizes with batch
-    statistics of this process only and is affine, every conv is ungrouped with square stride,
-    padding and dilation."""
+    statistics of this process only and is affine, every conv is ungrouped (and one the fused
+    ops take: the caller asked `module_call_reason`)."""
     for conv, bn in pairs:
-        if not (bn.training and bn.affine) or conv.groups != 1 or conv.bias is not None:
+        if not (bn.training and bn.affine) or conv.groups != 1:
             return False
         if sync_group(bn) is not None:
-            return False
-        if not square_geometry(conv):
             return False
     return True
 

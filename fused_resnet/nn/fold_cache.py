@@ -18,7 +18,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from fused_resnet import backend as _backend
 from fused_resnet import reference
-from fused_resnet.ops.conv_bn_act import autocasting, compute_dtype
+from fused_resnet.ops.conv_bn_act import autocasting, bn_dtypes, compute_dtype
 from fused_resnet.ops.layout import inference_weight
 
 _FOLD = "_fused_resnet_fold"  # on a BatchNorm module: its _Fold
@@ -165,7 +165,7 @@ def _check_fold_dtypes(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d,
     if autocasting(x) is None and conv.weight.dtype != x.dtype:
         raise ValueError(f"weight dtype {conv.weight.dtype} differs from x's dtype {x.dtype} "
                          "(outside autocast they must match)")
-    allowed = {dtype, torch.float32} if dtype in (torch.float16, torch.bfloat16) else {dtype}
+    allowed = bn_dtypes(dtype)
     for name in ("running_mean", "running_var", "weight", "bias"):
         t = getattr(bn, name, None)
         if isinstance(t, Tensor) and t.dtype not in allowed:

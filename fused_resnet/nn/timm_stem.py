@@ -32,7 +32,7 @@ import torch
 from timm.models.resnet import ResNet as TimmResNet
 from torch import Tensor, nn
 
-from fused_resnet.nn import conv_bn
+from fused_resnet.nn import module_calls
 from fused_resnet.nn.batch_check import check_image_batch
 from fused_resnet.nn.conv_bn import conv_bn_act
 from fused_resnet.nn.fold_cache import FoldingModule
@@ -142,7 +142,7 @@ def _deep_call_reason(stem: nn.Sequential) -> Optional[str]:
 def _swapped_conv_reason(conv: nn.Module) -> Optional[str]:
     """Why a deep stem's conv, swapped since the conversion, cannot run fused (a bias, a
     padding mode: `conv_reason`), or None (other classes are conv_bn_act's to see)."""
-    unfit = conv_bn.conv_reason(conv) if isinstance(conv, nn.Conv2d) else None
+    unfit = module_calls.conv_reason(conv) if isinstance(conv, nn.Conv2d) else None
     return None if unfit is None else f"a conv of conv1 is not one fused ops take ({unfit})"
 
 

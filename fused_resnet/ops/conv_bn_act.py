@@ -13,6 +13,12 @@ from fused_resnet.ops import conv_ops
 from fused_resnet.ops.layout import bn_params, check_flags, check_int, conv_output_shape
 
 
+def bn_dtypes(dtype: torch.dtype) -> set[torch.dtype]:
+    """The dtypes a BN tensor may have beside activations of `dtype`: that dtype, and fp32
+    beside fp16 / bf16 (fp32 parameters and statistics, as eager BatchNorm allows)."""
+    return {dtype, torch.float32} if dtype in (torch.float16, torch.bfloat16) else {dtype}
+
+
 def check_vector(name: str, t: Optional[Tensor], channels: int, x: Tensor,
                  x_name: str = "x") -> None:
     """A per-channel BN tensor: shape (channels,), x's device, and x's dtype or fp32 (fp32
@@ -24,8 +30,7 @@ def check_vector(name: str, t: Optional[Tensor], channels: int, x: Tensor,
         raise ValueError(f"{name} must have shape ({channels},), got {tuple(t.shape)}")
     if t.device != x.device:
         raise ValueError(f"{name} is on {t.device} but {x_name} is on {x.device}")
-    allowed = {x.dtype, torch.float32} if x.dtype in (torch.float16, torch.bfloat16) else {
-        x.dtype}
+    allowed = bn_dtypes(x.dtype)
     if t.dtype not in allowed:
         raise ValueError(f"{name} must be {' or '.join(sorted(map(str, allowed)))} for "
                          f"{x_name} of {x.dtype}, got {t.dtype}")
