@@ -18,7 +18,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from fused_resnet import backend as _backend
 from fused_resnet import reference
-from fused_resnet.ops.conv_bn_act import autocasting, bn_dtypes, compute_dtype
+from fused_resnet.ops.conv_bn_act import autocasting, bn_dtypes, compute_dtype, is_real_scalar
 from fused_resnet.ops.layout import inference_weight
 
 _FOLD = "_fused_resnet_fold"  # on a BatchNorm module: its _Fold
@@ -187,7 +187,11 @@ def _fold_sources(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Optional[Tensor]
 
 
 def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """(w * scale in `dtype`, shift) with scale = gamma / sqrt(running_var + eps)."""
+    """(w * scale in `dtype`, shift) with scale = gamma / sqrt(running_var + eps). A
+    negative eps (or not a number) raises as torch's batch_norm does, where training's
+    checks would have named it."""
+    if not is_real_scalar(bn.eps) or bn.eps < 0:
+        raise ValueError(f"eps must be >= 0 in eval (BatchNorm eps), a number; got {bn.eps!r}")
     with torch.no_grad():
         scale, shift = reference.fold_bn(bn.running_mean, bn.running_var, bn.weight, bn.bias,
                                          bn.eps)

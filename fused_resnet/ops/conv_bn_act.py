@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Optional
 
 import torch
@@ -44,9 +45,16 @@ def check_momentum(momentum, name: str = "momentum") -> None:
         raise ValueError(f"{name} must be a number in [0, 1], got None (nn.BatchNorm2d's "
                          "momentum=None, a cumulative average, is the factor 1 / n at its n-th "
                          "training call: pass that)")
-    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not (
-            0 <= momentum <= 1):
+    if not (is_real_scalar(momentum) and 0 <= float(momentum) <= 1):
         raise ValueError(f"{name} must be a number in [0, 1], got {momentum!r}")
+
+
+def is_real_scalar(value) -> bool:
+    """Whether `value` is a real number as torch's BN takes one: a Python or NumPy int /
+    float, or a one-element tensor (not a bool)."""
+    if isinstance(value, Tensor):
+        return value.numel() == 1 and value.dtype != torch.bool and not value.is_complex()
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def check_running_stats(running_mean: Optional[Tensor], running_var: Optional[Tensor],
@@ -116,8 +124,9 @@ def check_conv_bn_act_args(
     check_running_stats(running_mean, running_var, training)
     if not training and running_mean is None and not running_ok:
         raise ValueError("training=False needs running_mean and running_var")
-    if eps < 0 or (training and eps == 0):
-        raise ValueError(f"eps must be positive in training (>= 0 in eval), got {eps}")
+    if not is_real_scalar(eps) or eps < 0 or (training and eps == 0):
+        raise ValueError(f"eps must be positive in training (>= 0 in eval), a number; got "
+                         f"{eps!r}")
     if training and x.shape[0] * h_out * w_out == 1:  # (an empty batch: an empty output)
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input of shape "
@@ -218,11 +227,19 @@ def update_running_stats(
     running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, n: int,
     momentum: float,
 ) -> None:
-    """running = (1 - momentum) * running + momentum * batch (one lerp_ each), with the batch
-    variance made unbiased (x n / (n - 1)) as nn.BatchNorm2d does."""
+    """running = (1 - momentum) * running + momentum * batch, as torch's BN writes it (not
+    as a lerp, running + m * (batch - running), which makes an inf running value NaN), with
+    the batch variance made unbiased (x n / (n - 1)) as nn.BatchNorm2d does. The sum is
+    taken in the batch statistics' fp32 and rounded once to the running dtype: fp16 running
+    stats hold momentum * a batch variance above fp16's 65504 as torch's do."""
+    m = float(momentum)
     with torch.no_grad():
-        running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-        running_var.lerp_((var * (n / (n - 1))).to(running_var.dtype), momentum)
+        for running, batch in ((running_mean, mean), (running_var, var * (n / (n - 1)))):
+            if running.dtype == batch.dtype:
+                running.mul_(1 - m).add_(batch, alpha=m)
+            else:  # fp16 / bf16 running stats beside fp32 batch statistics
+                acc = torch.promote_types(running.dtype, batch.dtype)
+                running.copy_(torch.add(batch.to(acc) * m, running.to(acc), alpha=1 - m))
 
 
 def update_block_running_stats(
@@ -235,20 +252,20 @@ def update_block_running_stats(
     picked = [i for i, r in enumerate(running_means) if r is not None]
     if not picked:
         return
-    same = len({momenta[i] for i in picked}) == 1 and all(
+    same = len({float(momenta[i]) for i in picked}) == 1 and all(
         running_means[i].dtype == means[i].dtype == running_vars[i].dtype for i in picked)
     if not same:
         for i in picked:
             update_running_stats(running_means[i], running_vars[i], means[i], variances[i],
                                  counts[i], momenta[i])
         return
-    momentum = momenta[picked[0]]
+    m = float(momenta[picked[0]])
+    running = [running_means[i] for i in picked] + [running_vars[i] for i in picked]
     with torch.no_grad():
-        torch._foreach_lerp_([running_means[i] for i in picked], [means[i] for i in picked],
-                             momentum)
         unbiased = torch._foreach_mul([variances[i] for i in picked],
                                       [counts[i] / (counts[i] - 1) for i in picked])
-        torch._foreach_lerp_([running_vars[i] for i in picked], unbiased, momentum)
+        torch._foreach_mul_(running, 1 - m)
+        torch._foreach_add_(running, [means[i] for i in picked] + list(unbiased), alpha=m)
 
 
 def select_kernels(backend: str, op: str, x: Tensor, *, groups: int = 1,

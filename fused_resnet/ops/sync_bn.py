@@ -36,6 +36,7 @@ from fused_resnet.ops.conv_bn_act import (
     check_momentum,
     check_running_stats,
     check_vector,
+    is_real_scalar,
     update_running_stats,
 )
 from fused_resnet.ops.first_order import first_order
@@ -154,8 +155,7 @@ def _check_sync_args(
                          "ops.conv_bn_act, or nn.BatchNorm2d)")
     check_running_stats(running_mean, running_var, training=True)
     check_momentum(momentum)
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (
-            0 < eps < math.inf):
+    if not (is_real_scalar(eps) and 0 < float(eps) < math.inf):
         raise ValueError(f"eps must be a positive number in training, got {eps!r}")
 
 

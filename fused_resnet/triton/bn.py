@@ -132,7 +132,8 @@ def bn_finalize(
     (shift, mean - shift or None (0: the shift is the group's mean), M2), each (G, C);
     `tile` groups merge in one program (tests set it small to exercise several levels)."""
     groups, c = part_m2.shape
-    if m > MAX_PIXELS:
+    eps = float(eps)  # (a NumPy float or a 0-d tensor, as BN modules may hold, is no kernel
+    if m > MAX_PIXELS:  # argument)
         raise ValueError(f"bn_finalize: m (rows of y, N*H*W) must be below 2**31, got {m}")
     if tile < 2:
         raise ValueError(f"bn_finalize: tile must be at least 2 groups, got {tile}")

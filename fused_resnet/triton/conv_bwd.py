@@ -42,6 +42,7 @@ from fused_resnet.triton.conv import (
     to_nhwc,
 )
 from fused_resnet.triton.conv_wgrad import _conv_wgrad_kernel, conv_wgrad
+from fused_resnet.triton.eltwise import relu
 from fused_resnet.triton.grad_tile import Activated, BnGrad, Subsampled, _grad_args, _grad_tile
 from fused_resnet.triton.launch import launch
 
@@ -159,7 +160,8 @@ def _conv_dgrad_kernel(
         sh = tl.load(r_shift_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
         mean = tl.load(r_mean_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
         rstd = tl.load(r_rstd_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
-        g = tl.where(out_ok & (yv * sc + sh > 0), dx.to(acc_ty), 0.0)
+        v = yv * sc + sh  # as relu_grad: only v <= 0 zeroes dx (a NaN v lets it through)
+        g = tl.where(out_ok, tl.where(v <= 0, 0.0, dx.to(acc_ty)), 0.0)
         G: tl.constexpr = BLOCK_M // GROUP
         sum_g = tl.sum(tl.reshape(g, (G, GROUP, BLOCK_N)), axis=1)
         sum_gy = tl.sum(tl.reshape(g * (yv - mean) * rstd, (G, GROUP, BLOCK_N)), axis=1)
@@ -169,7 +171,7 @@ def _conv_dgrad_kernel(
         tl.store(part_g_ptr + part, sum_g, mask=part_ok)
         tl.store(part_gy_ptr + part, sum_gy, mask=part_ok)
         if REDUCE_ACT:  # and sum relu(y * scale + shift), rounded as the prologue rounds it
-            act = tl.where(out_ok & (yv * sc + sh > 0), yv * sc + sh, 0.0)
+            act = tl.where(out_ok, relu(v), 0.0)  # (relu keeps NaN, as torch.relu)
             act = act.to(ry_ptr.dtype.element_ty).to(acc_ty)
             tl.store(part_a_ptr + part, tl.sum(tl.reshape(act, (G, GROUP, BLOCK_N)), axis=1),
                      mask=part_ok)

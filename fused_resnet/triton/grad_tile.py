@@ -29,6 +29,7 @@ from fused_resnet.triton.eltwise import (
     ReluMask,
     bn_bwd_args,
     bn_bwd_coefficient_rows,
+    relu,
     relu_grad,
     relu_mask_args,
 )
@@ -76,7 +77,7 @@ def _grad_tile(dy_ptr, z_ptr, y_ptr, offs, ok, a, b, d, ms, mh,
     if ACT:
         acc_ty = tl.float64 if ACC_FP64 else tl.float32
         v = tl.load(dy_ptr + offs, mask=ok, other=0.0).to(acc_ty) * ms + mh
-        return tl.where(ok & (v > 0), v, 0.0).to(dy_ptr.dtype.element_ty)
+        return tl.where(ok, relu(v), 0.0).to(dy_ptr.dtype.element_ty)  # NaN kept
     if BN_BWD:
         acc_ty = tl.float64 if ACC_FP64 else tl.float32
         g = tl.load(dy_ptr + offs, mask=ok, other=0.0).to(acc_ty)
