@@ -162,7 +162,7 @@ def _has_extension():
     (("bench", "--arch", "cifar_resnet20", "--trace", "t"), "--trace needs --profile"),
     (("bench", "--arch", "cifar_resnet20", "--batch-sizes", "0"), "batch sizes must be >= 1"),
     pytest.param(("bench", "--arch", "cifar_resnet20", "--cuda-graphs"),
-                 "cuda_graphs needs a CUDA device", marks=pytest.mark.skipif(
+                 "--cuda-graphs needs a CUDA device", marks=pytest.mark.skipif(
                      torch.cuda.is_available(), reason="CUDA graphs run here")),
 ])
 def test_bad_arguments_exit_2_with_a_message(args, message):

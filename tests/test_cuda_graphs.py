@@ -267,7 +267,7 @@ def test_captured_step_and_loop_settings_are_named():
     for amp in ("fp32", "bf16", "fp16"):  # fp16: a fused SGD takes the scaler's inf check
         TrainConfig(cuda_graphs=True, amp=amp).check()
     if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="cuda_graphs needs a CUDA device"):
+        with pytest.raises(ValueError, match="--cuda-graphs needs a CUDA device"):
             train(TrainConfig(arch="cifar_resnet20", epochs=1, batch_size=16,
                               synthetic_size=64, image_size=8, progress=False,
                               cuda_graphs=True, device="cpu"))

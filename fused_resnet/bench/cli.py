@@ -123,6 +123,9 @@ def check_arguments(args: argparse.Namespace) -> None:
                          f"{' '.join(map(str, args.batch_sizes))}")
     for name, low in (("latency_batch", 1), ("image_size", 1), ("iters", 1), ("warmup", 0)):
         check_at_least(args, name, low)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.cuda_graphs and torch.device(device).type != "cuda":
+        raise ValueError(f"--cuda-graphs needs a CUDA device, got {device}")
 
 
 def check_outputs(args: argparse.Namespace) -> None:

@@ -117,7 +117,7 @@ class TrainConfig:
 
         check_model_flags(self.arch, self.weights)  # a bad name fails here, before any data
         if self.cuda_graphs and (self.ddp or self.sync_bn):
-            raise ValueError("cuda_graphs: a captured step cannot read the device on the host, "
+            raise ValueError("--cuda-graphs: a captured step cannot read the device on the host, "
                              "as DDP's and sync BN's steps do; use one GPU without sync_bn "
                              f"(got ddp={self.ddp}, sync_bn={self.sync_bn})")
 
@@ -251,7 +251,7 @@ def train(cfg: TrainConfig) -> dict:
     captured = None
     if cfg.cuda_graphs:
         if dev.type != "cuda":
-            raise ValueError(f"cuda_graphs needs a CUDA device, got {dev}")
+            raise ValueError(f"--cuda-graphs needs a CUDA device, got {dev}")
         from fused_resnet.train.graphed import CapturedTrainStep
 
         captured = CapturedTrainStep(net, opt, amp_dtype=dtype, scaler=scaler)
