@@ -93,8 +93,8 @@ def test_weight_gradient_on_both_column_layouts(case, with_prologue, layout):
 def test_the_stem_takes_flattened_k_and_wide_inputs_do_not():
     """Flat below the narrowest K slice / column block any config or PINNED can take."""
     skip_without_triton()
+    from fused_resnet.triton.autotune import FWD_CONFIGS
     from fused_resnet.triton.config import FLAT_K_BELOW, PINNED, flat_k
-    from fused_resnet.triton.conv import FWD_CONFIGS
 
     assert flat_k(3) and flat_k(16) and not flat_k(64)
     narrowest = min(min(c.kwargs["BLOCK_K"], c.kwargs["BLOCK_N"]) for c in FWD_CONFIGS)

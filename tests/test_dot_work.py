@@ -98,7 +98,7 @@ def test_resnet50_has_a_tile_that_wastes_little_for_every_conv():
     1.004x for the whole step: 12.19 G MACs per image for 12.14 G (it was 27.72 G, 2.28x)."""
     skip_without_triton()  # FWD_CONFIGS lives with the kernels
     from fused_resnet.triton import dot_work
-    from fused_resnet.triton.conv import FWD_CONFIGS
+    from fused_resnet.triton.autotune import FWD_CONFIGS
 
     tiles = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"])
              for c in FWD_CONFIGS]

@@ -58,13 +58,14 @@ def test_autotuner_timing_arguments_per_triton_version(monkeypatch, version, exp
     """Every version gets the short timing windows (3.1 / 3.2 as warmup / rep in ms, later
     ones through a do_bench callable that reaches the GPU only when it is called)."""
     pytest.importorskip("triton")
-    from fused_resnet.triton import conv
+    from fused_resnet.triton import autotune
 
-    monkeypatch.setattr(conv, "triton_version", lambda: version)
-    args = conv._lazy_bench_arguments()
+    monkeypatch.setattr(autotune, "triton_version", lambda: version)
+    args = autotune._lazy_bench_arguments()
     assert set(args) == expected
     if "rep" in args:
-        assert (args["warmup"], args["rep"]) == (conv.AUTOTUNE_WARMUP_MS, conv.AUTOTUNE_REP_MS)
+        assert (args["warmup"], args["rep"]) == (autotune.AUTOTUNE_WARMUP_MS,
+                                                 autotune.AUTOTUNE_REP_MS)
         return
     import triton.testing
 
@@ -73,5 +74,5 @@ def test_autotuner_timing_arguments_per_triton_version(monkeypatch, version, exp
                         lambda fn, warmup, rep, quantiles: seen.update(
                             warmup=warmup, rep=rep, quantiles=quantiles) or [1.0, 0.9, 1.1])
     assert args["do_bench"](lambda: None, quantiles=(0.5, 0.2, 0.8)) == [1.0, 0.9, 1.1]
-    assert seen == {"warmup": conv.AUTOTUNE_WARMUP_MS, "rep": conv.AUTOTUNE_REP_MS,
+    assert seen == {"warmup": autotune.AUTOTUNE_WARMUP_MS, "rep": autotune.AUTOTUNE_REP_MS,
                     "quantiles": (0.5, 0.2, 0.8)}

@@ -44,7 +44,7 @@ def _run(code: str, timeout: int = 600) -> dict:
 def test_autotuned_conv_compiles_every_config_and_the_pinned_one():
     out = _run("""
         import json, torch
-        from fused_resnet.triton import conv, config
+        from fused_resnet.triton import autotune, conv, config
         from fused_resnet.triton.aot import compile_only
         from fused_resnet.backend import unavailable_reason
         x = torch.randn(2, 64, 8, 8, dtype=torch.bfloat16)
@@ -58,7 +58,7 @@ def test_autotuned_conv_compiles_every_config_and_the_pinned_one():
                                  registers=b.registers, problems=b.problems()) for b in builds]
         result["inside"] = inside
         result["after"] = unavailable_reason("triton", torch.device("cpu"))
-        result["configs"] = len(conv.FWD_CONFIGS)
+        result["configs"] = len(autotune.FWD_CONFIGS)
         print(json.dumps(result))
     """)
     assert out["inside"] is None and "TRITON_INTERPRET" in out["after"]
@@ -81,7 +81,7 @@ def test_a_launch_with_the_real_tensors_finds_the_recorded_kernels_in_the_cache(
         os.environ["TRITON_CACHE_DIR"] = {str(tmp_path)!r}
         from triton.runtime.autotuner import Autotuner
         from triton.runtime.jit import JITFunction
-        from fused_resnet.triton import aot, conv, eltwise
+        from fused_resnet.triton import aot, autotune, conv, eltwise
         count = lambda: len(glob.glob({str(tmp_path)!r} + "/*/*.cubin"))
         buf = torch.randn(2 * 7 * 7 * 24 + 1, dtype=torch.float16)
         x = buf[1:].view(2, 7, 7, 24).permute(0, 3, 1, 2)  # channels_last, 2 B off 16
@@ -101,7 +101,7 @@ def test_a_launch_with_the_real_tensors_finds_the_recorded_kernels_in_the_cache(
         Autotuner.run = lambda self, *a, grid, warmup=False, **k: self.warmup(*a, grid=grid, **k)
         calls()
         print(json.dumps(dict(builds=len(builds), recorded=recorded, after=count(),
-                              configs=len(conv.FWD_CONFIGS), unaligned=x.data_ptr() % 16)))
+                              configs=len(autotune.FWD_CONFIGS), unaligned=x.data_ptr() % 16)))
     """)
     assert out["unaligned"] != 0
     assert out["recorded"] == out["builds"] >= out["configs"] + 2  # + PINNED + bn_act_fwd

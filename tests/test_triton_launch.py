@@ -91,7 +91,8 @@ def test_the_real_kernels_have_what_launch_reads():
 
     from triton.runtime.autotuner import Autotuner
 
-    from fused_resnet.triton.conv import CONV_TUNING_KEY, FWD_CONFIGS, _conv_fwd_kernel
+    from fused_resnet.triton.autotune import CONV_TUNING_KEY, FWD_CONFIGS
+    from fused_resnet.triton.conv import _conv_fwd_kernel
     from fused_resnet.triton.conv_bwd import _conv_dgrad_kernel, _conv_wgrad_kernel
 
     # The transformed-operand loops and the statistics epilogue tune apart from the plain

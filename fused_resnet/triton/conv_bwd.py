@@ -31,10 +31,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fused_resnet.triton.autotune import autotune_conv
 from fused_resnet.triton.config import acc_dtype, cdiv, input_precision, interpreting
 from fused_resnet.triton.conv import (
     STAT_ROWS,
-    autotune_conv,
     check_pixels,
     dense_in,
     dot_acc,

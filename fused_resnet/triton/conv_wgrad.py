@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fused_resnet.triton.autotune import autotune_conv
 from fused_resnet.triton.config import (
     acc_dtype,
     cdiv,
@@ -32,7 +33,6 @@ from fused_resnet.triton.config import (
     wgrad_tiles,
 )
 from fused_resnet.triton.conv import (
-    autotune_conv,
     check_pixels,
     dot_acc,
     kernel_dilation,
