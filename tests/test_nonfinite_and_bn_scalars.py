@@ -1,16 +1,17 @@
 """Blocks against torchvision's where numbers leave the usual range, and BN settings held as
 other scalar types than Python floats. Each case compares a fused block with the
-torchvision block it was converted from (same tensors, fp64 unless the case is about a
-dtype): NaN / inf inputs through the whole training backward, running statistics that are
-already inf, fp16 running statistics beside batch variances above fp16's range, and eps /
-momentum given as NumPy scalars or 0-d tensors, as torch's BatchNorm2d takes them."""
+torchvision block it was converted from (same tensors; fp64 on CPU, fp32 with TF32 off on
+a GPU, where Triton takes no fp64): NaN / inf inputs through the whole training backward,
+running statistics that are already inf, fp16 running statistics beside batch variances
+above fp16's range, and eps / momentum given as NumPy scalars or 0-d tensors, as torch's
+BatchNorm2d takes them."""
 
 import copy
 
 import numpy as np
 import pytest
 import torch
-from _backends import FUSED_BACKENDS
+from _backends import DEVICE, FUSED_BACKENDS
 from _bn import randomize_bn
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
@@ -19,6 +20,13 @@ import fused_resnet as fr
 
 # (the Triton interpreter's NumPy warns of the NaN it computes with)
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+DTYPE = torch.float64 if DEVICE == "cpu" else torch.float32
+# fp32 (a GPU): the fp32 gradient bound of `validate` (1e-3)
+TOL = dict(rtol=1e-7, atol=1e-9) if DTYPE == torch.float64 else dict(rtol=1e-3, atol=1e-3)
+
+
+def _input() -> torch.Tensor:
+    return torch.randn(2, 8, 8, 8, dtype=DTYPE, device=DEVICE)
 
 
 def _blocks(kind: str) -> tuple[nn.Module, nn.Module]:
@@ -29,7 +37,7 @@ def _blocks(kind: str) -> tuple[nn.Module, nn.Module]:
         theirs = BasicBlock(8, 8)
     else:
         theirs = Bottleneck(8, 2, 2, nn.Sequential(conv1x1(8, 8, 2), nn.BatchNorm2d(8)))
-    theirs = randomize_bn(theirs).double()
+    theirs = randomize_bn(theirs).to(DEVICE, DTYPE)
     return theirs, copy.deepcopy(theirs)
 
 
@@ -45,14 +53,15 @@ def _same(got: torch.Tensor, expected: torch.Tensor, what: str) -> None:
     assert torch.equal(got.isinf(), expected.isinf()), f"{what}: inf positions differ"
     assert torch.equal(got[got.isinf()], expected[expected.isinf()]), f"{what}: inf signs"
     finite = expected.isfinite()
-    torch.testing.assert_close(got[finite], expected[finite], rtol=1e-7, atol=1e-9, msg=what)
+    torch.testing.assert_close(got[finite], expected[finite], **TOL, msg=what)
 
 
 def _train_step(block: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
     block.train()
     x = x.clone().requires_grad_(True)
     out = block(x)
-    out.backward(torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out))
+    out.backward(torch.linspace(-1, 1, out.numel(), dtype=out.dtype, device=out.device)
+                 .view_as(out))
     grads = {name: p.grad for name, p in block.named_parameters()}
     return out, {"x": x.grad, **grads}
 
@@ -67,7 +76,7 @@ def test_non_finite_input_reaches_every_gradient_as_in_torch(backend, kind, valu
     # zeroed those gradients: bn1.bias.grad was 0 where torch's is NaN.
     theirs, copied = _blocks(kind)
     ours = _fused(copied, backend)
-    x = torch.randn(2, 8, 8, 8, dtype=torch.float64)
+    x = _input()
     x[0, 3, 2, 5] = value
     out_t, grads_t = _train_step(theirs, x)
     out_f, grads_f = _train_step(ours, x)
@@ -96,7 +105,7 @@ def test_running_stats_update_as_torch_writes_it(backend, momentum):
         block.bn3.running_mean.fill_(float("nan"))
         for bn in (block.bn1, block.bn2, block.bn3, block.downsample[1]):
             bn.momentum = momentum
-    x = torch.randn(2, 8, 8, 8, dtype=torch.float64)
+    x = _input()
     _train_step(theirs, x)
     _train_step(ours, x)
     buffers = dict(ours.named_buffers())
@@ -116,8 +125,8 @@ def test_half_running_variance_holds_a_batch_variance_beyond_fp16(backend):
     ours = fr.nn.FusedConvBNAct(2, 2, 1, relu=False, backend=backend)
     ours.load_state_dict({"conv.weight": theirs[0].weight, **{
         f"bn.{k}": v for k, v in theirs[1].state_dict().items()}})
-    theirs, ours = theirs.half(), ours.half()
-    x = (torch.randn(4, 2, 8, 8) * 400).half()
+    theirs, ours = theirs.to(DEVICE).half(), ours.to(DEVICE).half()
+    x = (torch.randn(4, 2, 8, 8, device=DEVICE) * 400).half()
     for module in (theirs, ours):
         module.train()
         with torch.no_grad():
@@ -148,7 +157,7 @@ def test_bn_scalars_of_other_types_as_torch_takes_them(backend, case):
     for block in (theirs, ours):
         for bn in (block.bn1, block.bn2):
             setattr(bn, attr, value)
-    x = torch.randn(2, 8, 8, 8, dtype=torch.float64)
+    x = _input()
     out_t, grads_t = _train_step(theirs, x)
     out_f, grads_f = _train_step(ours, x)
     _same(out_f, out_t, "output")
@@ -170,4 +179,4 @@ def test_negative_eps_in_eval_is_refused_as_torch_refuses_it(backend):
     ours = _fused(copied, backend).eval()
     ours.bn2.eps = -1e-3
     with torch.no_grad(), pytest.raises(ValueError, match=r"eps must be >= 0 in eval"):
-        ours(torch.randn(2, 8, 8, 8, dtype=torch.float64))
+        ours(_input())
