@@ -95,31 +95,39 @@ def test_compile_reduce_overhead_on_gpu_replays_eval():
 def _check_export(model, x, fused_op: bool, tmp_path):
     """torch.export of `model` (its mode as given) with a dynamic batch size: the program's
     module computes what the eager model computes (and, in training, updates the running
-    stats alike); in eval it survives torch.export.save / load and runs another batch size,
-    the fused ops named in the saved graph."""
-    eager = copy.deepcopy(model)
+    stats alike); it survives torch.export.save / load and runs another batch size, in
+    training from the buffers it was exported with, the fused ops named in the saved graph.
+    (A training program failed to save: the running-stat update switched grad mode inside
+    the forward, and its n / (n - 1) was a symbolic float graph input.)"""
+    eager, fresh = copy.deepcopy(model), copy.deepcopy(model)
     batch = {"x": {0: torch.export.Dim("batch", min=2, max=1024)}}
     program = torch.export.export(model, (x,), dynamic_shapes=batch)
     targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
     if fused_op:
         assert any(t.startswith("fused_resnet.") for t in targets), targets
+    torch.export.save(program, tmp_path / "model.pt2")  # (before its module runs: that
+    loaded = torch.export.load(tmp_path / "model.pt2")  # updates the program's buffers)
     if model.training:  # the program's module carries its own copy of the buffers
-        exported = program.module()
-        torch.testing.assert_close(exported(x), eager(x), rtol=1e-5, atol=1e-5)
-        got = dict(exported.named_buffers())
-        assert got.keys() == dict(eager.named_buffers()).keys()
-        for name, b in eager.named_buffers():  # by name: torch 2.5 orders them otherwise
-            torch.testing.assert_close(got[name], b, rtol=1e-5, atol=1e-6,
-                                       msg=lambda m, n=name: f"{n}: {m}")
-        return
-    torch.export.save(program, tmp_path / "model.pt2")
-    loaded = torch.export.load(tmp_path / "model.pt2")
+        _check_trained_alike(program.module(), eager, x)
     other = torch.randn(3, *x.shape[1:], device=x.device).contiguous(
         memory_format=torch.channels_last)
+    if model.training:
+        _check_trained_alike(loaded.module(), fresh, other)
+        return
     with torch.no_grad():
         for inputs in (x, other):
             torch.testing.assert_close(loaded.module()(inputs), eager(inputs), rtol=1e-5,
                                        atol=1e-5)
+
+
+def _check_trained_alike(exported, eager, x) -> None:
+    """One training call of each: the same output and the same buffers after it."""
+    torch.testing.assert_close(exported(x), eager(x), rtol=1e-5, atol=1e-5)
+    got = dict(exported.named_buffers())
+    assert got.keys() == dict(eager.named_buffers()).keys()
+    for name, b in eager.named_buffers():  # by name: torch 2.5 orders them otherwise
+        torch.testing.assert_close(got[name], b, rtol=1e-5, atol=1e-6,
+                                   msg=lambda m, n=name: f"{n}: {m}")
 
 
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])

@@ -170,9 +170,8 @@ def _count(bn: nn.BatchNorm2d, counting: bool) -> None:
 
 def _count_all(bns: list[nn.BatchNorm2d]) -> None:
     """_count for several BNs of one call, in one multi-tensor op."""
-    if bns:
-        with torch.no_grad():
-            torch._foreach_add_([bn.num_batches_tracked for bn in bns], 1)
+    if bns:  # (integer buffers: no autograd, and no grad-mode switch for torch.export)
+        torch._foreach_add_([bn.num_batches_tracked for bn in bns], 1)
 
 
 def fusable_block(pairs: list[tuple[nn.Conv2d, nn.BatchNorm2d]]) -> bool:

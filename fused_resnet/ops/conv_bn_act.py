@@ -231,15 +231,26 @@ def update_running_stats(
     as a lerp, running + m * (batch - running), which makes an inf running value NaN), with
     the batch variance made unbiased (x n / (n - 1)) as nn.BatchNorm2d does. The sum is
     taken in the batch statistics' fp32 and rounded once to the running dtype: fp16 running
-    stats hold momentum * a batch variance above fp16's 65504 as torch's do."""
+    stats hold momentum * a batch variance above fp16's 65504 as torch's do. The statistics
+    are detached rather than the update run under no_grad: a grad-mode switch inside a
+    forward is a node torch.export cannot save (`_unbiased` says why not n / (n - 1))."""
     m = float(momentum)
-    with torch.no_grad():
-        for running, batch in ((running_mean, mean), (running_var, var * (n / (n - 1)))):
-            if running.dtype == batch.dtype:
-                running.mul_(1 - m).add_(batch, alpha=m)
-            else:  # fp16 / bf16 running stats beside fp32 batch statistics
-                acc = torch.promote_types(running.dtype, batch.dtype)
-                running.copy_(torch.add(batch.to(acc) * m, running.to(acc), alpha=1 - m))
+    for running, batch in ((running_mean, mean.detach()),
+                           (running_var, _unbiased([var.detach()], [n])[0])):
+        if running.dtype == batch.dtype:
+            running.mul_(1 - m).add_(batch, alpha=m)
+        else:  # fp16 / bf16 running stats beside fp32 batch statistics
+            acc = torch.promote_types(running.dtype, batch.dtype)
+            running.copy_(torch.add(batch.to(acc) * m, running.to(acc), alpha=1 - m))
+
+
+def _unbiased(variances: list[Tensor], counts: list[int]) -> list[Tensor]:
+    """var * n / (n - 1) for each (var, n): one multi-tensor op. While dynamo traces (compile,
+    export) with a symbolic batch size, n / (n - 1) would be a symbolic float, a graph input
+    torch.export cannot save: the products and quotients by the integers are traced instead."""
+    if torch.compiler.is_compiling():
+        return [v * n / (n - 1) for v, n in zip(variances, counts)]
+    return list(torch._foreach_mul(variances, [n / (n - 1) for n in counts]))
 
 
 def update_block_running_stats(
@@ -261,11 +272,9 @@ def update_block_running_stats(
         return
     m = float(momenta[picked[0]])
     running = [running_means[i] for i in picked] + [running_vars[i] for i in picked]
-    with torch.no_grad():
-        unbiased = torch._foreach_mul([variances[i] for i in picked],
-                                      [counts[i] / (counts[i] - 1) for i in picked])
-        torch._foreach_mul_(running, 1 - m)
-        torch._foreach_add_(running, [means[i] for i in picked] + list(unbiased), alpha=m)
+    unbiased = _unbiased([variances[i].detach() for i in picked], [counts[i] for i in picked])
+    torch._foreach_mul_(running, 1 - m)
+    torch._foreach_add_(running, [means[i].detach() for i in picked] + unbiased, alpha=m)
 
 
 def select_kernels(backend: str, op: str, x: Tensor, *, groups: int = 1,
