@@ -25,6 +25,12 @@ DTYPE = torch.float64 if DEVICE == "cpu" else torch.float32
 TOL = dict(rtol=1e-7, atol=1e-9) if DTYPE == torch.float64 else dict(rtol=1e-3, atol=1e-3)
 
 
+# The kernel cases run in CPU CI (here) and again in a GPU session's `-m gpu` selection,
+# which would otherwise leave them out: compiled Triton handles NaN per instruction (max.NaN,
+# compares), which the interpreter's NumPy does not show.
+RUNS = ["here", pytest.param("gpu_session", marks=pytest.mark.gpu)]
+
+
 def _input() -> torch.Tensor:
     return torch.randn(2, 8, 8, 8, dtype=DTYPE, device=DEVICE)
 
@@ -66,10 +72,11 @@ def _train_step(block: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
     return out, {"x": x.grad, **grads}
 
 
+@pytest.mark.parametrize("run", RUNS)
 @pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
 @pytest.mark.parametrize("kind", ["basic", "bottleneck"])
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
-def test_non_finite_input_reaches_every_gradient_as_in_torch(backend, kind, value):
+def test_non_finite_input_reaches_every_gradient_as_in_torch(backend, kind, value, run):
     # One bad pixel makes a BN's batch statistics NaN, so every activation after it is NaN
     # and ReLU's backward passes NaN on (torch's threshold_backward zeroes only z <= 0). On
     # Triton the inner BNs' ReLU masks in the dgrad / wgrad loops took NaN as "not > 0" and
@@ -92,9 +99,10 @@ def test_non_finite_input_reaches_every_gradient_as_in_torch(backend, kind, valu
         # where an inf reached the statistics; README "Reliability" says so.
 
 
+@pytest.mark.parametrize("run", RUNS)
 @pytest.mark.parametrize("momentum", [0.1, 1.0, 0.0])
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
-def test_running_stats_update_as_torch_writes_it(backend, momentum):
+def test_running_stats_update_as_torch_writes_it(backend, momentum, run):
     # running = (1 - m) * running + m * batch: an inf running value stays inf with m < 1
     # (a lerp, running + m * (batch - running), made it NaN), a NaN one stays NaN with m = 0.
     theirs, copied = _blocks("bottleneck")
