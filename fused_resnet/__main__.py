@@ -17,8 +17,6 @@ DEFAULT_VARIANT = "v1.5"
 # Compute capabilities `compile` builds for: those of aot.SHARED_LIMIT (its launch check needs
 # each one's shared memory), kept here so that a bad --arch fails before Triton is imported.
 COMPILE_ARCHS = (80, 86, 87, 89, 90, 100, 120)
-# Archs whose 3x3 convs are grouped: no Triton kernel, so `traffic` cannot count them.
-GROUPED_ARCHS = ("resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d")
 
 
 def check_device(value: Optional[str]) -> None:
@@ -222,50 +220,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def cmd_traffic(args: argparse.Namespace) -> int:
-    from fused_resnet.bench.hardware import device_peak
-    from fused_resnet.traffic import roofline_rows, step_counts
-
-    if args.arch in GROUPED_ARCHS:
-        raise ValueError(f"--arch {args.arch}: its grouped 3x3 convolutions have no Triton "
-                         f"kernel, so there is no fused Triton step to count; --arch takes "
-                         f"{TRAFFIC_ARCH_HELP}")
-    if args.mode == "infer" and args.operands is not None:
-        raise ValueError("--operands sets the training chain's operand mode; inference has "
-                         "no such choice (drop --operands or use --mode train)")
-    operands = args.operands or "on_load"
-    peak = device_peak(args.gpu)
-    if peak is None:
-        raise ValueError(f"--gpu must name a GPU of fused_resnet/bench/hardware.py's table "
-                         f"(H100, H200, A100, ...), got {args.gpu!r}")
-    for name in ("batch", "image_size", "rows"):
-        check_at_least(args, name)
-    counts = step_counts(args.arch, args.dtype, args.batch, args.mode, operands,
-                         args.image_size)
-    tflops = peak.tflops_for("tf32" if args.dtype == "fp32" else args.dtype)
-    rows = roofline_rows(counts, tflops, peak.tb_per_s)
-    *kinds, total = rows
-    chain = f", operands {operands}" if args.mode == "train" else ""
-    print(f"{args.arch} {args.mode} step, batch {args.batch}, {args.dtype}{chain}: Triton "
-          f"launches (fr::) and ATen ops (aten::), at the {peak.name}'s "
-          f"{tflops:g} TFLOP/s and {peak.tb_per_s:g} TB/s\n")
-    print(format_table(("kernel variant / op", "calls", "GFLOP", "GB", "FLOP/B", "ms at peak"),
-                       [(k, n, f"{f:.1f}", f"{b:.2f}", f"{ai:.0f}", f"{ms:.3f}")
-                        for k, n, f, b, ai, ms in kinds[:args.rows] + [total]]))
-    if len(kinds) > args.rows:
-        print(f"({len(kinds) - args.rows} more rows: --rows)")
-    by_source = {src: sum(r[3] for r in kinds if r[0].startswith(src))
-                 for src in ("fr::", "aten::")}
-    print(f"\nfloor {total[5]:.2f} ms: {total[2] / tflops:.2f} ms of FLOPs alone, "
-          f"{total[3] / peak.tb_per_s:.2f} ms of bytes alone ({by_source['fr::']:.1f} GB Triton, "
-          f"{by_source['aten::']:.1f} GB ATen)")
-    return 0
-
-
 VARIANT_HELP = ("bottleneck stride on the 3x3 (v1.5, torchvision; the default) or first 1x1 (v1, "
                 "paper); for nets with bottleneck blocks (ResNet-50 and deeper)")
-TRAFFIC_ARCH_HELP = ARCH_HELP.replace(", ".join(IMAGENET_ARCHS), ", ".join(
-    a for a in IMAGENET_ARCHS if a not in GROUPED_ARCHS))
 
 
 def _common(p: argparse.ArgumentParser, arch: str = "resnet50",
@@ -363,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="write every build to this CSV file")
     p.set_defaults(func=cmd_compile)
 
+    from fused_resnet.traffic import TRAFFIC_ARCH_HELP, cmd_traffic
     from fused_resnet.traffic import __doc__ as traffic_doc
 
     p = sub.add_parser("traffic", help="FLOPs and memory traffic of a fused Triton step, "

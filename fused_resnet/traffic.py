@@ -16,6 +16,7 @@ garbage, and the shapes are real.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 from collections.abc import Iterator
 
@@ -24,6 +25,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from fused_resnet.bench.hardware import roofline_ms
+from fused_resnet.flags import check_at_least
+from fused_resnet.models import ARCH_HELP, IMAGENET_ARCHS
+from fused_resnet.table import format_table
 from fused_resnet.triton.launch import add_work, tensor_spans
 
 # label -> [launches (or calls), FLOPs, bytes]
@@ -150,3 +154,49 @@ def roofline_rows(counts: Counts, tflops: float, tb_per_s: float) -> list[tuple]
                  total[1] / total[2] if total[2] else 0.0, sum(r[-1] for r in rows)))
     return rows
 
+
+# Archs whose 3x3 convs are grouped: no Triton kernel, so `traffic` cannot count them.
+GROUPED_ARCHS = ("resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d")
+TRAFFIC_ARCH_HELP = ARCH_HELP.replace(", ".join(IMAGENET_ARCHS), ", ".join(
+    a for a in IMAGENET_ARCHS if a not in GROUPED_ARCHS))
+
+
+def cmd_traffic(args: argparse.Namespace) -> int:
+    """`python -m fused_resnet traffic`: the step's FLOPs and compulsory bytes per kernel
+    variant against a GPU's peaks (the floor a step cannot beat)."""
+    from fused_resnet.bench.hardware import device_peak
+
+    if args.arch in GROUPED_ARCHS:
+        raise ValueError(f"--arch {args.arch}: its grouped 3x3 convolutions have no Triton "
+                         f"kernel, so there is no fused Triton step to count; --arch takes "
+                         f"{TRAFFIC_ARCH_HELP}")
+    if args.mode == "infer" and args.operands is not None:
+        raise ValueError("--operands sets the training chain's operand mode; inference has "
+                         "no such choice (drop --operands or use --mode train)")
+    operands = args.operands or "on_load"
+    peak = device_peak(args.gpu)
+    if peak is None:
+        raise ValueError(f"--gpu must name a GPU of fused_resnet/bench/hardware.py's table "
+                         f"(H100, H200, A100, ...), got {args.gpu!r}")
+    for name in ("batch", "image_size", "rows"):
+        check_at_least(args, name)
+    counts = step_counts(args.arch, args.dtype, args.batch, args.mode, operands,
+                         args.image_size)
+    tflops = peak.tflops_for("tf32" if args.dtype == "fp32" else args.dtype)
+    rows = roofline_rows(counts, tflops, peak.tb_per_s)
+    *kinds, total = rows
+    chain = f", operands {operands}" if args.mode == "train" else ""
+    print(f"{args.arch} {args.mode} step, batch {args.batch}, {args.dtype}{chain}: Triton "
+          f"launches (fr::) and ATen ops (aten::), at the {peak.name}'s "
+          f"{tflops:g} TFLOP/s and {peak.tb_per_s:g} TB/s\n")
+    print(format_table(("kernel variant / op", "calls", "GFLOP", "GB", "FLOP/B", "ms at peak"),
+                       [(k, n, f"{f:.1f}", f"{b:.2f}", f"{ai:.0f}", f"{ms:.3f}")
+                        for k, n, f, b, ai, ms in kinds[:args.rows] + [total]]))
+    if len(kinds) > args.rows:
+        print(f"({len(kinds) - args.rows} more rows: --rows)")
+    by_source = {src: sum(r[3] for r in kinds if r[0].startswith(src))
+                 for src in ("fr::", "aten::")}
+    print(f"\nfloor {total[5]:.2f} ms: {total[2] / tflops:.2f} ms of FLOPs alone, "
+          f"{total[3] / peak.tb_per_s:.2f} ms of bytes alone ({by_source['fr::']:.1f} GB Triton, "
+          f"{by_source['aten::']:.1f} GB ATen)")
+    return 0
