@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from fused_resnet.backend import unavailable_reason
+from fused_resnet.bench.hardware import default_device
 from fused_resnet.bench.suite import precision
 from fused_resnet.bench.timing import time_columns
 from fused_resnet.flops import count_flops
@@ -70,7 +71,7 @@ def bench_stages(arch: str, *, batch: int, dtype: str, image_size: Optional[int]
                  warmup: int = 2, iters: int = 5, channels_last: bool = True,
                  variant: str = "v1.5") -> list[dict]:
     """One row per (distinct block, mode, column)."""
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = default_device(device)
     size = image_size or (32 if is_cifar(arch) else 224)
     model = build_model(arch, **({} if is_cifar(arch) else {"variant": variant}))
     columns = columns or default_block_columns(dev)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from fused_resnet.bench.hardware import default_device
 from fused_resnet.bench.report import (
     fmt,
     model_table,
@@ -123,8 +124,8 @@ def check_arguments(args: argparse.Namespace) -> None:
                          f"{' '.join(map(str, args.batch_sizes))}")
     for name, low in (("latency_batch", 1), ("image_size", 1), ("iters", 1), ("warmup", 0)):
         check_at_least(args, name, low)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.cuda_graphs and torch.device(device).type != "cuda":
+    device = default_device(args.device)
+    if args.cuda_graphs and device.type != "cuda":
         raise ValueError(f"--cuda-graphs needs a CUDA device, got {device}")
 
 
@@ -148,7 +149,7 @@ def check_outputs(args: argparse.Namespace) -> None:
 
 
 def config_from(args: argparse.Namespace) -> SuiteConfig:
-    gpu = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    gpu = default_device(args.device).type == "cuda"
     return SuiteConfig(
         arch=args.arch, variant=args.variant or "v1.5",
         batch_sizes=tuple(args.batch_sizes or ((256,) if gpu else (8,))),
@@ -224,7 +225,7 @@ def _stages(args: argparse.Namespace, cfg: SuiteConfig) -> int:
           "TFLOP/s")
     if args.write_table is not None:
         path = Path(args.write_table) if args.write_table else tuning.PACKAGED_TABLE
-        device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = default_device(cfg.device)
         tuning.save_entries(path, tuning.device_key(device), best)
         print(f"\nwrote {len(best)} entries for {tuning.device_key(device)!r} to {path}",
               file=sys.stderr)

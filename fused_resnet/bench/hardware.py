@@ -16,6 +16,12 @@ from typing import Optional
 import torch
 
 
+def default_device(name: Optional[str] = None) -> torch.device:
+    """The device a benchmark run takes: `name` where given, else CUDA where there is a GPU,
+    else the CPU."""
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 @dataclass(frozen=True)
 class DevicePeak:
     name: str

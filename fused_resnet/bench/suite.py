@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fused_resnet.bench.hardware import datasheet_tflops, measure_ceilings
+from fused_resnet.bench.hardware import datasheet_tflops, default_device, measure_ceilings
 from fused_resnet.bench.timing import activation_bytes, cuda_graph, time_columns
 from fused_resnet.flops import count_flops
 from fused_resnet.models import build_model, is_cifar, reference_twin, set_backend
@@ -97,7 +97,7 @@ class SuiteConfig:
 
     def check(self) -> torch.device:
         """Raises ValueError naming the first bad field; returns the device."""
-        dev = torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dev = default_device(self.device)
         for name, values, allowed in (("dtypes", self.dtypes, BENCH_DTYPES),
                                       ("modes", self.modes, MODES),
                                       ("columns", self.columns or (), COLUMNS)):
