@@ -227,21 +227,8 @@ def update_running_stats(
     running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, n: int,
     momentum: float,
 ) -> None:
-    """running = (1 - momentum) * running + momentum * batch, as torch's BN writes it (not
-    as a lerp, running + m * (batch - running), which makes an inf running value NaN), with
-    the batch variance made unbiased (x n / (n - 1)) as nn.BatchNorm2d does. The sum is
-    taken in the batch statistics' fp32 and rounded once to the running dtype: fp16 running
-    stats hold momentum * a batch variance above fp16's 65504 as torch's do. The statistics
-    are detached rather than the update run under no_grad: a grad-mode switch inside a
-    forward is a node torch.export cannot save (`_unbiased` says why not n / (n - 1))."""
-    m = float(momentum)
-    for running, batch in ((running_mean, mean.detach()),
-                           (running_var, _unbiased([var.detach()], [n])[0])):
-        if running.dtype == batch.dtype:
-            running.mul_(1 - m).add_(batch, alpha=m)
-        else:  # fp16 / bf16 running stats beside fp32 batch statistics
-            acc = torch.promote_types(running.dtype, batch.dtype)
-            running.copy_(torch.add(batch.to(acc) * m, running.to(acc), alpha=1 - m))
+    """`update_block_running_stats` for one BN."""
+    update_block_running_stats([running_mean], [running_var], [mean], [var], [n], [momentum])
 
 
 def _unbiased(variances: list[Tensor], counts: list[int]) -> list[Tensor]:
@@ -257,24 +244,32 @@ def update_block_running_stats(
     running_means: list[Optional[Tensor]], running_vars: list[Optional[Tensor]],
     means: list[Tensor], variances: list[Tensor], counts: list[int], momenta: list[float],
 ) -> None:
-    """`update_running_stats` for each BN of a block that has running stats (a None entry
-    has none), as three multi-tensor ops when the BNs share one momentum and their
-    statistics' dtypes (one per update otherwise)."""
+    """running = (1 - m) * running + m * batch for each BN of a block that has running stats
+    (a None entry has none), as torch's BN writes it (not as a lerp, running + m * (batch -
+    running), which makes an inf running value NaN), the batch variance made unbiased
+    (x n / (n - 1)) as nn.BatchNorm2d does. Three multi-tensor ops where the BNs share one
+    momentum and their running stats have the statistics' dtype; otherwise per tensor, the
+    sum of fp16 / bf16 running stats taken in the statistics' fp32 and rounded once (they
+    hold momentum * a batch variance above fp16's 65504, as torch's do). The statistics are
+    detached rather than the update run under no_grad: a grad-mode switch inside a forward
+    is a node torch.export cannot save."""
     picked = [i for i, r in enumerate(running_means) if r is not None]
     if not picked:
         return
-    same = len({float(momenta[i]) for i in picked}) == 1 and all(
-        running_means[i].dtype == means[i].dtype == running_vars[i].dtype for i in picked)
-    if not same:
-        for i in picked:
-            update_running_stats(running_means[i], running_vars[i], means[i], variances[i],
-                                 counts[i], momenta[i])
-        return
-    m = float(momenta[picked[0]])
-    running = [running_means[i] for i in picked] + [running_vars[i] for i in picked]
     unbiased = _unbiased([variances[i].detach() for i in picked], [counts[i] for i in picked])
-    torch._foreach_mul_(running, 1 - m)
-    torch._foreach_add_(running, [means[i].detach() for i in picked] + unbiased, alpha=m)
+    running = [running_means[i] for i in picked] + [running_vars[i] for i in picked]
+    batch = [means[i].detach() for i in picked] + unbiased
+    factors = [float(momenta[i]) for i in picked] * 2
+    if len(set(factors)) == 1 and all(r.dtype == b.dtype for r, b in zip(running, batch)):
+        torch._foreach_mul_(running, 1 - factors[0])
+        torch._foreach_add_(running, batch, alpha=factors[0])
+        return
+    for r, b, m in zip(running, batch, factors):
+        if r.dtype == b.dtype:
+            r.mul_(1 - m).add_(b, alpha=m)
+        else:
+            acc = torch.promote_types(r.dtype, b.dtype)
+            r.copy_(torch.add(b.to(acc) * m, r.to(acc), alpha=1 - m))
 
 
 def select_kernels(backend: str, op: str, x: Tensor, *, groups: int = 1,
