@@ -12,6 +12,7 @@ import torch
 import torch.utils._python_dispatch
 import torchvision
 from _backends import DEVICE, FUSED_BACKENDS, NATIVE, skip_without_triton
+from _block_cases import BLOCKS, block_args, kernels_or_skip
 
 import fused_resnet as fr
 from fused_resnet.backend import unavailable_reason
@@ -25,57 +26,13 @@ except ImportError:  # no Triton: only the native kernels run
 
 OPS = torch.ops.fused_resnet
 
-# (input channels, [(c_out, kernel, stride, padding[, dilation]) of the main path, then the
-#  projection], shortcut, shortcut stride)
-BLOCKS = {
-    "basic identity": (8, [(8, 3, 1, 1), (8, 3, 1, 1)], "identity", 1),
-    "basic option A": (4, [(8, 3, 2, 1), (8, 3, 1, 1)], "zero_pad", 2),
-    # on Triton both backward without the projection's y_d (not kept), and the bottleneck
-    # without y3
-    "basic projection": (4, [(8, 3, 2, 1), (8, 3, 1, 1), (8, 1, 2, 0)], "projection", 2),
-    "bottleneck projection": (8, [(4, 1, 1, 0), (4, 3, 2, 1), (16, 1, 1, 0), (16, 1, 2, 0)],
-                              "projection", 2),
-    "bottleneck projection stride 1": (8, [(4, 1, 1, 0), (4, 3, 1, 1), (16, 1, 1, 0),
-                                           (16, 1, 1, 0)], "projection", 1),
-    # its last conv is 1x1: on Triton its backward does without y3 (not kept), with or without
-    # x's gradient
-    "bottleneck identity": (16, [(4, 1, 1, 0), (4, 3, 1, 1), (16, 1, 1, 0)], "identity", 1),
-    "plain": (4, [(8, 3, 1, 1), (8, 3, 1, 1)], "none", 1),
-    # torchvision's dilated bottlenecks (replace_stride_with_dilation): the 3x3 dilated and
-    # padded by 2; the first block of a stage that follows a strided one keeps the stride
-    "bottleneck dilated": (16, [(4, 1, 1, 0), (4, 3, 1, 2, 2), (16, 1, 1, 0)], "identity", 1),
-    "bottleneck projection dilated stride 2": (
-        8, [(4, 1, 1, 0), (4, 3, 2, 2, 2), (16, 1, 1, 0), (16, 1, 2, 0)], "projection", 2),
-}
-
-
-def _kernels_or_skip(kernels):
-    reason = unavailable_reason("triton" if kernels == "triton" else NATIVE, torch.device(DEVICE))
-    if reason is not None:
-        pytest.skip(reason)
-
-
-def _block_args(name):
-    c_in, convs, shortcut, shortcut_stride = BLOCKS[name]
-    x = torch.randn(2, c_in, 6, 6, device=DEVICE)
-    weights, inp = [], c_in
-    for i, (c_out, k, *_) in enumerate(convs):
-        source = c_in if shortcut == "projection" and i == len(convs) - 1 else inp
-        weights.append((torch.randn(c_out, source, k, k, device=DEVICE) * 0.3).requires_grad_())
-        inp = c_out
-    gammas = [(torch.rand(w.shape[0], device=DEVICE) + 0.5).requires_grad_() for w in weights]
-    betas = [torch.randn(w.shape[0], device=DEVICE).requires_grad_() for w in weights]
-    return (x.requires_grad_(), weights, gammas, betas, [c[2] for c in convs],
-            [c[3] for c in convs], [c[4] if len(c) > 4 else 1 for c in convs],
-            [1e-5] * len(convs), shortcut, shortcut_stride)
-
 
 @pytest.mark.parametrize("kernels", ["native", "triton"])
 @pytest.mark.parametrize("name", list(BLOCKS))
 @pytest.mark.parametrize("need_dx", [True, False], ids=["dx", "no_dx"])
 def test_opcheck(name, kernels, need_dx):
-    _kernels_or_skip(kernels)
-    args = (*_block_args(name), kernels)
+    kernels_or_skip(kernels)
+    args = (*block_args(name), kernels)
     torch.library.opcheck(OPS.block_train.default, args,
                           test_utils=("test_schema", "test_faketensor",
                                       "test_autograd_registration"))
@@ -99,10 +56,10 @@ def test_opcheck(name, kernels, need_dx):
 def test_eager_twin_matches_the_custom_op(kernels):
     """Eager calls skip the custom-op dispatch (`block_train_call`); torch.compile sees the
     op. Both give the same outputs and gradients."""
-    _kernels_or_skip(kernels)
+    kernels_or_skip(kernels)
     from fused_resnet.ops.block_ops import block_train_call
 
-    args = _block_args("bottleneck projection")
+    args = block_args("bottleneck projection")
     results = []
     for call in (OPS.block_train, block_train_call):
         leaves = [args[0].detach().clone().requires_grad_()] + [
@@ -122,14 +79,14 @@ def test_no_data_gradient_for_an_input_without_grad(name, kernels, monkeypatch):
     """The first trainable block after frozen layers: x needs no gradient, so neither conv 1's
     nor the projection's data gradient is computed (no Triton dgrad with their weights; ATen's
     convolution_backward masks it), and the parameter gradients are those with x's."""
-    _kernels_or_skip(kernels)
+    kernels_or_skip(kernels)
     import fused_resnet.ops.native_block as native_block
     import fused_resnet.ops.triton_block as triton_block
     from fused_resnet.ops.block_ops import block_train_call
 
     dgrads = []  # (the conv's weight, whether its data gradient was computed)
     dgrad, aten_backward = triton_block.conv_dgrad, native_block.conv_backward
-    args = _block_args(name)
+    args = block_args(name)
 
     def recording_dgrad(dy, weight, x_shape, **kwargs):
         # the projection's without y_d takes a * w_d as its weight, and a tap residual
@@ -218,62 +175,6 @@ def test_resnet50_on_the_native_backend_saves_less_activation_memory():
     assert ratio < 0.9, f"fused / eager activation bytes = {ratio:.3f}"
 
 
-@pytest.mark.parametrize("backend", FUSED_BACKENDS)
-@pytest.mark.parametrize("name", list(BLOCKS))
-def test_residual_block_eval_matches_the_reference(name, backend):
-    """Inference with BN folded: z = relu(conv_L(...) + b_L + shortcut(x)), one fused conv
-    + bias (+ residual) + ReLU per conv, against plain F.conv2d ops."""
-    x, weights, _, _, strides, paddings, dilations, _, shortcut, shortcut_stride = \
-        _block_args(name)
-    x = x.detach()
-    weights = [w.detach() for w in weights]
-    biases = [torch.randn(w.shape[0], device=DEVICE) for w in weights]
-    kwargs = dict(strides=strides, paddings=paddings, shortcut=shortcut,
-                  shortcut_stride=shortcut_stride, dilations=dilations)
-    expected = fr.ops.residual_block_eval(x, weights, biases, backend="reference", **kwargs)
-    main = len(weights) - (shortcut == "projection")
-    assert expected.shape[1] == weights[main - 1].shape[0]
-    with torch.no_grad():
-        assert_close(fr.ops.residual_block_eval(x, weights, biases, backend=backend, **kwargs),
-                     expected)
-
-
-def test_residual_block_eval_checks_the_whole_block_first():
-    x, weights, _, _, strides, paddings, _, _, shortcut, _ = _block_args("basic identity")
-    biases = [torch.zeros(w.shape[0]) for w in weights]
-    kwargs = dict(strides=strides, paddings=paddings, shortcut=shortcut, backend=NATIVE)
-    with pytest.raises(ValueError, match="x has 8 channels but weight expects 16"):
-        fr.ops.residual_block_eval(x.detach(), [weights[0], torch.randn(8, 16, 3, 3)], biases,
-                                   **kwargs)
-    with pytest.raises(ValueError, match="bias must have shape \\(8,\\)"):
-        fr.ops.residual_block_eval(x.detach(), weights, [biases[0], torch.zeros(4)], **kwargs)
-
-
-def test_residual_block_eval_remembers_a_passed_check_by_what_it_reads():
-    """A block called again with the same shapes, dtypes and devices skips its check (host
-    time at batch 1); any of them changed is checked again, and still refused."""
-    import fused_resnet.ops.block as block_ops
-
-    x, weights, _, _, strides, paddings, _, _, shortcut, _ = _block_args("basic identity")
-    x, weights = x.detach(), [w.detach() for w in weights]
-    biases = [torch.zeros(w.shape[0], device=DEVICE) for w in weights]
-    kwargs = dict(strides=strides, paddings=paddings, shortcut=shortcut, backend="reference")
-    block_ops._EVAL_CHECKED.clear()
-    fr.ops.residual_block_eval(x, weights, biases, **kwargs)
-    assert len(block_ops._EVAL_CHECKED) == 1
-    fr.ops.residual_block_eval(x + 1, weights, biases, **kwargs)  # same signature
-    assert len(block_ops._EVAL_CHECKED) == 1
-    with pytest.raises(ValueError, match="x has 8 channels but weight expects 16"):
-        fr.ops.residual_block_eval(x, [weights[0], torch.randn(8, 16, 3, 3, device=DEVICE)],
-                                   biases, **kwargs)
-    with pytest.raises(ValueError, match="bias must have shape \\(8,\\)"):
-        fr.ops.residual_block_eval(x, weights, [biases[0], torch.zeros(4, device=DEVICE)],
-                                   **kwargs)
-    with pytest.raises(ValueError, match="weight must be 4-D"):
-        fr.ops.residual_block_eval(x, [weights[0], weights[1][..., 0]], biases, **kwargs)
-    assert len(block_ops._EVAL_CHECKED) == 1
-
-
 class _CountOps(torch.utils._python_dispatch.TorchDispatchMode):
     """Counts the ATen ops (not views or allocations) that fused_resnet's own code calls."""
 
@@ -349,78 +250,3 @@ def test_under_autocast_the_triton_block_takes_the_fp32_weights_themselves():
         assert w.grad.dtype == torch.float32
         result = compare_norm(w.grad, t.grad, e.grad, kind="grad")
         assert result.ok, (tuple(w.shape), result)
-
-
-@pytest.mark.parametrize("need_dx", [True, False], ids=["dx", "no_dx"])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=["fp64", "bf16"])
-@pytest.mark.parametrize("name, unkept", [
-    ("bottleneck identity", [2]), ("bottleneck projection", [2]),
-    ("bottleneck projection", [3]), ("bottleneck projection", [2, 3]),
-    ("bottleneck projection stride 1", [2, 3]), ("basic projection", [2]),
-    ("bottleneck projection dilated stride 2", [2, 3])])
-def test_backward_without_y3_or_yd_equals_the_one_through_them(name, unkept, dtype, need_dx):
-    """A bottleneck's backward without y3 (G = g^T a2, Gram = a2^T a2: the last
-    BN's sums, dw3 and d a2 from them), and a projection's without y_d (the same with x at
-    the shortcut's stride in the place of a2), against the chain that reads them (still
-    the path where they are kept): the same gradients to fp64 rounding, and in bf16 to the
-    y's own rounding (the chain reads y rounded, the other computes with a w^T unrounded)."""
-    skip_without_triton()
-    from fused_resnet.ops import triton_block
-    from fused_resnet.triton.config import operands_mode
-
-    torch.manual_seed(3)
-    x, weights, gammas, betas, strides, paddings, dilations, eps, shortcut, s_stride = \
-        _block_args(name)
-    master = torch.float64 if dtype == torch.float64 else torch.float32  # autocast's weights
-    x, weights = x.detach().to(dtype).to(memory_format=torch.channels_last), \
-        [w.detach().to(master) for w in weights]
-    gammas, betas = [g.detach().to(master) for g in gammas], [b.detach().to(master) for b in betas]
-    args = (weights, gammas, betas, strides, paddings, dilations, eps, shortcut, s_stride)
-    proj = [len(weights) - 1] if shortcut == "projection" else []
-    with operands_mode("on_load"):  # whatever FUSED_RESNET_OPERANDS says
-        assert triton_block.unkept_ys(weights, strides, shortcut) == sorted(
-            ([2] if len(weights) - len(proj) == 3 else []) + proj)
-        assert triton_block.unkept_ys(weights, [1, 1, 2, 1], shortcut) == proj  # 3rd strided
-        z, bits, ys, means, _, affines = triton_block.block_train(x, *args)
-    with operands_mode("written"):
-        assert triton_block.unkept_ys(weights, strides, shortcut) == []
-    dz = torch.randn(z.shape, dtype=torch.float64, device=DEVICE).to(dtype).contiguous(
-        memory_format=torch.channels_last)
-    rest = (gammas, betas)
-    through = triton_block.block_train_backward(dz, x, bits, weights, *rest, ys, means, affines,
-                                                strides, paddings, dilations, eps, shortcut,
-                                                s_stride, need_dx)
-    without = triton_block.block_train_backward(
-        dz, x, bits, weights, *rest, [y.new_empty(0) if i in unkept else y
-                                      for i, y in enumerate(ys)], means,
-        affines, strides, paddings, dilations, eps, shortcut, s_stride, need_dx)
-    assert (through[0] is None) == (without[0] is None) == (not need_dx)
-    tol = 1e-9 if dtype == torch.float64 else 3e-2  # bf16: ~1e-2 seen (Triton 3.6, 3.8)
-    pairs = [(through[0], without[0])] if need_dx else []
-    pairs += [(a, b) for i in (1, 2, 3) for a, b in zip(through[i], without[i])]
-    for a, b in pairs:
-        torch.testing.assert_close(b.double(), a.double(), rtol=tol,
-                                   atol=tol * a.double().abs().max().item())
-
-
-@pytest.mark.parametrize("name", ["bottleneck identity", "bottleneck projection"])
-@pytest.mark.parametrize("modes", [("on_load", "written"), ("written", "on_load")],
-                         ids=["fwd_on_load-bwd_written", "fwd_written-bwd_on_load"])
-def test_operand_mode_changed_between_forward_and_backward(modes, name):
-    """Whether y3 and y_d are kept is decided in forward (on load: not kept); a backward run
-    under the other operand mode follows what was saved and gives the same gradients."""
-    skip_without_triton()
-    from fused_resnet.triton.config import operands_mode
-
-    args = _block_args(name)
-    grads = []
-    for forward_mode, backward_mode in (modes, (modes[0], modes[0])):
-        leaves = [args[0].detach().clone().requires_grad_()] + [
-            [t.detach().clone().requires_grad_() for t in ts] for ts in args[1:4]]
-        with operands_mode(forward_mode):
-            z = OPS.block_train(leaves[0], *leaves[1:], *args[4:], "triton")[0]
-        with operands_mode(backward_mode):
-            z.backward(torch.linspace(-1, 1, z.numel(), device=DEVICE).view_as(z))
-        grads.append([leaves[0].grad] + [t.grad for ts in leaves[1:] for t in ts])
-    for got, expected in zip(*grads):
-        assert_close(got, expected, kind="grad")
