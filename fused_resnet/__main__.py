@@ -176,6 +176,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         SUMMARY_HEADER,
         WORKLOADS,
         check,
+        serialized_variants,
         summary_rows,
         write_csv,
     )
@@ -206,6 +207,12 @@ def cmd_compile(args: argparse.Namespace) -> int:
             print()
             print(format_table(BUILD_FIELDS[1:], [[getattr(b, k) for k in BUILD_FIELDS[1:]]
                                                   for b in report]))
+        serialized = serialized_variants(report)
+        if serialized:
+            print(f"\n{len(serialized)} kernel variants whose every autotuner candidate waits "
+                  "for each K step's wgmma (none in flight):")
+            for name, dtype, variant, count in serialized:
+                print(f"  {name} {dtype} [{variant}]: {count} candidates")
         skipped = report.skipped()
         if skipped:
             print(f"\n{len(skipped)} autotuner candidates need more shared memory than sm_{arch} "

@@ -123,7 +123,8 @@ def check(workloads: list[str], dtypes: list[str], arch: int, workers: int = 1,
 
 def summary_rows(builds) -> list[tuple]:
     """Per kernel: builds, most shared memory, most registers, builds with a stack, builds
-    with subroutine calls, autotuner candidates over the shared memory (which the autotuner
+    with subroutine calls, builds whose wgmma wait for each other (`KernelBuild.
+    wgmma_in_flight` 0), autotuner candidates over the shared memory (which the autotuner
     skips), failures."""
     rows = []
     for name in sorted({b.name for b in builds}):
@@ -136,16 +137,34 @@ def summary_rows(builds) -> list[tuple]:
                      max(regs, default="-"), len(spilled),
                      f"{worst.stack} B: {worst.tile} [{worst.variant}]" if worst else "-",
                      sum(bool(b.calls) for b in ok),
+                     sum(b.wgmma_in_flight == 0 for b in ok),
                      sum(b.skipped_by_autotuner for b in ok),
                      sum(bool(b.problems()) for b in mine)))
     return rows
 
 
 SUMMARY_HEADER = ("kernel", "builds", "max shared KiB", "max regs", "builds with stack",
-                  "largest stack", "builds with calls", "candidates over shared",
-                  "cannot launch")
+                  "largest stack", "builds with calls", "wgmma serialized",
+                  "candidates over shared", "cannot launch")
 BUILD_FIELDS = ("arch", "name", "dtype", "variant", "tile", "num_warps", "num_stages",
-                "autotuned", "shared", "registers", "stack", "instructions", "calls", "error")
+                "autotuned", "shared", "registers", "stack", "instructions", "calls",
+                "wgmma_in_flight", "error")
+
+
+def serialized_variants(builds) -> list[tuple[str, str, str, int]]:
+    """(kernel, dtype, variant, candidates) where every autotuner candidate that uses wgmma
+    (and that the autotuner can launch) waits for each K step's MMAs, none keeping a group
+    in flight: whichever of them it picks, the tensor cores idle while the loop issues its
+    loads and math. `candidates` counts those. (A tile too small for wgmma, 32x64, runs
+    mma.sync and is not counted.) Empty without cuobjdump, or for an architecture without
+    wgmma."""
+    groups: dict[tuple[str, str, str], list] = {}
+    for b in builds:
+        if (b.autotuned and b.error is None and not b.skipped_by_autotuner
+                and b.wgmma_in_flight is not None):
+            groups.setdefault((b.name, b.dtype, b.variant), []).append(b.wgmma_in_flight)
+    return sorted((*key, len(found)) for key, found in groups.items()
+                  if all(n == 0 for n in found))
 
 
 def write_csv(path: str, reports: list) -> None:

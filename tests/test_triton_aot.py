@@ -213,6 +213,12 @@ def test_every_kernel_of_every_block_kind_compiles_for_hopper(tmp_path):
     conv_calls = {r["calls"] for r in rows if r["name"].startswith("_conv_")}
     assert conv_calls in ({"0"}, {""}), conv_calls
     assert all(r["instructions"] == "" or int(r["instructions"]) > 10 for r in rows)
+    # sm_90 convs use wgmma; some tiles keep a group in flight (the plain weight gradient's
+    # at 128x128x32 w4, among others), and the elementwise kernels have none.
+    if rows[0]["instructions"]:
+        conv = [r["wgmma_in_flight"] for r in rows if r["name"].startswith("_conv_")]
+        assert "" not in conv and any(int(n) >= 1 for n in conv)
+        assert {r["wgmma_in_flight"] for r in rows if r["name"].startswith("_bn_")} == {""}
     fwd = [r for r in rows if r["name"] == "_conv_fwd_kernel"]
     assert any("PROLOGUE" in r["variant"] for r in fwd)
     assert any("STATS" in r["variant"] for r in fwd)
@@ -248,3 +254,37 @@ def test_sass_lines_give_opcodes_and_calls():
     ops = [m.group(1) for m in _SASS_LINE.finditer(sass)]
     assert ops == ["LDC", "BRA", "CALL.REL.NOINC", "CALL.REL.NOINC",
                    "HGMMA.64x128x16.F32.BF16", "EXIT"]
+
+
+def test_wgmma_waits_give_the_groups_in_flight():
+    """`KernelBuild.wgmma_in_flight` from the SASS: the largest N of the waits
+    `WARPGROUP.DEPBAR.LE gsb0, N` (0: every wait drains the MMAs, the loop serialized), None
+    without an HGMMA."""
+    waits = """
+        /*0400*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR4], R24, gsb0 ;
+        /*0410*/                   WARPGROUP.DEPBAR.LE gsb0, 0x1 ;
+        /*0800*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
+    """
+    assert aot.wgmma_in_flight(waits) == 1
+    assert aot.wgmma_in_flight(waits.replace("0x1", "0x3")) == 3
+    assert aot.wgmma_in_flight(waits.replace("0x1", "0x0")) == 0
+    assert aot.wgmma_in_flight(waits.replace("HGMMA.64x128x16.F32.BF16", "HMMA.16816.F32")) \
+        is None
+
+
+def test_serialized_variants_are_those_with_no_candidate_in_flight():
+    """The compile report lists a kernel variant when every candidate the autotuner can launch
+    waits for its wgmma; a candidate over the shared memory (skipped), one without wgmma or
+    the pinned build (not a candidate) does not count."""
+    from fused_resnet.compile_check import serialized_variants
+
+    def build(variant, tile, in_flight, autotuned=True, shared=1024):
+        return aot.KernelBuild("_conv_fwd_kernel", 90, "bfloat16", {"PROLOGUE": variant,
+                               "BLOCK_M": tile}, 4, 3, autotuned, shared=shared,
+                               wgmma_in_flight=in_flight)
+
+    builds = [build(True, 64, 0), build(True, 128, 0), build(True, 256, 1, shared=10**6),
+              build(True, 32, 1, autotuned=False), build(True, 16, None),  # mma.sync
+              build(False, 64, 0), build(False, 128, 1)]
+    assert serialized_variants(builds) == [("_conv_fwd_kernel", "bfloat16", "PROLOGUE", 2)]
+    assert serialized_variants([build(True, 64, None)]) == []  # no wgmma: not serialized

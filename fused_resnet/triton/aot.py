@@ -75,6 +75,13 @@ class KernelBuild:
     # outweighs the MMA, as it did in the weight gradient's before its pixel walk).
     instructions: Optional[int] = None
     calls: Optional[int] = None
+    # sm_90's asynchronous MMA (wgmma, HGMMA in SASS): how many groups the code lets run while
+    # it goes on, the largest N of its waits `WARPGROUP.DEPBAR.LE gsb0, N`. 0: each K step
+    # waits for its own MMAs before issuing the next step's loads and math (ptxas C7515,
+    # "wgmma ... serialized"), so the tensor cores idle while the warp issues; 1 or more: a
+    # step's MMAs overlap the next step's instructions. None: no wgmma (another arch, or a
+    # kernel without tl.dot).
+    wgmma_in_flight: Optional[int] = None
     error: Optional[str] = None
 
     @property
@@ -191,11 +198,12 @@ def _cuobjdump() -> Optional[str]:
 
 
 def _resources(cubin: bytes) -> tuple[Optional[int], ...]:
-    """(registers, stack bytes) per thread of the one kernel in `cubin`, and its number of
-    SASS instructions and of CALLs among them, from cuobjdump (all None without it)."""
+    """(registers, stack bytes) per thread of the one kernel in `cubin`, its number of SASS
+    instructions and of CALLs among them, and its wgmma groups in flight
+    (`KernelBuild.wgmma_in_flight`), from cuobjdump (all None without it)."""
     tool = _cuobjdump()
     if tool is None:
-        return None, None, None, None
+        return None, None, None, None, None
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
@@ -207,10 +215,21 @@ def _resources(cubin: bytes) -> tuple[Optional[int], ...]:
     # An instruction line: "  /*0a70*/  [@P0] OPCODE operands ;  /* 0x...encoding */"
     opcodes = [m.group(1) for m in _SASS_LINE.finditer(sass)]
     return (as_int("REG"), as_int("STACK"), len(opcodes) or None,
-            sum(op.startswith("CALL") for op in opcodes) if opcodes else None)
+            sum(op.startswith("CALL") for op in opcodes) if opcodes else None,
+            wgmma_in_flight(sass))
 
 
 _SASS_LINE = re.compile(r"^\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][\w.]*)", re.M)
+_WGMMA_WAIT = re.compile(r"WARPGROUP\.DEPBAR\.LE\s+gsb0\s*,\s*(0x[0-9a-f]+|\d+)")
+
+
+def wgmma_in_flight(sass: str) -> Optional[int]:
+    """The most wgmma groups the kernel in `sass` leaves running at a wait (the largest N of
+    its `WARPGROUP.DEPBAR.LE gsb0, N`; 0 when every wait drains them all), None without
+    wgmma (no HGMMA instruction)."""
+    if "HGMMA" not in sass:
+        return None
+    return max((int(n, 0) for n in _WGMMA_WAIT.findall(sass)), default=0)
 
 
 _JOBS: list[_Job] = []  # what forked workers compile, by index
@@ -239,8 +258,8 @@ def _compile(index: int) -> tuple[Optional[str], KernelBuild]:
         job.fn.device_caches.clear()  # a later real launch builds its binder again
     build.shared = kernel.metadata.shared
     build.num_warps, build.num_stages = kernel.metadata.num_warps, kernel.metadata.num_stages
-    build.registers, build.stack, build.instructions, build.calls = _resources(
-        kernel.asm["cubin"])
+    (build.registers, build.stack, build.instructions, build.calls,
+     build.wgmma_in_flight) = _resources(kernel.asm["cubin"])
     return kernel.hash, build
 
 
