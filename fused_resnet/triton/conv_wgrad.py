@@ -59,15 +59,15 @@ def _conv_wgrad_kernel(
 ):
     # Tile: BLOCK_M output channels x BLOCK_N columns, the input channels offs_c of one tap
     # (r, s scalars), or with FLAT the flattened columns (r, s, offs_c) = col -> (col // C_in
-    # // KW, col // C_in % KW, col % C_in) (r, s rows of a (1, BLOCK_N) tile); the reduction
+    # // KW, col // C_in % KW, col % C_in) (r, s vectors over the columns); the reduction
     # runs over BLOCK_K output pixels at a time within this program's split.
     acc_ty = tl.float64 if ACC_FP64 else tl.float32
     if FLAT:
         col = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         c_ok = col < KH * KW * C_in
         offs_c = col % C_in
-        r = (col // C_in // KW)[None, :]
-        s = (col // C_in % KW)[None, :]
+        r = col // C_in // KW  # (BLOCK_N,): broadcast along the tile's column axis below
+        s = col // C_in % KW
     else:
         c_blocks = tl.cdiv(C_in, BLOCK_N)
         tap = tl.program_id(1) // c_blocks
@@ -76,15 +76,25 @@ def _conv_wgrad_kernel(
         offs_c = (tl.program_id(1) % c_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
         c_ok = offs_c < C_in
         col = tap * C_in + offs_c
+    # XT: the product taken transposed, dw^T tile (BLOCK_N x BLOCK_M) = pro(x)^T dy, so that
+    # the operand transformed on load in registers is wgmma's A (which it reads from
+    # registers) and dy its B, brought to shared memory by the pipelined loads. The other
+    # way round the transformed x is B, which wgmma reads from shared memory only: each step
+    # stores it there and must wait for the step's MMAs before the next store (Triton's
+    # pipeliner leaves no group in flight: `python -m fused_resnet compile` shows
+    # wgmma_in_flight 0 for every tile; transposed, a group stays in flight in every one,
+    # Triton 3.6, sm_90). The Gram (ACT: dy transformed too) keeps the plain order: one of
+    # its operands is B either way.
+    XT: tl.constexpr = PROLOGUE and not ACT
     if PROLOGUE:
-        sc = tl.load(in_scale_ptr + offs_c, mask=c_ok, other=0.0)[None, :]
-        sh = tl.load(in_shift_ptr + offs_c, mask=c_ok, other=0.0)[None, :]
+        sc = tl.load(in_scale_ptr + offs_c, mask=c_ok, other=0.0)
+        sh = tl.load(in_shift_ptr + offs_c, mask=c_ok, other=0.0)
     offs_co = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     co_ok = offs_co < C_out
     ca, cb, cd = bn_bwd_coefficients(gamma_ptr, mean_ptr, rstd_ptr, sum_g_ptr, sum_gy_ptr,
                                      bn_n, offs_co, co_ok & BN_BWD, acc_ty)
-    ms = tl.load(ms_ptr + offs_co, mask=co_ok & ((RELU == 2) | ACT), other=0.0)[:, None]
-    mh = tl.load(mh_ptr + offs_co, mask=co_ok & ((RELU == 2) | ACT), other=0.0)[:, None]
+    ms = tl.load(ms_ptr + offs_co, mask=co_ok & ((RELU == 2) | ACT), other=0.0)
+    mh = tl.load(mh_ptr + offs_co, mask=co_ok & ((RELU == 2) | ACT), other=0.0)
     split = tl.program_id(2)
     start = split * rows_per_split
     stop = tl.minimum(start + rows_per_split, M)
@@ -101,7 +111,10 @@ def _conv_wgrad_kernel(
     step_w = BLOCK_K % Wo
     step_h = (BLOCK_K // Wo) % Ho
     step_img = BLOCK_K // (Wo * Ho)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_ty)
+    if XT:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=acc_ty)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_ty)
     # Pixels past this split's end hold real data of the next split: one of the two tiles
     # must be zero there. The x tile is (loaded as zero) unless an unmasked prologue makes
     # relu?(sh) of it; only then is the dy tile masked too.
@@ -109,25 +122,46 @@ def _conv_wgrad_kernel(
     for m0 in range(start, stop, BLOCK_K):
         offs_m = m0 + tl.arange(0, BLOCK_K)
         m_ok = offs_m < stop
-        ih = oh[:, None] * stride - padding + r * DIL  # (BLOCK_K, 1); (BLOCK_K, BLOCK_N) if FLAT
-        iw = ow[:, None] * stride - padding + s * DIL
         if SUB:  # dy = x at the conv's stride (`Subsampled`): the lanes' (img, oh, ow) in x
-            dy_pix = (img * H + oh * stride) * W + ow * stride
+            dy_pix = ((img * H + oh * stride) * W + ow * stride).to(tl.int64)
         else:
-            dy_pix = offs_m
-        dy_t = _grad_tile(dy_ptr, z_ptr, y_ptr,
-                          dy_pix.to(tl.int64)[None, :] * C_out + offs_co[:, None],
-                          co_ok[:, None] & m_ok[None, :], ca[:, None], cb[:, None],
-                          cd[:, None], ms, mh,
-                          BN_BWD, RELU, ACC_FP64, not X_MASKED, ACT)
-        x_ok = m_ok[:, None] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W) & c_ok[None, :]
-        # the input pixel in int32 (N*H*W < 2^31, `check_pixels`; wrong only where masked),
-        # widened once for the element offset
-        x_pix = (img[:, None] * H + ih) * W + iw
-        xa = tl.load(x_ptr + x_pix.to(tl.int64) * C_in + offs_c[None, :], mask=x_ok, other=0.0)
-        if PROLOGUE:
-            xa = prologue(xa, x_ok, sc, sh, PROLOGUE_RELU, acc_ty, X_MASKED)
-        acc = dot_acc(dy_t, xa, acc, UPCAST, PRECISION)
+            dy_pix = offs_m.to(tl.int64)
+        if XT:  # x^T (BLOCK_N, BLOCK_K) and dy (BLOCK_K, BLOCK_M): NHWC's own order for dy
+            r_t = r[:, None] if FLAT else r
+            s_t = s[:, None] if FLAT else s
+            ih = oh[None, :] * stride - padding + r_t * DIL
+            iw = ow[None, :] * stride - padding + s_t * DIL
+            x_ok = m_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W) & c_ok[:, None]
+            x_pix = (img[None, :] * H + ih) * W + iw
+            xa = tl.load(x_ptr + x_pix.to(tl.int64) * C_in + offs_c[:, None], mask=x_ok,
+                         other=0.0)
+            if PROLOGUE:
+                xa = prologue(xa, x_ok, sc[:, None], sh[:, None], PROLOGUE_RELU, acc_ty,
+                              X_MASKED)
+            dy_t = _grad_tile(dy_ptr, z_ptr, y_ptr, dy_pix[:, None] * C_out + offs_co[None, :],
+                              m_ok[:, None] & co_ok[None, :], ca[None, :], cb[None, :],
+                              cd[None, :], ms[None, :], mh[None, :],
+                              BN_BWD, RELU, ACC_FP64, not X_MASKED, ACT)
+            acc = dot_acc(xa, dy_t, acc, UPCAST, PRECISION)
+        else:  # dy^T (BLOCK_M, BLOCK_K) and x (BLOCK_K, BLOCK_N)
+            r_t = r[None, :] if FLAT else r
+            s_t = s[None, :] if FLAT else s
+            ih = oh[:, None] * stride - padding + r_t * DIL  # (BLOCK_K, 1 or BLOCK_N)
+            iw = ow[:, None] * stride - padding + s_t * DIL
+            dy_t = _grad_tile(dy_ptr, z_ptr, y_ptr, dy_pix[None, :] * C_out + offs_co[:, None],
+                              co_ok[:, None] & m_ok[None, :], ca[:, None], cb[:, None],
+                              cd[:, None], ms[:, None], mh[:, None],
+                              BN_BWD, RELU, ACC_FP64, not X_MASKED, ACT)
+            x_ok = m_ok[:, None] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W) & c_ok[None, :]
+            # the input pixel in int32 (N*H*W < 2^31, `check_pixels`; wrong only where
+            # masked), widened once for the element offset
+            x_pix = (img[:, None] * H + ih) * W + iw
+            xa = tl.load(x_ptr + x_pix.to(tl.int64) * C_in + offs_c[None, :], mask=x_ok,
+                         other=0.0)
+            if PROLOGUE:
+                xa = prologue(xa, x_ok, sc[None, :], sh[None, :], PROLOGUE_RELU, acc_ty,
+                              X_MASKED)
+            acc = dot_acc(dy_t, xa, acc, UPCAST, PRECISION)
         ow += step_w
         wrap_w = ow >= Wo
         ow = tl.where(wrap_w, ow - Wo, ow)
@@ -138,8 +172,12 @@ def _conv_wgrad_kernel(
     # dw layout: (C_out, KH * KW * C_in), the columns in (r, s, c) order; ATOMIC adds the
     # slice's sum into it (relaxed: no ordering with other memory is needed, the launch's
     # end orders it for the next kernel), else one such matrix per slice: (split, C_out, ...)
-    out = offs_co[:, None] * (KH * KW * C_in) + col[None, :]
-    out_ok = co_ok[:, None] & c_ok[None, :]
+    if XT:
+        out = offs_co[None, :] * (KH * KW * C_in) + col[:, None]
+        out_ok = co_ok[None, :] & c_ok[:, None]
+    else:
+        out = offs_co[:, None] * (KH * KW * C_in) + col[None, :]
+        out_ok = co_ok[:, None] & c_ok[None, :]
     if ATOMIC:
         tl.atomic_add(dw_ptr + out, acc, mask=out_ok, sem="relaxed")
     else:
