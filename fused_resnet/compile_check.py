@@ -155,9 +155,8 @@ def serialized_variants(builds) -> list[tuple[str, str, str, int]]:
     """(kernel, dtype, variant, candidates) where every autotuner candidate that uses wgmma
     (and that the autotuner can launch) waits for each K step's MMAs, none keeping a group
     in flight: whichever of them it picks, the tensor cores idle while the loop issues its
-    loads and math. `candidates` counts those. (A tile too small for wgmma, 32x64, runs
-    mma.sync and is not counted.) Empty without cuobjdump, or for an architecture without
-    wgmma."""
+    loads and math. `candidates` counts those (a candidate without wgmma, a 32-row tile on
+    mma.sync, is not one). Empty without cuobjdump, or for an architecture without wgmma."""
     groups: dict[tuple[str, str, str], list] = {}
     for b in builds:
         if (b.autotuned and b.error is None and not b.skipped_by_autotuner

@@ -77,10 +77,11 @@ class KernelBuild:
     calls: Optional[int] = None
     # sm_90's asynchronous MMA (wgmma, HGMMA in SASS): how many groups the code lets run while
     # it goes on, the largest N of its waits `WARPGROUP.DEPBAR.LE gsb0, N`. 0: each K step
-    # waits for its own MMAs before issuing the next step's loads and math (ptxas C7515,
-    # "wgmma ... serialized"), so the tensor cores idle while the warp issues; 1 or more: a
-    # step's MMAs overlap the next step's instructions. None: no wgmma (another arch, or a
-    # kernel without tl.dot).
+    # waits for its own MMAs before issuing the next step's loads and math (Triton's
+    # pipeliner did not overlap them, or ptxas serialized them: C7515), so the tensor cores
+    # idle while the warp issues; 1 or more: a step's MMAs overlap the next step's
+    # instructions. None: no wgmma (another arch, a tile on mma.sync, a kernel without
+    # tl.dot) or no cuobjdump.
     wgmma_in_flight: Optional[int] = None
     error: Optional[str] = None
 
