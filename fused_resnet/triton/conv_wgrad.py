@@ -11,7 +11,9 @@ instead of 49 blocks holding 3 channels each):
                                             ow(m)*stride - pad + s*dil, c])
   where pro is the forward's prologue (relu?(x * in_scale + in_shift), zero in the padding),
   recomputed on load instead of read from a saved activation; dy a tensor or computed on
-  load (`grad_tile`: a BnGrad, an Activated).
+  load (`grad_tile`: a BnGrad, an Activated). With the prologue a program computes its tile
+  transposed, pro(x)^T dy, so that the operand it transforms is wgmma's register operand
+  (`XT` in the kernel).
 """
 
 from typing import Optional
