@@ -15,7 +15,10 @@ Each program owns a BLOCK_M x BLOCK_N tile of the output:
   channels than a K slice (FLAT_K: `config.flat_k`, C_in < 32: the stem's 3, a CIFAR net's
   16), over the flattened K itself, k -> (r, s, c) = (k // C_in // KW, k // C_in % KW,
   k % C_in), a gather. The stem's 7x7x3 then takes 5 slices of 32 (160 for 147) instead
-  of 49 slices each holding 3 channels and 29 zeros (1568 for 147, 10.7x its MACs in tl.dot);
+  of 49 slices each holding 3 channels and 29 zeros (1568 for 147, 10.7x its MACs in tl.dot).
+  FLAT_K is then C_in itself (0 otherwise), a constexpr, so that these divisions are by a
+  constant: the stem's forward (sm_90, bf16, Triton 3.6) issues 12-27% fewer instructions
+  and spills less (128x128x32 w4 folded: 592 B of stack -> none);
 - epilogue, inference: out = relu?(acc + bias[n] + residual[m, n]);
 - epilogue, training: out = acc (the raw conv output y) and, for every group of STAT_ROWS
   consecutive rows and every channel, a shift k, the mean of y - k and M2 = sum (y - mean)^2
@@ -103,11 +106,11 @@ def _conv_fwd_kernel(
     img = (offs_m // (Wo * Ho)).to(tl.int64)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc_ty)
     if FLAT_K:
-        for k0 in range(0, KH * KW * C_in, BLOCK_K):
+        for k0 in range(0, KH * KW * FLAT_K, BLOCK_K):
             k = k0 + offs_k
-            k_ok = k < KH * KW * C_in
-            c = (k % C_in)[None, :]
-            tap = k // C_in
+            k_ok = k < KH * KW * FLAT_K
+            c = (k % FLAT_K)[None, :]
+            tap = k // FLAT_K
             ih = oh[:, None] * stride - padding + (tap // KW)[None, :] * DIL
             iw = ow[:, None] * stride - padding + (tap % KW)[None, :] * DIL
             a_ok = (m_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0)
@@ -274,7 +277,8 @@ def fwd_flags(dtype: torch.dtype, kh: int, kw: int, c_in: int, padding: int, *,
     """The forward kernel's constexpr arguments for x of `dtype` and a (., c_in, kh, kw)
     weight dilated by `dilation`, and which prologue / epilogue parts the launch has."""
     return dict(
-        KH=kh, KW=kw, DIL=kernel_dilation(dilation, kh, kw), FLAT_K=flat_k(c_in),
+        KH=kh, KW=kw, DIL=kernel_dilation(dilation, kh, kw),
+        FLAT_K=c_in if flat_k(c_in) else 0,  # the divisor, as a constexpr (module doc)
         PROLOGUE=prologue, PROLOGUE_RELU=in_relu,
         HAS_BIAS=bias, HAS_RES=residual, RELU=relu, STATS=stats, PADDED=padding > 0,
         SHIFT_BY_MEAN=dtype in (torch.float16, torch.bfloat16),
