@@ -137,9 +137,7 @@ def _conv_wgrad_kernel(
             x_pix = (img[None, :] * H + ih) * W + iw
             xa = tl.load(x_ptr + x_pix.to(tl.int64) * C_in + offs_c[:, None], mask=x_ok,
                          other=0.0)
-            if PROLOGUE:
-                xa = prologue(xa, x_ok, sc[:, None], sh[:, None], PROLOGUE_RELU, acc_ty,
-                              X_MASKED)
+            xa = prologue(xa, x_ok, sc[:, None], sh[:, None], PROLOGUE_RELU, acc_ty, X_MASKED)
             dy_t = _grad_tile(dy_ptr, z_ptr, y_ptr, dy_pix[:, None] * C_out + offs_co[None, :],
                               m_ok[:, None] & co_ok[None, :], ca[None, :], cb[None, :],
                               cd[None, :], ms[None, :], mh[None, :],
