@@ -8,6 +8,7 @@ deterministic tests, bitwise-reproducible runs. Otherwise kernels are autotuned 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -45,6 +46,30 @@ def cdiv(a: int, b: int) -> int:
 def flat_k(c_in: int) -> bool:
     """Whether a conv over c_in input channels takes flattened K (see triton/conv.py)."""
     return c_in < FLAT_K_BELOW
+
+
+def gather_in_registers(dtype: torch.dtype, c_in: int, device: torch.device) -> bool:
+    """Whether a flattened-K conv's gathered x tile should stay in registers as sm_90
+    wgmma's A operand (GATHER_IN_REGS of the fwd and wgrad kernels) rather than be staged
+    in shared memory. A tile straight from a load that cp.async cannot copy (rows of c_in
+    2-byte elements with c_in odd: 2-byte runs, under cp.async's 4) is stored to one shared
+    buffer each K step, so every step waits for the last one's MMAs; fp32, or an even c_in,
+    is copied asynchronously into a multi-stage buffer and keeps MMAs in flight as it is.
+    Only where the kernels compile for sm_90 (a CUDA device of capability 9.0, or
+    `aot.compile_only(90)`): on other GPUs the select that keeps the tile in registers is
+    only work."""
+    if not (flat_k(c_in) and c_in % 2 == 1 and dtype in (torch.float16, torch.bfloat16)):
+        return False
+    arch = compile_only_arch()
+    if arch is not None:
+        return arch == 90
+    return device.type == "cuda" and _capability(device.index) == (9, 0)
+
+
+@functools.cache
+def _capability(index: Optional[int]) -> tuple[int, int]:
+    """torch.cuda.get_device_capability, asked once per device (the current one: None)."""
+    return torch.cuda.get_device_capability(index)
 
 
 # The wgrad reduction over output pixels is cut into slices (grid axis 2) until the grid

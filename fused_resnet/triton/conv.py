@@ -18,7 +18,14 @@ Each program owns a BLOCK_M x BLOCK_N tile of the output:
   of 49 slices each holding 3 channels and 29 zeros (1568 for 147, 10.7x its MACs in tl.dot).
   FLAT_K is then C_in itself (0 otherwise), a constexpr, so that these divisions are by a
   constant: the stem's forward (sm_90, bf16, Triton 3.6) issues 12-27% fewer instructions
-  and spills less (128x128x32 w4 folded: 592 B of stack -> none);
+  and spills less (128x128x32 w4 folded: 592 B of stack -> none). With GATHER_IN_REGS
+  (`config.gather_in_registers`: bf16 / fp16 with C_in odd, for sm_90) the gathered tile
+  passes through a select that changes no value: Triton stages a tile taken straight from
+  a load in shared memory, and this one, which cp.async cannot copy (2-byte runs), in a
+  single buffer stored each K step, so each step's wgmma waited for the last (TTGIR
+  pendings 0, wgmma_in_flight 0 in all 8 sm_90 tiles of the stem). Computed, it stays in
+  registers as wgmma's A operand: 1 or 3 groups in flight in all 8, for +0.3-8% SASS
+  instructions (Triton 3.6, bf16; NOTES.md);
 - epilogue, inference: out = relu?(acc + bias[n] + residual[m, n]);
 - epilogue, training: out = acc (the raw conv output y) and, for every group of STAT_ROWS
   consecutive rows and every channel, a shift k, the mean of y - k and M2 = sum (y - mean)^2
@@ -43,6 +50,7 @@ from fused_resnet.triton.config import (
     acc_dtype,
     cdiv,
     flat_k,
+    gather_in_registers,
     input_precision,
     interpreting,
 )
@@ -85,7 +93,7 @@ def _conv_fwd_kernel(
     part_shift_ptr, part_mean_ptr, part_m2_ptr, num_groups,
     H, W, C_in, Ho, Wo, C_out, M, stride, padding,
     KH: tl.constexpr, KW: tl.constexpr, DIL: tl.constexpr, FLAT_K: tl.constexpr,
-    PROLOGUE: tl.constexpr, PROLOGUE_RELU: tl.constexpr,
+    GATHER_IN_REGS: tl.constexpr, PROLOGUE: tl.constexpr, PROLOGUE_RELU: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr, STATS: tl.constexpr,
     PADDED: tl.constexpr, SHIFT_BY_MEAN: tl.constexpr, UPCAST: tl.constexpr,
     ACC_FP64: tl.constexpr,
@@ -121,6 +129,8 @@ def _conv_fwd_kernel(
                 sc = tl.load(in_scale_ptr + c, mask=k_ok[None, :], other=0.0)
                 sh = tl.load(in_shift_ptr + c, mask=k_ok[None, :], other=0.0)
                 a = prologue(a, a_ok, sc, sh, PROLOGUE_RELU, acc_ty, True)
+            elif GATHER_IN_REGS:  # a select, so that the tile is computed, not loaded
+                a = tl.where(a_ok, a, 0.0)
             b = tl.load(w_ptr + k[:, None] * C_out + offs_n[None, :],
                         mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             acc = dot_acc(a, b, acc, UPCAST, PRECISION)
@@ -272,13 +282,15 @@ def kernel_dilation(dilation: int, kh: int, kw: int) -> int:
 
 
 def fwd_flags(dtype: torch.dtype, kh: int, kw: int, c_in: int, padding: int, *,
-              prologue: bool, in_relu: bool, bias: bool, residual: bool, relu: bool,
-              stats: bool, dilation: int = 1) -> dict:
-    """The forward kernel's constexpr arguments for x of `dtype` and a (., c_in, kh, kw)
-    weight dilated by `dilation`, and which prologue / epilogue parts the launch has."""
+              device: torch.device, prologue: bool, in_relu: bool, bias: bool,
+              residual: bool, relu: bool, stats: bool, dilation: int = 1) -> dict:
+    """The forward kernel's constexpr arguments for x of `dtype` on `device` and a
+    (., c_in, kh, kw) weight dilated by `dilation`, and which prologue / epilogue parts the
+    launch has."""
     return dict(
         KH=kh, KW=kw, DIL=kernel_dilation(dilation, kh, kw),
         FLAT_K=c_in if flat_k(c_in) else 0,  # the divisor, as a constexpr (module doc)
+        GATHER_IN_REGS=gather_in_registers(dtype, c_in, device),
         PROLOGUE=prologue, PROLOGUE_RELU=in_relu,
         HAS_BIAS=bias, HAS_RES=residual, RELU=relu, STATS=stats, PADDED=padding > 0,
         SHIFT_BY_MEAN=dtype in (torch.float16, torch.bfloat16),
@@ -335,8 +347,9 @@ def conv_fwd(
         bias if bias is not None else dummy, res,
         *(p if p is not None else dummy for p in parts or (None,) * 3), groups,
         h, w, c_in, ho, wo, c_out, m, stride, padding,
-        **fwd_flags(x.dtype, kh, kw, c_in, padding, prologue=in_scale is not None,
-                    in_relu=in_relu, bias=bias is not None, residual=residual is not None,
-                    relu=relu, stats=stats, dilation=dilation),
+        **fwd_flags(x.dtype, kh, kw, c_in, padding, device=x.device,
+                    prologue=in_scale is not None, in_relu=in_relu, bias=bias is not None,
+                    residual=residual is not None, relu=relu, stats=stats,
+                    dilation=dilation),
     )
     return out, parts

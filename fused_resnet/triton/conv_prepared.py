@@ -50,8 +50,9 @@ class PreparedConvFwd:
         self.has_residual = has_residual
         self.launch = PreparedLaunch(
             _conv_fwd_kernel, fwd_grid(m, c_out),
-            fwd_flags(dtype, kh, kw, c_in, padding, prologue=False, in_relu=False, bias=True,
-                      residual=has_residual, relu=relu, stats=False, dilation=dilation))
+            fwd_flags(dtype, kh, kw, c_in, padding, device=weight.device, prologue=False,
+                      in_relu=False, bias=True, residual=has_residual, relu=relu, stats=False,
+                      dilation=dilation))
 
     def __call__(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         out = torch.empty(self.out_shape, device=x.device, dtype=self.dtype,

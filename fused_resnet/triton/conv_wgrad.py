@@ -28,6 +28,7 @@ from fused_resnet.triton.config import (
     acc_dtype,
     cdiv,
     flat_k,
+    gather_in_registers,
     input_precision,
     interpreting,
     wgrad_atomic,
@@ -53,9 +54,9 @@ def _conv_wgrad_kernel(
     gamma_ptr, mean_ptr, rstd_ptr, sum_g_ptr, sum_gy_ptr, bn_n,
     H, W, C_in, Ho, Wo, C_out, M, stride, padding, rows_per_split,
     KH: tl.constexpr, KW: tl.constexpr, DIL: tl.constexpr, FLAT: tl.constexpr,
-    PROLOGUE: tl.constexpr, PROLOGUE_RELU: tl.constexpr, BN_BWD: tl.constexpr,
-    RELU: tl.constexpr, ACT: tl.constexpr, SUB: tl.constexpr, PADDED: tl.constexpr,
-    UPCAST: tl.constexpr,
+    GATHER_IN_REGS: tl.constexpr, PROLOGUE: tl.constexpr, PROLOGUE_RELU: tl.constexpr,
+    BN_BWD: tl.constexpr, RELU: tl.constexpr, ACT: tl.constexpr, SUB: tl.constexpr,
+    PADDED: tl.constexpr, UPCAST: tl.constexpr,
     ACC_FP64: tl.constexpr, PRECISION: tl.constexpr, ATOMIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -86,8 +87,13 @@ def _conv_wgrad_kernel(
     # pipeliner leaves no group in flight: `python -m fused_resnet compile` shows
     # wgmma_in_flight 0 for every tile; transposed, a group stays in flight in every one,
     # Triton 3.6, sm_90). The Gram (ACT: dy transformed too) keeps the plain order: one of
-    # its operands is B either way.
-    XT: tl.constexpr = PROLOGUE and not ACT
+    # its operands is B either way. The stem's gathered x (GATHER_IN_REGS: FLAT, 2-byte, C_in
+    # odd, for sm_90; `config.gather_in_registers`) has the same trouble untransformed: no
+    # cp.async for its 2-byte runs, so it was stored to shared memory each step. Transposed
+    # and passed through a select that changes no value (Triton keeps only a computed A
+    # tile in registers), its 7x7 wgrad keeps 1-3 groups in flight in 6 of 8 tiles, 0 of 8
+    # before.
+    XT: tl.constexpr = (PROLOGUE or GATHER_IN_REGS) and not ACT
     if PROLOGUE:
         sc = tl.load(in_scale_ptr + offs_c, mask=c_ok, other=0.0)
         sh = tl.load(in_shift_ptr + offs_c, mask=c_ok, other=0.0)
@@ -137,7 +143,11 @@ def _conv_wgrad_kernel(
             x_pix = (img[None, :] * H + ih) * W + iw
             xa = tl.load(x_ptr + x_pix.to(tl.int64) * C_in + offs_c[:, None], mask=x_ok,
                          other=0.0)
-            xa = prologue(xa, x_ok, sc[:, None], sh[:, None], PROLOGUE_RELU, acc_ty, X_MASKED)
+            if PROLOGUE:
+                xa = prologue(xa, x_ok, sc[:, None], sh[:, None], PROLOGUE_RELU, acc_ty,
+                              X_MASKED)
+            else:  # GATHER_IN_REGS: computed, not loaded (above)
+                xa = tl.where(x_ok, xa, 0.0)
             dy_t = _grad_tile(dy_ptr, z_ptr, y_ptr, dy_pix[:, None] * C_out + offs_co[None, :],
                               m_ok[:, None] & co_ok[None, :], ca[None, :], cb[None, :],
                               cd[None, :], ms[None, :], mh[None, :],
@@ -226,6 +236,7 @@ def conv_wgrad(
         in_scale if in_scale is not None else parts, in_shift if in_shift is not None else parts,
         *grad[1:], h, w, c_in, ho, wo, c_out, m, stride, padding, rows_per_split,
         KH=kh, KW=kw, DIL=kernel_dilation(dilation, kh, kw), FLAT=flat,
+        GATHER_IN_REGS=gather_in_registers(x.dtype, c_in, x.device),
         PROLOGUE=in_scale is not None, PROLOGUE_RELU=in_relu, **flags,
         PADDED=padding > 0,
         UPCAST=x.dtype == torch.bfloat16 and interpreting(), ACC_FP64=acc == torch.float64,
