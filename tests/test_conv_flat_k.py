@@ -183,7 +183,7 @@ def test_only_odd_2_byte_gathers_for_sm90_stay_in_registers(monkeypatch):
     from fused_resnet.triton import config
 
     gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
-    take = config.gather_in_registers
+    take, real_capability = config.gather_in_registers, config._capability
     monkeypatch.setattr(config, "_capability", lambda index: (9, 0))
     assert take(torch.bfloat16, 3, gpu) and take(torch.float16, 3, gpu)
     assert not take(torch.float32, 3, gpu)  # 4-byte runs: cp.async copies them
@@ -193,6 +193,11 @@ def test_only_odd_2_byte_gathers_for_sm90_stay_in_registers(monkeypatch):
     for other in ((8, 0), (8, 9), (10, 0)):  # no wgmma (or not sm_90's)
         monkeypatch.setattr(config, "_capability", lambda index, cc=other: cc)
         assert not take(torch.bfloat16, 3, gpu)
+    # ROCm: torch names its devices "cuda" too (an MI200 reports capability (9, 0))
+    monkeypatch.setattr(torch.version, "hip", "6.2")
+    assert real_capability.__wrapped__(0) is None  # the uncached function
+    monkeypatch.setattr(config, "_capability", real_capability.__wrapped__)
+    assert not take(torch.bfloat16, 3, gpu)
     # compiling without a GPU (`aot.compile_only`): its arch decides, on any device
     monkeypatch.setattr(config, "_compile_only_arch", 90)
     assert take(torch.bfloat16, 3, cpu)

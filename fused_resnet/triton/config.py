@@ -67,8 +67,12 @@ def gather_in_registers(dtype: torch.dtype, c_in: int, device: torch.device) -> 
 
 
 @functools.cache
-def _capability(index: Optional[int]) -> tuple[int, int]:
-    """torch.cuda.get_device_capability, asked once per device (the current one: None)."""
+def _capability(index: Optional[int]) -> Optional[tuple[int, int]]:
+    """The NVIDIA compute capability of a CUDA device, asked once per device (the current
+    one: None); None on ROCm, whose devices torch also calls "cuda" (an MI200 reports
+    (9, 0))."""
+    if torch.version.hip is not None:
+        return None
     return torch.cuda.get_device_capability(index)
 
 
