@@ -13,7 +13,8 @@ instead of 49 blocks holding 3 channels each):
   recomputed on load instead of read from a saved activation; dy a tensor or computed on
   load (`grad_tile`: a BnGrad, an Activated). With the prologue a program computes its tile
   transposed, pro(x)^T dy, so that the operand it transforms is wgmma's register operand
-  (`XT` in the kernel).
+  (`XT` in the kernel); so does the stem's, whose gathered x tile stays in registers too
+  (GATHER_IN_REGS, sm_90).
 """
 
 from typing import Optional
