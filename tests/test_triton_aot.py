@@ -221,6 +221,13 @@ def test_every_kernel_of_every_block_kind_compiles_for_hopper(tmp_path):
                 and not r["tile"].startswith("32x64x")]
         assert "" not in conv and any(int(n) >= 1 for n in conv)
         assert {r["wgmma_in_flight"] for r in rows if r["name"].startswith("_bn_")} == {""}
+        # The stem's gathered 3-channel x tile, kept in registers (GATHER_IN_REGS): its
+        # forward keeps a group in flight in every wgmma tile, its 7x7 wgrad in most (all
+        # waited when the tile went through shared memory: Triton 3.6 and 3.8).
+        for name, least in (("_conv_fwd_kernel", 1.0), ("_conv_wgrad_kernel", 0.5)):
+            stem = [int(r["wgmma_in_flight"]) for r in rows if r["name"] == name
+                    and "GATHER_IN_REGS" in r["variant"] and r["wgmma_in_flight"]]
+            assert stem and sum(n >= 1 for n in stem) >= least * len(stem), (name, stem)
     fwd = [r for r in rows if r["name"] == "_conv_fwd_kernel"]
     assert any("PROLOGUE" in r["variant"] for r in fwd)
     assert any("STATS" in r["variant"] for r in fwd)
