@@ -40,6 +40,14 @@ def _inputs(case, seed=0):
     return x, weight, scale, shift
 
 
+def _grad_output(x, weight, stride, padding, seed=1):
+    """A random fp64 dy of the conv's output shape, channels_last."""
+    out_shape = F.conv2d(x, weight, stride=stride, padding=padding).shape
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(out_shape, generator=g, dtype=torch.float64).contiguous(
+        memory_format=torch.channels_last)
+
+
 def _prologue(x, scale, shift):
     return torch.relu(x * scale[None, :, None, None] + shift[None, :, None, None])
 
@@ -78,10 +86,7 @@ def test_weight_gradient_on_both_column_layouts(case, with_prologue, layout):
 
     x, weight, scale, shift = _inputs(case)
     stride, padding = case[5], case[6]
-    out_shape = F.conv2d(x, weight, stride=stride, padding=padding).shape
-    g = torch.Generator().manual_seed(1)
-    dy = torch.randn(out_shape, generator=g, dtype=torch.float64).contiguous(
-        memory_format=torch.channels_last)
+    dy = _grad_output(x, weight, stride, padding)
     pro = {"in_scale": scale, "in_shift": shift, "in_relu": True} if with_prologue else {}
     dw = conv_wgrad(x, dy, weight.shape, stride=stride, padding=padding, split=2, **pro)
     x_in = _prologue(x, scale, shift) if with_prologue else x
@@ -145,10 +150,7 @@ def test_weight_gradient_with_the_gathered_tile_in_registers(case, gathered_in_r
 
     x, weight, _, _ = _inputs(case)
     stride, padding = case[5], case[6]
-    out_shape = F.conv2d(x, weight, stride=stride, padding=padding).shape
-    g = torch.Generator().manual_seed(1)
-    dy = torch.randn(out_shape, generator=g, dtype=torch.float64).contiguous(
-        memory_format=torch.channels_last)
+    dy = _grad_output(x, weight, stride, padding)
     for atomic in (True, False):
         dw = conv_wgrad(x, dy, weight.shape, stride=stride, padding=padding, split=2,
                         atomic=atomic)
