@@ -71,6 +71,17 @@ def dot_acc(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def k_steps(n):
+    """A K loop's trip count n as max(n, 1), for `range(0, k_steps(n))`: a loop the compiler
+    knows runs at least once. Where it might run zero times, LLVM gives the exit a block of
+    its own that sets the accumulator to its initial zeros, and lays it out after the loop,
+    between its wgmma and their final wait; ptxas then serializes every wgmma of the loop
+    (C7515: "non wgmma instructions defining accumulator registers"), each K step waiting
+    for its own MMAs. The one step a zero count gains must add nothing: its loads masked."""
+    return tl.maximum(n, 1)
+
+
+@triton.jit
 def prologue(a, ok, sc, sh, RELU: tl.constexpr, ACC_TY: tl.constexpr, MASK: tl.constexpr):
     """The loaded x tile a as relu?(a * sc + sh), with MASK zero where not ok (the padding);
     sc, sh: the per-channel scale and shift at a's columns, as a (1, columns) row. Without
@@ -147,7 +158,7 @@ def _conv_fwd_kernel(
         x_base = ((img * H + ih0) * W + iw0) * C_in  # int64; < 0 only for rows in padding
         tap = 0
         c0 = 0
-        for _step in range(0, KH * KW * tl.cdiv(C_in, BLOCK_K)):
+        for _step in range(0, k_steps(KH * KW * tl.cdiv(C_in, BLOCK_K))):  # C_in >= 1
             if KH * KW == 1:  # constant tap: the row terms stay out of the loop
                 r: tl.constexpr = 0
                 s: tl.constexpr = 0

@@ -38,6 +38,7 @@ from fused_resnet.triton.conv import (
     check_pixels,
     dense_in,
     dot_acc,
+    k_steps,
     kernel_dilation,
     to_nhwc,
 )
@@ -107,7 +108,10 @@ def _conv_dgrad_kernel(
     i = 0
     j = 0
     k0 = 0
-    for _step in range(0, taps_h * taps_w * tl.cdiv(C_out, BLOCK_K)):
+    # A phase without taps (a 1x1 conv's at stride 2: 3 of 4) runs the one step of k_steps
+    # with its channels all masked (k_end 0): its loads read nothing, its tiles are zero.
+    k_end = tl.where(taps_h * taps_w > 0, C_out, 0)
+    for _step in range(0, k_steps(taps_h * taps_w * tl.cdiv(C_out, BLOCK_K))):
         if KH * KW == 1:  # the one tap (i, j) = (0, 0): the row terms stay out of the loop
             ti: tl.constexpr = 0
             tj: tl.constexpr = 0
@@ -118,7 +122,7 @@ def _conv_dgrad_kernel(
         ow = ow0 - tj * out_step
         row_ok = m_ok & (oh >= 0) & (oh < Ho) & (ow >= 0) & (ow < Wo)
         k = k0 + offs_k
-        k_ok = k < C_out
+        k_ok = k < k_end
         ca = tl.load(coef_ptr + k, mask=k_ok & BN_BWD, other=0.0)
         cb = tl.load(coef_ptr + C_out + k, mask=k_ok & BN_BWD, other=0.0)
         cd = tl.load(coef_ptr + 2 * C_out + k, mask=k_ok & BN_BWD, other=0.0)

@@ -39,6 +39,7 @@ from fused_resnet.triton.config import (
 from fused_resnet.triton.conv import (
     check_pixels,
     dot_acc,
+    k_steps,
     kernel_dilation,
     prologue,
     to_nhwc,
@@ -107,12 +108,12 @@ def _conv_wgrad_kernel(
     split = tl.program_id(2)
     start = split * rows_per_split
     stop = tl.minimum(start + rows_per_split, M)
-    # The lanes' output pixels m = m0 + lane as (img, oh, ow): divided once here (int32, M <
-    # 2^31), then advanced by BLOCK_K = step_img * Ho*Wo + step_h * Wo + step_w per step like
-    # an odometer (each digit wraps at most once). Dividing in the loop, as this kernel first
-    # did, cost four calls of a 64-bit division routine per step: ~620 SASS instructions per
-    # warp and step against 178 after, 162 with the int32 pixel index below, for the same two
-    # wgmma (sm_90, bf16, 128x128x32 w8).
+    # The lanes' output pixels m = start + step * BLOCK_K + lane as (img, oh, ow): divided
+    # once here (int32, M < 2^31), then advanced by BLOCK_K = step_img * Ho*Wo + step_h * Wo
+    # + step_w per step like an odometer (each digit wraps at most once). Dividing in the
+    # loop, as this kernel first did, cost four calls of a 64-bit division routine per step:
+    # ~620 SASS instructions per warp and step against 178 after, 162 with the int32 pixel
+    # index below, for the same two wgmma (sm_90, bf16, 128x128x32 w8).
     lanes = start + tl.arange(0, BLOCK_K)
     ow = lanes % Wo
     oh = (lanes // Wo) % Ho
@@ -128,8 +129,9 @@ def _conv_wgrad_kernel(
     # must be zero there. The x tile is (loaded as zero) unless an unmasked prologue makes
     # relu?(sh) of it; only then is the dy tile masked too.
     X_MASKED: tl.constexpr = (not PROLOGUE) or PADDED or FLAT
-    for m0 in range(start, stop, BLOCK_K):
-        offs_m = m0 + tl.arange(0, BLOCK_K)
+    # k_steps: an empty split (stop <= start) runs one step with every pixel masked.
+    for step in range(0, k_steps(tl.cdiv(stop - start, BLOCK_K))):
+        offs_m = start + step * BLOCK_K + tl.arange(0, BLOCK_K)
         m_ok = offs_m < stop
         if SUB:  # dy = x at the conv's stride (`Subsampled`): the lanes' (img, oh, ow) in x
             dy_pix = ((img * H + oh * stride) * W + ow * stride).to(tl.int64)
