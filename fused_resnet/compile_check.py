@@ -124,8 +124,8 @@ def check(workloads: list[str], dtypes: list[str], arch: int, workers: int = 1,
 def summary_rows(builds) -> list[tuple]:
     """Per kernel: builds, most shared memory, most registers, builds with a stack, builds
     with subroutine calls, builds whose wgmma wait for each other (`KernelBuild.
-    wgmma_in_flight` 0), autotuner candidates over the shared memory (which the autotuner
-    skips), failures."""
+    wgmma_in_flight` 0, not counting a loop of one K step: `one_k_step`), autotuner
+    candidates over the shared memory (which the autotuner skips), failures."""
     rows = []
     for name in sorted({b.name for b in builds}):
         mine = [b for b in builds if b.name == name]
@@ -137,7 +137,7 @@ def summary_rows(builds) -> list[tuple]:
                      max(regs, default="-"), len(spilled),
                      f"{worst.stack} B: {worst.tile} [{worst.variant}]" if worst else "-",
                      sum(bool(b.calls) for b in ok),
-                     sum(b.wgmma_in_flight == 0 for b in ok),
+                     sum(b.wgmma_in_flight == 0 and not b.one_k_step for b in ok),
                      sum(b.skipped_by_autotuner for b in ok),
                      sum(bool(b.problems()) for b in mine)))
     return rows
@@ -156,11 +156,12 @@ def serialized_variants(builds) -> list[tuple[str, str, str, int]]:
     (and that the autotuner can launch) waits for each K step's MMAs, none keeping a group
     in flight: whichever of them it picks, the tensor cores idle while the loop issues its
     loads and math. `candidates` counts those (a candidate without wgmma, a 32-row tile on
-    mma.sync, is not one). Empty without cuobjdump, or for an architecture without wgmma."""
+    mma.sync, is not one; nor is a loop of one K step, `KernelBuild.one_k_step`). Empty
+    without cuobjdump, or for an architecture without wgmma."""
     groups: dict[tuple[str, str, str], list] = {}
     for b in builds:
         if (b.autotuned and b.error is None and not b.skipped_by_autotuner
-                and b.wgmma_in_flight is not None):
+                and b.wgmma_in_flight is not None and not b.one_k_step):
             groups.setdefault((b.name, b.dtype, b.variant), []).append(b.wgmma_in_flight)
     return sorted((*key, len(found)) for key, found in groups.items()
                   if all(n == 0 for n in found))

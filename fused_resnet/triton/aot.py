@@ -102,6 +102,16 @@ class KernelBuild:
         return " ".join(parts)
 
     @property
+    def one_k_step(self) -> bool:
+        """Whether the K loop is known from the constexprs to be one step: a forward over
+        flattened K with KH * KW * C_in <= BLOCK_K (a CIFAR net's 16-channel 1x1 conv). Its
+        MMAs are one group with nothing after them to overlap, so that the wait for them
+        (wgmma_in_flight 0) costs nothing."""
+        c = self.constants
+        flat = c.get("FLAT_K") or 0
+        return bool(flat) and c.get("KH", 1) * c.get("KW", 1) * flat <= c.get("BLOCK_K", 0)
+
+    @property
     def over_shared_limit(self) -> bool:
         limit = SHARED_LIMIT.get(self.arch)
         return limit is not None and self.shared > limit

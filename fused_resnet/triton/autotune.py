@@ -15,13 +15,13 @@ from fused_resnet.triton.config import triton_version
 # K loop cost, sm_90 bf16 SASS, a warp's instructions per step (plain 1x1 / 3x3 / with the
 # prologue) against the step's wgmma cycles: 128x128x32 w8 88 / 131 / 164-236 for 256 (8
 # warps: 2 issue cycles an instruction), 128x256x64 w8 143 / 204 / 283-431 for 1024 (README).
-# Whether a loop that transforms its operand (prologue, BN backward) keeps a wgmma group in
-# flight or waits for each (ptxas C7515: "serialized due to non wgmma instructions defining
-# accumulator registers") depends on the tile and on the Triton version (tables in
-# benchmarks/results/NVIDIA_H200-2026-12-04/NOTES.md): with Triton 3.6 every such loop of
-# ResNet-50 has an async tile here (the forward's 128x256x64 w8, the 1x1 dgrad's 64x128x32
-# and 128x128x64 w8), which the per-variant tuning can pick. 128x128x64 w4 (async for both
-# forward prologues in 3.6 and 3.8, spilling 104-432 B in 3.6) is left out until a GPU says.
+# Every tile here keeps a wgmma group in flight in every conv loop but the Gram's wgrad
+# (Triton 3.6 and 3.8). Until the K loops ran max(n, 1) steps (`conv.k_steps`) most tiles of
+# the loops that transform their operand (prologue, BN backward) had ptxas serialize their
+# wgmma (C7515: "non wgmma instructions defining accumulator registers"), which tile did
+# depending on the Triton version (tables in benchmarks/results/NVIDIA_H200-2026-12-04/
+# NOTES.md). 128x128x64 w4 (spilling 104-432 B with the forward's prologue in 3.6) is left
+# out until a GPU says.
 # BLOCK_K 64 needs 96 / 144 KiB of shared memory in bf16 / fp16 (the autotuner skips what
 # does not fit).
 FWD_CONFIGS = [
@@ -32,10 +32,10 @@ FWD_CONFIGS = [
     ]
 ]
 # One tuned config per shape and per loop / epilogue variant: a K loop that transforms its
-# operand on load (PROLOGUE, BN_BWD) issues 1.5-3x the instructions of the plain one and its
-# wgmma wait for each other in most tiles (above), so its best tile may differ from
-# the plain loop's of the same shape (a bottleneck's conv3 and its projection: both 1x1
-# 64 -> 256 over the same pixels). Each kernel adds its variant flags (`autotune_conv`).
+# operand on load (PROLOGUE, BN_BWD) issues 1.5-3x the instructions of the plain one
+# (above), so its best tile may differ from the plain loop's of the same shape (a
+# bottleneck's conv3 and its projection: both 1x1 64 -> 256 over the same pixels). Each
+# kernel adds its variant flags (`autotune_conv`).
 CONV_TUNING_KEY = ["M", "C_in", "C_out", "KH", "KW", "DIL", "stride"]
 
 # Each candidate config is timed over this many ms (Triton's defaults: 25 warm-up, 100 timed):

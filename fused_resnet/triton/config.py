@@ -116,9 +116,10 @@ def wgrad_split(rows: int, tiles: int = 1) -> int:
 # backward the BN backward to each dy tile, so neither is ever written) or "written" (one
 # elementwise pass writes relu(bn(y)) / dy, which the plain conv loop then reads, and the
 # forward's is recomputed for the weight gradient). On sm_90 the transformed loops issue
-# 1.5-3x the instructions of the plain ones and, in most tiles, their wgmma wait for each
-# other (README, "Benchmarks"); which is faster is for a GPU to say (`bench --columns triton
-# triton-written`). FUSED_RESNET_OPERANDS sets the default; `set_operands` overrides it.
+# 1.5-3x the instructions of the plain ones (their wgmma, which waited for each other in
+# most tiles, now keep groups in flight: README, "Benchmarks"); which is faster is for a
+# GPU to say (`bench --columns triton triton-written`). FUSED_RESNET_OPERANDS sets the
+# default; `set_operands` overrides it.
 OPERAND_MODES = ("on_load", "written")
 OPERANDS_ENV = "FUSED_RESNET_OPERANDS"
 _operands: Optional[str] = None

@@ -94,7 +94,7 @@ def _conv_wgrad_kernel(
     # cp.async for its 2-byte runs, so it was stored to shared memory each step. Transposed
     # and passed through a select that changes no value (Triton keeps only a computed A
     # tile in registers), its 7x7 wgrad keeps 1-3 groups in flight in 6 of 8 tiles, 0 of 8
-    # before.
+    # before (8 of 8 since `k_steps`).
     XT: tl.constexpr = (PROLOGUE or GATHER_IN_REGS) and not ACT
     if PROLOGUE:
         sc = tl.load(in_scale_ptr + offs_c, mask=c_ok, other=0.0)
