@@ -71,6 +71,31 @@ def transform_reason() -> Optional[str]:
     return None
 
 
+# The TorchDispatchModes active around the call: how many (~50 ns a question), the i-th.
+_DISPATCH_MODES = getattr(torch._C, "_len_torch_dispatch_stack", lambda: 0)
+_DISPATCH_MODE_AT = getattr(torch._C, "_get_dispatch_stack_at", None)
+
+
+def _counting_flops() -> bool:
+    """Whether torch's FlopCounterMode is among the dispatch modes around the call."""
+    count = _DISPATCH_MODES()
+    if not count or _DISPATCH_MODE_AT is None:
+        return False
+    return any(type(_DISPATCH_MODE_AT(i)).__module__ == "torch.utils.flop_counter"
+               for i in range(count))
+
+
+def ops_recorded() -> bool:
+    """Whether the fused ops must run as the custom ops `torch.ops.fused_resnet.*`, which a
+    tracer or FlopCounterMode sees as one op each, rather than by the eager shortcuts that
+    skip the dispatcher (autograd.Function twins, kernels called directly, inference
+    plans): while torch.compile / export traces, and under torch's FlopCounterMode, which
+    counts the custom ops by `ops.flop_formulas` and would see no op at all for the Triton
+    kernels. Other dispatch modes (an op logger, `traffic.AtenTraffic`) see the ATen ops
+    inside the eager path, as they did."""
+    return torch.compiler.is_compiling() or _counting_flops()
+
+
 @contextlib.contextmanager
 def forced_backend(backend: str) -> Iterator[None]:
     """Inside the block every op resolves to `backend`, whatever name the caller passed (used by

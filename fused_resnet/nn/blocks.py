@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from fused_resnet import ops, tuning
-from fused_resnet.backend import check_backend_name
+from fused_resnet.backend import check_backend_name, ops_recorded
 from fused_resnet.nn.conv_bn import (
     adopt_frozen_bns,
     check_chain,
@@ -167,7 +167,7 @@ class ResidualBlock(FoldingModule):
                     paddings=[c.padding[0] for c, _ in block_pairs], shortcut=kind,
                     shortcut_stride=self.stride, backend=backend,
                     dilations=[c.dilation[0] for c, _ in block_pairs])
-        traced = torch.compiler.is_compiling()  # no plans (nor their weak dict) in a graph
+        traced = ops_recorded()  # no plans (nor their weak dict) in a graph, nor counted
         plan = None if traced else _EVAL_PLANS.find(self, x, weights, biases, **args)
         if plan is not None:
             return plan(x)

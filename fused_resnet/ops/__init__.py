@@ -9,6 +9,7 @@ must be set before that import to run Triton on CPU tensors).
 from fused_resnet.ops import (  # noqa: F401  (registers the ops)
     block_ops,
     conv_ops,
+    flop_formulas,
     max_pool,
     native_kernels,
     stem,
@@ -24,6 +25,8 @@ try:
     from fused_resnet.ops import triton_block  # noqa: F401
 except ImportError:  # Triton not installed: the "triton" backend reports itself unavailable
     triton_block = None
+
+flop_formulas.register()  # torch's FlopCounterMode counts the convs inside the ops above
 
 __all__ = [
     "bn_add_relu",

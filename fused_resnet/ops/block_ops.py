@@ -35,6 +35,7 @@ from typing import List
 import torch
 from torch import Tensor
 
+from fused_resnet.backend import ops_recorded
 from fused_resnet.ops.conv_ops import (
     _as_input_grad,
     _as_weight,
@@ -183,8 +184,9 @@ class _BlockTrainFunction(torch.autograd.Function):
 def block_train_call(x, weights, gammas, betas, strides, paddings, dilations, eps, shortcut,
                      shortcut_stride, kernels):
     """block_train's (z, ys, means, variances, affines) (its ReLU mask is for backward): the
-    custom op while torch.compile traces, its eager twin otherwise."""
-    if torch.compiler.is_compiling():
+    custom op while torch.compile traces or FlopCounterMode counts (`ops_recorded`), its
+    eager twin otherwise."""
+    if ops_recorded():
         z, _mask, *rest = block_train(x, weights, gammas, betas, strides, paddings, dilations,
                                       eps, shortcut, shortcut_stride, kernels)
         return z, *rest

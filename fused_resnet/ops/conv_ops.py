@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from fused_resnet.backend import ops_recorded
 from fused_resnet.ops.first_order import first_order
 from fused_resnet.ops.layout import conv_output_shape, output_memory_format, stat_dtype
 
@@ -238,22 +239,23 @@ class _ConvBnTrainFunction(torch.autograd.Function):
 
 def conv_bn_train_call(x, weight, bn_weight, bn_bias, residual, stride, padding, dilation, groups,
                        eps, relu, kernels):
-    """conv_bn_train's (z, y, mean, var): the custom op while torch.compile traces, its eager
-    twin otherwise."""
+    """conv_bn_train's (z, y, mean, var): the custom op while torch.compile traces or a
+    FlopCounterMode counts (`ops_recorded`), its eager twin otherwise."""
     args = (x, weight, bn_weight, bn_bias, residual, stride, padding, dilation, groups, eps, relu,
             kernels)
-    if torch.compiler.is_compiling():
+    if ops_recorded():
         return conv_bn_train(*args)
     return _ConvBnTrainFunction.apply(*args)
 
 
 def conv_bias_act_call(x, weight, bias, residual, stride, padding, dilation, groups, relu, kernels):
-    """conv_bias_act's z: the custom op while tracing or when autograd needs it, else its body
-    called directly (inference under no_grad, the common case)."""
+    """conv_bias_act's z: the custom op while tracing or counting (`ops_recorded`) or when
+    autograd needs it, else its body called directly (inference under no_grad, the common
+    case)."""
     args = (x, weight, bias, residual, stride, padding, dilation, groups, relu, kernels)
     tensors = (x, weight, bias, residual)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                                  for t in tensors)
-    if torch.compiler.is_compiling() or needs_grad:
+    if needs_grad or ops_recorded():
         return conv_bias_act(*args)
     return _bias_forward(*args)

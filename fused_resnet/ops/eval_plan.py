@@ -177,10 +177,11 @@ class BlockEvalPlan:
 
 def _plannable_call(x: Tensor) -> bool:
     """Whether residual_block_eval would run x as it is, outside autograd and tracing: no
-    autocast cast of x first, no input gradient for autograd to record, no torch.compile."""
+    autocast cast of x first, no input gradient for autograd to record, no torch.compile
+    or FlopCounterMode to see the ops (`backend.ops_recorded`)."""
     if autocast_dtype(x.device.type) not in (None, x.dtype):
         return False
-    return not (torch.is_grad_enabled() and x.requires_grad) and not torch.compiler.is_compiling()
+    return not (torch.is_grad_enabled() and x.requires_grad) and not _backend.ops_recorded()
 
 
 def plan_block_eval(x: Tensor, weights: list[Tensor], biases: list[Tensor], *,
@@ -251,7 +252,7 @@ class StemEvalPlan:
             return False
         if (stride, padding, tuple(pool), backend) != self.arguments:
             return False
-        if (torch.is_grad_enabled() and x.requires_grad) or torch.compiler.is_compiling():
+        if (torch.is_grad_enabled() and x.requires_grad) or _backend.ops_recorded():
             return False
         if input_precision(self.dtype) != self.precision:
             return False
@@ -281,7 +282,7 @@ def plan_stem_eval(x: Tensor, weight: Tensor, bias: Tensor, *, stride: int, padd
     where it would not run as one: the reference ops, a pool on other kernels than the
     conv's (Triton with Triton, ATen's beside `_C`), a weight not in the compute dtype or
     a bias not contiguous, autograd or tracing."""
-    if (torch.is_grad_enabled() and x.requires_grad) or torch.compiler.is_compiling():
+    if (torch.is_grad_enabled() and x.requires_grad) or _backend.ops_recorded():
         return None
     from fused_resnet.ops.conv_bn_act import select_kernels
 

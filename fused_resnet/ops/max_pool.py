@@ -61,7 +61,7 @@ def max_pool2d(x: Tensor, kernel_size: int = 3, stride: int = 2, padding: int = 
     if _backend.resolve(backend, "max_pool", x.device) != "triton":
         return torch.nn.functional.max_pool2d(x, kernel_size, stride, padding)
     args = (x, kernel_size, stride, padding)
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and x.requires_grad):
+    if (torch.is_grad_enabled() and x.requires_grad) or _backend.ops_recorded():
         return max_pool(*args)[0]
     from fused_resnet.triton.pool import max_pool_fwd
 
