@@ -233,3 +233,22 @@ def test_the_conv_loops_refuse_a_relu_mask_given_as_bits():
     with pytest.raises(ValueError, match="BnGrad.z: the conv loops take the ReLU mask"):
         conv_wgrad(torch.randn(x_shape, dtype=dy.dtype), grad, weight.shape,
                    stride=CASES[1][5], padding=CASES[1][6])
+
+
+@pytest.mark.parametrize("stride", [1, 2, 3, 4])
+def test_every_phase_tapped_is_the_phase_rule(stride):
+    """`every_phase_tapped` (which lets the dgrad's loop run max(n, 1) steps, `k_steps`)
+    against counting each phase's taps, for every padding: never true where a phase has
+    none (it would run a step its loads do not mask)."""
+    pytest.importorskip("triton")
+    from fused_resnet.triton.conv_bwd import every_phase_tapped
+    from fused_resnet.triton.dot_work import ConvShape, _phase_taps
+
+    for k in range(1, 8):
+        for dilation in range(1, 5):
+            for padding in range(0, 4):
+                s = ConvShape(1, 1, 9, 9, 1, k, stride, padding, dilation)
+                tapped = all(_phase_taps(s, phase) for phase in range(stride))
+                assert every_phase_tapped(k, k, dilation, stride) == tapped, (k, dilation,
+                                                                                padding)
+    assert not every_phase_tapped(3, 1, 1, 2)  # rows tapped, columns not

@@ -77,7 +77,8 @@ def k_steps(n):
     its own that sets the accumulator to its initial zeros, and lays it out after the loop,
     between its wgmma and their final wait; ptxas then serializes every wgmma of the loop
     (C7515: "non wgmma instructions defining accumulator registers"), each K step waiting
-    for its own MMAs. The one step a zero count gains must add nothing: its loads masked."""
+    for its own MMAs. Where n may be 0 the one step it gains must add nothing (its loads
+    masked: an empty wgrad split), or cost too much to take (`conv_bwd.every_phase_tapped`)."""
     return tl.maximum(n, 1)
 
 

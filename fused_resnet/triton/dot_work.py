@@ -10,8 +10,9 @@ one tile config, what each kernel's grid and loops hand to tl.dot (`conv.py`, `c
     dgrad  programs cdiv(N*Hq*Wq, BM) x cdiv(C_in, BN) x stride^2, Hq = cdiv(H, stride);
            phase (ph, pw) visits taps_h(ph) * taps_w(pw) taps of cdiv(C_out, BK) steps,
            taps_h(ph) = #{r < k : (ph + pad - r * dilation) mod stride = 0};
-    wgrad  programs cdiv(C_out, BM) x column blocks x split; a split's rows in steps of BK;
-           column blocks cdiv(kh*kw*C_in, BN) flattened, else kh*kw*cdiv(C_in, BN);
+    wgrad  programs cdiv(C_out, BM) x column blocks x split; a split's rows in steps of BK
+           (an empty split one step: `conv.k_steps`); column blocks cdiv(kh*kw*C_in, BN)
+           flattened, else kh*kw*cdiv(C_in, BN);
 
 each step a BM x BK x BN product. Useful work is N*Ho*Wo*C_out*C_in*kh*kw for each of the
 three. tests/test_dot_work.py checks these counts against the interpreter's own tally of
@@ -82,7 +83,7 @@ def wgrad_macs(s: ConvShape, bm: int, bn: int, bk: int, split: int | None = None
     rows = s.rows
     split = split or wgrad_split(rows, wgrad_tiles(s.c_out, s.c_in, s.k, s.k))
     per_split = cdiv(rows, split)
-    steps = sum(cdiv(max(0, min(start + per_split, rows) - start), bk)
+    steps = sum(max(1, cdiv(max(0, min(start + per_split, rows) - start), bk))  # k_steps
                 for start in range(0, split * per_split, per_split))
     taps = s.k * s.k
     columns = _pad(taps * s.c_in, bn) if flat_k(s.c_in) else taps * _pad(s.c_in, bn)
