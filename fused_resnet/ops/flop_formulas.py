@@ -1,7 +1,8 @@
 """FLOP formulas of the fused ops for `torch.utils.flop_counter.FlopCounterMode`.
 
 FlopCounterMode counts the ATen ops it sees; a custom op is one op to it, and what runs
-inside is hidden, so a fused model counted nothing but its `fc`. Each op of this package
+inside is hidden (a Triton model counted nothing but its `fc`, and the `_C` backends' eval
+with autograd on likewise). Each op of this package
 that runs convolutions is registered here with the count torch gives those convolutions
 as ATen ops (`flop_counter.conv_flop_count`), so that a fused model counts what the same
 model of torch's layers counts (Lightning's `measure_flops`, MFU in training loops):

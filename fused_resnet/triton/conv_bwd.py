@@ -193,7 +193,6 @@ class BnReduce(NamedTuple):
     rstd: Tensor
 
 
-
 def every_phase_tapped(kh: int, kw: int, dilation: int, stride: int) -> bool:
     """Whether every stride phase of the dgrad takes a tap, in rows and in columns. The taps
     of phase ph are the r < k with r * dilation = ph + padding (mod stride): r * dilation
