@@ -153,3 +153,15 @@ def test_only_the_flop_counter_turns_the_eager_shortcuts_off():
         with Passing():  # anywhere on the stack
             assert ops_recorded()
     assert not ops_recorded()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", MODES)
+def test_a_triton_resnet50_on_the_gpu_counts_as_torchvision(mode):
+    """The compiled kernels' path (the GPU session runs only `gpu` tests): bottlenecks with
+    projections, the fused stem, autotuned launches inside the counted custom ops."""
+    torch.manual_seed(0)
+    tv = torchvision.models.resnet50().cuda()
+    fused = fr.models.resnet50(backend="triton").cuda()
+    fused.load_state_dict(tv.state_dict())
+    _assert_same_count(fused, tv, torch.randn(2, 3, 64, 64, device="cuda"), mode)
