@@ -2,10 +2,10 @@
 
 FlopCounterMode counts the ATen ops it sees; a custom op is one op to it, and what runs
 inside is hidden (a Triton model counted nothing but its `fc`, and the `_C` backends' eval
-with autograd on likewise). Each op of this package
-that runs convolutions is registered here with the count torch gives those convolutions
-as ATen ops (`flop_counter.conv_flop_count`), so that a fused model counts what the same
-model of torch's layers counts (Lightning's `measure_flops`, MFU in training loops):
+with autograd on likewise). Each op of this package that runs convolutions is registered
+here with the count torch gives those convolutions as ATen ops
+(`flop_counter.conv_flop_count`), so that a fused model counts what the same model of
+torch's layers counts (Lightning's `measure_flops`, MFU in training loops):
 
     conv forward:     F = 2 * N * Ho * Wo * C_out * (C_in / groups) * kh * kw
     input gradient:   F, where the op computes one (need_dx; a block's inner convs always)
@@ -22,22 +22,17 @@ from typing import Callable, Optional
 
 import torch
 
+from fused_resnet.ops.layout import conv_output_size
+
 OpArgs = dict
-
-
-def _out_size(size: int, k: int, stride: int, padding: int, dilation: int) -> int:
-    return (size + 2 * padding - dilation * (k - 1) - 1) // stride + 1
 
 
 def conv_flops(x_shape, w_shape, stride: int, padding: int,
                dilation: int = 1) -> tuple[int, tuple[int, ...]]:
     """(torch's FLOPs for conv2d(x, w), its output shape) from the shapes: 2 * N * Ho * Wo *
     prod(w_shape), w_shape holding C_in / groups."""
-    n, _, h, w = x_shape
-    kh, kw = w_shape[2:]
-    out = (n, w_shape[0], _out_size(h, kh, stride, padding, dilation),
-           _out_size(w, kw, stride, padding, dilation))
-    return 2 * n * out[2] * out[3] * math.prod(w_shape), out
+    out = conv_output_size(x_shape, w_shape, stride, padding, dilation)
+    return 2 * out[0] * out[2] * out[3] * math.prod(w_shape), out
 
 
 def backward_flops(forward: int, groups: int, need_dx: bool) -> int:
@@ -113,7 +108,7 @@ def _counter(packet, formula: Callable[[OpArgs], int]) -> Callable[..., int]:
     return count
 
 
-def register(ops=None) -> list[str]:
+def register() -> list[str]:
     """Registers FORMULAS for the ops of `torch.ops.fused_resnet` that exist (the Triton
     bottleneck only with Triton); returns their names. Once: a second call adds nothing.
     Does nothing where torch has no `register_flop_formula`."""
@@ -125,7 +120,7 @@ def register(ops=None) -> list[str]:
     add = getattr(flop_counter, "register_flop_formula", None)
     if registry is None or add is None:
         return []
-    ops = ops if ops is not None else torch.ops.fused_resnet
+    ops = torch.ops.fused_resnet
     done = []
     for name, formula in FORMULAS.items():
         try:
