@@ -1,4 +1,7 @@
+import atexit
 import os
+import shutil
+import tempfile
 
 import torch
 
@@ -6,6 +9,15 @@ import torch
 # set before fused_resnet (and so triton.jit) is imported, which conftest.py precedes.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# torch.compile's on-disk cache outlives a test run, and its AOTAutograd entries are keyed on
+# the forward graph, not on the custom ops' autograd formulas: an entry saved by an older
+# checkout replays that checkout's backward (an op that took other arguments: "missing value
+# for argument 'need_dw'"). Each run compiles into a fresh folder (pytest-xdist's workers
+# inherit it), unless one is given.
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="fused_resnet_inductor_")
+    atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
 
 import pytest  # noqa: E402
 

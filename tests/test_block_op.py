@@ -30,7 +30,8 @@ OPS = torch.ops.fused_resnet
 @pytest.mark.parametrize("kernels", ["native", "triton"])
 @pytest.mark.parametrize("name", list(BLOCKS))
 @pytest.mark.parametrize("need_dx", [True, False], ids=["dx", "no_dx"])
-def test_opcheck(name, kernels, need_dx):
+@pytest.mark.parametrize("frozen", [None, 0, -1], ids=["dw", "frozen_first", "frozen_last"])
+def test_opcheck(name, kernels, need_dx, frozen):
     kernels_or_skip(kernels)
     args = (*block_args(name), kernels)
     torch.library.opcheck(OPS.block_train.default, args,
@@ -44,12 +45,17 @@ def test_opcheck(name, kernels, need_dx):
     x, weights, gammas, betas, *rest = (a.detach() if isinstance(a, torch.Tensor) else a
                                         for a in args)
     detach = [[t.detach() for t in ts] for ts in (weights, gammas, betas)]
+    need_dw = [True] * len(weights)
+    if frozen is not None:  # a frozen weight: its gradient is an empty tensor
+        need_dw[frozen] = False
     bwd_args = (torch.randn_like(z), x, mask if mask.numel() else z.detach(), *detach, ys,
-                means, affines, *rest, need_dx)
+                means, affines, *rest, need_dx, need_dw)
     torch.library.opcheck(OPS.block_train_backward.default, bwd_args,
                           test_utils=("test_schema", "test_faketensor"))
-    dx = OPS.block_train_backward(*bwd_args)[0]
+    dx, dws, _, _ = OPS.block_train_backward(*bwd_args)
     assert dx.shape == (x.shape if need_dx else (0,))
+    assert [dw.shape for dw in dws] == [w.shape if need else (0,)
+                                        for w, need in zip(weights, need_dw)]
 
 
 @pytest.mark.parametrize("kernels", ["native", "triton"])
@@ -94,9 +100,10 @@ def test_no_data_gradient_for_an_input_without_grad(name, kernels, monkeypatch):
                        True))
         return dgrad(dy, weight, x_shape, **kwargs)
 
-    def recording_backward(dy, x, weight, stride, padding, dilation, groups, need_dx=True):
+    def recording_backward(dy, x, weight, stride, padding, dilation, groups, need_dx=True,
+                           need_dw=True):
         dgrads.append((weight.data_ptr(), need_dx))
-        return aten_backward(dy, x, weight, stride, padding, dilation, groups, need_dx)
+        return aten_backward(dy, x, weight, stride, padding, dilation, groups, need_dx, need_dw)
 
     monkeypatch.setattr(triton_block, "conv_dgrad", recording_dgrad)
     monkeypatch.setattr(native_block, "conv_backward", recording_backward)

@@ -184,7 +184,8 @@ def test_gradcheck_fp64(training, backend):
 @pytest.mark.parametrize("kernels", ["triton", "native"])
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("need_dx", [True, False], ids=["dx", "no_dx"])
-def test_opcheck(training, kernels, need_dx):
+@pytest.mark.parametrize("need_dw", [True, False], ids=["dw", "no_dw"])
+def test_opcheck(training, kernels, need_dx, need_dw):
     reason = unavailable_reason("triton" if kernels == "triton" else NATIVE, torch.device(DEVICE))
     if reason is not None:
         pytest.skip(reason)
@@ -209,14 +210,15 @@ def test_opcheck(training, kernels, need_dx):
         _, y, mean, var = outputs
         backward = torch.ops.fused_resnet.conv_bn_train_backward.default
         bwd_args = (dz, x, w.detach(), gamma.detach(), y, z, mean, var, 1, 2, 2, 1, 1e-5,
-                    True, True, kernels, need_dx)
+                    True, True, kernels, need_dx, need_dw)
     else:
         backward = torch.ops.fused_resnet.conv_bias_act_backward.default
         bwd_args = (dz, x, w.detach(), z.detach(), beta.detach(), 1, 2, 2, 1, True, True,
-                    kernels, need_dx)
+                    kernels, need_dx, need_dw)
     torch.library.opcheck(backward, bwd_args, test_utils=("test_schema", "test_faketensor"))
-    dx = backward(*bwd_args)[0]
+    dx, dw = backward(*bwd_args)[:2]
     assert dx.shape == (x.shape if need_dx else (0,))
+    assert dw.shape == (w.shape if need_dw else (0,))
 
 
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
@@ -250,7 +252,7 @@ def test_no_data_gradient_for_an_input_without_grad(training, backend, monkeypat
     out.backward(torch.ones_like(out))
     assert x.grad is None
     if backend != "triton":
-        assert masks == [(False,)]
+        assert masks == [(False, True)]
     leaves = [t.detach().clone().requires_grad_() for t in (w, gamma, beta, r)]
     ref = ops.conv_bn_act(x, *leaves[:3], mean.clone(), var.clone(), residual=leaves[3],
                           backend="reference", **kwargs)

@@ -235,11 +235,14 @@ def test_the_custom_ops_pass_opcheck():
         "test_schema", "test_faketensor", "test_autograd_registration"))
     out, arg, y, mean, _var, affine = stem_train(*[a.detach() if torch.is_tensor(a) else a
                                                    for a in args])
-    for need_dx in (True, False):
-        torch.library.opcheck(
-            stem_train_backward, (torch.randn_like(out), x, w.detach(), gamma.detach(), y, arg,
-                                  mean, affine, 2, 3, 3, 2, 1, need_dx),
-            test_utils=("test_schema", "test_faketensor"))
+    for need_dx, need_dw in ((True, True), (False, True), (True, False), (False, False)):
+        bwd_args = (torch.randn_like(out), x, w.detach(), gamma.detach(), y, arg, mean, affine,
+                    2, 3, 3, 2, 1, need_dx, need_dw)
+        torch.library.opcheck(stem_train_backward, bwd_args,
+                              test_utils=("test_schema", "test_faketensor"))
+        dx, dw, _, _ = stem_train_backward(*bwd_args)
+        assert dx.shape == (x.shape if need_dx else (0,))
+        assert dw.shape == (w.shape if need_dw else (0,))
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -19,7 +19,8 @@ kernels' backward does without a y_i (`unkept_ys`: on Triton a bottleneck's y_3 
 projection's y_d), an empty tensor is saved in its place.
 The backward op takes `need_dx`: where x needs no gradient (the first trainable block after
 frozen layers) neither the first conv's nor the projection's data gradient is computed and
-dx is an empty tensor.
+dx is an empty tensor; and `need_dw`, one flag per weight: a frozen weight's gradient (a
+third of its conv's training FLOPs) is not computed and is an empty tensor.
 `kernels` picks the bodies: "triton" (`ops.triton_block`: BN + ReLU applied on load inside
 the convs) or "native" (`ops.native_block`: ATen's convolution and the `_C` kernels).
 """
@@ -39,6 +40,7 @@ from fused_resnet.backend import ops_recorded
 from fused_resnet.ops.conv_ops import (
     _as_input_grad,
     _as_weight,
+    _dw_fake,
     _dx_fake,
     kernels_module,
 )
@@ -63,10 +65,11 @@ def _forward(x, weights, gammas, betas, strides, paddings, dilations, eps, short
 
 
 def _backward_bodies(dz, x, relu_mask, weights, gammas, betas, ys, means, affines, strides,
-                     paddings, dilations, eps, shortcut, shortcut_stride, kernels, need_dx):
+                     paddings, dilations, eps, shortcut, shortcut_stride, kernels, need_dx,
+                     need_dw):
     dx, dws, dgammas, dbetas = block_module(kernels).block_train_backward(
         dz, x, relu_mask, weights, gammas, betas, ys, means, affines, strides, paddings,
-        dilations, eps, shortcut, shortcut_stride, need_dx)
+        dilations, eps, shortcut, shortcut_stride, need_dx, need_dw)
     return (_as_input_grad(dx, x),
             [_as_weight(dw, w) for dw, w in zip(dws, weights)],
             [dg.to(g.dtype) for dg, g in zip(dgammas, gammas)],
@@ -110,18 +113,20 @@ def block_train_backward(
     dz: Tensor, x: Tensor, relu_mask: Tensor, weights: List[Tensor], gammas: List[Tensor],
     betas: List[Tensor], ys: List[Tensor], means: List[Tensor], affines: List[Tensor],
     strides: List[int], paddings: List[int], dilations: List[int], eps: List[float],
-    shortcut: str, shortcut_stride: int, kernels: str, need_dx: bool,
+    shortcut: str, shortcut_stride: int, kernels: str, need_dx: bool, need_dw: List[bool],
 ) -> tuple[Tensor, List[Tensor], List[Tensor], List[Tensor]]:
-    """(dx (empty without need_dx), d weights, d gammas, d betas), lists in the order of the
-    inputs; relu_mask: block_train's, or z where that is empty."""
+    """(dx (empty without need_dx), d weights (each empty where need_dw says so), d gammas,
+    d betas), lists in the order of the inputs; relu_mask: block_train's, or z where that is
+    empty."""
     return _backward_bodies(dz, x, relu_mask, weights, gammas, betas, ys, means, affines, strides,
-                            paddings, dilations, eps, shortcut, shortcut_stride, kernels, need_dx)
+                            paddings, dilations, eps, shortcut, shortcut_stride, kernels, need_dx,
+                            need_dw)
 
 
 @block_train_backward.register_fake
 def _(dz, x, relu_mask, weights, gammas, betas, ys, means, affines, strides, paddings,
-      dilations, eps, shortcut, shortcut_stride, kernels, need_dx):
-    return (_dx_fake(x, need_dx), [_as_weight(None, w) for w in weights],
+      dilations, eps, shortcut, shortcut_stride, kernels, need_dx, need_dw):
+    return (_dx_fake(x, need_dx), [_dw_fake(w, need) for w, need in zip(weights, need_dw)],
             [torch.empty_like(g) for g in gammas], [torch.empty_like(b) for b in betas])
 
 
@@ -138,17 +143,26 @@ def _setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # no zero gradients for the ys and statistics
 
 
+def _per_weight(needs, k: int) -> List[bool]:
+    """The custom op's `needs_input_grad` entry for its weights list as k flags (torch gives a
+    list for a list input; one flag stands for all)."""
+    return [bool(n) for n in needs] if isinstance(needs, (list, tuple)) else [bool(needs)] * k
+
+
 @first_order("fused_resnet::block_train")
 def _backward(ctx, dz, _dmask, _dys, _dmeans, _dvars, _daffines, backward=None,
-              need_dx=None):
+              need_dx=None, need_dw=None):
     if dz is None:  # z did not reach the loss
         return (None,) * 11
-    if need_dx is None:  # the custom op's autograd: x is its first input
-        need_dx = ctx.needs_input_grad[0]
     k, *args = ctx.args
+    if need_dx is None:  # the custom op's autograd: x, then the weights, are its inputs
+        need_dx = ctx.needs_input_grad[0]
+        need_dw = _per_weight(ctx.needs_input_grad[1], k)
     x, mask, *rest = ctx.saved_tensors
     lists = [list(rest[i * k:(i + 1) * k]) for i in range(6)]
-    dx, dw, dg, db = (backward or block_train_backward)(dz, x, mask, *lists, *args, need_dx)
+    dx, dw, dg, db = (backward or block_train_backward)(dz, x, mask, *lists, *args, need_dx,
+                                                        need_dw)
+    dw = [d if need else None for d, need in zip(dw, need_dw)]
     return dx if need_dx else None, dw, dg, db, *(None,) * 7
 
 
@@ -175,9 +189,11 @@ class _BlockTrainFunction(torch.autograd.Function):
     def backward(ctx, dz, *_):
         if dz is None:
             return (None,) * (9 + 3 * ctx.args[0])
+        k = ctx.args[0]  # x after 8 non-tensors, then the k weights
         dx, dw, dg, db, *_ = _backward(ctx, dz, None, None, None, None, None,
                                        backward=_backward_bodies,
-                                       need_dx=ctx.needs_input_grad[8])  # x after 8 non-tensors
+                                       need_dx=ctx.needs_input_grad[8],
+                                       need_dw=list(ctx.needs_input_grad[9:9 + k]))
         return (None,) * 8 + (dx, *dw, *dg, *db)
 
 

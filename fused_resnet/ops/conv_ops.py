@@ -12,7 +12,10 @@ epilogues) or "native" (`ops.native_kernels`, the `_C` kernels around ATen's con
 Autograd saves x, w, y, z and the per-channel stats only. Tensors are (N, C, H, W); z and
 dx take x's memory format, y and d residual the kernels' `activation_format(x)`. The backward
 ops take `need_dx`: where x does not require grad (a stem's input image) the data gradient is
-not computed and dx is an empty tensor, as ATen's convolution_backward does with its mask.
+not computed and dx is an empty tensor, as ATen's convolution_backward does with its mask;
+and `need_dw` likewise for a frozen weight (requires_grad=False: fine-tuning BN alone, or
+gradients taken through a frozen network to its input), whose weight gradient, a third of a
+conv's training FLOPs, is then not computed.
 """
 
 from __future__ import annotations
@@ -53,10 +56,11 @@ def _empty(shape, like: Tensor, fmt=torch.contiguous_format, dtype=None) -> Tens
 
 def _as_weight(dw: Optional[Tensor], weight: Tensor) -> Tensor:
     """dw in weight's dtype and memory format (so that AccumulateGrad does not copy it into
-    a channels_last parameter's layout); dw=None gives an empty tensor of that layout."""
-    fmt = output_memory_format(weight)
+    a channels_last parameter's layout); dw=None (not computed: a frozen weight) gives an
+    empty tensor, as `_as_input_grad` does for dx."""
     if dw is None:
-        return _empty(weight.shape, weight, fmt)
+        return weight.new_empty(0)
+    fmt = output_memory_format(weight)
     if dw.dtype != weight.dtype:  # one copy for the cast and the layout
         return dw.to(dtype=weight.dtype, memory_format=fmt)
     # Not `to(memory_format=)`: it copies a 1x1 dw that is contiguous but whose strides
@@ -81,11 +85,16 @@ def _dx_fake(x: Tensor, need_dx: bool) -> Tensor:
     return _empty(x.shape, x, output_memory_format(x)) if need_dx else x.new_empty(0)
 
 
+def _dw_fake(weight: Tensor, need_dw: bool) -> Tensor:
+    return _empty(weight.shape, weight, output_memory_format(weight)) if need_dw else \
+        weight.new_empty(0)
+
+
 def _train_backward(dz, x, weight, bn_weight, y, z, mean, var, stride, padding, dilation, groups,
-                    eps, relu, has_residual, kernels, need_dx):
+                    eps, relu, has_residual, kernels, need_dx, need_dw):
     dx, dw, dgamma, dbeta, dr = kernels_module(kernels).conv_bn_train_backward(
         dz, x, weight, bn_weight, y, z, mean, var, stride, padding, dilation, groups, eps, relu,
-        has_residual, need_dx)
+        has_residual, need_dx, need_dw)
     return (_as_input_grad(dx, x), _as_weight(dw, weight),
             dgamma.to(bn_weight.dtype), dbeta.to(bn_weight.dtype),
             dr if dr is not None else dz.new_empty(0))
@@ -115,20 +124,20 @@ def conv_bn_train_backward(
     dz: Tensor, x: Tensor, weight: Tensor, bn_weight: Tensor, y: Tensor, z: Tensor,
     mean: Tensor, var: Tensor, stride: int, padding: int, dilation: int, groups: int, eps: float,
     relu: bool,
-    has_residual: bool, kernels: str, need_dx: bool,
+    has_residual: bool, kernels: str, need_dx: bool, need_dw: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(dx (empty without need_dx), dw, d gamma, d beta, d residual (empty without a
-    residual))."""
+    """(dx (empty without need_dx), dw (empty without need_dw), d gamma, d beta, d residual
+    (empty without a residual))."""
     return _train_backward(dz, x, weight, bn_weight, y, z, mean, var, stride, padding, dilation,
-                           groups, eps, relu, has_residual, kernels, need_dx)
+                           groups, eps, relu, has_residual, kernels, need_dx, need_dw)
 
 
 @conv_bn_train_backward.register_fake
 def _(dz, x, weight, bn_weight, y, z, mean, var, stride, padding, dilation, groups, eps, relu,
-      has_residual, kernels, need_dx):
+      has_residual, kernels, need_dx, need_dw):
     c = weight.shape[0]
     dr_format = kernels_module(kernels).activation_format(x)
-    return (_dx_fake(x, need_dx), _as_weight(None, weight),
+    return (_dx_fake(x, need_dx), _dw_fake(weight, need_dw),
             _empty((c,), bn_weight), _empty((c,), bn_weight),
             _empty(y.shape, dz, dr_format) if has_residual else dz.new_empty(0))
 
@@ -150,11 +159,11 @@ def _backward_train(ctx, dz, _dy, _dmean, _dvar, backward=None):
         return (None,) * 12
     x, weight, bn_weight, y, z, mean, var = ctx.saved_tensors
     has_residual = ctx.args[6]
-    need_dx = ctx.needs_input_grad[0]
+    need_dx, need_dw = ctx.needs_input_grad[:2]  # a frozen weight's gradient is not computed
     dx, dw, dgamma, dbeta, dr = (backward or conv_bn_train_backward)(
-        dz, x, weight, bn_weight, y, z, mean, var, *ctx.args, need_dx)
-    return (dx if need_dx else None, dw, dgamma, dbeta, dr if has_residual else None,
-            *(None,) * 7)
+        dz, x, weight, bn_weight, y, z, mean, var, *ctx.args, need_dx, need_dw)
+    return (dx if need_dx else None, dw if need_dw else None, dgamma, dbeta,
+            dr if has_residual else None, *(None,) * 7)
 
 
 conv_bn_train.register_autograd(_backward_train, setup_context=_setup_train)
@@ -185,19 +194,22 @@ def _(x, weight, bias, residual, stride, padding, dilation, groups, relu, kernel
 def conv_bias_act_backward(
     dz: Tensor, x: Tensor, weight: Tensor, z: Tensor, bias: Tensor, stride: int, padding: int,
     dilation: int, groups: int, relu: bool, has_residual: bool, kernels: str, need_dx: bool,
+    need_dw: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(dx (empty without need_dx), dw, d bias, d residual (empty without a residual))."""
+    """(dx (empty without need_dx), dw (empty without need_dw), d bias, d residual (empty
+    without a residual))."""
     dx, dw, dbias, dr = kernels_module(kernels).conv_bias_act_backward(
-        dz, x, weight, z, stride, padding, dilation, groups, relu, has_residual, need_dx)
+        dz, x, weight, z, stride, padding, dilation, groups, relu, has_residual, need_dx,
+        need_dw)
     return (_as_input_grad(dx, x), _as_weight(dw, weight),
             dbias.to(bias.dtype), dr if dr is not None else dz.new_empty(0))
 
 
 @conv_bias_act_backward.register_fake
 def _(dz, x, weight, z, bias, stride, padding, dilation, groups, relu, has_residual, kernels,
-      need_dx):
+      need_dx, need_dw):
     dr_format = kernels_module(kernels).activation_format(x)
-    return (_dx_fake(x, need_dx), _as_weight(None, weight),
+    return (_dx_fake(x, need_dx), _dw_fake(weight, need_dw),
             _empty(bias.shape, bias),
             _empty(z.shape, dz, dr_format) if has_residual else dz.new_empty(0))
 
@@ -212,9 +224,11 @@ def _setup_bias(ctx, inputs, output):
 def _backward_bias(ctx, dz):
     x, weight, z, bias = ctx.saved_tensors
     has_residual = ctx.args[5]
-    need_dx = ctx.needs_input_grad[0]
-    dx, dw, dbias, dr = conv_bias_act_backward(dz, x, weight, z, bias, *ctx.args, need_dx)
-    return dx if need_dx else None, dw, dbias, dr if has_residual else None, *(None,) * 6
+    need_dx, need_dw = ctx.needs_input_grad[:2]
+    dx, dw, dbias, dr = conv_bias_act_backward(dz, x, weight, z, bias, *ctx.args, need_dx,
+                                               need_dw)
+    return (dx if need_dx else None, dw if need_dw else None, dbias,
+            dr if has_residual else None, *(None,) * 6)
 
 
 conv_bias_act.register_autograd(_backward_bias, setup_context=_setup_bias)

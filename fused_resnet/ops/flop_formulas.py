@@ -9,12 +9,12 @@ torch's layers counts (Lightning's `measure_flops`, MFU in training loops):
 
     conv forward:     F = 2 * N * Ho * Wo * C_out * (C_in / groups) * kh * kw
     input gradient:   F, where the op computes one (need_dx; a block's inner convs always)
-    weight gradient:  F * groups (torch's formula takes all C_in channels for it)
+    weight gradient:  F * groups (torch's formula takes all C_in channels for it), where the
+                      op computes one (need_dw: not for a frozen weight, as torch's count)
 
-Backward ops count the weight gradients they compute, which is every one (torch's count
-drops a frozen weight's). The extra products of the Triton block's backward (the Gram of
-a bottleneck without y3, `ops.triton_block`) are the fused algorithm's, not the model's,
-and are not counted; nor is BN, ReLU or max-pool work, which torch counts as 0 too.
+The extra products of the Triton block's backward (the Gram of a bottleneck without y3,
+`ops.triton_block`) are the fused algorithm's, not the model's, and are not counted; nor is
+BN, ReLU or max-pool work, which torch counts as 0 too.
 """
 
 import math
@@ -35,10 +35,10 @@ def conv_flops(x_shape, w_shape, stride: int, padding: int,
     return 2 * out[0] * out[2] * out[3] * math.prod(w_shape), out
 
 
-def backward_flops(forward: int, groups: int, need_dx: bool) -> int:
+def backward_flops(forward: int, groups: int, need_dx: bool, need_dw: bool = True) -> int:
     """torch's count of a conv's backward from its forward count: the weight gradient's
-    (times groups), and the input gradient's where one is computed."""
-    return forward * groups + (forward if need_dx else 0)
+    (times groups) and the input gradient's, each where one is computed."""
+    return (forward * groups if need_dw else 0) + (forward if need_dx else 0)
 
 
 def block_convs(a: OpArgs) -> list[tuple[int, int, bool]]:
@@ -63,8 +63,10 @@ def _block_forward(a: OpArgs) -> int:
 
 
 def _block_backward(a: OpArgs) -> int:
-    return sum(backward_flops(f, groups, a["need_dx"] or not reads_x)
-               for f, groups, reads_x in block_convs(a))
+    convs = block_convs(a)
+    need_dw = a.get("need_dw", [True] * len(convs))
+    return sum(backward_flops(f, groups, a["need_dx"] or not reads_x, need)
+               for (f, groups, reads_x), need in zip(convs, need_dw))
 
 
 def _conv_forward(a: OpArgs) -> int:
@@ -74,7 +76,7 @@ def _conv_forward(a: OpArgs) -> int:
 
 def _conv_backward(a: OpArgs) -> int:
     groups = a["x"].shape[1] // a["weight"].shape[1]
-    return backward_flops(_conv_forward(a), groups, a["need_dx"])
+    return backward_flops(_conv_forward(a), groups, a["need_dx"], a.get("need_dw", True))
 
 
 def _bottleneck_eval(a: OpArgs) -> int:

@@ -88,10 +88,13 @@ def block_train_backward(
     betas: list[Tensor], ys: list[Tensor], means: list[Tensor], affines: list[Tensor],
     strides: list[int], paddings: list[int], dilations: list[int], eps: list[float],
     shortcut: str, shortcut_stride: int, need_dx: bool = True,
-) -> tuple[Tensor | None, list[Tensor], list[Tensor], list[Tensor]]:
-    """(dx or None without need_dx, d weights, d gammas, d betas), lists in the order of the
-    inputs; affines: the forward's (rstd, scale, shift) rows per BN."""
+    need_dw: list[bool] | None = None,
+) -> tuple[Tensor | None, list[Tensor | None], list[Tensor], list[Tensor]]:
+    """(dx or None without need_dx, d weights (None where need_dw says so), d gammas,
+    d betas), lists in the order of the inputs; affines: the forward's (rstd, scale, shift)
+    rows per BN."""
     k = len(weights)
+    need_dw = [True] * k if need_dw is None else need_dw
     main = k - (shortcut == "projection")
     affine = [a.unbind(0) for a in affines]
     dweights, dgammas, dbetas = [None] * k, [None] * k, [None] * k
@@ -110,14 +113,14 @@ def block_train_backward(
         _, scale, shift = affine[i - 1]
         a = _C_OPS.bn_add_relu(ys[i - 1], scale, shift, None, True)  # conv i's input again
         d_a, dweights[i] = conv_backward(dy, a, weights[i], strides[i], paddings[i],
-                                         dilations[i], 1)
+                                         dilations[i], 1, True, need_dw[i])
         dy, _ = bn_backward(i - 1, d_a, a, False)
     dx, dweights[0] = conv_backward(dy, x, weights[0], strides[0], paddings[0], dilations[0],
-                                    1, need_dx)
+                                    1, need_dx, need_dw[0])
     if shortcut == "projection":
         dyd, _ = bn_backward(main, g, None, False)
         dxd, dweights[main] = conv_backward(dyd, x, weights[main], shortcut_stride, 0, 1, 1,
-                                            need_dx)
+                                            need_dx, need_dw[main])
     if not need_dx:
         return None, dweights, dgammas, dbetas
     if shortcut == "identity":

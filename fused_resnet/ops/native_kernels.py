@@ -55,22 +55,25 @@ def conv(x: Tensor, weight: Tensor, stride: int, padding: int, dilation: int,
 
 
 def conv_backward(dy: Tensor, x: Tensor, weight: Tensor, stride: int, padding: int,
-                  dilation: int, groups: int,
-                  need_dx: bool = True) -> tuple[Optional[Tensor], Tensor]:
-    """(dx, or None without need_dx: ATen then skips the data gradient, dw). A strided 1x1
-    conv on CPU (`reference.strided_1x1_on_cpu`: oneDNN's weight gradient of it can be
-    wrong) takes dw from the stride-1 conv of x[:, :, ::s, ::s], dx from ATen as usual."""
+                  dilation: int, groups: int, need_dx: bool = True,
+                  need_dw: bool = True) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """(dx, or None without need_dx, dw, or None without need_dw: ATen skips what its mask
+    leaves out). A strided 1x1 conv on CPU (`reference.strided_1x1_on_cpu`: oneDNN's weight
+    gradient of it can be wrong) takes dw from the stride-1 conv of x[:, :, ::s, ::s], dx
+    from ATen as usual."""
+    if not (need_dx or need_dw):
+        return None, None
     if strided_1x1_on_cpu(x, weight, stride, padding):
         dx = (torch.ops.aten.convolution_backward(
             dy, x, weight, None, [stride, stride], [0, 0], [1, 1], False, [0, 0], groups,
             [True, False, False])[0] if need_dx else None)
-        dw = torch.ops.aten.convolution_backward(
+        dw = (torch.ops.aten.convolution_backward(
             dy, x[:, :, ::stride, ::stride], weight, None, [1, 1], [0, 0], [1, 1], False,
-            [0, 0], groups, [False, True, False])[1]
+            [0, 0], groups, [False, True, False])[1] if need_dw else None)
         return dx, dw
     dx, dw, _ = torch.ops.aten.convolution_backward(
         dy, x, weight, None, [stride, stride], [padding, padding], [dilation, dilation], False,
-        [0, 0], groups, [need_dx, True, False])
+        [0, 0], groups, [need_dx, need_dw, False])
     return dx, dw
 
 
@@ -89,12 +92,12 @@ def conv_bn_train_backward(
     dz: Tensor, x: Tensor, weight: Tensor, bn_weight: Tensor, y: Tensor, z: Tensor,
     mean: Tensor, var: Tensor, stride: int, padding: int, dilation: int, groups: int, eps: float,
     relu: bool,
-    has_residual: bool, need_dx: bool = True,
-) -> tuple[Optional[Tensor], Tensor, Tensor, Tensor, Optional[Tensor]]:
+    has_residual: bool, need_dx: bool = True, need_dw: bool = True,
+) -> tuple[Optional[Tensor], Optional[Tensor], Tensor, Tensor, Optional[Tensor]]:
     rstd = torch.rsqrt(var + eps)
     dy, dgamma, dbeta, dr = torch.ops.fused_resnet.bn_act_backward(
         dz, z if relu else None, y, mean, rstd, bn_weight.to(rstd.dtype), has_residual)
-    dx, dw = conv_backward(dy, x, weight, stride, padding, dilation, groups, need_dx)
+    dx, dw = conv_backward(dy, x, weight, stride, padding, dilation, groups, need_dx, need_dw)
     return dx, dw, dgamma, dbeta, dr if has_residual else None
 
 
@@ -112,12 +115,13 @@ def conv_bias_act(
 def conv_bias_act_backward(
     dz: Tensor, x: Tensor, weight: Tensor, z: Tensor, stride: int, padding: int, dilation: int,
     groups: int,
-    relu: bool, has_residual: bool, need_dx: bool = True,
-) -> tuple[Optional[Tensor], Tensor, Tensor, Optional[Tensor]]:
-    """(dx or None without need_dx, dw, d bias, d residual or None); g = dz * [z > 0]."""
+    relu: bool, has_residual: bool, need_dx: bool = True, need_dw: bool = True,
+) -> tuple[Optional[Tensor], Optional[Tensor], Tensor, Optional[Tensor]]:
+    """(dx or None without need_dx, dw or None without need_dw, d bias, d residual or None);
+    g = dz * [z > 0]."""
     g = torch.where(z <= 0, 0, dz) if relu else dz  # a NaN z passes dz, as torch does
     g = g.contiguous(memory_format=output_memory_format(x))
-    dx, dw = conv_backward(g, x, weight, stride, padding, dilation, groups, need_dx)
+    dx, dw = conv_backward(g, x, weight, stride, padding, dilation, groups, need_dx, need_dw)
     dr = None
     if has_residual:  # an op output must not alias its input dz
         dr = g.clone() if g.data_ptr() == dz.data_ptr() else g

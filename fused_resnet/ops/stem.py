@@ -11,7 +11,8 @@ writing dy for the conv's weight gradient): a and da are never written, and auto
 x, y, the pool's int8 window positions and the per-channel rows, not a.
     forward:  y = conv(x, w) (+ batch statistics), out, arg = max_pool(relu(y * scale + shift))
     backward: g = max_pool'(dout, arg) * [y * scale + shift > 0], (sum g, sum g * yhat),
-              dy = a g + b y + d, dw = wgrad(x, dy), dx = dgrad(dy) (if x needs it)
+              dy = a g + b y + d, dw = wgrad(x, dy) (if w needs it), dx = dgrad(dy) (if x
+              needs it)
 """
 
 from __future__ import annotations
@@ -80,9 +81,9 @@ def _(x, weight, gamma, beta, stride, padding, eps, pool_kernel, pool_stride, po
 def stem_train_backward(
     dout: Tensor, x: Tensor, weight: Tensor, gamma: Tensor, y: Tensor, arg: Tensor,
     mean: Tensor, affine: Tensor, stride: int, padding: int, pool_kernel: int,
-    pool_stride: int, pool_padding: int, need_dx: bool,
+    pool_stride: int, pool_padding: int, need_dx: bool, need_dw: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(dx (empty without need_dx), dw, d gamma, d beta)."""
+    """(dx (empty without need_dx), dw (empty without need_dw), d gamma, d beta)."""
     from fused_resnet.triton.conv import to_nhwc
     from fused_resnet.triton.conv_bwd import conv_dgrad, conv_wgrad
     from fused_resnet.triton.eltwise import BnBackward, bn_bwd_coefficient_rows
@@ -92,19 +93,23 @@ def stem_train_backward(
     dout = to_nhwc(dout)
     pool = (pool_kernel, pool_stride, pool_padding)
     sum_g, sum_gy = max_pool_bn_bwd_sums(dout, arg, y, scale, shift, mean, rstd, *pool)
-    coef = bn_bwd_coefficient_rows(BnBackward(gamma, mean, rstd, sum_g, sum_gy,
-                                              y.numel() // y.shape[1]))
-    dy = max_pool_bn_bwd(dout, arg, y, scale, shift, coef, *pool)
-    dw = conv_wgrad(x, dy, weight.shape, stride=stride, padding=padding)
-    dx = conv_dgrad(dy, weight, x.shape, stride=stride, padding=padding) if need_dx else None
+    dx = dw = None
+    if need_dx or need_dw:  # else only the BN's gradients: no dy
+        coef = bn_bwd_coefficient_rows(BnBackward(gamma, mean, rstd, sum_g, sum_gy,
+                                                  y.numel() // y.shape[1]))
+        dy = max_pool_bn_bwd(dout, arg, y, scale, shift, coef, *pool)
+        if need_dw:
+            dw = conv_wgrad(x, dy, weight.shape, stride=stride, padding=padding)
+        if need_dx:
+            dx = conv_dgrad(dy, weight, x.shape, stride=stride, padding=padding)
     return (conv_ops._as_input_grad(dx, x), conv_ops._as_weight(dw, weight),
             sum_gy.to(gamma.dtype), sum_g.to(gamma.dtype))
 
 
 @stem_train_backward.register_fake
 def _(dout, x, weight, gamma, y, arg, mean, affine, stride, padding, pool_kernel,
-      pool_stride, pool_padding, need_dx):
-    return (conv_ops._dx_fake(x, need_dx), conv_ops._as_weight(None, weight),
+      pool_stride, pool_padding, need_dx, need_dw):
+    return (conv_ops._dx_fake(x, need_dx), conv_ops._dw_fake(weight, need_dw),
             torch.empty_like(gamma), torch.empty_like(gamma))
 
 
@@ -120,9 +125,10 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, dout, *_):
     if dout is None:  # the stem's output did not reach the loss
         return (None,) * 10
-    need_dx = ctx.needs_input_grad[0]
-    dx, dw, dgamma, dbeta = stem_train_backward(dout, *ctx.saved_tensors, *ctx.args, need_dx)
-    return (dx if need_dx else None, dw, dgamma, dbeta) + (None,) * 6
+    need_dx, need_dw = ctx.needs_input_grad[:2]
+    dx, dw, dgamma, dbeta = stem_train_backward(dout, *ctx.saved_tensors, *ctx.args, need_dx,
+                                                need_dw)
+    return (dx if need_dx else None, dw if need_dw else None, dgamma, dbeta) + (None,) * 6
 
 
 stem_train.register_autograd(_backward, setup_context=_setup)

@@ -13,7 +13,8 @@ the on-load convs of both BNs to read. A bottleneck does its last BN's backward 
 from y2 and w3 (`_last_bn_backward_without_y`), and a projection its shortcut BN's without
 y_d, from x and w_d (`_shortcut_bn_backward_without_y`): neither is kept (`unkept_ys`).
 The y_i are channels_last. Without `need_dx` (x needs no gradient) the dgrads of conv 1 and
-of the projection are not launched.
+of the projection are not launched; without `need_dw[i]` (a frozen weight) conv i's weight
+gradient is not (nor, for conv 3 / the projection done without their y, the Gram).
 
 With `config.operands() == "written"` the transformed operands are written instead, by one
 elementwise pass each, and every conv runs its plain loop: relu(bn(y)) before the next conv
@@ -121,7 +122,8 @@ def unkept_ys(weights: list[Tensor], strides: list[int], shortcut: str) -> list[
     return unkept
 
 
-def _last_bn_backward_without_y(g, sum_g, weights, gammas, ys, means, affine, n3):
+def _last_bn_backward_without_y(g, sum_g, weights, gammas, ys, means, affine, n3,
+                                need_dw3=True):
     """BN 3's backward and conv 3's gradients of a bottleneck without y3, from g = dz * [z > 0]
     and sum g (the sums pass). With pixels as rows, y3 = a2 w3^T for a2 = relu(bn2(y2))
     (rounded to y2's dtype, as the prologue rounds it) and w3 (C, K); G = g^T a2,
@@ -134,29 +136,32 @@ def _last_bn_backward_without_y(g, sum_g, weights, gammas, ys, means, affine, n3
     s and BN 2's sums. These passes read g twice (as the chain through y3 did), y2 five times
     (a quarter of y3's width) and never y3: 75.6 -> 70.1 GB a ResNet-50 bf16 step at batch
     256 (`python -m fused_resnet traffic`), for 3.4% more FLOPs, and y3 is not kept.
-    Returns (d a2, (BN 2's sum g, sum g * yhat), dw3, dgamma3, dbeta3)."""
+    G is needed for sum g * yhat3, the Gram and s for dw3 alone (not made without need_dw3).
+    Returns (d a2, (BN 2's sum g, sum g * yhat), dw3 or None, dgamma3, dbeta3)."""
     y2 = ys[1]
     rstd2, scale2, shift2 = affine[1]
     c, k = weights[2].shape[:2]
     pro = {"in_scale": scale2, "in_shift": shift2, "in_relu": True}
     gg = conv_wgrad(y2, g, weights[2].shape, stride=1, padding=0, **pro)
-    gram = conv_wgrad(y2, Activated(y2, scale2, shift2), (k, k, 1, 1), stride=1, padding=0,
-                      **pro).reshape(k, k)
     sum_gy, w3, aw, ag, bwd = last_bn_coefficients(weights[2], y2.dtype, gg, gammas[2],
                                                    means[2], affine[2][0], sum_g, n3)
     with torch.autocast(g.device.type, enabled=False):  # fp32 products, whatever the caller
         me = bwd.T @ w3  # (K + 1, K): M = w3^T diag(B) w3 (symmetric), then the row e = w3^T D
     t, _ = conv_fwd(y2, me[:k].view(k, k, 1, 1), stride=1, padding=0, bias=me[k], **pro)
-    d_a2, (s_g, s_gy, s_a) = conv_dgrad(
+    d_a2, (s_g, s_gy, *s_a) = conv_dgrad(
         g, aw.view(c, k, 1, 1), y2.shape, stride=1, padding=0, residual=t,
-        reduce=BnReduce(y2, scale2, shift2, means[1], rstd2), reduce_act=True)
+        reduce=BnReduce(y2, scale2, shift2, means[1], rstd2), reduce_act=need_dw3)
+    if not need_dw3:
+        return d_a2, (s_g, s_gy), None, sum_gy, sum_g
+    gram = conv_wgrad(y2, Activated(y2, scale2, shift2), (k, k, 1, 1), stride=1, padding=0,
+                      **pro).reshape(k, k)
     with torch.autocast(g.device.type, enabled=False):  # A G + B w3 Gram + D s^T
-        dw3 = torch.addmm(ag, bwd[:, :k], gram).addr_(bwd[:, k], s_a)
+        dw3 = torch.addmm(ag, bwd[:, :k], gram).addr_(bwd[:, k], s_a[0])
     return d_a2, (s_g, s_gy), dw3.view(c, k, 1, 1), sum_gy, sum_g
 
 
 def _shortcut_bn_backward_without_y(g, sum_g, x, weight, gamma, mean, rstd, n, stride,
-                                    dx_main):
+                                    dx_main, need_dw=True):
     """A projection shortcut's BN backward and conv gradients without y_d, as
     `_last_bn_backward_without_y` does for y3, with x_s = x[:, :, ::stride, ::stride] in the
     place of a2: y_d = x_s w^T (w (C, K) rounded to x's dtype), G = g^T x_s,
@@ -170,18 +175,20 @@ def _shortcut_bn_backward_without_y(g, sum_g, x, weight, gamma, mean, rstd, n, s
     (3 reads of it: the sums pass, the wgrad and the dgrad applying the BN backward on load)
     these passes read x_s (K wide, C / K = 2 or 4) four times (G, the Gram, s, t) and t
     (as wide) once, and the two BN-backward loops become plain ones. Without dx_main (x
-    needs no gradient) no dx.
-    Returns (dx or None, dw, d gamma, d beta)."""
+    needs no gradient) no dx; without need_dw no Gram, s or dw.
+    Returns (dx or None, dw or None, d gamma, d beta)."""
     c, k = weight.shape[:2]
     x = to_nhwc(x)
     gg = conv_wgrad(x, g, weight.shape, stride=stride, padding=0)
-    gram = conv_wgrad(x, Subsampled(x), (k, k, 1, 1), stride=stride,
-                      padding=0).reshape(k, k)
     sum_gy, w, aw, ag, bwd = last_bn_coefficients(weight, x.dtype, gg, gamma, mean, rstd,
                                                   sum_g, n)
-    with torch.autocast(g.device.type, enabled=False):  # fp32 products, whatever the caller
-        s = x[:, :, ::stride, ::stride].sum((0, 2, 3), dtype=gram.dtype)
-        dw = torch.addmm(ag, bwd[:, :k], gram).addr_(bwd[:, k], s)
+    dw = None
+    if need_dw:
+        gram = conv_wgrad(x, Subsampled(x), (k, k, 1, 1), stride=stride,
+                          padding=0).reshape(k, k)
+        with torch.autocast(g.device.type, enabled=False):  # fp32 products, whatever the caller
+            s = x[:, :, ::stride, ::stride].sum((0, 2, 3), dtype=gram.dtype)
+            dw = torch.addmm(ag, bwd[:, :k], gram).addr_(bwd[:, k], s).view(c, k, 1, 1)
     dx = None
     if dx_main is not None:
         with torch.autocast(g.device.type, enabled=False):
@@ -189,7 +196,7 @@ def _shortcut_bn_backward_without_y(g, sum_g, x, weight, gamma, mean, rstd, n, s
         t, _ = conv_fwd(x, me[:k].view(k, k, 1, 1), stride=stride, padding=0, bias=me[k])
         dx = conv_dgrad(g, aw.view(c, k, 1, 1), x.shape, stride=stride, padding=0,
                         residual=dx_main, tap_residual=t)
-    return dx, dw.view(c, k, 1, 1), sum_gy, sum_g.clone()  # both BNs feed the same sum g
+    return dx, dw, sum_gy, sum_g.clone()  # both BNs feed the same sum g
 
 
 def relu_mask_like(z: Tensor) -> Tensor:
@@ -211,11 +218,13 @@ def block_train_backward(
     betas: list[Tensor], ys: list[Tensor], means: list[Tensor], affines: list[Tensor],
     strides: list[int], paddings: list[int], dilations: list[int], eps: list[float],
     shortcut: str, shortcut_stride: int, need_dx: bool = True,
-) -> tuple[Tensor | None, list[Tensor], list[Tensor], list[Tensor]]:
-    """(dx or None without need_dx, d weights, d gammas, d betas), lists in the order of the
-    inputs; relu_mask: the forward's [z > 0] as bits (`block_train`), or z itself;
-    affines: the forward's (rstd, scale, shift) rows per BN."""
+    need_dw: list[bool] | None = None,
+) -> tuple[Tensor | None, list[Tensor | None], list[Tensor], list[Tensor]]:
+    """(dx or None without need_dx, d weights (None where need_dw says so), d gammas,
+    d betas), lists in the order of the inputs; relu_mask: the forward's [z > 0] as bits
+    (`block_train`), or z itself; affines: the forward's (rstd, scale, shift) rows per BN."""
     main = len(weights) - (shortcut == "projection")
+    need_dw = [True] * len(weights) if need_dw is None else need_dw
     written = operands() == "written"
     affine = [a.unbind(0) for a in affines]  # (rstd, scale, shift) views
     dz = to_nhwc(dz)
@@ -233,7 +242,8 @@ def block_train_backward(
             dz, z, *((ys[-1], means[-1], affine[-1][0]) if proj_y else (None, None, None)),
             write_g=True)
         d_inp, (s_g, s_gy), dweights[last], dgammas[last], dbetas[last] = \
-            _last_bn_backward_without_y(g, sum_g, weights, gammas, ys, means, affine, n[last])
+            _last_bn_backward_without_y(g, sum_g, weights, gammas, ys, means, affine, n[last],
+                                        need_dw[last])
         start = last - 1
         dgammas[start], dbetas[start] = s_gy, s_g
         bn = BnBackward(gammas[start], means[start], affine[start][0], s_g, s_gy, n[start])
@@ -259,17 +269,19 @@ def block_train_backward(
         else:
             dy = _dy(g if g is not None else dz, None if g is not None else z, ys[last], bn,
                      weights[last].shape[2] * weights[last].shape[3], written)
+    dx = None
     for i in range(start, -1, -1):
-        prologue = {}
-        inp = x if i == 0 else ys[i - 1]
-        if i and written:  # relu(bn(y)) recomputed, written, read by the plain wgrad loop
-            inp = bn_act_fwd(ys[i - 1], affine[i - 1][1], affine[i - 1][2], relu=True)
-        elif i:
-            prologue = {"in_scale": affine[i - 1][1], "in_shift": affine[i - 1][2],
-                        "in_relu": True}
         geometry = {"stride": strides[i], "padding": paddings[i], "dilation": dilations[i]}
-        dweights[i] = conv_wgrad(inp, dy, weights[i].shape, **geometry, **prologue)
-        del inp  # a written relu(bn(y)) is freed before the dgrad
+        if need_dw[i]:
+            prologue = {}
+            inp = x if i == 0 else ys[i - 1]
+            if i and written:  # relu(bn(y)) recomputed, written, read by the plain wgrad loop
+                inp = bn_act_fwd(ys[i - 1], affine[i - 1][1], affine[i - 1][2], relu=True)
+            elif i:
+                prologue = {"in_scale": affine[i - 1][1], "in_shift": affine[i - 1][2],
+                            "in_relu": True}
+            dweights[i] = conv_wgrad(inp, dy, weights[i].shape, **geometry, **prologue)
+            del inp  # a written relu(bn(y)) is freed before the dgrad
         if i == 0:  # an identity shortcut's g added in the dgrad's epilogue
             dx = conv_dgrad(dy, weights[0], x.shape, **geometry,
                             residual=g if shortcut == "identity" else None) if need_dx else None
@@ -282,6 +294,8 @@ def block_train_backward(
             reduce=BnReduce(ys[i - 1], scale, shift, means[i - 1], rstd))
         mask = (scale, shift)
         dgammas[i - 1], dbetas[i - 1] = s_gy, s_g
+        if i == 1 and not (need_dx or need_dw[0]):
+            break  # conv 1 needs no gradient: its dy is not made
         bn = BnBackward(gammas[i - 1], means[i - 1], affine[i - 1][0], s_g, s_gy, n[i - 1])
         dy = _dy(d_inp, mask, ys[i - 1], bn, weights[i - 1].shape[2] * weights[i - 1].shape[3],
                  written)
@@ -291,13 +305,15 @@ def block_train_backward(
     elif proj and not proj_y:
         dx, dweights[-1], dgammas[-1], dbetas[-1] = _shortcut_bn_backward_without_y(
             g, sum_g, x, weights[-1], gammas[-1], means[-1], affine[-1][0], n[-1],
-            shortcut_stride, dx)
+            shortcut_stride, dx, need_dw[-1])
     elif proj:
         dgammas[-1], dbetas[-1] = sum_gyd, sum_g.clone()  # both BNs feed the same sum
         if dyd is None:
             dyd = BnGrad(g, None, ys[-1], BnBackward(gammas[-1], means[-1], affine[-1][0],
                                                      sum_g, sum_gyd, n[-1]))
-        dweights[-1] = conv_wgrad(x, dyd, weights[-1].shape, stride=shortcut_stride, padding=0)
+        if need_dw[-1]:
+            dweights[-1] = conv_wgrad(x, dyd, weights[-1].shape, stride=shortcut_stride,
+                                      padding=0)
         if need_dx:  # conv 1's dx added in the projection dgrad's epilogue
             dx = conv_dgrad(dyd, weights[-1], x.shape, stride=shortcut_stride, padding=0,
                             residual=dx)

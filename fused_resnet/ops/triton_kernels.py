@@ -59,9 +59,10 @@ def conv_bn_train_backward(
     dz: Tensor, x: Tensor, weight: Tensor, bn_weight: Tensor, y: Tensor, z: Tensor,
     mean: Tensor, var: Tensor, stride: int, padding: int, dilation: int, groups: int, eps: float,
     relu: bool,
-    has_residual: bool, need_dx: bool = True,
-) -> tuple[Optional[Tensor], Tensor, Tensor, Tensor, Optional[Tensor]]:
-    """(dx or None without need_dx, dw, d gamma, d beta, d residual or None)."""
+    has_residual: bool, need_dx: bool = True, need_dw: bool = True,
+) -> tuple[Optional[Tensor], Optional[Tensor], Tensor, Tensor, Optional[Tensor]]:
+    """(dx or None without need_dx, dw or None without need_dw, d gamma, d beta, d residual
+    or None)."""
     _check_groups(groups)
     dz = to_nhwc(dz)
     z = to_nhwc(z) if relu else None
@@ -73,12 +74,14 @@ def conv_bn_train_backward(
     on_load = weight.shape[2] * weight.shape[3] == 1 and operands() == "on_load"
     sum_g, sum_gy, _, g = bn_bwd_reduce(dz, z, y, mean, rstd,
                                         write_g=has_residual or (on_load and z is not None))
+    if not (need_dx or need_dw):  # only the BN's (and the residual's) gradients: no dy
+        return None, None, sum_gy, sum_g, g if has_residual else None
     bn = BnBackward(bn_weight, mean, rstd, sum_g, sum_gy, y.numel() // y.shape[1])
     g_args = (g, None) if g is not None else (dz, z)
     dy = BnGrad(*g_args, y, bn) if on_load else bn_act_bwd(*g_args, y, bn)[0]
     geometry = {"stride": stride, "padding": padding, "dilation": dilation}
     dx = conv_dgrad(dy, weight, x.shape, **geometry) if need_dx else None
-    dw = conv_wgrad(x, dy, weight.shape, **geometry)
+    dw = conv_wgrad(x, dy, weight.shape, **geometry) if need_dw else None
     return dx, dw, sum_gy, sum_g, g if has_residual else None
 
 
@@ -95,9 +98,10 @@ def conv_bias_act(
 def conv_bias_act_backward(
     dz: Tensor, x: Tensor, weight: Tensor, z: Tensor, stride: int, padding: int, dilation: int,
     groups: int,
-    relu: bool, has_residual: bool, need_dx: bool = True,
-) -> tuple[Optional[Tensor], Tensor, Tensor, Optional[Tensor]]:
-    """(dx or None without need_dx, dw, d bias, d residual or None); g = dz * [z > 0]."""
+    relu: bool, has_residual: bool, need_dx: bool = True, need_dw: bool = True,
+) -> tuple[Optional[Tensor], Optional[Tensor], Tensor, Optional[Tensor]]:
+    """(dx or None without need_dx, dw or None without need_dw, d bias, d residual or None);
+    g = dz * [z > 0]."""
     _check_groups(groups)
     dz = to_nhwc(dz)
     # g = dz * [z > 0], written once; it is the residual's gradient too, and then a new
@@ -108,5 +112,5 @@ def conv_bias_act_backward(
                        write_dr=True)[2]
     geometry = {"stride": stride, "padding": padding, "dilation": dilation}
     dx = conv_dgrad(g, weight, x.shape, **geometry) if need_dx else None
-    dw = conv_wgrad(x, g, weight.shape, **geometry)
+    dw = conv_wgrad(x, g, weight.shape, **geometry) if need_dw else None
     return dx, dw, g.sum(dim=(0, 2, 3), dtype=acc_dtype(dz.dtype)), g if has_residual else None

@@ -1,0 +1,215 @@
+"""Frozen conv weights (requires_grad=False: BN-only fine-tuning, gradients taken through a
+frozen network to its input): the fused backward ops skip their weight gradients (`need_dw`)
+as ATen's convolution_backward does with its mask. Each frozen weight removes exactly one
+weight-gradient launch (Triton: its wgrad, or for a conv done without its output y the Gram
+that only its dw needs; `_C`: ATen's mask), its .grad stays None, and every other gradient is
+the one computed with all weights trainable (or the reference's)."""
+
+import pytest
+import torch
+from _backends import DEVICE, FUSED_BACKENDS, NATIVE, skip_without_triton
+from _block_cases import BLOCKS, block_args, kernels_or_skip
+from torch.utils.flop_counter import FlopCounterMode
+
+import fused_resnet as fr
+from fused_resnet.testing import assert_close
+
+OPS = torch.ops.fused_resnet
+
+
+def _freeze_patterns(weights, shortcut):
+    """Index sets of the weights to freeze: the first, the last main conv, the projection,
+    and all."""
+    main = len(weights) - (shortcut == "projection")
+    patterns = {(0,), (main - 1,), (len(weights) - 1,), tuple(range(len(weights)))}
+    return sorted(patterns)
+
+
+def _count_weight_gradients(kernels, monkeypatch):
+    """A list that grows by one for each launch of Triton's wgrad kernel (conv 3 or a
+    projection done without its y launches it twice: G = g^T a, which their BN's backward
+    needs frozen or not, then the Gram, which only dw needs) or each weight gradient ATen's
+    mask asks for."""
+    import fused_resnet.ops.native_block as native_block
+    import fused_resnet.ops.triton_block as triton_block
+
+    computed = []
+    wgrad, aten_backward = triton_block.conv_wgrad, native_block.conv_backward
+
+    def counting_wgrad(x, dy, weight_shape, **kwargs):
+        computed.append(tuple(weight_shape))
+        return wgrad(x, dy, weight_shape, **kwargs)
+
+    def counting_backward(dy, x, weight, stride, padding, dilation, groups, need_dx=True,
+                          need_dw=True):
+        if need_dw:
+            computed.append(tuple(weight.shape))
+        return aten_backward(dy, x, weight, stride, padding, dilation, groups, need_dx, need_dw)
+
+    monkeypatch.setattr(triton_block, "conv_wgrad", counting_wgrad)
+    monkeypatch.setattr(native_block, "conv_backward", counting_backward)
+    return computed
+
+
+@pytest.mark.parametrize("kernels", ["native", "triton"])
+@pytest.mark.parametrize("name", list(BLOCKS))
+def test_block_op_skips_frozen_weight_gradients(name, kernels, monkeypatch):
+    kernels_or_skip(kernels)
+    from fused_resnet.ops.block_ops import block_train_call
+
+    computed = _count_weight_gradients(kernels, monkeypatch)
+    args = block_args(name)
+    dz = None
+
+    def run(frozen, x_grad=True):
+        """(leaves' grads, weight gradients computed) of the custom op and its eager twin."""
+        nonlocal dz
+        x = args[0].detach().requires_grad_(x_grad)
+        leaves = [[t.detach().clone().requires_grad_() for t in ts] for ts in args[1:4]]
+        for i in frozen:
+            leaves[0][i].requires_grad_(False)
+        computed.clear()
+        for call in (OPS.block_train, block_train_call):
+            z = call(x, *leaves, *args[4:], kernels)[0]
+            dz = torch.linspace(-1, 1, z.numel(), device=DEVICE).view_as(z) if dz is None else dz
+            z.backward(dz)
+        return [x.grad] + [t.grad for ts in leaves for t in ts], len(computed)
+
+    base, base_count = run(())
+    weights = args[1]
+    assert base_count >= 2 * len(weights)  # at least one each, two calls
+    for frozen in _freeze_patterns(weights, args[8]):
+        for x_grad in (True, False):
+            grads, count = run(frozen, x_grad)
+            assert count == base_count - 2 * len(frozen), (frozen, x_grad)
+            for j, (got, want) in enumerate(zip(grads, base)):
+                if j - 1 in frozen or (j == 0 and not x_grad):  # x, then the weights
+                    assert got is None, (frozen, j)
+                else:
+                    assert_close(got, want, kind="grad", name=f"grad {j} with {frozen} frozen")
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_conv_op_skips_a_frozen_weights_gradient(training, backend, monkeypatch):
+    """conv + BN (+ residual) + ReLU, in training (batch statistics) and in eval (BN folded:
+    `conv_bias_act`, whose weight w * gamma / sqrt(var + eps) needs a gradient while gamma
+    trains, so gamma is frozen too), with its weight frozen: no weight gradient; the other
+    gradients equal the reference's."""
+    import fused_resnet.ops.native_kernels as native
+    import fused_resnet.ops.triton_kernels as triton_kernels
+
+    def no_wgrad(*args, **kwargs):
+        raise AssertionError("the weight gradient was computed")
+
+    monkeypatch.setattr(triton_kernels, "conv_wgrad", no_wgrad)
+    aten_backward, masks = native.conv_backward, []
+
+    def recording_backward(*args):
+        masks.append(args[7:])
+        return aten_backward(*args)
+
+    monkeypatch.setattr(native, "conv_backward", recording_backward)
+    g = torch.Generator().manual_seed(0)
+    x, r = torch.randn(2, 4, 9, 9, generator=g), torch.randn(2, 8, 5, 5, generator=g)
+    w = torch.randn(8, 4, 3, 3, generator=g) * 0.3
+    gamma, beta = torch.rand(8, generator=g) + 0.5, torch.randn(8, generator=g)
+    mean, var = torch.randn(8, generator=g) * 0.1, torch.rand(8, generator=g) + 0.5
+    kwargs = {"stride": 2, "padding": 1, "training": training, "relu": True}
+    grads, frozen = {}, (1,) if training else (1, 2)
+    for run in (backend, "reference"):
+        leaves = [t.clone().to(DEVICE).requires_grad_(i not in frozen)
+                  for i, t in enumerate((x, w, gamma, beta, r))]
+        out = fr.ops.conv_bn_act(*leaves[:4], mean.clone().to(DEVICE), var.clone().to(DEVICE),
+                                 residual=leaves[4], backend=run, **kwargs)
+        out.backward(torch.linspace(-1, 1, out.numel(), device=DEVICE).view_as(out))
+        assert all(leaves[i].grad is None for i in frozen)
+        grads[run] = [t.grad for t in leaves]
+    if backend != "triton":
+        assert masks == [(True, False)]
+    for name, got, want in zip(("x", "w", "gamma", "beta", "residual"), *grads.values()):
+        if want is not None:
+            assert_close(got, want, kind="grad", name=f"d{name}")
+
+
+@pytest.mark.parametrize("x_grad", [True, False], ids=["dx", "no_dx"])
+def test_stem_op_skips_a_frozen_weights_gradient(x_grad, monkeypatch):
+    """The fused stem (conv 7x7 + BN + ReLU + max-pool) with its weight frozen: no weight
+    gradient, and the BN's and x's gradients equal the reference's (fp64). Without x's
+    either (an input image), only the BN's: no dy is made."""
+    skip_without_triton()
+    import fused_resnet.triton.conv_bwd as conv_bwd
+    import fused_resnet.triton.pool as pool
+
+    def no_wgrad(*args, **kwargs):
+        raise AssertionError("the weight gradient was computed")
+
+    def no_dy(*args, **kwargs):
+        raise AssertionError("dy was made")
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 20, 20, generator=g, dtype=torch.float64)
+    w = torch.randn(8, 3, 7, 7, generator=g, dtype=torch.float64) * 0.2
+    gamma = torch.rand(8, generator=g, dtype=torch.float64) + 0.5
+    beta = torch.randn(8, generator=g, dtype=torch.float64)
+    grads = {}
+    for backend in ("reference", "triton"):
+        if backend == "triton":
+            monkeypatch.setattr(conv_bwd, "conv_wgrad", no_wgrad)
+            if not x_grad:
+                monkeypatch.setattr(pool, "max_pool_bn_bwd", no_dy)
+        leaves = [t.clone().to(DEVICE).requires_grad_(i != 1 and (i > 0 or x_grad))
+                  for i, t in enumerate((x, w, gamma, beta))]
+        stats = [torch.zeros(8, dtype=torch.float64, device=DEVICE),
+                 torch.ones(8, dtype=torch.float64, device=DEVICE)]
+        out = fr.ops.conv_bn_relu_max_pool(*leaves, *stats, backend=backend)
+        out.backward(torch.linspace(-1, 1, out.numel(), device=DEVICE,
+                                    dtype=out.dtype).view_as(out))
+        grads[backend] = [leaves[0].grad, leaves[1].grad, leaves[2].grad, leaves[3].grad]
+    assert grads["triton"][1] is None and (grads["triton"][0] is None) == (not x_grad)
+    for i in (0, 2, 3) if x_grad else (2, 3):
+        torch.testing.assert_close(grads["triton"][i], grads["reference"][i], rtol=1e-10,
+                                   atol=1e-10)
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_bn_only_fine_tuning_matches_the_reference_and_counts_as_torch(backend):
+    """A CIFAR ResNet-8 with projections, every conv and the fc frozen, BNs trained: the BN
+    gradients equal the reference model's, the convs get none, and FlopCounterMode counts
+    what it counts for torch's layers (no weight gradient of a frozen conv)."""
+    torch.manual_seed(0)
+    reference = fr.models.cifar_resnet(8, shortcut="B", backend="reference").to(DEVICE)
+    fused = fr.models.cifar_resnet(8, shortcut="B", backend=backend).to(DEVICE)
+    fused.load_state_dict(reference.state_dict())
+    for model in (reference, fused):
+        for name, p in model.named_parameters():  # the BNs' gamma and beta
+            p.requires_grad_(p.dim() == 1 and not name.startswith("fc"))
+    x = torch.randn(4, 3, 8, 8, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    counts = []
+    for model in (reference, fused):
+        with FlopCounterMode(display=False) as counter:
+            model(x).square().mean().backward()
+        counts.append(counter.get_total_flops())
+    assert counts[0] == counts[1]
+    trained = 0
+    for (name, p), q in zip(fused.named_parameters(), reference.parameters()):
+        if not p.requires_grad:
+            assert p.grad is None, name
+            continue
+        trained += 1
+        assert_close(p.grad, q.grad, kind="grad", name=name)
+    assert trained > 0
+    for a, b in zip(fused.buffers(), reference.buffers()):  # running stats alike
+        if a.is_floating_point():
+            assert_close(a, b, name="buffer")
+
+
+def test_the_backward_ops_take_need_dw():
+    """Schema: one flag per weight in the block op, one in the conv and stem ops."""
+    schema = str(OPS.block_train_backward.default._schema)
+    assert "bool need_dx, bool[] need_dw" in schema
+    for name in ("conv_bn_train_backward", "conv_bias_act_backward"):
+        assert "bool need_dx, bool need_dw" in str(getattr(OPS, name).default._schema)
+    if hasattr(OPS, "stem_train_backward"):
+        assert "bool need_dx, bool need_dw" in str(OPS.stem_train_backward.default._schema)
+    assert NATIVE in ("cpu", "cuda")
