@@ -7,7 +7,7 @@ the one computed with all weights trainable (or the reference's)."""
 
 import pytest
 import torch
-from _backends import DEVICE, FUSED_BACKENDS, NATIVE, skip_without_triton
+from _backends import DEVICE, FUSED_BACKENDS, skip_without_triton
 from _block_cases import BLOCKS, block_args, kernels_or_skip
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -204,12 +204,38 @@ def test_bn_only_fine_tuning_matches_the_reference_and_counts_as_torch(backend):
             assert_close(a, b, name="buffer")
 
 
-def test_the_backward_ops_take_need_dw():
-    """Schema: one flag per weight in the block op, one in the conv and stem ops."""
+def test_the_backward_ops_take_need_dw_with_a_default():
+    """Schema: one flag per weight in the block op, one in the conv and stem ops, each with a
+    default that computes every weight gradient, so that a backward graph torch.compile cached
+    before need_dw existed (it calls the op without it) still runs."""
     schema = str(OPS.block_train_backward.default._schema)
-    assert "bool need_dx, bool[] need_dw" in schema
-    for name in ("conv_bn_train_backward", "conv_bias_act_backward"):
-        assert "bool need_dx, bool need_dw" in str(getattr(OPS, name).default._schema)
-    if hasattr(OPS, "stem_train_backward"):
-        assert "bool need_dx, bool need_dw" in str(OPS.stem_train_backward.default._schema)
-    assert NATIVE in ("cpu", "cuda")
+    assert "bool need_dx, bool[]? need_dw=None)" in schema
+    names = ["conv_bn_train_backward", "conv_bias_act_backward"]
+    names += ["stem_train_backward"] if hasattr(OPS, "stem_train_backward") else []
+    for name in names:
+        assert "bool need_dx, bool need_dw=True)" in str(getattr(OPS, name).default._schema)
+
+
+@pytest.mark.parametrize("kernels", ["native", "triton"])
+def test_a_backward_called_without_need_dw_computes_every_weight_gradient(kernels):
+    """The call an older cached backward graph makes: no need_dw argument."""
+    kernels_or_skip(kernels)
+    args = block_args("bottleneck projection")
+    z, mask, ys, means, _, affines = OPS.block_train(*args, kernels)
+    x, weights, gammas, betas, *rest = (a.detach() if torch.is_tensor(a) else a for a in args)
+    detach = [[t.detach() for t in ts] for ts in (weights, gammas, betas)]
+    bwd_args = (torch.randn_like(z), x, mask if mask.numel() else z.detach(), *detach, ys,
+                means, affines, *rest, kernels, True)
+    old = OPS.block_train_backward(*bwd_args)
+    new = OPS.block_train_backward(*bwd_args, [True] * len(weights))
+    for got, want in zip(old[1], new[1]):
+        assert got.shape == want.shape
+        assert_close(got, want, kind="grad")
+    w = torch.randn(8, 4, 3, 3, device=DEVICE)
+    gamma = torch.rand(8, device=DEVICE) + 0.5
+    x = torch.randn(2, 4, 6, 6, device=DEVICE)
+    z, y, mean, var = OPS.conv_bn_train(x, w, gamma, torch.zeros_like(gamma), None, 1, 1, 1, 1,
+                                        1e-5, True, kernels)
+    dw = OPS.conv_bn_train_backward(torch.randn_like(z), x, w, gamma, y, z, mean, var, 1, 1, 1,
+                                    1, 1e-5, True, False, kernels, True)[1]
+    assert dw.shape == w.shape

@@ -31,7 +31,7 @@ from types import ModuleType
 
 # typing.List, not list, in custom-op signatures: torch < 2.6 evaluates their annotations in
 # its own namespace, where typing.List[Tensor] / List[int] / List[float] are schema types.
-from typing import List
+from typing import List, Optional
 
 import torch
 from torch import Tensor
@@ -113,11 +113,14 @@ def block_train_backward(
     dz: Tensor, x: Tensor, relu_mask: Tensor, weights: List[Tensor], gammas: List[Tensor],
     betas: List[Tensor], ys: List[Tensor], means: List[Tensor], affines: List[Tensor],
     strides: List[int], paddings: List[int], dilations: List[int], eps: List[float],
-    shortcut: str, shortcut_stride: int, kernels: str, need_dx: bool, need_dw: List[bool],
+    shortcut: str, shortcut_stride: int, kernels: str, need_dx: bool,
+    need_dw: Optional[List[bool]] = None,
 ) -> tuple[Tensor, List[Tensor], List[Tensor], List[Tensor]]:
-    """(dx (empty without need_dx), d weights (each empty where need_dw says so), d gammas,
-    d betas), lists in the order of the inputs; relu_mask: block_train's, or z where that is
-    empty."""
+    """(dx (empty without need_dx), d weights (each empty where need_dw says so; None: all
+    computed), d gammas, d betas), lists in the order of the inputs; relu_mask: block_train's,
+    or z where that is empty. need_dw has a default (`ops.conv_ops`: arguments added
+    later)."""
+    need_dw = [True] * len(weights) if need_dw is None else need_dw
     return _backward_bodies(dz, x, relu_mask, weights, gammas, betas, ys, means, affines, strides,
                             paddings, dilations, eps, shortcut, shortcut_stride, kernels, need_dx,
                             need_dw)
@@ -125,7 +128,8 @@ def block_train_backward(
 
 @block_train_backward.register_fake
 def _(dz, x, relu_mask, weights, gammas, betas, ys, means, affines, strides, paddings,
-      dilations, eps, shortcut, shortcut_stride, kernels, need_dx, need_dw):
+      dilations, eps, shortcut, shortcut_stride, kernels, need_dx, need_dw=None):
+    need_dw = [True] * len(weights) if need_dw is None else need_dw
     return (_dx_fake(x, need_dx), [_dw_fake(w, need) for w, need in zip(weights, need_dw)],
             [torch.empty_like(g) for g in gammas], [torch.empty_like(b) for b in betas])
 

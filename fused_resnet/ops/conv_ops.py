@@ -16,6 +16,10 @@ not computed and dx is an empty tensor, as ATen's convolution_backward does with
 and `need_dw` likewise for a frozen weight (requires_grad=False: fine-tuning BN alone, or
 gradients taken through a frozen network to its input), whose weight gradient, a third of a
 conv's training FLOPs, is then not computed.
+An argument added to a backward op after a release takes a default that computes what the
+op computed before (need_dw, here and in the block and stem ops): torch.compile's on-disk
+cache (AOTAutogradCache) keys a graph on its forward, so a backward graph it saved before
+the upgrade stays in use and calls the op without it.
 """
 
 from __future__ import annotations
@@ -124,7 +128,7 @@ def conv_bn_train_backward(
     dz: Tensor, x: Tensor, weight: Tensor, bn_weight: Tensor, y: Tensor, z: Tensor,
     mean: Tensor, var: Tensor, stride: int, padding: int, dilation: int, groups: int, eps: float,
     relu: bool,
-    has_residual: bool, kernels: str, need_dx: bool, need_dw: bool,
+    has_residual: bool, kernels: str, need_dx: bool, need_dw: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx (empty without need_dx), dw (empty without need_dw), d gamma, d beta, d residual
     (empty without a residual))."""
@@ -134,7 +138,7 @@ def conv_bn_train_backward(
 
 @conv_bn_train_backward.register_fake
 def _(dz, x, weight, bn_weight, y, z, mean, var, stride, padding, dilation, groups, eps, relu,
-      has_residual, kernels, need_dx, need_dw):
+      has_residual, kernels, need_dx, need_dw=True):
     c = weight.shape[0]
     dr_format = kernels_module(kernels).activation_format(x)
     return (_dx_fake(x, need_dx), _dw_fake(weight, need_dw),
@@ -194,7 +198,7 @@ def _(x, weight, bias, residual, stride, padding, dilation, groups, relu, kernel
 def conv_bias_act_backward(
     dz: Tensor, x: Tensor, weight: Tensor, z: Tensor, bias: Tensor, stride: int, padding: int,
     dilation: int, groups: int, relu: bool, has_residual: bool, kernels: str, need_dx: bool,
-    need_dw: bool,
+    need_dw: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx (empty without need_dx), dw (empty without need_dw), d bias, d residual (empty
     without a residual))."""
@@ -207,7 +211,7 @@ def conv_bias_act_backward(
 
 @conv_bias_act_backward.register_fake
 def _(dz, x, weight, z, bias, stride, padding, dilation, groups, relu, has_residual, kernels,
-      need_dx, need_dw):
+      need_dx, need_dw=True):
     dr_format = kernels_module(kernels).activation_format(x)
     return (_dx_fake(x, need_dx), _dw_fake(weight, need_dw),
             _empty(bias.shape, bias),

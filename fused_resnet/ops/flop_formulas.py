@@ -64,7 +64,7 @@ def _block_forward(a: OpArgs) -> int:
 
 def _block_backward(a: OpArgs) -> int:
     convs = block_convs(a)
-    need_dw = a.get("need_dw", [True] * len(convs))
+    need_dw = a.get("need_dw") or [True] * len(convs)  # None / left out: every one
     return sum(backward_flops(f, groups, a["need_dx"] or not reads_x, need)
                for (f, groups, reads_x), need in zip(convs, need_dw))
 

@@ -81,7 +81,7 @@ def _(x, weight, gamma, beta, stride, padding, eps, pool_kernel, pool_stride, po
 def stem_train_backward(
     dout: Tensor, x: Tensor, weight: Tensor, gamma: Tensor, y: Tensor, arg: Tensor,
     mean: Tensor, affine: Tensor, stride: int, padding: int, pool_kernel: int,
-    pool_stride: int, pool_padding: int, need_dx: bool, need_dw: bool,
+    pool_stride: int, pool_padding: int, need_dx: bool, need_dw: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx (empty without need_dx), dw (empty without need_dw), d gamma, d beta)."""
     from fused_resnet.triton.conv import to_nhwc
@@ -108,7 +108,7 @@ def stem_train_backward(
 
 @stem_train_backward.register_fake
 def _(dout, x, weight, gamma, y, arg, mean, affine, stride, padding, pool_kernel,
-      pool_stride, pool_padding, need_dx, need_dw):
+      pool_stride, pool_padding, need_dx, need_dw=True):
     return (conv_ops._dx_fake(x, need_dx), conv_ops._dw_fake(weight, need_dw),
             torch.empty_like(gamma), torch.empty_like(gamma))
 
