@@ -239,3 +239,90 @@ def test_a_backward_called_without_need_dw_computes_every_weight_gradient(kernel
     dw = OPS.conv_bn_train_backward(torch.randn_like(z), x, w, gamma, y, z, mean, var, 1, 1, 1,
                                     1, 1e-5, True, False, kernels, True)[1]
     assert dw.shape == w.shape
+
+
+def _recording_weight_gradients(monkeypatch):
+    """A list of the weight gradients the fused backwards compute: one entry per Triton
+    wgrad launch (the conv and block ops) or per ATen backward asked for one."""
+    import fused_resnet.ops.native_block as native_block
+    import fused_resnet.ops.native_kernels as native_kernels
+    import fused_resnet.ops.triton_block as triton_block
+    import fused_resnet.ops.triton_kernels as triton_kernels
+
+    computed = []
+
+    def wgrad_recorder(inner):
+        def recording(x, dy, weight_shape, **kwargs):
+            computed.append(tuple(weight_shape))
+            return inner(x, dy, weight_shape, **kwargs)
+        return recording
+
+    def aten_recorder(inner):
+        def recording(dy, x, weight, *args):
+            if len(args) < 6 or args[5]:  # need_dw
+                computed.append(tuple(weight.shape))
+            return inner(dy, x, weight, *args)
+        return recording
+
+    for module in (triton_block, triton_kernels):
+        monkeypatch.setattr(module, "conv_wgrad", wgrad_recorder(module.conv_wgrad))
+    for module in (native_block, native_kernels):
+        monkeypatch.setattr(module, "conv_backward", aten_recorder(module.conv_backward))
+    return computed
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_a_pass_that_wants_the_input_gradient_computes_no_weight_gradient(backend, train,
+                                                                          monkeypatch):
+    """torch.autograd.grad(loss, [x]) (an adversarial attack's step, a saliency map) uses no
+    weight gradient: like ATen's conv backward, the fused ones skip them (`ops.grad_needs`)
+    and x's gradient equals the reference's. A later .backward() of the same graph
+    (retain_graph) computes them all, as the reference's."""
+    computed = _recording_weight_gradients(monkeypatch)
+    torch.manual_seed(0)
+    reference = fr.models.cifar_resnet(8, shortcut="B", backend="reference").to(DEVICE)
+    fused = fr.models.cifar_resnet(8, shortcut="B", backend=backend).to(DEVICE)
+    fused.load_state_dict(reference.state_dict())
+    x = torch.randn(4, 3, 8, 8, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    losses, grads = [], []
+    for model in (fused, reference):
+        model.train(train)
+        xi = x.clone().requires_grad_()
+        losses.append(model(xi).logsumexp(1).sum())
+        computed.clear()
+        grads.append(torch.autograd.grad(losses[-1], [xi], retain_graph=True)[0])
+        if model is fused:
+            # Triton's projection blocks without y_d still reduce G = g^T x for their BN
+            # (`_shortcut_bn_backward_without_y`): one launch each, never a weight's dw
+            assert len(computed) == (2 if backend == "triton" and train else 0), computed
+        assert all(p.grad is None for p in model.parameters())
+    assert_close(grads[0], grads[1], kind="grad", name="dx")
+    for loss in losses:
+        loss.backward()
+    for (name, p), q in zip(fused.named_parameters(), reference.parameters()):
+        assert_close(p.grad, q.grad, kind="grad", name=name)
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_backward_with_inputs_computes_only_those_weight_gradients(backend, monkeypatch):
+    """loss.backward(inputs=[...]): only the listed weights' gradients are computed."""
+    computed = _recording_weight_gradients(monkeypatch)
+    torch.manual_seed(0)
+    reference = fr.models.cifar_resnet(8, shortcut="B", backend="reference").to(DEVICE)
+    fused = fr.models.cifar_resnet(8, shortcut="B", backend=backend).to(DEVICE)
+    fused.load_state_dict(reference.state_dict())
+    x = torch.randn(4, 3, 8, 8, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    for model in (fused, reference):
+        wanted = [model.layer3[0].conv2.weight, model.layer3[0].bn1.weight, model.conv1.weight]
+        computed.clear()
+        model(x).square().mean().backward(inputs=wanted)
+        if model is fused:  # conv2's and conv1's, and on Triton each projection's G = g^T x
+            projections = [model.layer2[0].downsample[0].weight,
+                           model.layer3[0].downsample[0].weight] if backend == "triton" else []
+            assert sorted(computed) == sorted(tuple(w.shape) for w in
+                                              [wanted[0], wanted[2], *projections])
+    for (name, p), q in zip(fused.named_parameters(), reference.parameters()):
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            assert_close(p.grad, q.grad, kind="grad", name=name)

@@ -20,7 +20,8 @@ projection's y_d), an empty tensor is saved in its place.
 The backward op takes `need_dx`: where x needs no gradient (the first trainable block after
 frozen layers) neither the first conv's nor the projection's data gradient is computed and
 dx is an empty tensor; and `need_dw`, one flag per weight: a frozen weight's gradient (a
-third of its conv's training FLOPs) is not computed and is an empty tensor.
+third of its conv's training FLOPs) is not computed and is an empty tensor. Both flags also
+drop gradients the backward pass does not use (`ops.grad_needs`).
 `kernels` picks the bodies: "triton" (`ops.triton_block`: BN + ReLU applied on load inside
 the convs) or "native" (`ops.native_block`: ATen's convolution and the `_C` kernels).
 """
@@ -45,6 +46,7 @@ from fused_resnet.ops.conv_ops import (
     kernels_module,
 )
 from fused_resnet.ops.first_order import first_order
+from fused_resnet.ops.grad_needs import used_by_pass
 from fused_resnet.ops.layout import conv_output_shape, output_memory_format, stat_dtype
 
 SHORTCUTS = ("identity", "zero_pad", "projection", "none")
@@ -162,6 +164,9 @@ def _backward(ctx, dz, _dmask, _dys, _dmeans, _dvars, _daffines, backward=None,
     if need_dx is None:  # the custom op's autograd: x, then the weights, are its inputs
         need_dx = ctx.needs_input_grad[0]
         need_dw = _per_weight(ctx.needs_input_grad[1], k)
+    # where they require grad and this backward pass uses the gradient (x, then the weights,
+    # lead the tensor inputs of both the op and its twin)
+    need_dx, *need_dw = used_by_pass(ctx, [need_dx, *need_dw])
     x, mask, *rest = ctx.saved_tensors
     lists = [list(rest[i * k:(i + 1) * k]) for i in range(6)]
     dx, dw, dg, db = (backward or block_train_backward)(dz, x, mask, *lists, *args, need_dx,

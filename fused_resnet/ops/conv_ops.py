@@ -15,7 +15,8 @@ ops take `need_dx`: where x does not require grad (a stem's input image) the dat
 not computed and dx is an empty tensor, as ATen's convolution_backward does with its mask;
 and `need_dw` likewise for a frozen weight (requires_grad=False: fine-tuning BN alone, or
 gradients taken through a frozen network to its input), whose weight gradient, a third of a
-conv's training FLOPs, is then not computed.
+conv's training FLOPs, is then not computed; nor are the gradients a backward pass does not
+use (`torch.autograd.grad(loss, [x])`: `ops.grad_needs`).
 An argument added to a backward op after a release takes a default that computes what the
 op computed before (need_dw, here and in the block and stem ops): torch.compile's on-disk
 cache (AOTAutogradCache) keys a graph on its forward, so a backward graph it saved before
@@ -33,6 +34,7 @@ from torch import Tensor
 
 from fused_resnet.backend import ops_recorded
 from fused_resnet.ops.first_order import first_order
+from fused_resnet.ops.grad_needs import used_by_pass
 from fused_resnet.ops.layout import conv_output_shape, output_memory_format, stat_dtype
 
 KERNELS = ("triton", "native")
@@ -163,7 +165,8 @@ def _backward_train(ctx, dz, _dy, _dmean, _dvar, backward=None):
         return (None,) * 12
     x, weight, bn_weight, y, z, mean, var = ctx.saved_tensors
     has_residual = ctx.args[6]
-    need_dx, need_dw = ctx.needs_input_grad[:2]  # a frozen weight's gradient is not computed
+    # x's and w's gradients where they require one and this backward pass uses it
+    need_dx, need_dw = used_by_pass(ctx, ctx.needs_input_grad[:2])
     dx, dw, dgamma, dbeta, dr = (backward or conv_bn_train_backward)(
         dz, x, weight, bn_weight, y, z, mean, var, *ctx.args, need_dx, need_dw)
     return (dx if need_dx else None, dw if need_dw else None, dgamma, dbeta,
@@ -228,7 +231,7 @@ def _setup_bias(ctx, inputs, output):
 def _backward_bias(ctx, dz):
     x, weight, z, bias = ctx.saved_tensors
     has_residual = ctx.args[5]
-    need_dx, need_dw = ctx.needs_input_grad[:2]
+    need_dx, need_dw = used_by_pass(ctx, ctx.needs_input_grad[:2])
     dx, dw, dbias, dr = conv_bias_act_backward(dz, x, weight, z, bias, *ctx.args, need_dx,
                                                need_dw)
     return (dx if need_dx else None, dw if need_dw else None, dbias,

@@ -33,6 +33,7 @@ from fused_resnet.ops.conv_bn_act import (
     update_running_stats,
 )
 from fused_resnet.ops.first_order import first_order
+from fused_resnet.ops.grad_needs import used_by_pass
 from fused_resnet.ops.layout import (
     bn_params,
     check_flags,
@@ -125,7 +126,7 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, dout, *_):
     if dout is None:  # the stem's output did not reach the loss
         return (None,) * 10
-    need_dx, need_dw = ctx.needs_input_grad[:2]
+    need_dx, need_dw = used_by_pass(ctx, ctx.needs_input_grad[:2])
     dx, dw, dgamma, dbeta = stem_train_backward(dout, *ctx.saved_tensors, *ctx.args, need_dx,
                                                 need_dw)
     return (dx if need_dx else None, dw if need_dw else None, dgamma, dbeta) + (None,) * 6
