@@ -172,19 +172,26 @@ def test_stem_op_skips_a_frozen_weights_gradient(x_grad, monkeypatch):
                                    atol=1e-10)
 
 
+def _cifar_pair(backend):
+    """(reference, fused) CIFAR ResNet-8s with projections (option B), same weights, and a
+    channels_last batch of 4 8x8 images."""
+    torch.manual_seed(0)
+    reference = fr.models.cifar_resnet(8, shortcut="B", backend="reference").to(DEVICE)
+    fused = fr.models.cifar_resnet(8, shortcut="B", backend=backend).to(DEVICE)
+    fused.load_state_dict(reference.state_dict())
+    x = torch.randn(4, 3, 8, 8, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    return reference, fused, x
+
+
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
 def test_bn_only_fine_tuning_matches_the_reference_and_counts_as_torch(backend):
     """A CIFAR ResNet-8 with projections, every conv and the fc frozen, BNs trained: the BN
     gradients equal the reference model's, the convs get none, and FlopCounterMode counts
     what it counts for torch's layers (no weight gradient of a frozen conv)."""
-    torch.manual_seed(0)
-    reference = fr.models.cifar_resnet(8, shortcut="B", backend="reference").to(DEVICE)
-    fused = fr.models.cifar_resnet(8, shortcut="B", backend=backend).to(DEVICE)
-    fused.load_state_dict(reference.state_dict())
+    reference, fused, x = _cifar_pair(backend)
     for model in (reference, fused):
         for name, p in model.named_parameters():  # the BNs' gamma and beta
             p.requires_grad_(p.dim() == 1 and not name.startswith("fc"))
-    x = torch.randn(4, 3, 8, 8, device=DEVICE).contiguous(memory_format=torch.channels_last)
     counts = []
     for model in (reference, fused):
         with FlopCounterMode(display=False) as counter:
@@ -280,11 +287,7 @@ def test_a_pass_that_wants_the_input_gradient_computes_no_weight_gradient(backen
     and x's gradient equals the reference's. A later .backward() of the same graph
     (retain_graph) computes them all, as the reference's."""
     computed = _recording_weight_gradients(monkeypatch)
-    torch.manual_seed(0)
-    reference = fr.models.cifar_resnet(8, shortcut="B", backend="reference").to(DEVICE)
-    fused = fr.models.cifar_resnet(8, shortcut="B", backend=backend).to(DEVICE)
-    fused.load_state_dict(reference.state_dict())
-    x = torch.randn(4, 3, 8, 8, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    reference, fused, x = _cifar_pair(backend)
     losses, grads = [], []
     for model in (fused, reference):
         model.train(train)
@@ -308,11 +311,7 @@ def test_a_pass_that_wants_the_input_gradient_computes_no_weight_gradient(backen
 def test_backward_with_inputs_computes_only_those_weight_gradients(backend, monkeypatch):
     """loss.backward(inputs=[...]): only the listed weights' gradients are computed."""
     computed = _recording_weight_gradients(monkeypatch)
-    torch.manual_seed(0)
-    reference = fr.models.cifar_resnet(8, shortcut="B", backend="reference").to(DEVICE)
-    fused = fr.models.cifar_resnet(8, shortcut="B", backend=backend).to(DEVICE)
-    fused.load_state_dict(reference.state_dict())
-    x = torch.randn(4, 3, 8, 8, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    reference, fused, x = _cifar_pair(backend)
     for model in (fused, reference):
         wanted = [model.layer3[0].conv2.weight, model.layer3[0].bn1.weight, model.conv1.weight]
         computed.clear()
