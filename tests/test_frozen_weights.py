@@ -1,6 +1,8 @@
-"""Frozen conv weights (requires_grad=False: BN-only fine-tuning, gradients taken through a
-frozen network to its input): the fused backward ops skip their weight gradients (`need_dw`)
-as ATen's convolution_backward does with its mask. Each frozen weight removes exactly one
+"""Weight gradients nobody uses are not computed, as ATen's convolution_backward leaves them
+out of its mask: frozen conv weights (requires_grad=False: BN-only fine-tuning, gradients
+taken through a frozen network to its input; the backward ops' `need_dw`), and weights a
+backward pass does not want (`torch.autograd.grad(loss, [x])`, `backward(inputs=...)`:
+`ops.grad_needs`). Each frozen weight removes exactly one
 weight-gradient launch (Triton: its wgrad, or for a conv done without its output y the Gram
 that only its dw needs; `_C`: ATen's mask), its .grad stays None, and every other gradient is
 the one computed with all weights trainable (or the reference's)."""
@@ -25,29 +27,35 @@ def _freeze_patterns(weights, shortcut):
     return sorted(patterns)
 
 
-def _count_weight_gradients(kernels, monkeypatch):
-    """A list that grows by one for each launch of Triton's wgrad kernel (conv 3 or a
-    projection done without its y launches it twice: G = g^T a, which their BN's backward
-    needs frozen or not, then the Gram, which only dw needs) or each weight gradient ATen's
-    mask asks for."""
+def _recording_weight_gradients(monkeypatch):
+    """A list of the weight gradients the fused backwards compute: one entry per Triton
+    wgrad launch (the conv and block ops; conv 3 or a projection done without its y launches
+    it twice: G = g^T a, which their BN's backward needs frozen or not, then the Gram, which
+    only dw needs) or per ATen backward asked for one."""
     import fused_resnet.ops.native_block as native_block
+    import fused_resnet.ops.native_kernels as native_kernels
     import fused_resnet.ops.triton_block as triton_block
+    import fused_resnet.ops.triton_kernels as triton_kernels
 
     computed = []
-    wgrad, aten_backward = triton_block.conv_wgrad, native_block.conv_backward
 
-    def counting_wgrad(x, dy, weight_shape, **kwargs):
-        computed.append(tuple(weight_shape))
-        return wgrad(x, dy, weight_shape, **kwargs)
+    def wgrad_recorder(inner):
+        def recording(x, dy, weight_shape, **kwargs):
+            computed.append(tuple(weight_shape))
+            return inner(x, dy, weight_shape, **kwargs)
+        return recording
 
-    def counting_backward(dy, x, weight, stride, padding, dilation, groups, need_dx=True,
-                          need_dw=True):
-        if need_dw:
-            computed.append(tuple(weight.shape))
-        return aten_backward(dy, x, weight, stride, padding, dilation, groups, need_dx, need_dw)
+    def aten_recorder(inner):
+        def recording(dy, x, weight, *args):
+            if len(args) < 6 or args[5]:  # need_dw
+                computed.append(tuple(weight.shape))
+            return inner(dy, x, weight, *args)
+        return recording
 
-    monkeypatch.setattr(triton_block, "conv_wgrad", counting_wgrad)
-    monkeypatch.setattr(native_block, "conv_backward", counting_backward)
+    for module in (triton_block, triton_kernels):
+        monkeypatch.setattr(module, "conv_wgrad", wgrad_recorder(module.conv_wgrad))
+    for module in (native_block, native_kernels):
+        monkeypatch.setattr(module, "conv_backward", aten_recorder(module.conv_backward))
     return computed
 
 
@@ -57,7 +65,7 @@ def test_block_op_skips_frozen_weight_gradients(name, kernels, monkeypatch):
     kernels_or_skip(kernels)
     from fused_resnet.ops.block_ops import block_train_call
 
-    computed = _count_weight_gradients(kernels, monkeypatch)
+    computed = _recording_weight_gradients(monkeypatch)
     args = block_args(name)
     dz = None
 
@@ -246,36 +254,6 @@ def test_a_backward_called_without_need_dw_computes_every_weight_gradient(kernel
     dw = OPS.conv_bn_train_backward(torch.randn_like(z), x, w, gamma, y, z, mean, var, 1, 1, 1,
                                     1, 1e-5, True, False, kernels, True)[1]
     assert dw.shape == w.shape
-
-
-def _recording_weight_gradients(monkeypatch):
-    """A list of the weight gradients the fused backwards compute: one entry per Triton
-    wgrad launch (the conv and block ops) or per ATen backward asked for one."""
-    import fused_resnet.ops.native_block as native_block
-    import fused_resnet.ops.native_kernels as native_kernels
-    import fused_resnet.ops.triton_block as triton_block
-    import fused_resnet.ops.triton_kernels as triton_kernels
-
-    computed = []
-
-    def wgrad_recorder(inner):
-        def recording(x, dy, weight_shape, **kwargs):
-            computed.append(tuple(weight_shape))
-            return inner(x, dy, weight_shape, **kwargs)
-        return recording
-
-    def aten_recorder(inner):
-        def recording(dy, x, weight, *args):
-            if len(args) < 6 or args[5]:  # need_dw
-                computed.append(tuple(weight.shape))
-            return inner(dy, x, weight, *args)
-        return recording
-
-    for module in (triton_block, triton_kernels):
-        monkeypatch.setattr(module, "conv_wgrad", wgrad_recorder(module.conv_wgrad))
-    for module in (native_block, native_kernels):
-        monkeypatch.setattr(module, "conv_backward", aten_recorder(module.conv_backward))
-    return computed
 
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
