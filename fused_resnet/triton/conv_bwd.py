@@ -203,6 +203,7 @@ def every_phase_tapped(kh: int, kw: int, dilation: int, stride: int) -> bool:
     ptxas keeps in flight as they are (they apply no BN backward on load)."""
     return math.gcd(dilation, stride) == 1 and min(kh, kw) >= stride
 
+
 def conv_dgrad(dy, weight: Tensor, x_shape: torch.Size, *, stride: int, padding: int,
                dilation: int = 1, reduce: Optional[BnReduce] = None,
                residual: Optional[Tensor] = None,
