@@ -5,6 +5,7 @@ first call and on a later one (where an eval block would run a plan, which a dis
 turns off: `backend.ops_recorded`)."""
 
 import copy
+import itertools
 
 import pytest
 import torch
@@ -117,11 +118,11 @@ def test_conv_formulas_are_torchs(x_shape, w_shape, stride, padding, dilation):
     assert out == tuple(conv.shape)
     assert forward == conv_flop_count(list(x_shape), list(w_shape), list(out))
     groups = x_shape[1] // w_shape[1]
-    for need_dx in (False, True):
+    for need_dx, need_dw in itertools.product((False, True), repeat=2):
         torch_count = conv_backward_flop(out, x_shape, w_shape, None, None, None, None, None,
-                                         None, None, [need_dx, True, False],
+                                         None, None, [need_dx, need_dw, False],
                                          out_val=[x_shape, w_shape, None])
-        assert flop_formulas.backward_flops(forward, groups, need_dx) == torch_count
+        assert flop_formulas.backward_flops(forward, groups, need_dx, need_dw) == torch_count
 
 
 def test_registration_is_once_and_names_the_ops():
