@@ -28,6 +28,7 @@ def test_backward_without_y3_or_yd_equals_the_one_through_them(name, unkept, dty
     skip_without_triton()
     from fused_resnet.ops import triton_block
     from fused_resnet.triton.config import operands_mode
+    from fused_resnet.triton.conv import conv_fwd
 
     torch.manual_seed(3)
     x, weights, gammas, betas, strides, paddings, dilations, eps, shortcut, s_stride = \
@@ -43,8 +44,15 @@ def test_backward_without_y3_or_yd_equals_the_one_through_them(name, unkept, dty
             ([2] if len(weights) - len(proj) == 3 else []) + proj)
         assert triton_block.unkept_ys(weights, [1, 1, 2, 1], shortcut) == proj  # 3rd strided
         z, bits, ys, means, _, affines = triton_block.block_train(x, *args)
+        unwritten = triton_block.unwritten_ys(weights, strides, paddings, shortcut)
+    assert unwritten == ([2] if len(weights) - len(proj) == 3 else [])  # a bottleneck's y3
+    if unwritten:  # y3 is never written: made here for the chain that reads it
+        assert ys[2].numel() == 0
+        ys[2] = conv_fwd(ys[1], weights[2], stride=1, padding=0, in_scale=affines[1][1],
+                         in_shift=affines[1][2], in_relu=True)[0]
     with operands_mode("written"):
         assert triton_block.unkept_ys(weights, strides, shortcut) == []
+        assert triton_block.unwritten_ys(weights, strides, paddings, shortcut) == []
     dz = torch.randn(z.shape, dtype=torch.float64, device=DEVICE).to(dtype).contiguous(
         memory_format=torch.channels_last)
     rest = (gammas, betas)

@@ -74,7 +74,7 @@ def test_folded_weights_are_stored_as_the_kernels_read_them():
     conv takes its GEMM operand as a view of them, not a copy per call; for ATen's convs
     (the `_C` backends) they stay contiguous. Same values either way."""
     skip_without_triton()
-    from fused_resnet.triton.conv import gemm_weight
+    from fused_resnet.triton.gemm_layout import gemm_weight
 
     block = FusedBottleneck(16, 8, 2, backend="triton").eval()
     with torch.no_grad():

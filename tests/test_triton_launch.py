@@ -96,8 +96,9 @@ def test_the_real_kernels_have_what_launch_reads():
     from fused_resnet.triton.conv_bwd import _conv_dgrad_kernel, _conv_wgrad_kernel
 
     # The transformed-operand loops and the statistics epilogue tune apart from the plain
-    # kernel of the same shape (a bottleneck's conv3 and its projection).
-    for kernel, variant in ((_conv_fwd_kernel, ["PROLOGUE", "STATS"]),
+    # kernel of the same shape (a bottleneck's conv3 and its projection), and so do conv 3's
+    # statistics pass and its block-ending pass.
+    for kernel, variant in ((_conv_fwd_kernel, ["PROLOGUE", "STATS", "STATS_ONLY", "BN_OUT"]),
                             (_conv_dgrad_kernel, ["BN_BWD", "REDUCE", "REDUCE_ACT"]),
                             (_conv_wgrad_kernel, ["PROLOGUE", "BN_BWD", "ACT", "SUB"])):
         assert isinstance(kernel, Autotuner) and hasattr(kernel, "fn")

@@ -166,8 +166,11 @@ def residual_block_train(
         z, ys, means, variances, _ = block_train_call(
             x, weights, list(gammas), list(betas), list(strides), list(paddings), dilations,
             eps, shortcut, shortcut_stride, kernels)
-        update_block_running_stats(running_means, running_vars, means, variances,
-                                   [y.numel() // y.shape[1] for y in ys], momenta)
+        # pixels per BN; an unwritten y (`unwritten_ys`: a bottleneck's y3) has z's
+        pixels = [y.numel() // y.shape[1] if y.numel() else z.numel() // z.shape[1]
+                  for y in ys]
+        update_block_running_stats(running_means, running_vars, means, variances, pixels,
+                                   momenta)
         return z
 
     def conv_bn(i: int, inp: Tensor, residual: Optional[Tensor], relu: bool) -> Tensor:

@@ -9,7 +9,8 @@ paddings[i], dilations[i]) and an optional projection w_d (1x1, shortcut_stride)
           shortcut = x | zero_pad(x) | bn_d(conv(x, w_d)) | nothing (plain block)
 Outputs: z (x's memory format), the kernels' encoding of its ReLU mask [z > 0] (Triton: bits,
 16x fewer bytes for backward to read than a bf16 z; native: an empty tensor, the mask is read
-from z), the raw conv outputs y_i (`activation_format(x)` of the kernels), each BN's batch
+from z), the raw conv outputs y_i (`activation_format(x)` of the kernels; an empty tensor for
+those the kernels never write, `unwritten_ys`: on Triton a bottleneck's y_3), each BN's batch
 mean and biased variance, from which the caller updates the running statistics, and each
 BN's (rstd, scale, shift) as a (3, C) tensor, as the forward applied it. Autograd saves only
 x, the mask (z where it is empty), the y_i, the means and those (3, C) rows: backward
@@ -101,8 +102,10 @@ def _(x, weights, gammas, betas, strides, paddings, dilations, eps, shortcut, sh
     y_format = kernels_module(kernels).activation_format(x)
     z = torch.empty(shapes[main - 1], device=x.device, dtype=x.dtype,
                     memory_format=output_memory_format(x))
-    ys = [torch.empty(s, device=x.device, dtype=x.dtype, memory_format=y_format)
-          for s in shapes]
+    unwritten = block_module(kernels).unwritten_ys(weights, strides, paddings, shortcut)
+    ys = [torch.empty(0 if i in unwritten else s, device=x.device, dtype=x.dtype,
+                      memory_format=torch.contiguous_format if i in unwritten else y_format)
+          for i, s in enumerate(shapes)]
     stats = [torch.empty(s[1], device=x.device, dtype=stat_dtype(x.dtype)) for s in shapes]
     affines = [torch.empty((3, s[1]), device=x.device, dtype=stat_dtype(x.dtype))
                for s in shapes]

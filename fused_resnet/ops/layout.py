@@ -68,11 +68,11 @@ def bn_params(bn_weight: Tensor | None, bn_bias: Tensor | None, channels: int,
 def inference_weight(weight: Tensor, kernels: str) -> Tensor:
     """`weight` (C_out, C_in, kh, kw) stored the way `kernels` read it, same shape and values,
     for a weight laid out once and used by many calls (a folded inference weight): for
-    "triton" in the implicit GEMM's operand order (`triton.conv.gemm_ordered`), so that each
+    "triton" in the implicit GEMM's operand order (`triton.gemm_layout.gemm_ordered`), so that each
     conv finds it as a view instead of copying it, 53 copies per ResNet-50 call; for ATen's
     convs (cuDNN, oneDNN) as it is."""
     if kernels != "triton":
         return weight
-    from fused_resnet.triton.conv import gemm_ordered  # Triton is installed: it was chosen
+    from fused_resnet.triton.gemm_layout import gemm_ordered  # Triton is installed: chosen
 
     return gemm_ordered(weight)

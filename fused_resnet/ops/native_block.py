@@ -44,6 +44,12 @@ def unkept_ys(weights: list[Tensor], strides: list[int], shortcut: str) -> list[
     return []
 
 
+def unwritten_ys(weights: list[Tensor], strides: list[int], paddings: list[int],
+                 shortcut: str) -> list[int]:
+    """The conv outputs `block_train` does not write: none here."""
+    return []
+
+
 def block_train(
     x: Tensor, weights: list[Tensor], gammas: list[Tensor], betas: list[Tensor],
     strides: list[int], paddings: list[int], dilations: list[int], eps: list[float],

@@ -3,18 +3,21 @@ single-launch inference bottleneck op `fused_resnet::bottleneck_eval`.
 
 Training chain (DESIGN.md, "Bottleneck chain"): each conv after the first applies the previous
 BN + ReLU on load (its prologue), so relu(bn(y)) is never written; one elementwise kernel ends
-the block. Backward recomputes relu(bn(y)) on load (wgrad prologue) and the ReLU masks from
-y * scale + shift, takes each inner BN's backward sums from the epilogue of the dgrad that
-produces its gradient, and applies the BN backward on load in the next dgrad / wgrad (1x1
-convs). An identity shortcut's gradient g = dz * [z > 0] comes from the pass that reduces the
-last BN's backward sums and is added to dx in conv 1's dgrad epilogue (a projection's dgrad
-adds conv 1's dx the same way): no separate pass; with a projection that pass writes g for
-the on-load convs of both BNs to read. A bottleneck does its last BN's backward without y3,
-from y2 and w3 (`_last_bn_backward_without_y`), and a projection its shortcut BN's without
-y_d, from x and w_d (`_shortcut_bn_backward_without_y`): neither is kept (`unkept_ys`).
-The y_i are channels_last. Without `need_dx` (x needs no gradient) the dgrads of conv 1 and
-of the projection are not launched; without `need_dw[i]` (a frozen weight) conv i's weight
-gradient is not (nor, for conv 3 / the projection done without their y, the Gram).
+the block, or for a bottleneck whose conv 3 is 1x1 (`unwritten_ys`) conv 3's epilogue does:
+conv 3 runs once for y3's statistics alone and once more writing z = relu(bn3(y3) + shortcut)
+and its ReLU mask, so y3 is never written. Backward recomputes relu(bn(y)) on load (wgrad
+prologue) and the ReLU masks from y * scale + shift, takes each inner BN's backward sums from
+the epilogue of the dgrad that produces its gradient, and applies the BN backward on load in
+the next dgrad / wgrad (1x1 convs). An identity shortcut's gradient g = dz * [z > 0] comes
+from the pass that reduces the last BN's backward sums and is added to dx in conv 1's dgrad
+epilogue (a projection's dgrad adds conv 1's dx the same way): no separate pass; with a
+projection that pass writes g for the on-load convs of both BNs to read. A bottleneck does its
+last BN's backward without y3, from y2 and w3 (`_last_bn_backward_without_y`), and a
+projection its shortcut BN's without y_d, from x and w_d (`_shortcut_bn_backward_without_y`):
+neither is kept (`unkept_ys`). The y_i are channels_last. Without `need_dx` (x needs no
+gradient) the dgrads of conv 1 and of the projection are not launched; without `need_dw[i]` (a
+frozen weight) conv i's weight gradient is not (nor, for conv 3 / the projection done without
+their y, the Gram).
 
 With `config.operands() == "written"` the transformed operands are written instead, by one
 elementwise pass each, and every conv runs its plain loop: relu(bn(y)) before the next conv
@@ -37,7 +40,7 @@ from fused_resnet.triton.bn import bn_bwd_reduce
 from fused_resnet.triton.bn_last import last_bn_coefficients
 from fused_resnet.triton.bottleneck_eval import bottleneck_eval
 from fused_resnet.triton.config import operands
-from fused_resnet.triton.conv import conv_fwd, to_nhwc
+from fused_resnet.triton.conv import block_end_bits_ok, conv_fwd, to_nhwc
 from fused_resnet.triton.conv_bwd import (
     Activated,
     BnGrad,
@@ -54,6 +57,7 @@ from fused_resnet.triton.eltwise import (
     bn_act_fwd_bits,
     relu_bits_words,
 )
+from fused_resnet.triton.gemm_layout import gemm_ordered
 
 
 def _shortcut_input(x: Tensor, shortcut: str, out_channels: int, stride: int):
@@ -86,6 +90,9 @@ def block_train(
         affines.append(affine)
 
     written = operands() == "written"
+    end_in_conv3 = 2 in unwritten_ys(weights, strides, paddings, shortcut)
+    if end_in_conv3:  # w3 laid out (and cast) once for its two convs
+        weights = [*weights[:2], gemm_ordered(weights[2], x.dtype), *weights[3:]]
     for i in range(main):
         geometry = (strides[i], paddings[i], dilations[i])
         if i == 0:
@@ -93,17 +100,47 @@ def block_train(
         elif written:  # relu(bn(y)) written once, then the plain loop
             inp = bn_act_fwd(ys[-1], affines[-1][1], affines[-1][2], relu=True)
             conv_bn(inp, i, *geometry)
-        else:
+        else:  # conv 3 ending the block: its statistics alone here, y3 not written
             conv_bn(ys[-1], i, *geometry, in_scale=affines[-1][1], in_shift=affines[-1][2],
-                    in_relu=True)
+                    in_relu=True, store=not (end_in_conv3 and i == 2))
     bn2 = {}
     if shortcut == "projection":
         conv_bn(x, main, shortcut_stride, 0)
         bn2 = {"y2": ys[-1], "scale2": affines[-1][1], "shift2": affines[-1][2]}
-    residual = _shortcut_input(x, shortcut, ys[main - 1].shape[1], shortcut_stride)
-    z, bits = bn_act_fwd_bits(ys[main - 1], affines[main - 1][1], affines[main - 1][2],
-                              residual=residual, **bn2)
+    residual = _shortcut_input(x, shortcut, weights[main - 1].shape[0], shortcut_stride)
+    if not end_in_conv3:
+        z, bits = bn_act_fwd_bits(ys[main - 1], affines[main - 1][1], affines[main - 1][2],
+                                  residual=residual, **bn2)
+        return z, bits, ys, means, variances, affines
+    # conv 3 again, z = relu(bn3(y3) + shortcut) and [z > 0] in its epilogue (`unwritten_ys`)
+    if bn2:
+        residual, residual_affine = bn2["y2"], affines[-1]
+    else:
+        residual_affine = None
+    n, _, h, w = ys[1].shape  # z's pixels: conv 3 is 1x1, stride 1
+    bits = torch.empty((n * h * w, relu_bits_words(weights[2].shape[0])), device=x.device,
+                       dtype=BITS_DTYPE)
+    z, _ = conv_fwd(ys[1], weights[2], stride=1, padding=0, in_scale=affines[1][1],
+                    in_shift=affines[1][2], in_relu=True, out_affine=affines[2], relu=True,
+                    residual=residual, residual_affine=residual_affine, bits=bits)
     return z, bits, ys, means, variances, affines
+
+
+def unwritten_ys(weights: list[Tensor], strides: list[int], paddings: list[int],
+                 shortcut: str) -> list[int]:
+    """Indices of the conv outputs y_i that `block_train` never writes (an empty tensor in
+    their place): with the operands on load, a bottleneck's y3 when conv 3 is 1x1 with stride
+    1 and no padding. Its conv runs twice instead: once for y3's batch statistics alone,
+    then again with bn3, the shortcut (x, or a projection's bn_d(y_d)), the add and the ReLU
+    in its epilogue, which writes z and its packed ReLU mask. Against conv 3 writing y3 and
+    one elementwise pass reading it back, that is y3 neither written nor read (2 x 2.8 GB a
+    ResNet-50 bf16 training step at batch 256) for conv 3's forward MACs once more
+    (`python -m fused_resnet traffic`). Backward does without y3 anyway (`unkept_ys`)."""
+    if (operands() == "on_load" and len(weights) - (shortcut == "projection") == 3
+            and strides[2] == 1 and paddings[2] == 0 and tuple(weights[2].shape[2:]) == (1, 1)
+            and block_end_bits_ok(weights[2].shape[0])):
+        return [2]
+    return []
 
 
 def unkept_ys(weights: list[Tensor], strides: list[int], shortcut: str) -> list[int]:

@@ -15,7 +15,7 @@ from torch import Tensor
 from fused_resnet.ops.layout import output_memory_format
 from fused_resnet.triton.bn import bn_bwd_reduce, bn_finalize
 from fused_resnet.triton.config import acc_dtype, operands
-from fused_resnet.triton.conv import STAT_ROWS, conv_fwd, to_nhwc
+from fused_resnet.triton.conv import STAT_ROWS, conv_fwd, fwd_output, to_nhwc
 from fused_resnet.triton.conv_bwd import BnGrad, conv_dgrad, conv_wgrad
 from fused_resnet.triton.eltwise import BnBackward, bn_act_bwd, bn_act_fwd
 
@@ -31,16 +31,17 @@ def _check_groups(groups: int) -> None:
 
 
 def conv_batch_stats(x: Tensor, weight: Tensor, gamma: Tensor, beta: Tensor, eps: float, *,
-                     stride: int, padding: int, dilation: int = 1,
+                     stride: int, padding: int, dilation: int = 1, store: bool = True,
                      **prologue) -> tuple[Tensor, ...]:
     """(y, batch mean, biased var, (rstd, scale, shift) as a (3, C) tensor) of y = conv(x,
     weight), the conv applying `prologue` (in_scale, in_shift, in_relu) to x on load and
-    writing the statistics' partials in its epilogue (`bn_finalize` merges them)."""
+    writing the statistics' partials in its epilogue (`bn_finalize` merges them); without
+    `store` y is not written (the statistics alone) and an empty tensor stands in for it."""
     y, parts = conv_fwd(x, weight, stride=stride, padding=padding, dilation=dilation, stats=True,
-                        **prologue)
-    mean, var, affine = bn_finalize(*parts, STAT_ROWS, y.numel() // y.shape[1], gamma, beta,
-                                    eps)
-    return y, mean, var, affine
+                        store=store, **prologue)
+    m = fwd_output(x.shape, weight.shape, stride, padding, dilation)[2]  # y's pixels
+    mean, var, affine = bn_finalize(*parts, STAT_ROWS, m, gamma, beta, eps)
+    return (y if store else x.new_empty(0)), mean, var, affine
 
 
 def conv_bn_train(

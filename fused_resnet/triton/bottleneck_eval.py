@@ -23,8 +23,9 @@ from fused_resnet.triton.config import (
     input_precision,
     interpreting,
 )
-from fused_resnet.triton.conv import check_pixels, dot_acc, gemm_weight, to_nhwc
+from fused_resnet.triton.conv import check_pixels, dot_acc, to_nhwc
 from fused_resnet.triton.eltwise import relu
+from fused_resnet.triton.gemm_layout import gemm_weight
 from fused_resnet.triton.launch import run
 
 

@@ -27,6 +27,10 @@ Each program owns a BLOCK_M x BLOCK_N tile of the output:
   registers as wgmma's A operand: 1 or 3 groups in flight in all 8, for +0.3-8% SASS
   instructions (Triton 3.6, bf16; NOTES.md);
 - epilogue, inference: out = relu?(acc + bias[n] + residual[m, n]);
+- epilogue, a training block's end (BN_OUT: `ops.triton_block.unwritten_ys`): y = acc rounded
+  to x's dtype (as a stored y would be), out = relu(y * scale[n] + shift[n] + r[m, n]) with r
+  the residual, or with RES_BN a projection's r * r_scale[n] + r_shift[n], and with
+  WRITE_BITS [out > 0] packed 32 channels a word (`eltwise.store_relu_bits`);
 - epilogue, training: out = acc (the raw conv output y) and, for every group of STAT_ROWS
   consecutive rows and every channel, a shift k, the mean of y - k and M2 = sum (y - mean)^2
   of the stored y, which `bn.bn_finalize` merges with Chan's formula. Shifting keeps large
@@ -35,7 +39,8 @@ Each program owns a BLOCK_M x BLOCK_N tile of the output:
   fp32 mean and mean(y - k) is taken as 0: two reductions over the group's rows instead of
   three (~1600 -> ~1160 SASS instructions a warp per 128x128 tile, sm_90), where y's own
   rounding (2^-9 of its size in bf16) is far above k's (~2^-24 x 32). The groups do not
-  depend on the tile config, so neither do the statistics.
+  depend on the tile config, so neither do the statistics. With STATS_ONLY y is not stored:
+  the statistics alone, for a conv that runs again with its BN in the epilogue (BN_OUT).
 """
 
 from typing import Optional
@@ -53,8 +58,10 @@ from fused_resnet.triton.config import (
     gather_in_registers,
     input_precision,
     interpreting,
+    pinned_config,
 )
-from fused_resnet.triton.eltwise import relu
+from fused_resnet.triton.eltwise import relu, store_relu_bits
+from fused_resnet.triton.gemm_layout import gemm_weight
 from fused_resnet.triton.launch import launch
 
 STAT_ROWS = 32  # rows per statistics group; divides every BLOCK_M of the configs
@@ -97,16 +104,18 @@ def prologue(a, ok, sc, sh, RELU: tl.constexpr, ACC_TY: tl.constexpr, MASK: tl.c
     return v.to(a.dtype)
 
 
-@autotune_conv("PROLOGUE", "STATS")
+@autotune_conv("PROLOGUE", "STATS", "STATS_ONLY", "BN_OUT")
 @triton.jit
 def _conv_fwd_kernel(
     x_ptr, w_ptr, out_ptr,
-    in_scale_ptr, in_shift_ptr, bias_ptr, res_ptr,
+    in_scale_ptr, in_shift_ptr, bias_ptr, res_ptr, out_affine_ptr, res_affine_ptr, bits_ptr,
     part_shift_ptr, part_mean_ptr, part_m2_ptr, num_groups,
     H, W, C_in, Ho, Wo, C_out, M, stride, padding,
     KH: tl.constexpr, KW: tl.constexpr, DIL: tl.constexpr, FLAT_K: tl.constexpr,
     GATHER_IN_REGS: tl.constexpr, PROLOGUE: tl.constexpr, PROLOGUE_RELU: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr, STATS: tl.constexpr,
+    STATS_ONLY: tl.constexpr, BN_OUT: tl.constexpr, RES_BN: tl.constexpr,
+    WRITE_BITS: tl.constexpr,
     PADDED: tl.constexpr, SHIFT_BY_MEAN: tl.constexpr, UPCAST: tl.constexpr,
     ACC_FP64: tl.constexpr,
     PRECISION: tl.constexpr, GROUP: tl.constexpr,
@@ -186,16 +195,29 @@ def _conv_fwd_kernel(
             wrap = c0 >= C_in
             c0 = tl.where(wrap, 0, c0)
             tap += wrap.to(tl.int32)
+    if BN_OUT:  # y as it would be stored (rounded), through its BN: y * scale + shift
+        scale = tl.load(out_affine_ptr + C_out + offs_n, mask=n_ok, other=0.0)
+        shift = tl.load(out_affine_ptr + 2 * C_out + offs_n, mask=n_ok, other=0.0)
+        acc = acc.to(out_ptr.dtype.element_ty).to(acc_ty) * scale[None, :] + shift[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(acc_ty)[None, :]
     out_ok = m_ok[:, None] & n_ok[None, :]
     out_offs = m64[:, None] * C_out + offs_n[None, :]
     if HAS_RES:
-        acc += tl.load(res_ptr + out_offs, mask=out_ok, other=0.0).to(acc_ty)
+        r = tl.load(res_ptr + out_offs, mask=out_ok, other=0.0).to(acc_ty)
+        if RES_BN:  # the residual is a projection's y_d: bn_d(y_d) added
+            r_scale = tl.load(res_affine_ptr + C_out + offs_n, mask=n_ok, other=0.0)
+            r_shift = tl.load(res_affine_ptr + 2 * C_out + offs_n, mask=n_ok, other=0.0)
+            r = r * r_scale[None, :] + r_shift[None, :]
+        acc += r
     if RELU:
         acc = relu(acc)
     y = acc.to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + out_offs, y, mask=out_ok)
+    if not STATS_ONLY:
+        tl.store(out_ptr + out_offs, y, mask=out_ok)
+    if WRITE_BITS:  # [out > 0] packed, as `eltwise.bn_act_fwd_bits` writes it
+        store_relu_bits(bits_ptr, y, out_ok, offs_m, pid_n * BLOCK_N, M, C_out, BLOCK_M,
+                        BLOCK_N)
     if STATS:
         # Statistics of the stored (rounded) y, so backward's recomputation sees the same data.
         # Per group of GROUP rows, shifted by k: mean = k + lo with lo = mean(y - k), and
@@ -240,37 +262,6 @@ def to_nhwc(t: Tensor) -> Tensor:
     return t.contiguous(memory_format=torch.channels_last)
 
 
-def dense_in(t: Tensor, dtype: torch.dtype) -> Tensor:
-    """t in `dtype`, contiguous in its own dimension order: t itself, or one copy that casts
-    and lays out at once (a weight in fp32 for a bf16 conv: no separate cast)."""
-    if t.dtype == dtype and t.is_contiguous():
-        return t
-    return torch.empty(t.shape, device=t.device, dtype=dtype).copy_(t)
-
-
-def gemm_weight(weight: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
-    """(C_out, C_in, kh, kw) -> the (kh*kw*C_in, C_out) K-by-N GEMM operand in `dtype`
-    (default weight's): one copy, or a view of a weight stored by `gemm_ordered` (made once
-    and kept on it: two view ops are ~3 us of host time a conv)."""
-    view = weight.__dict__.get(_GEMM_VIEW)
-    if view is not None and view.dtype == (dtype or weight.dtype):
-        return view
-    ordered = dense_in(weight.permute(2, 3, 1, 0), dtype or weight.dtype)
-    return ordered.reshape(-1, weight.shape[0])
-
-
-_GEMM_VIEW = "_fused_resnet_gemm_view"
-
-
-def gemm_ordered(weight: Tensor) -> Tensor:
-    """`weight` with the same shape and values, stored in (kh, kw, C_in, C_out) order so that
-    `gemm_weight` of it is a view (kept on the tensor, sharing its storage): for a weight
-    laid out once and used by many calls."""
-    ordered = weight.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
-    setattr(ordered, _GEMM_VIEW, ordered.permute(2, 3, 1, 0).reshape(-1, weight.shape[0]))
-    return ordered
-
-
 def fwd_output(x_shape, weight_shape, stride: int, padding: int,
                dilation: int = 1) -> tuple[int, int, int]:
     """(Ho, Wo, M = N*Ho*Wo) of the forward conv, its pixel count checked (`check_pixels`)."""
@@ -295,7 +286,9 @@ def kernel_dilation(dilation: int, kh: int, kw: int) -> int:
 
 def fwd_flags(dtype: torch.dtype, kh: int, kw: int, c_in: int, padding: int, *,
               device: torch.device, prologue: bool, in_relu: bool, bias: bool,
-              residual: bool, relu: bool, stats: bool, dilation: int = 1) -> dict:
+              residual: bool, relu: bool, stats: bool, dilation: int = 1,
+              stats_only: bool = False, bn_out: bool = False, residual_bn: bool = False,
+              write_bits: bool = False) -> dict:
     """The forward kernel's constexpr arguments for x of `dtype` on `device` and a
     (., c_in, kh, kw) weight dilated by `dilation`, and which prologue / epilogue parts the
     launch has."""
@@ -304,7 +297,8 @@ def fwd_flags(dtype: torch.dtype, kh: int, kw: int, c_in: int, padding: int, *,
         FLAT_K=c_in if flat_k(c_in) else 0,  # the divisor, as a constexpr (module doc)
         GATHER_IN_REGS=gather_in_registers(dtype, c_in, device),
         PROLOGUE=prologue, PROLOGUE_RELU=in_relu,
-        HAS_BIAS=bias, HAS_RES=residual, RELU=relu, STATS=stats, PADDED=padding > 0,
+        HAS_BIAS=bias, HAS_RES=residual, RELU=relu, STATS=stats, STATS_ONLY=stats_only,
+        BN_OUT=bn_out, RES_BN=residual_bn, WRITE_BITS=write_bits, PADDED=padding > 0,
         SHIFT_BY_MEAN=dtype in (torch.float16, torch.bfloat16),
         UPCAST=dtype == torch.bfloat16 and interpreting(),
         ACC_FP64=acc_dtype(dtype) == torch.float64, PRECISION=input_precision(dtype),
@@ -325,22 +319,35 @@ def conv_fwd(
     residual: Optional[Tensor] = None,
     relu: bool = False,
     stats: bool = False,
-) -> tuple[Tensor, Optional[tuple[Tensor, Tensor, Tensor]]]:
-    """out (N, C_out, Ho, Wo) channels_last in x's dtype, and with `stats` the partials
-    (shift, mean - shift, m2), each (cdiv(N*Ho*Wo, STAT_ROWS), C_out), for `bn.bn_finalize`;
-    mean - shift is None for fp16 / bf16 x (the shift is the group's mean: module doc).
+    store: bool = True,
+    out_affine: Optional[Tensor] = None,
+    residual_affine: Optional[Tensor] = None,
+    bits: Optional[Tensor] = None,
+) -> tuple[Optional[Tensor], Optional[tuple[Tensor, Tensor, Tensor]]]:
+    """out (N, C_out, Ho, Wo) channels_last in x's dtype (None without `store`), and with
+    `stats` the partials (shift, mean - shift, m2), each (cdiv(N*Ho*Wo, STAT_ROWS), C_out), for
+    `bn.bn_finalize`; mean - shift is None for fp16 / bf16 x (the shift is the group's mean:
+    module doc).
 
     x: (N, C_in, H, W); weight: (C_out, C_in, kh, kw), any float dtype (cast to x's while
     laid out: an fp32 master weight needs no separate cast); in_scale / in_shift: (C_in,)
     prologue; bias: (C_out,); residual: out's shape, in x's dtype; dilation: the spacing of
-    the kernel's taps, as torch's conv2d takes it.
+    the kernel's taps, as torch's conv2d takes it. A training block's end in the epilogue
+    (`block_end_bits_ok`): out_affine, the (rstd, scale, shift) rows (3, C_out) of the BN of
+    y = conv(x), applied to y rounded to x's dtype (as a stored y is); residual_affine, the
+    same of a projection's BN, applied to the residual; bits, a (N*Ho*Wo, cdiv(C_out, 32))
+    int32 tensor that receives [out > 0] packed (`eltwise.pack_relu_bits`). Without `store`
+    (statistics alone: `stats`) out is not written.
     """
     n, c_in, h, w = x.shape
     c_out, _, kh, kw = weight.shape
     ho, wo, m = fwd_output(x.shape, weight.shape, stride, padding, dilation)
     x = to_nhwc(x)
+    if bits is not None and not block_end_bits_ok(c_out):
+        raise ValueError(f"conv_fwd: the packed ReLU mask needs tiles of >= 32 channels or "
+                         f"one tile holding all {c_out}; the pinned config's are narrower")
     out = torch.empty((n, c_out, ho, wo), device=x.device, dtype=x.dtype,
-                      memory_format=torch.channels_last)
+                      memory_format=torch.channels_last) if store else None
     acc = acc_dtype(x.dtype)
     groups = cdiv(m, STAT_ROWS)
     parts = None
@@ -350,18 +357,32 @@ def conv_fwd(
                          torch.empty((groups, c_out), device=x.device, dtype=acc)
                          for i in range(3))
         parts = (shift, lo, m2)
-    dummy = out  # stands in for absent optional pointers (never read)
-    res = to_nhwc(residual) if residual is not None else dummy
+    # stands in for absent optional pointers (never read): a tensor the launch reads or
+    # writes anyway, so that `launch_work` counts no bytes for it
+    dummy = out if store else x
+
+    def given(t: Optional[Tensor]) -> Tensor:
+        return t if t is not None else dummy
+
     launch(
         _conv_fwd_kernel, fwd_grid(m, c_out),
-        x, gemm_weight(weight, x.dtype), out,
-        in_scale if in_scale is not None else dummy, in_shift if in_shift is not None else dummy,
-        bias if bias is not None else dummy, res,
-        *(p if p is not None else dummy for p in parts or (None,) * 3), groups,
+        x, gemm_weight(weight, x.dtype), dummy, given(in_scale), given(in_shift), given(bias),
+        to_nhwc(residual) if residual is not None else dummy, given(out_affine),
+        given(residual_affine), given(bits),
+        *(given(p) for p in parts or (None,) * 3), groups,
         h, w, c_in, ho, wo, c_out, m, stride, padding,
         **fwd_flags(x.dtype, kh, kw, c_in, padding, device=x.device,
                     prologue=in_scale is not None, in_relu=in_relu, bias=bias is not None,
                     residual=residual is not None, relu=relu, stats=stats,
-                    dilation=dilation),
+                    dilation=dilation, stats_only=not store, bn_out=out_affine is not None,
+                    residual_bn=residual_affine is not None, write_bits=bits is not None),
     )
     return out, parts
+
+
+def block_end_bits_ok(c_out: int) -> bool:
+    """Whether the forward's epilogue can write the packed ReLU mask of a C_out-channel output
+    (`conv_fwd(bits=)`): every tile starts at a multiple of 32 channels or holds them all (the
+    autotuner's tiles are 64 or more wide; a pinned config may be narrower)."""
+    pinned = pinned_config()
+    return pinned is None or pinned.block_n % 32 == 0 or pinned.block_n >= c_out

@@ -36,7 +36,6 @@ from fused_resnet.triton.config import acc_dtype, cdiv, input_precision, interpr
 from fused_resnet.triton.conv import (
     STAT_ROWS,
     check_pixels,
-    dense_in,
     dot_acc,
     k_steps,
     kernel_dilation,
@@ -44,6 +43,7 @@ from fused_resnet.triton.conv import (
 )
 from fused_resnet.triton.conv_wgrad import _conv_wgrad_kernel, conv_wgrad
 from fused_resnet.triton.eltwise import relu
+from fused_resnet.triton.gemm_layout import dense_in
 from fused_resnet.triton.grad_tile import Activated, BnGrad, Subsampled, _grad_args, _grad_tile
 from fused_resnet.triton.launch import launch
 

@@ -19,8 +19,8 @@ from fused_resnet.triton.conv import (
     fwd_flags,
     fwd_grid,
     fwd_output,
-    gemm_weight,
 )
+from fused_resnet.triton.gemm_layout import gemm_weight
 from fused_resnet.triton.launch import PreparedLaunch
 
 
@@ -31,7 +31,7 @@ class PreparedConvFwd:
     tensor.
 
     weight: (C_out, C_in, kh, kw), kept as its GEMM view in `dtype` (a copy unless it was
-    laid out by `conv.gemm_ordered`); bias: (C_out,) fp32 (fp64 for fp64 x), contiguous;
+    laid out by `gemm_layout.gemm_ordered`); bias: (C_out,) fp32 (fp64 for fp64 x), contiguous;
     residual (when `has_residual`): out's shape, channels_last, `dtype`. The caller checks
     the arguments once (`ops.residual_block_eval`) and keeps the inputs to this contract."""
 
@@ -59,5 +59,6 @@ class PreparedConvFwd:
                           memory_format=torch.channels_last)
         res = residual if self.has_residual else out
         # conv_fwd's pointer arguments; `out` stands in for the absent ones (never read)
-        self.launch(x, self.weight, out, out, out, self.bias, res, out, out, out, *self.ints)
+        self.launch(x, self.weight, out, out, out, self.bias, res, out, out, out, out, out, out,
+                    *self.ints)
         return out

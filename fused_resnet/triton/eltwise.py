@@ -189,6 +189,24 @@ def _tile(M, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
+def store_relu_bits(bits_ptr, z, ok, rows, col0, M, C, BLOCK_R: tl.constexpr,
+                    BLOCK_C: tl.constexpr):
+    """Stores [z > 0] of a (BLOCK_R, BLOCK_C) tile of the stored z (rows: its row indices,
+    col0: its first channel; False where not ok) into the packed mask, BITS channels a word:
+    bit b of word w = channel w * 32 + b. col0 must be a multiple of 32, or the tile must
+    hold all C channels (one word, its low bits): a word is written by one tile, whole."""
+    BITS: tl.constexpr = 32 if BLOCK_C > 32 else BLOCK_C
+    WORDS: tl.constexpr = BLOCK_C // BITS
+    keep = (ok & ~(z <= 0)).to(tl.int32)
+    shifts = tl.arange(0, BITS)[None, None, :]
+    packed = tl.sum(tl.reshape(keep, (BLOCK_R, WORDS, BITS)) << shifts, axis=2)
+    words = (C + 31) // 32
+    w = col0 // 32 + tl.arange(0, WORDS)
+    w_ok = (rows < M)[:, None] & (w < words)[None, :]
+    tl.store(bits_ptr + rows.to(tl.int64)[:, None] * words + w[None, :], packed, mask=w_ok)
+
+
+@triton.jit
 def _bn_act_fwd_kernel(
     y_ptr, scale_ptr, shift_ptr, r_ptr, y2_ptr, scale2_ptr, shift2_ptr, z_ptr, bits_ptr, M, C,
     HAS_RES: tl.constexpr, HAS_BN2: tl.constexpr, RELU: tl.constexpr,
@@ -211,17 +229,8 @@ def _bn_act_fwd_kernel(
     z = v.to(z_ptr.dtype.element_ty)
     tl.store(z_ptr + offs, z, mask=ok)
     if WRITE_BITS:
-        # [z > 0] of the stored z, BITS channels a word: bit b of word w = channel w * 32 + b
-        # (a tile narrower than 32 channels holds all of them: one word, its low bits).
-        BITS: tl.constexpr = 32 if BLOCK_C > 32 else BLOCK_C
-        WORDS: tl.constexpr = BLOCK_C // BITS
-        keep = (ok & ~(z <= 0)).to(tl.int32)
-        shifts = tl.arange(0, BITS)[None, None, :]
-        packed = tl.sum(tl.reshape(keep, (BLOCK_R, WORDS, BITS)) << shifts, axis=2)
-        words = (C + 31) // 32
-        w = tl.program_id(1) * WORDS + tl.arange(0, WORDS)
-        w_ok = (rows < M)[:, None] & (w < words)[None, :]
-        tl.store(bits_ptr + rows.to(tl.int64)[:, None] * words + w[None, :], packed, mask=w_ok)
+        store_relu_bits(bits_ptr, z, ok, rows, tl.program_id(1) * BLOCK_C, M, C, BLOCK_R,
+                        BLOCK_C)
 
 
 def bn_act_fwd(

@@ -59,9 +59,9 @@ def _config_kwargs(config) -> dict:
 # Flags that name a launch's variant in the profiler (`launch`, `run`): the transformed-
 # operand conv loops (PROLOGUE, BN_BWD) cost 1.5-3x the plain ones in SASS, the statistics
 # epilogue (STATS) ~1600 instructions a tile; a profile should say what each costs in time.
-_VARIANT_FLAGS = ("FLAT_K", "FLAT", "PROLOGUE", "BN_BWD", "ACT", "SUB", "STATS", "REDUCE",
-                  "REDUCE_ACT", "HAS_RES", "TAP_RES", "HAS_BN2", "TWO", "WRITE_DY", "WRITE_DR",
-                  "WRITE_BITS", "WRITE_ARG", "FINAL")
+_VARIANT_FLAGS = ("FLAT_K", "FLAT", "PROLOGUE", "BN_BWD", "ACT", "SUB", "STATS", "STATS_ONLY",
+                  "REDUCE", "REDUCE_ACT", "BN_OUT", "HAS_RES", "RES_BN", "TAP_RES", "HAS_BN2",
+                  "TWO", "WRITE_DY", "WRITE_DR", "WRITE_BITS", "WRITE_ARG", "FINAL")
 # Per profiler range (`profile_label`), the work of the launches made inside
 # `counting_work`: [launches, useful FLOPs, bytes] (`launch_work`), for `bench --profile` to
 # divide by the ranges' device time. Counted in a step of its own, not in the profiled ones:
