@@ -23,6 +23,9 @@ BLOCKS = {
     # x's gradient
     "bottleneck identity": (16, [(4, 1, 1, 0), (4, 3, 1, 1), (16, 1, 1, 0)], "identity", 1),
     "plain": (4, [(8, 3, 1, 1), (8, 3, 1, 1)], "none", 1),
+    # a user's plain bottleneck whose last 1x1 conv pads (z is 8x8 for a 6x6 x): on Triton its
+    # y3 is written and kept, the backward without y3 assuming no padding
+    "bottleneck plain padded 1x1": (8, [(4, 1, 1, 0), (4, 3, 1, 1), (16, 1, 1, 1)], "none", 1),
     # torchvision's dilated bottlenecks (replace_stride_with_dilation): the 3x3 dilated and
     # padded by 2; the first block of a stage that follows a strided one keeps the stride
     "bottleneck dilated": (16, [(4, 1, 1, 0), (4, 3, 1, 2, 2), (16, 1, 1, 0)], "identity", 1),

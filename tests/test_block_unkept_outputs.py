@@ -40,9 +40,10 @@ def test_backward_without_y3_or_yd_equals_the_one_through_them(name, unkept, dty
     args = (weights, gammas, betas, strides, paddings, dilations, eps, shortcut, s_stride)
     proj = [len(weights) - 1] if shortcut == "projection" else []
     with operands_mode("on_load"):  # whatever FUSED_RESNET_OPERANDS says
-        assert triton_block.unkept_ys(weights, strides, shortcut) == sorted(
+        assert triton_block.unkept_ys(weights, strides, paddings, shortcut) == sorted(
             ([2] if len(weights) - len(proj) == 3 else []) + proj)
-        assert triton_block.unkept_ys(weights, [1, 1, 2, 1], shortcut) == proj  # 3rd strided
+        assert triton_block.unkept_ys(weights, [1, 1, 2, 1], paddings, shortcut) == proj  # strided
+        assert triton_block.unkept_ys(weights, strides, [0, 1, 1, 0], shortcut) == proj  # padded
         z, bits, ys, means, _, affines = triton_block.block_train(x, *args)
         unwritten = triton_block.unwritten_ys(weights, strides, paddings, shortcut)
     assert unwritten == ([2] if len(weights) - len(proj) == 3 else [])  # a bottleneck's y3
@@ -51,7 +52,7 @@ def test_backward_without_y3_or_yd_equals_the_one_through_them(name, unkept, dty
         ys[2] = conv_fwd(ys[1], weights[2], stride=1, padding=0, in_scale=affines[1][1],
                          in_shift=affines[1][2], in_relu=True)[0]
     with operands_mode("written"):
-        assert triton_block.unkept_ys(weights, strides, shortcut) == []
+        assert triton_block.unkept_ys(weights, strides, paddings, shortcut) == []
         assert triton_block.unwritten_ys(weights, strides, paddings, shortcut) == []
     dz = torch.randn(z.shape, dtype=torch.float64, device=DEVICE).to(dtype).contiguous(
         memory_format=torch.channels_last)
@@ -93,3 +94,33 @@ def test_operand_mode_changed_between_forward_and_backward(modes, name):
         grads.append([leaves[0].grad] + [t.grad for ts in leaves[1:] for t in ts])
     for got, expected in zip(*grads):
         assert_close(got, expected, kind="grad")
+
+
+@pytest.mark.parametrize("name", ["bottleneck identity", "bottleneck projection",
+                                  "bottleneck plain padded 1x1"])
+def test_bottleneck_trains_as_the_reference_whether_y3_is_kept_or_not(name):
+    """fp64 on Triton against the reference backend: z, every gradient and the running
+    statistics. The padded 1x1 conv 3 (a user's plain bottleneck) keeps and writes its y3:
+    the backward without y3 assumes no padding (it gave gradients off by 10-60 before
+    `unkept_ys` checked the padding)."""
+    skip_without_triton()
+    import fused_resnet as fr
+
+    x, weights, gammas, betas, strides, paddings, dilations, eps, shortcut, s_stride = \
+        block_args(name)
+    dz = torch.linspace(-1, 1, 2 * 16 * 8 * 8, device=DEVICE, dtype=torch.float64)
+    results = []
+    for backend in ("triton", "reference"):
+        leaves = [x.detach().double().requires_grad_()] + [
+            [t.detach().double().requires_grad_() for t in ts] for ts in (weights, gammas, betas)]
+        stats = [[torch.zeros(w.shape[0], dtype=torch.float64, device=DEVICE) for w in weights],
+                 [torch.ones(w.shape[0], dtype=torch.float64, device=DEVICE) for w in weights]]
+        z = fr.ops.residual_block_train(
+            leaves[0], *leaves[1:], *stats, strides=strides, paddings=paddings,
+            momenta=[0.1] * len(weights), eps=eps, shortcut=shortcut, shortcut_stride=s_stride,
+            dilations=dilations, backend=backend)
+        (z * dz[:z.numel()].view_as(z)).sum().backward()
+        results.append([z.detach(), leaves[0].grad, *[t.grad for ts in leaves[1:] for t in ts],
+                        *stats[0], *stats[1]])
+    for got, expected in zip(*results):
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)

@@ -143,7 +143,7 @@ def _setup(ctx, inputs, output):
     (x, weights, gammas, betas, strides, paddings, dilations, eps, shortcut, shortcut_stride,
      kernels) = inputs
     z, mask, ys, means, _variances, affines = output
-    unkept = block_module(kernels).unkept_ys(weights, strides, shortcut)
+    unkept = block_module(kernels).unkept_ys(weights, strides, paddings, shortcut)
     ys = [y.new_empty(0) if i in unkept else y for i, y in enumerate(ys)]  # empty in their place
     ctx.save_for_backward(x, mask if mask.numel() else z, *weights, *gammas, *betas, *ys,
                           *means, *affines)

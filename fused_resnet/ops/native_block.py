@@ -39,7 +39,8 @@ def _shortcut(x: Tensor, shortcut: str, out_channels: int, stride: int, projecti
     return None
 
 
-def unkept_ys(weights: list[Tensor], strides: list[int], shortcut: str) -> list[int]:
+def unkept_ys(weights: list[Tensor], strides: list[int], paddings: list[int],
+              shortcut: str) -> list[int]:
     """The conv outputs `block_train_backward` does without: none here (it reads them all)."""
     return []
 

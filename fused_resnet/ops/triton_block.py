@@ -143,16 +143,18 @@ def unwritten_ys(weights: list[Tensor], strides: list[int], paddings: list[int],
     return []
 
 
-def unkept_ys(weights: list[Tensor], strides: list[int], shortcut: str) -> list[int]:
+def unkept_ys(weights: list[Tensor], strides: list[int], paddings: list[int],
+              shortcut: str) -> list[int]:
     """Indices of the conv outputs y_i that `block_train_backward` does without, which
     autograd then need not keep: with the operands on load, a bottleneck's y_3 when its last
-    conv is 1x1 with stride 1 (`_last_bn_backward_without_y`; 4x the width of y_1 or y_2)
-    and a projection's y_d (`_shortcut_bn_backward_without_y`)."""
+    conv is 1x1 with stride 1 and no padding (`_last_bn_backward_without_y`; 4x the width of
+    y_1 or y_2) and a projection's y_d (`_shortcut_bn_backward_without_y`)."""
     if operands() != "on_load":
         return []
     main = len(weights) - (shortcut == "projection")
     unkept = []
-    if main == 3 and strides[2] == 1 and tuple(weights[2].shape[2:]) == (1, 1):
+    if (main == 3 and strides[2] == 1 and paddings[2] == 0
+            and tuple(weights[2].shape[2:]) == (1, 1)):
         unkept.append(2)
     if shortcut == "projection":
         unkept.append(main)
